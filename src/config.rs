@@ -1,0 +1,617 @@
+//! Typed configuration: TOML file + environment overrides, seed defaults,
+//! validated once at start-up. Every error names the offending key.
+
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::error::ConfigError;
+
+/// A duration written as `"50ms"`, `"30s"`, `"5m"`, `"2h"`, `"7d"` (or an integer of milliseconds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Dur(pub Duration);
+
+impl Dur {
+    pub const fn ms(ms: u64) -> Dur {
+        Dur(Duration::from_millis(ms))
+    }
+    pub const fn secs(s: u64) -> Dur {
+        Dur(Duration::from_secs(s))
+    }
+    pub const fn days(d: u64) -> Dur {
+        Dur(Duration::from_secs(d * 86_400))
+    }
+    pub fn as_millis_i64(self) -> i64 {
+        i64::try_from(self.0.as_millis()).unwrap_or(i64::MAX)
+    }
+    pub fn parse(s: &str) -> Result<Dur, String> {
+        let s = s.trim();
+        let split = s
+            .find(|c: char| !c.is_ascii_digit())
+            .ok_or_else(|| format!("`{s}` has no unit: write e.g. 50ms, 30s, 5m, 2h, 7d"))?;
+        let (num, unit) = s.split_at(split);
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("`{s}` does not start with a whole number"))?;
+        let ms = match unit.trim() {
+            "ms" => Some(n),
+            "s" => n.checked_mul(1_000),
+            "m" => n.checked_mul(60_000),
+            "h" => n.checked_mul(3_600_000),
+            "d" => n.checked_mul(86_400_000),
+            other => {
+                return Err(format!(
+                    "unknown unit `{other}` in `{s}`: use ms, s, m, h or d"
+                ))
+            }
+        }
+        .ok_or_else(|| format!("`{s}` is too large"))?;
+        Ok(Dur::ms(ms))
+    }
+}
+
+impl std::fmt::Display for Dur {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ms = self.0.as_millis();
+        let (n, u) = if ms == 0 {
+            (0, "ms")
+        } else if ms % 86_400_000 == 0 {
+            (ms / 86_400_000, "d")
+        } else if ms % 3_600_000 == 0 {
+            (ms / 3_600_000, "h")
+        } else if ms % 60_000 == 0 {
+            (ms / 60_000, "m")
+        } else if ms % 1_000 == 0 {
+            (ms / 1_000, "s")
+        } else {
+            (ms, "ms")
+        };
+        write!(f, "{n}{u}")
+    }
+}
+
+impl Serialize for Dur {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Dur, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Ms(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Ms(ms) => Ok(Dur::ms(ms)),
+            Raw::Text(t) => Dur::parse(&t).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub kafka: KafkaConfig,
+    pub redis: RedisConfig,
+    pub schema: SchemaConfig,
+    pub batch: BatchConfig,
+    pub state: StateConfig,
+    pub http: HttpConfig,
+    pub metrics: MetricsConfig,
+    pub dlq: DlqConfig,
+    pub retry: RetryConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// Comma-separated bootstrap servers. Env: `LAPSE_KAFKA_BROKERS`.
+    pub brokers: String,
+    /// Consumer group shared by every instance. Env: `LAPSE_GROUP_ID`.
+    pub group_id: String,
+    pub client_id: String,
+    /// Consumer session timeout; a dead instance's partitions move after this.
+    pub session_timeout: Dur,
+    /// How long a rebalance waits for the in-flight batch before handing over uncommitted.
+    pub rebalance_drain_timeout: Dur,
+    /// How long SIGTERM waits for the in-flight batch before exiting without committing it.
+    pub shutdown_drain_timeout: Dur,
+    /// How often applied offsets are committed (also after every batch when due).
+    pub commit_interval: Dur,
+    /// Create missing input/output topics at start-up (with `topic_partitions`).
+    pub create_topics: bool,
+    pub topic_partitions: i32,
+    pub topics: TopicsConfig,
+    /// Extra librdkafka consumer properties (e.g. security settings), applied last.
+    pub consumer_properties: std::collections::BTreeMap<String, String>,
+    /// Extra librdkafka producer properties, applied last.
+    pub producer_properties: std::collections::BTreeMap<String, String>,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        KafkaConfig {
+            brokers: "127.0.0.1:9092".into(),
+            group_id: "lapse".into(),
+            client_id: "lapse".into(),
+            session_timeout: Dur::secs(10),
+            rebalance_drain_timeout: Dur::secs(20),
+            shutdown_drain_timeout: Dur::secs(30),
+            commit_interval: Dur::secs(1),
+            create_topics: true,
+            topic_partitions: 6,
+            topics: TopicsConfig::default(),
+            consumer_properties: Default::default(),
+            producer_properties: Default::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TopicsConfig {
+    pub sends: String,
+    pub opens: String,
+    pub clicks: String,
+    pub replies: String,
+    pub visits: String,
+    pub dlq: String,
+    pub throttle: String,
+    pub triggers: String,
+    pub outcomes: String,
+}
+
+impl Default for TopicsConfig {
+    fn default() -> Self {
+        TopicsConfig {
+            sends: "engagement.sends".into(),
+            opens: "engagement.opens".into(),
+            clicks: "engagement.clicks".into(),
+            replies: "engagement.replies".into(),
+            visits: "clinic.visits".into(),
+            dlq: "lapse.dlq".into(),
+            throttle: "engagement.throttle".into(),
+            triggers: "recall.triggers".into(),
+            outcomes: "recall.outcomes".into(),
+        }
+    }
+}
+
+impl TopicsConfig {
+    /// Input topics in `EventKind` order.
+    pub fn inputs(&self) -> [&str; 5] {
+        [
+            &self.sends,
+            &self.opens,
+            &self.clicks,
+            &self.replies,
+            &self.visits,
+        ]
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `redis://[user:pass@]host:port/db`. Env: `LAPSE_REDIS_URL`.
+    pub url: String,
+    /// Extra seed nodes; when non-empty (or `cluster = true`) Redis Cluster is used.
+    pub cluster: bool,
+    pub cluster_nodes: Vec<String>,
+    /// Prefix of every key; keys look like `PREFIX:{tenant/customer}:state`.
+    pub key_prefix: String,
+    pub connect_timeout: Dur,
+    pub response_timeout: Dur,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig {
+            url: "redis://127.0.0.1:6379/".into(),
+            cluster: false,
+            cluster_nodes: vec![],
+            key_prefix: "lapse".into(),
+            connect_timeout: Dur::secs(2),
+            response_timeout: Dur::secs(2),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SchemaConfig {
+    /// Directory of `*.avsc` reader schemas (and older writer versions, recursively).
+    pub dir: PathBuf,
+    /// Confluent Schema Registry base URL. Env: `LAPSE_SCHEMA_REGISTRY_URL`.
+    pub registry_url: Option<String>,
+    pub registry_timeout: Dur,
+    /// Records larger than this are dead-lettered without decoding.
+    pub max_payload_bytes: usize,
+    /// Process-wide cap on any single allocation the Avro decoder makes.
+    pub avro_allocation_limit_bytes: usize,
+    /// Events stamped further than this in the future are invalid.
+    pub max_future_skew: Dur,
+}
+
+impl Default for SchemaConfig {
+    fn default() -> Self {
+        SchemaConfig {
+            dir: PathBuf::from("schemas"),
+            registry_url: None,
+            registry_timeout: Dur::secs(5),
+            max_payload_bytes: 1 << 20,
+            avro_allocation_limit_bytes: 16 << 20,
+            max_future_skew: Dur::secs(3600),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BatchConfig {
+    /// Upper bound of records per batch.
+    pub max_records: usize,
+    /// A partial batch is dispatched after this long.
+    pub max_wait: Dur,
+    /// Batches queued behind the one being applied; beyond it partitions are paused.
+    pub queue_depth: usize,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        BatchConfig {
+            max_records: 2000,
+            max_wait: Dur::ms(50),
+            queue_depth: 1,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StateConfig {
+    /// Event ids remembered per customer for duplicate detection across offsets.
+    pub event_ids_per_customer: usize,
+    /// Visit timestamps kept per customer for gap statistics.
+    pub visit_history: usize,
+    /// Half-life of the short-horizon engagement counts.
+    pub short_half_life: Dur,
+    /// Half-life of the long-horizon (baseline) engagement counts.
+    pub long_half_life: Dur,
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        StateConfig {
+            event_ids_per_customer: 32,
+            visit_history: 16,
+            short_half_life: Dur::days(7),
+            long_half_life: Dur::days(90),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    /// `/metrics`, `/healthz`, `/readyz`. Env: `LAPSE_HTTP_LISTEN`.
+    pub listen: String,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: "127.0.0.1:9464".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Add a `tenant` label to per-tenant series. Turn off for very many tenants.
+    pub tenant_label: bool,
+    /// Distinct tenant label values before the rest are reported as `other`.
+    pub max_tenants: usize,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            tenant_label: true,
+            max_tenants: 100,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DlqConfig {
+    /// Reply payloads hold free text (PII): by default their DLQ copy carries headers only.
+    pub redact_reply_payloads: bool,
+}
+
+impl Default for DlqConfig {
+    fn default() -> Self {
+        DlqConfig {
+            redact_reply_payloads: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetryConfig {
+    /// First back-off after a Redis or broker failure; doubles up to `max_backoff`.
+    pub initial_backoff: Dur,
+    pub max_backoff: Dur,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig {
+            initial_backoff: Dur::ms(100),
+            max_backoff: Dur::secs(5),
+        }
+    }
+}
+
+/// Environment variables that override file values, applied in this order.
+pub const ENV_OVERRIDES: &[(&str, &str)] = &[
+    ("LAPSE_KAFKA_BROKERS", "kafka.brokers"),
+    ("LAPSE_GROUP_ID", "kafka.group_id"),
+    ("LAPSE_REDIS_URL", "redis.url"),
+    ("LAPSE_HTTP_LISTEN", "http.listen"),
+    ("LAPSE_SCHEMA_REGISTRY_URL", "schema.registry_url"),
+    ("LAPSE_SCHEMAS_DIR", "schema.dir"),
+];
+
+impl Config {
+    /// Reads the file (if any), applies environment overrides, validates.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let mut cfg = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|e| ConfigError::Read {
+                    path: p.display().to_string(),
+                    source: e,
+                })?;
+                Config::from_toml(&text)?
+            }
+            None => Config::default(),
+        };
+        cfg.apply_env(|k| std::env::var(k).ok());
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))
+    }
+
+    pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) {
+        if let Some(v) = get("LAPSE_KAFKA_BROKERS") {
+            self.kafka.brokers = v;
+        }
+        if let Some(v) = get("LAPSE_GROUP_ID") {
+            self.kafka.group_id = v;
+        }
+        if let Some(v) = get("LAPSE_REDIS_URL") {
+            self.redis.url = v;
+        }
+        if let Some(v) = get("LAPSE_HTTP_LISTEN") {
+            self.http.listen = v;
+        }
+        if let Some(v) = get("LAPSE_SCHEMA_REGISTRY_URL") {
+            self.schema.registry_url = if v.is_empty() { None } else { Some(v) };
+        }
+        if let Some(v) = get("LAPSE_SCHEMAS_DIR") {
+            self.schema.dir = PathBuf::from(v);
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        fn bad(key: &str, msg: impl Into<String>) -> ConfigError {
+            ConfigError::Invalid {
+                key: key.to_string(),
+                message: msg.into(),
+            }
+        }
+        let k = &self.kafka;
+        if k.brokers.trim().is_empty() {
+            return Err(bad("kafka.brokers", "must list at least one host:port"));
+        }
+        if k.group_id.trim().is_empty() {
+            return Err(bad("kafka.group_id", "must not be empty"));
+        }
+        if !(Dur::secs(1)..=Dur::secs(300)).contains(&k.session_timeout) {
+            return Err(bad("kafka.session_timeout", "must be between 1s and 300s"));
+        }
+        if !(1..=10_000).contains(&k.topic_partitions) {
+            return Err(bad("kafka.topic_partitions", "must be between 1 and 10000"));
+        }
+        if k.commit_interval.0.is_zero() {
+            return Err(bad("kafka.commit_interval", "must be positive"));
+        }
+        let t = &k.topics;
+        let named = [
+            ("kafka.topics.sends", &t.sends),
+            ("kafka.topics.opens", &t.opens),
+            ("kafka.topics.clicks", &t.clicks),
+            ("kafka.topics.replies", &t.replies),
+            ("kafka.topics.visits", &t.visits),
+            ("kafka.topics.dlq", &t.dlq),
+            ("kafka.topics.throttle", &t.throttle),
+            ("kafka.topics.triggers", &t.triggers),
+            ("kafka.topics.outcomes", &t.outcomes),
+        ];
+        for (i, (key, name)) in named.iter().enumerate() {
+            if name.is_empty()
+                || name.len() > 249
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+            {
+                return Err(bad(
+                    key,
+                    format!("`{name}` is not a valid Kafka topic name (letters, digits, . _ -; at most 249)"),
+                ));
+            }
+            if named[..i].iter().any(|(_, other)| other == name) {
+                return Err(bad(
+                    key,
+                    format!("topic `{name}` is used twice: every topic must be distinct"),
+                ));
+            }
+        }
+        if !(self.redis.url.starts_with("redis://")
+            || self.redis.url.starts_with("rediss://")
+            || self.redis.url.starts_with("unix://"))
+        {
+            return Err(bad(
+                "redis.url",
+                "must start with redis://, rediss:// or unix://",
+            ));
+        }
+        if self.redis.key_prefix.is_empty() || self.redis.key_prefix.contains(['{', '}']) {
+            return Err(bad(
+                "redis.key_prefix",
+                "must be non-empty and contain no braces",
+            ));
+        }
+        if self.redis.response_timeout.0.is_zero() || self.redis.connect_timeout.0.is_zero() {
+            return Err(bad("redis.response_timeout", "timeouts must be positive"));
+        }
+        if !self.schema.dir.is_dir() {
+            return Err(bad(
+                "schema.dir",
+                format!(
+                    "`{}` is not a directory: point it at the schemas/ folder shipped with lapse",
+                    self.schema.dir.display()
+                ),
+            ));
+        }
+        if let Some(u) = &self.schema.registry_url {
+            if !(u.starts_with("http://") || u.starts_with("https://")) {
+                return Err(bad(
+                    "schema.registry_url",
+                    "must be an http:// or https:// URL",
+                ));
+            }
+        }
+        if !(64..=(64 << 20)).contains(&self.schema.max_payload_bytes) {
+            return Err(bad(
+                "schema.max_payload_bytes",
+                "must be between 64 and 67108864",
+            ));
+        }
+        if self.schema.avro_allocation_limit_bytes < self.schema.max_payload_bytes {
+            return Err(bad(
+                "schema.avro_allocation_limit_bytes",
+                "must be at least schema.max_payload_bytes",
+            ));
+        }
+        if !(1..=100_000).contains(&self.batch.max_records) {
+            return Err(bad("batch.max_records", "must be between 1 and 100000"));
+        }
+        if self.batch.max_wait.0.is_zero() || self.batch.max_wait > Dur::secs(60) {
+            return Err(bad("batch.max_wait", "must be between 1ms and 60s"));
+        }
+        if !(1..=16).contains(&self.batch.queue_depth) {
+            return Err(bad("batch.queue_depth", "must be between 1 and 16"));
+        }
+        if !(1..=1024).contains(&self.state.event_ids_per_customer) {
+            return Err(bad(
+                "state.event_ids_per_customer",
+                "must be between 1 and 1024",
+            ));
+        }
+        if !(2..=256).contains(&self.state.visit_history) {
+            return Err(bad("state.visit_history", "must be between 2 and 256"));
+        }
+        if self.state.short_half_life.0.is_zero() {
+            return Err(bad("state.short_half_life", "must be positive"));
+        }
+        if self.state.long_half_life <= self.state.short_half_life {
+            return Err(bad(
+                "state.long_half_life",
+                "must be longer than state.short_half_life",
+            ));
+        }
+        if self.http.listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(bad(
+                "http.listen",
+                format!("`{}` is not an ip:port address", self.http.listen),
+            ));
+        }
+        if self.metrics.max_tenants == 0 {
+            return Err(bad("metrics.max_tenants", "must be at least 1"));
+        }
+        if self.retry.initial_backoff.0.is_zero()
+            || self.retry.max_backoff < self.retry.initial_backoff
+        {
+            return Err(bad(
+                "retry.max_backoff",
+                "must be at least retry.initial_backoff (> 0)",
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render config: {e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_and_print() {
+        assert_eq!(Dur::parse("50ms").unwrap(), Dur::ms(50));
+        assert_eq!(Dur::parse("7d").unwrap(), Dur::days(7));
+        assert_eq!(Dur::days(7).to_string(), "7d");
+        assert_eq!(Dur::ms(1500).to_string(), "1500ms");
+        assert!(Dur::parse("7 weeks").is_err());
+        assert!(Dur::parse("d").is_err());
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = Config::from_toml("[batch]\nmax_recs = 3\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("max_recs"), "{e}");
+    }
+
+    #[test]
+    fn invalid_value_is_named() {
+        let mut c = Config::from_toml("[batch]\nmax_records = 0\n").unwrap();
+        c.schema.dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("schemas");
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("batch.max_records"), "{e}");
+    }
+
+    #[test]
+    fn env_overrides_apply() {
+        let mut c = Config::default();
+        c.apply_env(|k| match k {
+            "LAPSE_REDIS_URL" => Some("redis://10.0.0.1:7000/".into()),
+            "LAPSE_GROUP_ID" => Some("g2".into()),
+            _ => None,
+        });
+        assert_eq!(c.redis.url, "redis://10.0.0.1:7000/");
+        assert_eq!(c.kafka.group_id, "g2");
+    }
+
+    #[test]
+    fn bad_duration_is_named() {
+        let e = Config::from_toml("[batch]\nmax_wait = \"5 parsecs\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("max_wait"), "{e}");
+    }
+}

@@ -1,0 +1,35 @@
+//! Service-level errors. Each message says what failed and what to do about it.
+
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("config file is not valid: {0}")]
+    Parse(String),
+    #[error("config key `{key}`: {message}")]
+    Invalid { key: String, message: String },
+}
+
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error("redis: {0} (is Redis reachable at redis.url? lapse retries with back-off)")]
+    Redis(#[from] redis::RedisError),
+    #[error("{customers} customers kept changing under concurrent writers; the batch is retried")]
+    Contended { customers: usize },
+    /// The key is kept for debug logs only: it contains a customer id.
+    #[error("a stored customer state is unreadable ({reason}); run with RUST_LOG=lapse=debug to see its key, inspect it with `lapse inspect`, then delete it to rebuild from a replay")]
+    Corrupt { key: String, reason: String },
+}
+
+#[derive(Debug, Error)]
+pub enum KafkaError {
+    #[error("kafka: {0} (check kafka.brokers and the broker's health)")]
+    Client(#[from] rdkafka::error::KafkaError),
+    #[error("cannot create topic {topic}: {code} (create it by hand, or check the broker's ACLs; set kafka.create_topics = false to skip)")]
+    Admin { topic: String, code: String },
+}

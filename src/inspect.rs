@@ -1,0 +1,81 @@
+//! `lapse inspect`: a customer's state as JSON for operators. Decayed counts are
+//! shown as stored (at their reference time) and as of now.
+
+use chrono::{TimeZone, Utc};
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use crate::domain::event::{Channel, CustomerRef};
+use crate::domain::state::{CustomerState, StateParams};
+
+fn ts(ms: Option<i64>) -> Value {
+    match ms.and_then(|m| Utc.timestamp_millis_opt(m).single()) {
+        Some(t) => Value::String(t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
+        None => Value::Null,
+    }
+}
+
+fn round(x: f32) -> f64 {
+    (x as f64 * 1e4).round() / 1e4
+}
+
+fn counts<T: Serialize>(c: &T) -> Value {
+    serde_json::to_value(c).unwrap_or(Value::Null)
+}
+
+pub fn view(c: &CustomerRef, rev: u64, s: &CustomerState, p: &StateParams, now_ms: i64) -> Value {
+    let v = &s.visits;
+    let mut channels = serde_json::Map::new();
+    for ch in Channel::ALL {
+        if let Some(e) = s.channel(ch) {
+            let (short, long) = e.counts_at(now_ms, p.horizons);
+            let r = |c: crate::domain::engagement::Counts| json!({"sends": round(c.sends), "opens": round(c.opens), "clicks": round(c.clicks), "replies": round(c.replies)});
+            channels.insert(
+                ch.as_str().into(),
+                json!({
+                    "decayed_at": ts(Some(e.at)),
+                    "short": counts(&e.short),
+                    "long": counts(&e.long),
+                    "short_now": r(short),
+                    "long_now": r(long),
+                    "last_send_at": ts(e.last_send),
+                    "last_open_at": ts(e.last_open),
+                    "last_click_at": ts(e.last_click),
+                    "last_reply_at": ts(e.last_reply),
+                    "unsubscribed": e.is_unsubscribed(),
+                    "unsubscribed_at": ts(e.unsubscribed_at),
+                    "resubscribed_at": ts(e.resubscribed_at),
+                }),
+            );
+        }
+    }
+    let watermarks: Vec<Value> = crate::domain::event::EventKind::ALL
+        .iter()
+        .zip(&s.applied.watermarks)
+        .filter_map(|(k, w)| {
+            w.map(
+                |w| json!({"event_type": k.label(), "partition": w.partition, "offset": w.offset}),
+            )
+        })
+        .collect();
+    json!({
+        "customer": {"tenant_id": c.tenant, "customer_id": c.customer},
+        "revision": rev,
+        "visits": {
+            "count": v.count,
+            "first_visit_at": ts(v.first_at),
+            "last_visit_at": ts(v.last_at),
+            "lifetime_spend": v.lifetime_spend,
+            "currency": v.currency,
+            "last_treatment": v.last_treatment,
+            "last_visit_type": v.last_visit_type,
+            "recent_visits": v.recent.iter().map(|t| ts(Some(*t))).collect::<Vec<_>>(),
+            "gaps": v.gap_stats(),
+        },
+        "channels": channels,
+        "idempotence": {
+            "watermarks": watermarks,
+            "remembered_event_ids": s.applied.recent_ids.len(),
+        },
+    })
+}

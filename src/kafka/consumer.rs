@@ -1,0 +1,556 @@
+//! The consumer loop: one poll thread, one processing task, and a rebalance
+//! handshake between them.
+//!
+//! * The poll thread never blocks on Redis: it collects bounded batches and hands
+//!   them to the processor over a bounded queue. When the queue is full it pauses
+//!   every assigned partition and keeps polling (heartbeats, rebalances), then
+//!   resumes when the processor catches up.
+//! * Offsets are committed only for work the processor reported durable, only for
+//!   partitions still owned, and only from the generation that dispatched them.
+//! * On revoke the callback waits (bounded) for dispatched batches to finish,
+//!   commits what they applied, then drops ownership; records buffered but not
+//!   dispatched are discarded (the next owner re-reads them). A batch still
+//!   running when the wait times out is abandoned and its offsets are never
+//!   committed: state updates are idempotent, so the next owner re-applies safely.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::KafkaResult;
+use rdkafka::message::{Headers, Message};
+use rdkafka::statistics::Statistics;
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::ClientContext;
+use tokio::sync::mpsc;
+use tracing::{debug, error, info, warn};
+
+use super::record::InputRecord;
+use crate::config::{BatchConfig, KafkaConfig};
+use crate::domain::event::EventKind;
+use crate::error::KafkaError;
+use crate::metrics::Metrics;
+
+type Tp = (String, i32);
+
+/// A batch handed from the poll thread to the processor.
+pub struct Batch {
+    pub generation: u64,
+    pub records: Vec<InputRecord>,
+}
+
+#[derive(Default)]
+struct Ownership {
+    generation: u64,
+    partitions: HashSet<Tp>,
+}
+
+/// State shared by the poll thread, the rebalance callbacks and the processor.
+pub struct Shared {
+    owned: Mutex<Ownership>,
+    /// Batches dispatched and not yet finished.
+    inflight: Mutex<usize>,
+    idle: Condvar,
+    /// Abandon flags of the batches in flight (raised when a drain times out).
+    abandon: Mutex<Vec<Arc<AtomicBool>>>,
+    /// Next offset to commit per partition: applied and durable.
+    done: Mutex<HashMap<Tp, i64>>,
+    committed: Mutex<HashMap<Tp, i64>>,
+    paused: AtomicBool,
+    metrics: Metrics,
+}
+
+impl Shared {
+    pub fn new(metrics: Metrics) -> Arc<Shared> {
+        Arc::new(Shared {
+            owned: Mutex::new(Ownership::default()),
+            inflight: Mutex::new(0),
+            idle: Condvar::new(),
+            abandon: Mutex::new(Vec::new()),
+            done: Mutex::new(HashMap::new()),
+            committed: Mutex::new(HashMap::new()),
+            paused: AtomicBool::new(false),
+            metrics,
+        })
+    }
+
+    fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+        m.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn generation(&self) -> u64 {
+        Self::lock(&self.owned).generation
+    }
+
+    /// Called by the processor when a batch is durable.
+    pub fn record_done(&self, batch: &Batch) {
+        let owned = Self::lock(&self.owned);
+        if owned.generation != batch.generation {
+            debug!("batch finished after a rebalance; its offsets are not committed");
+            return;
+        }
+        let mut done = Self::lock(&self.done);
+        for r in &batch.records {
+            let tp = (r.topic.clone(), r.partition);
+            if !owned.partitions.contains(&tp) {
+                continue;
+            }
+            let next = r.offset + 1;
+            let e = done.entry(tp).or_insert(next);
+            if *e < next {
+                *e = next;
+            }
+        }
+    }
+
+    /// Registers a running batch's abandon flag.
+    pub fn start_batch(&self) -> Arc<AtomicBool> {
+        let flag = Arc::new(AtomicBool::new(false));
+        Self::lock(&self.abandon).push(flag.clone());
+        flag
+    }
+
+    /// Called by the processor after every batch, durable or abandoned.
+    pub fn finish_batch(&self, flag: &Arc<AtomicBool>) {
+        Self::lock(&self.abandon).retain(|f| !Arc::ptr_eq(f, flag));
+        let mut n = Self::lock(&self.inflight);
+        *n = n.saturating_sub(1);
+        self.idle.notify_all();
+    }
+
+    fn dispatched(&self) {
+        *Self::lock(&self.inflight) += 1;
+    }
+
+    fn undispatched(&self) {
+        let mut n = Self::lock(&self.inflight);
+        *n = n.saturating_sub(1);
+        self.idle.notify_all();
+    }
+
+    /// Waits until no batch is in flight; on timeout abandons the running ones.
+    fn drain(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut n = Self::lock(&self.inflight);
+        while *n > 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                for f in Self::lock(&self.abandon).iter() {
+                    f.store(true, Ordering::SeqCst);
+                }
+                return false;
+            }
+            n = self
+                .idle
+                .wait_timeout(n, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        true
+    }
+
+    /// Offsets applied but not yet committed, optionally only for `only`.
+    fn pending_commits(&self, only: Option<&HashSet<Tp>>) -> Vec<(Tp, i64)> {
+        let done = Self::lock(&self.done);
+        let committed = Self::lock(&self.committed);
+        done.iter()
+            .filter(|(tp, off)| {
+                only.is_none_or(|s| s.contains(*tp)) && committed.get(*tp) != Some(off)
+            })
+            .map(|(tp, off)| (tp.clone(), *off))
+            .collect()
+    }
+
+    fn commit(&self, consumer: &BaseConsumer<LapseContext>, only: Option<&HashSet<Tp>>) -> bool {
+        let pending = self.pending_commits(only);
+        if pending.is_empty() {
+            return true;
+        }
+        let mut tpl = TopicPartitionList::new();
+        for ((t, p), off) in &pending {
+            if tpl
+                .add_partition_offset(t, *p, Offset::Offset(*off))
+                .is_err()
+            {
+                return false;
+            }
+        }
+        match consumer.commit(&tpl, CommitMode::Sync) {
+            Ok(()) => {
+                self.metrics.commits.with_label_values(&["ok"]).inc();
+                let mut committed = Self::lock(&self.committed);
+                for (tp, off) in pending {
+                    committed.insert(tp, off);
+                }
+                true
+            }
+            Err(e) => {
+                self.metrics.commits.with_label_values(&["error"]).inc();
+                warn!(error = %e, "offset commit failed; retrying at the next interval");
+                false
+            }
+        }
+    }
+
+    fn forget(&self, tps: &HashSet<Tp>) {
+        Self::lock(&self.done).retain(|tp, _| !tps.contains(tp));
+        Self::lock(&self.committed).retain(|tp, _| !tps.contains(tp));
+    }
+}
+
+pub struct LapseContext {
+    shared: Arc<Shared>,
+    drain_timeout: Duration,
+}
+
+fn tps_of(tpl: &TopicPartitionList) -> HashSet<Tp> {
+    tpl.elements()
+        .iter()
+        .map(|e| (e.topic().to_string(), e.partition()))
+        .collect()
+}
+
+impl ClientContext for LapseContext {
+    fn stats(&self, stats: Statistics) {
+        let owned = Shared::lock(&self.shared.owned);
+        for (topic, t) in &stats.topics {
+            for (p, ps) in &t.partitions {
+                if *p < 0 || !owned.partitions.contains(&(topic.clone(), *p)) {
+                    continue;
+                }
+                if ps.consumer_lag >= 0 {
+                    self.shared
+                        .metrics
+                        .consumer_lag
+                        .with_label_values(&[topic, &p.to_string()])
+                        .set(ps.consumer_lag);
+                }
+            }
+        }
+    }
+
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        self.shared
+            .metrics
+            .kafka_errors
+            .with_label_values(&["client"])
+            .inc();
+        warn!(error = %error, reason, "kafka client error");
+    }
+}
+
+impl ConsumerContext for LapseContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Revoke(tpl) => {
+                self.shared
+                    .metrics
+                    .rebalances
+                    .with_label_values(&["revoke"])
+                    .inc();
+                let revoked = tps_of(tpl);
+                let drained = self.shared.drain(self.drain_timeout);
+                if !drained {
+                    warn!(
+                        partitions = revoked.len(),
+                        "rebalance: in-flight batch did not finish in time; handing over without committing it"
+                    );
+                }
+                // Commit what was applied before letting the partitions go.
+                self.shared.commit(consumer, Some(&revoked));
+                let mut owned = Shared::lock(&self.shared.owned);
+                owned.generation += 1;
+                owned.partitions.retain(|tp| !revoked.contains(tp));
+                self.shared
+                    .metrics
+                    .partitions_assigned
+                    .set(owned.partitions.len() as i64);
+                drop(owned);
+                self.shared.forget(&revoked);
+                for (t, p) in &revoked {
+                    let _ = self
+                        .shared
+                        .metrics
+                        .consumer_lag
+                        .remove_label_values(&[t, &p.to_string()]);
+                }
+                info!(partitions = revoked.len(), drained, "partitions revoked");
+            }
+            Rebalance::Assign(_) => {}
+            Rebalance::Error(e) => {
+                self.shared
+                    .metrics
+                    .rebalances
+                    .with_label_values(&["error"])
+                    .inc();
+                error!(error = %e, "rebalance error");
+            }
+        }
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            self.shared
+                .metrics
+                .rebalances
+                .with_label_values(&["assign"])
+                .inc();
+            let mut owned = Shared::lock(&self.shared.owned);
+            owned.generation += 1;
+            owned.partitions.extend(tps_of(tpl));
+            self.shared
+                .metrics
+                .partitions_assigned
+                .set(owned.partitions.len() as i64);
+            drop(owned);
+            if self.shared.paused.load(Ordering::SeqCst) {
+                let _ = consumer.pause(tpl);
+            }
+            info!(partitions = tpl.count(), "partitions assigned");
+        }
+    }
+
+    fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
+        if let Err(e) = result {
+            debug!(error = %e, "commit callback error");
+        }
+    }
+}
+
+/// Builds the group consumer with manual offset management.
+pub fn build(
+    cfg: &KafkaConfig,
+    shared: Arc<Shared>,
+) -> Result<BaseConsumer<LapseContext>, KafkaError> {
+    let mut cc = ClientConfig::new();
+    cc.set("bootstrap.servers", &cfg.brokers)
+        .set("group.id", &cfg.group_id)
+        .set("client.id", &cfg.client_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        // Range assignment keeps partition i of every input topic on one instance
+        // (co-partitioned by customer key) when the topics have equal partition counts.
+        .set("partition.assignment.strategy", "range")
+        .set(
+            "session.timeout.ms",
+            cfg.session_timeout.0.as_millis().to_string(),
+        )
+        .set(
+            "heartbeat.interval.ms",
+            (cfg.session_timeout.0.as_millis() / 3).max(100).to_string(),
+        )
+        .set("statistics.interval.ms", "5000")
+        .set("queued.max.messages.kbytes", "16384")
+        .set("enable.partition.eof", "false");
+    for (k, v) in &cfg.consumer_properties {
+        cc.set(k, v);
+    }
+    let ctx = LapseContext {
+        shared,
+        drain_timeout: cfg.rebalance_drain_timeout.0,
+    };
+    Ok(cc.create_with_context(ctx)?)
+}
+
+pub struct PollLoop {
+    pub consumer: BaseConsumer<LapseContext>,
+    pub shared: Arc<Shared>,
+    pub topics: HashMap<String, EventKind>,
+    pub batch: BatchConfig,
+    pub commit_interval: Duration,
+    pub shutdown_drain_timeout: Duration,
+    pub tx: mpsc::Sender<Batch>,
+    pub shutdown: Arc<AtomicBool>,
+}
+
+impl PollLoop {
+    fn set_paused(&self, pause: bool) {
+        if self.shared.paused.swap(pause, Ordering::SeqCst) == pause {
+            return;
+        }
+        match self.consumer.assignment() {
+            Ok(tpl) => {
+                let r = if pause {
+                    self.consumer.pause(&tpl)
+                } else {
+                    self.consumer.resume(&tpl)
+                };
+                if let Err(e) = r {
+                    warn!(error = %e, pause, "pause/resume failed");
+                }
+                self.shared.metrics.partitions_paused.set(if pause {
+                    tpl.count() as i64
+                } else {
+                    0
+                });
+                debug!(pause, partitions = tpl.count(), "back-pressure");
+            }
+            Err(e) => warn!(error = %e, "cannot read assignment"),
+        }
+    }
+
+    /// Tries to hand a batch over; gives it back when the queue is full.
+    fn dispatch(&self, batch: Batch) -> Result<Option<Batch>, ()> {
+        self.shared.dispatched();
+        match self.tx.try_send(batch) {
+            Ok(()) => Ok(None),
+            Err(mpsc::error::TrySendError::Full(b)) => {
+                self.shared.undispatched();
+                Ok(Some(b))
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                self.shared.undispatched();
+                Err(())
+            }
+        }
+    }
+
+    /// Keeps only records of partitions owned in the current generation.
+    fn owned_only(&self, records: Vec<(u64, InputRecord)>) -> Batch {
+        let owned = Shared::lock(&self.shared.owned);
+        let generation = owned.generation;
+        let records = records
+            .into_iter()
+            .filter(|(g, r)| {
+                *g == generation && owned.partitions.contains(&(r.topic.clone(), r.partition))
+            })
+            .map(|(_, r)| r)
+            .collect();
+        Batch {
+            generation,
+            records,
+        }
+    }
+
+    /// Runs until `shutdown` is raised; then drains, commits and leaves the group.
+    pub fn run(self) {
+        let max = self.batch.max_records;
+        let mut buf: Vec<(u64, InputRecord)> = Vec::with_capacity(max);
+        let mut buf_since: Option<Instant> = None;
+        let mut held: Option<Batch> = None;
+        let mut last_commit = Instant::now();
+        while !self.shutdown.load(Ordering::SeqCst) {
+            if let Some(b) = held.take() {
+                let b = self.owned_only(b.records.into_iter().map(|r| (b.generation, r)).collect());
+                if !b.records.is_empty() {
+                    match self.dispatch(b) {
+                        Ok(None) => self.set_paused(false),
+                        Ok(Some(b)) => held = Some(b),
+                        Err(()) => break,
+                    }
+                } else {
+                    self.set_paused(false);
+                }
+            }
+            let wait = if held.is_some() {
+                Duration::from_millis(20)
+            } else {
+                buf_since.map_or(self.batch.max_wait.0, |s| {
+                    self.batch.max_wait.0.saturating_sub(s.elapsed())
+                })
+            };
+            match self.consumer.poll(wait.max(Duration::from_millis(1))) {
+                Some(Ok(m)) => {
+                    if let Some(kind) = self.topics.get(m.topic()) {
+                        let headers = m
+                            .headers()
+                            .map(|hs| {
+                                hs.iter()
+                                    .take(64)
+                                    .map(|h| {
+                                        (h.key.to_string(), h.value.unwrap_or_default().to_vec())
+                                    })
+                                    .collect()
+                            })
+                            .unwrap_or_default();
+                        let rec = InputRecord {
+                            kind: *kind,
+                            topic: m.topic().to_string(),
+                            partition: m.partition(),
+                            offset: m.offset(),
+                            key: m.key().map(<[u8]>::to_vec),
+                            payload: m.payload().map(<[u8]>::to_vec),
+                            headers,
+                            timestamp_ms: m.timestamp().to_millis(),
+                        };
+                        buf.push((self.shared.generation(), rec));
+                        buf_since.get_or_insert_with(Instant::now);
+                    }
+                }
+                Some(Err(e)) => {
+                    self.shared
+                        .metrics
+                        .kafka_errors
+                        .with_label_values(&["poll"])
+                        .inc();
+                    warn!(error = %e, "poll error");
+                }
+                None => {}
+            }
+            let due =
+                buf.len() >= max || buf_since.is_some_and(|s| s.elapsed() >= self.batch.max_wait.0);
+            if held.is_none() && due && !buf.is_empty() {
+                let take = buf.len().min(max);
+                let b = self.owned_only(buf.drain(..take).collect());
+                if buf.is_empty() {
+                    buf_since = None;
+                }
+                if !b.records.is_empty() {
+                    match self.dispatch(b) {
+                        Ok(None) => {}
+                        Ok(Some(b)) => {
+                            held = Some(b);
+                            self.set_paused(true);
+                        }
+                        Err(()) => break,
+                    }
+                }
+            }
+            if last_commit.elapsed() >= self.commit_interval {
+                self.shared.commit(&self.consumer, None);
+                last_commit = Instant::now();
+            }
+        }
+        self.shutdown_gracefully(buf, held);
+    }
+
+    fn shutdown_gracefully(self, buf: Vec<(u64, InputRecord)>, held: Option<Batch>) {
+        info!("shutting down: finishing the in-flight batch");
+        let deadline = Instant::now() + self.shutdown_drain_timeout;
+        // Finish what was already read: hand the held and buffered records over.
+        let mut rest: Vec<(u64, InputRecord)> = held
+            .map(|b| b.records.into_iter().map(|r| (b.generation, r)).collect())
+            .unwrap_or_default();
+        rest.extend(buf);
+        let mut b = Some(self.owned_only(rest));
+        while let Some(batch) = b.take() {
+            if batch.records.is_empty() || Instant::now() >= deadline {
+                break;
+            }
+            match self.dispatch(batch) {
+                Ok(None) => {}
+                Ok(Some(batch)) => {
+                    b = Some(batch);
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(()) => break,
+            }
+        }
+        let drained = self
+            .shared
+            .drain(deadline.saturating_duration_since(Instant::now()));
+        if !drained {
+            warn!("shutdown: the in-flight batch did not finish in time; its offsets stay uncommitted");
+            // Let the abandoned batch notice before the process exits.
+            self.shared.drain(Duration::from_secs(2));
+        }
+        let committed = self.shared.commit(&self.consumer, None);
+        info!(committed, "offsets committed; leaving the group");
+        drop(self.tx);
+        self.consumer.unsubscribe();
+    }
+}

@@ -1,0 +1,6 @@
+//! Kafka adapters: the group consumer loop, the output producer, topic admin.
+
+pub mod admin;
+pub mod consumer;
+pub mod producer;
+pub mod record;

@@ -1,0 +1,20 @@
+//! lapse: engagement, frequency-control and recall pipeline for medical-aesthetics
+//! clinics. Kafka in, Redis state, Kafka out. See `doc/DESIGN.md`.
+//!
+//! `domain` is the pure core that makes every decision; everything else adapts
+//! bytes (codec, kafka, store, http) around it.
+
+pub mod codec;
+pub mod config;
+pub mod dead_letters;
+pub mod domain;
+pub mod error;
+pub mod http;
+pub mod inspect;
+pub mod kafka;
+pub mod metrics;
+pub mod pipeline;
+pub mod retry;
+pub mod sample;
+pub mod service;
+pub mod store;

@@ -1,0 +1,117 @@
+//! The `lapse` command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use lapse::config::Config;
+use lapse::domain::clock::{Clock, WallClock};
+use lapse::domain::event::CustomerRef;
+use lapse::metrics::Metrics;
+use lapse::store::StateStore;
+
+#[derive(Parser)]
+#[command(
+    name = "lapse",
+    version,
+    about = "Engagement, frequency-control and recall pipeline: Kafka in, Redis state, Kafka out."
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Consume the input topics and keep per-customer state in Redis until SIGTERM/SIGINT.
+    Run {
+        /// TOML config file; without it, defaults plus LAPSE_* environment overrides.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Validate a config file and print the effective config (defaults and env overrides applied).
+    CheckConfig { file: PathBuf },
+    /// Print one customer's state as JSON.
+    Inspect {
+        /// TENANT/CUSTOMER
+        customer: String,
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Produce sample events (all five kinds) to the input topics, for the demo.
+    ProduceSample(lapse::sample::SampleArgs),
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rdkafka=warn"));
+    let json = std::env::var("LAPSE_LOG_FORMAT").is_ok_and(|v| v == "json");
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(dispatch(cli.cmd)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
+    match cmd {
+        Cmd::Run { config } => {
+            let cfg = Config::load(config.as_deref())?;
+            lapse::service::run(cfg).await
+        }
+        Cmd::CheckConfig { file } => {
+            let cfg = Config::load(Some(&file))?;
+            lapse::service::build_decoder(&cfg)?;
+            println!("{}", cfg.to_toml());
+            eprintln!("config OK");
+            Ok(())
+        }
+        Cmd::Inspect { customer, config } => {
+            let cfg = Config::load(config.as_deref())?;
+            let c = CustomerRef::parse(&customer)
+                .ok_or_else(|| anyhow::anyhow!("`{customer}` is not TENANT/CUSTOMER"))?;
+            let store = StateStore::connect(&cfg.redis, Metrics::new(&cfg.metrics)).await?;
+            match store.load(&c).await? {
+                None => {
+                    anyhow::bail!("no state for {c}: no event for this customer has been applied")
+                }
+                Some(l) => {
+                    let params = lapse::service::state_params(&cfg);
+                    let v = lapse::inspect::view(&c, l.rev, &l.state, &params, WallClock.now_ms());
+                    println!("{}", serde_json::to_string_pretty(&v)?);
+                    Ok(())
+                }
+            }
+        }
+        Cmd::ProduceSample(args) => {
+            let cfg = Config::load(args.config.as_deref())?;
+            lapse::sample::produce(&cfg, &args).await
+        }
+    }
+}

@@ -1,0 +1,207 @@
+//! Prometheus metrics. Labels are bounded: topic, event type, channel, purpose,
+//! reason, operation, partition, and tenant (capped, can be switched off).
+//! Never a customer, message or campaign id.
+
+use prometheus::{
+    exponential_buckets, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter,
+    IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+
+use crate::config::MetricsConfig;
+
+#[derive(Clone)]
+pub struct Metrics {
+    pub registry: Registry,
+    tenants: Arc<TenantLabels>,
+    pub records: IntCounterVec,
+    pub invalid: IntCounterVec,
+    pub duplicates: IntCounterVec,
+    pub dlq_writes: IntCounterVec,
+    pub engagement: IntCounterVec,
+    pub replies: IntCounterVec,
+    pub visits: IntCounterVec,
+    pub currency_mismatch: IntCounter,
+    pub batch_records: Histogram,
+    pub batch_seconds: Histogram,
+    pub processing_latency: Histogram,
+    pub redis_call_seconds: HistogramVec,
+    pub redis_errors: IntCounterVec,
+    pub cas_conflicts: IntCounter,
+    pub state_writes: IntCounter,
+    pub kafka_errors: IntCounterVec,
+    pub consumer_lag: IntGaugeVec,
+    pub rebalances: IntCounterVec,
+    pub partitions_assigned: IntGauge,
+    pub partitions_paused: IntGauge,
+    pub commits: IntCounterVec,
+    pub retries: IntCounterVec,
+    pub ready: IntGauge,
+}
+
+/// Caps the distinct tenant label values; the rest report as `other`.
+struct TenantLabels {
+    enabled: bool,
+    max: usize,
+    seen: Mutex<HashSet<String>>,
+}
+
+impl TenantLabels {
+    fn label(&self, tenant: &str) -> String {
+        if !self.enabled {
+            return "all".into();
+        }
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        if seen.contains(tenant) {
+            return tenant.to_string();
+        }
+        if seen.len() < self.max {
+            seen.insert(tenant.to_string());
+            return tenant.to_string();
+        }
+        "other".into()
+    }
+}
+
+fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    r.register(Box::new(c.clone())).expect("unique metric");
+    c
+}
+
+fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+    r.register(Box::new(g.clone())).expect("unique metric");
+    g
+}
+
+fn histogram(r: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
+    let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
+        .expect("valid metric");
+    r.register(Box::new(h.clone())).expect("unique metric");
+    h
+}
+
+impl Metrics {
+    pub fn new(cfg: &MetricsConfig) -> Metrics {
+        let r = Registry::new();
+        let redis_call_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "lapse_redis_call_seconds",
+                "Latency of Redis round trips by operation.",
+            )
+            .buckets(exponential_buckets(0.0001, 2.0, 16).expect("buckets")),
+            &["op"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(redis_call_seconds.clone()))
+            .expect("unique metric");
+        let single = |name: &str, help: &str| {
+            let c = IntCounter::new(name, help).expect("valid metric");
+            r.register(Box::new(c.clone())).expect("unique metric");
+            c
+        };
+        let plain_gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).expect("valid metric");
+            r.register(Box::new(g.clone())).expect("unique metric");
+            g
+        };
+        Metrics {
+            tenants: Arc::new(TenantLabels {
+                enabled: cfg.tenant_label,
+                max: cfg.max_tenants,
+                seen: Mutex::new(HashSet::new()),
+            }),
+            records: counter(&r, "lapse_records_total", "Input records consumed, by topic and event type.", &["topic", "event_type"]),
+            invalid: counter(&r, "lapse_records_invalid_total", "Input records rejected (sent to the DLQ), by event type and reason.", &["event_type", "reason"]),
+            duplicates: counter(
+                &r,
+                "lapse_duplicates_skipped_total",
+                "Records skipped as already applied: kind=redelivery (offset at or below the watermark) or event_id (same event id at a new offset).",
+                &["event_type", "kind"],
+            ),
+            dlq_writes: counter(&r, "lapse_dlq_writes_total", "Records written to the dead-letter topic, by source event type.", &["event_type"]),
+            engagement: counter(
+                &r,
+                "lapse_engagement_events_total",
+                "Applied sends, opens, clicks and replies by tenant, channel, event type and purpose (opens, clicks, replies: purpose=\"none\").",
+                &["tenant", "channel", "event_type", "purpose"],
+            ),
+            replies: counter(&r, "lapse_replies_total", "Applied replies by tenant, channel and class (unsubscribe, resubscribe, positive, neutral).", &["tenant", "channel", "class"]),
+            visits: counter(&r, "lapse_visits_total", "Applied clinic visits by tenant and visit type.", &["tenant", "visit_type"]),
+            currency_mismatch: single(
+                "lapse_visit_currency_mismatch_total",
+                "Visits whose currency differs from the customer's first visit: counted as visits, not as spend.",
+            ),
+            batch_records: histogram(&r, "lapse_batch_records", "Records per applied batch.", exponential_buckets(1.0, 2.0, 16).expect("buckets")),
+            batch_seconds: histogram(&r, "lapse_batch_seconds", "Wall time to apply one batch, decode to durable.", exponential_buckets(0.0005, 2.0, 16).expect("buckets")),
+            processing_latency: histogram(
+                &r,
+                "lapse_processing_latency_seconds",
+                "Event time to state durable in Redis, per applied event.",
+                exponential_buckets(0.001, 2.0, 24).expect("buckets"),
+            ),
+            redis_call_seconds,
+            redis_errors: counter(&r, "lapse_redis_errors_total", "Failed Redis calls by operation.", &["op"]),
+            cas_conflicts: single("lapse_state_write_conflicts_total", "State writes retried because another writer changed the customer first."),
+            state_writes: single("lapse_state_writes_total", "Customer states written to Redis."),
+            kafka_errors: counter(&r, "lapse_kafka_errors_total", "Kafka client errors by operation.", &["op"]),
+            consumer_lag: gauge(&r, "lapse_consumer_lag", "Records behind the partition's high watermark, per assigned partition.", &["topic", "partition"]),
+            rebalances: counter(&r, "lapse_rebalances_total", "Consumer group rebalance callbacks by kind (assign, revoke, error).", &["kind"]),
+            partitions_assigned: plain_gauge("lapse_partitions_assigned", "Input partitions currently assigned to this instance."),
+            partitions_paused: plain_gauge("lapse_partitions_paused", "Input partitions currently paused for back-pressure."),
+            commits: counter(&r, "lapse_offset_commits_total", "Offset commits by result (ok, error).", &["result"]),
+            retries: counter(&r, "lapse_retries_total", "Back-off retries by cause (redis, dlq, registry).", &["cause"]),
+            ready: plain_gauge("lapse_ready", "1 when Redis and the broker answered the last readiness probe."),
+            registry: r,
+        }
+    }
+
+    /// The tenant label value for `tenant`, bounded by `metrics.max_tenants`.
+    pub fn tenant(&self, tenant: &str) -> String {
+        self.tenants.label(tenant)
+    }
+
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let enc = TextEncoder::new();
+        if let Err(e) = enc.encode(&self.registry.gather(), &mut buf) {
+            return format!("# encode error: {e}\n");
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tenant_labels_are_capped() {
+        let m = Metrics::new(&MetricsConfig {
+            tenant_label: true,
+            max_tenants: 2,
+        });
+        assert_eq!(m.tenant("a"), "a");
+        assert_eq!(m.tenant("b"), "b");
+        assert_eq!(m.tenant("c"), "other");
+        assert_eq!(m.tenant("a"), "a");
+        let off = Metrics::new(&MetricsConfig {
+            tenant_label: false,
+            max_tenants: 2,
+        });
+        assert_eq!(off.tenant("a"), "all");
+    }
+
+    #[test]
+    fn renders_text_format() {
+        let m = Metrics::new(&MetricsConfig::default());
+        m.records
+            .with_label_values(&["engagement.sends", "send"])
+            .inc();
+        assert!(m
+            .render()
+            .contains("lapse_records_total{event_type=\"send\",topic=\"engagement.sends\"} 1"));
+    }
+}

@@ -1,0 +1,251 @@
+//! `lapse run`: wires the adapters around the domain and runs until SIGTERM/SIGINT.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use rdkafka::consumer::Consumer;
+use tokio::sync::mpsc;
+use tracing::{error, info, warn};
+
+use crate::codec::{self, DecodeLimits, Decoder, RegistryClient, SchemaSet};
+use crate::config::Config;
+use crate::dead_letters::DeadLetters;
+use crate::domain::clock::{Clock, WallClock};
+use crate::domain::engagement::Horizons;
+use crate::domain::event::EventKind;
+use crate::domain::state::StateParams;
+use crate::http::{self, HttpState};
+use crate::kafka::admin;
+use crate::kafka::consumer::{self, Batch, PollLoop, Shared};
+use crate::kafka::producer::OutputProducer;
+use crate::metrics::Metrics;
+use crate::pipeline::Pipeline;
+use crate::store::StateStore;
+
+pub fn state_params(cfg: &Config) -> StateParams {
+    StateParams {
+        event_ids_per_customer: cfg.state.event_ids_per_customer,
+        visit_history: cfg.state.visit_history,
+        horizons: Horizons {
+            short_half_life_ms: cfg.state.short_half_life.as_millis_i64(),
+            long_half_life_ms: cfg.state.long_half_life.as_millis_i64(),
+        },
+    }
+}
+
+pub fn build_decoder(cfg: &Config) -> anyhow::Result<Decoder> {
+    codec::set_allocation_limit(cfg.schema.avro_allocation_limit_bytes);
+    let schemas = SchemaSet::load(&cfg.schema.dir).with_context(|| {
+        format!(
+            "loading schemas from {} (config key schema.dir)",
+            cfg.schema.dir.display()
+        )
+    })?;
+    let registry = match &cfg.schema.registry_url {
+        Some(u) => Some(
+            RegistryClient::new(u, cfg.schema.registry_timeout.0).context("schema.registry_url")?,
+        ),
+        None => None,
+    };
+    let limits = DecodeLimits {
+        max_payload_bytes: cfg.schema.max_payload_bytes,
+        max_future_skew_ms: cfg.schema.max_future_skew.as_millis_i64(),
+        ..DecodeLimits::default()
+    };
+    Ok(Decoder::new(schemas, registry, limits))
+}
+
+/// Retries a start-up step for up to `total`, so lapse can start before its dependencies.
+async fn with_startup_retry<T, F, Fut>(what: &str, total: Duration, mut f: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
+{
+    let deadline = tokio::time::Instant::now() + total;
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match f().await {
+            Ok(v) => return Ok(v),
+            Err(e) if tokio::time::Instant::now() + delay < deadline => {
+                warn!(error = %e, "{what} not available yet; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => {
+                return Err(e.context(format!(
+                    "{what} still unavailable after {}s",
+                    total.as_secs()
+                )))
+            }
+        }
+    }
+}
+
+pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    let metrics = Metrics::new(&cfg.metrics);
+    let decoder = Arc::new(build_decoder(&cfg)?);
+    let clock: Arc<dyn Clock> = Arc::new(WallClock);
+
+    let listener = tokio::net::TcpListener::bind(&cfg.http.listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {} (config key http.listen)",
+                cfg.http.listen
+            )
+        })?;
+    let ready = Arc::new(AtomicBool::new(false));
+    let http_state = HttpState {
+        metrics: metrics.clone(),
+        ready: ready.clone(),
+    };
+    tokio::spawn(async move {
+        if let Err(e) = http::serve(listener, http_state).await {
+            error!(error = %e, "http server stopped");
+        }
+    });
+    info!(listen = %cfg.http.listen, "serving /metrics, /healthz, /readyz");
+
+    let startup = Duration::from_secs(60);
+    let store = with_startup_retry("redis", startup, || {
+        let (rc, m) = (cfg.redis.clone(), metrics.clone());
+        async move { Ok(StateStore::connect(&rc, m).await?) }
+    })
+    .await?;
+    if cfg.kafka.create_topics {
+        with_startup_retry("kafka (creating topics)", startup, || async {
+            Ok(admin::ensure_topics(&cfg.kafka).await?)
+        })
+        .await?;
+    }
+    let producer = OutputProducer::new(&cfg.kafka)?;
+    let dlq = DeadLetters::new(
+        producer.clone(),
+        cfg.kafka.topics.dlq.clone(),
+        cfg.dlq.redact_reply_payloads,
+    );
+    let pipeline = Arc::new(Pipeline {
+        decoder,
+        store: store.clone(),
+        dlq,
+        metrics: metrics.clone(),
+        params: state_params(&cfg),
+        clock,
+        retry: cfg.retry.clone(),
+    });
+
+    let shared = Shared::new(metrics.clone());
+    let consumer = consumer::build(&cfg.kafka, shared.clone())?;
+    let inputs = cfg.kafka.topics.inputs();
+    consumer
+        .subscribe(&inputs)
+        .context("subscribing to the input topics (kafka.topics.*)")?;
+    let topics: HashMap<String, EventKind> = inputs
+        .iter()
+        .zip(EventKind::ALL)
+        .map(|(t, k)| (t.to_string(), k))
+        .collect();
+
+    let (tx, mut rx) = mpsc::channel::<Batch>(cfg.batch.queue_depth);
+    let processor = {
+        let (shared, pipeline) = (shared.clone(), pipeline.clone());
+        tokio::spawn(async move {
+            while let Some(batch) = rx.recv().await {
+                let abandon = shared.start_batch();
+                if pipeline.apply(&batch.records, &abandon).await.is_ok() {
+                    shared.record_done(&batch);
+                }
+                shared.finish_batch(&abandon);
+            }
+        })
+    };
+
+    // Readiness: Redis answers PING and the broker answers a metadata request.
+    {
+        let (store, ready, metrics, probe) = (
+            store.clone(),
+            ready.clone(),
+            metrics.clone(),
+            producer.clone(),
+        );
+        tokio::spawn(async move {
+            loop {
+                let redis_ok = store.ping().await.is_ok();
+                let p = probe.clone();
+                let broker_ok = tokio::task::spawn_blocking(move || {
+                    use rdkafka::producer::Producer;
+                    p.inner()
+                        .client()
+                        .fetch_metadata(None, Duration::from_secs(2))
+                        .is_ok()
+                })
+                .await
+                .unwrap_or(false);
+                let ok = redis_ok && broker_ok;
+                ready.store(ok, Ordering::SeqCst);
+                metrics.ready.set(ok as i64);
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+        });
+    }
+
+    let shutdown = Arc::new(AtomicBool::new(false));
+    {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            info!("signal received");
+            shutdown.store(true, Ordering::SeqCst);
+        });
+    }
+
+    let poll = PollLoop {
+        consumer,
+        shared,
+        topics,
+        batch: cfg.batch.clone(),
+        commit_interval: cfg.kafka.commit_interval.0,
+        shutdown_drain_timeout: cfg.kafka.shutdown_drain_timeout.0,
+        tx,
+        shutdown,
+    };
+    info!(group = %cfg.kafka.group_id, "consuming");
+    let poll_thread = std::thread::Builder::new()
+        .name("kafka-poll".into())
+        .spawn(move || poll.run())
+        .context("spawning the poll thread")?;
+    tokio::task::spawn_blocking(move || poll_thread.join())
+        .await?
+        .map_err(|_| anyhow::anyhow!("the poll thread panicked"))?;
+    let _ = processor.await;
+    if let Err(e) = producer.flush(Duration::from_secs(10)) {
+        warn!(error = %e, "producer flush at shutdown failed");
+    }
+    info!("stopped cleanly");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = match signal(SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,238 @@
+//! The Redis state store: one pipelined round trip to load a batch of customers,
+//! one to write them back through a compare-and-set script.
+
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, Pipeline, RedisFuture, Value};
+use std::time::Instant;
+
+use super::blob;
+use super::keys::Keys;
+use crate::config::RedisConfig;
+use crate::domain::event::CustomerRef;
+use crate::domain::state::CustomerState;
+use crate::error::StoreError;
+use crate::metrics::Metrics;
+
+/// Writes `ARGV[2]` only if the stored revision equals `ARGV[1]` (0 = absent).
+/// Returns 1 when written, 0 on a conflict (another writer got there first).
+const CAS_SCRIPT: &str = r#"
+local cur = redis.call('GET', KEYS[1])
+local rev = 0
+if cur then
+  local r = string.match(cur, '^(%d+):')
+  if r then rev = tonumber(r) end
+end
+if rev ~= tonumber(ARGV[1]) then return 0 end
+redis.call('SET', KEYS[1], ARGV[2])
+return 1
+"#;
+
+/// A single node (auto-reconnecting) or a Redis Cluster.
+#[derive(Clone)]
+pub enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// A customer's state as read, with the revision to compare against on write.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub rev: u64,
+    pub state: CustomerState,
+}
+
+#[derive(Clone)]
+pub struct StateStore {
+    conn: Conn,
+    keys: Keys,
+    cas_sha: String,
+    metrics: Metrics,
+}
+
+impl StateStore {
+    pub async fn connect(cfg: &RedisConfig, metrics: Metrics) -> Result<StateStore, StoreError> {
+        let conn = if cfg.cluster || !cfg.cluster_nodes.is_empty() {
+            let mut nodes = vec![cfg.url.clone()];
+            nodes.extend(cfg.cluster_nodes.iter().cloned());
+            let client = redis::cluster::ClusterClientBuilder::new(nodes)
+                .connection_timeout(cfg.connect_timeout.0)
+                .response_timeout(cfg.response_timeout.0)
+                .build()?;
+            Conn::Cluster(client.get_async_connection().await?)
+        } else {
+            let client = redis::Client::open(cfg.url.as_str())?;
+            let mcfg = ConnectionManagerConfig::new()
+                .set_connection_timeout(cfg.connect_timeout.0)
+                .set_response_timeout(cfg.response_timeout.0)
+                .set_number_of_retries(1);
+            Conn::Single(ConnectionManager::new_with_config(client, mcfg).await?)
+        };
+        let store = StateStore {
+            conn,
+            keys: Keys::new(cfg.key_prefix.clone()),
+            cas_sha: redis::Script::new(CAS_SCRIPT).get_hash().to_string(),
+            metrics,
+        };
+        store.load_scripts().await?;
+        Ok(store)
+    }
+
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    /// Loads the scripts (again after a Redis restart lost them).
+    async fn load_scripts(&self) -> Result<(), StoreError> {
+        let mut c = self.conn.clone();
+        let sha: String = redis::cmd("SCRIPT")
+            .arg("LOAD")
+            .arg(CAS_SCRIPT)
+            .query_async(&mut c)
+            .await?;
+        debug_assert_eq!(sha, self.cas_sha);
+        Ok(())
+    }
+
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let mut c = self.conn.clone();
+        let _: String = redis::cmd("PING").query_async(&mut c).await?;
+        Ok(())
+    }
+
+    fn observe<T>(&self, op: &'static str, started: Instant, r: &Result<T, redis::RedisError>) {
+        self.metrics
+            .redis_call_seconds
+            .with_label_values(&[op])
+            .observe(started.elapsed().as_secs_f64());
+        if r.is_err() {
+            self.metrics.redis_errors.with_label_values(&[op]).inc();
+        }
+    }
+
+    /// Raw stored bytes of a customer (for `inspect` and byte-level tests).
+    pub async fn raw(&self, c: &CustomerRef) -> Result<Option<Vec<u8>>, StoreError> {
+        let mut conn = self.conn.clone();
+        let v: Option<Vec<u8>> = redis::cmd("GET")
+            .arg(self.keys.state(c))
+            .query_async(&mut conn)
+            .await?;
+        Ok(v)
+    }
+
+    pub async fn load(&self, c: &CustomerRef) -> Result<Option<Loaded>, StoreError> {
+        match self.raw(c).await? {
+            None => Ok(None),
+            Some(bytes) => {
+                let (rev, state) = blob::decode(&bytes).map_err(|reason| StoreError::Corrupt {
+                    key: self.keys.state(c),
+                    reason,
+                })?;
+                Ok(Some(Loaded { rev, state }))
+            }
+        }
+    }
+
+    /// Loads many customers in one pipelined round trip; absent ones are empty at revision 0.
+    pub async fn load_many(&self, customers: &[&CustomerRef]) -> Result<Vec<Loaded>, StoreError> {
+        if customers.is_empty() {
+            return Ok(vec![]);
+        }
+        let mut pipe = redis::pipe();
+        for c in customers {
+            pipe.cmd("GET").arg(self.keys.state(c));
+        }
+        let mut conn = self.conn.clone();
+        let started = Instant::now();
+        let r: Result<Vec<Option<Vec<u8>>>, _> = pipe.query_async(&mut conn).await;
+        self.observe("load", started, &r);
+        let raw = r?;
+        customers
+            .iter()
+            .zip(raw)
+            .map(|(c, v)| match v {
+                None => Ok(Loaded {
+                    rev: 0,
+                    state: CustomerState::default(),
+                }),
+                Some(bytes) => blob::decode(&bytes)
+                    .map(|(rev, state)| Loaded { rev, state })
+                    .map_err(|reason| StoreError::Corrupt {
+                        key: self.keys.state(c),
+                        reason,
+                    }),
+            })
+            .collect()
+    }
+
+    /// Writes each state if its revision is unchanged since load. Returns, per
+    /// write, whether it landed (false = conflict: reload and re-apply).
+    pub async fn save_many(
+        &self,
+        writes: &[(&CustomerRef, u64, &CustomerState)],
+    ) -> Result<Vec<bool>, StoreError> {
+        if writes.is_empty() {
+            return Ok(vec![]);
+        }
+        let mut pipe = redis::pipe();
+        for (c, rev, state) in writes {
+            pipe.cmd("EVALSHA")
+                .arg(&self.cas_sha)
+                .arg(1)
+                .arg(self.keys.state(c))
+                .arg(*rev)
+                .arg(blob::encode(rev + 1, state));
+        }
+        for attempt in 0..2 {
+            let mut conn = self.conn.clone();
+            let started = Instant::now();
+            let r: Result<Vec<i64>, _> = pipe.query_async(&mut conn).await;
+            self.observe("save", started, &r);
+            match r {
+                Ok(v) => return Ok(v.into_iter().map(|x| x == 1).collect()),
+                Err(e) if e.kind() == redis::ErrorKind::NoScriptError && attempt == 0 => {
+                    // Redis restarted without its script cache. The CAS makes a retry safe.
+                    self.load_scripts().await?;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        unreachable!("the loop returns on its second attempt")
+    }
+
+    /// Deletes every key of one customer (operator tooling and tests).
+    pub async fn delete(&self, c: &CustomerRef) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let _: i64 = redis::cmd("DEL")
+            .arg(self.keys.state(c))
+            .query_async(&mut conn)
+            .await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,1675 @@
+//! Shared integration-test harness.
+//!
+//! Every integration test file does `mod common;` and gets real servers on free
+//! loopback ports, each with its own temp dir and captured logs, stopped when the
+//! handle is dropped (also when the test panics; the server's log tail is printed
+//! then, so a failure shows what the server said):
+//!
+//! * [`RedisServer`]: Debian `redis-server` with an append-only file fsynced on
+//!   every write, so it can be stopped, killed and started again on the same port
+//!   with its data.
+//! * [`Broker`]: tansu, an Apache-Kafka-compatible broker (in-memory log), optionally
+//!   behind a [`TcpProxy`] that a test can cut and restore to make the broker
+//!   unreachable without losing its log.
+//! * [`SchemaRegistryStub`]: a minimal Confluent-compatible schema registry.
+//! * [`LapseProcess`]: the `lapse` binary under test, with its HTTP port.
+//! * Kafka helpers ([`Producer`], [`produce`], [`consume_all`],
+//!   [`committed_offsets`], [`end_offsets`]) and polling helpers ([`wait_until`],
+//!   [`wait_for`]): tests never sleep for a fixed time to "let things happen".
+//!
+//! Binaries are found as follows: tansu from `$LAPSE_TANSU_BIN`, else the project
+//! cache `.cache/tools/bin/tansu` (made by `scripts/install-deps`), else `tansu` on
+//! `PATH`; redis from `$LAPSE_REDIS_SERVER_BIN`, else `redis-server` on `PATH`.
+//! Set `LAPSE_TEST_KEEP_TMP=1` to keep the temp dirs (data, logs) after a run.
+//!
+//! All helpers work under the default `#[tokio::test]` (current-thread) runtime:
+//! blocking librdkafka calls run on the blocking pool, and the proxy and the
+//! registry stub run on their own small runtimes, so they keep serving while a
+//! test blocks. Child processes are also bound to the lifetime of the thread that
+//! started them (Linux `PR_SET_PDEATHSIG`), so even an aborted test binary leaves
+//! no server behind; start them from the test itself, not from `spawn_blocking`.
+
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom};
+use std::net::{SocketAddr, TcpListener as StdTcpListener};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::util::Timeout;
+use rdkafka::{Offset, TopicPartitionList};
+use tempfile::TempDir;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::watch;
+
+/// Generous default deadline for "eventually" conditions on a loaded 2-core machine.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default poll interval for [`wait_until`] / [`wait_for`].
+pub const POLL: Duration = Duration::from_millis(50);
+
+// ---------------------------------------------------------------------------
+// Small utilities
+// ---------------------------------------------------------------------------
+
+/// A loopback TCP port that was free a moment ago. Servers started by this
+/// harness retry with another port if they lose the race for it.
+pub fn free_port() -> u16 {
+    StdTcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind 127.0.0.1:0")
+        .port()
+}
+
+/// A name unique within this test process (topics, groups, subjects, ...).
+pub fn unique_name(prefix: &str) -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!("{prefix}-{}-{n}", std::process::id())
+}
+
+/// A fresh temp dir, removed on drop unless `LAPSE_TEST_KEEP_TMP=1`.
+pub fn scratch_dir(what: &str) -> TempDir {
+    let keep = std::env::var("LAPSE_TEST_KEEP_TMP").is_ok_and(|v| v == "1");
+    tempfile::Builder::new()
+        .prefix(&format!("lapse-test-{what}-"))
+        .disable_cleanup(keep)
+        .tempdir()
+        .expect("create temp dir")
+}
+
+/// Poll `cond` every `poll` until it returns true; panic with `what` after `timeout`.
+/// Each call of `cond` is itself bounded by the remaining time.
+///
+/// ```ignore
+/// wait_until(DEFAULT_TIMEOUT, POLL, "customer state written", async || {
+///     conn.exists::<_, bool>("k").await.unwrap_or(false)
+/// }).await;
+/// ```
+pub async fn wait_until(
+    timeout: Duration,
+    poll: Duration,
+    what: &str,
+    mut cond: impl AsyncFnMut() -> bool,
+) {
+    wait_for(timeout, poll, what, async || cond().await.then_some(())).await
+}
+
+/// Poll `f` until it returns `Some(value)` and return the value; panic with `what`
+/// after `timeout`.
+pub async fn wait_for<T>(
+    timeout: Duration,
+    poll: Duration,
+    what: &str,
+    f: impl AsyncFnMut() -> Option<T>,
+) -> T {
+    match try_wait_for(timeout, poll, f).await {
+        Some(v) => v,
+        None => panic!("timed out after {timeout:?} waiting for: {what}"),
+    }
+}
+
+/// Like [`wait_for`] but returns `None` on timeout instead of panicking.
+pub async fn try_wait_for<T>(
+    timeout: Duration,
+    poll: Duration,
+    mut f: impl AsyncFnMut() -> Option<T>,
+) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if let Ok(Some(v)) = tokio::time::timeout(remaining, f()).await {
+            return Some(v);
+        }
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if remaining.is_zero() {
+            return None;
+        }
+        tokio::time::sleep(poll.min(remaining)).await;
+    }
+}
+
+/// Last `max_bytes` of a file, lossily decoded; empty if missing.
+fn file_tail(path: &Path, max_bytes: u64) -> String {
+    let Ok(mut f) = File::open(path) else {
+        return String::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let start = len.saturating_sub(max_bytes);
+    let _ = f.seek(SeekFrom::Start(start));
+    let mut buf = Vec::new();
+    let _ = f.read_to_end(&mut buf);
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    if start > 0 {
+        format!("[... {start} bytes omitted ...]\n{text}")
+    } else {
+        text
+    }
+}
+
+fn read_lossy(path: &Path) -> String {
+    std::fs::read(path)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default()
+}
+
+fn dump_if_panicking(label: &str, files: &[&Path]) {
+    if !std::thread::panicking() {
+        return;
+    }
+    for f in files {
+        eprintln!(
+            "----- {label}: {} (tail) -----\n{}\n----- end {label} -----",
+            f.display(),
+            file_tail(f, 16 * 1024)
+        );
+    }
+}
+
+fn open_append(path: &Path) -> File {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()))
+}
+
+fn find_on_path(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+/// The tansu binary: `$LAPSE_TANSU_BIN`, the project cache, or `tansu` on `PATH`.
+pub fn tansu_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("LAPSE_TANSU_BIN").filter(|p| !p.is_empty()) {
+        let p = PathBuf::from(p);
+        assert!(
+            p.is_file(),
+            "LAPSE_TANSU_BIN={} does not exist",
+            p.display()
+        );
+        return p;
+    }
+    let cached = Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/tools/bin/tansu");
+    if cached.is_file() {
+        return cached;
+    }
+    find_on_path("tansu").unwrap_or_else(|| {
+        panic!(
+            "tansu not found: run scripts/install-deps (then `. scripts/env`), \
+             or set LAPSE_TANSU_BIN to a tansu 0.6 binary"
+        )
+    })
+}
+
+/// The redis-server binary: `$LAPSE_REDIS_SERVER_BIN` or `redis-server` on `PATH`.
+pub fn redis_server_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("LAPSE_REDIS_SERVER_BIN").filter(|p| !p.is_empty()) {
+        return PathBuf::from(p);
+    }
+    find_on_path("redis-server")
+        .unwrap_or_else(|| panic!("redis-server not found: run scripts/install-deps"))
+}
+
+/// Process control without extra crates: the two libc calls the harness needs.
+mod sys {
+    use std::os::raw::c_int;
+    use std::process::Command;
+
+    pub const SIGKILL: c_int = 9;
+    pub const SIGTERM: c_int = 15;
+
+    unsafe extern "C" {
+        fn kill(pid: c_int, sig: c_int) -> c_int;
+        #[cfg(target_os = "linux")]
+        fn prctl(option: c_int, ...) -> c_int;
+    }
+
+    /// Send `sig` to `pid`.
+    pub fn signal(pid: u32, sig: c_int) -> std::io::Result<()> {
+        let pid = c_int::try_from(pid).expect("pid fits in c_int");
+        // SAFETY: kill(2) has no memory-safety preconditions.
+        if unsafe { kill(pid, sig) } == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    }
+
+    /// Send `sig` to every process in process group `pgid`.
+    pub fn signal_group(pgid: c_int, sig: c_int) -> std::io::Result<()> {
+        // SAFETY: kill(2) has no memory-safety preconditions.
+        if unsafe { kill(-pgid, sig) } == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    }
+
+    /// Make the child receive SIGKILL when the thread that spawned it exits, so an
+    /// aborted test run leaves no orphan servers (Linux only; no-op elsewhere).
+    pub fn die_with_parent(cmd: &mut Command) {
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::unix::process::CommandExt;
+
+            const PR_SET_PDEATHSIG: c_int = 1;
+            // SAFETY: the closure runs between fork and exec and only calls prctl(2),
+            // which is async-signal-safe; it allocates nothing.
+            unsafe {
+                cmd.pre_exec(|| {
+                    if prctl(PR_SET_PDEATHSIG, SIGKILL as std::os::raw::c_ulong) == -1 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        #[cfg(not(target_os = "linux"))]
+        let _ = cmd;
+    }
+}
+
+/// How a server start attempt ended.
+enum StartOutcome {
+    Ready,
+    /// The process exited before becoming ready (e.g. it lost the port race).
+    Exited(ExitStatus),
+    TimedOut,
+}
+
+/// Wait until `ready()` holds while watching `child` for an early exit.
+async fn wait_started(
+    child: &mut Child,
+    timeout: Duration,
+    mut ready: impl AsyncFnMut() -> bool,
+) -> StartOutcome {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return StartOutcome::Exited(status);
+        }
+        if ready().await {
+            return StartOutcome::Ready;
+        }
+        if Instant::now() >= deadline {
+            return StartOutcome::TimedOut;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Poll a child until it exits or the timeout passes.
+async fn wait_child_exit(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return Some(status),
+            Ok(None) => {}
+            Err(e) => panic!("waiting for child {}: {e}", child.id()),
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn kill_and_reap(child: &mut Child) {
+    if let Ok(None) = child.try_wait() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+async fn tcp_accepts(addr: SocketAddr) -> bool {
+    matches!(
+        tokio::time::timeout(
+            Duration::from_millis(500),
+            tokio::net::TcpStream::connect(addr)
+        )
+        .await,
+        Ok(Ok(_))
+    )
+}
+
+// ---------------------------------------------------------------------------
+// Redis
+// ---------------------------------------------------------------------------
+
+/// A `redis-server` on a free loopback port with its own data dir. Persistence is
+/// an append-only file with `appendfsync always`, so every acknowledged write
+/// survives [`stop`](Self::stop) and even [`kill`](Self::kill).
+pub struct RedisServer {
+    port: u16,
+    dir: TempDir,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    /// Start a fresh server and wait until it answers PING.
+    pub async fn start() -> Self {
+        let dir = scratch_dir("redis");
+        let log = dir.path().join("redis.log");
+        let mut server = Self {
+            port: 0,
+            dir,
+            log,
+            child: None,
+        };
+        for _attempt in 0..5 {
+            server.port = free_port();
+            match server.launch().await {
+                StartOutcome::Ready => return server,
+                // Most likely lost the race for the port: try another one.
+                StartOutcome::Exited(_) => continue,
+                StartOutcome::TimedOut => panic!(
+                    "redis-server on port {} not ready in 20s; log:\n{}",
+                    server.port,
+                    file_tail(&server.log, 8192)
+                ),
+            }
+        }
+        panic!(
+            "redis-server failed to start 5 times; log:\n{}",
+            file_tail(&server.log, 8192)
+        )
+    }
+
+    async fn launch(&mut self) -> StartOutcome {
+        let mut cmd = Command::new(redis_server_bin());
+        cmd.arg("--port")
+            .arg(self.port.to_string())
+            .args(["--bind", "127.0.0.1", "--protected-mode", "no"])
+            .args(["--daemonize", "no", "--logfile", ""])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .args(["--appendonly", "yes", "--appendfsync", "always"])
+            .args(["--save", ""])
+            .stdin(Stdio::null())
+            .stdout(open_append(&self.log))
+            .stderr(open_append(&self.log));
+        sys::die_with_parent(&mut cmd);
+        let mut child = cmd.spawn().expect("spawn redis-server");
+        let port = self.port;
+        let outcome = wait_started(&mut child, Duration::from_secs(20), async || {
+            redis_ping(port).await
+        })
+        .await;
+        if matches!(outcome, StartOutcome::Ready) {
+            self.child = Some(child);
+        } else {
+            kill_and_reap(&mut child);
+        }
+        outcome
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `redis://127.0.0.1:PORT/`
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// A multiplexed async connection (cheap to clone).
+    pub async fn client(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url())
+            .expect("redis url")
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap_or_else(|e| panic!("connect to {}: {e}", self.url()))
+    }
+
+    pub async fn flushall(&self) {
+        let mut conn = self.client().await;
+        redis::cmd("FLUSHALL")
+            .query_async::<()>(&mut conn)
+            .await
+            .expect("FLUSHALL");
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// Graceful stop (SIGTERM: redis flushes and exits). Data is kept.
+    pub async fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        if let Ok(None) = child.try_wait() {
+            let _ = sys::signal(child.id(), sys::SIGTERM);
+            if wait_child_exit(&mut child, Duration::from_secs(20))
+                .await
+                .is_none()
+            {
+                kill_and_reap(&mut child);
+                panic!("redis-server did not stop on SIGTERM within 20s");
+            }
+        }
+    }
+
+    /// SIGKILL, no chance to flush. Writes acknowledged before are kept (fsync always).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            kill_and_reap(&mut child);
+        }
+    }
+
+    /// Start again on the same port with the same data (after `stop` or `kill`).
+    pub async fn start_again(&mut self) {
+        assert!(
+            !self.is_running(),
+            "start_again: redis-server is still running"
+        );
+        match self.launch().await {
+            StartOutcome::Ready => {}
+            StartOutcome::Exited(status) => panic!(
+                "redis-server restart on port {} exited ({status}); log:\n{}",
+                self.port,
+                file_tail(&self.log, 8192)
+            ),
+            StartOutcome::TimedOut => panic!(
+                "redis-server restart on port {} not ready in time; log:\n{}",
+                self.port,
+                file_tail(&self.log, 8192)
+            ),
+        }
+    }
+
+    pub fn log(&self) -> String {
+        read_lossy(&self.log)
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        dump_if_panicking("redis-server", &[&self.log]);
+        if let Some(mut child) = self.child.take() {
+            kill_and_reap(&mut child);
+        }
+    }
+}
+
+/// True when a server on `port` answers `+PONG` (not while loading its AOF).
+async fn redis_ping(port: u16) -> bool {
+    let attempt = async {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .ok()?;
+        s.write_all(b"PING\r\n").await.ok()?;
+        let mut buf = [0u8; 64];
+        let n = s.read(&mut buf).await.ok()?;
+        Some(buf[..n].starts_with(b"+PONG"))
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_millis(500), attempt).await,
+        Ok(Some(true))
+    )
+}
+
+// ---------------------------------------------------------------------------
+// TCP proxy (fault injection)
+// ---------------------------------------------------------------------------
+
+/// What the proxy does with traffic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProxyMode {
+    /// Forward bytes both ways.
+    Forward,
+    /// Reset existing connections; accept and immediately reset new ones.
+    Refuse,
+    /// Stop forwarding but keep connections open (a silent network partition:
+    /// clients see timeouts, not resets). Held connections are reset on restore.
+    Blackhole,
+}
+
+/// Upper bound on concurrently proxied connections (one task per connection).
+const PROXY_MAX_CONNECTIONS: usize = 256;
+
+/// A small TCP forwarder on a loopback port, run on its own runtime so it keeps
+/// working while the test thread blocks. Dropping it closes everything.
+pub struct TcpProxy {
+    addr: SocketAddr,
+    upstream: SocketAddr,
+    mode: watch::Sender<ProxyMode>,
+    rt: Option<tokio::runtime::Runtime>,
+}
+
+impl TcpProxy {
+    /// Listen on a free loopback port and forward to `upstream`.
+    pub fn start(upstream: SocketAddr) -> Self {
+        let listener = StdTcpListener::bind("127.0.0.1:0").expect("bind proxy port");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let addr = listener.local_addr().expect("proxy addr");
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("test-tcp-proxy")
+            .enable_all()
+            .build()
+            .expect("proxy runtime");
+        let (mode, mode_rx) = watch::channel(ProxyMode::Forward);
+        rt.spawn(proxy_accept_loop(listener, upstream, mode_rx));
+        Self {
+            addr,
+            upstream,
+            mode,
+            rt: Some(rt),
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    pub fn upstream(&self) -> SocketAddr {
+        self.upstream
+    }
+
+    pub fn mode(&self) -> ProxyMode {
+        *self.mode.borrow()
+    }
+
+    /// Make the upstream unreachable: existing connections are reset, new ones
+    /// are reset right after accept.
+    pub fn cut(&self) {
+        self.mode.send_replace(ProxyMode::Refuse);
+    }
+
+    /// Make the upstream silently unreachable (connections hang).
+    pub fn blackhole(&self) {
+        self.mode.send_replace(ProxyMode::Blackhole);
+    }
+
+    /// Forward again (clients reconnect).
+    pub fn restore(&self) {
+        self.mode.send_replace(ProxyMode::Forward);
+    }
+}
+
+impl Drop for TcpProxy {
+    fn drop(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+async fn proxy_accept_loop(
+    listener: StdTcpListener,
+    upstream: SocketAddr,
+    mode: watch::Receiver<ProxyMode>,
+) {
+    let listener = tokio::net::TcpListener::from_std(listener).expect("proxy listener");
+    let permits = Arc::new(tokio::sync::Semaphore::new(PROXY_MAX_CONNECTIONS));
+    loop {
+        let (sock, _) = match listener.accept().await {
+            Ok(conn) => conn,
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let current = *mode.borrow();
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            let _ = sock.set_zero_linger();
+            continue;
+        };
+        match current {
+            ProxyMode::Refuse => {
+                let _ = sock.set_zero_linger();
+                drop(sock);
+            }
+            ProxyMode::Blackhole => {
+                let mut mode = mode.clone();
+                tokio::spawn(async move {
+                    let _ = mode.wait_for(|m| *m != ProxyMode::Blackhole).await;
+                    let _ = sock.set_zero_linger();
+                    drop(permit);
+                });
+            }
+            ProxyMode::Forward => {
+                let mode = mode.clone();
+                tokio::spawn(async move {
+                    proxy_connection(sock, upstream, mode).await;
+                    drop(permit);
+                });
+            }
+        }
+    }
+}
+
+async fn proxy_connection(
+    mut client: tokio::net::TcpStream,
+    upstream: SocketAddr,
+    mut mode: watch::Receiver<ProxyMode>,
+) {
+    let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await else {
+        let _ = client.set_zero_linger();
+        return;
+    };
+    let _ = client.set_nodelay(true);
+    let _ = server.set_nodelay(true);
+    let interrupted = tokio::select! {
+        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => false,
+        changed = mode.wait_for(|m| *m != ProxyMode::Forward) => changed.is_ok(),
+    };
+    if interrupted && *mode.borrow() == ProxyMode::Blackhole {
+        let _ = mode.wait_for(|m| *m != ProxyMode::Blackhole).await;
+    }
+    let _ = client.set_zero_linger();
+    let _ = server.set_zero_linger();
+}
+
+// ---------------------------------------------------------------------------
+// Broker (tansu)
+// ---------------------------------------------------------------------------
+
+/// A tansu broker (Kafka protocol, in-memory log) on a free loopback port.
+pub struct Broker {
+    /// Port tansu listens on.
+    listen_port: u16,
+    /// Port clients are told to use (the proxy's when behind one).
+    advertised_port: u16,
+    dir: TempDir,
+    log: PathBuf,
+    child: Option<Child>,
+    proxy: Option<TcpProxy>,
+}
+
+impl Broker {
+    /// Start a broker; clients talk to it directly.
+    pub async fn start() -> Self {
+        Self::start_inner(false).await
+    }
+
+    /// Start a broker that advertises a [`TcpProxy`] in front of it, so all client
+    /// traffic (bootstrap and the advertised address) goes through the proxy; see
+    /// [`proxy`](Self::proxy). Topic creation bypasses the proxy.
+    pub async fn start_behind_proxy() -> Self {
+        Self::start_inner(true).await
+    }
+
+    async fn start_inner(behind_proxy: bool) -> Self {
+        let dir = scratch_dir("tansu");
+        let log = dir.path().join("tansu.log");
+        let mut last_status = None;
+        for _attempt in 0..5 {
+            let listen_port = free_port();
+            let upstream: SocketAddr = ([127, 0, 0, 1], listen_port).into();
+            let proxy = behind_proxy.then(|| TcpProxy::start(upstream));
+            let advertised_port = proxy.as_ref().map_or(listen_port, TcpProxy::port);
+
+            let mut cmd = Command::new(tansu_bin());
+            cmd.arg("broker")
+                .arg("--listener-url")
+                .arg(format!("tcp://127.0.0.1:{listen_port}"))
+                .arg("--advertised-listener-url")
+                .arg(format!("tcp://127.0.0.1:{advertised_port}"))
+                .args(["--storage-engine", "memory://tansu/"])
+                .current_dir(dir.path())
+                .stdin(Stdio::null())
+                .stdout(open_append(&log))
+                .stderr(open_append(&log));
+            sys::die_with_parent(&mut cmd);
+            let mut child = cmd.spawn().expect("spawn tansu broker");
+
+            let bootstrap = format!("127.0.0.1:{advertised_port}");
+            let outcome = wait_started(&mut child, Duration::from_secs(30), async || {
+                tcp_accepts(upstream).await && metadata_ok(&bootstrap).await
+            })
+            .await;
+            match outcome {
+                StartOutcome::Ready => {
+                    return Self {
+                        listen_port,
+                        advertised_port,
+                        dir,
+                        log,
+                        child: Some(child),
+                        proxy,
+                    };
+                }
+                StartOutcome::Exited(status) => last_status = Some(status),
+                StartOutcome::TimedOut => {
+                    kill_and_reap(&mut child);
+                    panic!(
+                        "tansu broker on port {listen_port} not ready in 30s; log:\n{}",
+                        file_tail(&log, 8192)
+                    );
+                }
+            }
+        }
+        panic!(
+            "tansu broker failed to start 5 times (last exit: {last_status:?}); log:\n{}",
+            file_tail(&log, 8192)
+        )
+    }
+
+    /// `bootstrap.servers` for clients (the proxy's address when behind one).
+    pub fn bootstrap(&self) -> String {
+        format!("127.0.0.1:{}", self.advertised_port)
+    }
+
+    /// The broker's own listener, bypassing any proxy.
+    pub fn direct_bootstrap(&self) -> String {
+        format!("127.0.0.1:{}", self.listen_port)
+    }
+
+    /// The fault-injection proxy; panics unless started with `start_behind_proxy`.
+    pub fn proxy(&self) -> &TcpProxy {
+        self.proxy
+            .as_ref()
+            .expect("broker was not started with start_behind_proxy()")
+    }
+
+    pub async fn create_topic(&self, name: &str, partitions: i32) {
+        self.create_topic_with_config(name, partitions, &[]).await
+    }
+
+    /// A topic with `cleanup.policy=compact`.
+    pub async fn create_compacted_topic(&self, name: &str, partitions: i32) {
+        self.create_topic_with_config(name, partitions, &[("cleanup.policy", "compact")])
+            .await
+    }
+
+    /// Create a topic with the tansu CLI, then wait until clients see all its
+    /// partitions in metadata.
+    pub async fn create_topic_with_config(
+        &self,
+        name: &str,
+        partitions: i32,
+        config: &[(&str, &str)],
+    ) {
+        let mut cmd = tokio::process::Command::new(tansu_bin());
+        cmd.args(["topic", "create", name])
+            .arg("--partitions")
+            .arg(partitions.to_string())
+            .arg("--broker")
+            .arg(format!("tcp://127.0.0.1:{}", self.listen_port))
+            .kill_on_drop(true)
+            .stdin(Stdio::null());
+        for (k, v) in config {
+            cmd.arg("--config").arg(format!("{k}={v}"));
+        }
+        let out = tokio::time::timeout(Duration::from_secs(30), cmd.output())
+            .await
+            .unwrap_or_else(|_| panic!("tansu topic create {name}: timed out"))
+            .expect("run tansu topic create");
+        assert!(
+            out.status.success(),
+            "tansu topic create {name} failed ({}):\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let bootstrap = self.bootstrap();
+        wait_until(
+            DEFAULT_TIMEOUT,
+            POLL,
+            &format!("topic {name} visible with {partitions} partitions"),
+            async || partition_count(&bootstrap, name).await == Some(partitions),
+        )
+        .await;
+    }
+
+    pub fn log(&self) -> String {
+        read_lossy(&self.log)
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        dump_if_panicking("tansu", &[&self.log]);
+        if let Some(mut child) = self.child.take() {
+            kill_and_reap(&mut child);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Kafka helpers (rdkafka)
+// ---------------------------------------------------------------------------
+
+/// Client settings suited to tests on loopback: fast reconnects, short group
+/// session (else the first join takes ~23 s against tansu).
+pub fn client_config(bootstrap: &str) -> ClientConfig {
+    let mut cfg = ClientConfig::new();
+    cfg.set("bootstrap.servers", bootstrap)
+        .set("reconnect.backoff.ms", "50")
+        .set("reconnect.backoff.max.ms", "500")
+        .set("socket.connection.setup.timeout.ms", "5000")
+        .set("topic.metadata.refresh.interval.ms", "2000");
+    cfg
+}
+
+fn consumer_config(bootstrap: &str, group: &str) -> ClientConfig {
+    let mut cfg = client_config(bootstrap);
+    cfg.set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "6000")
+        .set("heartbeat.interval.ms", "500")
+        .set("fetch.wait.max.ms", "100")
+        .set("enable.partition.eof", "false");
+    cfg
+}
+
+/// Run a blocking librdkafka call off the async runtime.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f)
+        .await
+        .expect("blocking kafka task panicked")
+}
+
+/// True when a metadata request through `bootstrap` returns at least one broker.
+pub async fn metadata_ok(bootstrap: &str) -> bool {
+    let cfg = client_config(bootstrap);
+    blocking(move || {
+        let Ok(c) = cfg.create::<BaseConsumer>() else {
+            return false;
+        };
+        c.fetch_metadata(None, Duration::from_secs(2))
+            .is_ok_and(|md| !md.brokers().is_empty())
+    })
+    .await
+}
+
+/// Number of partitions of `topic`, or `None` if unknown to the broker.
+pub async fn partition_count(bootstrap: &str, topic: &str) -> Option<i32> {
+    let cfg = client_config(bootstrap);
+    let topic = topic.to_owned();
+    blocking(move || {
+        let c = cfg.create::<BaseConsumer>().ok()?;
+        let md = c
+            .fetch_metadata(Some(&topic), Duration::from_secs(5))
+            .ok()?;
+        let t = md.topics().iter().find(|t| t.name() == topic)?;
+        if t.error().is_some() || t.partitions().is_empty() {
+            return None;
+        }
+        i32::try_from(t.partitions().len()).ok()
+    })
+    .await
+}
+
+/// A producer that waits for each delivery report.
+pub struct Producer {
+    inner: FutureProducer,
+}
+
+impl Producer {
+    pub fn new(bootstrap: &str) -> Self {
+        Self::with_config(bootstrap, &[])
+    }
+
+    /// With extra librdkafka settings, e.g. `[("message.timeout.ms", "2000")]`.
+    pub fn with_config(bootstrap: &str, overrides: &[(&str, &str)]) -> Self {
+        let mut cfg = client_config(bootstrap);
+        cfg.set("message.timeout.ms", "30000").set("linger.ms", "1");
+        for (k, v) in overrides {
+            cfg.set(*k, *v);
+        }
+        Self {
+            inner: cfg.create().expect("create producer"),
+        }
+    }
+
+    /// Produce one record and wait for delivery: `(partition, offset)`.
+    pub async fn send(
+        &self,
+        topic: &str,
+        key: impl AsRef<[u8]>,
+        payload: impl AsRef<[u8]>,
+        headers: &[(&str, &[u8])],
+    ) -> Result<(i32, i64), KafkaError> {
+        self.send_opt(
+            topic,
+            Some(key.as_ref()),
+            Some(payload.as_ref()),
+            headers,
+            None,
+        )
+        .await
+    }
+
+    /// Full control: null key or payload, explicit partition.
+    pub async fn send_opt(
+        &self,
+        topic: &str,
+        key: Option<&[u8]>,
+        payload: Option<&[u8]>,
+        headers: &[(&str, &[u8])],
+        partition: Option<i32>,
+    ) -> Result<(i32, i64), KafkaError> {
+        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic);
+        if let Some(k) = key {
+            record = record.key(k);
+        }
+        if let Some(p) = payload {
+            record = record.payload(p);
+        }
+        if let Some(p) = partition {
+            record = record.partition(p);
+        }
+        if !headers.is_empty() {
+            let mut h = OwnedHeaders::new_with_capacity(headers.len());
+            for (k, v) in headers {
+                h = h.insert(Header {
+                    key: k,
+                    value: Some(*v),
+                });
+            }
+            record = record.headers(h);
+        }
+        self.inner
+            .send(record, Timeout::After(Duration::from_secs(10)))
+            .await
+            .map(|d| (d.partition, d.offset))
+            .map_err(|(e, _)| e)
+    }
+}
+
+/// Produce one record with a throwaway producer; panics if it is not delivered.
+pub async fn produce(
+    bootstrap: &str,
+    topic: &str,
+    key: impl AsRef<[u8]>,
+    payload: impl AsRef<[u8]>,
+    headers: &[(&str, &[u8])],
+) -> (i32, i64) {
+    Producer::new(bootstrap)
+        .send(topic, key, payload, headers)
+        .await
+        .unwrap_or_else(|e| panic!("produce to {topic} via {bootstrap}: {e}"))
+}
+
+/// A record read back by [`consume_all`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Consumed {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
+    /// Header name to value (a repeated name keeps the last value; a null value is empty).
+    pub headers: BTreeMap<String, Vec<u8>>,
+}
+
+impl Consumed {
+    pub fn key_str(&self) -> Option<&str> {
+        self.key
+            .as_deref()
+            .and_then(|k| std::str::from_utf8(k).ok())
+    }
+
+    pub fn payload_str(&self) -> Option<&str> {
+        self.payload
+            .as_deref()
+            .and_then(|p| std::str::from_utf8(p).ok())
+    }
+
+    pub fn header(&self, name: &str) -> Option<&[u8]> {
+        self.headers.get(name).map(Vec::as_slice)
+    }
+
+    pub fn header_str(&self, name: &str) -> Option<&str> {
+        self.header(name).and_then(|v| std::str::from_utf8(v).ok())
+    }
+}
+
+/// Read `topic` from the beginning of every partition until `expected_count`
+/// records arrived; panics if fewer arrive within `timeout`. Uses a fresh group id
+/// and manual assignment (no group join, nothing committed). Sorted by
+/// (partition, offset).
+pub async fn consume_all(
+    bootstrap: &str,
+    topic: &str,
+    expected_count: usize,
+    timeout: Duration,
+) -> Vec<Consumed> {
+    let got = consume_up_to(bootstrap, topic, expected_count, timeout).await;
+    assert!(
+        got.len() >= expected_count,
+        "consumed {} of {expected_count} expected records from {topic} within {timeout:?}",
+        got.len()
+    );
+    got
+}
+
+/// Like [`consume_all`] but returns whatever arrived (at most `max_count`) when
+/// the timeout passes, without panicking.
+pub async fn consume_up_to(
+    bootstrap: &str,
+    topic: &str,
+    max_count: usize,
+    timeout: Duration,
+) -> Vec<Consumed> {
+    let deadline = Instant::now() + timeout;
+    let partitions = wait_for(
+        timeout,
+        POLL,
+        &format!("topic {topic} to exist"),
+        async || partition_count(bootstrap, topic).await,
+    )
+    .await;
+    let consumer: StreamConsumer = consumer_config(bootstrap, &unique_name("harness-reader"))
+        .create()
+        .expect("create consumer");
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p, Offset::Beginning)
+            .expect("add partition");
+    }
+    consumer.assign(&tpl).expect("assign partitions");
+
+    let mut out = Vec::new();
+    while out.len() < max_count {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if remaining.is_zero() {
+            break;
+        }
+        match tokio::time::timeout(remaining, consumer.recv()).await {
+            Err(_) => break,
+            Ok(Err(e)) => {
+                // Transient fetch errors are retried until the deadline.
+                eprintln!("consume {topic}: {e}");
+                tokio::time::sleep(POLL).await;
+            }
+            Ok(Ok(m)) => {
+                let mut headers = BTreeMap::new();
+                if let Some(hs) = m.headers() {
+                    for h in hs.iter() {
+                        headers.insert(h.key.to_owned(), h.value.unwrap_or_default().to_vec());
+                    }
+                }
+                out.push(Consumed {
+                    topic: m.topic().to_owned(),
+                    partition: m.partition(),
+                    offset: m.offset(),
+                    key: m.key().map(<[u8]>::to_vec),
+                    payload: m.payload().map(<[u8]>::to_vec),
+                    headers,
+                });
+            }
+        }
+    }
+    out.sort_by_key(|c| (c.partition, c.offset));
+    out
+}
+
+/// All partitions of `topics` as a list (for offset queries).
+async fn topic_partitions(bootstrap: &str, topics: &[&str]) -> Vec<(String, i32)> {
+    let mut all = Vec::new();
+    for t in topics {
+        let n = wait_for(
+            DEFAULT_TIMEOUT,
+            POLL,
+            &format!("topic {t} to exist"),
+            async || partition_count(bootstrap, t).await,
+        )
+        .await;
+        all.extend((0..n).map(|p| (t.to_string(), p)));
+    }
+    all
+}
+
+/// Offsets committed by `group`: (topic, partition) -> next offset to read.
+/// Partitions without a commit are absent.
+pub async fn committed_offsets(
+    bootstrap: &str,
+    group: &str,
+    topics: &[&str],
+) -> BTreeMap<(String, i32), i64> {
+    let parts = topic_partitions(bootstrap, topics).await;
+    let cfg = consumer_config(bootstrap, group);
+    blocking(move || {
+        let c: BaseConsumer = cfg.create().expect("create consumer");
+        let mut tpl = TopicPartitionList::new();
+        for (t, p) in &parts {
+            tpl.add_partition(t, *p);
+        }
+        let got = c
+            .committed_offsets(tpl, Duration::from_secs(10))
+            .expect("fetch committed offsets");
+        got.elements()
+            .iter()
+            .filter_map(|e| match e.offset() {
+                Offset::Offset(o) => Some(((e.topic().to_owned(), e.partition()), o)),
+                _ => None,
+            })
+            .collect()
+    })
+    .await
+}
+
+/// High watermarks: (topic, partition) -> offset of the next record to be written.
+pub async fn end_offsets(bootstrap: &str, topics: &[&str]) -> BTreeMap<(String, i32), i64> {
+    let parts = topic_partitions(bootstrap, topics).await;
+    let cfg = client_config(bootstrap);
+    blocking(move || {
+        let c: BaseConsumer = cfg.create().expect("create consumer");
+        parts
+            .into_iter()
+            .map(|(t, p)| {
+                let (_, high) = c
+                    .fetch_watermarks(&t, p, Duration::from_secs(10))
+                    .unwrap_or_else(|e| panic!("watermarks {t}/{p}: {e}"));
+                ((t, p), high)
+            })
+            .collect()
+    })
+    .await
+}
+
+// ---------------------------------------------------------------------------
+// Schema registry stub
+// ---------------------------------------------------------------------------
+
+/// A minimal Confluent-Schema-Registry-compatible HTTP server on 127.0.0.1:0.
+///
+/// It exists because no Confluent Schema Registry distribution can be installed on
+/// the build and CI machines (no Docker, no Confluent packages in the reachable
+/// registries). It implements the two calls a Confluent-framed consumer/producer
+/// needs, with Confluent's JSON shapes:
+///
+/// * `POST /subjects/{subject}/versions` with `{"schema": "..."}` -> `{"id": N}`;
+///   the same schema (compared as parsed JSON) always gets the same id, in any subject.
+/// * `GET /schemas/ids/{id}` -> `{"schema": "..."}`, or 404 with
+///   `{"error_code":40403,"message":"Schema not found"}`.
+///
+/// [`set_available(false)`](Self::set_available) makes every call answer 503, to
+/// test "registry down" (retry) apart from "schema unknown" (dead letter).
+pub struct SchemaRegistryStub {
+    addr: SocketAddr,
+    state: Arc<Mutex<RegistryState>>,
+    rt: Option<tokio::runtime::Runtime>,
+}
+
+#[derive(Default)]
+struct RegistryState {
+    /// Schema text by id - 1.
+    schemas: Vec<String>,
+    /// Normalized schema -> id.
+    ids: HashMap<String, u32>,
+    /// Subject -> ids registered under it, in version order.
+    subjects: HashMap<String, Vec<u32>>,
+    /// Number of `GET /schemas/ids/{id}` requests served.
+    id_lookups: u64,
+    unavailable: bool,
+}
+
+const REGISTRY_CONTENT_TYPE: &str = "application/vnd.schemaregistry.v1+json";
+
+type RegistryReply = (
+    axum::http::StatusCode,
+    [(axum::http::header::HeaderName, &'static str); 1],
+    String,
+);
+
+fn registry_reply(status: u16, body: serde_json::Value) -> RegistryReply {
+    (
+        axum::http::StatusCode::from_u16(status).expect("status code"),
+        [(axum::http::header::CONTENT_TYPE, REGISTRY_CONTENT_TYPE)],
+        body.to_string(),
+    )
+}
+
+fn registry_error(status: u16, code: u32, message: &str) -> RegistryReply {
+    registry_reply(
+        status,
+        serde_json::json!({ "error_code": code, "message": message }),
+    )
+}
+
+impl SchemaRegistryStub {
+    pub fn start() -> Self {
+        use axum::extract::{Path as UrlPath, State};
+        use axum::routing::{get, post};
+
+        type Shared = Arc<Mutex<RegistryState>>;
+
+        async fn register(
+            State(state): State<Shared>,
+            UrlPath(subject): UrlPath<String>,
+            body: axum::body::Bytes,
+        ) -> RegistryReply {
+            let mut st = state.lock().expect("registry state");
+            if st.unavailable {
+                return registry_error(503, 50003, "Service unavailable (test stub)");
+            }
+            let schema = serde_json::from_slice::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v.get("schema").and_then(|s| s.as_str()).map(str::to_owned));
+            let Some(schema) = schema else {
+                return registry_error(422, 42201, "Invalid schema");
+            };
+            let Ok(parsed) = serde_json::from_str::<serde_json::Value>(&schema) else {
+                return registry_error(422, 42201, "Invalid schema");
+            };
+            let normalized = parsed.to_string();
+            let id = match st.ids.get(&normalized) {
+                Some(id) => *id,
+                None => {
+                    st.schemas.push(schema);
+                    let id = u32::try_from(st.schemas.len()).expect("schema count");
+                    st.ids.insert(normalized, id);
+                    id
+                }
+            };
+            let versions = st.subjects.entry(subject).or_default();
+            if !versions.contains(&id) {
+                versions.push(id);
+            }
+            registry_reply(200, serde_json::json!({ "id": id }))
+        }
+
+        async fn schema_by_id(
+            State(state): State<Shared>,
+            UrlPath(id): UrlPath<String>,
+        ) -> RegistryReply {
+            let mut st = state.lock().expect("registry state");
+            if st.unavailable {
+                return registry_error(503, 50003, "Service unavailable (test stub)");
+            }
+            st.id_lookups += 1;
+            let schema = id
+                .parse::<usize>()
+                .ok()
+                .and_then(|i| i.checked_sub(1))
+                .and_then(|i| st.schemas.get(i));
+            match schema {
+                Some(s) => registry_reply(200, serde_json::json!({ "schema": s })),
+                None => registry_error(404, 40403, "Schema not found"),
+            }
+        }
+
+        let state: Shared = Arc::default();
+        let app = axum::Router::new()
+            .route("/subjects/{subject}/versions", post(register))
+            .route("/schemas/ids/{id}", get(schema_by_id))
+            .with_state(state.clone());
+
+        let listener = StdTcpListener::bind("127.0.0.1:0").expect("bind registry port");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let addr = listener.local_addr().expect("registry addr");
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("test-schema-registry")
+            .enable_all()
+            .build()
+            .expect("registry runtime");
+        rt.spawn(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+            let _ = axum::serve(listener, app).await;
+        });
+        Self {
+            addr,
+            state,
+            rt: Some(rt),
+        }
+    }
+
+    /// `http://127.0.0.1:PORT`
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Register `schema_json` (an Avro schema as JSON text) under `subject` over
+    /// HTTP, like a producer would; returns the schema id.
+    pub async fn register(&self, subject: &str, schema_json: &str) -> u32 {
+        let resp = reqwest::Client::new()
+            .post(format!("{}/subjects/{subject}/versions", self.url()))
+            .header(reqwest::header::CONTENT_TYPE, REGISTRY_CONTENT_TYPE)
+            .body(serde_json::json!({ "schema": schema_json }).to_string())
+            .send()
+            .await
+            .expect("POST schema");
+        let status = resp.status();
+        let body = resp.text().await.expect("registry response body");
+        assert!(status.is_success(), "register {subject}: {status} {body}");
+        let v: serde_json::Value = serde_json::from_str(&body).expect("registry JSON");
+        let id = v["id"].as_u64().expect("id in registry response");
+        u32::try_from(id).expect("id fits u32")
+    }
+
+    /// How many `GET /schemas/ids/{id}` requests were served (to check caching).
+    pub fn id_lookups(&self) -> u64 {
+        self.state.lock().expect("registry state").id_lookups
+    }
+
+    /// When false, every request answers 503 (registry down).
+    pub fn set_available(&self, available: bool) {
+        self.state.lock().expect("registry state").unavailable = !available;
+    }
+}
+
+impl Drop for SchemaRegistryStub {
+    fn drop(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// GET `url`: `(status, body)`, or an error string if there was no HTTP answer.
+pub async fn http_get_url(url: &str) -> Result<(u16, String), String> {
+    let resp = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .map_err(|e| e.to_string())?
+        .get(url)
+        .send()
+        .await
+        .map_err(|e| format!("GET {url}: {e}"))?;
+    let status = resp.status().as_u16();
+    let body = resp.text().await.map_err(|e| format!("GET {url}: {e}"))?;
+    Ok((status, body))
+}
+
+// ---------------------------------------------------------------------------
+// The lapse binary
+// ---------------------------------------------------------------------------
+
+/// Drop `LAPSE_*` variables inherited from the developer's shell or CI, so only
+/// what a test passes explicitly can override its config file.
+fn clear_inherited_lapse_env(cmd: &mut Command) {
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("LAPSE_") {
+            cmd.env_remove(key);
+        }
+    }
+}
+
+/// Path of the `lapse` binary built for these tests.
+pub fn lapse_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_lapse")
+}
+
+/// A running `lapse` (or, for harness self-tests, any program). stdout and stderr
+/// go to files in its temp dir (one pair per run); they are printed if the test
+/// panics while this handle is alive. Killed (SIGKILL) on drop.
+///
+/// Unless the caller sets `LAPSE_HTTP_LISTEN`, it is set to a free loopback port,
+/// used by [`http_get`](Self::http_get). `LAPSE_*` variables of the test's own
+/// environment are not passed on (only `envs` are). The working directory is
+/// inherited (the crate root under `cargo test` and nextest).
+pub struct LapseProcess {
+    program: PathBuf,
+    args: Vec<String>,
+    envs: Vec<(String, String)>,
+    http_port: u16,
+    dir: TempDir,
+    run: u32,
+    child: Option<Child>,
+    status: Option<ExitStatus>,
+}
+
+impl LapseProcess {
+    /// Spawn `lapse ARGS` with extra environment `envs`.
+    pub fn spawn(args: &[&str], envs: &[(&str, &str)]) -> Self {
+        Self::spawn_program(lapse_bin(), args, envs)
+    }
+
+    /// Spawn any program with the same supervision (used by the harness self-test).
+    pub fn spawn_program(program: impl AsRef<Path>, args: &[&str], envs: &[(&str, &str)]) -> Self {
+        let mut envs: Vec<(String, String)> = envs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let http_port = match envs.iter().find(|(k, _)| k == "LAPSE_HTTP_LISTEN") {
+            Some((_, v)) => v
+                .rsplit(':')
+                .next()
+                .and_then(|p| p.parse().ok())
+                .unwrap_or_else(|| panic!("LAPSE_HTTP_LISTEN={v}: expected HOST:PORT")),
+            None => {
+                let port = free_port();
+                envs.push(("LAPSE_HTTP_LISTEN".into(), format!("127.0.0.1:{port}")));
+                port
+            }
+        };
+        if !envs.iter().any(|(k, _)| k == "RUST_BACKTRACE") {
+            envs.push(("RUST_BACKTRACE".into(), "1".into()));
+        }
+        let mut p = Self {
+            program: program.as_ref().to_path_buf(),
+            args: args.iter().map(|a| a.to_string()).collect(),
+            envs,
+            http_port,
+            dir: scratch_dir("lapse"),
+            run: 0,
+            child: None,
+            status: None,
+        };
+        p.launch();
+        p
+    }
+
+    fn launch(&mut self) {
+        self.run += 1;
+        self.status = None;
+        let mut cmd = Command::new(&self.program);
+        clear_inherited_lapse_env(&mut cmd);
+        cmd.args(&self.args)
+            .envs(self.envs.iter().map(|(k, v)| (k, v)))
+            // Own process group, so kill9/drop also reach anything it spawned.
+            .process_group(0)
+            .stdin(Stdio::null())
+            .stdout(open_append(&self.stdout_path()))
+            .stderr(open_append(&self.stderr_path()));
+        sys::die_with_parent(&mut cmd);
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", self.program.display()));
+        self.child = Some(child);
+    }
+
+    /// Start the same command again (same args, env and HTTP port) after it exited
+    /// or was killed. Output goes to new files (`stdout()` shows the new run).
+    pub fn restart(&mut self) {
+        assert!(
+            !self.is_running(),
+            "restart: process {} is still running",
+            self.pid()
+        );
+        self.launch();
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("process was started").id()
+    }
+
+    pub fn http_port(&self) -> u16 {
+        self.http_port
+    }
+
+    /// `http://127.0.0.1:PORT`
+    pub fn http_base(&self) -> String {
+        format!("http://127.0.0.1:{}", self.http_port)
+    }
+
+    /// The process's own temp dir (logs live here; tests may put files here too).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn stdout_path(&self) -> PathBuf {
+        self.dir.path().join(format!("stdout.{}.log", self.run))
+    }
+
+    pub fn stderr_path(&self) -> PathBuf {
+        self.dir.path().join(format!("stderr.{}.log", self.run))
+    }
+
+    /// stdout of the current run so far.
+    pub fn stdout(&self) -> String {
+        read_lossy(&self.stdout_path())
+    }
+
+    /// stderr of the current run so far.
+    pub fn stderr(&self) -> String {
+        read_lossy(&self.stderr_path())
+    }
+
+    /// stdout and stderr of every run so far (e.g. to check that no customer data
+    /// was ever logged).
+    pub fn all_output(&self) -> String {
+        let mut all = String::new();
+        for run in 1..=self.run {
+            for stream in ["stdout", "stderr"] {
+                all.push_str(&read_lossy(
+                    &self.dir.path().join(format!("{stream}.{run}.log")),
+                ));
+            }
+        }
+        all
+    }
+
+    /// Exit status if the process has exited (reaps it).
+    pub fn try_status(&mut self) -> Option<ExitStatus> {
+        if self.status.is_none() {
+            if let Some(child) = self.child.as_mut() {
+                self.status = child.try_wait().expect("try_wait");
+            }
+        }
+        self.status
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.is_some() && self.try_status().is_none()
+    }
+
+    /// Ask for a graceful shutdown.
+    pub fn sigterm(&mut self) {
+        if self.is_running() {
+            sys::signal(self.pid(), sys::SIGTERM).expect("send SIGTERM");
+        }
+    }
+
+    /// SIGKILL (the process and its process group) and reap; returns the exit status.
+    pub fn kill9(&mut self) -> ExitStatus {
+        if let Some(child) = self.child.as_mut() {
+            kill_group_and_reap(child);
+            self.status = Some(child.wait().expect("wait after SIGKILL"));
+        }
+        self.status.expect("process was started")
+    }
+
+    /// Wait for the process to exit; panics (showing its output) after `timeout`.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.try_status() {
+                return status;
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "{} (pid {}) did not exit within {timeout:?}",
+                    self.program.display(),
+                    self.pid()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// GET `path` on the process's HTTP port: `(status, body)`, or an error
+    /// string if nothing answered (e.g. not listening yet).
+    pub async fn http_get(&self, path: &str) -> Result<(u16, String), String> {
+        http_get_url(&format!("{}{path}", self.http_base())).await
+    }
+
+    /// Wait until `GET path` answers 200; panics early if the process exits.
+    pub async fn wait_http_ok(&mut self, path: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.try_status() {
+                panic!("process exited ({status}) before GET {path} answered 200");
+            }
+            let last = match self.http_get(path).await {
+                Ok((200, _)) => return,
+                Ok((code, body)) => format!("{code} {body}"),
+                Err(e) => e,
+            };
+            if Instant::now() >= deadline {
+                panic!("GET {path} not 200 within {timeout:?}; last answer: {last}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Wait until `/readyz` answers 200.
+    pub async fn wait_ready(&mut self, timeout: Duration) {
+        self.wait_http_ok("/readyz", timeout).await
+    }
+}
+
+impl Drop for LapseProcess {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let label = format!("{} (run {})", self.program.display(), self.run);
+            dump_if_panicking(&label, &[&self.stdout_path(), &self.stderr_path()]);
+        }
+        if let Some(child) = self.child.as_mut() {
+            kill_group_and_reap(child);
+        }
+    }
+}
+
+/// SIGKILL a child spawned with `process_group(0)` together with its group, then
+/// reap it. Members of the group outlive the leader's exit, so this is done even
+/// when the leader already exited.
+fn kill_group_and_reap(child: &mut Child) {
+    if let Ok(pid) = i32::try_from(child.id()) {
+        // The group id equals the leader's pid; the leader stays a zombie (and the
+        // id stays reserved) until reaped below, so the id cannot be reused yet.
+        let _ = sys::signal_group(pid, sys::SIGKILL);
+    }
+    let _ = child.wait();
+}
+
+/// Run `lapse ARGS` to completion (for one-shot commands such as `inspect` or
+/// `check-config`); panics if it does not finish within `timeout`.
+pub async fn run_lapse(
+    args: &[&str],
+    envs: &[(&str, &str)],
+    timeout: Duration,
+) -> std::process::Output {
+    let mut cmd = Command::new(lapse_bin());
+    clear_inherited_lapse_env(&mut cmd);
+    let mut cmd = tokio::process::Command::from(cmd);
+    cmd.args(args)
+        .envs(envs.iter().copied())
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    tokio::time::timeout(timeout, cmd.output())
+        .await
+        .unwrap_or_else(|_| panic!("lapse {args:?} did not finish within {timeout:?}"))
+        .expect("run lapse")
+}

@@ -1,0 +1,1146 @@
+//! Issue 2 guarantees, end to end: real `redis-server`, a real Kafka-protocol
+//! broker (tansu) and the real `lapse` binary, all on loopback.
+//!
+//! | guarantee | test |
+//! |---|---|
+//! | 1. all five kinds, both framings → expected state | `all_kinds_in_both_framings_build_the_expected_state` |
+//! | 2. replay from offset 0 with a new group: byte-identical | `replay_from_zero_with_a_new_group_changes_no_byte` |
+//! | 3. duplicate event_id at a new offset ignored and counted | `duplicate_event_id_at_a_new_offset_is_ignored_and_counted` |
+//! | 4. kill -9 mid-stream + restart = uninterrupted run | `kill9_mid_stream_then_restart_equals_an_uninterrupted_run` |
+//! | 5. bad records → DLQ with reason, pipeline goes on | `bad_records_go_to_the_dlq_with_their_reason_and_the_pipeline_goes_on` |
+//! | 6. schema evolution | `schema_evolution_newer_and_older_writers_decode` |
+//! | 7. SIGTERM exits 0 with offsets committed | `sigterm_exits_zero_with_offsets_committed` |
+//! | Redis outage | `redis_outage_pauses_then_resumes_without_loss` |
+//! | broker outage | `broker_outage_pauses_then_resumes_without_loss` |
+//! | rebalance | `two_instances_share_the_partitions_and_hand_over_on_leave` |
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use apache_avro::types::Value;
+use apache_avro::Schema;
+use common::*;
+use lapse::codec::{encode_with_schema, event_value, Encoder, Framing, SchemaSet};
+use lapse::config::RedisConfig;
+use lapse::domain::event::*;
+use lapse::domain::state::CustomerState;
+use lapse::metrics::Metrics;
+use lapse::store::StateStore;
+
+const DAY: i64 = 86_400_000;
+const INPUTS: [&str; 5] = [
+    "engagement.sends",
+    "engagement.opens",
+    "engagement.clicks",
+    "engagement.replies",
+    "clinic.visits",
+];
+const PARTITIONS: i32 = 3;
+const LONG: Duration = Duration::from_secs(90);
+
+fn schemas_dir() -> String {
+    format!("{}/schemas", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The schema file as written (with docs and logical types), as a producer would register it.
+fn schema_file(kind: EventKind) -> String {
+    let name = ["send", "open", "click", "reply", "visit"][kind.index()];
+    std::fs::read_to_string(format!("{}/{name}.avsc", schemas_dir())).expect("schema file")
+}
+
+fn encoder() -> Encoder {
+    Encoder::new(&SchemaSet::load(std::path::Path::new(&schemas_dir())).expect("schemas load"))
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// Redis + broker + topics, and the environment a `lapse run` needs to use them.
+struct Stack {
+    redis: RedisServer,
+    broker: Broker,
+    registry: SchemaRegistryStub,
+    dir: tempfile::TempDir,
+}
+
+impl Stack {
+    async fn start() -> Stack {
+        Self::start_with(Broker::start().await).await
+    }
+
+    async fn start_with(broker: Broker) -> Stack {
+        let redis = RedisServer::start().await;
+        for t in INPUTS {
+            broker.create_topic(t, PARTITIONS).await;
+        }
+        broker.create_topic("lapse.dlq", 1).await;
+        Stack {
+            redis,
+            broker,
+            registry: SchemaRegistryStub::start(),
+            dir: scratch_dir("stack"),
+        }
+    }
+
+    /// Writes a config file tuned for tests (short session, small batches) and
+    /// returns its path; `batch` lines go under `[batch]`.
+    fn config(&self, name: &str, batch: &str) -> String {
+        let path = self.dir.path().join(format!("{name}.toml"));
+        let text = format!(
+            "[kafka]\nsession_timeout = \"3s\"\ncommit_interval = \"200ms\"\ntopic_partitions = {PARTITIONS}\nrebalance_drain_timeout = \"10s\"\n\
+             [batch]\nmax_wait = \"20ms\"\n{batch}\n\
+             [retry]\ninitial_backoff = \"50ms\"\nmax_backoff = \"500ms\"\n"
+        );
+        std::fs::write(&path, text).expect("write config");
+        path.display().to_string()
+    }
+
+    fn env(&self, group: &str) -> Vec<(String, String)> {
+        vec![
+            ("LAPSE_KAFKA_BROKERS".into(), self.broker.bootstrap()),
+            ("LAPSE_REDIS_URL".into(), self.redis.url()),
+            ("LAPSE_GROUP_ID".into(), group.into()),
+            ("LAPSE_SCHEMAS_DIR".into(), schemas_dir()),
+            ("LAPSE_SCHEMA_REGISTRY_URL".into(), self.registry.url()),
+            ("RUST_LOG".into(), "info,lapse=debug,rdkafka=warn".into()),
+        ]
+    }
+
+    fn spawn(&self, group: &str, config: &str) -> LapseProcess {
+        let env = self.env(group);
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        LapseProcess::spawn(&["run", "--config", config], &env)
+    }
+
+    async fn store(&self) -> StateStore {
+        let cfg = RedisConfig {
+            url: self.redis.url(),
+            ..RedisConfig::default()
+        };
+        StateStore::connect(&cfg, Metrics::new(&Default::default()))
+            .await
+            .expect("connect to redis")
+    }
+
+    /// Waits until `group` has committed every input partition up to its end.
+    async fn wait_caught_up(&self, group: &str, timeout: Duration) {
+        let bootstrap = self.broker.bootstrap();
+        wait_until(
+            timeout,
+            Duration::from_millis(200),
+            &format!("group {group} to commit every input offset"),
+            async || {
+                let end = end_offsets(&bootstrap, &INPUTS).await;
+                let committed = committed_offsets(&bootstrap, group, &INPUTS).await;
+                end.iter()
+                    .all(|(tp, e)| *e == 0 || committed.get(tp) == Some(e))
+            },
+        )
+        .await;
+    }
+
+    /// Every key and raw value in Redis, for byte-level comparisons.
+    async fn dump(&self) -> BTreeMap<String, Vec<u8>> {
+        let mut c = self.redis.client().await;
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg("*")
+            .query_async(&mut c)
+            .await
+            .expect("KEYS");
+        let mut out = BTreeMap::new();
+        for k in keys {
+            let v: Vec<u8> = redis::cmd("GET")
+                .arg(&k)
+                .query_async(&mut c)
+                .await
+                .expect("GET");
+            out.insert(k, v);
+        }
+        out
+    }
+}
+
+/// Produces events (single-object framing unless `confluent` maps the kind to a schema id).
+async fn produce_events(
+    p: &Producer,
+    events: &[(Event, Option<&str>)],
+    framing: impl Fn(EventKind) -> Framing,
+) {
+    let enc = encoder();
+    for (ev, text) in events {
+        let bytes = enc
+            .encode_event(ev, *text, framing(ev.kind()))
+            .expect("encode");
+        p.send(INPUTS[ev.kind().index()], ev.customer.key(), bytes, &[])
+            .await
+            .expect("produce");
+    }
+}
+
+fn cust(t: &str, c: &str) -> CustomerRef {
+    CustomerRef::new(t, c)
+}
+
+fn send(c: &CustomerRef, id: &str, at: i64, ch: Channel, purpose: Purpose) -> Event {
+    Event {
+        event_id: id.into(),
+        customer: c.clone(),
+        occurred_at: at,
+        body: EventBody::Send {
+            channel: ch,
+            message_id: format!("m-{id}"),
+            campaign_id: Some("spring".into()),
+            purpose,
+            cost: Some(5),
+        },
+    }
+}
+
+fn open(c: &CustomerRef, id: &str, at: i64, ch: Channel) -> Event {
+    Event {
+        event_id: id.into(),
+        customer: c.clone(),
+        occurred_at: at,
+        body: EventBody::Open {
+            channel: ch,
+            message_id: "m".into(),
+            campaign_id: None,
+        },
+    }
+}
+
+fn click(c: &CustomerRef, id: &str, at: i64, ch: Channel) -> Event {
+    Event {
+        event_id: id.into(),
+        customer: c.clone(),
+        occurred_at: at,
+        body: EventBody::Click {
+            channel: ch,
+            message_id: "m".into(),
+            campaign_id: Some("spring".into()),
+        },
+    }
+}
+
+fn reply(c: &CustomerRef, id: &str, at: i64, ch: Channel) -> Event {
+    Event {
+        event_id: id.into(),
+        customer: c.clone(),
+        occurred_at: at,
+        body: EventBody::Reply {
+            channel: ch,
+            message_id: None,
+            class: ReplyClass::Neutral,
+        },
+    }
+}
+
+fn visit(c: &CustomerRef, id: &str, at: i64, amount: i64, treatment: Option<&str>) -> Event {
+    Event {
+        event_id: id.into(),
+        customer: c.clone(),
+        occurred_at: at,
+        body: EventBody::Visit {
+            visit_type: VisitType::Treatment,
+            treatment: treatment.map(str::to_string),
+            amount,
+            currency: "CNY".into(),
+        },
+    }
+}
+
+async fn state(store: &StateStore, c: &CustomerRef) -> CustomerState {
+    store
+        .load(c)
+        .await
+        .expect("load")
+        .unwrap_or_else(|| panic!("no state for {c}"))
+        .state
+}
+
+/// Sum of a counter over the series whose labels contain every `want` pair.
+async fn metric(p: &LapseProcess, name: &str, want: &[(&str, &str)]) -> f64 {
+    let Ok((200, body)) = p.http_get("/metrics").await else {
+        return f64::NAN;
+    };
+    body.lines()
+        .filter(|l| {
+            l.starts_with(name)
+                && (l.as_bytes().get(name.len()) == Some(&b'{')
+                    || l.as_bytes().get(name.len()) == Some(&b' '))
+        })
+        .filter(|l| {
+            want.iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+const POSITIVE_TEXT: &str = "好的，我想预约下周三下午做皮肤护理";
+
+#[tokio::test]
+async fn all_kinds_in_both_framings_build_the_expected_state() {
+    let s = Stack::start().await;
+    let mut ids = BTreeMap::new();
+    for k in EventKind::ALL {
+        let schema = schema_file(k);
+        ids.insert(
+            k,
+            s.registry
+                .register(&format!("{}-value", INPUTS[k.index()]), &schema)
+                .await,
+        );
+    }
+    let t0 = now_ms() - 200 * DAY;
+    let a = cust("brandA", "alice");
+    let b = cust("brandB", "bob");
+    let events: Vec<(Event, Option<&str>)> = vec![
+        (visit(&a, "a-v1", t0, 300_000, Some("BOTOX")), None),
+        (
+            visit(&a, "a-v2", t0 + 120 * DAY, 250_000, Some("BOTOX")),
+            None,
+        ),
+        (
+            visit(&a, "a-v3", t0 + 60 * DAY, 80_000, Some("LASER")),
+            None,
+        ),
+        (
+            send(
+                &a,
+                "a-s1",
+                t0 + 130 * DAY,
+                Channel::Wechat,
+                Purpose::Marketing,
+            ),
+            None,
+        ),
+        (
+            send(&a, "a-s2", t0 + 131 * DAY, Channel::Sms, Purpose::Service),
+            None,
+        ),
+        (
+            open(&a, "a-o1", t0 + 130 * DAY + 60_000, Channel::Wechat),
+            None,
+        ),
+        (
+            click(&a, "a-c1", t0 + 130 * DAY + 120_000, Channel::Wechat),
+            None,
+        ),
+        (
+            reply(&a, "a-r1", t0 + 131 * DAY + 60_000, Channel::Sms),
+            Some("退订"),
+        ),
+        (
+            reply(&a, "a-r2", t0 + 130 * DAY + 180_000, Channel::Wechat),
+            Some(POSITIVE_TEXT),
+        ),
+        (visit(&b, "b-v1", t0 + 10 * DAY, 1_000, None), None),
+        (
+            send(
+                &b,
+                "b-s1",
+                t0 + 11 * DAY,
+                Channel::Email,
+                Purpose::Marketing,
+            ),
+            None,
+        ),
+    ];
+    let p = Producer::new(&s.broker.bootstrap());
+    // Alternate framings: even positions single-object, odd ones Confluent.
+    let enc = encoder();
+    for (i, (ev, text)) in events.iter().enumerate() {
+        let framing = if i % 2 == 0 {
+            Framing::SingleObject
+        } else {
+            Framing::Confluent(ids[&ev.kind()])
+        };
+        let bytes = enc.encode_event(ev, *text, framing).unwrap();
+        p.send(INPUTS[ev.kind().index()], ev.customer.key(), bytes, &[])
+            .await
+            .unwrap();
+    }
+    let cfg = s.config("one", "");
+    let mut lapse = s.spawn("g-kinds", &cfg);
+    s.wait_caught_up("g-kinds", LONG).await;
+
+    let store = s.store().await;
+    let sa = state(&store, &a).await;
+    assert_eq!(sa.visits.count, 3);
+    assert_eq!(sa.visits.lifetime_spend, 630_000);
+    assert_eq!(sa.visits.first_at, Some(t0));
+    assert_eq!(sa.visits.last_at, Some(t0 + 120 * DAY));
+    assert_eq!(sa.visits.last_treatment.as_deref(), Some("BOTOX"));
+    assert_eq!(sa.visits.currency.as_deref(), Some("CNY"));
+    let gaps = sa.visits.gap_stats().unwrap();
+    assert_eq!(gaps.gaps, 2);
+    assert!((gaps.mean_days - 60.0).abs() < 1e-9);
+    let w = sa.channel(Channel::Wechat).expect("wechat engagement");
+    assert!((w.long.sends - 1.0).abs() < 1e-3, "{w:?}");
+    assert!(
+        w.long.opens > 0.99 && w.long.clicks > 0.99 && w.long.replies > 0.99,
+        "{w:?}"
+    );
+    assert_eq!(w.last_send, Some(t0 + 130 * DAY));
+    assert_eq!(w.last_click, Some(t0 + 130 * DAY + 120_000));
+    assert!(!w.is_unsubscribed());
+    let sms = sa.channel(Channel::Sms).expect("sms engagement");
+    assert!(
+        sms.is_unsubscribed(),
+        "退订 must opt the customer out of SMS"
+    );
+    assert!(sms.long.sends > 0.99);
+    assert!(sa.channel(Channel::Email).is_none());
+
+    let sb = state(&store, &b).await;
+    assert_eq!(sb.visits.count, 1);
+    assert_eq!(sb.visits.last_treatment, None);
+    assert!(sb.channel(Channel::Email).is_some());
+
+    // `lapse inspect` shows the same state.
+    let out = std::process::Command::new(lapse_bin())
+        .args(["inspect", "brandA/alice"])
+        .env("LAPSE_REDIS_URL", s.redis.url())
+        .env("LAPSE_SCHEMAS_DIR", schemas_dir())
+        .output()
+        .expect("run inspect");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("inspect prints JSON");
+    assert_eq!(v["visits"]["count"], 3);
+    assert_eq!(v["visits"]["lifetime_spend"], 630_000);
+    assert_eq!(v["channels"]["SMS"]["unsubscribed"], true);
+    assert_eq!(v["customer"]["tenant_id"], "brandA");
+
+    // Tenant isolation: every key carries its own tenant's hash tag.
+    let dump = s.dump().await;
+    assert_eq!(dump.len(), 2, "{:?}", dump.keys());
+    assert!(dump.contains_key("lapse:{brandA/alice}:state"));
+    assert!(dump.contains_key("lapse:{brandB/bob}:state"));
+    // Reply text is never stored or logged.
+    for v in dump.values() {
+        assert!(!contains(v, POSITIVE_TEXT.as_bytes()) && !contains(v, "退订".as_bytes()));
+    }
+    assert!(!lapse.all_output().contains(POSITIVE_TEXT));
+    assert!(
+        !lapse.all_output().contains("alice"),
+        "customer ids must not be logged at info level"
+    );
+    assert_eq!(
+        metric(&lapse, "lapse_records_invalid_total", &[]).await,
+        0.0
+    );
+    lapse.sigterm();
+    assert!(lapse.wait_exit(Duration::from_secs(30)).await.success());
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// A deterministic population: `n` customers, a few events each of every kind.
+fn population(tenant: &str, n: usize, seed: i64) -> Vec<(Event, Option<&'static str>)> {
+    let t0 = now_ms() - 300 * DAY;
+    let mut out = Vec::new();
+    for i in 0..n {
+        let c = cust(tenant, &format!("c{i:04}"));
+        let ch = Channel::ALL[i % 5];
+        for v in 0..(1 + i % 3) {
+            out.push((
+                visit(
+                    &c,
+                    &format!("{seed}-{i}-v{v}"),
+                    t0 + (v as i64) * 90 * DAY + i as i64,
+                    10_000 * (v as i64 + 1),
+                    Some("FILLER"),
+                ),
+                None,
+            ));
+        }
+        for k in 0..(2 + i % 4) {
+            let at = t0 + 200 * DAY + (k as i64) * DAY + i as i64;
+            out.push((
+                send(&c, &format!("{seed}-{i}-s{k}"), at, ch, Purpose::Marketing),
+                None,
+            ));
+            if k % 2 == 0 {
+                out.push((open(&c, &format!("{seed}-{i}-o{k}"), at + 1000, ch), None));
+            }
+            if k % 3 == 0 {
+                out.push((click(&c, &format!("{seed}-{i}-c{k}"), at + 2000, ch), None));
+            }
+        }
+        if i % 7 == 0 {
+            out.push((
+                reply(&c, &format!("{seed}-{i}-r"), t0 + 250 * DAY, ch),
+                Some("TD"),
+            ));
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn replay_from_zero_with_a_new_group_changes_no_byte() {
+    let s = Stack::start().await;
+    let events = population("t1", 60, 1);
+    let p = Producer::new(&s.broker.bootstrap());
+    produce_events(&p, &events, |_| Framing::SingleObject).await;
+    let cfg = s.config("one", "");
+    let mut first = s.spawn("g-first", &cfg);
+    s.wait_caught_up("g-first", LONG).await;
+    first.sigterm();
+    assert!(first.wait_exit(Duration::from_secs(30)).await.success());
+    let before = s.dump().await;
+    assert_eq!(before.len(), 60);
+
+    let mut replay = s.spawn("g-replay", &cfg);
+    s.wait_caught_up("g-replay", LONG).await;
+    let skipped = metric(
+        &replay,
+        "lapse_duplicates_skipped_total",
+        &[("kind", "redelivery")],
+    )
+    .await;
+    assert_eq!(
+        skipped as usize,
+        events.len(),
+        "every replayed record is recognised as applied"
+    );
+    assert_eq!(
+        s.dump().await,
+        before,
+        "a replay from offset 0 must not change a single byte"
+    );
+    replay.sigterm();
+    assert!(replay.wait_exit(Duration::from_secs(30)).await.success());
+}
+
+#[tokio::test]
+async fn duplicate_event_id_at_a_new_offset_is_ignored_and_counted() {
+    let s = Stack::start().await;
+    let c = cust("t1", "dupe");
+    let t0 = now_ms() - 10 * DAY;
+    let v = visit(&c, "visit-1", t0, 50_000, Some("LASER"));
+    let snd = send(&c, "send-1", t0 + DAY, Channel::Wechat, Purpose::Marketing);
+    let p = Producer::new(&s.broker.bootstrap());
+    // The same two events re-sent upstream: same event ids, new offsets.
+    produce_events(
+        &p,
+        &[
+            (v.clone(), None),
+            (snd.clone(), None),
+            (v.clone(), None),
+            (snd.clone(), None),
+        ],
+        |_| Framing::SingleObject,
+    )
+    .await;
+    let cfg = s.config("one", "");
+    let mut lapse = s.spawn("g-dupe", &cfg);
+    s.wait_caught_up("g-dupe", LONG).await;
+    let st = state(&s.store().await, &c).await;
+    assert_eq!(st.visits.count, 1);
+    assert_eq!(st.visits.lifetime_spend, 50_000);
+    let w = st.channel(Channel::Wechat).unwrap();
+    assert!((w.long.sends - 1.0).abs() < 1e-4, "{w:?}");
+    assert_eq!(
+        metric(
+            &lapse,
+            "lapse_duplicates_skipped_total",
+            &[("kind", "event_id")]
+        )
+        .await,
+        2.0
+    );
+    // A different event id with the same content is a new event.
+    let v2 = visit(&c, "visit-2", t0, 50_000, Some("LASER"));
+    produce_events(&p, &[(v2, None)], |_| Framing::SingleObject).await;
+    s.wait_caught_up("g-dupe", LONG).await;
+    assert_eq!(state(&s.store().await, &c).await.visits.count, 2);
+    lapse.sigterm();
+    assert!(lapse.wait_exit(Duration::from_secs(30)).await.success());
+}
+
+/// Compares two states: integers, times and sets exactly; decayed counts up to float rounding.
+fn assert_same_state(c: &CustomerRef, a: &CustomerState, b: &CustomerState) {
+    assert_eq!(a.visits, b.visits, "{c}: visits");
+    assert_eq!(
+        a.applied.watermarks, b.applied.watermarks,
+        "{c}: watermarks"
+    );
+    let mut ia: Vec<_> = a.applied.recent_ids.iter().collect();
+    let mut ib: Vec<_> = b.applied.recent_ids.iter().collect();
+    ia.sort();
+    ib.sort();
+    assert_eq!(ia, ib, "{c}: remembered event ids");
+    for ch in Channel::ALL {
+        match (a.channel(ch), b.channel(ch)) {
+            (None, None) => {}
+            (Some(x), Some(y)) => {
+                assert_eq!(
+                    (x.at, x.last_send, x.last_open, x.last_click, x.last_reply),
+                    (y.at, y.last_send, y.last_open, y.last_click, y.last_reply),
+                    "{c} {ch}"
+                );
+                assert_eq!(
+                    (x.unsubscribed_at, x.resubscribed_at),
+                    (y.unsubscribed_at, y.resubscribed_at),
+                    "{c} {ch}"
+                );
+                for (p, q) in [
+                    (x.short.sends, y.short.sends),
+                    (x.short.opens, y.short.opens),
+                    (x.short.clicks, y.short.clicks),
+                    (x.long.sends, y.long.sends),
+                    (x.long.opens, y.long.opens),
+                    (x.long.clicks, y.long.clicks),
+                    (x.long.replies, y.long.replies),
+                ] {
+                    assert!(
+                        (p - q).abs() <= 1e-4 * p.abs().max(1.0),
+                        "{c} {ch}: {p} vs {q}"
+                    );
+                }
+            }
+            _ => panic!("{c} {ch}: present in one run only"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn kill9_mid_stream_then_restart_equals_an_uninterrupted_run() {
+    let s = Stack::start().await;
+    let events = population("t9", 400, 9);
+    let p = Producer::new(&s.broker.bootstrap());
+    produce_events(&p, &events, |_| Framing::SingleObject).await;
+    let total = events.len() as i64;
+
+    // Small batches so there is a "middle" to kill in.
+    let slow = s.config("slow", "max_records = 20");
+    let mut victim = s.spawn("g-crash", &slow);
+    let bootstrap = s.broker.bootstrap();
+    wait_until(
+        LONG,
+        Duration::from_millis(20),
+        "some but not all offsets committed",
+        async || {
+            let done: i64 = committed_offsets(&bootstrap, "g-crash", &INPUTS)
+                .await
+                .values()
+                .sum();
+            done > 0
+        },
+    )
+    .await;
+    victim.kill9();
+    let done: i64 = committed_offsets(&bootstrap, "g-crash", &INPUTS)
+        .await
+        .values()
+        .sum();
+    assert!(
+        done < total,
+        "the kill must land mid-stream ({done} of {total} committed)"
+    );
+    victim.restart();
+    s.wait_caught_up("g-crash", LONG).await;
+    victim.sigterm();
+    assert!(victim.wait_exit(Duration::from_secs(30)).await.success());
+    let crashed = s.store().await;
+
+    // The uninterrupted reference run: same topics, a fresh Redis, another group.
+    let ref_redis = RedisServer::start().await;
+    let cfg = s.config("ref", "");
+    let env = {
+        let mut e = s.env("g-ref");
+        e.retain(|(k, _)| k != "LAPSE_REDIS_URL");
+        e.push(("LAPSE_REDIS_URL".into(), ref_redis.url()));
+        e
+    };
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let mut reference = LapseProcess::spawn(&["run", "--config", &cfg], &env);
+    s.wait_caught_up("g-ref", LONG).await;
+    reference.sigterm();
+    assert!(reference.wait_exit(Duration::from_secs(30)).await.success());
+    let ref_store = StateStore::connect(
+        &RedisConfig {
+            url: ref_redis.url(),
+            ..RedisConfig::default()
+        },
+        Metrics::new(&Default::default()),
+    )
+    .await
+    .unwrap();
+    for i in 0..400 {
+        let c = cust("t9", &format!("c{i:04}"));
+        let a = state(&crashed, &c).await;
+        let b = state(&ref_store, &c).await;
+        assert_same_state(&c, &a, &b);
+        assert_eq!(
+            a.visits.count as usize,
+            1 + i % 3,
+            "{c}: no visit lost or applied twice"
+        );
+    }
+}
+
+#[tokio::test]
+async fn bad_records_go_to_the_dlq_with_their_reason_and_the_pipeline_goes_on() {
+    let s = Stack::start().await;
+    let p = Producer::new(&s.broker.bootstrap());
+    let c = cust("t1", "c1");
+    let t0 = now_ms() - DAY;
+    let send_schema: serde_json::Value =
+        serde_json::from_str(&schema_file(EventKind::Send)).unwrap();
+    let good_send = send(&c, "ok-1", t0, Channel::Sms, Purpose::Marketing);
+
+    // Writer schema without event_id (no default in the reader): missing field.
+    let mut no_id = send_schema.clone();
+    no_id["fields"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|f| f["name"] != "event_id");
+    let no_id_schema = Schema::parse_str(&no_id.to_string()).unwrap();
+    let no_id_sid = s
+        .registry
+        .register("engagement.sends-value", &no_id.to_string())
+        .await;
+    let Value::Record(mut fields) = event_value(&good_send, None) else {
+        panic!()
+    };
+    fields.retain(|(k, _)| k != "event_id");
+    let missing = encode_with_schema(
+        &no_id_schema,
+        Value::Record(fields),
+        Framing::Confluent(no_id_sid),
+    )
+    .unwrap();
+
+    // Writer enum with a symbol lapse does not know: bad enum.
+    let mut fax = send_schema.clone();
+    for f in fax["fields"].as_array_mut().unwrap() {
+        if f["name"] == "channel" {
+            f["type"]["symbols"]
+                .as_array_mut()
+                .unwrap()
+                .push("FAX".into());
+        }
+    }
+    let fax_schema = Schema::parse_str(&fax.to_string()).unwrap();
+    let fax_sid = s
+        .registry
+        .register("engagement.sends-value", &fax.to_string())
+        .await;
+    let Value::Record(mut fields) = event_value(&good_send, None) else {
+        panic!()
+    };
+    for (k, v) in fields.iter_mut() {
+        if k == "channel" {
+            *v = Value::Enum(5, "FAX".into());
+        }
+    }
+    let bad_enum = encode_with_schema(
+        &fax_schema,
+        Value::Record(fields),
+        Framing::Confluent(fax_sid),
+    )
+    .unwrap();
+
+    let enc = encoder();
+    let wrong_schema = enc
+        .encode_event(
+            &click(&c, "clk-1", t0, Channel::Sms),
+            None,
+            Framing::SingleObject,
+        )
+        .unwrap();
+    let future = enc
+        .encode_event(
+            &send(
+                &c,
+                "fut-1",
+                now_ms() + 30 * DAY,
+                Channel::Sms,
+                Purpose::Marketing,
+            ),
+            None,
+            Framing::SingleObject,
+        )
+        .unwrap();
+    let good = enc
+        .encode_event(&good_send, None, Framing::SingleObject)
+        .unwrap();
+    let mut unknown_id = good.clone();
+    unknown_id.splice(0..10, [0u8, 0, 0, 0x30, 0x39]); // Confluent framing, schema id 12345
+
+    let key = c.key();
+    let bad: Vec<(&str, &[u8], &[u8], &str)> = vec![
+        (
+            "garbage",
+            key.as_bytes(),
+            b"\xde\xad\xbe\xef not avro at all",
+            "unknown_framing",
+        ),
+        (
+            "unknown id",
+            key.as_bytes(),
+            &unknown_id,
+            "unknown_schema_id",
+        ),
+        (
+            "wrong schema",
+            key.as_bytes(),
+            &wrong_schema,
+            "schema_mismatch",
+        ),
+        ("missing field", key.as_bytes(), &missing, "missing_field"),
+        ("bad enum", key.as_bytes(), &bad_enum, "bad_enum"),
+        ("future", key.as_bytes(), &future, "timestamp_in_future"),
+        ("key mismatch", b"t1/someone-else", &good, "key_mismatch"),
+        (
+            "truncated",
+            key.as_bytes(),
+            &good[..good.len() / 2],
+            "avro_decode",
+        ),
+    ];
+    let mut expect = Vec::new();
+    for (what, k, payload, reason) in &bad {
+        let (part, off) = p
+            .send("engagement.sends", k, payload, &[("trace-id", b"abc")])
+            .await
+            .unwrap();
+        expect.push((*what, *reason, part, off));
+    }
+    p.send("engagement.sends", key.as_bytes(), &good, &[])
+        .await
+        .unwrap();
+
+    let cfg = s.config("one", "");
+    let mut lapse = s.spawn("g-dlq", &cfg);
+    s.wait_caught_up("g-dlq", LONG).await;
+    let dlq = consume_all(&s.broker.bootstrap(), "lapse.dlq", bad.len(), LONG).await;
+    assert_eq!(dlq.len(), bad.len());
+    for (what, reason, part, off) in &expect {
+        let d = dlq
+            .iter()
+            .find(|d| {
+                d.header_str("lapse.source.offset") == Some(&off.to_string())
+                    && d.header_str("lapse.source.partition") == Some(&part.to_string())
+            })
+            .unwrap_or_else(|| panic!("{what}: no dead letter for offset {off}"));
+        assert_eq!(
+            d.header_str("lapse.error.reason"),
+            Some(*reason),
+            "{what}: {:?}",
+            d.header_str("lapse.error.message")
+        );
+        assert_eq!(d.header_str("lapse.source.topic"), Some("engagement.sends"));
+        assert_eq!(
+            d.header_str("trace-id"),
+            Some("abc"),
+            "{what}: original headers kept"
+        );
+        assert!(d.payload.is_some(), "{what}: original bytes kept");
+        assert!(
+            metric(&lapse, "lapse_records_invalid_total", &[("reason", reason)]).await >= 1.0,
+            "{what}"
+        );
+    }
+    // The good record after all the bad ones was applied.
+    let st = state(&s.store().await, &c).await;
+    assert!(st.channel(Channel::Sms).is_some());
+    assert_eq!(
+        metric(&lapse, "lapse_dlq_writes_total", &[]).await,
+        bad.len() as f64
+    );
+    assert!(lapse.is_running(), "bad input never stops the pipeline");
+    lapse.sigterm();
+    assert!(lapse.wait_exit(Duration::from_secs(30)).await.success());
+}
+
+#[tokio::test]
+async fn schema_evolution_newer_and_older_writers_decode() {
+    let s = Stack::start().await;
+    let base: serde_json::Value = serde_json::from_str(&schema_file(EventKind::Send)).unwrap();
+    let c = cust("t1", "evolve");
+    let t0 = now_ms() - DAY;
+
+    // Newer writer: an added optional field.
+    let mut newer = base.clone();
+    newer["fields"].as_array_mut().unwrap().push(
+        serde_json::json!({"name": "utm_source", "type": ["null", "string"], "default": null}),
+    );
+    let newer_schema = Schema::parse_str(&newer.to_string()).unwrap();
+    let newer_id = s
+        .registry
+        .register("engagement.sends-value", &newer.to_string())
+        .await;
+    let Value::Record(mut f) = event_value(
+        &send(&c, "new-1", t0, Channel::Wechat, Purpose::Marketing),
+        None,
+    ) else {
+        panic!()
+    };
+    f.push((
+        "utm_source".into(),
+        Value::Union(1, Box::new(Value::String("wechat-moments".into()))),
+    ));
+    let newer_bytes = encode_with_schema(
+        &newer_schema,
+        Value::Record(f),
+        Framing::Confluent(newer_id),
+    )
+    .unwrap();
+
+    // Older writer: no campaign_id and no cost (optional in the reader).
+    let mut older = base.clone();
+    older["fields"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|f| f["name"] != "campaign_id" && f["name"] != "cost");
+    let older_schema = Schema::parse_str(&older.to_string()).unwrap();
+    let older_id = s
+        .registry
+        .register("engagement.sends-value", &older.to_string())
+        .await;
+    let Value::Record(mut f) = event_value(
+        &send(&c, "old-1", t0 + 1000, Channel::Wechat, Purpose::Marketing),
+        None,
+    ) else {
+        panic!()
+    };
+    f.retain(|(k, _)| k != "campaign_id" && k != "cost");
+    let older_bytes = encode_with_schema(
+        &older_schema,
+        Value::Record(f.clone()),
+        Framing::Confluent(older_id),
+    )
+    .unwrap();
+
+    // The same older writer, single-object framed: found by fingerprint under schemas/history/.
+    let dir = s.dir.path().join("schemas");
+    std::fs::create_dir_all(dir.join("history")).unwrap();
+    for e in std::fs::read_dir(schemas_dir()).unwrap() {
+        let e = e.unwrap();
+        if e.path().extension().is_some_and(|x| x == "avsc") {
+            std::fs::copy(e.path(), dir.join(e.file_name())).unwrap();
+        }
+    }
+    std::fs::write(dir.join("history/send-v0.avsc"), older.to_string()).unwrap();
+    let Value::Record(mut f) = event_value(
+        &send(&c, "old-2", t0 + 2000, Channel::Wechat, Purpose::Marketing),
+        None,
+    ) else {
+        panic!()
+    };
+    f.retain(|(k, _)| k != "campaign_id" && k != "cost");
+    let older_so =
+        encode_with_schema(&older_schema, Value::Record(f), Framing::SingleObject).unwrap();
+
+    let p = Producer::new(&s.broker.bootstrap());
+    for b in [&newer_bytes, &older_bytes, &older_so] {
+        p.send("engagement.sends", c.key(), b, &[]).await.unwrap();
+    }
+    let mut env = s.env("g-evolve");
+    env.retain(|(k, _)| k != "LAPSE_SCHEMAS_DIR");
+    env.push(("LAPSE_SCHEMAS_DIR".into(), dir.display().to_string()));
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let cfg = s.config("one", "");
+    let mut lapse = LapseProcess::spawn(&["run", "--config", &cfg], &env);
+    s.wait_caught_up("g-evolve", LONG).await;
+    let st = state(&s.store().await, &c).await;
+    let w = st.channel(Channel::Wechat).unwrap();
+    assert!(
+        (w.long.sends - 3.0).abs() < 1e-3,
+        "all three writer versions decode: {w:?}"
+    );
+    assert_eq!(
+        metric(&lapse, "lapse_records_invalid_total", &[]).await,
+        0.0
+    );
+    lapse.sigterm();
+    assert!(lapse.wait_exit(Duration::from_secs(30)).await.success());
+}
+
+#[tokio::test]
+async fn sigterm_exits_zero_with_offsets_committed() {
+    let s = Stack::start().await;
+    let events = population("t7", 100, 7);
+    let p = Producer::new(&s.broker.bootstrap());
+    produce_events(&p, &events, |_| Framing::SingleObject).await;
+    let cfg = s.config("one", "");
+    let mut lapse = s.spawn("g-term", &cfg);
+    let store = s.store().await;
+    // Stop as soon as the last customer has state: the final offsets are not yet
+    // committed by the periodic commit, so the shutdown path must commit them.
+    let last = cust("t7", "c0099");
+    wait_until(
+        LONG,
+        Duration::from_millis(10),
+        "the last customer to be applied",
+        async || store.load(&last).await.ok().flatten().is_some(),
+    )
+    .await;
+    lapse.sigterm();
+    let status = lapse.wait_exit(Duration::from_secs(30)).await;
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "SIGTERM must exit 0\n{}",
+        lapse.stderr()
+    );
+    let end = end_offsets(&s.broker.bootstrap(), &INPUTS).await;
+    let committed = committed_offsets(&s.broker.bootstrap(), "g-term", &INPUTS).await;
+    for (tp, e) in end {
+        if e > 0 {
+            assert_eq!(committed.get(&tp), Some(&e), "{tp:?} committed at shutdown");
+        }
+    }
+    assert!(lapse.stderr().contains("offsets committed"));
+}
+
+#[tokio::test]
+async fn redis_outage_pauses_then_resumes_without_loss() {
+    let mut s = Stack::start().await;
+    let p = Producer::new(&s.broker.bootstrap());
+    let first = population("r1", 30, 1);
+    produce_events(&p, &first, |_| Framing::SingleObject).await;
+    let cfg = s.config("one", "");
+    let mut lapse = s.spawn("g-redis", &cfg);
+    s.wait_caught_up("g-redis", LONG).await;
+    lapse.wait_http_ok("/readyz", LONG).await;
+
+    s.redis.stop().await;
+    let second = population("r2", 30, 2);
+    produce_events(&p, &second, |_| Framing::SingleObject).await;
+    wait_until(
+        LONG,
+        POLL,
+        "readiness to drop while Redis is down",
+        async || matches!(lapse.http_get("/readyz").await, Ok((503, _))),
+    )
+    .await;
+    wait_until(LONG, POLL, "lapse to retry Redis", async || {
+        metric(&lapse, "lapse_retries_total", &[("cause", "redis")]).await >= 2.0
+    })
+    .await;
+    // Nothing of the second wave may be committed while it cannot be stored.
+    let bootstrap = s.broker.bootstrap();
+    let end = end_offsets(&bootstrap, &INPUTS).await;
+    let committed = committed_offsets(&bootstrap, "g-redis", &INPUTS).await;
+    assert!(
+        end.iter()
+            .any(|(tp, e)| committed.get(tp).copied().unwrap_or(0) < *e),
+        "offsets must not advance past unstored work"
+    );
+
+    s.redis.start_again().await;
+    s.wait_caught_up("g-redis", LONG).await;
+    lapse.wait_http_ok("/readyz", LONG).await;
+    let store = s.store().await;
+    for i in 0..30 {
+        for (t, n) in [("r1", 1 + i % 3), ("r2", 1 + i % 3)] {
+            let st = state(&store, &cust(t, &format!("c{i:04}"))).await;
+            assert_eq!(st.visits.count as usize, n, "{t}/c{i:04}");
+        }
+    }
+    assert!(lapse.is_running());
+    lapse.sigterm();
+    assert!(lapse.wait_exit(Duration::from_secs(30)).await.success());
+}
+
+#[tokio::test]
+async fn broker_outage_pauses_then_resumes_without_loss() {
+    let s = Stack::start_with(Broker::start_behind_proxy().await).await;
+    let p = Producer::new(&s.broker.bootstrap());
+    produce_events(&p, &population("b1", 20, 1), |_| Framing::SingleObject).await;
+    let cfg = s.config("one", "");
+    let mut lapse = s.spawn("g-broker", &cfg);
+    s.wait_caught_up("g-broker", LONG).await;
+    lapse.wait_http_ok("/readyz", LONG).await;
+
+    s.broker.proxy().cut();
+    wait_until(
+        LONG,
+        POLL,
+        "readiness to drop while the broker is unreachable",
+        async || matches!(lapse.http_get("/readyz").await, Ok((503, _))),
+    )
+    .await;
+    s.broker.proxy().restore();
+    produce_events(&p, &population("b2", 20, 2), |_| Framing::SingleObject).await;
+    s.wait_caught_up("g-broker", LONG).await;
+    let store = s.store().await;
+    for i in 0..20 {
+        for t in ["b1", "b2"] {
+            let st = state(&store, &cust(t, &format!("c{i:04}"))).await;
+            assert_eq!(st.visits.count as usize, 1 + i % 3, "{t}/c{i:04}");
+        }
+    }
+    assert!(lapse.is_running());
+    lapse.sigterm();
+    assert!(lapse.wait_exit(Duration::from_secs(60)).await.success());
+}
+
+#[tokio::test]
+async fn two_instances_share_the_partitions_and_hand_over_on_leave() {
+    let s = Stack::start().await;
+    let p = Producer::new(&s.broker.bootstrap());
+    let cfg = s.config("one", "");
+    let mut a = s.spawn("g-pair", &cfg);
+    let mut b = s.spawn("g-pair", &cfg);
+    wait_until(
+        LONG,
+        Duration::from_millis(200),
+        "both instances to own partitions",
+        async || {
+            metric(&a, "lapse_partitions_assigned", &[]).await > 0.0
+                && metric(&b, "lapse_partitions_assigned", &[]).await > 0.0
+        },
+    )
+    .await;
+    let total = metric(&a, "lapse_partitions_assigned", &[]).await
+        + metric(&b, "lapse_partitions_assigned", &[]).await;
+    assert_eq!(
+        total as i32,
+        PARTITIONS * 5,
+        "the group splits every input partition between the two"
+    );
+    produce_events(&p, &population("p1", 60, 1), |_| Framing::SingleObject).await;
+    s.wait_caught_up("g-pair", LONG).await;
+    assert!(
+        metric(&a, "lapse_records_total", &[]).await > 0.0
+            && metric(&b, "lapse_records_total", &[]).await > 0.0,
+        "both instances did work"
+    );
+
+    // One leaves: the other takes over all partitions, committed work is not redone.
+    a.sigterm();
+    assert!(a.wait_exit(Duration::from_secs(30)).await.success());
+    wait_until(
+        LONG,
+        Duration::from_millis(200),
+        "the survivor to own every partition",
+        async || metric(&b, "lapse_partitions_assigned", &[]).await as i32 == PARTITIONS * 5,
+    )
+    .await;
+    produce_events(&p, &population("p2", 60, 2), |_| Framing::SingleObject).await;
+    s.wait_caught_up("g-pair", LONG).await;
+    let store = s.store().await;
+    for i in 0..60 {
+        for t in ["p1", "p2"] {
+            let st = state(&store, &cust(t, &format!("c{i:04}"))).await;
+            assert_eq!(st.visits.count as usize, 1 + i % 3, "{t}/c{i:04}");
+        }
+    }
+    b.sigterm();
+    assert!(b.wait_exit(Duration::from_secs(30)).await.success());
+}
