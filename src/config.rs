@@ -103,6 +103,8 @@ pub struct Config {
     pub metrics: MetricsConfig,
     pub dlq: DlqConfig,
     pub retry: RetryConfig,
+    /// Contact policy: caps, quiet hours, boosts, throttling, lapse and recall.
+    pub policy: crate::domain::policy::PolicyConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -288,7 +290,7 @@ impl Default for StateConfig {
         StateConfig {
             event_ids_per_customer: 32,
             visit_history: 16,
-            short_half_life: Dur::days(7),
+            short_half_life: Dur::days(14),
             long_half_life: Dur::days(90),
         }
     }
@@ -316,6 +318,8 @@ pub struct MetricsConfig {
     pub tenant_label: bool,
     /// Distinct tenant label values before the rest are reported as `other`.
     pub max_tenants: usize,
+    /// How often the fleet-wide gauges kept in Redis are read and exported.
+    pub fleet_gauge_refresh: Dur,
 }
 
 impl Default for MetricsConfig {
@@ -323,6 +327,7 @@ impl Default for MetricsConfig {
         MetricsConfig {
             tenant_label: true,
             max_tenants: 100,
+            fleet_gauge_refresh: Dur::secs(15),
         }
     }
 }
@@ -546,9 +551,15 @@ impl Config {
                 format!("`{}` is not an ip:port address", self.http.listen),
             ));
         }
+        if self.metrics.fleet_gauge_refresh < Dur::ms(100) {
+            return Err(bad("metrics.fleet_gauge_refresh", "must be at least 100ms"));
+        }
         if self.metrics.max_tenants == 0 {
             return Err(bad("metrics.max_tenants", "must be at least 1"));
         }
+        self.policy
+            .validate()
+            .map_err(|(key, message)| ConfigError::Invalid { key, message })?;
         if self.retry.initial_backoff.0.is_zero()
             || self.retry.max_backoff < self.retry.initial_backoff
         {

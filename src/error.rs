@@ -33,3 +33,12 @@ pub enum KafkaError {
     #[error("cannot create topic {topic}: {code} (create it by hand, or check the broker's ACLs; set kafka.create_topics = false to skip)")]
     Admin { topic: String, code: String },
 }
+
+/// Why a batch step failed; all of these are retried with back-off.
+#[derive(Debug, Error)]
+pub enum BatchError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("publishing decisions: {0}")]
+    Kafka(#[from] KafkaError),
+}

@@ -1,20 +1,37 @@
 //! HTTP endpoints: `/metrics` (Prometheus text), `/healthz` (process alive),
 //! `/readyz` (Redis and broker reachable at the last probe).
 
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
-use axum::response::IntoResponse;
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use axum::Json;
 use axum::Router;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use crate::domain::clock::Clock;
+use crate::domain::event::CustomerRef;
+use crate::domain::policy::Policies;
+use crate::domain::state::StateParams;
 use crate::metrics::Metrics;
+use crate::store::StateStore;
 
 #[derive(Clone)]
 pub struct HttpState {
     pub metrics: Metrics,
     pub ready: Arc<AtomicBool>,
+    /// Serves `GET /v1/allowance/TENANT/CUSTOMER` when set.
+    pub allowance: Option<AllowanceApi>,
+}
+
+/// What the synchronous allowance check needs.
+#[derive(Clone)]
+pub struct AllowanceApi {
+    pub store: StateStore,
+    pub policies: Arc<Policies>,
+    pub params: StateParams,
+    pub clock: Arc<dyn Clock>,
 }
 
 pub fn router(state: HttpState) -> Router {
@@ -22,6 +39,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
+        .route("/v1/allowance/{tenant}/{*customer}", get(allowance))
         .with_state(state)
 }
 
@@ -43,6 +61,48 @@ async fn readyz(State(s): State<HttpState>) -> impl IntoResponse {
             StatusCode::SERVICE_UNAVAILABLE,
             "not ready: Redis or the broker is unreachable\n",
         )
+    }
+}
+
+/// Every channel's allowance for one customer, evaluated now: for senders that
+/// check right before sending. A customer lapse has never seen is OPEN everywhere.
+async fn allowance(
+    State(s): State<HttpState>,
+    Path((tenant, customer)): Path<(String, String)>,
+) -> Response {
+    let Some(api) = s.allowance else {
+        return (StatusCode::NOT_FOUND, "allowance API not enabled\n").into_response();
+    };
+    let c = CustomerRef::new(tenant, customer);
+    if c.tenant.is_empty() || c.customer.is_empty() || c.tenant.contains(['{', '}']) {
+        return (
+            StatusCode::BAD_REQUEST,
+            "expected /v1/allowance/TENANT/CUSTOMER\n",
+        )
+            .into_response();
+    }
+    match api.store.load(&c).await {
+        Ok(loaded) => {
+            let v = crate::inspect::allowance_view(
+                &c,
+                loaded.as_ref().map(|l| &l.state),
+                api.policies.of(&c.tenant),
+                &api.params,
+                api.clock.now_ms(),
+            );
+            Json(v).into_response()
+        }
+        Err(e) => {
+            s.metrics
+                .redis_errors
+                .with_label_values(&["allowance"])
+                .inc();
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("state store unavailable: {e}\n"),
+            )
+                .into_response()
+        }
     }
 }
 

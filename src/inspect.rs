@@ -79,3 +79,43 @@ pub fn view(c: &CustomerRef, rev: u64, s: &CustomerState, p: &StateParams, now_m
         },
     })
 }
+
+/// Every channel's allowance at `now`, as served by `GET /v1/allowance/T/C` and shown by inspect.
+pub fn allowance_view(
+    c: &CustomerRef,
+    s: Option<&CustomerState>,
+    policy: &crate::domain::policy::Policy,
+    p: &StateParams,
+    now_ms: i64,
+) -> Value {
+    let empty = CustomerState::default();
+    let state = s.unwrap_or(&empty);
+    let mut channels = serde_json::Map::new();
+    for ch in Channel::ALL {
+        let a = crate::domain::decide::allowance_at(state, ch, policy, p, now_ms);
+        let allowed = a.state == crate::domain::allowance::AllowanceState::Open
+            && a.allowed_from.is_some_and(|t| t <= now_ms);
+        channels.insert(
+            ch.as_str().into(),
+            json!({
+                "state": a.state.as_str(),
+                "reason": a.reason,
+                "allowed_now": allowed,
+                "allowed_from": ts(a.allowed_from),
+                "allowed_from_ms": a.allowed_from,
+                "cap": a.cap.limit,
+                "window": a.cap.window.to_string(),
+                "sends_in_window": a.sends_in_window,
+                "short_click_rate": a.short_click_rate.map(|r| (r * 1e4).round() / 1e4),
+                "baseline_click_rate": a.baseline_click_rate.map(|r| (r * 1e4).round() / 1e4),
+            }),
+        );
+    }
+    json!({
+        "tenant_id": c.tenant,
+        "customer_id": c.customer,
+        "known": s.is_some(),
+        "evaluated_at": ts(Some(now_ms)),
+        "channels": channels,
+    })
+}

@@ -4,6 +4,7 @@
 //! `domain` is the pure core that makes every decision; everything else adapts
 //! bytes (codec, kafka, store, http) around it.
 
+pub mod bench;
 pub mod codec;
 pub mod config;
 pub mod dead_letters;
@@ -13,6 +14,7 @@ pub mod http;
 pub mod inspect;
 pub mod kafka;
 pub mod metrics;
+pub mod outputs;
 pub mod pipeline;
 pub mod retry;
 pub mod sample;

@@ -41,6 +41,8 @@ enum Cmd {
     },
     /// Produce sample events (all five kinds) to the input topics, for the demo.
     ProduceSample(lapse::sample::SampleArgs),
+    /// Benchmarks: `bench produce` fills the input topics, `bench consume` measures `lapse run`.
+    Bench(lapse::bench::BenchArgs),
 }
 
 fn init_logging() {
@@ -103,7 +105,18 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
                 }
                 Some(l) => {
                     let params = lapse::service::state_params(&cfg);
-                    let v = lapse::inspect::view(&c, l.rev, &l.state, &params, WallClock.now_ms());
+                    let now = WallClock.now_ms();
+                    let mut v = lapse::inspect::view(&c, l.rev, &l.state, &params, now);
+                    let policies = lapse::domain::policy::Policies::new(&cfg.policy)
+                        .map_err(|(k, m)| anyhow::anyhow!("config key `{k}`: {m}"))?;
+                    v["allowance"] = lapse::inspect::allowance_view(
+                        &c,
+                        Some(&l.state),
+                        policies.of(&c.tenant),
+                        &params,
+                        now,
+                    )["channels"]
+                        .clone();
                     println!("{}", serde_json::to_string_pretty(&v)?);
                     Ok(())
                 }
@@ -113,5 +126,6 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
             let cfg = Config::load(args.config.as_deref())?;
             lapse::sample::produce(&cfg, &args).await
         }
+        Cmd::Bench(args) => lapse::bench::run(args).await,
     }
 }

@@ -38,6 +38,12 @@ pub struct Metrics {
     pub commits: IntCounterVec,
     pub retries: IntCounterVec,
     pub ready: IntGauge,
+    pub outputs: IntCounterVec,
+    pub output_seconds: Histogram,
+    pub cap_hits: IntCounterVec,
+    pub cap_violations: IntCounterVec,
+    pub throttle_transitions: IntCounterVec,
+    pub customers_restricted: IntGaugeVec,
 }
 
 /// Caps the distinct tenant label values; the rest report as `other`.
@@ -154,6 +160,27 @@ impl Metrics {
             commits: counter(&r, "lapse_offset_commits_total", "Offset commits by result (ok, error).", &["result"]),
             retries: counter(&r, "lapse_retries_total", "Back-off retries by cause (redis, dlq, registry).", &["cause"]),
             ready: plain_gauge("lapse_ready", "1 when Redis and the broker answered the last readiness probe."),
+            outputs: counter(&r, "lapse_outputs_total", "Decisions produced (acknowledged by the broker), by kind (throttle, trigger, outcome).", &["kind"]),
+            output_seconds: histogram(&r, "lapse_output_produce_seconds", "Time to produce one batch's decisions and get every acknowledgement.", exponential_buckets(0.0005, 2.0, 16).expect("buckets")),
+            cap_hits: counter(&r, "lapse_cap_hits_total", "Marketing sends that filled a channel's rolling window (the channel became CAPPED).", &["tenant", "channel"]),
+            cap_violations: counter(
+                &r,
+                "lapse_cap_violations_total",
+                "Marketing sends made while not allowed, by kind (cap, throttled, suppressed, quiet_hours): a sender ignoring the allowance.",
+                &["tenant", "channel", "kind"],
+            ),
+            throttle_transitions: counter(
+                &r,
+                "lapse_throttle_transitions_total",
+                "Published allowance changes by channel, new state and reason.",
+                &["tenant", "channel", "state", "reason"],
+            ),
+            customers_restricted: gauge(
+                &r,
+                "lapse_customers_restricted",
+                "Customers currently CAPPED, THROTTLED or SUPPRESSED per channel, fleet-wide (kept in Redis: every instance exports the same value, aggregate with max()).",
+                &["tenant", "channel", "state"],
+            ),
             registry: r,
         }
     }
@@ -182,6 +209,7 @@ mod tests {
         let m = Metrics::new(&MetricsConfig {
             tenant_label: true,
             max_tenants: 2,
+            ..MetricsConfig::default()
         });
         assert_eq!(m.tenant("a"), "a");
         assert_eq!(m.tenant("b"), "b");
@@ -190,6 +218,7 @@ mod tests {
         let off = Metrics::new(&MetricsConfig {
             tenant_label: false,
             max_tenants: 2,
+            ..MetricsConfig::default()
         });
         assert_eq!(off.tenant("a"), "all");
     }

@@ -10,19 +10,22 @@ use rdkafka::consumer::Consumer;
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
-use crate::codec::{self, DecodeLimits, Decoder, RegistryClient, SchemaSet};
+use crate::codec::{self, DecodeLimits, Decoder, Encoder, RegistryClient, SchemaSet};
 use crate::config::Config;
 use crate::dead_letters::DeadLetters;
 use crate::domain::clock::{Clock, WallClock};
 use crate::domain::engagement::Horizons;
 use crate::domain::event::EventKind;
+use crate::domain::policy::Policies;
 use crate::domain::state::StateParams;
-use crate::http::{self, HttpState};
+use crate::http::{self, AllowanceApi, HttpState};
 use crate::kafka::admin;
 use crate::kafka::consumer::{self, Batch, PollLoop, Shared};
 use crate::kafka::producer::OutputProducer;
 use crate::metrics::Metrics;
+use crate::outputs::OutputWriter;
 use crate::pipeline::Pipeline;
+use crate::store::gauges::AllowanceGauges;
 use crate::store::StateStore;
 
 pub fn state_params(cfg: &Config) -> StateParams {
@@ -98,16 +101,6 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             )
         })?;
     let ready = Arc::new(AtomicBool::new(false));
-    let http_state = HttpState {
-        metrics: metrics.clone(),
-        ready: ready.clone(),
-    };
-    tokio::spawn(async move {
-        if let Err(e) = http::serve(listener, http_state).await {
-            error!(error = %e, "http server stopped");
-        }
-    });
-    info!(listen = %cfg.http.listen, "serving /metrics, /healthz, /readyz");
 
     let startup = Duration::from_secs(60);
     let store = with_startup_retry("redis", startup, || {
@@ -127,7 +120,25 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         cfg.kafka.topics.dlq.clone(),
         cfg.dlq.redact_reply_payloads,
     );
+    let policies = Arc::new(
+        Policies::new(&cfg.policy)
+            .map_err(|(key, message)| crate::error::ConfigError::Invalid { key, message })?,
+    );
+    let outputs = OutputWriter {
+        producer: producer.clone(),
+        encoder: Encoder::new(decoder.schemas()),
+        topics: cfg.kafka.topics.clone(),
+    };
+    let gauges = AllowanceGauges::new(store.conn(), &cfg.redis.key_prefix);
+    spawn_gauge_exporter(
+        gauges.clone(),
+        metrics.clone(),
+        cfg.metrics.fleet_gauge_refresh.0,
+    );
     let pipeline = Arc::new(Pipeline {
+        policies: policies.clone(),
+        outputs,
+        gauges,
         decoder,
         store: store.clone(),
         dlq,
@@ -136,6 +147,23 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         clock,
         retry: cfg.retry.clone(),
     });
+
+    let http_state = HttpState {
+        metrics: metrics.clone(),
+        ready: ready.clone(),
+        allowance: Some(AllowanceApi {
+            store: store.clone(),
+            policies: policies.clone(),
+            params: state_params(&cfg),
+            clock: pipeline.clock.clone(),
+        }),
+    };
+    tokio::spawn(async move {
+        if let Err(e) = http::serve(listener, http_state).await {
+            error!(error = %e, "http server stopped");
+        }
+    });
+    info!(listen = %cfg.http.listen, "serving /metrics, /healthz, /readyz, /v1/allowance");
 
     let shared = Shared::new(metrics.clone());
     let consumer = consumer::build(&cfg.kafka, shared.clone())?;
@@ -226,6 +254,30 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     }
     info!("stopped cleanly");
     Ok(())
+}
+
+/// Exports the fleet-wide allowance gauges from Redis every `metrics.fleet_gauge_refresh`.
+fn spawn_gauge_exporter(gauges: AllowanceGauges, metrics: Metrics, every: Duration) {
+    tokio::spawn(async move {
+        loop {
+            match gauges.counts().await {
+                Ok(counts) => {
+                    for ((tenant, channel, state), n) in counts {
+                        metrics
+                            .customers_restricted
+                            .with_label_values(&[
+                                &metrics.tenant(&tenant),
+                                channel.label(),
+                                state.label(),
+                            ])
+                            .set(n as i64);
+                    }
+                }
+                Err(e) => warn!(error = %e, "reading allowance gauges failed"),
+            }
+            tokio::time::sleep(every).await;
+        }
+    });
 }
 
 async fn wait_for_signal() {

@@ -51,7 +51,8 @@ pub fn decay(dt_ms: i64, half_life_ms: i64) -> f64 {
     (-(dt_ms as f64) / half_life_ms as f64 * std::f64::consts::LN_2).exp()
 }
 
-/// Engagement of one customer on one channel.
+/// Engagement of one customer on one channel. Decayed `sends` count MARKETING
+/// sends only: service messages are neither capped nor part of the click rate.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ChannelEngagement {
     /// Reference time of the decayed counts (latest event time seen), ms.
@@ -65,6 +66,8 @@ pub struct ChannelEngagement {
     pub last_open: Option<i64>,
     pub last_click: Option<i64>,
     pub last_reply: Option<i64>,
+    /// Event time of the latest SERVICE send (these never count in the rates).
+    pub last_service_send: Option<i64>,
     /// Event time of the latest unsubscribe and re-subscribe reply, ms.
     pub unsubscribed_at: Option<i64>,
     pub resubscribed_at: Option<i64>,

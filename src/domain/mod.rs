@@ -1,7 +1,16 @@
 //! The pure domain core: no IO, no clock reads. Every decision is made here.
 
+pub mod allowance;
+pub mod campaign;
 pub mod clock;
+pub mod decide;
 pub mod engagement;
 pub mod event;
+pub mod lapse;
+pub mod policy;
+pub mod recall;
 pub mod replies;
 pub mod state;
+
+#[cfg(test)]
+mod decide_tests;

@@ -44,6 +44,10 @@ const UNSUBSCRIBE_PHRASES: &[&str] = &[
     "不要再给我发",
     "请勿再发",
     "别给我发",
+    "别再给我打电话",
+    "不要再打",
+    "别打了",
+    "stop",
 ];
 
 /// Words that turn an opt-out phrase around or mark it as an echoed template.
@@ -57,8 +61,14 @@ const UNSUBSCRIBE_BLOCKERS: &[&str] = &[
     "回复td退订",
     "退订回t",
     "退订回td",
+    "回n退订",
     "别退订",
+    "dontstop",
+    "nonstop",
 ];
+
+/// Cancelling a booking or order is a service matter for the clinic, not an opt-out.
+const CANCELLATIONS: &[&str] = &["取消预约", "取消订单", "取消约", "取消手术", "取消疗程"];
 
 const RESUBSCRIBE: &[&str] = &[
     "订阅",
@@ -96,6 +106,7 @@ const POSITIVE_PHRASES: &[&str] = &[
     "book",
     "appointment",
     "interested",
+    "收到",
 ];
 
 /// Normalises: full-width ASCII to half-width, lower case, drops whitespace and
@@ -153,6 +164,9 @@ pub fn classify(text: &str) -> ReplyClass {
     if n.is_empty() {
         return ReplyClass::Neutral;
     }
+    if CANCELLATIONS.iter().any(|c| n.contains(c)) {
+        return ReplyClass::Neutral;
+    }
     if UNSUBSCRIBE_BLOCKERS.iter().any(|b| n.contains(b)) {
         // An echoed template or a negated opt-out: assent if it also says yes.
         return if POSITIVE_PHRASES.iter().any(|p| n.contains(p)) {
@@ -180,17 +194,94 @@ pub fn classify(text: &str) -> ReplyClass {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ReplyClass::*;
+
+    /// Real-world replies to clinic SMS/WeChat messages, with what they mean.
+    const TABLE: &[(&str, ReplyClass)] = &[
+        // Opt-outs, with case, whitespace, punctuation and full-width variants.
+        ("TD", Unsubscribe),
+        ("td", Unsubscribe),
+        ("Td", Unsubscribe),
+        (" TD ", Unsubscribe),
+        ("TD。", Unsubscribe),
+        ("ＴＤ", Unsubscribe),
+        ("ｔｄ！", Unsubscribe),
+        ("T D", Unsubscribe),
+        ("T", Unsubscribe),
+        ("t", Unsubscribe),
+        ("退订", Unsubscribe),
+        ("退订！", Unsubscribe),
+        ("退订。。。", Unsubscribe),
+        ("请退订", Unsubscribe),
+        ("我要退订", Unsubscribe),
+        ("退订谢谢", Unsubscribe),
+        ("退订短信", Unsubscribe),
+        ("取消", Unsubscribe),
+        ("取消订阅", Unsubscribe),
+        ("不要再发", Unsubscribe),
+        ("不要再发了", Unsubscribe),
+        ("别发了", Unsubscribe),
+        ("别再发了，烦死了", Unsubscribe),
+        ("别再给我打电话了", Unsubscribe),
+        ("拒收", Unsubscribe),
+        ("STOP", Unsubscribe),
+        ("stop", Unsubscribe),
+        ("Stop.", Unsubscribe),
+        ("ＳＴＯＰ", Unsubscribe),
+        ("Stop please", Unsubscribe),
+        ("UNSUBSCRIBE", Unsubscribe),
+        ("unsubscribe", Unsubscribe),
+        ("我已经退订了你们还发", Unsubscribe),
+        ("好的，不过以后别发了", Unsubscribe),
+        // Not opt-outs: template echoes, negations, cancellations of a booking.
+        ("回T退订", Neutral),
+        ("回TD退订", Neutral),
+        ("回复TD退订", Neutral),
+        ("退订回T", Neutral),
+        ("不退订", Neutral),
+        ("我不要退订", Neutral),
+        ("不取消", Neutral),
+        ("取消预约", Neutral),
+        ("明天的预约帮我取消预约一下", Neutral),
+        ("TD是什么意思", Neutral),
+        ("你好", Neutral),
+        ("？", Neutral),
+        ("", Neutral),
+        ("   ", Neutral),
+        // Strong engagement: assent and booking intent.
+        ("好的", Positive),
+        ("好", Positive),
+        ("1", Positive),
+        ("ok", Positive),
+        ("OK!", Positive),
+        ("预约", Positive),
+        ("想预约周六下午", Positive),
+        ("我想约一下水光针", Positive),
+        ("多少钱？", Positive),
+        ("收到，谢谢", Positive),
+        ("不退订，想预约", Positive),
+        // Re-subscribe.
+        ("订阅", Resubscribe),
+        ("重新订阅", Resubscribe),
+        ("START", Resubscribe),
+    ];
 
     #[test]
-    fn basic_classes() {
-        assert_eq!(classify("TD"), ReplyClass::Unsubscribe);
-        assert_eq!(classify("ＴＤ"), ReplyClass::Unsubscribe);
-        assert_eq!(classify("退订。"), ReplyClass::Unsubscribe);
-        assert_eq!(classify("回T退订"), ReplyClass::Neutral);
-        assert_eq!(classify("我不退订"), ReplyClass::Neutral);
-        assert_eq!(classify("好的"), ReplyClass::Positive);
-        assert_eq!(classify("想预约下周三"), ReplyClass::Positive);
-        assert_eq!(classify("今天天气不错"), ReplyClass::Neutral);
-        assert_eq!(classify("订阅"), ReplyClass::Resubscribe);
+    fn real_world_replies_are_classified() {
+        assert!(TABLE.len() >= 40);
+        let wrong: Vec<_> = TABLE
+            .iter()
+            .filter(|(text, want)| classify(text) != *want)
+            .map(|(text, want)| format!("{text:?}: want {want:?}, got {:?}", classify(text)))
+            .collect();
+        assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    }
+
+    #[test]
+    fn work_is_bounded_on_huge_input() {
+        let huge = "退".repeat(1_000_000);
+        // Only the first 512 characters are looked at: a wall of text is not a keyword.
+        assert_eq!(classify(&huge), Neutral);
+        assert!(normalize(&huge).chars().count() <= 512);
     }
 }

@@ -13,8 +13,10 @@
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
 
+use super::allowance::{ChannelControl, ThrottleDecision};
 use super::engagement::{ChannelEngagement, Horizons, Signal};
-use super::event::{Channel, Event, EventBody, EventKind, ReplyClass, VisitType};
+use super::event::{Channel, Event, EventBody, EventKind, Purpose, ReplyClass, VisitType};
+use super::recall::{RecallOutcome, RecallState, RecallTrigger};
 
 /// Where a record came from: the input topic (by kind), partition and offset.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,7 +40,7 @@ impl Default for StateParams {
             event_ids_per_customer: 32,
             visit_history: 16,
             horizons: Horizons {
-                short_half_life_ms: 7 * 86_400_000,
+                short_half_life_ms: 14 * 86_400_000,
                 long_half_life_ms: 90 * 86_400_000,
             },
         }
@@ -121,6 +123,21 @@ pub struct CustomerState {
     /// Engagement per channel, indexed by `Channel::index()`; `None` until first seen.
     pub channels: [Option<ChannelEngagement>; 5],
     pub applied: Applied,
+    /// Frequency control per channel, indexed by `Channel::index()`.
+    pub controls: [Option<ChannelControl>; 5],
+    /// Recall episode and attribution memory.
+    pub recall: RecallState,
+    /// Decisions written with this state and not yet acknowledged by the broker:
+    /// produced after the write, then cleared (an outbox, so a crash loses none).
+    pub outbox: Vec<Output>,
+}
+
+/// A decision waiting in the outbox.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Output {
+    Throttle(Box<ThrottleDecision>),
+    Trigger(RecallTrigger),
+    Outcome(RecallOutcome),
 }
 
 /// What folding one record did.
@@ -187,7 +204,18 @@ impl CustomerState {
 
         let t = ev.occurred_at;
         match &ev.body {
-            EventBody::Send { channel, .. } => self.engage(*channel, Signal::Send, t, p),
+            EventBody::Send {
+                channel, purpose, ..
+            } => {
+                if *purpose == Purpose::Marketing {
+                    self.engage(*channel, Signal::Send, t, p);
+                } else {
+                    // Service messages never count: not in the click rate, not against caps.
+                    let e = self.channels[channel.index()]
+                        .get_or_insert_with(ChannelEngagement::default);
+                    e.last_service_send = Some(e.last_service_send.map_or(t, |x| x.max(t)));
+                }
+            }
             EventBody::Open { channel, .. } => self.engage(*channel, Signal::Open, t, p),
             EventBody::Click { channel, .. } => self.engage(*channel, Signal::Click, t, p),
             EventBody::Reply { channel, class, .. } => {
@@ -273,7 +301,7 @@ impl CustomerState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::event::{CustomerRef, Purpose};
+    use crate::domain::event::CustomerRef;
 
     fn send(id: &str, t: i64) -> Event {
         Event {

@@ -8,6 +8,11 @@ use crate::domain::state::CustomerState;
 pub const FORMAT_V1: u8 = 1;
 
 pub fn encode(rev: u64, state: &CustomerState) -> Vec<u8> {
+    encode_any(rev, state)
+}
+
+/// Encodes any stored record (customer or campaign state) the same way.
+pub fn encode_any<T: serde::Serialize>(rev: u64, state: &T) -> Vec<u8> {
     let mut out = format!("{rev}:").into_bytes();
     out.push(FORMAT_V1);
     // postcard into a Vec cannot fail for these plain types.
@@ -18,6 +23,11 @@ pub fn encode(rev: u64, state: &CustomerState) -> Vec<u8> {
 
 /// Splits and decodes a stored value into its revision and state.
 pub fn decode(bytes: &[u8]) -> Result<(u64, CustomerState), String> {
+    decode_any(bytes)
+}
+
+/// Decodes any stored record written by `encode_any`.
+pub fn decode_any<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<(u64, T), String> {
     let colon = bytes
         .iter()
         .take(21)

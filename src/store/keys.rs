@@ -25,6 +25,11 @@ impl Keys {
         format!("{}:{}:state", self.prefix, Self::tag(c))
     }
 
+    /// A campaign's state: `PREFIX:{campaign:tenant/campaign}:campaign`.
+    pub fn campaign(&self, tenant: &str, campaign: &str) -> String {
+        format!("{}:{{campaign:{tenant}/{campaign}}}:campaign", self.prefix)
+    }
+
     /// Pattern matching every state key of one tenant (for operator scans).
     pub fn tenant_pattern(&self, tenant: &str) -> String {
         format!("{}:{{{}/*}}:*", self.prefix, tenant)

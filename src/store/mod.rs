@@ -1,7 +1,9 @@
 //! State storage adapters. The Redis layout is described in `keys.rs` and `blob.rs`.
 
 pub mod blob;
+pub mod gauges;
 pub mod keys;
 pub mod redis;
+pub mod timers;
 
 pub use self::redis::{Loaded, StateStore};

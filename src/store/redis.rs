@@ -9,6 +9,7 @@ use std::time::Instant;
 use super::blob;
 use super::keys::Keys;
 use crate::config::RedisConfig;
+use crate::domain::campaign::CampaignState;
 use crate::domain::event::CustomerRef;
 use crate::domain::state::CustomerState;
 use crate::error::StoreError;
@@ -102,6 +103,11 @@ impl StateStore {
         };
         store.load_scripts().await?;
         Ok(store)
+    }
+
+    /// The shared connection, for other stores (timers, gauges).
+    pub fn conn(&self) -> Conn {
+        self.conn.clone()
     }
 
     pub fn keys(&self) -> &Keys {
@@ -224,6 +230,65 @@ impl StateStore {
             }
         }
         unreachable!("the loop returns on its second attempt")
+    }
+
+    /// Loads campaign states (absent: empty at revision 0) in one round trip.
+    pub async fn load_campaigns(
+        &self,
+        ids: &[(&str, &str)],
+    ) -> Result<Vec<(u64, CampaignState)>, StoreError> {
+        if ids.is_empty() {
+            return Ok(vec![]);
+        }
+        let mut pipe = redis::pipe();
+        for (t, c) in ids {
+            pipe.cmd("GET").arg(self.keys.campaign(t, c));
+        }
+        let mut conn = self.conn.clone();
+        let started = Instant::now();
+        let r: Result<Vec<Option<Vec<u8>>>, _> = pipe.query_async(&mut conn).await;
+        self.observe("load_campaigns", started, &r);
+        r?.into_iter()
+            .zip(ids)
+            .map(|(v, (t, c))| match v {
+                None => Ok((0, CampaignState::default())),
+                Some(b) => blob::decode_any(&b).map_err(|reason| StoreError::Corrupt {
+                    key: self.keys.campaign(t, c),
+                    reason,
+                }),
+            })
+            .collect()
+    }
+
+    /// Compare-and-set writes of campaign states; true where the write landed.
+    pub async fn save_campaigns(
+        &self,
+        writes: &[((&str, &str), u64, &CampaignState)],
+    ) -> Result<Vec<bool>, StoreError> {
+        if writes.is_empty() {
+            return Ok(vec![]);
+        }
+        let mut pipe = redis::pipe();
+        for ((t, c), rev, state) in writes {
+            pipe.cmd("EVALSHA")
+                .arg(&self.cas_sha)
+                .arg(1)
+                .arg(self.keys.campaign(t, c))
+                .arg(*rev)
+                .arg(blob::encode_any(rev + 1, *state));
+        }
+        let mut conn = self.conn.clone();
+        let started = Instant::now();
+        let r: Result<Vec<i64>, _> = pipe.query_async(&mut conn).await;
+        self.observe("save_campaigns", started, &r);
+        match r {
+            Ok(v) => Ok(v.into_iter().map(|x| x == 1).collect()),
+            Err(e) if e.kind() == redis::ErrorKind::NoScriptError => {
+                self.load_scripts().await?;
+                Err(e.into())
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Deletes every key of one customer (operator tooling and tests).

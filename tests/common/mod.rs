@@ -31,6 +31,8 @@
 
 #![allow(dead_code)]
 
+pub mod stack;
+
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom};

@@ -1,0 +1,846 @@
+//! `lapse bench consume`: end-to-end throughput of the real service.
+//!
+//! Each run starts the `lapse run` binary as a child process (what users run),
+//! with a fresh consumer group and a flushed Redis database, and observes it
+//! from outside: its `/metrics` endpoint, the group's committed offsets, and
+//! CPU time from `/proc`. Then it stops the child with SIGTERM.
+//!
+//! Timeline of a run (all measured here, at `--scrape-interval` resolution):
+//!
+//! * `first`: the first scrape where `lapse_records_total > 0`, i.e. the first
+//!   batch has been read and handed to the pipeline. Group join and start-up
+//!   before it are reported (`startup`) but not timed.
+//! * `durable`: `lapse_batch_records_sum` (records of batches that finished,
+//!   decoded, dead-lettered or folded, and written to Redis) reaches the record
+//!   count: every state is durable.
+//! * `committed`: the group's committed offsets reach the end of every input
+//!   partition (read from the data: see `KafkaView::true_ends`). This is the
+//!   headline: "applied and committed".
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+use serde::Serialize;
+
+use super::machine::{self, Machine};
+use super::prom::Scrape;
+use super::{median, Stats};
+use crate::config::Config;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct ConsumeArgs {
+    /// Records the input topics must hold (what `bench produce` wrote); a
+    /// different count stops the benchmark before it starts.
+    #[arg(long)]
+    pub expect: u64,
+    /// lapse config for the runs; the child gets it as `lapse run --config`.
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+    /// Override one config key for the runs, as a TOML line (repeatable), e.g.
+    /// `--set batch.max_records=5000` or `--set 'kafka.consumer_properties."fetch.wait.max.ms"="10"'`.
+    #[arg(long = "set", value_name = "TOML")]
+    pub set: Vec<String>,
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// The lapse binary to run (default: this executable).
+    #[arg(long)]
+    pub lapse_bin: Option<PathBuf>,
+    /// Give up on a run after this many seconds.
+    #[arg(long, default_value_t = 900)]
+    pub timeout_secs: u64,
+    /// How often /metrics is read, in milliseconds (the timing resolution).
+    #[arg(long, default_value_t = 20)]
+    pub scrape_interval_ms: u64,
+    /// Process id of the broker on this machine, to report its CPU share.
+    #[arg(long)]
+    pub broker_pid: Option<u32>,
+    /// Directory for the runs' effective config and lapse logs (default: a temp dir).
+    #[arg(long)]
+    pub work_dir: Option<PathBuf>,
+    /// Also write the results as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+/// One run's figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunResult {
+    pub run: usize,
+    pub records: u64,
+    /// Spawn to first record handed to the pipeline (group join, not timed).
+    pub startup_seconds: f64,
+    /// First record to all offsets committed (the headline).
+    pub seconds: f64,
+    pub events_per_second: f64,
+    /// First record to every state durable in Redis.
+    pub durable_seconds: f64,
+    pub durable_events_per_second: f64,
+    pub batches: u64,
+    pub mean_batch_records: f64,
+    pub batch_ms_p50: Option<f64>,
+    pub batch_ms_p90: Option<f64>,
+    pub batch_ms_p99: Option<f64>,
+    pub batch_ms_mean: Option<f64>,
+    pub redis_load_ms_mean: Option<f64>,
+    pub redis_save_ms_mean: Option<f64>,
+    pub state_writes: u64,
+    pub cas_conflicts: u64,
+    pub dead_letters: u64,
+    pub duplicates_skipped: u64,
+    pub customers_in_redis: u64,
+    pub redis_bytes_per_customer: Option<f64>,
+    /// CPU seconds used between `first` and `committed`, per process.
+    pub lapse_cpu_seconds: Option<f64>,
+    pub redis_cpu_seconds: Option<f64>,
+    pub broker_cpu_seconds: Option<f64>,
+    /// Busy share of the whole machine (all cores) between `first` and `committed`.
+    pub machine_busy: Option<f64>,
+    pub load_average_before: Option<f64>,
+    pub lapse_exit_ok: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ConsumeReport {
+    pub machine: Machine,
+    pub redis_version: String,
+    pub redis_persistence: String,
+    pub partitions: usize,
+    pub records: u64,
+    pub config_overrides: Vec<String>,
+    pub runs: Vec<RunResult>,
+    pub median_events_per_second: f64,
+    pub median_seconds: f64,
+    pub median_durable_events_per_second: f64,
+    pub events_per_second: Stats,
+}
+
+type Tp = (String, i32);
+
+/// Merges `--set` lines into the config file's table and writes the result.
+fn effective_config(
+    base: Option<&Path>,
+    sets: &[String],
+    dir: &Path,
+) -> anyhow::Result<(PathBuf, Config)> {
+    let text = match base {
+        Some(p) => {
+            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?
+        }
+        None => String::new(),
+    };
+    let mut table: toml::Table = toml::from_str(&text).with_context(|| {
+        format!(
+            "parsing {}",
+            base.map_or("".into(), |p| p.display().to_string())
+        )
+    })?;
+    for s in sets {
+        let patch: toml::Table = toml::from_str(s)
+            .with_context(|| format!("--set {s:?} is not a TOML key = value line"))?;
+        merge(&mut table, patch);
+    }
+    let path = dir.join("lapse-bench.toml");
+    std::fs::write(&path, toml::to_string(&table)?)
+        .with_context(|| format!("writing {}", path.display()))?;
+    let cfg = Config::load(Some(&path)).context("the benchmark's effective config")?;
+    Ok((path, cfg))
+}
+
+fn merge(into: &mut toml::Table, patch: toml::Table) {
+    for (k, v) in patch {
+        match (into.get_mut(&k), v) {
+            (Some(toml::Value::Table(a)), toml::Value::Table(b)) => merge(a, b),
+            (_, v) => {
+                into.insert(k, v);
+            }
+        }
+    }
+}
+
+/// Kafka look-ups of the benchmark (blocking librdkafka calls, run off the runtime).
+struct KafkaView {
+    brokers: String,
+    partitions: Vec<Tp>,
+}
+
+impl KafkaView {
+    async fn new(brokers: &str, topics: &[&str]) -> anyhow::Result<KafkaView> {
+        let brokers = brokers.to_string();
+        let topics: Vec<String> = topics.iter().map(|t| t.to_string()).collect();
+        let b = brokers.clone();
+        let partitions = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<Tp>> {
+            let c: BaseConsumer = ClientConfig::new().set("bootstrap.servers", &b).create()?;
+            let mut out = Vec::new();
+            for t in &topics {
+                let md = c
+                    .fetch_metadata(Some(t), Duration::from_secs(10))
+                    .with_context(|| format!("metadata of topic {t}"))?;
+                let tm = md
+                    .topics()
+                    .iter()
+                    .find(|x| x.name() == t)
+                    .with_context(|| format!("topic {t} not in metadata"))?;
+                if tm.error().is_some() || tm.partitions().is_empty() {
+                    bail!("topic {t} does not exist: run `lapse bench produce` first");
+                }
+                out.extend(tm.partitions().iter().map(|p| (t.clone(), p.id())));
+            }
+            Ok(out)
+        })
+        .await??;
+        Ok(KafkaView {
+            brokers,
+            partitions,
+        })
+    }
+
+    /// `(low, high)` watermarks per partition.
+    async fn watermarks(&self) -> anyhow::Result<BTreeMap<Tp, (i64, i64)>> {
+        let (b, parts) = (self.brokers.clone(), self.partitions.clone());
+        tokio::task::spawn_blocking(move || {
+            let c: BaseConsumer = ClientConfig::new().set("bootstrap.servers", &b).create()?;
+            parts
+                .into_iter()
+                .map(|(t, p)| {
+                    let w = c
+                        .fetch_watermarks(&t, p, Duration::from_secs(10))
+                        .with_context(|| format!("watermarks of {t}/{p}"))?;
+                    Ok(((t, p), w))
+                })
+                .collect()
+        })
+        .await?
+    }
+
+    /// The offset after the last record of every partition, read from the data.
+    ///
+    /// Not simply the high watermark: tansu 0.6 reports the high watermark as the
+    /// first offset of the partition's last record batch + 1, so with batching
+    /// producers it under-counts. Reading from `high - 1` (the last record on a
+    /// Kafka broker; the last batch's first record on tansu) to the end gives the
+    /// true end on both.
+    async fn true_ends(
+        &self,
+        marks: &BTreeMap<Tp, (i64, i64)>,
+    ) -> anyhow::Result<BTreeMap<Tp, i64>> {
+        let b = self.brokers.clone();
+        let marks = marks.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut ends: BTreeMap<Tp, i64> =
+                marks.iter().map(|(tp, (_, hi))| (tp.clone(), *hi)).collect();
+            let mut tpl = TopicPartitionList::new();
+            for ((t, p), (lo, hi)) in &marks {
+                if hi > lo {
+                    tpl.add_partition_offset(t, *p, Offset::Offset(hi - 1))?;
+                }
+            }
+            let want = tpl.count();
+            if want == 0 {
+                return Ok(ends);
+            }
+            let c: BaseConsumer = ClientConfig::new()
+                .set("bootstrap.servers", &b)
+                .set("group.id", "lapse-bench-probe")
+                .set("enable.auto.commit", "false")
+                .set("enable.partition.eof", "false")
+                .create()?;
+            c.assign(&tpl)?;
+            let mut seen = std::collections::HashSet::new();
+            let started = Instant::now();
+            let mut last_new = Instant::now();
+            loop {
+                match c.poll(Duration::from_millis(50)) {
+                    Some(Ok(m)) => {
+                        let tp = (m.topic().to_string(), m.partition());
+                        let e = ends.entry(tp.clone()).or_insert(0);
+                        *e = (*e).max(m.offset() + 1);
+                        seen.insert(tp);
+                        last_new = Instant::now();
+                    }
+                    Some(Err(e)) => bail!("reading the tail of the input topics: {e}"),
+                    None => {}
+                }
+                if seen.len() == want && last_new.elapsed() >= Duration::from_millis(500) {
+                    return Ok(ends);
+                }
+                if started.elapsed() >= Duration::from_secs(60) {
+                    bail!(
+                        "reading the tail of the input topics: {} of {want} partitions answered in 60 s",
+                        seen.len()
+                    );
+                }
+            }
+        })
+        .await?
+    }
+
+    /// A client that reads `group`'s committed offsets (it never joins the group).
+    fn group_reader(&self, group: &str) -> anyhow::Result<Arc<BaseConsumer>> {
+        Ok(Arc::new(
+            ClientConfig::new()
+                .set("bootstrap.servers", &self.brokers)
+                .set("group.id", group)
+                .set("enable.auto.commit", "false")
+                .create()?,
+        ))
+    }
+
+    async fn committed(&self, reader: &Arc<BaseConsumer>) -> anyhow::Result<BTreeMap<Tp, i64>> {
+        let (c, parts) = (reader.clone(), self.partitions.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut tpl = TopicPartitionList::new();
+            for (t, p) in &parts {
+                tpl.add_partition(t, *p);
+            }
+            let got = c.committed_offsets(tpl, Duration::from_secs(10))?;
+            Ok(got
+                .elements()
+                .iter()
+                .filter_map(|e| match e.offset() {
+                    Offset::Offset(o) => Some(((e.topic().to_string(), e.partition()), o)),
+                    _ => None,
+                })
+                .collect())
+        })
+        .await?
+    }
+}
+
+/// Redis look-ups: flush before a run, size and CPU after.
+struct RedisView {
+    conn: redis::aio::MultiplexedConnection,
+}
+
+impl RedisView {
+    async fn connect(cfg: &Config) -> anyhow::Result<RedisView> {
+        if cfg.redis.cluster || !cfg.redis.cluster_nodes.is_empty() {
+            bail!("the benchmark flushes one Redis node between runs: use a single node (redis.cluster = false)");
+        }
+        let client = redis::Client::open(cfg.redis.url.as_str()).context("redis.url")?;
+        let conn = client
+            .get_multiplexed_async_connection()
+            .await
+            .with_context(|| format!("connecting to Redis at {}", cfg.redis.url))?;
+        Ok(RedisView { conn })
+    }
+
+    async fn info(&self, section: &str) -> anyhow::Result<BTreeMap<String, String>> {
+        let mut c = self.conn.clone();
+        let text: String = redis::cmd("INFO").arg(section).query_async(&mut c).await?;
+        Ok(text
+            .lines()
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+            .collect())
+    }
+
+    async fn num(&self, section: &str, key: &str) -> Option<f64> {
+        self.info(section).await.ok()?.get(key)?.parse().ok()
+    }
+
+    async fn cpu_seconds(&self) -> Option<f64> {
+        let i = self.info("cpu").await.ok()?;
+        let f = |k: &str| i.get(k)?.parse::<f64>().ok();
+        Some(f("used_cpu_user")? + f("used_cpu_sys")?)
+    }
+
+    async fn flush(&self) -> anyhow::Result<()> {
+        let mut c = self.conn.clone();
+        let _: () = redis::cmd("FLUSHDB").query_async(&mut c).await?;
+        Ok(())
+    }
+
+    async fn dbsize(&self) -> anyhow::Result<u64> {
+        let mut c = self.conn.clone();
+        Ok(redis::cmd("DBSIZE").query_async(&mut c).await?)
+    }
+
+    async fn persistence(&self) -> String {
+        let get = |k: &'static str| {
+            let mut c = self.conn.clone();
+            async move {
+                let v: Vec<String> = redis::cmd("CONFIG")
+                    .arg("GET")
+                    .arg(k)
+                    .query_async(&mut c)
+                    .await
+                    .unwrap_or_default();
+                v.get(1).cloned().unwrap_or_else(|| "?".into())
+            }
+        };
+        let (aof, save, fsync) = (
+            get("appendonly").await,
+            get("save").await,
+            get("appendfsync").await,
+        );
+        if aof == "no" && save.is_empty() {
+            "off (appendonly no, save \"\"): the figures measure lapse, not disk fsync".into()
+        } else {
+            format!("appendonly {aof} (appendfsync {fsync}), save \"{save}\"")
+        }
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// Sends SIGTERM (what a user's supervisor sends) to the child.
+fn terminate(pid: u32) {
+    unsafe extern "C" {
+        fn kill(pid: i32, sig: i32) -> i32;
+    }
+    const SIGTERM: i32 = 15;
+    if let Ok(pid) = i32::try_from(pid) {
+        // SAFETY: kill(2) has no memory-safety preconditions.
+        unsafe {
+            kill(pid, SIGTERM);
+        }
+    }
+}
+
+fn log_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
+struct RunEnv<'a> {
+    args: &'a ConsumeArgs,
+    bin: &'a Path,
+    config_path: &'a Path,
+    work_dir: &'a Path,
+    kafka: &'a KafkaView,
+    redis: &'a RedisView,
+    records: u64,
+    ends: &'a BTreeMap<Tp, i64>,
+}
+
+async fn scrape(http: &reqwest::Client, url: &str) -> Option<Scrape> {
+    let r = http.get(url).send().await.ok()?;
+    if !r.status().is_success() {
+        return None;
+    }
+    Some(Scrape::parse(&r.text().await.ok()?))
+}
+
+async fn one_run(env: &RunEnv<'_>, run: usize) -> anyhow::Result<RunResult> {
+    let args = env.args;
+    env.redis.flush().await.context("FLUSHDB before the run")?;
+    let mem_before = env.redis.num("memory", "used_memory").await;
+    let load_average_before = machine::load_average();
+    let group = format!(
+        "lapse-bench-{}-{}-{run}",
+        std::process::id(),
+        chrono::Utc::now().timestamp_millis()
+    );
+    let port = free_port()?;
+    let log_path = env.work_dir.join(format!("lapse-run-{run}.log"));
+    let log = std::fs::File::create(&log_path)?;
+    let spawned = Instant::now();
+    let mut child = tokio::process::Command::new(env.bin)
+        .arg("run")
+        .arg("--config")
+        .arg(env.config_path)
+        .env("LAPSE_GROUP_ID", &group)
+        .env("LAPSE_HTTP_LISTEN", format!("127.0.0.1:{port}"))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {} run", env.bin.display()))?;
+    let pid = child.id().context("child pid")?;
+    let url = format!("http://127.0.0.1:{port}/metrics");
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()?;
+    let interval = Duration::from_millis(args.scrape_interval_ms.max(1));
+    let deadline = spawned + Duration::from_secs(args.timeout_secs);
+
+    let fail = |what: String| -> anyhow::Error {
+        anyhow::anyhow!(
+            "{what}; lapse log {}:\n{}",
+            log_path.display(),
+            log_tail(&log_path)
+        )
+    };
+
+    // Phase 1: wait for the first record, then for every batch to be durable.
+    let mut first: Option<Instant> = None;
+    let mut durable: Option<Instant> = None;
+    let mut cpu_at_first = (None, None, None, None);
+    let mut last_progress = Instant::now();
+    while durable.is_none() {
+        if let Some(status) = child.try_wait()? {
+            return Err(fail(format!("lapse exited early ({status})")));
+        }
+        if Instant::now() >= deadline {
+            return Err(fail(format!(
+                "run {run} did not finish in {} s (--timeout-secs)",
+                args.timeout_secs
+            )));
+        }
+        if let Some(s) = scrape(&http, &url).await {
+            let now = Instant::now();
+            if first.is_none() && s.sum("lapse_records_total") > 0.0 {
+                first = Some(now);
+                cpu_at_first = (
+                    machine::process_cpu_seconds(pid),
+                    env.redis.cpu_seconds().await,
+                    args.broker_pid.and_then(machine::process_cpu_seconds),
+                    machine::machine_cpu_ticks(),
+                );
+            }
+            let done = s.sum("lapse_batch_records_sum");
+            if done >= env.records as f64 {
+                durable = Some(now);
+            } else if last_progress.elapsed() >= Duration::from_secs(5) {
+                eprintln!("  run {run}: {done:.0}/{} records durable", env.records);
+                last_progress = Instant::now();
+            }
+        }
+        if durable.is_none() {
+            tokio::time::sleep(interval).await;
+        }
+    }
+    let (first, durable) = (
+        first.expect("set before durable"),
+        durable.expect("loop exit"),
+    );
+
+    // Phase 2: wait until the group's committed offsets reach the end of every partition.
+    let reader = env.kafka.group_reader(&group)?;
+    let committed_at = loop {
+        if let Some(status) = child.try_wait()? {
+            return Err(fail(format!("lapse exited before committing ({status})")));
+        }
+        if Instant::now() >= deadline {
+            return Err(fail(format!("run {run}: offsets not committed in time")));
+        }
+        let committed = env.kafka.committed(&reader).await.unwrap_or_default();
+        let now = Instant::now();
+        if env
+            .ends
+            .iter()
+            .all(|(tp, end)| *end == 0 || committed.get(tp) == Some(end))
+        {
+            break now;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let cpu_at_end = (
+        machine::process_cpu_seconds(pid),
+        env.redis.cpu_seconds().await,
+        args.broker_pid.and_then(machine::process_cpu_seconds),
+        machine::machine_cpu_ticks(),
+    );
+    let diff = |a: Option<f64>, b: Option<f64>| Some(b? - a?);
+
+    let s = scrape(&http, &url)
+        .await
+        .ok_or_else(|| fail("cannot read /metrics after the run".into()))?;
+    let customers_in_redis = env.redis.dbsize().await?;
+    let mem_after = env.redis.num("memory", "used_memory").await;
+
+    terminate(pid);
+    let exit = tokio::time::timeout(Duration::from_secs(60), child.wait()).await;
+    let lapse_exit_ok = matches!(exit, Ok(Ok(st)) if st.success());
+    if !lapse_exit_ok {
+        eprintln!(
+            "  run {run}: lapse did not exit 0 after SIGTERM ({exit:?}); see {}",
+            log_path.display()
+        );
+        let _ = child.start_kill();
+        let _ = child.wait().await;
+    }
+
+    let seconds = committed_at.duration_since(first).as_secs_f64();
+    let durable_seconds = durable.duration_since(first).as_secs_f64();
+    let ms = |v: Option<f64>| v.map(|x| x * 1000.0);
+    let batches = s.sum("lapse_batch_records_count") as u64;
+    Ok(RunResult {
+        run,
+        records: env.records,
+        startup_seconds: first.duration_since(spawned).as_secs_f64(),
+        seconds,
+        events_per_second: env.records as f64 / seconds.max(1e-9),
+        durable_seconds,
+        durable_events_per_second: env.records as f64 / durable_seconds.max(1e-9),
+        batches,
+        mean_batch_records: s.sum("lapse_batch_records_sum") / (batches.max(1) as f64),
+        batch_ms_p50: ms(s.quantile("lapse_batch_seconds", &[], 0.5)),
+        batch_ms_p90: ms(s.quantile("lapse_batch_seconds", &[], 0.9)),
+        batch_ms_p99: ms(s.quantile("lapse_batch_seconds", &[], 0.99)),
+        batch_ms_mean: ms(s.mean("lapse_batch_seconds", &[])),
+        redis_load_ms_mean: ms(s.mean("lapse_redis_call_seconds", &[("op", "load")])),
+        redis_save_ms_mean: ms(s.mean("lapse_redis_call_seconds", &[("op", "save")])),
+        state_writes: s.sum("lapse_state_writes_total") as u64,
+        cas_conflicts: s.sum("lapse_state_write_conflicts_total") as u64,
+        dead_letters: s.sum("lapse_records_invalid_total") as u64,
+        duplicates_skipped: s.sum("lapse_duplicates_skipped_total") as u64,
+        customers_in_redis,
+        redis_bytes_per_customer: match (mem_before, mem_after) {
+            (Some(a), Some(b)) if customers_in_redis > 0 => {
+                Some((b - a) / customers_in_redis as f64)
+            }
+            _ => None,
+        },
+        lapse_cpu_seconds: diff(cpu_at_first.0, cpu_at_end.0),
+        redis_cpu_seconds: diff(cpu_at_first.1, cpu_at_end.1),
+        broker_cpu_seconds: diff(cpu_at_first.2, cpu_at_end.2),
+        machine_busy: machine::busy_share(cpu_at_first.3, cpu_at_end.3),
+        load_average_before,
+        lapse_exit_ok,
+    })
+}
+
+pub async fn run(args: &ConsumeArgs) -> anyhow::Result<ConsumeReport> {
+    anyhow::ensure!(args.runs >= 1, "--runs must be at least 1");
+    let work_dir = match &args.work_dir {
+        Some(d) => d.clone(),
+        None => std::env::temp_dir().join(format!("lapse-bench-{}", std::process::id())),
+    };
+    std::fs::create_dir_all(&work_dir)
+        .with_context(|| format!("creating {}", work_dir.display()))?;
+    let (config_path, cfg) = effective_config(args.config.as_deref(), &args.set, &work_dir)?;
+    let bin = match &args.lapse_bin {
+        Some(b) => b.clone(),
+        None => std::env::current_exe().context("locating this executable")?,
+    };
+    let inputs = cfg.kafka.topics.inputs();
+    let kafka = KafkaView::new(&cfg.kafka.brokers, &inputs).await?;
+    let marks = kafka.watermarks().await?;
+    if marks.values().any(|(lo, _)| *lo > 0) {
+        bail!("the input topics were truncated (low watermark > 0); produce into fresh topics");
+    }
+    let ends = kafka.true_ends(&marks).await?;
+    let records: u64 = ends.values().map(|e| (*e).max(0) as u64).sum();
+    if records != args.expect {
+        bail!(
+            "the input topics hold {records} records, not the {} expected (--expect): \
+             produce into fresh topics with `lapse bench produce --events {}`",
+            args.expect,
+            args.expect
+        );
+    }
+    let redis = RedisView::connect(&cfg).await?;
+    let machine = Machine::describe();
+    let redis_version = redis
+        .info("server")
+        .await
+        .ok()
+        .and_then(|i| i.get("redis_version").cloned())
+        .unwrap_or_else(|| "?".into());
+    let redis_persistence = redis.persistence().await;
+
+    println!("machine: {}", machine.one_line());
+    println!("redis {redis_version}: persistence {redis_persistence}");
+    println!(
+        "input: {records} records in {} partitions of {} topics; lapse: {} run --config {}",
+        kafka.partitions.len(),
+        inputs.len(),
+        bin.display(),
+        config_path.display()
+    );
+    if !args.set.is_empty() {
+        println!("config overrides: {}", args.set.join("  "));
+    }
+    println!(
+        "work dir (effective config, lapse logs): {}",
+        work_dir.display()
+    );
+
+    let env = RunEnv {
+        args,
+        bin: &bin,
+        config_path: &config_path,
+        work_dir: &work_dir,
+        kafka: &kafka,
+        redis: &redis,
+        records,
+        ends: &ends,
+    };
+    let mut runs = Vec::new();
+    for run in 1..=args.runs {
+        eprintln!(
+            "run {run}/{}: flushing Redis, starting lapse with a fresh group",
+            args.runs
+        );
+        let r = one_run(&env, run).await?;
+        print_run(&r);
+        runs.push(r);
+    }
+    let eps: Vec<f64> = runs.iter().map(|r| r.events_per_second).collect();
+    let report = ConsumeReport {
+        machine,
+        redis_version,
+        redis_persistence,
+        partitions: kafka.partitions.len(),
+        records,
+        config_overrides: args.set.clone(),
+        median_events_per_second: median(&eps),
+        median_seconds: median(&runs.iter().map(|r| r.seconds).collect::<Vec<_>>()),
+        median_durable_events_per_second: median(
+            &runs
+                .iter()
+                .map(|r| r.durable_events_per_second)
+                .collect::<Vec<_>>(),
+        ),
+        events_per_second: Stats::of(&eps),
+        runs,
+    };
+    print_summary(&report);
+    if let Some(p) = &args.json {
+        std::fs::write(p, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", p.display()))?;
+        println!("results written to {}", p.display());
+    }
+    Ok(report)
+}
+
+fn opt(v: Option<f64>, prec: usize) -> String {
+    v.map_or_else(|| "?".into(), |x| format!("{x:.prec$}"))
+}
+
+fn pct(v: Option<f64>) -> String {
+    v.map_or_else(|| "?".into(), |x| format!("{:.0}%", x * 100.0))
+}
+
+fn print_run(r: &RunResult) {
+    println!(
+        "run {}: {:.0} events/s committed ({:.2} s), {:.0} events/s durable ({:.2} s); start-up {:.1} s",
+        r.run,
+        r.events_per_second,
+        r.seconds,
+        r.durable_events_per_second,
+        r.durable_seconds,
+        r.startup_seconds
+    );
+    println!(
+        "  batches {} (mean {:.0} records), batch ms p50 {} p90 {} p99 {} mean {}; redis ms/batch load {} save {}",
+        r.batches,
+        r.mean_batch_records,
+        opt(r.batch_ms_p50, 1),
+        opt(r.batch_ms_p90, 1),
+        opt(r.batch_ms_p99, 1),
+        opt(r.batch_ms_mean, 1),
+        opt(r.redis_load_ms_mean, 2),
+        opt(r.redis_save_ms_mean, 2),
+    );
+    println!(
+        "  cpu s: lapse {} redis {} broker {}; machine busy {} (load avg before {}); \
+         {} customers in Redis ({} B each), {} writes, {} conflicts, {} dead letters, {} duplicates{}",
+        opt(r.lapse_cpu_seconds, 1),
+        opt(r.redis_cpu_seconds, 1),
+        opt(r.broker_cpu_seconds, 1),
+        pct(r.machine_busy),
+        opt(r.load_average_before, 2),
+        r.customers_in_redis,
+        opt(r.redis_bytes_per_customer, 0),
+        r.state_writes,
+        r.cas_conflicts,
+        r.dead_letters,
+        r.duplicates_skipped,
+        if r.lapse_exit_ok { "" } else { "; lapse did NOT exit 0 on SIGTERM" }
+    );
+}
+
+fn print_summary(rep: &ConsumeReport) {
+    println!();
+    println!(
+        "== lapse bench consume: {} records, {} runs",
+        rep.records,
+        rep.runs.len()
+    );
+    println!("machine: {}", rep.machine.one_line());
+    println!(
+        "redis {}: persistence {}",
+        rep.redis_version, rep.redis_persistence
+    );
+    println!(
+        "{:>4} {:>12} {:>8} {:>12} {:>8} {:>9} {:>9} {:>9} {:>7} {:>7} {:>7} {:>6}",
+        "run",
+        "events/s",
+        "wall s",
+        "durable/s",
+        "batches",
+        "p50 ms",
+        "p99 ms",
+        "lapse cpu",
+        "redis",
+        "broker",
+        "busy",
+        "load"
+    );
+    for r in &rep.runs {
+        println!(
+            "{:>4} {:>12.0} {:>8.2} {:>12.0} {:>8} {:>9} {:>9} {:>9} {:>7} {:>7} {:>7} {:>6}",
+            r.run,
+            r.events_per_second,
+            r.seconds,
+            r.durable_events_per_second,
+            r.batches,
+            opt(r.batch_ms_p50, 1),
+            opt(r.batch_ms_p99, 1),
+            opt(r.lapse_cpu_seconds, 1),
+            opt(r.redis_cpu_seconds, 1),
+            opt(r.broker_cpu_seconds, 1),
+            pct(r.machine_busy),
+            opt(r.load_average_before, 2),
+        );
+    }
+    println!(
+        "median: {:.0} events/s ({:.2} s from first record read to all offsets committed; \
+         {:.0} events/s to all state durable in Redis)",
+        rep.median_events_per_second, rep.median_seconds, rep.median_durable_events_per_second
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn set_lines_merge_into_the_config_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.toml");
+        std::fs::write(
+            &base,
+            "[batch]\nmax_records = 10\nmax_wait = \"50ms\"\n[kafka]\nbrokers = \"x:1\"\n",
+        )
+        .unwrap();
+        let (path, cfg) = effective_config(
+            Some(&base),
+            &[
+                "batch.max_records = 5000".into(),
+                r#"kafka.consumer_properties."fetch.wait.max.ms" = "10""#.into(),
+            ],
+            dir.path(),
+        )
+        .unwrap();
+        assert!(path.exists());
+        assert_eq!(cfg.batch.max_records, 5000);
+        assert_eq!(cfg.batch.max_wait.0, Duration::from_millis(50));
+        assert_eq!(
+            cfg.kafka
+                .consumer_properties
+                .get("fetch.wait.max.ms")
+                .map(String::as_str),
+            Some("10")
+        );
+        let err = effective_config(Some(&base), &["batch.max_records = 0".into()], dir.path())
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("batch.max_records"), "{err:#}");
+    }
+}

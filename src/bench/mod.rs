@@ -1,0 +1,94 @@
+//! `lapse bench`: benchmarks that print figures (never timed assertions in tests).
+//!
+//! * `produce`: fill the input topics with a deterministic synthetic workload;
+//! * `consume`: end-to-end throughput of `lapse run` over what is in the topics.
+//!
+//! `scripts/bench` sets up Redis and the broker on loopback and runs both. Later
+//! benchmarks (latency under a fixed load, timer lag, memory per customer, a
+//! profile) are further subcommands that reuse the pieces here: the workload
+//! generator, the machine description, the `/metrics` reader and `median`.
+
+pub mod consume;
+pub mod machine;
+pub mod produce;
+pub mod prom;
+pub mod workload;
+
+use serde::Serialize;
+
+use crate::config::Config;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    pub cmd: BenchCmd,
+}
+
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum BenchCmd {
+    /// Pre-produce a synthetic workload (all five kinds) to the input topics.
+    Produce(produce::ProduceArgs),
+    /// Measure events/s of `lapse run` consuming what the input topics hold.
+    Consume(consume::ConsumeArgs),
+}
+
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    match args.cmd {
+        BenchCmd::Produce(a) => {
+            let report = produce::run(&a).await?;
+            let cfg = Config::load(a.config.as_deref())?;
+            produce::print(&report, &cfg.kafka.topics.inputs());
+            Ok(())
+        }
+        BenchCmd::Consume(a) => consume::run(&a).await.map(|_| ()),
+    }
+}
+
+/// Median (mean of the two middle values for an even count); 0 for no values.
+pub fn median(values: &[f64]) -> f64 {
+    let mut v: Vec<f64> = values.iter().copied().filter(|x| !x.is_nan()).collect();
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// Spread of a figure over the runs.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+pub struct Stats {
+    pub min: f64,
+    pub median: f64,
+    pub max: f64,
+}
+
+impl Stats {
+    pub fn of(values: &[f64]) -> Stats {
+        let min = values.iter().copied().fold(f64::INFINITY, f64::min);
+        let max = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        Stats {
+            min: if min.is_finite() { min } else { 0.0 },
+            median: median(values),
+            max: if max.is_finite() { max } else { 0.0 },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_of_odd_even_and_empty() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert_eq!(median(&[]), 0.0);
+        let s = Stats::of(&[5.0, 1.0, 3.0]);
+        assert_eq!((s.min, s.median, s.max), (1.0, 3.0, 5.0));
+    }
+}

@@ -1,0 +1,440 @@
+//! Marketing allowance per customer×channel: frequency caps over rolling windows,
+//! click-rate throttling with hysteresis, unsubscribe suppression and quiet hours,
+//! folded into one state (`OPEN`, `CAPPED`, `THROTTLED`, `SUPPRESSED`) with the
+//! time sends are allowed again. A decision is emitted only when that state
+//! changes (or its `allowed_from` moves later), with an id derived from the
+//! customer, channel and the transition's sequence number, so a replay yields
+//! the same ids.
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::engagement::{ChannelEngagement, Counts};
+use super::event::{Channel, CustomerRef};
+use super::policy::{CapRule, EngagementSignal, Policy, ThrottleAction, MAX_CAP};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum AllowanceState {
+    Open,
+    Capped,
+    Throttled,
+    Suppressed,
+}
+
+impl AllowanceState {
+    pub const ALL: [AllowanceState; 4] = [
+        AllowanceState::Open,
+        AllowanceState::Capped,
+        AllowanceState::Throttled,
+        AllowanceState::Suppressed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AllowanceState::Open => "OPEN",
+            AllowanceState::Capped => "CAPPED",
+            AllowanceState::Throttled => "THROTTLED",
+            AllowanceState::Suppressed => "SUPPRESSED",
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            AllowanceState::Open => "open",
+            AllowanceState::Capped => "capped",
+            AllowanceState::Throttled => "throttled",
+            AllowanceState::Suppressed => "suppressed",
+        }
+    }
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// A period in which a channel is throttled for low engagement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ThrottleSpell {
+    pub since: i64,
+    pub until: i64,
+    /// Why it started: below the fraction of baseline, or below the absolute floor.
+    pub below_floor: bool,
+}
+
+/// The last decision published for a customer×channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Published {
+    pub state: AllowanceState,
+    pub allowed_from: Option<i64>,
+    /// Transitions published so far on this customer×channel (decision ids derive from it).
+    pub seq: u32,
+}
+
+/// Frequency-control memory of one customer×channel (bounded).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ChannelControl {
+    /// Marketing send times, ascending; only those that can still matter, at most `2 × MAX_CAP`.
+    pub sends: Vec<i64>,
+    pub spell: Option<ThrottleSpell>,
+    pub published: Option<Published>,
+    /// Marketing sends made while the channel was not allowed (lifetime count).
+    pub violations: u32,
+}
+
+/// Why a marketing send broke the allowance (for metrics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Violation {
+    Cap,
+    Throttled,
+    Suppressed,
+    QuietHours,
+}
+
+impl Violation {
+    pub fn label(self) -> &'static str {
+        match self {
+            Violation::Cap => "cap",
+            Violation::Throttled => "throttled",
+            Violation::Suppressed => "suppressed",
+            Violation::QuietHours => "quiet_hours",
+        }
+    }
+}
+
+/// The allowance of one channel at one instant.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Allowance {
+    pub channel: Channel,
+    pub state: AllowanceState,
+    pub reason: &'static str,
+    /// When a marketing send is allowed (None: not until a re-subscribe).
+    pub allowed_from: Option<i64>,
+    pub cap: CapRule,
+    pub sends_in_window: u32,
+    pub short_click_rate: Option<f64>,
+    pub baseline_click_rate: Option<f64>,
+}
+
+/// Smoothed short-horizon and baseline engagement rates, and the short decayed send count.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rates {
+    pub short: f64,
+    pub baseline: f64,
+    pub short_sends: f64,
+}
+
+fn engaged(c: &Counts, signal: EngagementSignal) -> f64 {
+    match signal {
+        EngagementSignal::Clicks => (c.clicks + c.replies) as f64,
+        EngagementSignal::OpensAndReplies => (c.opens + c.replies) as f64,
+    }
+}
+
+/// Bayesian-smoothed rates: the population rate of the channel is the prior,
+/// worth `prior_weight` sends, so a handful of sends cannot make a verdict.
+pub fn rates(
+    e: &ChannelEngagement,
+    c: Channel,
+    p: &Policy,
+    t: i64,
+    h: super::engagement::Horizons,
+) -> Rates {
+    let th = &p.throttle;
+    let prior = th.prior_rate.get(&c).copied().unwrap_or(0.05);
+    let signal = th
+        .signal
+        .get(&c)
+        .copied()
+        .unwrap_or(EngagementSignal::Clicks);
+    let (s, l) = e.counts_at(t, h);
+    let smooth = |x: &Counts| {
+        let sends = x.sends as f64;
+        ((engaged(x, signal) + th.prior_weight * prior) / (sends + th.prior_weight)).min(1.0)
+    };
+    Rates {
+        short: smooth(&s),
+        baseline: smooth(&l),
+        short_sends: s.sends as f64,
+    }
+}
+
+impl ChannelControl {
+    fn in_window(&self, t: i64, window_ms: i64) -> u32 {
+        self.sends
+            .iter()
+            .filter(|s| **s > t - window_ms && **s <= t)
+            .count() as u32
+    }
+
+    /// The effective cap at `t`: boosted, and reduced while throttled with `reduce`.
+    fn cap_at(&self, c: Channel, p: &Policy, t: i64) -> CapRule {
+        let mut cap = p.cap_at(c, t);
+        if let Some(s) = self.spell {
+            if p.throttle.action == ThrottleAction::Reduce && s.since <= t && t < s.until {
+                cap.limit =
+                    ((cap.limit as f64 * p.throttle.reduced_cap_factor).floor() as u32).max(1);
+            }
+        }
+        cap
+    }
+
+    /// Earliest instant ≥ `t` at which the window holds fewer sends than the cap.
+    fn cap_free_at(&self, c: Channel, p: &Policy, t: i64) -> i64 {
+        let window = p.caps[c.index()].window.as_millis_i64();
+        let mut candidates: Vec<i64> = std::iter::once(t)
+            .chain(self.sends.iter().map(|s| s + window).filter(|x| *x > t))
+            .chain(p.cap_changes_after(c, t))
+            .chain(self.spell.map(|s| s.until).filter(|x| *x > t))
+            .collect();
+        candidates.sort_unstable();
+        candidates
+            .into_iter()
+            .find(|x| self.in_window(*x, window) < self.cap_at(c, p, *x).limit)
+            // Unreachable with a finite list of sends; stay safe.
+            .unwrap_or(t + window)
+    }
+
+    /// Records one marketing send at `t`; returns the violation it was, if any.
+    /// `before` is the allowance just before the send.
+    pub fn record_send(
+        &mut self,
+        t: i64,
+        before: &Allowance,
+        p: &Policy,
+        c: Channel,
+    ) -> Option<Violation> {
+        let violation = match before.state {
+            AllowanceState::Suppressed => Some(Violation::Suppressed),
+            AllowanceState::Throttled if before.allowed_from.is_none_or(|a| a > t) => {
+                Some(Violation::Throttled)
+            }
+            AllowanceState::Capped if before.allowed_from.is_none_or(|a| a > t) => {
+                Some(Violation::Cap)
+            }
+            _ if p.quiet_until(c, t).is_some() => Some(Violation::QuietHours),
+            _ => None,
+        };
+        if violation.is_some() {
+            self.violations = self.violations.saturating_add(1);
+        }
+        let pos = self.sends.partition_point(|s| *s <= t);
+        self.sends.insert(pos, t);
+        // Keep what can still matter: the longest window back from the latest send,
+        // and never more than twice the largest possible cap.
+        let window = p.caps[c.index()].window.as_millis_i64();
+        let latest = *self.sends.last().unwrap_or(&t);
+        self.sends.retain(|s| *s > latest - window);
+        let keep = (2 * p.max_limit(c).max(1)).min(2 * MAX_CAP) as usize;
+        if self.sends.len() > keep {
+            let drop = self.sends.len() - keep;
+            self.sends.drain(..drop);
+        }
+        violation
+    }
+
+    /// Starts or ends a throttle spell from the engagement at `t` (hysteresis:
+    /// start below `throttle_below × baseline` or the floor, end at `release_above × baseline`
+    /// or when the cool-down is over).
+    pub fn update_spell(&mut self, r: &Rates, p: &Policy, t: i64) -> Option<&'static str> {
+        let th = &p.throttle;
+        match self.spell {
+            Some(s) if t >= s.until => {
+                self.spell = None;
+                Some("cooldown_ended")
+            }
+            Some(s)
+                if t >= s.since
+                    && r.short >= th.release_above * r.baseline
+                    && r.short >= th.floor =>
+            {
+                self.spell = None;
+                Some("click_rate_recovered")
+            }
+            Some(_) => None,
+            None => {
+                if r.short_sends < th.min_sends {
+                    return None;
+                }
+                let below_floor = r.short < th.floor;
+                if below_floor || r.short < th.throttle_below * r.baseline {
+                    self.spell = Some(ThrottleSpell {
+                        since: t,
+                        until: t + th.cooldown.as_millis_i64(),
+                        below_floor,
+                    });
+                }
+                None
+            }
+        }
+    }
+
+    /// The allowance at `t`, given engagement and suppression.
+    pub fn allowance(
+        &self,
+        c: Channel,
+        p: &Policy,
+        t: i64,
+        rates: Option<Rates>,
+        suppressed: bool,
+    ) -> Allowance {
+        let cap = self.cap_at(c, p, t);
+        let window = cap.window.as_millis_i64();
+        let sends_in_window = self.in_window(t, window);
+        let (short, baseline) = rates.map_or((None, None), |r| (Some(r.short), Some(r.baseline)));
+        let mk = |state, reason, allowed_from: Option<i64>| Allowance {
+            channel: c,
+            state,
+            reason,
+            allowed_from: allowed_from.map(|a| p.outside_quiet(c, a)),
+            cap,
+            sends_in_window,
+            short_click_rate: short,
+            baseline_click_rate: baseline,
+        };
+        if suppressed {
+            return mk(AllowanceState::Suppressed, "unsubscribe_reply", None);
+        }
+        if let Some(s) = self.spell.filter(|s| s.since <= t && t < s.until) {
+            let reason = if s.below_floor {
+                "click_rate_below_floor"
+            } else {
+                "click_rate_below_baseline"
+            };
+            match p.throttle.action {
+                ThrottleAction::Pause => {
+                    return mk(AllowanceState::Throttled, reason, Some(s.until))
+                }
+                ThrottleAction::Reduce if sends_in_window >= cap.limit => {
+                    return mk(
+                        AllowanceState::Throttled,
+                        reason,
+                        Some(self.cap_free_at(c, p, t)),
+                    )
+                }
+                ThrottleAction::Reduce => return mk(AllowanceState::Throttled, reason, Some(t)),
+            }
+        }
+        if sends_in_window >= cap.limit {
+            return mk(
+                AllowanceState::Capped,
+                "frequency_cap",
+                Some(self.cap_free_at(c, p, t)),
+            );
+        }
+        mk(AllowanceState::Open, "open", Some(t))
+    }
+}
+
+/// A throttle decision, as published on `engagement.throttle`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ThrottleDecision {
+    pub decision_id: String,
+    pub tenant_id: String,
+    /// `None` for campaign-level decisions.
+    pub customer_id: Option<String>,
+    pub channel: Option<Channel>,
+    pub campaign_id: Option<String>,
+    pub state: AllowanceState,
+    pub reason: String,
+    pub allowed_from: Option<i64>,
+    pub cap: Option<u32>,
+    pub window_ms: Option<i64>,
+    pub short_click_rate: Option<f64>,
+    pub baseline_click_rate: Option<f64>,
+    pub sends_in_window: i64,
+    pub decided_at: i64,
+    pub cause_event_id: Option<String>,
+    /// The state this decision replaces (for fleet gauges; not published).
+    pub previous: Option<AllowanceState>,
+}
+
+impl ThrottleDecision {
+    /// Kafka key: `TENANT/CUSTOMER/CHANNEL`, or `TENANT/campaign/CAMPAIGN`.
+    pub fn key(&self) -> String {
+        match (&self.customer_id, self.channel, &self.campaign_id) {
+            (Some(c), Some(ch), _) => format!("{}/{}/{}", self.tenant_id, c, ch.as_str()),
+            (_, _, Some(camp)) => format!("{}/campaign/{}", self.tenant_id, camp),
+            _ => self.tenant_id.clone(),
+        }
+    }
+}
+
+/// Deterministic id: hex of SHA-256 over the parts (NUL-separated), first 16 bytes.
+pub fn stable_id(parts: &[&str]) -> String {
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update(p.as_bytes());
+        h.update([0u8]);
+    }
+    h.finalize()[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Publishes the allowance if it changed: the state differs from the last
+/// published one, or the same restriction now lasts longer.
+pub fn publish_if_changed(
+    ctl: &mut ChannelControl,
+    who: &CustomerRef,
+    a: &Allowance,
+    decided_at: i64,
+    cause: Option<&str>,
+    reason_override: Option<&'static str>,
+) -> Option<ThrottleDecision> {
+    let prev = ctl.published.unwrap_or(Published {
+        state: AllowanceState::Open,
+        allowed_from: None,
+        seq: 0,
+    });
+    let changed = if a.state != prev.state {
+        true
+    } else {
+        a.state != AllowanceState::Open
+            && a.allowed_from.unwrap_or(i64::MAX) > prev.allowed_from.unwrap_or(i64::MAX)
+    };
+    if !changed {
+        return None;
+    }
+    let seq = prev.seq + 1;
+    let allowed_from = a.allowed_from;
+    ctl.published = Some(Published {
+        state: a.state,
+        allowed_from,
+        seq,
+    });
+    let reason = if a.state == AllowanceState::Open {
+        reason_override.unwrap_or(match prev.state {
+            AllowanceState::Capped => "cap_window_passed",
+            AllowanceState::Throttled => "cooldown_ended",
+            AllowanceState::Suppressed => "resubscribed",
+            AllowanceState::Open => "open",
+        })
+    } else {
+        a.reason
+    };
+    Some(ThrottleDecision {
+        decision_id: stable_id(&[
+            &who.tenant,
+            &who.customer,
+            a.channel.as_str(),
+            &seq.to_string(),
+        ]),
+        tenant_id: who.tenant.clone(),
+        customer_id: Some(who.customer.clone()),
+        channel: Some(a.channel),
+        campaign_id: None,
+        state: a.state,
+        reason: reason.to_string(),
+        allowed_from,
+        cap: Some(a.cap.limit),
+        window_ms: Some(a.cap.window.as_millis_i64()),
+        short_click_rate: a.short_click_rate,
+        baseline_click_rate: a.baseline_click_rate,
+        sends_in_window: a.sends_in_window as i64,
+        decided_at,
+        cause_event_id: cause.map(str::to_string),
+        previous: Some(prev.state),
+    })
+}

@@ -1,0 +1,181 @@
+//! What an applied event (or a due timer) means for a customer's allowances:
+//! the pure step between the state fold and the outbox.
+
+use super::allowance::{
+    rates, Allowance, AllowanceState, ChannelControl, ThrottleDecision, Violation,
+};
+use super::event::{Channel, CustomerRef, Event, EventBody, Purpose};
+use super::policy::Policy;
+use super::state::{CustomerState, Output, StateParams};
+
+/// A published change of one customer×channel's allowance (for metrics and gauges).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Transition {
+    pub channel: Channel,
+    pub from: AllowanceState,
+    pub to: AllowanceState,
+}
+
+/// Side effects of one step, for the adapters to count.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Effects {
+    pub violations: Vec<(Channel, Violation)>,
+    /// Marketing sends that filled the window (the channel became CAPPED).
+    pub cap_hits: Vec<Channel>,
+    pub transitions: Vec<(Transition, String)>,
+}
+
+impl Effects {
+    fn published(&mut self, state: &mut CustomerState, prev: AllowanceState, d: ThrottleDecision) {
+        if let Some(ch) = d.channel {
+            if d.state == AllowanceState::Capped && prev != AllowanceState::Capped {
+                self.cap_hits.push(ch);
+            }
+            if d.state != prev {
+                self.transitions.push((
+                    Transition {
+                        channel: ch,
+                        from: prev,
+                        to: d.state,
+                    },
+                    d.reason.clone(),
+                ));
+            }
+        }
+        state.outbox.push(Output::Throttle(Box::new(d)));
+    }
+}
+
+fn published_state(ctl: &ChannelControl) -> AllowanceState {
+    ctl.published.map_or(AllowanceState::Open, |p| p.state)
+}
+
+/// The allowance of channel `c` at `t`, computed from the state (read-only).
+pub fn allowance_at(
+    state: &CustomerState,
+    c: Channel,
+    p: &Policy,
+    sp: &StateParams,
+    t: i64,
+) -> Allowance {
+    let empty = ChannelControl::default();
+    let ctl = state.controls[c.index()].as_ref().unwrap_or(&empty);
+    let e = state.channel(c).cloned().unwrap_or_default();
+    let r = rates(&e, c, p, t, sp.horizons);
+    ctl.allowance(c, p, t, Some(r), state.is_unsubscribed(c))
+}
+
+/// Re-evaluates channel `c` at `t` and publishes a decision if its allowance changed.
+#[allow(clippy::too_many_arguments)]
+fn evaluate(
+    state: &mut CustomerState,
+    who: &CustomerRef,
+    c: Channel,
+    p: &Policy,
+    sp: &StateParams,
+    t: i64,
+    cause: Option<&str>,
+    fx: &mut Effects,
+) {
+    let e = state.channel(c).cloned().unwrap_or_default();
+    let r = Some(rates(&e, c, p, t, sp.horizons));
+    let suppressed = state.is_unsubscribed(c);
+    let ctl = state.controls[c.index()].get_or_insert_with(ChannelControl::default);
+    let released = r.and_then(|r| ctl.update_spell(&r, p, t));
+    let a = ctl.allowance(c, p, t, r, suppressed);
+    let prev = published_state(ctl);
+    if let Some(d) = super::allowance::publish_if_changed(ctl, who, &a, t, cause, released) {
+        fx.published(state, prev, d);
+    }
+}
+
+/// Effects of one applied event at its event time.
+pub fn on_event(state: &mut CustomerState, ev: &Event, p: &Policy, sp: &StateParams) -> Effects {
+    let mut fx = Effects::default();
+    let t = ev.occurred_at;
+    if let EventBody::Send {
+        purpose: Purpose::Service,
+        ..
+    } = &ev.body
+    {
+        // Service messages are never capped and never change an allowance.
+        return fx;
+    }
+    if let EventBody::Send {
+        channel,
+        purpose: Purpose::Marketing,
+        ..
+    } = &ev.body
+    {
+        let before = allowance_at(state, *channel, p, sp, t);
+        let ctl = state.controls[channel.index()].get_or_insert_with(ChannelControl::default);
+        if let Some(v) = ctl.record_send(t, &before, p, *channel) {
+            fx.violations.push((*channel, v));
+        }
+    }
+    if let Some(c) = ev.channel() {
+        evaluate(
+            state,
+            &ev.customer,
+            c,
+            p,
+            sp,
+            t,
+            Some(&ev.event_id),
+            &mut fx,
+        );
+    }
+    // Lazily release other channels whose restriction has run out by now.
+    release_due(
+        state,
+        &ev.customer,
+        p,
+        sp,
+        t,
+        Some(&ev.event_id),
+        &mut fx,
+        ev.channel(),
+    );
+    fx
+}
+
+/// Publishes OPEN for restrictions that have run out by `t` (timer path and lazy release).
+#[allow(clippy::too_many_arguments)]
+pub fn release_due(
+    state: &mut CustomerState,
+    who: &CustomerRef,
+    p: &Policy,
+    sp: &StateParams,
+    t: i64,
+    cause: Option<&str>,
+    fx: &mut Effects,
+    skip: Option<Channel>,
+) {
+    for c in Channel::ALL {
+        if Some(c) == skip {
+            continue;
+        }
+        let due = state.controls[c.index()]
+            .as_ref()
+            .and_then(|ctl| ctl.published)
+            .is_some_and(|pb| {
+                matches!(pb.state, AllowanceState::Capped | AllowanceState::Throttled)
+                    && pb.allowed_from.is_some_and(|a| a <= t)
+            });
+        if due {
+            evaluate(state, who, c, p, sp, t, cause, fx);
+        }
+    }
+}
+
+/// The earliest future time a published restriction runs out (for the timer store).
+pub fn next_release(state: &CustomerState) -> Option<i64> {
+    state
+        .controls
+        .iter()
+        .flatten()
+        .filter_map(|ctl| ctl.published)
+        .filter(|pb| matches!(pb.state, AllowanceState::Capped | AllowanceState::Throttled))
+        .filter_map(|pb| pb.allowed_from)
+        .min()
+}

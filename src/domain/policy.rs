@@ -1,0 +1,586 @@
+//! Contact policy: frequency caps, boost windows, quiet hours and click-rate
+//! throttling, with the defaults prescribed by the source articles, and
+//! per-tenant overrides. Pure data plus the time arithmetic on it.
+//!
+//! Seed defaults (每日推送次数控制在1-2次, 每周发送频次不超过2次, 每月1-2次, 每日发帖1-3次):
+//! WECHAT 2/1d, SMS 2/7d, PHONE 2/30d, EMAIL 2/30d, SOCIAL 3/1d; caps may be raised
+//! in boost windows (在重要营销节点可适当增加频次); phone and SMS never at night.
+
+use std::collections::BTreeMap;
+
+use chrono::{NaiveDateTime, NaiveTime, TimeZone, Timelike};
+use chrono_tz::Tz;
+use serde::{Deserialize, Serialize};
+
+use super::event::Channel;
+use crate::config::Dur;
+
+/// At most this many marketing sends are remembered per customer×channel.
+pub const MAX_CAP: u32 = 32;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CapRule {
+    /// Marketing sends allowed per rolling window.
+    pub limit: u32,
+    /// Length of the rolling window.
+    pub window: Dur,
+}
+
+/// A daily quiet period in the customer's time zone, e.g. 21:00 → 09:00 (may wrap midnight).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuietHours {
+    /// `HH:MM`, start of the quiet period.
+    pub start: String,
+    /// `HH:MM`, end of the quiet period (exclusive).
+    pub end: String,
+}
+
+/// A period (local date-times in the tenant's time zone) in which a channel's cap is raised.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Boost {
+    pub channel: Channel,
+    /// `YYYY-MM-DDTHH:MM` local time, inclusive.
+    pub from: String,
+    /// `YYYY-MM-DDTHH:MM` local time, exclusive.
+    pub until: String,
+    /// The raised limit in force during the boost (same window as the channel's cap).
+    pub limit: u32,
+    /// Free text for operators, e.g. "member day".
+    #[serde(default)]
+    pub name: String,
+}
+
+/// What counts as engagement on a channel when computing its click rate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EngagementSignal {
+    /// Clicks plus replies (channels with links).
+    Clicks,
+    /// Opens (e.g. answered calls) plus replies: channels without clicks.
+    OpensAndReplies,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ThrottleAction {
+    /// No marketing sends on the channel until the cool-down ends.
+    Pause,
+    /// The cap is multiplied by `reduced_cap_factor` (at least 1) during the cool-down.
+    Reduce,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ThrottlePolicy {
+    /// Throttle when the short-horizon rate falls below this fraction of the baseline.
+    pub throttle_below: f64,
+    /// ... or below this absolute rate.
+    pub floor: f64,
+    /// Release only when the rate is back above this fraction of the baseline (> throttle_below: hysteresis).
+    pub release_above: f64,
+    /// Minimum decayed short-horizon sends before any verdict.
+    pub min_sends: f64,
+    /// Weight, in sends, of the population prior in the smoothed rates.
+    pub prior_weight: f64,
+    /// Population click rate per channel: the prior, so three sends do not make a verdict.
+    pub prior_rate: BTreeMap<Channel, f64>,
+    /// What counts as engagement per channel.
+    pub signal: BTreeMap<Channel, EngagementSignal>,
+    pub action: ThrottleAction,
+    pub reduced_cap_factor: f64,
+    /// How long a throttle lasts at least; the channel re-opens when it ends or the rate recovers.
+    pub cooldown: Dur,
+    /// Campaign level: baseline period after a campaign's first send.
+    pub campaign_baseline: Dur,
+    /// Campaign level: half-life of the recent click rate.
+    pub campaign_half_life: Dur,
+    /// Campaign level: minimum decayed recent sends before a verdict.
+    pub campaign_min_sends: f64,
+}
+
+impl Default for ThrottlePolicy {
+    fn default() -> Self {
+        use Channel::*;
+        ThrottlePolicy {
+            throttle_below: 0.5,
+            floor: 0.01,
+            release_above: 0.8,
+            min_sends: 4.0,
+            prior_weight: 5.0,
+            prior_rate: [
+                (Wechat, 0.08),
+                (Sms, 0.03),
+                (Phone, 0.30),
+                (Email, 0.02),
+                (Social, 0.05),
+            ]
+            .into_iter()
+            .collect(),
+            signal: [
+                (Wechat, EngagementSignal::Clicks),
+                (Sms, EngagementSignal::Clicks),
+                (Phone, EngagementSignal::OpensAndReplies),
+                (Email, EngagementSignal::Clicks),
+                (Social, EngagementSignal::Clicks),
+            ]
+            .into_iter()
+            .collect(),
+            action: ThrottleAction::Pause,
+            reduced_cap_factor: 0.5,
+            cooldown: Dur::days(7),
+            campaign_baseline: Dur::secs(6 * 3600),
+            campaign_half_life: Dur::secs(6 * 3600),
+            campaign_min_sends: 200.0,
+        }
+    }
+}
+
+/// The `[policy]` section: global defaults plus `[policy.tenants.ID]` overrides.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// IANA time zone of customers (quiet hours, boost windows).
+    pub timezone: String,
+    pub caps: BTreeMap<Channel, CapRule>,
+    pub quiet_hours: BTreeMap<Channel, QuietHours>,
+    pub boosts: Vec<Boost>,
+    pub throttle: ThrottlePolicy,
+    pub lapse: super::lapse::LapsePolicy,
+    pub tenants: BTreeMap<String, TenantOverride>,
+}
+
+/// Per-tenant overrides: every key replaces the global one; `caps`,
+/// `quiet_hours` and `prior_rate` replace per channel; `boosts` add to the global ones.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TenantOverride {
+    pub timezone: Option<String>,
+    pub caps: BTreeMap<Channel, CapRule>,
+    pub quiet_hours: BTreeMap<Channel, QuietHours>,
+    pub boosts: Vec<Boost>,
+    pub throttle: Option<ThrottlePolicy>,
+    pub lapse: Option<super::lapse::LapsePolicy>,
+}
+
+pub fn seed_caps() -> BTreeMap<Channel, CapRule> {
+    use Channel::*;
+    [
+        (Wechat, 2, 1),
+        (Sms, 2, 7),
+        (Phone, 2, 30),
+        (Email, 2, 30),
+        (Social, 3, 1),
+    ]
+    .into_iter()
+    .map(|(c, limit, days)| {
+        (
+            c,
+            CapRule {
+                limit,
+                window: Dur::days(days),
+            },
+        )
+    })
+    .collect()
+}
+
+fn seed_quiet_hours() -> BTreeMap<Channel, QuietHours> {
+    let q = |s: &str, e: &str| QuietHours {
+        start: s.into(),
+        end: e.into(),
+    };
+    [
+        (Channel::Sms, q("21:00", "09:00")),
+        (Channel::Phone, q("20:00", "09:00")),
+        (Channel::Wechat, q("22:00", "08:00")),
+    ]
+    .into_iter()
+    .collect()
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        PolicyConfig {
+            timezone: "Asia/Shanghai".into(),
+            caps: seed_caps(),
+            quiet_hours: seed_quiet_hours(),
+            boosts: vec![],
+            throttle: ThrottlePolicy::default(),
+            lapse: Default::default(),
+            tenants: BTreeMap::new(),
+        }
+    }
+}
+
+/// A validated, resolved boost window in UTC milliseconds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BoostWindow {
+    pub channel: Channel,
+    pub from_ms: i64,
+    pub until_ms: i64,
+    pub limit: u32,
+}
+
+/// Quiet hours as minutes after local midnight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuietSpan {
+    pub start_min: u32,
+    pub end_min: u32,
+}
+
+/// The policy in force for one tenant, resolved and validated.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub tz: Tz,
+    pub caps: [CapRule; 5],
+    pub quiet: [Option<QuietSpan>; 5],
+    pub boosts: Vec<BoostWindow>,
+    pub throttle: ThrottlePolicy,
+    pub lapse: super::lapse::LapsePolicy,
+}
+
+fn parse_hhmm(s: &str) -> Option<u32> {
+    let t = NaiveTime::parse_from_str(s.trim(), "%H:%M").ok()?;
+    Some(t.hour() * 60 + t.minute())
+}
+
+fn parse_local(tz: &Tz, s: &str) -> Option<i64> {
+    let naive = NaiveDateTime::parse_from_str(s.trim(), "%Y-%m-%dT%H:%M").ok()?;
+    tz.from_local_datetime(&naive)
+        .earliest()
+        .map(|d| d.timestamp_millis())
+}
+
+type Invalid = (String, String);
+
+fn bad(key: String, msg: impl Into<String>) -> Invalid {
+    (key, msg.into())
+}
+
+impl PolicyConfig {
+    /// Resolves the policy of `tenant` (global when `None`), validating every value.
+    pub fn resolve(&self, tenant: Option<&str>) -> Result<Policy, Invalid> {
+        let empty = TenantOverride::default();
+        let (o, prefix) = match tenant {
+            Some(t) => (
+                self.tenants.get(t).unwrap_or(&empty),
+                format!("policy.tenants.{t}"),
+            ),
+            None => (&empty, "policy".to_string()),
+        };
+        let tz_name = o.timezone.clone().unwrap_or_else(|| self.timezone.clone());
+        let tz: Tz = tz_name.parse().map_err(|_| {
+            bad(
+                format!("{prefix}.timezone"),
+                format!("`{tz_name}` is not an IANA time zone (e.g. Asia/Shanghai)"),
+            )
+        })?;
+        let mut caps = [CapRule {
+            limit: 0,
+            window: Dur::days(1),
+        }; 5];
+        for c in Channel::ALL {
+            let rule = o
+                .caps
+                .get(&c)
+                .or_else(|| self.caps.get(&c))
+                .copied()
+                .unwrap_or_else(|| seed_caps()[&c]);
+            if rule.limit == 0 || rule.limit > MAX_CAP {
+                return Err(bad(
+                    format!("{prefix}.caps.{c}.limit"),
+                    format!("must be between 1 and {MAX_CAP}"),
+                ));
+            }
+            if rule.window < Dur::secs(60) || rule.window > Dur::days(366) {
+                return Err(bad(
+                    format!("{prefix}.caps.{c}.window"),
+                    "must be between 1m and 366d",
+                ));
+            }
+            caps[c.index()] = rule;
+        }
+        let mut quiet = [None; 5];
+        for c in Channel::ALL {
+            if let Some(q) = o.quiet_hours.get(&c).or_else(|| self.quiet_hours.get(&c)) {
+                let key = format!("{prefix}.quiet_hours.{c}");
+                let s = parse_hhmm(&q.start)
+                    .ok_or_else(|| bad(format!("{key}.start"), "must be HH:MM"))?;
+                let e =
+                    parse_hhmm(&q.end).ok_or_else(|| bad(format!("{key}.end"), "must be HH:MM"))?;
+                if s == e {
+                    return Err(bad(
+                        key,
+                        "start and end are equal: remove the entry for no quiet hours",
+                    ));
+                }
+                quiet[c.index()] = Some(QuietSpan {
+                    start_min: s,
+                    end_min: e,
+                });
+            }
+        }
+        let mut boosts = Vec::new();
+        for (i, b) in self.boosts.iter().chain(o.boosts.iter()).enumerate() {
+            let key = format!("{prefix}.boosts[{i}]");
+            let from = parse_local(&tz, &b.from)
+                .ok_or_else(|| bad(format!("{key}.from"), "must be YYYY-MM-DDTHH:MM"))?;
+            let until = parse_local(&tz, &b.until)
+                .ok_or_else(|| bad(format!("{key}.until"), "must be YYYY-MM-DDTHH:MM"))?;
+            if until <= from {
+                return Err(bad(format!("{key}.until"), "must be after `from`"));
+            }
+            if b.limit == 0 || b.limit > MAX_CAP {
+                return Err(bad(
+                    format!("{key}.limit"),
+                    format!("must be between 1 and {MAX_CAP}"),
+                ));
+            }
+            boosts.push(BoostWindow {
+                channel: b.channel,
+                from_ms: from,
+                until_ms: until,
+                limit: b.limit,
+            });
+        }
+        let throttle = o.throttle.clone().unwrap_or_else(|| self.throttle.clone());
+        let tk = format!("{prefix}.throttle");
+        let frac = |v: f64| (0.0..=1.0).contains(&v);
+        if !frac(throttle.throttle_below) || !frac(throttle.floor) || !frac(throttle.release_above)
+        {
+            return Err(bad(
+                tk,
+                "throttle_below, floor and release_above must be between 0 and 1",
+            ));
+        }
+        if throttle.release_above <= throttle.throttle_below {
+            return Err(bad(
+                format!("{tk}.release_above"),
+                "must be greater than throttle_below (hysteresis), or customers flap",
+            ));
+        }
+        let at_least = |v: f64, min: f64| v >= min; // false for NaN too
+        if !at_least(throttle.min_sends, 1.0)
+            || !at_least(throttle.prior_weight, 0.0)
+            || !at_least(throttle.campaign_min_sends, 1.0)
+        {
+            return Err(bad(
+                tk,
+                "min_sends and campaign_min_sends must be >= 1, prior_weight >= 0",
+            ));
+        }
+        if !(throttle.reduced_cap_factor > 0.0 && throttle.reduced_cap_factor <= 1.0) {
+            return Err(bad(format!("{tk}.reduced_cap_factor"), "must be in (0, 1]"));
+        }
+        if throttle.cooldown.0.is_zero() || throttle.campaign_half_life.0.is_zero() {
+            return Err(bad(tk, "cooldown and campaign_half_life must be positive"));
+        }
+        for (c, r) in &throttle.prior_rate {
+            if !(*r > 0.0 && *r < 1.0) {
+                return Err(bad(
+                    format!("{tk}.prior_rate.{c}"),
+                    "must be between 0 and 1 (exclusive)",
+                ));
+            }
+        }
+        let lapse = o.lapse.clone().unwrap_or_else(|| self.lapse.clone());
+        lapse
+            .validate(&format!("{prefix}.lapse"))
+            .map_err(|(k, m)| bad(k, m))?;
+        Ok(Policy {
+            tz,
+            caps,
+            quiet,
+            boosts,
+            throttle,
+            lapse,
+        })
+    }
+
+    /// Validates the global policy and every tenant override.
+    pub fn validate(&self) -> Result<(), Invalid> {
+        self.resolve(None)?;
+        for t in self.tenants.keys() {
+            self.resolve(Some(t))?;
+        }
+        Ok(())
+    }
+}
+
+impl Policy {
+    /// The cap in force on `c` at `t`: the boosted limit inside a boost window.
+    pub fn cap_at(&self, c: Channel, t: i64) -> CapRule {
+        let base = self.caps[c.index()];
+        let boosted = self
+            .boosts
+            .iter()
+            .filter(|b| b.channel == c && b.from_ms <= t && t < b.until_ms)
+            .map(|b| b.limit)
+            .max();
+        CapRule {
+            limit: boosted.unwrap_or(base.limit),
+            window: base.window,
+        }
+    }
+
+    /// The largest limit `c` can ever have (sizes the remembered send times).
+    pub fn max_limit(&self, c: Channel) -> u32 {
+        self.boosts
+            .iter()
+            .filter(|b| b.channel == c)
+            .map(|b| b.limit)
+            .chain(std::iter::once(self.caps[c.index()].limit))
+            .max()
+            .unwrap_or(1)
+    }
+
+    /// Times at which the cap of `c` changes, after `t` (boost starts and ends).
+    pub fn cap_changes_after(&self, c: Channel, t: i64) -> impl Iterator<Item = i64> + '_ {
+        self.boosts
+            .iter()
+            .filter(move |b| b.channel == c)
+            .flat_map(|b| [b.from_ms, b.until_ms])
+            .filter(move |x| *x > t)
+    }
+
+    /// If `t` falls in `c`'s quiet hours, the end of that quiet period; else `None`.
+    pub fn quiet_until(&self, c: Channel, t: i64) -> Option<i64> {
+        let q = self.quiet[c.index()]?;
+        let local = self.tz.timestamp_millis_opt(t).single()?;
+        let minute = local.hour() * 60 + local.minute();
+        let inside = if q.start_min < q.end_min {
+            q.start_min <= minute && minute < q.end_min
+        } else {
+            minute >= q.start_min || minute < q.end_min
+        };
+        if !inside {
+            return None;
+        }
+        // Minutes until the end, counted on the local wall clock.
+        let to_end = (q.end_min + 24 * 60 - minute) % (24 * 60);
+        let to_end = if to_end == 0 { 24 * 60 } else { to_end };
+        let secs_into_minute = local.second() as i64 * 1000 + (t.rem_euclid(1000));
+        Some(t + to_end as i64 * 60_000 - secs_into_minute)
+    }
+
+    /// `t` moved out of quiet hours (unchanged when not quiet).
+    pub fn outside_quiet(&self, c: Channel, t: i64) -> i64 {
+        self.quiet_until(c, t).unwrap_or(t)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(s: &str) -> i64 {
+        parse_local(&chrono_tz::Asia::Shanghai, s).unwrap()
+    }
+
+    #[test]
+    fn seed_defaults_resolve() {
+        let p = PolicyConfig::default().resolve(None).unwrap();
+        assert_eq!(p.caps[Channel::Wechat.index()].limit, 2);
+        assert_eq!(p.caps[Channel::Sms.index()].window, Dur::days(7));
+        assert_eq!(p.caps[Channel::Phone.index()].window, Dur::days(30));
+        assert_eq!(p.caps[Channel::Social.index()].limit, 3);
+    }
+
+    #[test]
+    fn quiet_hours_wrap_midnight_in_local_time() {
+        let p = PolicyConfig::default().resolve(None).unwrap();
+        // SMS quiet 21:00-09:00 Shanghai.
+        assert_eq!(
+            p.quiet_until(Channel::Sms, at("2026-03-01T22:30")),
+            Some(at("2026-03-02T09:00"))
+        );
+        assert_eq!(
+            p.quiet_until(Channel::Sms, at("2026-03-02T08:59")),
+            Some(at("2026-03-02T09:00"))
+        );
+        assert_eq!(p.quiet_until(Channel::Sms, at("2026-03-02T09:00")), None);
+        assert_eq!(p.quiet_until(Channel::Sms, at("2026-03-02T20:59")), None);
+        assert_eq!(p.quiet_until(Channel::Email, at("2026-03-02T03:00")), None);
+    }
+
+    #[test]
+    fn boosts_raise_the_cap_inside_the_window_only() {
+        let mut cfg = PolicyConfig::default();
+        cfg.tenants.insert(
+            "brandA".into(),
+            TenantOverride {
+                boosts: vec![Boost {
+                    channel: Channel::Wechat,
+                    from: "2026-11-11T00:00".into(),
+                    until: "2026-11-12T00:00".into(),
+                    limit: 4,
+                    name: "双11".into(),
+                }],
+                ..Default::default()
+            },
+        );
+        let a = cfg.resolve(Some("brandA")).unwrap();
+        assert_eq!(a.cap_at(Channel::Wechat, at("2026-11-11T10:00")).limit, 4);
+        assert_eq!(a.cap_at(Channel::Wechat, at("2026-11-12T10:00")).limit, 2);
+        assert_eq!(a.cap_at(Channel::Sms, at("2026-11-11T10:00")).limit, 2);
+        let other = cfg.resolve(Some("brandB")).unwrap();
+        assert_eq!(
+            other.cap_at(Channel::Wechat, at("2026-11-11T10:00")).limit,
+            2
+        );
+    }
+
+    #[test]
+    fn invalid_values_name_their_key() {
+        let mut cfg = PolicyConfig::default();
+        cfg.caps.insert(
+            Channel::Sms,
+            CapRule {
+                limit: 0,
+                window: Dur::days(7),
+            },
+        );
+        assert_eq!(cfg.validate().unwrap_err().0, "policy.caps.SMS.limit");
+        let mut cfg = PolicyConfig::default();
+        cfg.throttle.release_above = 0.4;
+        assert_eq!(
+            cfg.validate().unwrap_err().0,
+            "policy.throttle.release_above"
+        );
+        let mut cfg = PolicyConfig::default();
+        cfg.tenants.insert(
+            "x".into(),
+            TenantOverride {
+                timezone: Some("Mars/Olympus".into()),
+                ..Default::default()
+            },
+        );
+        assert_eq!(cfg.validate().unwrap_err().0, "policy.tenants.x.timezone");
+    }
+}
+
+/// Every tenant's resolved policy, built once at start-up.
+#[derive(Debug, Clone)]
+pub struct Policies {
+    default: std::sync::Arc<Policy>,
+    tenants: std::collections::HashMap<String, std::sync::Arc<Policy>>,
+}
+
+impl Policies {
+    pub fn new(cfg: &PolicyConfig) -> Result<Policies, Invalid> {
+        let default = std::sync::Arc::new(cfg.resolve(None)?);
+        let mut tenants = std::collections::HashMap::new();
+        for t in cfg.tenants.keys() {
+            tenants.insert(t.clone(), std::sync::Arc::new(cfg.resolve(Some(t))?));
+        }
+        Ok(Policies { default, tenants })
+    }
+
+    /// The policy of `tenant` (the global one when it has no overrides).
+    pub fn of(&self, tenant: &str) -> &Policy {
+        self.tenants.get(tenant).unwrap_or(&self.default)
+    }
+}

@@ -1,0 +1,376 @@
+//! Due-time timers in Redis: when each customer's next recall stage is due.
+//!
+//! # Layout
+//!
+//! `timer_shards` sorted sets `PREFIX:{timers:N}:due` (N in `0..shards`; the hash
+//! tag puts each shard in one Redis Cluster slot, and different shards in
+//! different slots). A customer is in shard `fnv1a64("tenant/customer") % shards`,
+//! as member `tenant/customer` with score = due time in ms. A customer has at most
+//! one timer: `ZADD` replaces its score.
+//!
+//! # Claiming with a lease
+//!
+//! [`TimerStore::claim_due`] atomically (one Lua script, one key) takes up to
+//! `limit` members with score ≤ now and re-scores them to `now + lease_ms`. While
+//! the lease runs nobody else can claim them; if the claimer dies, the timer is
+//! simply due again when the lease ends and another instance claims it — a
+//! crash never loses a timer. The claimer then [`TimerStore::complete`]s each
+//! timer, which removes or re-schedules it **only if its score is still the lease
+//! score it claimed** (else someone re-scheduled it meanwhile, e.g. a visit on
+//! the event path, and that newer schedule wins).
+//!
+//! Changing `timer_shards` moves customers to other shards: the old sets are no
+//! longer scanned. Drain or migrate them first (see the report / README).
+
+use redis::aio::ConnectionLike;
+use redis::{Cmd, ErrorKind, FromRedisValue};
+
+use super::redis::Conn;
+use crate::domain::event::CustomerRef;
+use crate::error::StoreError;
+
+/// Takes up to ARGV[3] members due at ARGV[1] and leases them until ARGV[2].
+/// Returns `[member, due, member, due, ...]`, oldest first.
+const CLAIM_SCRIPT: &str = r#"
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'WITHSCORES', 'LIMIT', 0, tonumber(ARGV[3]))
+for i = 1, #due, 2 do
+  redis.call('ZADD', KEYS[1], ARGV[2], due[i])
+end
+return due
+"#;
+
+/// If member ARGV[1] still has score ARGV[2] (the lease it was claimed with):
+/// removes it (ARGV[3] empty) or re-schedules it to ARGV[3]. Returns 1 when
+/// applied, 0 when the timer changed since the claim (left as it is).
+const COMPLETE_SCRIPT: &str = r#"
+local s = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if (not s) or tonumber(s) ~= tonumber(ARGV[2]) then return 0 end
+if ARGV[3] == '' then
+  redis.call('ZREM', KEYS[1], ARGV[1])
+else
+  redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
+end
+return 1
+"#;
+
+/// Most shards allowed (each is one sorted set to poll).
+pub const MAX_SHARDS: u32 = 1024;
+
+/// The shard of a customer: FNV-1a 64 of `tenant/customer`, mod `shards`.
+/// Stable across versions and instances (stored data depends on it).
+pub fn shard_of(c: &CustomerRef, shards: u32) -> u32 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let bytes = c
+        .tenant
+        .bytes()
+        .chain(std::iter::once(b'/'))
+        .chain(c.customer.bytes());
+    for b in bytes {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    (h % shards.max(1) as u64) as u32
+}
+
+/// A timer taken by [`TimerStore::claim_due`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claimed {
+    pub customer: CustomerRef,
+    /// Its due time before the claim, ms (firing lag = now − due_ms).
+    pub due_ms: i64,
+    /// The score it holds while leased: pass it to [`TimerStore::complete`].
+    pub lease: i64,
+}
+
+/// Sharded due-time timers. Cheap to clone.
+#[derive(Clone)]
+pub struct TimerStore<C = Conn> {
+    conn: C,
+    prefix: String,
+    shards: u32,
+    claim_sha: String,
+    complete_sha: String,
+}
+
+impl<C> TimerStore<C>
+where
+    C: ConnectionLike + Clone + Send + Sync,
+{
+    /// A store over `conn` with keys under `prefix` (`redis.key_prefix`) and
+    /// `shards` shards (1..=[`MAX_SHARDS`]). Loads the scripts.
+    pub async fn new(
+        conn: C,
+        prefix: impl Into<String>,
+        shards: u32,
+    ) -> Result<TimerStore<C>, StoreError> {
+        assert!(
+            (1..=MAX_SHARDS).contains(&shards),
+            "timer shards must be between 1 and {MAX_SHARDS} (validate the config first)"
+        );
+        let store = TimerStore {
+            conn,
+            prefix: prefix.into(),
+            shards,
+            claim_sha: redis::Script::new(CLAIM_SCRIPT).get_hash().to_string(),
+            complete_sha: redis::Script::new(COMPLETE_SCRIPT).get_hash().to_string(),
+        };
+        store.load_scripts().await?;
+        Ok(store)
+    }
+
+    pub fn shards(&self) -> u32 {
+        self.shards
+    }
+
+    /// The shard of a customer.
+    pub fn shard(&self, c: &CustomerRef) -> u32 {
+        shard_of(c, self.shards)
+    }
+
+    /// The sorted set of shard `n`: `PREFIX:{timers:N}:due`.
+    pub fn key(&self, shard: u32) -> String {
+        format!("{}:{{timers:{shard}}}:due", self.prefix)
+    }
+
+    async fn load_scripts(&self) -> Result<(), StoreError> {
+        let mut c = self.conn.clone();
+        for src in [CLAIM_SCRIPT, COMPLETE_SCRIPT] {
+            let _: String = redis::cmd("SCRIPT")
+                .arg("LOAD")
+                .arg(src)
+                .query_async(&mut c)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Runs an EVALSHA command (or a pipeline of them), reloading the scripts
+    /// once if Redis lost them (restart, SCRIPT FLUSH, failover).
+    async fn eval<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T, StoreError> {
+        let mut conn = self.conn.clone();
+        match cmd.query_async::<T>(&mut conn).await {
+            Err(e) if e.kind() == ErrorKind::NoScriptError => {
+                self.load_scripts().await?;
+                Ok(cmd.query_async(&mut conn).await?)
+            }
+            r => Ok(r?),
+        }
+    }
+
+    /// Sets (or replaces) the due time of each customer's timer, in one pipelined
+    /// round trip (one ZADD per shard). A later entry for the same customer wins.
+    pub async fn schedule(&self, timers: &[(&CustomerRef, i64)]) -> Result<(), StoreError> {
+        if timers.is_empty() {
+            return Ok(());
+        }
+        let mut by_shard: Vec<Vec<(i64, String)>> = vec![Vec::new(); self.shards as usize];
+        for (c, due) in timers {
+            by_shard[self.shard(c) as usize].push((*due, c.key()));
+        }
+        let mut pipe = redis::pipe();
+        for (shard, items) in by_shard.iter().enumerate() {
+            if !items.is_empty() {
+                pipe.cmd("ZADD")
+                    .arg(self.key(shard as u32))
+                    .arg(items)
+                    .ignore();
+            }
+        }
+        let mut conn = self.conn.clone();
+        pipe.query_async::<()>(&mut conn).await?;
+        Ok(())
+    }
+
+    /// Removes the timers of these customers (absent ones are fine).
+    pub async fn cancel(&self, customers: &[&CustomerRef]) -> Result<(), StoreError> {
+        if customers.is_empty() {
+            return Ok(());
+        }
+        let mut by_shard: Vec<Vec<String>> = vec![Vec::new(); self.shards as usize];
+        for c in customers {
+            by_shard[self.shard(c) as usize].push(c.key());
+        }
+        let mut pipe = redis::pipe();
+        for (shard, members) in by_shard.iter().enumerate() {
+            if !members.is_empty() {
+                pipe.cmd("ZREM")
+                    .arg(self.key(shard as u32))
+                    .arg(members)
+                    .ignore();
+            }
+        }
+        let mut conn = self.conn.clone();
+        pipe.query_async::<()>(&mut conn).await?;
+        Ok(())
+    }
+
+    /// Atomically takes up to `limit` timers of `shard` due at `now_ms` (oldest
+    /// first) and leases them until `now_ms + lease_ms`: nobody else can claim
+    /// them before that; after it, they are due again (crash recovery). Complete
+    /// each one with [`complete`](Self::complete).
+    pub async fn claim_due(
+        &self,
+        shard: u32,
+        now_ms: i64,
+        lease_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<Claimed>, StoreError> {
+        if limit == 0 {
+            return Ok(vec![]);
+        }
+        let lease = now_ms.saturating_add(lease_ms.max(1));
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(&self.claim_sha)
+            .arg(1)
+            .arg(self.key(shard))
+            .arg(now_ms)
+            .arg(lease)
+            .arg(limit);
+        let flat: Vec<String> = self.eval(&cmd).await?;
+        let mut out = Vec::with_capacity(flat.len() / 2);
+        let mut garbage = Vec::new();
+        for pair in flat.chunks_exact(2) {
+            let due = pair[1].parse::<f64>().ok().map(|f| f as i64);
+            match (CustomerRef::parse(&pair[0]), due) {
+                (Some(customer), Some(due_ms)) => out.push(Claimed {
+                    customer,
+                    due_ms,
+                    lease,
+                }),
+                // Not written by `schedule`: drop it, or it would be claimed forever.
+                _ => garbage.push(pair[0].clone()),
+            }
+        }
+        if !garbage.is_empty() {
+            let mut conn = self.conn.clone();
+            redis::cmd("ZREM")
+                .arg(self.key(shard))
+                .arg(&garbage)
+                .query_async::<()>(&mut conn)
+                .await?;
+        }
+        Ok(out)
+    }
+
+    /// Finishes a claimed timer: removes it (`next_due` None) or re-schedules it
+    /// to `next_due`, but only if it still holds the lease score `lease` it was
+    /// claimed with. Returns false (and changes nothing) when it was re-scheduled
+    /// or cancelled meanwhile, or its lease ran out and another claimer took it.
+    pub async fn complete(
+        &self,
+        customer: &CustomerRef,
+        lease: i64,
+        next_due: Option<i64>,
+    ) -> Result<bool, StoreError> {
+        let cmd = self.complete_cmd(customer, lease, next_due);
+        let applied: i64 = self.eval(&cmd).await?;
+        Ok(applied == 1)
+    }
+
+    /// [`complete`](Self::complete) for many timers in one pipelined round trip.
+    /// Returns, per entry, whether it was applied.
+    pub async fn complete_many(
+        &self,
+        done: &[(&CustomerRef, i64, Option<i64>)],
+    ) -> Result<Vec<bool>, StoreError> {
+        if done.is_empty() {
+            return Ok(vec![]);
+        }
+        let mut pipe = redis::pipe();
+        for (c, lease, next) in done {
+            pipe.add_command(self.complete_cmd(c, *lease, *next));
+        }
+        for attempt in 0..2 {
+            let mut conn = self.conn.clone();
+            match pipe.query_async::<Vec<i64>>(&mut conn).await {
+                Ok(v) => return Ok(v.into_iter().map(|x| x == 1).collect()),
+                Err(e) if e.kind() == ErrorKind::NoScriptError && attempt == 0 => {
+                    self.load_scripts().await?;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        unreachable!("the loop returns on its second attempt")
+    }
+
+    fn complete_cmd(&self, c: &CustomerRef, lease: i64, next_due: Option<i64>) -> Cmd {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(&self.complete_sha)
+            .arg(1)
+            .arg(self.key(self.shard(c)))
+            .arg(c.key())
+            .arg(lease)
+            .arg(next_due.map_or(String::new(), |d| d.to_string()));
+        cmd
+    }
+
+    /// The score of a customer's timer (its due time, or its lease while claimed).
+    pub async fn due_of(&self, c: &CustomerRef) -> Result<Option<i64>, StoreError> {
+        let mut conn = self.conn.clone();
+        let s: Option<f64> = redis::cmd("ZSCORE")
+            .arg(self.key(self.shard(c)))
+            .arg(c.key())
+            .query_async(&mut conn)
+            .await?;
+        Ok(s.map(|f| f as i64))
+    }
+
+    /// Timers in a shard, leased ones included (gauge "timers pending").
+    pub async fn pending(&self, shard: u32) -> Result<usize, StoreError> {
+        let mut conn = self.conn.clone();
+        let n: usize = redis::cmd("ZCARD")
+            .arg(self.key(shard))
+            .query_async(&mut conn)
+            .await?;
+        Ok(n)
+    }
+
+    /// Timers of a shard due at `now_ms` and not claimed (the backlog).
+    pub async fn due_count(&self, shard: u32, now_ms: i64) -> Result<usize, StoreError> {
+        let mut conn = self.conn.clone();
+        let n: usize = redis::cmd("ZCOUNT")
+            .arg(self.key(shard))
+            .arg("-inf")
+            .arg(now_ms)
+            .query_async(&mut conn)
+            .await?;
+        Ok(n)
+    }
+
+    /// The lowest score in a shard: the oldest due time (firing lag = now − it,
+    /// when positive). Leased timers have future scores and do not count as late.
+    pub async fn oldest_due(&self, shard: u32) -> Result<Option<i64>, StoreError> {
+        let mut conn = self.conn.clone();
+        let v: Vec<(String, f64)> = redis::cmd("ZRANGE")
+            .arg(self.key(shard))
+            .arg(0)
+            .arg(0)
+            .arg("WITHSCORES")
+            .query_async(&mut conn)
+            .await?;
+        Ok(v.first().map(|(_, s)| *s as i64))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shards_are_stable_and_spread() {
+        let c = CustomerRef::new("brandA", "cust-1");
+        // Golden (FNV-1a 64 of "brandA/cust-1" = 11465703666551126511): stored
+        // timers depend on it, it must never change.
+        assert_eq!(shard_of(&c, 16), 15);
+        assert_eq!(
+            shard_of(&c, 1000),
+            (11_465_703_666_551_126_511u64 % 1000) as u32
+        );
+        assert_eq!(shard_of(&c, 1), 0);
+        let mut counts = [0usize; 16];
+        for i in 0..16_000 {
+            counts[shard_of(&CustomerRef::new("t", format!("c{i}")), 16) as usize] += 1;
+        }
+        assert!(counts.iter().all(|n| (800..1200).contains(n)), "{counts:?}");
+    }
+}

@@ -1,0 +1,304 @@
+//! The stack most integration tests need: Redis + broker + topics + a schema
+//! registry stub, the environment and config a `lapse run` needs to use them,
+//! event builders, and helpers to read state and metrics.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use lapse::codec::{Encoder, Framing, SchemaSet};
+use lapse::config::RedisConfig;
+use lapse::domain::event::*;
+use lapse::domain::state::CustomerState;
+use lapse::metrics::Metrics;
+use lapse::store::StateStore;
+
+use super::*;
+
+pub const DAY: i64 = 86_400_000;
+pub const INPUTS: [&str; 5] = [
+    "engagement.sends",
+    "engagement.opens",
+    "engagement.clicks",
+    "engagement.replies",
+    "clinic.visits",
+];
+pub const PARTITIONS: i32 = 3;
+pub const LONG: Duration = Duration::from_secs(90);
+
+pub fn schemas_dir() -> String {
+    format!("{}/schemas", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The schema file as written (with docs and logical types), as a producer would register it.
+pub fn schema_file(kind: EventKind) -> String {
+    let name = ["send", "open", "click", "reply", "visit"][kind.index()];
+    std::fs::read_to_string(format!("{}/{name}.avsc", schemas_dir())).expect("schema file")
+}
+
+pub fn encoder() -> Encoder {
+    Encoder::new(&SchemaSet::load(std::path::Path::new(&schemas_dir())).expect("schemas load"))
+}
+
+pub fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// Redis + broker + topics, and the environment a `lapse run` needs to use them.
+pub struct Stack {
+    pub redis: RedisServer,
+    pub broker: Broker,
+    pub registry: SchemaRegistryStub,
+    pub dir: tempfile::TempDir,
+}
+
+impl Stack {
+    pub async fn start() -> Stack {
+        Self::start_with(Broker::start().await).await
+    }
+
+    pub async fn start_with(broker: Broker) -> Stack {
+        let redis = RedisServer::start().await;
+        for t in INPUTS {
+            broker.create_topic(t, PARTITIONS).await;
+        }
+        broker.create_topic("lapse.dlq", 1).await;
+        Stack {
+            redis,
+            broker,
+            registry: SchemaRegistryStub::start(),
+            dir: scratch_dir("stack"),
+        }
+    }
+
+    /// Writes a config file tuned for tests (short session, small batches) and
+    /// returns its path; `batch` lines go under `[batch]`.
+    pub fn config(&self, name: &str, batch: &str) -> String {
+        self.config_with(name, batch, "")
+    }
+
+    /// Like [`Stack::config`], with whole extra TOML sections appended (e.g. `[policy.throttle]`).
+    pub fn config_with(&self, name: &str, batch: &str, sections: &str) -> String {
+        let path = self.dir.path().join(format!("{name}.toml"));
+        let text = format!(
+            "[kafka]\nsession_timeout = \"3s\"\ncommit_interval = \"200ms\"\ntopic_partitions = {PARTITIONS}\nrebalance_drain_timeout = \"10s\"\n\
+             [batch]\nmax_wait = \"20ms\"\n{batch}\n\
+             [metrics]\nfleet_gauge_refresh = \"1s\"\n\
+             [retry]\ninitial_backoff = \"50ms\"\nmax_backoff = \"500ms\"\n{sections}\n"
+        );
+        std::fs::write(&path, text).expect("write config");
+        path.display().to_string()
+    }
+
+    pub fn env(&self, group: &str) -> Vec<(String, String)> {
+        vec![
+            ("LAPSE_KAFKA_BROKERS".into(), self.broker.bootstrap()),
+            ("LAPSE_REDIS_URL".into(), self.redis.url()),
+            ("LAPSE_GROUP_ID".into(), group.into()),
+            ("LAPSE_SCHEMAS_DIR".into(), schemas_dir()),
+            ("LAPSE_SCHEMA_REGISTRY_URL".into(), self.registry.url()),
+            ("RUST_LOG".into(), "info,lapse=debug,rdkafka=warn".into()),
+        ]
+    }
+
+    pub fn spawn(&self, group: &str, config: &str) -> LapseProcess {
+        let env = self.env(group);
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        LapseProcess::spawn(&["run", "--config", config], &env)
+    }
+
+    pub async fn store(&self) -> StateStore {
+        let cfg = RedisConfig {
+            url: self.redis.url(),
+            ..RedisConfig::default()
+        };
+        StateStore::connect(&cfg, Metrics::new(&Default::default()))
+            .await
+            .expect("connect to redis")
+    }
+
+    /// Waits until `group` has committed every input partition up to its end.
+    pub async fn wait_caught_up(&self, group: &str, timeout: Duration) {
+        let bootstrap = self.broker.bootstrap();
+        wait_until(
+            timeout,
+            Duration::from_millis(200),
+            &format!("group {group} to commit every input offset"),
+            async || {
+                let end = end_offsets(&bootstrap, &INPUTS).await;
+                let committed = committed_offsets(&bootstrap, group, &INPUTS).await;
+                end.iter()
+                    .all(|(tp, e)| *e == 0 || committed.get(tp) == Some(e))
+            },
+        )
+        .await;
+    }
+
+    /// Every key and raw value in Redis, for byte-level comparisons.
+    pub async fn dump(&self) -> BTreeMap<String, Vec<u8>> {
+        let mut c = self.redis.client().await;
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg("*")
+            .query_async(&mut c)
+            .await
+            .expect("KEYS");
+        let mut out = BTreeMap::new();
+        for k in keys {
+            let kind: String = redis::cmd("TYPE")
+                .arg(&k)
+                .query_async(&mut c)
+                .await
+                .expect("TYPE");
+            let v: Vec<u8> = match kind.as_str() {
+                "string" => redis::cmd("GET")
+                    .arg(&k)
+                    .query_async(&mut c)
+                    .await
+                    .expect("GET"),
+                "set" => {
+                    let mut m: Vec<Vec<u8>> = redis::cmd("SMEMBERS")
+                        .arg(&k)
+                        .query_async(&mut c)
+                        .await
+                        .expect("SMEMBERS");
+                    m.sort();
+                    m.join(&b"\n"[..])
+                }
+                "zset" => {
+                    let m: Vec<(Vec<u8>, f64)> = redis::cmd("ZRANGE")
+                        .arg(&k)
+                        .arg(0)
+                        .arg(-1)
+                        .arg("WITHSCORES")
+                        .query_async(&mut c)
+                        .await
+                        .expect("ZRANGE");
+                    format!("{m:?}").into_bytes()
+                }
+                _ => redis::cmd("DUMP")
+                    .arg(&k)
+                    .query_async(&mut c)
+                    .await
+                    .expect("DUMP"),
+            };
+            out.insert(k, v);
+        }
+        out
+    }
+}
+
+/// Produces events (single-object framing unless `confluent` maps the kind to a schema id).
+pub async fn produce_events(
+    p: &Producer,
+    events: &[(Event, Option<&str>)],
+    framing: impl Fn(EventKind) -> Framing,
+) {
+    let enc = encoder();
+    for (ev, text) in events {
+        let bytes = enc
+            .encode_event(ev, *text, framing(ev.kind()))
+            .expect("encode");
+        p.send(INPUTS[ev.kind().index()], ev.customer.key(), bytes, &[])
+            .await
+            .expect("produce");
+    }
+}
+
+pub fn cust(t: &str, c: &str) -> CustomerRef {
+    CustomerRef::new(t, c)
+}
+
+pub fn send(c: &CustomerRef, id: &str, at: i64, ch: Channel, purpose: Purpose) -> Event {
+    Event {
+        event_id: id.into(),
+        customer: c.clone(),
+        occurred_at: at,
+        body: EventBody::Send {
+            channel: ch,
+            message_id: format!("m-{id}"),
+            campaign_id: Some("spring".into()),
+            purpose,
+            cost: Some(5),
+        },
+    }
+}
+
+pub fn open(c: &CustomerRef, id: &str, at: i64, ch: Channel) -> Event {
+    Event {
+        event_id: id.into(),
+        customer: c.clone(),
+        occurred_at: at,
+        body: EventBody::Open {
+            channel: ch,
+            message_id: "m".into(),
+            campaign_id: None,
+        },
+    }
+}
+
+pub fn click(c: &CustomerRef, id: &str, at: i64, ch: Channel) -> Event {
+    Event {
+        event_id: id.into(),
+        customer: c.clone(),
+        occurred_at: at,
+        body: EventBody::Click {
+            channel: ch,
+            message_id: "m".into(),
+            campaign_id: Some("spring".into()),
+        },
+    }
+}
+
+pub fn reply(c: &CustomerRef, id: &str, at: i64, ch: Channel) -> Event {
+    Event {
+        event_id: id.into(),
+        customer: c.clone(),
+        occurred_at: at,
+        body: EventBody::Reply {
+            channel: ch,
+            message_id: None,
+            class: ReplyClass::Neutral,
+        },
+    }
+}
+
+pub fn visit(c: &CustomerRef, id: &str, at: i64, amount: i64, treatment: Option<&str>) -> Event {
+    Event {
+        event_id: id.into(),
+        customer: c.clone(),
+        occurred_at: at,
+        body: EventBody::Visit {
+            visit_type: VisitType::Treatment,
+            treatment: treatment.map(str::to_string),
+            amount,
+            currency: "CNY".into(),
+        },
+    }
+}
+
+pub async fn state(store: &StateStore, c: &CustomerRef) -> CustomerState {
+    store
+        .load(c)
+        .await
+        .expect("load")
+        .unwrap_or_else(|| panic!("no state for {c}"))
+        .state
+}
+
+/// Sum of a counter over the series whose labels contain every `want` pair.
+pub async fn metric(p: &LapseProcess, name: &str, want: &[(&str, &str)]) -> f64 {
+    let Ok((200, body)) = p.http_get("/metrics").await else {
+        return f64::NAN;
+    };
+    body.lines()
+        .filter(|l| {
+            l.starts_with(name)
+                && (l.as_bytes().get(name.len()) == Some(&b'{')
+                    || l.as_bytes().get(name.len()) == Some(&b' '))
+        })
+        .filter(|l| {
+            want.iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}

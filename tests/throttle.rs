@@ -1,0 +1,423 @@
+//! Issue 3 end to end: frequency caps, click-rate throttling and reply
+//! suppression published to `engagement.throttle`, on a real Redis and broker.
+//! (The policy arithmetic itself is covered table-driven and by property tests
+//! in `src/domain/decide_tests.rs`.)
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use apache_avro::types::Value;
+use chrono::TimeZone;
+use common::stack::*;
+use common::*;
+use lapse::codec::{Framing, SchemaSet, THROTTLE_EVENT};
+use lapse::domain::event::*;
+
+const H: i64 = 3_600_000;
+const THROTTLE: &str = "engagement.throttle";
+
+fn shanghai(y: i32, m: u32, d: u32, h: u32) -> i64 {
+    chrono_tz::Asia::Shanghai
+        .with_ymd_and_hms(y, m, d, h, 0, 0)
+        .unwrap()
+        .timestamp_millis()
+}
+
+/// A decoded throttle event: field name → value.
+type Decision = BTreeMap<String, Value>;
+
+fn decode(payload: &[u8]) -> Decision {
+    let schemas = SchemaSet::load(std::path::Path::new(&schemas_dir())).unwrap();
+    let schema = schemas.by_name(THROTTLE_EVENT).unwrap();
+    assert_eq!(&payload[..2], &[0xC3, 0x01], "single-object framing");
+    let v = apache_avro::from_avro_datum(schema, &mut &payload[10..], None)
+        .expect("decodes as ThrottleEvent");
+    let Value::Record(fields) = v else {
+        panic!("not a record")
+    };
+    fields.into_iter().collect()
+}
+
+fn text(d: &Decision, k: &str) -> String {
+    match &d[k] {
+        Value::String(s) => s.clone(),
+        Value::Enum(_, s) => s.clone(),
+        Value::Union(_, b) => match b.as_ref() {
+            Value::String(s) | Value::Enum(_, s) => s.clone(),
+            Value::Null => String::new(),
+            other => format!("{other:?}"),
+        },
+        other => format!("{other:?}"),
+    }
+}
+
+fn millis(d: &Decision, k: &str) -> Option<i64> {
+    match &d[k] {
+        Value::TimestampMillis(t) | Value::Long(t) => Some(*t),
+        Value::Union(_, b) => match b.as_ref() {
+            Value::TimestampMillis(t) | Value::Long(t) => Some(*t),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+async fn throttle_events(s: &Stack, at_least: usize) -> Vec<(String, Decision)> {
+    let got = consume_all(
+        &s.broker.bootstrap(),
+        THROTTLE,
+        at_least,
+        Duration::from_secs(60),
+    )
+    .await;
+    got.into_iter()
+        .map(|r| {
+            (
+                r.key_str().unwrap_or_default().to_string(),
+                decode(r.payload.as_deref().unwrap()),
+            )
+        })
+        .collect()
+}
+
+async fn start(s: &Stack, group: &str) -> LapseProcess {
+    s.broker.create_compacted_topic(THROTTLE, 3).await;
+    let cfg = s.config(group, "");
+    s.spawn(group, &cfg)
+}
+
+#[tokio::test]
+async fn caps_suppression_and_the_allowance_api_end_to_end() {
+    let s = Stack::start().await;
+    let p = Producer::new(&s.broker.bootstrap());
+    let c = cust("brandA", "amy");
+    let t1 = shanghai(2026, 3, 2, 10);
+    let events: Vec<(Event, Option<&str>)> = vec![
+        // Two WeChat marketing sends within a day: CAPPED until the first + 24 h.
+        (
+            send(&c, "w1", t1, Channel::Wechat, Purpose::Marketing),
+            None,
+        ),
+        (
+            send(&c, "w2", t1 + 2 * H, Channel::Wechat, Purpose::Marketing),
+            None,
+        ),
+        // A third one: a sender ignoring the cap, counted as a violation.
+        (
+            send(&c, "w3", t1 + 3 * H, Channel::Wechat, Purpose::Marketing),
+            None,
+        ),
+        // A service message never counts and never changes the allowance.
+        (
+            send(&c, "svc", t1 + 4 * H, Channel::Sms, Purpose::Service),
+            None,
+        ),
+        // Unsubscribe on SMS: SUPPRESSED on SMS only.
+        (reply(&c, "r1", t1 + 5 * H, Channel::Sms), Some("退订")),
+    ];
+    produce_events(&p, &events, |_| Framing::SingleObject).await;
+    let mut lapse = start(&s, "g-caps").await;
+    s.wait_caught_up("g-caps", LONG).await;
+
+    let got = throttle_events(&s, 3).await;
+    let wechat: Vec<_> = got
+        .iter()
+        .filter(|(k, _)| k == "brandA/amy/WECHAT")
+        .collect();
+    assert_eq!(
+        wechat.len(),
+        2,
+        "CAPPED, then CAPPED with a later allowed_from after the violation: {got:?}"
+    );
+    let first = &wechat[0].1;
+    assert_eq!(text(first, "state"), "CAPPED");
+    assert_eq!(text(first, "reason"), "frequency_cap");
+    assert_eq!(millis(first, "allowed_from"), Some(t1 + 24 * H));
+    assert_eq!(text(first, "cause_event_id"), "w2");
+    assert_eq!(text(first, "tenant_id"), "brandA");
+    assert_eq!(text(first, "scope"), "CUSTOMER_CHANNEL");
+    assert_eq!(millis(&wechat[1].1, "allowed_from"), Some(t1 + 26 * H));
+    let sms: Vec<_> = got.iter().filter(|(k, _)| k == "brandA/amy/SMS").collect();
+    assert_eq!(sms.len(), 1, "{got:?}");
+    assert_eq!(text(&sms[0].1, "state"), "SUPPRESSED");
+    assert_eq!(text(&sms[0].1, "reason"), "unsubscribe_reply");
+    assert!(
+        got.iter()
+            .all(|(k, _)| k.ends_with("/WECHAT") || k.ends_with("/SMS")),
+        "no other channel touched"
+    );
+
+    let violations = metric(
+        &lapse,
+        "lapse_cap_violations_total",
+        &[("channel", "wechat"), ("kind", "cap")],
+    )
+    .await;
+    assert_eq!(violations, 1.0);
+    assert_eq!(
+        metric(&lapse, "lapse_cap_hits_total", &[("channel", "wechat")]).await,
+        1.0
+    );
+
+    // The synchronous check agrees (evaluated now: long after these March events,
+    // so WeChat is open again, SMS still suppressed).
+    let (code, body) = lapse.http_get("/v1/allowance/brandA/amy").await.unwrap();
+    assert_eq!(code, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["channels"]["SMS"]["state"], "SUPPRESSED");
+    assert_eq!(v["channels"]["SMS"]["allowed_now"], false);
+    assert_eq!(v["channels"]["WECHAT"]["state"], "OPEN");
+    assert_eq!(v["channels"]["EMAIL"]["cap"], 2);
+    let (_, body) = lapse.http_get("/v1/allowance/brandA/nobody").await.unwrap();
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["known"], false);
+    assert_eq!(v["channels"]["PHONE"]["state"], "OPEN");
+
+    // The fleet gauge: one customer suppressed on SMS (exported from Redis every 15 s).
+    wait_until(
+        LONG,
+        Duration::from_millis(500),
+        "the suppressed gauge",
+        async || {
+            metric(
+                &lapse,
+                "lapse_customers_restricted",
+                &[("channel", "sms"), ("state", "suppressed")],
+            )
+            .await
+                == 1.0
+        },
+    )
+    .await;
+
+    // Re-subscribe: OPEN again, with the reason.
+    produce_events(
+        &p,
+        &[(reply(&c, "r2", t1 + 30 * H, Channel::Sms), Some("订阅"))],
+        |_| Framing::SingleObject,
+    )
+    .await;
+    s.wait_caught_up("g-caps", LONG).await;
+    let got = throttle_events(&s, 4).await;
+    let last_sms = got
+        .iter()
+        .rev()
+        .find(|(k, _)| k == "brandA/amy/SMS")
+        .unwrap();
+    assert_eq!(text(&last_sms.1, "state"), "OPEN");
+    assert_eq!(text(&last_sms.1, "reason"), "resubscribed");
+    lapse.sigterm();
+    assert!(lapse.wait_exit(Duration::from_secs(30)).await.success());
+
+    // Replaying every input from offset 0 (a new group) publishes nothing new.
+    let before = consume_up_to(&s.broker.bootstrap(), THROTTLE, 100, Duration::from_secs(5))
+        .await
+        .len();
+    assert!(
+        before >= 5,
+        "CAPPED ×2, SUPPRESSED, OPEN (SMS), OPEN (WeChat, released lazily)"
+    );
+    let cfg = s.config("replay", "");
+    let mut replay = s.spawn("g-caps-replay", &cfg);
+    s.wait_caught_up("g-caps-replay", LONG).await;
+    replay.sigterm();
+    assert!(replay.wait_exit(Duration::from_secs(30)).await.success());
+    let after = consume_up_to(&s.broker.bootstrap(), THROTTLE, 100, Duration::from_secs(5))
+        .await
+        .len();
+    assert_eq!(
+        after, before,
+        "a replay from offset 0 publishes no new throttle event"
+    );
+}
+
+#[tokio::test]
+async fn a_customer_who_stops_clicking_is_throttled_then_released() {
+    let s = Stack::start().await;
+    let p = Producer::new(&s.broker.bootstrap());
+    let c = cust("brandB", "bea");
+    let mut t = shanghai(2026, 1, 5, 11);
+    let mut events = Vec::new();
+    let mut n = 0;
+    let mut id = |p: &str| {
+        n += 1;
+        format!("{p}{n}")
+    };
+    // Three months clicking every message, then six sends without a click, then clicks again.
+    for _ in 0..30 {
+        events.push((
+            send(&c, &id("s"), t, Channel::Wechat, Purpose::Marketing),
+            None,
+        ));
+        events.push((click(&c, &id("c"), t + H, Channel::Wechat), None));
+        t += 3 * 24 * H;
+    }
+    for _ in 0..6 {
+        events.push((
+            send(&c, &id("s"), t, Channel::Wechat, Purpose::Marketing),
+            None,
+        ));
+        t += 3 * 24 * H;
+    }
+    for i in 0..20 {
+        events.push((click(&c, &id("c"), t + i * H, Channel::Wechat), None));
+    }
+    produce_events(&p, &events, |_| Framing::SingleObject).await;
+    let mut lapse = start(&s, "g-click").await;
+    s.wait_caught_up("g-click", LONG).await;
+    let got = throttle_events(&s, 2).await;
+    let states: Vec<(String, String)> = got
+        .iter()
+        .map(|(_, d)| (text(d, "state"), text(d, "reason")))
+        .collect();
+    let throttled = states
+        .iter()
+        .position(|(s, _)| s == "THROTTLED")
+        .unwrap_or_else(|| panic!("{states:?}"));
+    assert_eq!(states[throttled].1, "click_rate_below_baseline");
+    assert!(
+        states[throttled..].iter().any(|(s, _)| s == "OPEN"),
+        "released once clicks resume: {states:?}"
+    );
+    assert!(
+        metric(
+            &lapse,
+            "lapse_throttle_transitions_total",
+            &[("state", "throttled")]
+        )
+        .await
+            >= 1.0
+    );
+    lapse.sigterm();
+    assert!(lapse.wait_exit(Duration::from_secs(30)).await.success());
+}
+
+#[tokio::test]
+async fn a_crash_between_state_write_and_produce_loses_no_decision() {
+    let s = Stack::start().await;
+    let p = Producer::new(&s.broker.bootstrap());
+    let c = cust("brandC", "cai");
+    let t1 = shanghai(2026, 3, 2, 10);
+    produce_events(
+        &p,
+        &[
+            (send(&c, "a", t1, Channel::Wechat, Purpose::Marketing), None),
+            (
+                send(&c, "b", t1 + H, Channel::Wechat, Purpose::Marketing),
+                None,
+            ),
+        ],
+        |_| Framing::SingleObject,
+    )
+    .await;
+    s.broker.create_compacted_topic(THROTTLE, 3).await;
+    let cfg = s.config("crash", "");
+    let mut env = s.env("g-crash");
+    env.push(("LAPSE_CRASH_POINT".into(), "after_state_write".into()));
+    let env_ref: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let mut doomed = LapseProcess::spawn(&["run", "--config", &cfg], &env_ref);
+    let status = doomed.wait_exit(LONG).await;
+    assert!(!status.success(), "the crash point must abort the process");
+    // The state (with the pending decision) is in Redis, nothing was published.
+    let st = state(&s.store().await, &c).await;
+    assert_eq!(st.outbox.len(), 1, "the decision waits in the outbox");
+    assert!(
+        consume_up_to(&s.broker.bootstrap(), THROTTLE, 1, Duration::from_secs(3))
+            .await
+            .is_empty()
+    );
+
+    // Restart without the crash point: the redelivered records are recognised as
+    // applied, and the outbox is published.
+    let mut lapse = s.spawn("g-crash", &cfg);
+    s.wait_caught_up("g-crash", LONG).await;
+    let got = throttle_events(&s, 1).await;
+    assert_eq!(got.len(), 1, "exactly one decision: {got:?}");
+    assert_eq!(text(&got[0].1, "state"), "CAPPED");
+    wait_until(LONG, POLL, "the outbox to be cleared", async || {
+        s.store()
+            .await
+            .load(&c)
+            .await
+            .unwrap()
+            .unwrap()
+            .state
+            .outbox
+            .is_empty()
+    })
+    .await;
+    lapse.sigterm();
+    assert!(lapse.wait_exit(Duration::from_secs(30)).await.success());
+}
+
+#[tokio::test]
+async fn a_campaign_whose_click_rate_collapses_gets_a_campaign_throttle_event() {
+    let s = Stack::start().await;
+    let p = Producer::new(&s.broker.bootstrap());
+    let t0 = shanghai(2026, 4, 1, 10);
+    let min = 60_000;
+    let mut events = Vec::new();
+    // First hour (the baseline): 60 customers get the campaign, half click.
+    for i in 0..60 {
+        let c = cust("brandA", &format!("k{i:03}"));
+        let at = t0 + i * min;
+        let mut e = send(
+            &c,
+            &format!("s{i}"),
+            at,
+            Channel::Social,
+            Purpose::Marketing,
+        );
+        if let EventBody::Send { campaign_id, .. } = &mut e.body {
+            *campaign_id = Some("flash".into());
+        }
+        events.push((e, None));
+        if i % 2 == 0 {
+            let mut k = click(&c, &format!("c{i}"), at + min / 2, Channel::Social);
+            if let EventBody::Click { campaign_id, .. } = &mut k.body {
+                *campaign_id = Some("flash".into());
+            }
+            events.push((k, None));
+        }
+    }
+    // Then 80 more customers, nobody clicks.
+    for i in 60..140 {
+        let c = cust("brandA", &format!("k{i:03}"));
+        let mut e = send(
+            &c,
+            &format!("s{i}"),
+            t0 + 2 * H + i * min,
+            Channel::Social,
+            Purpose::Marketing,
+        );
+        if let EventBody::Send { campaign_id, .. } = &mut e.body {
+            *campaign_id = Some("flash".into());
+        }
+        events.push((e, None));
+    }
+    produce_events(&p, &events, |_| Framing::SingleObject).await;
+    s.broker.create_compacted_topic(THROTTLE, 3).await;
+    let cfg = s.config_with(
+        "campaign",
+        "",
+        "[policy.throttle]\ncampaign_baseline = \"1h\"\ncampaign_half_life = \"1h\"\ncampaign_min_sends = 20\n",
+    );
+    let mut lapse = s.spawn("g-campaign", &cfg);
+    s.wait_caught_up("g-campaign", LONG).await;
+    let got = throttle_events(&s, 1).await;
+    let campaign: Vec<_> = got
+        .iter()
+        .filter(|(k, _)| k == "brandA/campaign/flash")
+        .collect();
+    assert_eq!(campaign.len(), 1, "one campaign-level event: {got:?}");
+    let d = &campaign[0].1;
+    assert_eq!(text(d, "scope"), "CAMPAIGN");
+    assert_eq!(text(d, "state"), "THROTTLED");
+    assert_eq!(text(d, "reason"), "campaign_click_rate_collapse");
+    assert_eq!(text(d, "campaign_id"), "flash");
+    assert!(matches!(&d["customer_id"], Value::Union(_, b) if **b == Value::Null));
+    lapse.sigterm();
+    assert!(lapse.wait_exit(Duration::from_secs(30)).await.success());
+}
