@@ -105,6 +105,56 @@ pub struct Config {
     pub retry: RetryConfig,
     /// Contact policy: caps, quiet hours, boosts, throttling, lapse and recall.
     pub policy: crate::domain::policy::PolicyConfig,
+    pub timers: TimersConfig,
+    pub clock: ClockConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TimersConfig {
+    /// Sorted sets the due times are spread over (changing it orphans scheduled timers).
+    pub shards: u32,
+    /// A claimed timer is re-claimable after this if its instance died.
+    pub lease: Dur,
+    /// How often each instance looks for due timers (keep under 1s: stages fire within one poll).
+    pub poll_interval: Dur,
+    /// Timers claimed per shard per poll.
+    pub claim_limit: usize,
+}
+
+impl Default for TimersConfig {
+    fn default() -> Self {
+        TimersConfig {
+            shards: 16,
+            lease: Dur::secs(30),
+            poll_interval: Dur::ms(200),
+            claim_limit: 500,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClockMode {
+    /// Timers fire by the wall clock (production).
+    Wall,
+    /// Time follows the watermark of event timestamps: replays of history and
+    /// tests run months in seconds.
+    Event,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClockConfig {
+    pub mode: ClockMode,
+}
+
+impl Default for ClockConfig {
+    fn default() -> Self {
+        ClockConfig {
+            mode: ClockMode::Wall,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -556,6 +606,28 @@ impl Config {
         }
         if self.metrics.max_tenants == 0 {
             return Err(bad("metrics.max_tenants", "must be at least 1"));
+        }
+        if !(1..=1024).contains(&self.timers.shards) {
+            return Err(bad("timers.shards", "must be between 1 and 1024"));
+        }
+        if self.timers.lease < Dur::secs(1) {
+            return Err(bad("timers.lease", "must be at least 1s"));
+        }
+        if self.timers.poll_interval < Dur::ms(10) || self.timers.poll_interval > Dur::secs(60) {
+            return Err(bad("timers.poll_interval", "must be between 10ms and 60s"));
+        }
+        if !(1..=10_000).contains(&self.timers.claim_limit) {
+            return Err(bad("timers.claim_limit", "must be between 1 and 10000"));
+        }
+        let gaps = self.policy.lapse.min_gaps_for_learning as usize;
+        if gaps >= self.state.visit_history {
+            return Err(bad(
+                "policy.lapse.min_gaps_for_learning",
+                format!(
+                    "must be less than state.visit_history ({})",
+                    self.state.visit_history
+                ),
+            ));
         }
         self.policy
             .validate()

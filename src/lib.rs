@@ -20,3 +20,4 @@ pub mod retry;
 pub mod sample;
 pub mod service;
 pub mod store;
+pub mod timers;

@@ -109,6 +109,13 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
                     let mut v = lapse::inspect::view(&c, l.rev, &l.state, &params, now);
                     let policies = lapse::domain::policy::Policies::new(&cfg.policy)
                         .map_err(|(k, m)| anyhow::anyhow!("config key `{k}`: {m}"))?;
+                    v["recall"] = serde_json::to_value(lapse::domain::recall::view(
+                        &l.state.recall,
+                        &l.state.visits,
+                        &c,
+                        &policies.of(&c.tenant).lapse,
+                    ))?;
+                    v["timer_due"] = serde_json::json!(l.state.timer_due);
                     v["allowance"] = lapse::inspect::allowance_view(
                         &c,
                         Some(&l.state),

@@ -44,6 +44,17 @@ pub struct Metrics {
     pub cap_violations: IntCounterVec,
     pub throttle_transitions: IntCounterVec,
     pub customers_restricted: IntGaugeVec,
+    pub recall_stages: IntCounterVec,
+    pub recall_triggers: IntCounterVec,
+    pub recall_outcomes: IntCounterVec,
+    pub recalled_revenue: IntCounterVec,
+    pub recall_cost: IntCounterVec,
+    pub time_to_return: HistogramVec,
+    pub timers_pending: IntGauge,
+    pub timers_overdue: IntGauge,
+    pub timer_lag: Histogram,
+    pub timers_fired: IntCounterVec,
+    pub clock_now: IntGauge,
 }
 
 /// Caps the distinct tenant label values; the rest report as `other`.
@@ -181,7 +192,81 @@ impl Metrics {
                 "Customers currently CAPPED, THROTTLED or SUPPRESSED per channel, fleet-wide (kept in Redis: every instance exports the same value, aggregate with max()).",
                 &["tenant", "channel", "state"],
             ),
+            recall_stages: counter(
+                &r,
+                "lapse_recall_stage_entries_total",
+                "Customers entering a lapse stage (AT_RISK, LAPSED, FOLLOW_UP, DORMANT), by segment and arm; holdout included.",
+                &["tenant", "stage", "segment", "arm"],
+            ),
+            recall_triggers: counter(
+                &r,
+                "lapse_recall_triggers_total",
+                "Recall triggers fired, by segment, stage, recommended channel (none: no channel available) and arm (holdout ones are recorded, not sent).",
+                &["tenant", "segment", "stage", "channel", "arm"],
+            ),
+            recall_outcomes: counter(
+                &r,
+                "lapse_recall_outcomes_total",
+                "Recall outcomes by kind (recalled, not_recalled, retracted), segment and arm.",
+                &["tenant", "kind", "segment", "arm"],
+            ),
+            recalled_revenue: counter(
+                &r,
+                "lapse_recalled_revenue_total",
+                "Revenue of recalling visits, minor currency units, by arm and currency.",
+                &["tenant", "arm", "currency"],
+            ),
+            recall_cost: counter(
+                &r,
+                "lapse_recall_marketing_cost_total",
+                "Marketing cost between a trigger and its outcome (recalled or not), minor units, by arm and currency.",
+                &["tenant", "arm", "currency"],
+            ),
+            time_to_return: {
+                let h = HistogramVec::new(
+                    HistogramOpts::new("lapse_recall_time_to_return_days", "Days from trigger to the recalling visit.")
+                        .buckets(vec![1.0, 3.0, 7.0, 14.0, 21.0, 30.0, 45.0, 60.0, 90.0]),
+                    &["segment", "arm"],
+                )
+                .expect("valid metric");
+                r.register(Box::new(h.clone())).expect("unique metric");
+                h
+            },
+            timers_pending: plain_gauge("lapse_timers_pending", "Customers with a scheduled timer (recall stage or allowance release), fleet-wide."),
+            timers_overdue: plain_gauge("lapse_timers_overdue", "Timers due now and not yet fired, fleet-wide."),
+            timer_lag: histogram(
+                &r,
+                "lapse_timer_firing_lag_seconds",
+                "Due time to firing, per fired timer (in event-time mode: in event time).",
+                exponential_buckets(0.01, 2.0, 16).expect("buckets"),
+            ),
+            timers_fired: counter(&r, "lapse_timers_fired_total", "Timers fired, by result (fired, nothing_due, lost_lease).", &["result"]),
+            clock_now: plain_gauge("lapse_clock_now_ms", "The clock timers fire by (wall or event-time watermark), ms since the epoch."),
             registry: r,
+        }
+    }
+
+    /// Counts one published recall outcome.
+    pub fn count_outcome(&self, o: &crate::domain::recall::RecallOutcome) {
+        let tenant = self.tenant(&o.tenant_id);
+        let arm = o.arm.label();
+        self.recall_outcomes
+            .with_label_values(&[&tenant, o.kind.label(), o.segment.label(), arm])
+            .inc();
+        if o.kind == crate::domain::recall::OutcomeKind::Recalled {
+            self.recalled_revenue
+                .with_label_values(&[&tenant, arm, &o.currency])
+                .inc_by(o.revenue.max(0) as u64);
+            if let Some(d) = o.days_to_return {
+                self.time_to_return
+                    .with_label_values(&[o.segment.label(), arm])
+                    .observe(d);
+            }
+        }
+        if o.kind != crate::domain::recall::OutcomeKind::Retracted {
+            self.recall_cost
+                .with_label_values(&[&tenant, arm, &o.currency])
+                .inc_by(o.marketing_cost.max(0) as u64);
         }
     }
 

@@ -5,7 +5,7 @@
 use apache_avro::types::Value;
 use futures::future::join_all;
 
-use crate::codec::{Encoder, Framing, THROTTLE_EVENT};
+use crate::codec::{Encoder, Framing, RECALL_OUTCOME, RECALL_TRIGGER, THROTTLE_EVENT};
 use crate::config::TopicsConfig;
 use crate::domain::allowance::ThrottleDecision;
 use crate::domain::state::Output;
@@ -93,12 +93,28 @@ impl OutputWriter {
                     Framing::SingleObject,
                 )?,
             }),
-            // Wired with the recall outputs (issue 4).
-            Output::Trigger(_) | Output::Outcome(_) => {
-                Err(crate::codec::CodecError::UnknownSchema {
-                    name: "recall output".into(),
-                })
-            }
+            Output::Trigger(t) => Ok(Encoded {
+                topic: self.topics.triggers.clone(),
+                key: t.key(),
+                id: t.trigger_id.clone(),
+                kind: "trigger",
+                bytes: self.encoder.encode_value(
+                    RECALL_TRIGGER,
+                    t.to_avro_value(),
+                    Framing::SingleObject,
+                )?,
+            }),
+            Output::Outcome(o) => Ok(Encoded {
+                topic: self.topics.outcomes.clone(),
+                key: o.key(),
+                id: o.outcome_id.clone(),
+                kind: "outcome",
+                bytes: self.encoder.encode_value(
+                    RECALL_OUTCOME,
+                    o.to_avro_value(),
+                    Framing::SingleObject,
+                )?,
+            }),
         }
     }
 

@@ -16,6 +16,7 @@ use crate::config::RetryConfig;
 use crate::dead_letters::DeadLetters;
 use crate::domain::campaign::{CampaignSignal, CampaignState};
 use crate::domain::clock::Clock;
+use crate::domain::clock::EventClock;
 use crate::domain::decide::{self, Effects};
 use crate::domain::event::{CustomerRef, Event, EventBody, EventKind};
 use crate::domain::policy::Policies;
@@ -25,6 +26,7 @@ use crate::metrics::Metrics;
 use crate::outputs::OutputWriter;
 use crate::retry::Backoff;
 use crate::store::gauges::{AllowanceGauges, Move};
+use crate::store::timers::TimerStore;
 use crate::store::StateStore;
 
 /// The batch was abandoned before it became durable; its offsets must not be committed.
@@ -58,6 +60,9 @@ pub struct Pipeline {
     pub policies: Arc<Policies>,
     pub outputs: OutputWriter,
     pub gauges: AllowanceGauges,
+    pub timers: TimerStore,
+    /// In event-time mode, advanced to the newest applied event time after each batch.
+    pub event_clock: Option<Arc<EventClock>>,
 }
 
 impl Pipeline {
@@ -109,6 +114,11 @@ impl Pipeline {
                         return Err(GaveUp);
                     }
                 }
+            }
+        }
+        if let Some(clock) = &self.event_clock {
+            if let Some(t) = valid.iter().map(|(e, _)| e.occurred_at).max() {
+                clock.advance(t);
             }
         }
         self.metrics.batch_records.observe(batch.len() as f64);
@@ -238,6 +248,7 @@ impl Pipeline {
         for _round in 0..MAX_CAS_ROUNDS {
             let loaded = self.store.load_many(&pending).await?;
             let mut folded = Vec::with_capacity(pending.len());
+            let mut schedule: Vec<(&CustomerRef, i64)> = Vec::new();
             for (c, mut l) in pending.iter().zip(loaded) {
                 let policy = self.policies.of(&c.tenant);
                 let mut outcomes = Vec::with_capacity(groups[c].len());
@@ -247,8 +258,16 @@ impl Pipeline {
                     let (out, notes) = l.state.apply(ev, *src, &self.params);
                     if out == Outcome::Applied {
                         effects.push(decide::on_event(&mut l.state, ev, policy, &self.params));
+                        decide::recall_on_event(&mut l.state, ev, policy);
                     }
                     outcomes.push((i, (out, notes)));
+                }
+                let due = decide::next_timer(&l.state, policy);
+                if due != l.state.timer_due {
+                    l.state.timer_due = due;
+                    if let Some(d) = due {
+                        schedule.push((*c, d));
+                    }
                 }
                 folded.push((*c, l.rev, l.state, outcomes, effects));
             }
@@ -257,6 +276,10 @@ impl Pipeline {
                 .filter(|f| f.3.iter().any(|(_, (out, _))| *out == Outcome::Applied))
                 .map(|f| (f.0, f.1, &f.2))
                 .collect();
+            // Timers first: a timer without its state write fires, finds nothing
+            // due and is dropped; a state write without its timer would lose a stage.
+            self.timers.schedule(&schedule).await?;
+            schedule.clear();
             let results = self.store.save_many(&writes).await?;
             let conflicted: Vec<&CustomerRef> = writes
                 .iter()
@@ -461,7 +484,7 @@ impl Pipeline {
 
     /// Produces every pending output, waits for the broker, updates the gauges,
     /// then clears the outboxes (a failed clear only means an exact repeat later).
-    async fn publish(
+    pub(crate) async fn publish(
         &self,
         to_publish: &mut [(&CustomerRef, u64, CustomerState)],
     ) -> Result<(), crate::error::BatchError> {
@@ -496,6 +519,13 @@ impl Pipeline {
             .observe(started.elapsed().as_secs_f64());
         for e in &encoded {
             self.metrics.outputs.with_label_values(&[e.kind]).inc();
+        }
+        for (_, _, state) in to_publish.iter() {
+            for o in &state.outbox {
+                if let Output::Outcome(o) = o {
+                    self.metrics.count_outcome(o);
+                }
+            }
         }
         self.gauges.apply(&moves).await?;
         let clears: Vec<(&CustomerRef, u64, CustomerState)> = to_publish

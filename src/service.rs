@@ -11,8 +11,9 @@ use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
 use crate::codec::{self, DecodeLimits, Decoder, Encoder, RegistryClient, SchemaSet};
-use crate::config::Config;
+use crate::config::{ClockMode, Config};
 use crate::dead_letters::DeadLetters;
+use crate::domain::clock::EventClock;
 use crate::domain::clock::{Clock, WallClock};
 use crate::domain::engagement::Horizons;
 use crate::domain::event::EventKind;
@@ -26,7 +27,9 @@ use crate::metrics::Metrics;
 use crate::outputs::OutputWriter;
 use crate::pipeline::Pipeline;
 use crate::store::gauges::AllowanceGauges;
+use crate::store::timers::TimerStore;
 use crate::store::StateStore;
+use crate::timers::TimerLoop;
 
 pub fn state_params(cfg: &Config) -> StateParams {
     StateParams {
@@ -130,6 +133,20 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         topics: cfg.kafka.topics.clone(),
     };
     let gauges = AllowanceGauges::new(store.conn(), &cfg.redis.key_prefix);
+    let timers = TimerStore::new(
+        store.conn(),
+        cfg.redis.key_prefix.clone(),
+        cfg.timers.shards,
+    )
+    .await?;
+    let event_clock = match cfg.clock.mode {
+        ClockMode::Event => Some(Arc::new(EventClock::new())),
+        ClockMode::Wall => None,
+    };
+    let fire_clock: Arc<dyn Clock> = match &event_clock {
+        Some(c) => c.clone(),
+        None => Arc::new(WallClock),
+    };
     spawn_gauge_exporter(
         gauges.clone(),
         metrics.clone(),
@@ -139,6 +156,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         policies: policies.clone(),
         outputs,
         gauges,
+        timers: timers.clone(),
+        event_clock: event_clock.clone(),
         decoder,
         store: store.clone(),
         dlq,
@@ -230,6 +249,16 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         });
     }
 
+    let timer_task = tokio::spawn(
+        TimerLoop {
+            pipeline: pipeline.clone(),
+            timers,
+            clock: fire_clock,
+            cfg: cfg.timers.clone(),
+            shutdown: shutdown.clone(),
+        }
+        .run(),
+    );
     let poll = PollLoop {
         consumer,
         shared,
@@ -249,6 +278,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         .await?
         .map_err(|_| anyhow::anyhow!("the poll thread panicked"))?;
     let _ = processor.await;
+    let _ = timer_task.await;
     if let Err(e) = producer.flush(Duration::from_secs(10)) {
         warn!(error = %e, "producer flush at shutdown failed");
     }

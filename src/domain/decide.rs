@@ -179,3 +179,43 @@ pub fn next_release(state: &CustomerState) -> Option<i64> {
         .filter_map(|pb| pb.allowed_from)
         .min()
 }
+
+/// Recall bookkeeping of one applied event: marketing cost since a trigger, and
+/// the outcomes a visit decides (recalled, retracted, not recalled).
+pub fn recall_on_event(state: &mut CustomerState, ev: &Event, p: &Policy) {
+    match &ev.body {
+        EventBody::Send {
+            channel,
+            purpose: Purpose::Marketing,
+            cost,
+            ..
+        } => {
+            let cost = cost.unwrap_or(p.costs[channel.index()]);
+            state.recall.on_marketing_send(ev.occurred_at, cost);
+        }
+        EventBody::Visit {
+            amount, currency, ..
+        } => {
+            let info = super::recall::VisitInfo {
+                at: ev.occurred_at,
+                revenue: *amount,
+                currency: currency.clone(),
+                event_id: ev.event_id.clone(),
+            };
+            for o in super::recall::on_visit(&mut state.recall, &info, &ev.customer, &p.lapse) {
+                state.outbox.push(super::recall::outcome_output(o));
+            }
+        }
+        _ => {}
+    }
+}
+
+/// When this customer's timer must next fire: the next recall stage or the
+/// earliest allowance release, whichever comes first.
+pub fn next_timer(state: &CustomerState, p: &Policy) -> Option<i64> {
+    let recall = super::recall::next_due(&state.recall, &state.visits, &p.lapse).map(|d| d.due_at);
+    match (recall, next_release(state)) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}

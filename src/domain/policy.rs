@@ -149,6 +149,9 @@ pub struct PolicyConfig {
     pub boosts: Vec<Boost>,
     pub throttle: ThrottlePolicy,
     pub lapse: super::lapse::LapsePolicy,
+    /// Cost of one marketing send per channel, minor currency units (used when a
+    /// send carries no `cost`, and to break ties between channels).
+    pub costs: BTreeMap<Channel, i64>,
     pub tenants: BTreeMap<String, TenantOverride>,
 }
 
@@ -163,6 +166,7 @@ pub struct TenantOverride {
     pub boosts: Vec<Boost>,
     pub throttle: Option<ThrottlePolicy>,
     pub lapse: Option<super::lapse::LapsePolicy>,
+    pub costs: BTreeMap<Channel, i64>,
 }
 
 pub fn seed_caps() -> BTreeMap<Channel, CapRule> {
@@ -185,6 +189,15 @@ pub fn seed_caps() -> BTreeMap<Channel, CapRule> {
         )
     })
     .collect()
+}
+
+/// Default per-send costs in fen: WeChat template messages and e-mail are nearly
+/// free, SMS a few fen, a call a few yuan of staff time.
+pub fn seed_costs() -> BTreeMap<Channel, i64> {
+    use Channel::*;
+    [(Wechat, 1), (Sms, 5), (Phone, 300), (Email, 1), (Social, 1)]
+        .into_iter()
+        .collect()
 }
 
 fn seed_quiet_hours() -> BTreeMap<Channel, QuietHours> {
@@ -210,6 +223,7 @@ impl Default for PolicyConfig {
             boosts: vec![],
             throttle: ThrottlePolicy::default(),
             lapse: Default::default(),
+            costs: seed_costs(),
             tenants: BTreeMap::new(),
         }
     }
@@ -240,6 +254,8 @@ pub struct Policy {
     pub boosts: Vec<BoostWindow>,
     pub throttle: ThrottlePolicy,
     pub lapse: super::lapse::LapsePolicy,
+    /// Cost of one send per channel, minor units, indexed by `Channel::index()`.
+    pub costs: [i64; 5],
 }
 
 fn parse_hhmm(s: &str) -> Option<u32> {
@@ -386,6 +402,19 @@ impl PolicyConfig {
                 ));
             }
         }
+        let mut costs = [0i64; 5];
+        for c in Channel::ALL {
+            let v = o
+                .costs
+                .get(&c)
+                .or_else(|| self.costs.get(&c))
+                .copied()
+                .unwrap_or_else(|| seed_costs()[&c]);
+            if v < 0 {
+                return Err(bad(format!("{prefix}.costs.{c}"), "must not be negative"));
+            }
+            costs[c.index()] = v;
+        }
         let lapse = o.lapse.clone().unwrap_or_else(|| self.lapse.clone());
         lapse
             .validate(&format!("{prefix}.lapse"))
@@ -397,6 +426,7 @@ impl PolicyConfig {
             boosts,
             throttle,
             lapse,
+            costs,
         })
     }
 

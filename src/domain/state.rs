@@ -130,6 +130,8 @@ pub struct CustomerState {
     /// Decisions written with this state and not yet acknowledged by the broker:
     /// produced after the write, then cleared (an outbox, so a crash loses none).
     pub outbox: Vec<Output>,
+    /// The due time last scheduled in the timer store (recall stage or allowance release).
+    pub timer_due: Option<i64>,
 }
 
 /// A decision waiting in the outbox.
