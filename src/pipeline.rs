@@ -25,6 +25,7 @@ use crate::kafka::record::InputRecord;
 use crate::metrics::Metrics;
 use crate::outputs::OutputWriter;
 use crate::retry::Backoff;
+use crate::store::clock::SharedEventTime;
 use crate::store::gauges::{AllowanceGauges, Move};
 use crate::store::timers::TimerStore;
 use crate::store::StateStore;
@@ -61,8 +62,9 @@ pub struct Pipeline {
     pub outputs: OutputWriter,
     pub gauges: AllowanceGauges,
     pub timers: TimerStore,
-    /// In event-time mode, advanced to the newest applied event time after each batch.
-    pub event_clock: Option<Arc<EventClock>>,
+    /// In event-time mode, advanced to the newest applied event time after each
+    /// batch, locally and in Redis (shared by every instance).
+    pub event_clock: Option<(Arc<EventClock>, SharedEventTime)>,
 }
 
 impl Pipeline {
@@ -116,9 +118,14 @@ impl Pipeline {
                 }
             }
         }
-        if let Some(clock) = &self.event_clock {
+        if let Some((clock, shared)) = &self.event_clock {
             if let Some(t) = valid.iter().map(|(e, _)| e.occurred_at).max() {
                 clock.advance(t);
+                // Best effort: the next batch (or the timer loop) catches up after a failure.
+                match shared.advance(t).await {
+                    Ok(w) => clock.advance(w),
+                    Err(e) => debug!(error = %e, "sharing the event-time watermark failed"),
+                }
             }
         }
         self.metrics.batch_records.observe(batch.len() as f64);

@@ -26,6 +26,7 @@ use crate::kafka::producer::OutputProducer;
 use crate::metrics::Metrics;
 use crate::outputs::OutputWriter;
 use crate::pipeline::Pipeline;
+use crate::store::clock::SharedEventTime;
 use crate::store::gauges::AllowanceGauges;
 use crate::store::timers::TimerStore;
 use crate::store::StateStore;
@@ -140,11 +141,14 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     )
     .await?;
     let event_clock = match cfg.clock.mode {
-        ClockMode::Event => Some(Arc::new(EventClock::new())),
+        ClockMode::Event => Some((
+            Arc::new(EventClock::new()),
+            SharedEventTime::new(store.conn(), &cfg.redis.key_prefix),
+        )),
         ClockMode::Wall => None,
     };
     let fire_clock: Arc<dyn Clock> = match &event_clock {
-        Some(c) => c.clone(),
+        Some((c, _)) => c.clone(),
         None => Arc::new(WallClock),
     };
     spawn_gauge_exporter(
@@ -254,6 +258,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             pipeline: pipeline.clone(),
             timers,
             clock: fire_clock,
+            shared_clock: event_clock.as_ref().map(|(c, s)| (c.clone(), s.clone())),
             cfg: cfg.timers.clone(),
             shutdown: shutdown.clone(),
         }

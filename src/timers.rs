@@ -10,7 +10,7 @@ use std::time::Duration;
 use tracing::{debug, warn};
 
 use crate::config::TimersConfig;
-use crate::domain::clock::Clock;
+use crate::domain::clock::{Clock, EventClock};
 use crate::domain::decide::{self, allowance_at, Effects};
 use crate::domain::event::{Channel, CustomerRef};
 use crate::domain::lapse::Stage;
@@ -18,12 +18,15 @@ use crate::domain::recall::{self, Arm, FireCtx, Fired};
 use crate::domain::state::CustomerState;
 use crate::pipeline::Pipeline;
 use crate::retry::Backoff;
+use crate::store::clock::SharedEventTime;
 use crate::store::timers::{Claimed, TimerStore};
 
 pub struct TimerLoop {
     pub pipeline: Arc<Pipeline>,
     pub timers: TimerStore,
     pub clock: Arc<dyn Clock>,
+    /// Event-time mode: the local watermark and the one shared in Redis.
+    pub shared_clock: Option<(Arc<EventClock>, SharedEventTime)>,
     pub cfg: TimersConfig,
     pub shutdown: Arc<AtomicBool>,
 }
@@ -45,6 +48,12 @@ impl TimerLoop {
         let mut backoff = Backoff::new(&self.pipeline.retry);
         let mut last_gauges = std::time::Instant::now() - Duration::from_secs(60);
         while !self.shutdown.load(Ordering::SeqCst) {
+            if let Some((local, shared)) = &self.shared_clock {
+                // Other instances may have seen later events.
+                if let Ok(w) = shared.now().await {
+                    local.advance(w);
+                }
+            }
             let now = self.clock.now_ms();
             self.pipeline.metrics.clock_now.set(now);
             if now <= 0 {

@@ -1,6 +1,7 @@
 //! State storage adapters. The Redis layout is described in `keys.rs` and `blob.rs`.
 
 pub mod blob;
+pub mod clock;
 pub mod gauges;
 pub mod keys;
 pub mod redis;
