@@ -421,3 +421,61 @@ async fn a_campaign_whose_click_rate_collapses_gets_a_campaign_throttle_event() 
     lapse.sigterm();
     assert!(lapse.wait_exit(Duration::from_secs(30)).await.success());
 }
+
+#[tokio::test]
+async fn a_cap_is_released_by_its_timer_without_any_event_of_that_customer() {
+    let s = Stack::start().await;
+    let p = Producer::new(&s.broker.bootstrap());
+    let c = cust("brandD", "dan");
+    let t1 = shanghai(2026, 3, 2, 10);
+    produce_events(
+        &p,
+        &[
+            (
+                send(&c, "d1", t1, Channel::Wechat, Purpose::Marketing),
+                None,
+            ),
+            (
+                send(&c, "d2", t1 + H, Channel::Wechat, Purpose::Marketing),
+                None,
+            ),
+        ],
+        |_| Framing::SingleObject,
+    )
+    .await;
+    s.broker.create_compacted_topic(THROTTLE, 3).await;
+    // Event time: the release fires when the watermark passes allowed_from.
+    let cfg = s.config_with(
+        "release",
+        "",
+        "[clock]\nmode = \"event\"\n[timers]\npoll_interval = \"20ms\"\n",
+    );
+    let mut lapse = s.spawn("g-release", &cfg);
+    s.wait_caught_up("g-release", LONG).await;
+    let got = throttle_events(&s, 1).await;
+    assert_eq!(text(&got[0].1, "state"), "CAPPED");
+    // Another customer's event moves event time past dan's allowed_from (t1 + 24 h).
+    let other = cust("brandD", "someone-else");
+    produce_events(
+        &p,
+        &[(
+            send(&other, "o1", t1 + 30 * H, Channel::Email, Purpose::Service),
+            None,
+        )],
+        |_| Framing::SingleObject,
+    )
+    .await;
+    let got = throttle_events(&s, 2).await;
+    let open = &got[1].1;
+    assert_eq!(got[1].0, "brandD/dan/WECHAT");
+    assert_eq!(text(open, "state"), "OPEN");
+    assert_eq!(text(open, "reason"), "cap_window_passed");
+    assert_eq!(
+        text(open, "cause_event_id"),
+        "",
+        "released by time, not by an event"
+    );
+    assert!(millis(open, "decided_at").unwrap() >= t1 + 24 * H);
+    lapse.sigterm();
+    assert!(lapse.wait_exit(Duration::from_secs(30)).await.success());
+}
