@@ -28,6 +28,8 @@ RUN cargo build --release --locked --bin lapse \
     && target/release/lapse --version
 
 FROM debian:bookworm-slim
+# ca-certificates follows the distribution's security updates: not pinned on purpose.
+# hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates \
     && rm -rf /var/lib/apt/lists/* \
@@ -36,7 +38,8 @@ COPY --from=builder /build/target/release/lapse /usr/local/bin/lapse
 COPY schemas /app/schemas
 COPY deploy/lapse.toml /app/lapse.toml
 WORKDIR /app
-USER lapse
+# Numeric, so that runtimes enforcing runAsNonRoot can check it.
+USER 10001:10001
 # Inside a container /metrics, /healthz and /readyz must be reachable from outside it.
 ENV LAPSE_HTTP_LISTEN=0.0.0.0:9464
 EXPOSE 9464

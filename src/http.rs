@@ -40,6 +40,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/v1/allowance/{tenant}/{*customer}", get(allowance))
+        .route("/v1/campaigns/{tenant}/{*campaign}", get(campaign))
         .with_state(state)
 }
 
@@ -96,6 +97,53 @@ async fn allowance(
             s.metrics
                 .redis_errors
                 .with_label_values(&["allowance"])
+                .inc();
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("state store unavailable: {e}\n"),
+            )
+                .into_response()
+        }
+    }
+}
+
+/// A campaign's click rates, throttle state, sends and the sends that ignored an allowance.
+async fn campaign(
+    State(s): State<HttpState>,
+    Path((tenant, campaign)): Path<(String, String)>,
+) -> Response {
+    let Some(api) = s.allowance else {
+        return (StatusCode::NOT_FOUND, "campaign API not enabled\n").into_response();
+    };
+    match api
+        .store
+        .load_campaigns(&[(tenant.as_str(), campaign.as_str())])
+        .await
+    {
+        Ok(mut v) => {
+            let (rev, st) = v.pop().unwrap_or_default();
+            let policy = api.policies.of(&tenant);
+            let (recent, baseline) = st.rates(policy);
+            let state = st.published.map_or("OPEN", |p| p.state.as_str());
+            Json(serde_json::json!({
+                "tenant_id": tenant,
+                "campaign_id": campaign,
+                "known": rev > 0,
+                "state": state,
+                "throttled_until": st.spell_until,
+                "first_send_at": st.first_send_at,
+                "sends": st.total_sends,
+                "clicks": st.total_clicks,
+                "violations": st.violations,
+                "recent_click_rate": recent,
+                "baseline_click_rate": baseline,
+            }))
+            .into_response()
+        }
+        Err(e) => {
+            s.metrics
+                .redis_errors
+                .with_label_values(&["campaign"])
                 .inc();
             (
                 StatusCode::SERVICE_UNAVAILABLE,

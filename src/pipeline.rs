@@ -264,7 +264,7 @@ impl Pipeline {
                     let (ev, src) = &valid[i];
                     let (out, notes) = l.state.apply(ev, *src, &self.params);
                     if out == Outcome::Applied {
-                        effects.push(decide::on_event(&mut l.state, ev, policy, &self.params));
+                        effects.push((i, decide::on_event(&mut l.state, ev, policy, &self.params)));
                         decide::recall_on_event(&mut l.state, ev, policy);
                     }
                     outcomes.push((i, (out, notes)));
@@ -376,6 +376,7 @@ impl Pipeline {
                     offset: src.offset,
                     at: ev.occurred_at,
                     event_id: ev.event_id.clone(),
+                    violation: tally.violating.contains(i),
                 });
         }
         let mut pending: Vec<&(String, String)> = signals.keys().collect();
@@ -581,6 +582,8 @@ struct Tally {
     /// (index into the batch's valid events, outcome, notes)
     outcomes: Vec<(usize, Outcome, Notes)>,
     effects: Vec<(String, Effects)>,
+    /// Events (by index) that were marketing sends made while not allowed.
+    violating: std::collections::HashSet<usize>,
 }
 
 impl Tally {
@@ -588,7 +591,7 @@ impl Tally {
         &mut self,
         outcomes: &[(usize, (Outcome, Notes))],
         _valid: &[(Event, Source)],
-        effects: &[Effects],
+        effects: &[(usize, Effects)],
         c: &CustomerRef,
     ) {
         for (i, (out, notes)) in outcomes {
@@ -599,7 +602,10 @@ impl Tally {
             }
             self.outcomes.push((*i, *out, *notes));
         }
-        for fx in effects {
+        for (i, fx) in effects {
+            if !fx.violations.is_empty() {
+                self.violating.insert(*i);
+            }
             self.decisions += fx.transitions.len();
             if !fx.transitions.is_empty() || !fx.violations.is_empty() || !fx.cap_hits.is_empty() {
                 self.effects.push((c.tenant.clone(), fx.clone()));

@@ -170,6 +170,12 @@ async fn caps_suppression_and_the_allowance_api_end_to_end() {
     assert_eq!(v["channels"]["SMS"]["allowed_now"], false);
     assert_eq!(v["channels"]["WECHAT"]["state"], "OPEN");
     assert_eq!(v["channels"]["EMAIL"]["cap"], 2);
+    // Violations are counted per campaign too (every send here is campaign "spring").
+    let (code, body) = lapse.http_get("/v1/campaigns/brandA/spring").await.unwrap();
+    assert_eq!(code, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["violations"], 1, "{v}");
+    assert_eq!(v["sends"], 3, "marketing sends only: {v}");
     let (_, body) = lapse.http_get("/v1/allowance/brandA/nobody").await.unwrap();
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["known"], false);
@@ -418,6 +424,17 @@ async fn a_campaign_whose_click_rate_collapses_gets_a_campaign_throttle_event() 
     assert_eq!(text(d, "reason"), "campaign_click_rate_collapse");
     assert_eq!(text(d, "campaign_id"), "flash");
     assert!(matches!(&d["customer_id"], Value::Union(_, b) if **b == Value::Null));
+    let (_, body) = lapse.http_get("/v1/campaigns/brandA/flash").await.unwrap();
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (
+            v["state"].as_str(),
+            v["sends"].as_u64(),
+            v["clicks"].as_u64()
+        ),
+        (Some("THROTTLED"), Some(140), Some(30)),
+        "{v}"
+    );
     lapse.sigterm();
     assert!(lapse.wait_exit(Duration::from_secs(30)).await.success());
 }

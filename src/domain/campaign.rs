@@ -18,6 +18,8 @@ pub struct CampaignSignal {
     pub offset: i64,
     pub at: i64,
     pub event_id: String,
+    /// A marketing send made while the customer's channel was not allowed.
+    pub violation: bool,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
@@ -41,6 +43,10 @@ pub struct CampaignState {
     pub published: Option<Published>,
     /// Decisions not yet acknowledged by the broker (see `CustomerState::outbox`).
     pub outbox: Vec<ThrottleDecision>,
+    /// Sends of this campaign that ignored a customer's allowance, and all sends.
+    pub violations: u64,
+    pub total_sends: u64,
+    pub total_clicks: u64,
 }
 
 impl CampaignState {
@@ -60,6 +66,10 @@ impl CampaignState {
         let is_send = s.kind == EventKind::Send;
         if is_send {
             self.first_send_at = Some(self.first_send_at.map_or(s.at, |f| f.min(s.at)));
+            self.total_sends += 1;
+            self.violations += s.violation as u64;
+        } else {
+            self.total_clicks += 1;
         }
         let baseline_end = self
             .first_send_at
@@ -89,7 +99,8 @@ impl CampaignState {
         true
     }
 
-    fn rates(&self, p: &Policy) -> (f64, f64) {
+    /// Smoothed recent and baseline click rates.
+    pub fn rates(&self, p: &Policy) -> (f64, f64) {
         let th = &p.throttle;
         let prior = 0.05;
         let r = |t: &Tally| (t.clicks + th.prior_weight * prior) / (t.sends + th.prior_weight);
@@ -190,6 +201,7 @@ mod tests {
             offset,
             at,
             event_id: format!("e{offset}"),
+            violation: false,
         }
     }
 
