@@ -496,3 +496,34 @@ async fn a_cap_is_released_by_its_timer_without_any_event_of_that_customer() {
     lapse.sigterm();
     assert!(lapse.wait_exit(Duration::from_secs(30)).await.success());
 }
+
+#[tokio::test]
+async fn lapse_creates_the_throttle_topic_compacted_when_missing() {
+    use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
+    use rdkafka::client::DefaultClientContext;
+    let s = Stack::start().await;
+    let cfg = s.config("create", "");
+    let mut lapse = s.spawn("g-create", &cfg);
+    lapse.wait_http_ok("/readyz", LONG).await;
+    let bootstrap = s.broker.bootstrap();
+    wait_until(LONG, POLL, "engagement.throttle to exist", async || {
+        partition_count(&bootstrap, THROTTLE).await.is_some()
+    })
+    .await;
+    let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .create()
+        .unwrap();
+    let res = admin
+        .describe_configs(
+            &[ResourceSpecifier::Topic(THROTTLE)],
+            &AdminOptions::new().request_timeout(Some(Duration::from_secs(10))),
+        )
+        .await
+        .expect("describe configs");
+    let cfgs = res.into_iter().next().unwrap().expect("topic config");
+    let policy = cfgs.get("cleanup.policy").and_then(|e| e.value.clone());
+    assert_eq!(policy.as_deref(), Some("compact"));
+    lapse.sigterm();
+    assert!(lapse.wait_exit(Duration::from_secs(30)).await.success());
+}
