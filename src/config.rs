@@ -308,7 +308,8 @@ pub struct BatchConfig {
     pub max_records: usize,
     /// A partial batch is dispatched after this long.
     pub max_wait: Dur,
-    /// Batches queued behind the one being applied; beyond it partitions are paused.
+    /// Batches queued behind the one being applied; beyond it (and one more batch
+    /// buffered) partitions are paused.
     pub queue_depth: usize,
 }
 
@@ -317,7 +318,7 @@ impl Default for BatchConfig {
         BatchConfig {
             max_records: 2000,
             max_wait: Dur::ms(50),
-            queue_depth: 1,
+            queue_depth: 4,
         }
     }
 }
@@ -574,8 +575,8 @@ impl Config {
         if self.batch.max_wait.0.is_zero() || self.batch.max_wait > Dur::secs(60) {
             return Err(bad("batch.max_wait", "must be between 1ms and 60s"));
         }
-        if !(1..=16).contains(&self.batch.queue_depth) {
-            return Err(bad("batch.queue_depth", "must be between 1 and 16"));
+        if !(1..=64).contains(&self.batch.queue_depth) {
+            return Err(bad("batch.queue_depth", "must be between 1 and 64"));
         }
         if !(1..=1024).contains(&self.state.event_ids_per_customer) {
             return Err(bad(

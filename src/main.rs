@@ -84,6 +84,14 @@ fn main() -> ExitCode {
 async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
     match cmd {
         Cmd::Run { config } => {
+            // A panic in any task would leave a half-working consumer: die instead,
+            // and let the restart re-read everything not committed.
+            let default_hook = std::panic::take_hook();
+            std::panic::set_hook(Box::new(move |info| {
+                default_hook(info);
+                eprintln!("fatal: a lapse task panicked; exiting so the supervisor restarts it");
+                std::process::abort();
+            }));
             let cfg = Config::load(config.as_deref())?;
             lapse::service::run(cfg).await
         }

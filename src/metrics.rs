@@ -65,19 +65,20 @@ struct TenantLabels {
 }
 
 impl TenantLabels {
-    fn label(&self, tenant: &str) -> String {
+    /// The label value, and whether it is seen for the first time.
+    fn label(&self, tenant: &str) -> (String, bool) {
         if !self.enabled {
-            return "all".into();
+            return ("all".into(), false);
         }
         let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
         if seen.contains(tenant) {
-            return tenant.to_string();
+            return (tenant.to_string(), false);
         }
         if seen.len() < self.max {
             seen.insert(tenant.to_string());
-            return tenant.to_string();
+            return (tenant.to_string(), true);
         }
-        "other".into()
+        ("other".into(), false)
     }
 }
 
@@ -124,7 +125,7 @@ impl Metrics {
             r.register(Box::new(g.clone())).expect("unique metric");
             g
         };
-        Metrics {
+        let m = Metrics {
             tenants: Arc::new(TenantLabels {
                 enabled: cfg.tenant_label,
                 max: cfg.max_tenants,
@@ -226,7 +227,7 @@ impl Metrics {
                 let h = HistogramVec::new(
                     HistogramOpts::new("lapse_recall_time_to_return_days", "Days from trigger to the recalling visit.")
                         .buckets(vec![1.0, 3.0, 7.0, 14.0, 21.0, 30.0, 45.0, 60.0, 90.0]),
-                    &["segment", "arm"],
+                    &["tenant", "segment", "arm"],
                 )
                 .expect("valid metric");
                 r.register(Box::new(h.clone())).expect("unique metric");
@@ -243,7 +244,9 @@ impl Metrics {
             timers_fired: counter(&r, "lapse_timers_fired_total", "Timers fired, by result (fired, nothing_due, lost_lease).", &["result"]),
             clock_now: plain_gauge("lapse_clock_now_ms", "The clock timers fire by (wall or event-time watermark), ms since the epoch."),
             registry: r,
-        }
+        };
+        m.precreate();
+        m
     }
 
     /// Counts one published recall outcome.
@@ -259,7 +262,7 @@ impl Metrics {
                 .inc_by(o.revenue.max(0) as u64);
             if let Some(d) = o.days_to_return {
                 self.time_to_return
-                    .with_label_values(&[o.segment.label(), arm])
+                    .with_label_values(&[&tenant, o.segment.label(), arm])
                     .observe(d);
             }
         }
@@ -272,7 +275,62 @@ impl Metrics {
 
     /// The tenant label value for `tenant`, bounded by `metrics.max_tenants`.
     pub fn tenant(&self, tenant: &str) -> String {
-        self.tenants.label(tenant)
+        let (label, new) = self.tenants.label(tenant);
+        if new {
+            // Series at 0 from the start, so rate() and increase() see the first event.
+            for kind in ["recalled", "not_recalled", "retracted"] {
+                for seg in ["high_value_lapsed", "at_risk", "low_value_lapsed"] {
+                    for arm in ["treatment", "holdout"] {
+                        self.recall_outcomes
+                            .with_label_values(&[&label, kind, seg, arm]);
+                    }
+                }
+            }
+        }
+        label
+    }
+
+    /// Creates the fixed-label error and outcome series at 0 (standard practice,
+    /// so alerts on rate() fire on the first error).
+    fn precreate(&self) {
+        for op in [
+            "load",
+            "save",
+            "load_campaigns",
+            "save_campaigns",
+            "timers",
+            "gauges",
+            "clock",
+            "ping",
+            "allowance",
+            "campaign",
+        ] {
+            self.redis_errors.with_label_values(&[op]);
+        }
+        for op in ["client", "poll", "producer", "metadata"] {
+            self.kafka_errors.with_label_values(&[op]);
+        }
+        for r in ["ok", "error"] {
+            self.commits.with_label_values(&[r]);
+        }
+        for k in ["assign", "revoke", "error"] {
+            self.rebalances.with_label_values(&[k]);
+        }
+        for c in ["redis", "dlq", "registry", "timers"] {
+            self.retries.with_label_values(&[c]);
+        }
+        for k in crate::domain::event::EventKind::ALL {
+            self.dlq_writes.with_label_values(&[k.label()]);
+            for reason in crate::codec::DecodeError::REASONS {
+                self.invalid.with_label_values(&[k.label(), reason]);
+            }
+        }
+        for r in ["fired", "lost_lease"] {
+            self.timers_fired.with_label_values(&[r]);
+        }
+        for k in ["throttle", "trigger", "outcome"] {
+            self.outputs.with_label_values(&[k]);
+        }
     }
 
     pub fn render(&self) -> String {

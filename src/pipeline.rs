@@ -124,7 +124,13 @@ impl Pipeline {
                 // Best effort: the next batch (or the timer loop) catches up after a failure.
                 match shared.advance(t).await {
                     Ok(w) => clock.advance(w),
-                    Err(e) => debug!(error = %e, "sharing the event-time watermark failed"),
+                    Err(e) => {
+                        self.metrics
+                            .redis_errors
+                            .with_label_values(&["clock"])
+                            .inc();
+                        debug!(error = %e, "sharing the event-time watermark failed");
+                    }
                 }
             }
         }
@@ -285,7 +291,13 @@ impl Pipeline {
                 .collect();
             // Timers first: a timer without its state write fires, finds nothing
             // due and is dropped; a state write without its timer would lose a stage.
-            self.timers.schedule(&schedule).await?;
+            if let Err(e) = self.timers.schedule(&schedule).await {
+                self.metrics
+                    .redis_errors
+                    .with_label_values(&["timers"])
+                    .inc();
+                return Err(e.into());
+            }
             schedule.clear();
             let results = self.store.save_many(&writes).await?;
             let conflicted: Vec<&CustomerRef> = writes
@@ -535,7 +547,13 @@ impl Pipeline {
                 }
             }
         }
-        self.gauges.apply(&moves).await?;
+        if let Err(e) = self.gauges.apply(&moves).await {
+            self.metrics
+                .redis_errors
+                .with_label_values(&["gauges"])
+                .inc();
+            return Err(e.into());
+        }
         let clears: Vec<(&CustomerRef, u64, CustomerState)> = to_publish
             .iter()
             .map(|(c, rev, s)| {

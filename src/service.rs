@@ -118,7 +118,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         })
         .await?;
     }
-    let producer = OutputProducer::new(&cfg.kafka)?;
+    let producer = OutputProducer::new(&cfg.kafka, metrics.clone())?;
     let dlq = DeadLetters::new(
         producer.clone(),
         cfg.kafka.topics.dlq.clone(),
@@ -225,6 +225,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         tokio::spawn(async move {
             loop {
                 let redis_ok = store.ping().await.is_ok();
+                if !redis_ok {
+                    metrics.redis_errors.with_label_values(&["ping"]).inc();
+                }
                 let p = probe.clone();
                 let broker_ok = tokio::task::spawn_blocking(move || {
                     use rdkafka::producer::Producer;
@@ -235,6 +238,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 })
                 .await
                 .unwrap_or(false);
+                if !broker_ok {
+                    metrics.kafka_errors.with_label_values(&["metadata"]).inc();
+                }
                 let ok = redis_ok && broker_ok;
                 ready.store(ok, Ordering::SeqCst);
                 metrics.ready.set(ok as i64);
@@ -308,7 +314,10 @@ fn spawn_gauge_exporter(gauges: AllowanceGauges, metrics: Metrics, every: Durati
                             .set(n as i64);
                     }
                 }
-                Err(e) => warn!(error = %e, "reading allowance gauges failed"),
+                Err(e) => {
+                    metrics.redis_errors.with_label_values(&["gauges"]).inc();
+                    warn!(error = %e, "reading allowance gauges failed");
+                }
             }
             tokio::time::sleep(every).await;
         }

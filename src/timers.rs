@@ -38,6 +38,8 @@ struct Fire<'a> {
     state: CustomerState,
     changed: bool,
     fired: Vec<Fired>,
+    /// Allowance releases decided by time.
+    effects: Effects,
     next: Option<i64>,
 }
 
@@ -50,8 +52,14 @@ impl TimerLoop {
         while !self.shutdown.load(Ordering::SeqCst) {
             if let Some((local, shared)) = &self.shared_clock {
                 // Other instances may have seen later events.
-                if let Ok(w) = shared.now().await {
-                    local.advance(w);
+                match shared.now().await {
+                    Ok(w) => local.advance(w),
+                    Err(_) => self
+                        .pipeline
+                        .metrics
+                        .redis_errors
+                        .with_label_values(&["clock"])
+                        .inc(),
                 }
             }
             let now = self.clock.now_ms();
@@ -67,6 +75,13 @@ impl TimerLoop {
                 match self.fire_shard(shard, now).await {
                     Ok(full) => busy |= full,
                     Err(e) => {
+                        if matches!(e, crate::error::BatchError::Store(_)) {
+                            self.pipeline
+                                .metrics
+                                .redis_errors
+                                .with_label_values(&["timers"])
+                                .inc();
+                        }
                         warn!(error = %e, shard, "firing timers failed; retrying");
                         self.pipeline
                             .metrics
@@ -104,7 +119,14 @@ impl TimerLoop {
                     pending += p;
                     overdue += d;
                 }
-                _ => return,
+                _ => {
+                    self.pipeline
+                        .metrics
+                        .redis_errors
+                        .with_label_values(&["timers"])
+                        .inc();
+                    return;
+                }
             }
         }
         self.pipeline.metrics.timers_pending.set(pending as i64);
@@ -255,6 +277,7 @@ impl TimerLoop {
             state,
             changed,
             fired,
+            effects: fx,
             next,
         }
     }
@@ -262,6 +285,11 @@ impl TimerLoop {
     fn count(&self, f: &Fire<'_>) {
         let m = &self.pipeline.metrics;
         let tenant = m.tenant(&f.claimed.customer.tenant);
+        for (t, reason) in &f.effects.transitions {
+            m.throttle_transitions
+                .with_label_values(&[&tenant, t.channel.label(), t.to.label(), reason])
+                .inc();
+        }
         for fired in &f.fired {
             match fired {
                 Fired::Trigger(t) => {

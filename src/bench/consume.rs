@@ -57,7 +57,7 @@ pub struct ConsumeArgs {
     #[arg(long, default_value_t = 900)]
     pub timeout_secs: u64,
     /// How often /metrics is read, in milliseconds (the timing resolution).
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 50)]
     pub scrape_interval_ms: u64,
     /// Process id of the broker on this machine, to report its CPU share.
     #[arg(long)]
@@ -89,13 +89,21 @@ pub struct RunResult {
     pub batch_ms_p90: Option<f64>,
     pub batch_ms_p99: Option<f64>,
     pub batch_ms_mean: Option<f64>,
-    pub redis_load_ms_mean: Option<f64>,
-    pub redis_save_ms_mean: Option<f64>,
+    /// Redis round-trip time per batch (`lapse_redis_call_seconds_sum` / batches):
+    /// state loads, state writes, and every Redis call of the batch.
+    pub redis_load_ms_per_batch: f64,
+    pub redis_save_ms_per_batch: f64,
+    pub redis_all_ms_per_batch: f64,
     pub state_writes: u64,
     pub cas_conflicts: u64,
     pub dead_letters: u64,
     pub duplicates_skipped: u64,
+    /// Customer state keys (`PREFIX:{TENANT/CUSTOMER}:state`) after the run.
     pub customers_in_redis: u64,
+    /// Every key in the database after the run (states, timers, campaigns, ...).
+    pub redis_keys: u64,
+    /// Growth of Redis `used_memory` over the run divided by the customers: all
+    /// of a customer's keys plus Redis' own overhead.
     pub redis_bytes_per_customer: Option<f64>,
     /// CPU seconds used between `first` and `committed`, per process.
     pub lapse_cpu_seconds: Option<f64>,
@@ -104,6 +112,12 @@ pub struct RunResult {
     /// Busy share of the whole machine (all cores) between `first` and `committed`.
     pub machine_busy: Option<f64>,
     pub load_average_before: Option<f64>,
+    /// Share of the durable phase the processor spent applying batches
+    /// (`lapse_batch_seconds_sum` / durable wall time); the rest it waited for input.
+    pub processor_busy: f64,
+    /// Share of scrapes, first record to durable, that found partitions paused
+    /// (`lapse_partitions_paused > 0`): back-pressure from a full batch queue.
+    pub paused_share: f64,
     pub lapse_exit_ok: bool,
 }
 
@@ -358,6 +372,28 @@ impl RedisView {
         Ok(())
     }
 
+    /// Keys matching `pattern`, counted with SCAN (never KEYS).
+    async fn count_matching(&self, pattern: &str) -> anyhow::Result<u64> {
+        let mut c = self.conn.clone();
+        let mut cursor: u64 = 0;
+        let mut n = 0u64;
+        loop {
+            let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(pattern)
+                .arg("COUNT")
+                .arg(5000)
+                .query_async(&mut c)
+                .await?;
+            n += keys.len() as u64;
+            if next == 0 {
+                return Ok(n);
+            }
+            cursor = next;
+        }
+    }
+
     async fn dbsize(&self) -> anyhow::Result<u64> {
         let mut c = self.conn.clone();
         Ok(redis::cmd("DBSIZE").query_async(&mut c).await?)
@@ -424,6 +460,7 @@ struct RunEnv<'a> {
     redis: &'a RedisView,
     records: u64,
     ends: &'a BTreeMap<Tp, i64>,
+    key_prefix: &'a str,
 }
 
 async fn scrape(http: &reqwest::Client, url: &str) -> Option<Scrape> {
@@ -481,6 +518,7 @@ async fn one_run(env: &RunEnv<'_>, run: usize) -> anyhow::Result<RunResult> {
     let mut durable: Option<Instant> = None;
     let mut cpu_at_first = (None, None, None, None);
     let mut last_progress = Instant::now();
+    let (mut scrapes, mut paused_scrapes) = (0u32, 0u32);
     while durable.is_none() {
         if let Some(status) = child.try_wait()? {
             return Err(fail(format!("lapse exited early ({status})")));
@@ -501,6 +539,12 @@ async fn one_run(env: &RunEnv<'_>, run: usize) -> anyhow::Result<RunResult> {
                     args.broker_pid.and_then(machine::process_cpu_seconds),
                     machine::machine_cpu_ticks(),
                 );
+            }
+            if first.is_some() {
+                scrapes += 1;
+                if s.sum("lapse_partitions_paused") > 0.0 {
+                    paused_scrapes += 1;
+                }
             }
             let done = s.sum("lapse_batch_records_sum");
             if done >= env.records as f64 {
@@ -550,7 +594,11 @@ async fn one_run(env: &RunEnv<'_>, run: usize) -> anyhow::Result<RunResult> {
     let s = scrape(&http, &url)
         .await
         .ok_or_else(|| fail("cannot read /metrics after the run".into()))?;
-    let customers_in_redis = env.redis.dbsize().await?;
+    let redis_keys = env.redis.dbsize().await?;
+    let customers_in_redis = env
+        .redis
+        .count_matching(&format!("{}:*:state", env.key_prefix))
+        .await?;
     let mem_after = env.redis.num("memory", "used_memory").await;
 
     terminate(pid);
@@ -569,6 +617,9 @@ async fn one_run(env: &RunEnv<'_>, run: usize) -> anyhow::Result<RunResult> {
     let durable_seconds = durable.duration_since(first).as_secs_f64();
     let ms = |v: Option<f64>| v.map(|x| x * 1000.0);
     let batches = s.sum("lapse_batch_records_count") as u64;
+    let per_batch = |filter: &[(&str, &str)]| {
+        1000.0 * s.sum_where("lapse_redis_call_seconds_sum", filter) / (batches.max(1) as f64)
+    };
     Ok(RunResult {
         run,
         records: env.records,
@@ -583,13 +634,15 @@ async fn one_run(env: &RunEnv<'_>, run: usize) -> anyhow::Result<RunResult> {
         batch_ms_p90: ms(s.quantile("lapse_batch_seconds", &[], 0.9)),
         batch_ms_p99: ms(s.quantile("lapse_batch_seconds", &[], 0.99)),
         batch_ms_mean: ms(s.mean("lapse_batch_seconds", &[])),
-        redis_load_ms_mean: ms(s.mean("lapse_redis_call_seconds", &[("op", "load")])),
-        redis_save_ms_mean: ms(s.mean("lapse_redis_call_seconds", &[("op", "save")])),
+        redis_load_ms_per_batch: per_batch(&[("op", "load")]),
+        redis_save_ms_per_batch: per_batch(&[("op", "save")]),
+        redis_all_ms_per_batch: per_batch(&[]),
         state_writes: s.sum("lapse_state_writes_total") as u64,
         cas_conflicts: s.sum("lapse_state_write_conflicts_total") as u64,
         dead_letters: s.sum("lapse_records_invalid_total") as u64,
         duplicates_skipped: s.sum("lapse_duplicates_skipped_total") as u64,
         customers_in_redis,
+        redis_keys,
         redis_bytes_per_customer: match (mem_before, mem_after) {
             (Some(a), Some(b)) if customers_in_redis > 0 => {
                 Some((b - a) / customers_in_redis as f64)
@@ -601,6 +654,8 @@ async fn one_run(env: &RunEnv<'_>, run: usize) -> anyhow::Result<RunResult> {
         broker_cpu_seconds: diff(cpu_at_first.2, cpu_at_end.2),
         machine_busy: machine::busy_share(cpu_at_first.3, cpu_at_end.3),
         load_average_before,
+        processor_busy: s.sum("lapse_batch_seconds_sum") / durable_seconds.max(1e-9),
+        paused_share: f64::from(paused_scrapes) / f64::from(scrapes.max(1)),
         lapse_exit_ok,
     })
 }
@@ -670,6 +725,7 @@ pub async fn run(args: &ConsumeArgs) -> anyhow::Result<ConsumeReport> {
         redis: &redis,
         records,
         ends: &ends,
+        key_prefix: &cfg.redis.key_prefix,
     };
     let mut runs = Vec::new();
     for run in 1..=args.runs {
@@ -728,31 +784,44 @@ fn print_run(r: &RunResult) {
         r.startup_seconds
     );
     println!(
-        "  batches {} (mean {:.0} records), batch ms p50 {} p90 {} p99 {} mean {}; redis ms/batch load {} save {}",
+        "  processor busy {} of the time, partitions paused in {} of scrapes; \
+         {} batches (mean {:.0} records), batch ms p50 {} p90 {} p99 {} mean {}; \
+         redis round trips per batch: load {:.1} ms, save {:.1} ms, all calls {:.1} ms",
+        pct(Some(r.processor_busy)),
+        pct(Some(r.paused_share)),
         r.batches,
         r.mean_batch_records,
         opt(r.batch_ms_p50, 1),
         opt(r.batch_ms_p90, 1),
         opt(r.batch_ms_p99, 1),
         opt(r.batch_ms_mean, 1),
-        opt(r.redis_load_ms_mean, 2),
-        opt(r.redis_save_ms_mean, 2),
+        r.redis_load_ms_per_batch,
+        r.redis_save_ms_per_batch,
+        r.redis_all_ms_per_batch,
     );
     println!(
-        "  cpu s: lapse {} redis {} broker {}; machine busy {} (load avg before {}); \
-         {} customers in Redis ({} B each), {} writes, {} conflicts, {} dead letters, {} duplicates{}",
+        "  cpu seconds: lapse {} redis {} broker {}; machine busy {} (1-min load before: {})",
         opt(r.lapse_cpu_seconds, 1),
         opt(r.redis_cpu_seconds, 1),
         opt(r.broker_cpu_seconds, 1),
         pct(r.machine_busy),
         opt(r.load_average_before, 2),
+    );
+    println!(
+        "  {} customers in Redis ({} keys; {} B of Redis memory per customer), {} state writes, {} conflicts, {} dead letters, \
+         {} duplicates; lapse {}",
         r.customers_in_redis,
+        r.redis_keys,
         opt(r.redis_bytes_per_customer, 0),
         r.state_writes,
         r.cas_conflicts,
         r.dead_letters,
         r.duplicates_skipped,
-        if r.lapse_exit_ok { "" } else { "; lapse did NOT exit 0 on SIGTERM" }
+        if r.lapse_exit_ok {
+            "exited 0 on SIGTERM"
+        } else {
+            "did NOT exit 0 on SIGTERM"
+        }
     );
 }
 
@@ -768,29 +837,35 @@ fn print_summary(rep: &ConsumeReport) {
         "redis {}: persistence {}",
         rep.redis_version, rep.redis_persistence
     );
+    if !rep.config_overrides.is_empty() {
+        println!("config overrides: {}", rep.config_overrides.join("  "));
+    }
     println!(
-        "{:>4} {:>12} {:>8} {:>12} {:>8} {:>9} {:>9} {:>9} {:>7} {:>7} {:>7} {:>6}",
+        "{:>4} {:>9} {:>8} {:>9} {:>6} {:>6} {:>7} {:>7} {:>7} {:>6} {:>6} {:>6} {:>5} {:>5}",
         "run",
         "events/s",
         "wall s",
         "durable/s",
-        "batches",
+        "proc",
+        "paused",
         "p50 ms",
         "p99 ms",
-        "lapse cpu",
+        "cpu:lps",
         "redis",
         "broker",
         "busy",
-        "load"
+        "load",
+        "exit"
     );
     for r in &rep.runs {
         println!(
-            "{:>4} {:>12.0} {:>8.2} {:>12.0} {:>8} {:>9} {:>9} {:>9} {:>7} {:>7} {:>7} {:>6}",
+            "{:>4} {:>9.0} {:>8.2} {:>9.0} {:>6} {:>6} {:>7} {:>7} {:>7} {:>6} {:>6} {:>6} {:>5} {:>5}",
             r.run,
             r.events_per_second,
             r.seconds,
             r.durable_events_per_second,
-            r.batches,
+            pct(Some(r.processor_busy)),
+            pct(Some(r.paused_share)),
             opt(r.batch_ms_p50, 1),
             opt(r.batch_ms_p99, 1),
             opt(r.lapse_cpu_seconds, 1),
@@ -798,12 +873,18 @@ fn print_summary(rep: &ConsumeReport) {
             opt(r.broker_cpu_seconds, 1),
             pct(r.machine_busy),
             opt(r.load_average_before, 2),
+            if r.lapse_exit_ok { "0" } else { "FAIL" },
         );
     }
     println!(
         "median: {:.0} events/s ({:.2} s from first record read to all offsets committed; \
          {:.0} events/s to all state durable in Redis)",
         rep.median_events_per_second, rep.median_seconds, rep.median_durable_events_per_second
+    );
+    println!(
+        "columns: proc = processor busy share, paused = share of time partitions were paused, \
+         cpu:lps/redis/broker = CPU seconds of each process during the run, \
+         busy = whole-machine CPU use, load = 1-min load average before the run"
     );
 }
 

@@ -438,13 +438,20 @@ impl PollLoop {
                 let b = self.owned_only(b.records.into_iter().map(|r| (b.generation, r)).collect());
                 if !b.records.is_empty() {
                     match self.dispatch(b) {
-                        Ok(None) => self.set_paused(false),
+                        Ok(None) => {}
                         Ok(Some(b)) => held = Some(b),
                         Err(()) => break,
                     }
-                } else {
-                    self.set_paused(false);
                 }
+            }
+            // Pausing discards librdkafka's prefetched data, so it is the last resort:
+            // only when a batch is held *and* a second one is buffered behind it.
+            // Resume once the backlog is below one batch.
+            let high_water = 2 * max;
+            if held.is_some() && buf.len() >= high_water {
+                self.set_paused(true);
+            } else if held.is_none() && buf.len() < max {
+                self.set_paused(false);
             }
             let wait = if held.is_some() {
                 Duration::from_millis(20)
@@ -502,10 +509,7 @@ impl PollLoop {
                 if !b.records.is_empty() {
                     match self.dispatch(b) {
                         Ok(None) => {}
-                        Ok(Some(b)) => {
-                            held = Some(b);
-                            self.set_paused(true);
-                        }
+                        Ok(Some(b)) => held = Some(b),
                         Err(()) => break,
                     }
                 }

@@ -9,14 +9,31 @@ use std::time::Duration;
 
 use crate::config::KafkaConfig;
 use crate::error::KafkaError;
+use crate::metrics::Metrics;
+use rdkafka::ClientContext;
+
+/// Counts the producer's client errors (broker down, ...) in `lapse_kafka_errors_total{op="producer"}`.
+pub struct ProducerContext {
+    metrics: Metrics,
+}
+
+impl ClientContext for ProducerContext {
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        self.metrics
+            .kafka_errors
+            .with_label_values(&["producer"])
+            .inc();
+        tracing::warn!(error = %error, reason, "kafka producer error");
+    }
+}
 
 #[derive(Clone)]
 pub struct OutputProducer {
-    inner: FutureProducer,
+    inner: FutureProducer<ProducerContext>,
 }
 
 impl OutputProducer {
-    pub fn new(cfg: &KafkaConfig) -> Result<OutputProducer, KafkaError> {
+    pub fn new(cfg: &KafkaConfig, metrics: Metrics) -> Result<OutputProducer, KafkaError> {
         let mut cc = ClientConfig::new();
         cc.set("bootstrap.servers", &cfg.brokers)
             .set("client.id", format!("{}-producer", cfg.client_id))
@@ -30,7 +47,7 @@ impl OutputProducer {
             cc.set(k, v);
         }
         Ok(OutputProducer {
-            inner: cc.create()?,
+            inner: cc.create_with_context(ProducerContext { metrics })?,
         })
     }
 
@@ -68,7 +85,7 @@ impl OutputProducer {
         self.inner.flush(timeout).map_err(KafkaError::Client)
     }
 
-    pub fn inner(&self) -> &FutureProducer {
+    pub fn inner(&self) -> &FutureProducer<ProducerContext> {
         &self.inner
     }
 }
