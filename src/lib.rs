@@ -19,5 +19,6 @@ pub mod pipeline;
 pub mod retry;
 pub mod sample;
 pub mod service;
+pub mod simulate;
 pub mod store;
 pub mod timers;

@@ -43,6 +43,10 @@ enum Cmd {
     ProduceSample(lapse::sample::SampleArgs),
     /// Benchmarks: `bench produce` fills the input topics, `bench consume` measures `lapse run`.
     Bench(lapse::bench::BenchArgs),
+    /// Simulate clinic traffic (customers, campaigns, visits, recalls) to the input topics.
+    Simulate(lapse::simulate::SimulateArgs),
+    /// The demo's live summary (--watch) and KPI table, from /metrics and recall.outcomes.
+    DemoReport(lapse::simulate::report::ReportArgs),
 }
 
 fn init_logging() {
@@ -142,5 +146,7 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
             lapse::sample::produce(&cfg, &args).await
         }
         Cmd::Bench(args) => lapse::bench::run(args).await,
+        Cmd::Simulate(args) => lapse::simulate::main(args).await,
+        Cmd::DemoReport(args) => lapse::simulate::report::main(args).await,
     }
 }
