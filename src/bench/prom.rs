@@ -34,16 +34,38 @@ impl Scrape {
 
     /// Sum of the series of `name` whose labels include every `(key, value)` of `filter`.
     pub fn sum_where(&self, name: &str, filter: &[(&str, &str)]) -> f64 {
-        self.samples
-            .iter()
-            .filter(|s| s.name == name)
-            .filter(|s| {
-                filter
+        self.matching(name, filter).map(|s| s.value).sum()
+    }
+
+    fn matching<'a>(
+        &'a self,
+        name: &'a str,
+        filter: &'a [(&str, &str)],
+    ) -> impl Iterator<Item = &'a Sample> + 'a {
+        self.samples.iter().filter(move |s| {
+            s.name == name
+                && filter
                     .iter()
                     .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
-            })
+        })
+    }
+
+    /// Max of `name` over matching series (fleet gauges: every instance exports the same value).
+    pub fn max(&self, name: &str, filter: &[(&str, &str)]) -> Option<f64> {
+        self.matching(name, filter)
             .map(|s| s.value)
-            .sum()
+            .reduce(f64::max)
+    }
+
+    /// Sum per value of `label`, over the series matching `filter`.
+    pub fn by(&self, name: &str, label: &str, filter: &[(&str, &str)]) -> BTreeMap<String, f64> {
+        let mut m = BTreeMap::new();
+        for s in self.matching(name, filter) {
+            if let Some(v) = s.labels.get(label) {
+                *m.entry(v.clone()).or_insert(0.0) += s.value;
+            }
+        }
+        m
     }
 
     /// The cumulative buckets `(upper bound, count)` of histogram `name`

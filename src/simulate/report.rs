@@ -20,6 +20,7 @@
 //! * **time to return**: `days_to_return` of the RECALLED outcomes (mean, median);
 //! * **cap violations**: `lapse_cap_violations_total` by channel and kind.
 
+use crate::bench::prom::Scrape;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -65,119 +66,6 @@ pub struct ReportArgs {
 // ---------------------------------------------------------------------------
 // /metrics
 // ---------------------------------------------------------------------------
-
-/// One sample of the Prometheus text format.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Sample {
-    pub name: String,
-    pub labels: BTreeMap<String, String>,
-    pub value: f64,
-}
-
-/// A parsed `/metrics` page.
-#[derive(Debug, Clone, Default)]
-pub struct Scrape(pub Vec<Sample>);
-
-fn parse_line(line: &str) -> Option<Sample> {
-    let line = line.trim();
-    if line.is_empty() || line.starts_with('#') {
-        return None;
-    }
-    let (head, value) = line.rsplit_once(' ')?;
-    let value = match value {
-        "+Inf" => f64::INFINITY,
-        "-Inf" => f64::NEG_INFINITY,
-        v => v.parse().ok()?,
-    };
-    let (name, labels) = match head.split_once('{') {
-        None => (head.to_string(), BTreeMap::new()),
-        Some((name, rest)) => {
-            let body = rest.strip_suffix('}')?;
-            let mut labels = BTreeMap::new();
-            let mut chars = body.chars().peekable();
-            loop {
-                let key: String = chars.by_ref().take_while(|c| *c != '=').collect();
-                let key = key.trim().trim_start_matches(',').trim().to_string();
-                if key.is_empty() {
-                    break;
-                }
-                if chars.next() != Some('"') {
-                    return None;
-                }
-                let mut val = String::new();
-                while let Some(c) = chars.next() {
-                    match c {
-                        '\\' => {
-                            if let Some(n) = chars.next() {
-                                val.push(if n == 'n' { '\n' } else { n });
-                            }
-                        }
-                        '"' => break,
-                        c => val.push(c),
-                    }
-                }
-                labels.insert(key, val);
-            }
-            (name.to_string(), labels)
-        }
-    };
-    Some(Sample {
-        name,
-        labels,
-        value,
-    })
-}
-
-impl Scrape {
-    pub fn parse(text: &str) -> Scrape {
-        Scrape(text.lines().filter_map(parse_line).collect())
-    }
-
-    /// Sum of `name` over the series whose labels match every `(key, value)`.
-    pub fn sum(&self, name: &str, filter: &[(&str, &str)]) -> f64 {
-        self.0
-            .iter()
-            .filter(|s| s.name == name)
-            .filter(|s| {
-                filter
-                    .iter()
-                    .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
-            })
-            .map(|s| s.value)
-            .sum()
-    }
-
-    /// Max of `name` over matching series (fleet gauges: every instance exports the same value).
-    pub fn max(&self, name: &str, filter: &[(&str, &str)]) -> Option<f64> {
-        self.0
-            .iter()
-            .filter(|s| s.name == name)
-            .filter(|s| {
-                filter
-                    .iter()
-                    .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
-            })
-            .map(|s| s.value)
-            .reduce(f64::max)
-    }
-
-    /// Sum per value of `label` (restricted to `filter`).
-    pub fn by(&self, name: &str, label: &str, filter: &[(&str, &str)]) -> BTreeMap<String, f64> {
-        let mut m = BTreeMap::new();
-        for s in self.0.iter().filter(|s| s.name == name) {
-            if !filter
-                .iter()
-                .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
-            {
-                continue;
-            }
-            if let Some(v) = s.labels.get(label) {
-                *m.entry(v.clone()).or_insert(0.0) += s.value;
-            }
-        }
-        m
-    }
-}
 
 async fn scrape(client: &reqwest::Client, url: &str) -> anyhow::Result<Scrape> {
     let body = client
@@ -392,7 +280,7 @@ pub fn kpis(outcomes: &[Outcome], m: &Scrape) -> Kpis {
             k.cells.insert(
                 (seg.into(), arm.into()),
                 Cell {
-                    triggered: m.sum(
+                    triggered: m.sum_where(
                         "lapse_recall_triggers_total",
                         &[("segment", seg), ("stage", stage), ("arm", arm)],
                     ),
@@ -600,7 +488,7 @@ pub fn render_kpis(k: &Kpis, m: &Scrape) -> String {
             &[("channel", ch.label())],
         );
         let total: f64 = by.values().sum();
-        let sends = m.sum(
+        let sends = m.sum_where(
             "lapse_engagement_events_total",
             &[
                 ("channel", ch.label()),
@@ -641,13 +529,13 @@ pub fn render_screen(m: &Scrape, url: &str, rate: Option<f64>, sim_line: Option<
         s.push_str(&format!("{}\n", l.trim()));
     }
     s.push('\n');
-    let records = m.sum("lapse_records_total", &[]);
+    let records = m.sum_where("lapse_records_total", &[]);
     s.push_str(&format!(
         "records applied {:>12}   {:>9} events/s   consumer lag {:>9}   dead letters {}\n",
         num(records),
         rate.map_or("-".into(), num),
-        num(m.sum("lapse_consumer_lag", &[])),
-        num(m.sum("lapse_dlq_writes_total", &[]))
+        num(m.sum_where("lapse_consumer_lag", &[])),
+        num(m.sum_where("lapse_dlq_writes_total", &[]))
     ));
     let by_type = m.by("lapse_records_total", "event_type", &[]);
     s.push_str(&format!(
@@ -674,7 +562,7 @@ pub fn render_screen(m: &Scrape, url: &str, rate: Option<f64>, sim_line: Option<
                 .iter()
                 .map(|c| format!(
                     "{:>9}",
-                    num(m.sum(
+                    num(m.sum_where(
                         "lapse_customers_restricted",
                         &[("channel", c.label()), ("state", state)]
                     ))
@@ -689,7 +577,7 @@ pub fn render_screen(m: &Scrape, url: &str, rate: Option<f64>, sim_line: Option<
             .iter()
             .map(|c| format!(
                 "{:>9}",
-                num(m.sum("lapse_cap_violations_total", &[("channel", c.label())]))
+                num(m.sum_where("lapse_cap_violations_total", &[("channel", c.label())]))
             ))
             .collect::<String>()
     ));
@@ -706,7 +594,7 @@ pub fn render_screen(m: &Scrape, url: &str, rate: Option<f64>, sim_line: Option<
                 .zip([12, 20, 19])
                 .map(|(seg, w)| format!(
                     "{:>w$}",
-                    num(m.sum(
+                    num(m.sum_where(
                         "lapse_recall_triggers_total",
                         &[("segment", seg), ("arm", arm)]
                     ))
@@ -727,7 +615,7 @@ pub fn render_screen(m: &Scrape, url: &str, rate: Option<f64>, sim_line: Option<
                 .zip([12, 20, 19])
                 .map(|(kind, w)| format!(
                     "{:>w$}",
-                    num(m.sum(
+                    num(m.sum_where(
                         "lapse_recall_outcomes_total",
                         &[("kind", kind), ("arm", arm)]
                     ))
@@ -775,7 +663,7 @@ pub async fn main(args: ReportArgs) -> anyhow::Result<()> {
             let now = Instant::now();
             match scrape(&client, &url).await {
                 Ok(m) => {
-                    let records = m.sum("lapse_records_total", &[]);
+                    let records = m.sum_where("lapse_records_total", &[]);
                     let rate = prev.map(|(t, r)| {
                         (records - r).max(0.0) / now.duration_since(t).as_secs_f64().max(1e-3)
                     });
@@ -848,11 +736,11 @@ lapse_clock_now_ms 1700000000000
     fn the_text_format_parses_with_labels() {
         let m = Scrape::parse(PAGE);
         assert_eq!(
-            m.sum("lapse_recall_triggers_total", &[("arm", "treatment")]),
+            m.sum_where("lapse_recall_triggers_total", &[("arm", "treatment")]),
             150.0
         );
         assert_eq!(
-            m.sum(
+            m.sum_where(
                 "lapse_recall_triggers_total",
                 &[("segment", "at_risk"), ("stage", "at_risk")]
             ),
@@ -860,7 +748,8 @@ lapse_clock_now_ms 1700000000000
         );
         assert_eq!(m.by("lapse_cap_violations_total", "kind", &[])["cap"], 7.0);
         assert_eq!(m.max("lapse_clock_now_ms", &[]), Some(1.7e12));
-        let s = parse_line(r#"x{a="q\"uote",b="2"} 3"#).unwrap();
+        let escaped = Scrape::parse(r#"x{a="q\"uote",b="2"} 3"#);
+        let s = &escaped.samples[0];
         assert_eq!(s.labels["a"], "q\"uote");
         assert_eq!(s.labels["b"], "2");
     }
