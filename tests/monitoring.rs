@@ -772,54 +772,11 @@ async fn produce_mixed(
 struct Clock<'a> {
     p: &'a Producer,
     group: &'a str,
-    n: u32,
 }
 
 impl Clock<'_> {
     async fn tick(&mut self, s: &Stack, at: i64) {
-        self.n += 1;
-        produce_events(
-            self.p,
-            &[(
-                send(
-                    &cust("clinicA", "zz-clock"),
-                    &format!("tick{}", self.n),
-                    at,
-                    Channel::Email,
-                    Purpose::Service,
-                ),
-                None,
-            )],
-            |_| Framing::SingleObject,
-        )
-        .await;
-        s.wait_caught_up(self.group, LONG).await;
-        let mut c = s.redis.client().await;
-        wait_until(
-            LONG,
-            Duration::from_millis(20),
-            "timers due by the tick to fire",
-            async || {
-                let keys: Vec<String> = redis::cmd("KEYS")
-                    .arg("lapse:{timers:*")
-                    .query_async(&mut c)
-                    .await
-                    .unwrap();
-                let mut due = 0;
-                for k in keys {
-                    let n: i64 = redis::cmd("ZCOUNT")
-                        .arg(&k)
-                        .arg("-inf")
-                        .arg(at)
-                        .query_async(&mut c)
-                        .await
-                        .unwrap();
-                    due += n;
-                }
-                due == 0
-            },
-        )
-        .await;
+        s.advance_event_time(self.p, self.group, at).await;
     }
 }
 
@@ -1061,7 +1018,7 @@ async fn every_dashboard_panel_and_alert_rule_works_against_live_data() {
     s.wait_caught_up(group, LONG).await;
 
     // --- Recall: ticks through event time ----------------------------------------
-    let mut clock = Clock { p: &p, group, n: 0 };
+    let mut clock = Clock { p: &p, group };
     clock.tick(&s, day(37)).await; // AT_RISK: x, gone, vip
     let mut back = Vec::new();
     for tenant in ["clinicA", "clinicH"] {

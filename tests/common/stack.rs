@@ -133,6 +133,48 @@ impl Stack {
         .await;
     }
 
+    /// Event-time mode: moves event time to `at` (a SERVICE send of a dedicated
+    /// clock customer), waits until `group` applied it and every timer due by
+    /// then has fired.
+    pub async fn advance_event_time(&self, p: &Producer, group: &str, at: i64) {
+        let clock = CustomerRef::new("clinicA", "zz-clock");
+        let tick = send(
+            &clock,
+            &format!("tick-{at}"),
+            at,
+            Channel::Email,
+            Purpose::Service,
+        );
+        produce_events(p, &[(tick, None)], |_| Framing::SingleObject).await;
+        self.wait_caught_up(group, LONG).await;
+        let mut c = self.redis.client().await;
+        wait_until(
+            LONG,
+            Duration::from_millis(20),
+            "timers due by the tick to fire",
+            async || {
+                let keys: Vec<String> = redis::cmd("KEYS")
+                    .arg("lapse:{timers:*")
+                    .query_async(&mut c)
+                    .await
+                    .unwrap();
+                let mut due = 0;
+                for k in keys {
+                    let n: i64 = redis::cmd("ZCOUNT")
+                        .arg(&k)
+                        .arg("-inf")
+                        .arg(at)
+                        .query_async(&mut c)
+                        .await
+                        .unwrap();
+                    due += n;
+                }
+                due == 0
+            },
+        )
+        .await;
+    }
+
     /// Every key and raw value in Redis, for byte-level comparisons.
     pub async fn dump(&self) -> BTreeMap<String, Vec<u8>> {
         let mut c = self.redis.client().await;
