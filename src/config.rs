@@ -311,6 +311,9 @@ pub struct BatchConfig {
     /// Batches queued behind the one being applied; beyond it (and one more batch
     /// buffered) partitions are paused.
     pub queue_depth: usize,
+    /// A batch's customers are loaded, folded and written in this many
+    /// concurrent chunks, so lapse folds one while Redis works on another.
+    pub store_chunks: usize,
 }
 
 impl Default for BatchConfig {
@@ -319,6 +322,7 @@ impl Default for BatchConfig {
             max_records: 2000,
             max_wait: Dur::ms(50),
             queue_depth: 4,
+            store_chunks: 4,
         }
     }
 }
@@ -577,6 +581,9 @@ impl Config {
         }
         if !(1..=64).contains(&self.batch.queue_depth) {
             return Err(bad("batch.queue_depth", "must be between 1 and 64"));
+        }
+        if !(1..=64).contains(&self.batch.store_chunks) {
+            return Err(bad("batch.store_chunks", "must be between 1 and 64"));
         }
         if !(1..=1024).contains(&self.state.event_ids_per_customer) {
             return Err(bad(

@@ -65,6 +65,8 @@ pub struct Pipeline {
     /// In event-time mode, advanced to the newest applied event time after each
     /// batch, locally and in Redis (shared by every instance).
     pub event_clock: Option<(Arc<EventClock>, SharedEventTime)>,
+    /// A batch's customers are written in this many concurrent chunks (`batch.store_chunks`).
+    pub store_chunks: usize,
 }
 
 impl Pipeline {
@@ -253,11 +255,48 @@ impl Pipeline {
                 })
                 .push(i);
         }
-        let mut pending = order;
-        let mut settled = false;
+        // Customers are disjoint between chunks, so the chunks' Redis round trips
+        // overlap with each other's folding instead of lapse and Redis taking turns.
+        let size = order.len().div_ceil(self.store_chunks.max(1)).max(1);
+        let chunks = order
+            .chunks(size)
+            .map(|chunk| self.fold_chunk(valid, &groups, chunk.to_vec()));
         let mut tally = Tally::default();
         // Customers whose outbox must be published, with the revision now stored.
         let mut to_publish: Vec<(&CustomerRef, u64, CustomerState)> = Vec::new();
+        for (t, p) in futures::future::try_join_all(chunks).await? {
+            tally.merge(t);
+            to_publish.extend(p);
+        }
+        let campaigns = self.fold_campaigns(valid, &tally).await?;
+        if crash_point("after_state_write") && !to_publish.is_empty() {
+            // Test hook: die between the state write and the produce, like a kill -9 there.
+            std::process::abort();
+        }
+        self.publish(&mut to_publish).await?;
+        self.publish_campaigns(campaigns).await?;
+        // Only now, with state and decisions durable, are the counts real.
+        let now = self.clock.now_ms();
+        tally.report(self, valid, now);
+        summary.applied += tally.applied;
+        summary.redelivered += tally.redelivered;
+        summary.duplicate_ids += tally.dup_ids;
+        summary.customers_written += tally.written;
+        summary.decisions += tally.decisions;
+        Ok(())
+    }
+
+    /// Loads, folds and writes (compare-and-set, conflicts re-folded) one chunk
+    /// of the batch's customers. Returns the counts and the customers whose
+    /// outbox must be published, with the revision now stored.
+    async fn fold_chunk<'a>(
+        &self,
+        valid: &'a [(Event, Source)],
+        groups: &HashMap<&'a CustomerRef, Vec<usize>>,
+        mut pending: Vec<&'a CustomerRef>,
+    ) -> Result<(Tally, Vec<(&'a CustomerRef, u64, CustomerState)>), crate::error::BatchError> {
+        let mut tally = Tally::default();
+        let mut to_publish = Vec::new();
         for _round in 0..MAX_CAS_ROUNDS {
             let loaded = self.store.load_many(&pending).await?;
             let mut folded = Vec::with_capacity(pending.len());
@@ -322,34 +361,15 @@ impl Pipeline {
                 }
             }
             if conflicted.is_empty() {
-                settled = true;
-                break;
+                return Ok((tally, to_publish));
             }
             self.metrics.cas_conflicts.inc_by(conflicted.len() as u64);
             pending = conflicted;
         }
-        if !settled {
-            return Err(crate::error::StoreError::Contended {
-                customers: pending.len(),
-            }
-            .into());
+        Err(crate::error::StoreError::Contended {
+            customers: pending.len(),
         }
-        let campaigns = self.fold_campaigns(valid, &tally).await?;
-        if crash_point("after_state_write") && !to_publish.is_empty() {
-            // Test hook: die between the state write and the produce, like a kill -9 there.
-            std::process::abort();
-        }
-        self.publish(&mut to_publish).await?;
-        self.publish_campaigns(campaigns).await?;
-        // Only now, with state and decisions durable, are the counts real.
-        let now = self.clock.now_ms();
-        tally.report(self, valid, now);
-        summary.applied += tally.applied;
-        summary.redelivered += tally.redelivered;
-        summary.duplicate_ids += tally.dup_ids;
-        summary.customers_written += tally.written;
-        summary.decisions += tally.decisions;
-        Ok(())
+        .into())
     }
 
     /// Folds the batch's campaign sends and clicks into campaign states (their own
@@ -605,6 +625,17 @@ struct Tally {
 }
 
 impl Tally {
+    fn merge(&mut self, other: Tally) {
+        self.applied += other.applied;
+        self.redelivered += other.redelivered;
+        self.dup_ids += other.dup_ids;
+        self.written += other.written;
+        self.decisions += other.decisions;
+        self.outcomes.extend(other.outcomes);
+        self.effects.extend(other.effects);
+        self.violating.extend(other.violating);
+    }
+
     fn count(
         &mut self,
         outcomes: &[(usize, (Outcome, Notes))],

@@ -169,6 +169,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         params: state_params(&cfg),
         clock,
         retry: cfg.retry.clone(),
+        store_chunks: cfg.batch.store_chunks,
     });
 
     let http_state = HttpState {

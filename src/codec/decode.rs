@@ -12,10 +12,12 @@ use super::resolve::{resolve_record, FieldError, Problem};
 use super::schemas::{reader_accepts, record_fullname, SchemaSet};
 use crate::domain::event::{Channel, CustomerRef, Event, EventBody, EventKind, Purpose, VisitType};
 use crate::domain::replies;
-use apache_avro::schema::ResolvedSchema;
+use apache_avro::headers::HeaderBuilder;
+use apache_avro::schema::{Name, ResolvedSchema};
 use apache_avro::types::Value;
-use apache_avro::Schema;
-use std::sync::Arc;
+use apache_avro::{GenericSingleObjectReader, Schema};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 /// 2000-01-01T00:00:00Z: anything earlier is a unit mistake (seconds, not ms).
 pub const MIN_OCCURRED_AT_MS: i64 = 946_684_800_000;
@@ -66,6 +68,45 @@ pub struct Decoder {
     schemas: SchemaSet,
     registry: Option<RegistryClient>,
     limits: DecodeLimits,
+    plans: Plans,
+}
+
+/// Writer plans seen so far; more than this many (registry churn) starts afresh.
+const MAX_PLANS: usize = 1024;
+
+/// What decoding with one writer schema for one input kind needs, built once:
+/// apache-avro's free functions rebuild the writer's name table for every
+/// record, and resolution is a no-op when the writer is the reader schema.
+struct WriterPlan {
+    /// Keeps the schema alive, so its address (the cache key) is not reused.
+    _writer: Arc<Schema>,
+    fullname: String,
+    names: HashMap<Name, Schema>,
+    /// Decodes a bare datum with the prebuilt name table (no header).
+    datum: GenericSingleObjectReader,
+    /// Writer and reader are the same schema (defaults and logical types
+    /// included): the decoded record needs no resolution.
+    is_reader: bool,
+}
+
+/// Plans by (writer schema address, input kind).
+#[derive(Clone, Default)]
+struct Plans(Arc<Mutex<HashMap<(usize, usize), Arc<WriterPlan>>>>);
+
+impl std::fmt::Debug for Plans {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.0.lock().map(|m| m.len()).unwrap_or(0);
+        write!(f, "Plans({n})")
+    }
+}
+
+/// The datum has no header: the framing was parsed already.
+struct NoHeader;
+
+impl HeaderBuilder for NoHeader {
+    fn build_header(&self) -> Vec<u8> {
+        Vec::new()
+    }
 }
 
 impl Decoder {
@@ -80,7 +121,58 @@ impl Decoder {
             schemas,
             registry,
             limits,
+            plans: Plans::default(),
         }
+    }
+
+    /// The plan for `writer` read as `kind`, built on first use.
+    fn plan(&self, writer: &Arc<Schema>, kind: EventKind) -> Result<Arc<WriterPlan>, DecodeError> {
+        let key = (Arc::as_ptr(writer) as usize, kind.index());
+        // A poisoned lock only means another decode panicked; the map is intact.
+        if let Some(p) = self
+            .plans
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+        {
+            return Ok(p.clone());
+        }
+        let reader = self.schemas.reader(kind);
+        let mismatch = |found: String| DecodeError::SchemaMismatch {
+            expected: kind.schema_name().to_owned(),
+            found,
+        };
+        let fullname =
+            record_fullname(writer).ok_or_else(|| mismatch("a non-record schema".to_owned()))?;
+        let bad = |e: apache_avro::Error| DecodeError::BadWriterSchema {
+            source_desc: truncate(&fullname, 100),
+            detail: truncate(&e.to_string(), 200),
+        };
+        let names = ResolvedSchema::try_from(&**writer)
+            .map_err(bad)?
+            .get_names()
+            .iter()
+            .map(|(n, s)| (n.clone(), (*s).clone()))
+            .collect();
+        let datum =
+            GenericSingleObjectReader::new_with_header_builder((**writer).clone(), NoHeader)
+                .map_err(bad)?;
+        let is_reader = Arc::ptr_eq(writer, reader)
+            || serde_json::to_value(&**writer).ok() == serde_json::to_value(&**reader).ok();
+        let plan = Arc::new(WriterPlan {
+            _writer: writer.clone(),
+            fullname,
+            names,
+            datum,
+            is_reader,
+        });
+        let mut plans = self.plans.0.lock().unwrap_or_else(|e| e.into_inner());
+        if plans.len() >= MAX_PLANS {
+            plans.clear();
+        }
+        plans.insert(key, plan.clone());
+        Ok(plan)
     }
 
     pub fn schemas(&self) -> &SchemaSet {
@@ -128,7 +220,8 @@ impl Decoder {
             }
         };
         let reader = self.schemas.reader(kind);
-        let fields = read_record(&writer, reader, kind, body)?;
+        let plan = self.plan(&writer, kind)?;
+        let fields = read_record(&writer, &plan, reader, kind, body)?;
         let event = build_event(kind, Fields(fields), &self.limits, now_ms)?;
         check_key(key, &event.customer)?;
         Ok(event)
@@ -138,28 +231,21 @@ impl Decoder {
 /// Checks the record type, bounds-checks the body, decodes with the writer
 /// schema and resolves to the reader schema.
 fn read_record(
-    writer: &Arc<Schema>,
+    writer: &Schema,
+    plan: &WriterPlan,
     reader: &Schema,
     kind: EventKind,
     body: &[u8],
 ) -> Result<Vec<(String, Value)>, DecodeError> {
-    let mismatch = |found: String| DecodeError::SchemaMismatch {
-        expected: kind.schema_name().to_owned(),
-        found,
-    };
-    let found =
-        record_fullname(writer).ok_or_else(|| mismatch("a non-record schema".to_owned()))?;
-    if !reader_accepts(reader, &found) {
-        return Err(mismatch(truncate(&found, 100)));
+    if !reader_accepts(reader, &plan.fullname) {
+        return Err(DecodeError::SchemaMismatch {
+            expected: kind.schema_name().to_owned(),
+            found: truncate(&plan.fullname, 100),
+        });
     }
-    let names = ResolvedSchema::try_from(&**writer).map_err(|e| DecodeError::BadWriterSchema {
-        source_desc: truncate(&found, 100),
-        detail: truncate(&e.to_string(), 200),
-    })?;
-    check_datum(writer, names.get_names(), body)
-        .map_err(|detail| DecodeError::AvroDecode { detail })?;
+    check_datum(writer, &plan.names, body).map_err(|detail| DecodeError::AvroDecode { detail })?;
     let mut rest = body;
-    let value = apache_avro::from_avro_datum(writer, &mut rest, None).map_err(|e| {
+    let value = plan.datum.read_value(&mut rest).map_err(|e| {
         // Byte-level decode errors describe positions and types, not values.
         DecodeError::AvroDecode {
             detail: truncate(&e.to_string(), 200),
@@ -170,7 +256,10 @@ fn read_record(
             detail: format!("{} trailing bytes after the record", rest.len()),
         });
     }
-    resolve_record(value, reader).map_err(field_error)
+    match value {
+        Value::Record(fields) if plan.is_reader => Ok(fields),
+        value => resolve_record(value, reader).map_err(field_error),
+    }
 }
 
 fn field_error(e: FieldError) -> DecodeError {

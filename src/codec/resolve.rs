@@ -62,7 +62,12 @@ pub(crate) fn resolve_record(
             // A named type defined in an earlier field: resolve with the whole record's names.
             value.resolve_schemata(&field.schema, vec![reader])
         } else {
-            value.resolve(&field.schema)
+            // apache-avro builds a name table per `resolve` call; most fields
+            // need none, and this runs for every field of every record.
+            match resolve_simple(value, &field.schema) {
+                Ok(v) => Ok(v),
+                Err(value) => value.resolve(&field.schema),
+            }
         };
         match resolved {
             Ok(v) => out.push((field.name.clone(), v)),
@@ -94,6 +99,81 @@ fn take(written: &mut Vec<(String, Value)>, field: &RecordField) -> Option<Value
             })
         })?;
     Some(written.swap_remove(pos).1)
+}
+
+/// Resolution of the common cases without apache-avro's per-call name table:
+/// a primitive or timestamp of the same type, a long/int into a timestamp, an
+/// enum symbol the reader has, and a union branch of those. Gives the value
+/// back (`Err`) for everything else, which then takes the general path; the
+/// results equal `Value::resolve`'s (tested below).
+fn resolve_simple(value: Value, schema: &Schema) -> Result<Value, Value> {
+    match (schema, value) {
+        (Schema::Union(_), Value::Union(_, inner)) => resolve_simple(*inner, schema),
+        (Schema::Union(u), value) => {
+            // apache-avro takes the first branch the value validates against;
+            // only `null` branches are certain not to, so look past those alone.
+            for (i, variant) in u.variants().iter().enumerate() {
+                if same_kind(&value, variant) {
+                    return match resolve_simple(value, variant) {
+                        Ok(v) => Ok(Value::Union(i as u32, Box::new(v))),
+                        Err(v) => Err(v),
+                    };
+                }
+                if !matches!(variant, Schema::Null) {
+                    break;
+                }
+            }
+            Err(value)
+        }
+        (Schema::Enum(e), Value::Enum(i, symbol)) => {
+            if e.symbols.get(i as usize) == Some(&symbol) {
+                return Ok(Value::Enum(i, symbol));
+            }
+            match e.symbols.iter().position(|s| *s == symbol) {
+                Some(pos) => Ok(Value::Enum(pos as u32, symbol)),
+                None => Err(Value::Enum(i, symbol)),
+            }
+        }
+        (Schema::TimestampMillis, Value::Long(v)) => Ok(Value::TimestampMillis(v)),
+        (Schema::TimestampMillis, Value::Int(v)) => Ok(Value::TimestampMillis(v.into())),
+        (schema, value) => {
+            let exact = matches!(
+                (schema, &value),
+                (Schema::Null, Value::Null)
+                    | (Schema::Boolean, Value::Boolean(_))
+                    | (Schema::Int, Value::Int(_))
+                    | (Schema::Long, Value::Long(_))
+                    | (Schema::Float, Value::Float(_))
+                    | (Schema::Double, Value::Double(_))
+                    | (Schema::String, Value::String(_))
+                    | (Schema::Bytes, Value::Bytes(_))
+                    | (Schema::TimestampMillis, Value::TimestampMillis(_))
+            );
+            if exact {
+                Ok(value)
+            } else {
+                Err(value)
+            }
+        }
+    }
+}
+
+/// Whether `value` is written as `schema` without promotion (the union branch
+/// apache-avro would pick for it, as it takes the first matching branch).
+fn same_kind(value: &Value, schema: &Schema) -> bool {
+    matches!(
+        (schema, value),
+        (Schema::Null, Value::Null)
+            | (Schema::Boolean, Value::Boolean(_))
+            | (Schema::Int, Value::Int(_))
+            | (Schema::Long, Value::Long(_))
+            | (Schema::Float, Value::Float(_))
+            | (Schema::Double, Value::Double(_))
+            | (Schema::String, Value::String(_))
+            | (Schema::Bytes, Value::Bytes(_))
+            | (Schema::TimestampMillis, Value::TimestampMillis(_))
+            | (Schema::Enum(_), Value::Enum(..))
+    )
 }
 
 fn contains_ref(schema: &Schema) -> bool {
@@ -152,6 +232,57 @@ mod tests {
                     Value::Union(1, Box::new(Value::Enum(0, "A".into())))
                 ),
             ]
+        );
+    }
+
+    /// The shortcut must agree with apache-avro wherever it answers.
+    #[test]
+    fn simple_resolution_equals_apache_avro() {
+        let schemas = [
+            r#""string""#,
+            r#""long""#,
+            r#""int""#,
+            r#""double""#,
+            r#""null""#,
+            r#"{"type":"long","logicalType":"timestamp-millis"}"#,
+            r#"["null","string"]"#,
+            r#"["null","long"]"#,
+            r#"["string","null"]"#,
+            r#"["null",{"type":"long","logicalType":"timestamp-millis"}]"#,
+            r#"{"type":"enum","name":"C","symbols":["A","B"]}"#,
+            r#"{"type":"enum","name":"D","symbols":["A","B"],"default":"A"}"#,
+            r#"["null",{"type":"enum","name":"E","symbols":["A","B"]}]"#,
+            r#"["null","long","string"]"#,
+        ];
+        let values = [
+            Value::Null,
+            Value::String("x".into()),
+            Value::Long(7),
+            Value::Int(7),
+            Value::Double(1.5),
+            Value::TimestampMillis(9),
+            Value::Enum(1, "B".into()),
+            Value::Enum(0, "B".into()),
+            Value::Enum(5, "A".into()),
+            Value::Enum(0, "Z".into()),
+            Value::Union(1, Box::new(Value::String("y".into()))),
+            Value::Union(0, Box::new(Value::Null)),
+            Value::Union(1, Box::new(Value::Long(3))),
+        ];
+        let mut answered = 0;
+        for s in schemas {
+            let schema = Schema::parse_str(s).unwrap();
+            for v in &values {
+                if let Ok(fast) = resolve_simple(v.clone(), &schema) {
+                    answered += 1;
+                    let slow = v.clone().resolve(&schema);
+                    assert_eq!(Some(&fast), slow.as_ref().ok(), "{v:?} as {s}");
+                }
+            }
+        }
+        assert!(
+            answered >= 30,
+            "the shortcut answered only {answered} cases"
         );
     }
 
