@@ -413,10 +413,21 @@ impl PollLoop {
     fn owned_only(&self, records: Vec<(u64, InputRecord)>) -> Batch {
         let owned = Shared::lock(&self.shared.owned);
         let generation = owned.generation;
+        // One set lookup (and key allocation) per partition, not per record.
+        let mut known: Vec<(String, i32, bool)> = Vec::new();
         let records = records
             .into_iter()
             .filter(|(g, r)| {
-                *g == generation && owned.partitions.contains(&(r.topic.clone(), r.partition))
+                if *g != generation {
+                    return false;
+                }
+                if let Some(k) = known.iter().find(|k| k.1 == r.partition && k.0 == r.topic) {
+                    return k.2;
+                }
+                let tp = (r.topic.clone(), r.partition);
+                let ok = owned.partitions.contains(&tp);
+                known.push((tp.0, tp.1, ok));
+                ok
             })
             .map(|(_, r)| r)
             .collect();
@@ -435,7 +446,12 @@ impl PollLoop {
         let mut last_commit = Instant::now();
         while !self.shutdown.load(Ordering::SeqCst) {
             if let Some(b) = held.take() {
-                let b = self.owned_only(b.records.into_iter().map(|r| (b.generation, r)).collect());
+                // Re-check ownership only after a rebalance: this runs on every poll.
+                let b = if b.generation == self.shared.generation() {
+                    b
+                } else {
+                    self.owned_only(b.records.into_iter().map(|r| (b.generation, r)).collect())
+                };
                 if !b.records.is_empty() {
                     match self.dispatch(b) {
                         Ok(None) => {}
