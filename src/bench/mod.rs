@@ -10,6 +10,7 @@
 
 pub mod consume;
 pub mod machine;
+pub mod memory;
 pub mod produce;
 pub mod prom;
 pub mod workload;
@@ -30,6 +31,8 @@ pub enum BenchCmd {
     Produce(produce::ProduceArgs),
     /// Measure events/s of `lapse run` consuming what the input topics hold.
     Consume(consume::ConsumeArgs),
+    /// Redis bytes per customer with a full five-channel history.
+    Memory(memory::MemoryArgs),
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -41,6 +44,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             Ok(())
         }
         BenchCmd::Consume(a) => consume::run(&a).await.map(|_| ()),
+        BenchCmd::Memory(a) => memory::run(&a).await.map(|_| ()),
     }
 }
 

@@ -89,9 +89,12 @@ struct WriterPlan {
     is_reader: bool,
 }
 
-/// Plans by (writer schema address, input kind).
+/// (writer schema address, input kind index)
+type PlanKey = (usize, usize);
+
+/// Plans by writer and kind.
 #[derive(Clone, Default)]
-struct Plans(Arc<Mutex<HashMap<(usize, usize), Arc<WriterPlan>>>>);
+struct Plans(Arc<Mutex<HashMap<PlanKey, Arc<WriterPlan>>>>);
 
 impl std::fmt::Debug for Plans {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -93,10 +93,9 @@ mod tests {
 #[cfg(test)]
 mod size {
     use super::*;
-    use crate::domain::decide;
     use crate::domain::event::*;
     use crate::domain::policy::PolicyConfig;
-    use crate::domain::state::{Source, StateParams};
+    use crate::domain::state::StateParams;
 
     fn full() -> CustomerState {
         state_after(2000)
@@ -108,68 +107,9 @@ mod size {
     }
 
     fn state_after(n: i64) -> CustomerState {
-        let p = StateParams::default();
         let policy = PolicyConfig::default().resolve(None).unwrap();
         let c = CustomerRef::new("brand", "c-000001");
-        let mut s = CustomerState::default();
-        let mut off = 0;
-        for i in 0..n {
-            let t = 1_700_000_000_000 + i * 3_600_000;
-            let ch = Channel::ALL[(i % 5) as usize];
-            let bodies = [
-                EventBody::Send {
-                    channel: ch,
-                    message_id: format!("m{i}"),
-                    campaign_id: Some("c".into()),
-                    purpose: Purpose::Marketing,
-                    cost: None,
-                },
-                EventBody::Open {
-                    channel: ch,
-                    message_id: format!("m{i}"),
-                    campaign_id: None,
-                },
-                EventBody::Click {
-                    channel: ch,
-                    message_id: format!("m{i}"),
-                    campaign_id: None,
-                },
-                EventBody::Reply {
-                    channel: ch,
-                    message_id: None,
-                    class: if i % 50 == 0 {
-                        ReplyClass::Unsubscribe
-                    } else {
-                        ReplyClass::Positive
-                    },
-                },
-                EventBody::Visit {
-                    visit_type: VisitType::Treatment,
-                    treatment: Some("BOTOX".into()),
-                    amount: 100_000,
-                    currency: "CNY".into(),
-                },
-            ];
-            for body in bodies {
-                off += 1;
-                let ev = Event {
-                    event_id: format!("e{off}"),
-                    customer: c.clone(),
-                    occurred_at: t,
-                    body,
-                };
-                let src = Source {
-                    kind: ev.kind(),
-                    partition: 0,
-                    offset: off,
-                };
-                s.apply(&ev, src, &p);
-                decide::on_event(&mut s, &ev, &policy, &p);
-                decide::recall_on_event(&mut s, &ev, &policy);
-            }
-            s.outbox.clear();
-        }
-        s
+        crate::bench::memory::full_history(&c, n, &StateParams::default(), &policy)
     }
 
     #[test]
@@ -179,15 +119,9 @@ mod size {
         // Bounded by construction: more history does not make the value bigger.
         assert!(b <= a + 16, "{a} bytes after 500 rounds, {b} after 2000");
         assert!(b < 2_048, "{b} bytes for a full five-channel history");
-        let s = full();
-        let len = |v: Vec<u8>| v.len();
         eprintln!(
-            "stored state with full five-channel history: {b} bytes (visits {}, channels {}, idempotence {}, allowance control {}, recall {})",
-            len(postcard::to_allocvec(&s.visits).unwrap()),
-            len(postcard::to_allocvec(&s.channels).unwrap()),
-            len(postcard::to_allocvec(&s.applied).unwrap()),
-            len(postcard::to_allocvec(&s.controls).unwrap()),
-            len(postcard::to_allocvec(&s.recall).unwrap()),
+            "stored state with full five-channel history: {b} bytes ({:?})",
+            crate::bench::memory::blob_parts(&full())
         );
     }
 }

@@ -1,0 +1,351 @@
+//! `lapse bench memory`: Redis bytes per customer with a full five-channel
+//! history.
+//!
+//! Builds one customer's state by folding a long history through the domain
+//! (marketing sends, opens, clicks and replies on every channel, treatment
+//! visits: every bounded part of the state at its cap), then writes that state
+//! for `--customers` customers with lapse's own store code (state key, CAS
+//! script, timer) and measures:
+//!
+//! * `MEMORY USAGE` of a sample of state keys (what one customer's key costs,
+//!   Redis overhead included);
+//! * the growth of `used_memory` divided by the customers (everything: keys,
+//!   the keyspace's hash table, timer sorted sets).
+
+use std::time::Instant;
+
+use anyhow::Context;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::domain::decide;
+use crate::domain::event::{
+    Channel, CustomerRef, Event, EventBody, Purpose, ReplyClass, VisitType,
+};
+use crate::domain::policy::Policy;
+use crate::domain::state::{CustomerState, Source, StateParams};
+use crate::metrics::Metrics;
+use crate::store::timers::TimerStore;
+use crate::store::StateStore;
+
+use super::machine::Machine;
+use super::Stats;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct MemoryArgs {
+    /// lapse config (Redis URL, key prefix, state bounds, policy).
+    #[arg(long)]
+    pub config: Option<std::path::PathBuf>,
+    /// Customers written.
+    #[arg(long, default_value_t = 100_000)]
+    pub customers: u64,
+    /// State keys whose `MEMORY USAGE` is sampled.
+    #[arg(long, default_value_t = 2_000)]
+    pub sample: u64,
+    /// Rounds of history folded into the customer (each: one send, open, click,
+    /// reply on a channel and one visit, an hour apart).
+    #[arg(long, default_value_t = 1_000)]
+    pub rounds: i64,
+    /// Runs (each flushes the Redis database first); the median is reported.
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// Write every figure as JSON here.
+    #[arg(long)]
+    pub json: Option<std::path::PathBuf>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct MemoryRun {
+    pub customers: u64,
+    pub used_memory_per_customer: f64,
+    pub memory_usage_state_key: Stats,
+    pub keys: u64,
+    pub write_seconds: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct MemoryReport {
+    pub machine: Machine,
+    pub redis_version: String,
+    pub blob_bytes: usize,
+    pub blob_parts: Vec<(String, usize)>,
+    pub runs: Vec<MemoryRun>,
+    pub per_customer_median: f64,
+    pub state_key_median: f64,
+    pub target_bytes: f64,
+}
+
+/// The target of the benchmark suite (issue 6): Redis bytes per customer.
+pub const TARGET_BYTES: f64 = 600.0;
+
+/// A customer's state after `rounds` rounds of history on every channel, as the
+/// pipeline would have folded it (outbox published and cleared).
+pub fn full_history(
+    customer: &CustomerRef,
+    rounds: i64,
+    params: &StateParams,
+    policy: &Policy,
+) -> CustomerState {
+    let mut s = CustomerState::default();
+    let mut off = 0;
+    for i in 0..rounds {
+        let t = 1_700_000_000_000 + i * 3_600_000;
+        let ch = Channel::ALL[(i % 5) as usize];
+        let bodies = [
+            EventBody::Send {
+                channel: ch,
+                message_id: format!("m{i}"),
+                campaign_id: Some("c".into()),
+                purpose: Purpose::Marketing,
+                cost: None,
+            },
+            EventBody::Open {
+                channel: ch,
+                message_id: format!("m{i}"),
+                campaign_id: None,
+            },
+            EventBody::Click {
+                channel: ch,
+                message_id: format!("m{i}"),
+                campaign_id: None,
+            },
+            EventBody::Reply {
+                channel: ch,
+                message_id: None,
+                class: if i % 50 == 0 {
+                    ReplyClass::Unsubscribe
+                } else {
+                    ReplyClass::Positive
+                },
+            },
+            EventBody::Visit {
+                visit_type: VisitType::Treatment,
+                treatment: Some("BOTOX".into()),
+                amount: 100_000,
+                currency: "CNY".into(),
+            },
+        ];
+        for body in bodies {
+            off += 1;
+            let ev = Event {
+                event_id: format!("e{off}"),
+                customer: customer.clone(),
+                occurred_at: t,
+                body,
+            };
+            let src = Source {
+                kind: ev.kind(),
+                partition: 0,
+                offset: off,
+            };
+            s.apply(&ev, src, params);
+            decide::on_event(&mut s, &ev, policy, params);
+            decide::recall_on_event(&mut s, &ev, policy);
+        }
+        s.outbox.clear();
+    }
+    s.timer_due = decide::next_timer(&s, policy);
+    s
+}
+
+/// Serialized size of each part of the state (what dominates the blob).
+pub fn blob_parts(s: &CustomerState) -> Vec<(String, usize)> {
+    let len = |r: Result<Vec<u8>, postcard::Error>| r.map(|v| v.len()).unwrap_or(0);
+    vec![
+        ("visits".into(), len(postcard::to_allocvec(&s.visits))),
+        ("channels".into(), len(postcard::to_allocvec(&s.channels))),
+        ("idempotence".into(), len(postcard::to_allocvec(&s.applied))),
+        (
+            "allowance control".into(),
+            len(postcard::to_allocvec(&s.controls)),
+        ),
+        ("recall".into(), len(postcard::to_allocvec(&s.recall))),
+    ]
+}
+
+async fn info_num(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> anyhow::Result<f64> {
+    let text: String = redis::cmd("INFO").arg("memory").query_async(conn).await?;
+    text.lines()
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| *k == key)
+        .and_then(|(_, v)| v.trim().parse().ok())
+        .with_context(|| format!("INFO memory has no {key}"))
+}
+
+pub async fn run(args: &MemoryArgs) -> anyhow::Result<MemoryReport> {
+    anyhow::ensure!(args.customers > 0, "--customers must be at least 1");
+    anyhow::ensure!(args.runs > 0, "--runs must be at least 1");
+    let cfg = Config::load(args.config.as_deref())?;
+    let params = crate::service::state_params(&cfg);
+    let policies = crate::domain::policy::Policies::new(&cfg.policy)
+        .map_err(|(key, message)| anyhow::anyhow!("policy: {key}: {message}"))?;
+    let template_customer = CustomerRef::new("clinic-1", "cust-0000000");
+    let template = full_history(
+        &template_customer,
+        args.rounds,
+        &params,
+        policies.of(&template_customer.tenant),
+    );
+    let blob_bytes = crate::store::blob::encode(u64::MAX, &template).len();
+    let parts = blob_parts(&template);
+
+    let metrics = Metrics::new(&cfg.metrics);
+    let store = StateStore::connect(&cfg.redis, metrics)
+        .await
+        .with_context(|| format!("connecting to Redis at {}", cfg.redis.url))?;
+    let timers = TimerStore::new(
+        store.conn(),
+        cfg.redis.key_prefix.clone(),
+        cfg.timers.shards,
+    )
+    .await?;
+    let client = redis::Client::open(cfg.redis.url.as_str()).context("redis.url")?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    let server: String = redis::cmd("INFO")
+        .arg("server")
+        .query_async(&mut conn)
+        .await?;
+    let redis_version = server
+        .lines()
+        .find_map(|l| l.strip_prefix("redis_version:"))
+        .unwrap_or("?")
+        .trim()
+        .to_owned();
+    let machine = Machine::describe();
+    println!("machine: {}", machine.one_line());
+    println!(
+        "redis {redis_version}; {} customers per run, {} runs",
+        args.customers, args.runs
+    );
+    println!(
+        "one customer's state after {} rounds of history on all five channels: {blob_bytes} B stored blob ({})",
+        args.rounds,
+        parts
+            .iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+
+    let mut runs = Vec::new();
+    for run in 1..=args.runs {
+        let _: () = redis::cmd("FLUSHDB").query_async(&mut conn).await?;
+        // Let the allocator settle so the baseline is not mid-free.
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        let before = info_num(&mut conn, "used_memory").await?;
+        let started = Instant::now();
+        let ids: Vec<CustomerRef> = (0..args.customers)
+            .map(|i| CustomerRef::new(format!("clinic-{}", i % 4 + 1), format!("cust-{i:07}")))
+            .collect();
+        for chunk in ids.chunks(1_000) {
+            let writes: Vec<(&CustomerRef, u64, &CustomerState)> =
+                chunk.iter().map(|c| (c, 0, &template)).collect();
+            let ok = store.save_many(&writes).await?;
+            anyhow::ensure!(
+                ok.iter().all(|b| *b),
+                "a fresh write conflicted: is the database shared?"
+            );
+            if let Some(due) = template.timer_due {
+                let due: Vec<(&CustomerRef, i64)> = chunk.iter().map(|c| (c, due)).collect();
+                timers.schedule(&due).await?;
+            }
+        }
+        let write_seconds = started.elapsed().as_secs_f64();
+        let after = info_num(&mut conn, "used_memory").await?;
+        let keys: u64 = redis::cmd("DBSIZE").query_async(&mut conn).await?;
+        let mut rng = StdRng::seed_from_u64(run as u64);
+        let mut usage = Vec::new();
+        for _ in 0..args.sample.min(args.customers) {
+            let c = &ids[rng.random_range(0..ids.len())];
+            let bytes: Option<u64> = redis::cmd("MEMORY")
+                .arg("USAGE")
+                .arg(store.keys().state(c))
+                .arg("SAMPLES")
+                .arg(0)
+                .query_async(&mut conn)
+                .await?;
+            usage.push(bytes.context("a written state key is missing")? as f64);
+        }
+        let r = MemoryRun {
+            customers: args.customers,
+            used_memory_per_customer: (after - before) / args.customers as f64,
+            memory_usage_state_key: Stats::of(&usage),
+            keys,
+            write_seconds,
+        };
+        println!(
+            "run {run}: {:.0} B of used_memory per customer ({} keys); MEMORY USAGE of a state key: median {:.0} B (min {:.0}, max {:.0}, {} sampled); written in {:.1} s",
+            r.used_memory_per_customer,
+            r.keys,
+            r.memory_usage_state_key.median,
+            r.memory_usage_state_key.min,
+            r.memory_usage_state_key.max,
+            usage.len(),
+            r.write_seconds
+        );
+        runs.push(r);
+    }
+    let _: () = redis::cmd("FLUSHDB").query_async(&mut conn).await?;
+    let per_customer_median = super::median(
+        &runs
+            .iter()
+            .map(|r| r.used_memory_per_customer)
+            .collect::<Vec<_>>(),
+    );
+    let state_key_median = super::median(
+        &runs
+            .iter()
+            .map(|r| r.memory_usage_state_key.median)
+            .collect::<Vec<_>>(),
+    );
+    println!(
+        "median: {per_customer_median:.0} B of Redis memory per customer with a full five-channel history (state key alone: {state_key_median:.0} B); target <= {TARGET_BYTES:.0} B: {}",
+        if per_customer_median <= TARGET_BYTES { "met" } else { "NOT met" }
+    );
+    let report = MemoryReport {
+        machine,
+        redis_version,
+        blob_bytes,
+        blob_parts: parts,
+        runs,
+        per_customer_median,
+        state_key_median,
+        target_bytes: TARGET_BYTES,
+    };
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_vec_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::policy::PolicyConfig;
+
+    #[test]
+    fn a_full_history_fills_every_bounded_part() {
+        let p = StateParams::default();
+        let policy = PolicyConfig::default().resolve(None).unwrap();
+        let s = full_history(&CustomerRef::new("b", "c"), 300, &p, &policy);
+        assert!(
+            s.channels.iter().all(Option::is_some),
+            "all five channels have engagement"
+        );
+        assert!(
+            s.controls.iter().all(Option::is_some),
+            "all five channels have a control"
+        );
+        assert_eq!(
+            s.visits.recent.len(),
+            p.visit_history,
+            "visit history is full"
+        );
+        assert!(s.outbox.is_empty());
+        let parts = blob_parts(&s);
+        assert!(parts.iter().all(|(_, n)| *n > 0), "{parts:?}");
+    }
+}
