@@ -1,7 +1,8 @@
 //! `lapse bench`: benchmarks that print figures (never timed assertions in tests).
 //!
 //! * `produce`: fill the input topics with a deterministic synthetic workload;
-//! * `consume`: end-to-end throughput of `lapse run` over what is in the topics.
+//! * `consume`: end-to-end throughput of `lapse run` over what is in the topics;
+//! * `timers`: firing lag of a day of lapse timers in event-time mode.
 //!
 //! `scripts/bench` sets up Redis and the broker on loopback and runs both. Later
 //! benchmarks (latency under a fixed load, timer lag, memory per customer, a
@@ -12,6 +13,7 @@ pub mod consume;
 pub mod machine;
 pub mod produce;
 pub mod prom;
+pub mod timers;
 pub mod workload;
 
 use serde::Serialize;
@@ -30,6 +32,8 @@ pub enum BenchCmd {
     Produce(produce::ProduceArgs),
     /// Measure events/s of `lapse run` consuming what the input topics hold.
     Consume(consume::ConsumeArgs),
+    /// Measure the firing lag of lapse timers (event-time mode, idle inputs).
+    Timers(timers::TimersArgs),
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -41,6 +45,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             Ok(())
         }
         BenchCmd::Consume(a) => consume::run(&a).await.map(|_| ()),
+        BenchCmd::Timers(a) => timers::run(&a).await.map(|_| ()),
     }
 }
 
