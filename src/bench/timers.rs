@@ -25,7 +25,10 @@
 //!    watermark first reached its `due_at`. Split in two: until the watermark
 //!    reached the trigger's `fired_at` (the event time of the timer-loop poll that
 //!    claimed it: "detect"), and from there to the arrival ("deliver": decide,
-//!    write, produce, acknowledge, fetch). Resolution: one step.
+//!    write, produce, acknowledge, fetch). Resolution: one step. A second split
+//!    uses the record's CreateTime, which librdkafka stamps with the wall clock
+//!    at lapse's produce call (same machine): lapse's share up to producing,
+//!    and the broker's and the reader's after it.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -374,6 +377,18 @@ fn decode_trigger(schema: &apache_avro::Schema, payload: &[u8]) -> anyhow::Resul
     })
 }
 
+/// One trigger record as read: when it arrived and when lapse produced it,
+/// both as offsets from the run's origin.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Arrival {
+    pub at: Duration,
+    /// The record's CreateTime (librdkafka stamps the wall clock at lapse's
+    /// produce call; same machine) minus the origin's wall time, ms.
+    pub produced_ms: Option<f64>,
+    /// None: undecodable.
+    pub seen: Option<Seen>,
+}
+
 /// What the triggers of one run say, against the population and the watermark log.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Analysis {
@@ -399,6 +414,13 @@ pub struct Analysis {
     /// Wall ms from the watermark reaching fired_at to the arrival: decide,
     /// write, produce, acknowledge, fetch.
     pub deliver_ms: Percentiles,
+    /// The other split, by the record's CreateTime: wall ms from the watermark
+    /// reaching due_at to lapse's produce call (poll wait, claim, load, decide,
+    /// state write: lapse's own share)...
+    pub to_produce_ms: Percentiles,
+    /// ...and from the produce call to the benchmark reading it (linger,
+    /// broker append and acknowledgement, the reader's fetch).
+    pub produce_to_read_ms: Percentiles,
     /// Event seconds from due_at to fired_at (what `lapse_timer_firing_lag_seconds` observes).
     pub event_lag_seconds: Percentiles,
     /// p50 and p99 of the wall lag (ms) per tenth of the day, by due time.
@@ -414,7 +436,7 @@ pub fn analyse(
     pop: &Population,
     expected: &dyn Fn(u64) -> bool,
     log: &WatermarkLog,
-    arrivals: &[(Duration, Option<Seen>)],
+    arrivals: &[Arrival],
 ) -> Analysis {
     let n = pop.customers as usize;
     let mut a = Analysis {
@@ -424,9 +446,15 @@ pub fn analyse(
     let mut seen = vec![false; n];
     let mut ids: HashSet<&str> = HashSet::with_capacity(arrivals.len());
     let (mut wall, mut detect, mut deliver, mut event) = (vec![], vec![], vec![], vec![]);
+    let (mut to_produce, mut produce_to_read) = (vec![], vec![]);
     let mut tenths: Vec<Vec<f64>> = vec![Vec::new(); 10];
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-    for (at, s) in arrivals {
+    for Arrival {
+        at,
+        produced_ms,
+        seen: s,
+    } in arrivals
+    {
         a.last_arrival = Some(a.last_arrival.map_or(*at, |l| l.max(*at)));
         let Some(s) = s else {
             a.undecodable += 1;
@@ -457,6 +485,10 @@ pub fn analyse(
                 detect.push(ms(f.saturating_sub(r)));
                 deliver.push(ms(at.saturating_sub(f)) - ms(f.saturating_sub(*at)));
             }
+            if let Some(p) = produced_ms {
+                to_produce.push(p - ms(r));
+                produce_to_read.push(ms(*at) - p);
+            }
         }
     }
     for i in 0..pop.customers {
@@ -471,6 +503,8 @@ pub fn analyse(
     a.wall_lag_ms = Percentiles::of(wall);
     a.detect_ms = Percentiles::of(detect);
     a.deliver_ms = Percentiles::of(deliver);
+    a.to_produce_ms = Percentiles::of(to_produce);
+    a.produce_to_read_ms = Percentiles::of(produce_to_read);
     a.event_lag_seconds = Percentiles::of(event);
     for t in tenths {
         let p = Percentiles::of(t);
@@ -480,8 +514,9 @@ pub fn analyse(
     a
 }
 
-/// Raw trigger records with their arrival (offset from the run's origin).
-type Arrivals = Vec<(Duration, Vec<u8>)>;
+/// Raw trigger records: arrival (offset from the run's origin), CreateTime
+/// (ms since the epoch) and payload.
+type Arrivals = Vec<(Duration, Option<i64>, Vec<u8>)>;
 
 /// Reads the trigger topic from the given offsets on its own thread, stamping
 /// each record with its arrival (offset from `origin`).
@@ -523,7 +558,11 @@ impl TriggerReader {
                     match c.poll(Duration::from_millis(50)) {
                         Some(Ok(m)) => {
                             let at = origin.elapsed();
-                            out.push((at, m.payload().unwrap_or_default().to_vec()));
+                            out.push((
+                                at,
+                                m.timestamp().to_millis(),
+                                m.payload().unwrap_or_default().to_vec(),
+                            ));
                             n.fetch_add(1, Ordering::SeqCst);
                         }
                         Some(Err(e)) => bail!("reading the triggers: {e}"),
@@ -799,6 +838,9 @@ async fn one_run(env: &Env<'_>, run: usize) -> anyhow::Result<TimersRun> {
     let starts: Vec<((String, i32), i64)> =
         kafka.partitions.iter().map(|tp| (tp.clone(), 0)).collect();
     let origin = Instant::now();
+    let origin_epoch_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64() * 1000.0);
     let reader = TriggerReader::start(
         &env.cfg.kafka.brokers,
         &starts,
@@ -979,9 +1021,13 @@ async fn one_run(env: &Env<'_>, run: usize) -> anyhow::Result<TimersRun> {
     let watermark_steps = log.len();
     let (schema, expected) = (env.schema.clone(), env.expected.to_vec());
     let analysis = tokio::task::spawn_blocking(move || {
-        let arrivals: Vec<(Duration, Option<Seen>)> = raw
+        let arrivals: Vec<Arrival> = raw
             .into_iter()
-            .map(|(at, p)| (at, decode_trigger(&schema, &p).ok()))
+            .map(|(at, created, p)| Arrival {
+                at,
+                produced_ms: created.map(|c| c as f64 - origin_epoch_ms),
+                seen: decode_trigger(&schema, &p).ok(),
+            })
             .collect();
         analyse(&pop, &|i| expected[i as usize], &log, &arrivals)
     })
@@ -1259,6 +1305,11 @@ fn print_run(r: &TimersRun) {
         ptiles(&a.deliver_ms, 0)
     );
     println!(
+        "    by the record's CreateTime: lapse (to its produce call): {}; broker + reader (produce call to read): {}",
+        ptiles(&a.to_produce_ms, 0),
+        ptiles(&a.produce_to_read_ms, 0)
+    );
+    println!(
         "    p99 by tenth of the day: {}",
         a.wall_lag_p99_by_tenth_ms
             .iter()
@@ -1491,29 +1542,37 @@ mod tests {
             due_at: p.due(i),
             fired_at: p.due(i) + fired_step * 100,
         };
+        let arr = |at: u64, produced: u64, seen: Option<Seen>| Arrival {
+            at: ms(at),
+            produced_ms: Some(produced as f64),
+            seen,
+        };
         let arrivals = vec![
-            // Customer 0: claimed one step late, arrives 25 ms after its due was reached.
-            (ms(25), Some(seen(0, 1, "a"))),
+            // Customer 0: claimed one step late, produced at 20 ms, arrives
+            // 25 ms after its due was reached.
+            arr(25, 20, Some(seen(0, 1, "a"))),
             // Customer 1: on time, 5 ms.
-            (ms(15), Some(seen(1, 0, "b"))),
-            (ms(16), Some(seen(1, 0, "b"))),  // exact repeat
-            (ms(17), Some(seen(1, 0, "b2"))), // another trigger for the same customer
-            (ms(18), None),                   // undecodable
-            (
-                ms(19),
+            arr(15, 12, Some(seen(1, 0, "b"))),
+            arr(16, 12, Some(seen(1, 0, "b"))),  // exact repeat
+            arr(17, 12, Some(seen(1, 0, "b2"))), // another trigger for the same customer
+            arr(18, 12, None),                   // undecodable
+            arr(
+                19,
+                12,
                 Some(Seen {
                     customer: CustomerRef::new("other", "cust-0000001"),
                     ..seen(1, 0, "z")
                 }),
             ),
-            // Customer 3 with a wrong due time (reached at 30 ms).
-            (
-                ms(40),
-                Some(Seen {
+            // Customer 3 with a wrong due time (reached at 30 ms), no CreateTime.
+            Arrival {
+                at: ms(40),
+                produced_ms: None,
+                seen: Some(Seen {
                     due_at: 1_250,
                     ..seen(3, 0, "d")
                 }),
-            ),
+            },
         ];
         let a = analyse(&p, &|_| true, &log, &arrivals);
         assert_eq!(a.expected, 4);
@@ -1536,6 +1595,17 @@ mod tests {
             (Some(10.0), Some(15.0))
         );
         assert_eq!(a.event_lag_seconds.max, Some(0.1));
+        // CreateTime split: customer 0 produced 20 ms after its due was reached,
+        // read 5 ms later; customer 1: 2 ms and 3 ms.
+        assert_eq!(a.to_produce_ms.count, 2);
+        assert_eq!(
+            (a.to_produce_ms.p50, a.to_produce_ms.max),
+            (Some(2.0), Some(20.0))
+        );
+        assert_eq!(
+            (a.produce_to_read_ms.p50, a.produce_to_read_ms.max),
+            (Some(3.0), Some(5.0))
+        );
         assert_eq!(a.last_arrival, Some(ms(40)));
         assert_eq!(a.wall_lag_p99_by_tenth_ms.len(), 10);
         // With customer 2 held out, nobody is missing.
