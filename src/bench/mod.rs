@@ -1,7 +1,8 @@
 //! `lapse bench`: benchmarks that print figures (never timed assertions in tests).
 //!
 //! * `produce`: fill the input topics with a deterministic synthetic workload;
-//! * `consume`: end-to-end throughput of `lapse run` over what is in the topics.
+//! * `consume`: end-to-end throughput of `lapse run` over what is in the topics;
+//! * `timers`: firing lag of a day of lapse timers in event-time mode.
 //!
 //! `scripts/bench` sets up Redis and the broker on loopback and runs both. Later
 //! benchmarks (latency under a fixed load, timer lag, memory per customer, a
@@ -13,6 +14,7 @@ pub mod machine;
 pub mod memory;
 pub mod produce;
 pub mod prom;
+pub mod timers;
 pub mod workload;
 
 use serde::Serialize;
@@ -33,6 +35,8 @@ pub enum BenchCmd {
     Consume(consume::ConsumeArgs),
     /// Redis bytes per customer with a full five-channel history.
     Memory(memory::MemoryArgs),
+    /// Measure the firing lag of lapse timers (event-time mode, idle inputs).
+    Timers(timers::TimersArgs),
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -45,6 +49,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         }
         BenchCmd::Consume(a) => consume::run(&a).await.map(|_| ()),
         BenchCmd::Memory(a) => memory::run(&a).await.map(|_| ()),
+        BenchCmd::Timers(a) => timers::run(&a).await.map(|_| ()),
     }
 }
 
