@@ -136,10 +136,10 @@ pub struct ConsumeReport {
     pub events_per_second: Stats,
 }
 
-type Tp = (String, i32);
+pub(super) type Tp = (String, i32);
 
 /// Merges `--set` lines into the config file's table and writes the result.
-fn effective_config(
+pub(super) fn effective_config(
     base: Option<&Path>,
     sets: &[String],
     dir: &Path,
@@ -180,13 +180,13 @@ fn merge(into: &mut toml::Table, patch: toml::Table) {
 }
 
 /// Kafka look-ups of the benchmark (blocking librdkafka calls, run off the runtime).
-struct KafkaView {
-    brokers: String,
-    partitions: Vec<Tp>,
+pub(super) struct KafkaView {
+    pub(super) brokers: String,
+    pub(super) partitions: Vec<Tp>,
 }
 
 impl KafkaView {
-    async fn new(brokers: &str, topics: &[&str]) -> anyhow::Result<KafkaView> {
+    pub(super) async fn new(brokers: &str, topics: &[&str]) -> anyhow::Result<KafkaView> {
         let brokers = brokers.to_string();
         let topics: Vec<String> = topics.iter().map(|t| t.to_string()).collect();
         let b = brokers.clone();
@@ -217,7 +217,7 @@ impl KafkaView {
     }
 
     /// `(low, high)` watermarks per partition.
-    async fn watermarks(&self) -> anyhow::Result<BTreeMap<Tp, (i64, i64)>> {
+    pub(super) async fn watermarks(&self) -> anyhow::Result<BTreeMap<Tp, (i64, i64)>> {
         let (b, parts) = (self.brokers.clone(), self.partitions.clone());
         tokio::task::spawn_blocking(move || {
             let c: BaseConsumer = ClientConfig::new().set("bootstrap.servers", &b).create()?;
@@ -241,7 +241,7 @@ impl KafkaView {
     /// producers it under-counts. Reading from `high - 1` (the last record on a
     /// Kafka broker; the last batch's first record on tansu) to the end gives the
     /// true end on both.
-    async fn true_ends(
+    pub(super) async fn true_ends(
         &self,
         marks: &BTreeMap<Tp, (i64, i64)>,
     ) -> anyhow::Result<BTreeMap<Tp, i64>> {
@@ -297,7 +297,7 @@ impl KafkaView {
     }
 
     /// A client that reads `group`'s committed offsets (it never joins the group).
-    fn group_reader(&self, group: &str) -> anyhow::Result<Arc<BaseConsumer>> {
+    pub(super) fn group_reader(&self, group: &str) -> anyhow::Result<Arc<BaseConsumer>> {
         Ok(Arc::new(
             ClientConfig::new()
                 .set("bootstrap.servers", &self.brokers)
@@ -307,7 +307,10 @@ impl KafkaView {
         ))
     }
 
-    async fn committed(&self, reader: &Arc<BaseConsumer>) -> anyhow::Result<BTreeMap<Tp, i64>> {
+    pub(super) async fn committed(
+        &self,
+        reader: &Arc<BaseConsumer>,
+    ) -> anyhow::Result<BTreeMap<Tp, i64>> {
         let (c, parts) = (reader.clone(), self.partitions.clone());
         tokio::task::spawn_blocking(move || {
             let mut tpl = TopicPartitionList::new();
@@ -329,12 +332,12 @@ impl KafkaView {
 }
 
 /// Redis look-ups: flush before a run, size and CPU after.
-struct RedisView {
+pub(super) struct RedisView {
     conn: redis::aio::MultiplexedConnection,
 }
 
 impl RedisView {
-    async fn connect(cfg: &Config) -> anyhow::Result<RedisView> {
+    pub(super) async fn connect(cfg: &Config) -> anyhow::Result<RedisView> {
         if cfg.redis.cluster || !cfg.redis.cluster_nodes.is_empty() {
             bail!("the benchmark flushes one Redis node between runs: use a single node (redis.cluster = false)");
         }
@@ -346,7 +349,7 @@ impl RedisView {
         Ok(RedisView { conn })
     }
 
-    async fn info(&self, section: &str) -> anyhow::Result<BTreeMap<String, String>> {
+    pub(super) async fn info(&self, section: &str) -> anyhow::Result<BTreeMap<String, String>> {
         let mut c = self.conn.clone();
         let text: String = redis::cmd("INFO").arg(section).query_async(&mut c).await?;
         Ok(text
@@ -356,17 +359,17 @@ impl RedisView {
             .collect())
     }
 
-    async fn num(&self, section: &str, key: &str) -> Option<f64> {
+    pub(super) async fn num(&self, section: &str, key: &str) -> Option<f64> {
         self.info(section).await.ok()?.get(key)?.parse().ok()
     }
 
-    async fn cpu_seconds(&self) -> Option<f64> {
+    pub(super) async fn cpu_seconds(&self) -> Option<f64> {
         let i = self.info("cpu").await.ok()?;
         let f = |k: &str| i.get(k)?.parse::<f64>().ok();
         Some(f("used_cpu_user")? + f("used_cpu_sys")?)
     }
 
-    async fn flush(&self) -> anyhow::Result<()> {
+    pub(super) async fn flush(&self) -> anyhow::Result<()> {
         let mut c = self.conn.clone();
         let _: () = redis::cmd("FLUSHDB").query_async(&mut c).await?;
         Ok(())
@@ -399,7 +402,7 @@ impl RedisView {
         Ok(redis::cmd("DBSIZE").query_async(&mut c).await?)
     }
 
-    async fn persistence(&self) -> String {
+    pub(super) async fn persistence(&self) -> String {
         let get = |k: &'static str| {
             let mut c = self.conn.clone();
             async move {
@@ -425,14 +428,14 @@ impl RedisView {
     }
 }
 
-fn free_port() -> anyhow::Result<u16> {
+pub(super) fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
 }
 
 /// Sends SIGTERM (what a user's supervisor sends) to the child.
-fn terminate(pid: u32) {
+pub(super) fn terminate(pid: u32) {
     unsafe extern "C" {
         fn kill(pid: i32, sig: i32) -> i32;
     }
@@ -445,7 +448,7 @@ fn terminate(pid: u32) {
     }
 }
 
-fn log_tail(path: &Path) -> String {
+pub(super) fn log_tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(30)..].join("\n")
@@ -463,7 +466,7 @@ struct RunEnv<'a> {
     key_prefix: &'a str,
 }
 
-async fn scrape(http: &reqwest::Client, url: &str) -> Option<Scrape> {
+pub(super) async fn scrape(http: &reqwest::Client, url: &str) -> Option<Scrape> {
     let r = http.get(url).send().await.ok()?;
     if !r.status().is_success() {
         return None;

@@ -1,7 +1,8 @@
 //! `lapse bench`: benchmarks that print figures (never timed assertions in tests).
 //!
 //! * `produce`: fill the input topics with a deterministic synthetic workload;
-//! * `consume`: end-to-end throughput of `lapse run` over what is in the topics.
+//! * `consume`: end-to-end throughput of `lapse run` over what is in the topics;
+//! * `latency`: send → throttle decision latency of `lapse run` under a fixed load.
 //!
 //! `scripts/bench` sets up Redis and the broker on loopback and runs both. Later
 //! benchmarks (latency under a fixed load, timer lag, memory per customer, a
@@ -9,6 +10,7 @@
 //! generator, the machine description, the `/metrics` reader and `median`.
 
 pub mod consume;
+pub mod latency;
 pub mod machine;
 pub mod produce;
 pub mod prom;
@@ -30,6 +32,8 @@ pub enum BenchCmd {
     Produce(produce::ProduceArgs),
     /// Measure events/s of `lapse run` consuming what the input topics hold.
     Consume(consume::ConsumeArgs),
+    /// Measure send → decision latency of `lapse run` under a fixed produce rate.
+    Latency(latency::LatencyArgs),
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -41,6 +45,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             Ok(())
         }
         BenchCmd::Consume(a) => consume::run(&a).await.map(|_| ()),
+        BenchCmd::Latency(a) => latency::run(&a).await.map(|_| ()),
     }
 }
 
