@@ -3,25 +3,30 @@
 //! What is measured: from a send being handed to the producer (librdkafka's
 //! enqueue, i.e. `send` returning) to the throttle decision it causes being read
 //! back from `engagement.throttle` by this process. Everything in between is in
-//! the figure: the producer's linger and the broker append, lapse's fetch, its
-//! batch accumulation (`batch.max_wait`), its batch queue, the batch itself
-//! (decode, Redis load, fold, Redis CAS write, producing the decision and
-//! waiting for its acknowledgement) and this process's fetch of the decision.
+//! the figure: the broker append, lapse's fetch, its batch accumulation
+//! (`batch.max_wait`), its batch queue, the batch itself (decode, Redis load,
+//! fold, Redis CAS write, producing the decision and waiting for its
+//! acknowledgement) and this process's fetch of the decision. Each probe also
+//! gets a breakdown: send → broker ack, send → the decision record's timestamp
+//! (set by lapse's producer), and that timestamp → read here.
 //!
 //! Each run, with a fresh consumer group (its offsets committed at the current
-//! end of every input partition before lapse starts) and a flushed Redis:
+//! end of every input partition before lapse starts, or topics of its own with
+//! `--fresh-topics`) and a flushed Redis:
 //!
 //! * the release `lapse run` is started as a child process, as in `bench consume`;
 //! * a reader assigned to every partition of `engagement.throttle` at its end
 //!   (no group, `--reader-fetch-wait-ms`) is started before any load;
 //! * one thread produces `--rate` events/s to the five input topics, paced in
-//!   `--slice-ms` slices: the `bench::workload` mix (all five kinds) with event
-//!   times = now, and a `--probe-share` of the slots are probe pairs: two
+//!   `--slice-ms` slices. The background is the `bench::workload` mix (all five
+//!   kinds), encoded once before the first run and stamped with event time =
+//!   now as it is produced (`--linger-ms`). A `--probe-share` of the slots are
+//!   probe pairs, sent by a producer of their own (`--probe-linger-ms`): two
 //!   MARKETING WECHAT sends to a customer never seen before, `--probe-gap-ms`
 //!   apart. The WECHAT cap is 2 per day, so the second send makes the channel
-//!   CAPPED and lapse publishes a decision whose `cause_event_id` is that send's
-//!   event id. The probe's latency is from the second send's enqueue to the
-//!   decision being read;
+//!   CAPPED and lapse publishes a decision whose `cause_event_id` is that
+//!   send's event id. WECHAT quiet hours only move that decision's
+//!   `allowed_from`, never whether or when it is published, so they stay on;
 //! * the first `--warmup` seconds are excluded from every figure; the next
 //!   `--duration` seconds are measured; then the load stops and the run waits
 //!   (at most `--drain-secs`) for the decisions still outstanding and for lapse
@@ -33,6 +38,14 @@
 //! broker minus `lapse_batch_records_sum` (records applied and durable). If it
 //! grows, the latency figure only says how long the queue had become: the
 //! verdict then reads "did not sustain RATE".
+//!
+//! On tansu (the broker of `scripts/bench`) two broker traits weigh on the
+//! figure: a fetch that finds data still sleeps before answering (half the
+//! remaining `fetch.wait.max.ms` above 250 ms, all of it below), so lapse's
+//! librdkafka default of 500 ms puts a ~250 ms fetch cycle in front of every
+//! event; and its in-memory storage lists every stored batch of a partition on
+//! each fetch, so the broker's CPU grows with the batches stored (hence the
+//! batched background producer and `--fresh-topics`).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -99,10 +112,19 @@ pub struct LatencyArgs {
     /// Pacing slice: the events due are produced every this many milliseconds.
     #[arg(long, default_value_t = 5)]
     pub slice_ms: u64,
-    /// `linger.ms` of the load producer (probes go through it too).
-    #[arg(long, default_value_t = 5)]
+    /// `linger.ms` of the background load's producer (bigger batches, fewer
+    /// broker requests; the probes have a producer of their own).
+    #[arg(long, default_value_t = 50)]
     pub linger_ms: u64,
-    /// Extra librdkafka setting KEY=VALUE for the load producer (repeatable), applied last.
+    /// `linger.ms` of the probes' producer (counted in the latency).
+    #[arg(long, default_value_t = 0)]
+    pub probe_linger_ms: u64,
+    /// Produce each run into topics of its own: the configured names with a
+    /// run suffix, created before lapse starts, so no run reads (or makes the
+    /// broker search through) another run's records. For scratch brokers.
+    #[arg(long)]
+    pub fresh_topics: bool,
+    /// Extra librdkafka setting KEY=VALUE for both load producers (repeatable), applied last.
     #[arg(long = "producer-property", value_name = "KEY=VALUE")]
     pub producer_properties: Vec<String>,
     /// `fetch.wait.max.ms` of this process's reader of the throttle topic.
@@ -371,6 +393,128 @@ impl ProducerContext for LoadContext {
     }
 }
 
+/// Where the `occurred_at` varint sits in a single-object encoded input event:
+/// every input schema starts with three strings (`event_id`, `tenant_id`,
+/// `customer_id`) followed by `occurred_at` (a long). `(offset, length)`.
+pub fn occurred_at_span(payload: &[u8]) -> Option<(usize, usize)> {
+    const HEADER: usize = 10;
+    let mut pos = HEADER;
+    for _ in 0..3 {
+        let (len, n) = read_zigzag(payload.get(pos..)?)?;
+        let len = usize::try_from(len).ok()?;
+        pos = pos.checked_add(n)?.checked_add(len)?;
+    }
+    let (_, n) = read_zigzag(payload.get(pos..)?)?;
+    Some((pos, n))
+}
+
+/// An Avro long (zig-zag varint): `(value, bytes read)`.
+fn read_zigzag(b: &[u8]) -> Option<(i64, usize)> {
+    let mut v: u64 = 0;
+    for (i, byte) in b.iter().enumerate().take(10) {
+        v |= u64::from(byte & 0x7f) << (7 * i);
+        if byte & 0x80 == 0 {
+            return Some((((v >> 1) as i64) ^ -((v & 1) as i64), i + 1));
+        }
+    }
+    None
+}
+
+fn write_zigzag(v: i64, out: &mut Vec<u8>) {
+    let mut z = ((v << 1) ^ (v >> 63)) as u64;
+    loop {
+        if z < 0x80 {
+            out.push(z as u8);
+            return;
+        }
+        out.push((z as u8 & 0x7f) | 0x80);
+        z >>= 7;
+    }
+}
+
+/// `payload` with `occurred_at` (at `span`) set to `t`, written into `out`.
+pub fn stamp_occurred_at(payload: &[u8], span: (usize, usize), t: i64, out: &mut Vec<u8>) {
+    out.clear();
+    out.extend_from_slice(&payload[..span.0]);
+    write_zigzag(t, out);
+    out.extend_from_slice(&payload[span.0 + span.1..]);
+}
+
+#[derive(Debug, Clone, Copy)]
+struct BgEntry {
+    offset: usize,
+    key_len: u32,
+    payload_len: u32,
+    ts_pos: u32,
+    ts_len: u8,
+    kind: u8,
+}
+
+/// One pre-encoded background event.
+struct BgEvent<'a> {
+    /// `EventKind::index`.
+    kind: usize,
+    key: &'a [u8],
+    payload: &'a [u8],
+    /// Where its `occurred_at` is (see `occurred_at_span`).
+    span: (usize, usize),
+}
+
+/// The background events of a run, generated and Avro-encoded once before the
+/// first run (the same events every run): during a run the load thread only
+/// stamps the event time into a copy and produces it, so generating and
+/// encoding (~10 µs an event) take no CPU from lapse while it is measured.
+pub struct Background {
+    bytes: Vec<u8>,
+    index: Vec<BgEntry>,
+}
+
+impl Background {
+    pub fn generate(spec: WorkloadSpec, events: usize, encoder: &Encoder) -> anyhow::Result<Self> {
+        let mut bytes = Vec::with_capacity(events.saturating_mul(100));
+        let mut index = Vec::with_capacity(events);
+        for g in Workload::new(spec).take(events) {
+            let payload = encoder
+                .encode_event(&g.event, g.text, Framing::SingleObject)
+                .context("encoding a benchmark event")?;
+            let (ts_pos, ts_len) =
+                occurred_at_span(&payload).context("locating occurred_at in an encoded event")?;
+            let key = g.event.customer.key();
+            index.push(BgEntry {
+                offset: bytes.len(),
+                key_len: u32::try_from(key.len())?,
+                payload_len: u32::try_from(payload.len())?,
+                ts_pos: u32::try_from(ts_pos)?,
+                ts_len: u8::try_from(ts_len)?,
+                kind: g.event.kind().index() as u8,
+            });
+            bytes.extend_from_slice(key.as_bytes());
+            bytes.extend_from_slice(&payload);
+        }
+        Ok(Background { bytes, index })
+    }
+
+    pub fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.index.is_empty()
+    }
+
+    /// Event `i`.
+    fn get(&self, i: usize) -> Option<BgEvent<'_>> {
+        let e = self.index.get(i)?;
+        let k = e.offset + e.key_len as usize;
+        Some(BgEvent {
+            kind: usize::from(e.kind),
+            key: &self.bytes[e.offset..k],
+            payload: &self.bytes[k..k + e.payload_len as usize],
+            span: (e.ts_pos as usize, usize::from(e.ts_len)),
+        })
+    }
+}
+
 /// What the load thread needs.
 struct LoadPlan {
     rate: f64,
@@ -383,7 +527,6 @@ struct LoadPlan {
     tag: String,
     tenants: u64,
     topics: [String; 5],
-    spec: WorkloadSpec,
 }
 
 /// A probe's second send.
@@ -424,12 +567,40 @@ fn probe_send(tag: &str, tenants: u64, i: u64, second: bool, now_ms: i64) -> Eve
     }
 }
 
+/// Produces one record, waiting while librdkafka's queue is full; returns the
+/// instant (and wall-clock ms) it was enqueued.
+fn produce(
+    producer: &ThreadedProducer<LoadContext>,
+    topic: &str,
+    key: &[u8],
+    payload: &[u8],
+    opaque: usize,
+    queue_full_waits: &mut u64,
+) -> anyhow::Result<(Instant, f64)> {
+    let mut rec = BaseRecord::with_opaque_to(topic, opaque)
+        .key(key)
+        .payload(payload);
+    loop {
+        let at = (Instant::now(), wall_ms());
+        match producer.send(rec) {
+            Ok(()) => return Ok(at),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                *queue_full_waits += 1;
+                rec = r;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err((e, _)) => bail!("producing: {e}"),
+        }
+    }
+}
+
 fn run_load(
     plan: LoadPlan,
+    background: Arc<Background>,
     producer: ThreadedProducer<LoadContext>,
+    probe_producer: ThreadedProducer<LoadContext>,
     encoder: Encoder,
 ) -> anyhow::Result<LoadOutcome> {
-    let mut workload = Workload::new(plan.spec.clone());
     let mut out = LoadOutcome {
         sent: 0,
         sent_in_window: 0,
@@ -442,6 +613,8 @@ fn run_load(
     };
     let mut pending: VecDeque<(Instant, u64)> = VecDeque::new();
     let (mut behind_sum, mut slices) = (0.0, 0u64);
+    let mut next_bg = 0usize;
+    let mut scratch = Vec::with_capacity(512);
     let mut next_wake = plan.start;
     loop {
         let now = Instant::now();
@@ -457,61 +630,59 @@ fn run_load(
         let now_ms = wall_ms() as i64;
         while out.sent < target {
             let slot = out.sent;
-            let (event, text, probe) = if is_pair_start(slot, plan.pair_share) {
+            let probe = if is_pair_start(slot, plan.pair_share) {
                 let i = out.pairs_started;
                 out.pairs_started += 1;
                 out.probes.push(None);
                 pending.push_back((Instant::now() + plan.gap, i));
-                (
-                    probe_send(&plan.tag, plan.tenants, i, false, now_ms),
-                    None,
-                    None,
-                )
+                Some((i, false))
             } else if pending.front().is_some_and(|(due, _)| *due <= now) {
-                let (_, i) = pending.pop_front().expect("checked");
-                (
-                    probe_send(&plan.tag, plan.tenants, i, true, now_ms),
-                    None,
-                    Some(i),
-                )
+                pending.pop_front().map(|(_, i)| (i, true))
             } else {
-                let g = workload.next().context("the workload ran out")?;
-                let mut e = g.event;
-                e.occurred_at = now_ms;
-                (e, g.text, None)
+                None
             };
-            let payload = encoder
-                .encode_event(&event, text, Framing::SingleObject)
-                .context("encoding a benchmark event")?;
-            let key = event.customer.key();
-            let kind = event.kind();
-            let opaque = probe.map_or(0, |i| i as usize + 1);
-            let mut rec = BaseRecord::with_opaque_to(&plan.topics[kind.index()], opaque)
-                .key(key.as_str())
-                .payload(payload.as_slice());
-            let mut at = Instant::now();
-            let mut at_wall = wall_ms();
-            loop {
-                match producer.send(rec) {
-                    Ok(()) => break,
-                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
-                        out.queue_full_waits += 1;
-                        rec = r;
-                        std::thread::sleep(Duration::from_millis(1));
-                        at = Instant::now();
-                        at_wall = wall_ms();
+            let (kind, at) = match probe {
+                Some((i, second)) => {
+                    let e = probe_send(&plan.tag, plan.tenants, i, second, now_ms);
+                    let payload = encoder
+                        .encode_event(&e, None, Framing::SingleObject)
+                        .context("encoding a probe")?;
+                    let key = e.customer.key();
+                    let kind = e.kind().index();
+                    // Delivery reports of second sends carry the probe index + 1.
+                    let opaque = if second { i as usize + 1 } else { 0 };
+                    let (at, wall) = produce(
+                        &probe_producer,
+                        &plan.topics[kind],
+                        key.as_bytes(),
+                        &payload,
+                        opaque,
+                        &mut out.queue_full_waits,
+                    )?;
+                    if second {
+                        out.probes[i as usize] = Some(ProbeSend { at, wall_ms: wall });
                     }
-                    Err((e, _)) => bail!("producing: {e}"),
+                    (kind, at)
                 }
-            }
-            if let Some(i) = probe {
-                out.probes[i as usize] = Some(ProbeSend {
-                    at,
-                    wall_ms: at_wall,
-                });
-            }
+                None => {
+                    let e = background
+                        .get(next_bg)
+                        .context("the pre-encoded background load ran out")?;
+                    next_bg += 1;
+                    stamp_occurred_at(e.payload, e.span, now_ms, &mut scratch);
+                    let (at, _) = produce(
+                        &producer,
+                        &plan.topics[e.kind],
+                        e.key,
+                        &scratch,
+                        0,
+                        &mut out.queue_full_waits,
+                    )?;
+                    (e.kind, at)
+                }
+            };
             out.sent += 1;
-            out.per_kind[kind.index()] += 1;
+            out.per_kind[kind] += 1;
             if at >= plan.window_start {
                 out.sent_in_window += 1;
             }
@@ -525,9 +696,10 @@ fn run_load(
         }
     }
     out.behind_ms_mean = behind_sum / slices.max(1) as f64;
-    producer
-        .flush(Duration::from_secs(60))
-        .context("flushing the load producer")?;
+    for p in [&producer, &probe_producer] {
+        p.flush(Duration::from_secs(60))
+            .context("flushing the load producer")?;
+    }
     Ok(out)
 }
 
@@ -693,15 +865,33 @@ pub struct RunResult {
 
 struct RunEnv<'a> {
     args: &'a LatencyArgs,
+    /// The effective config of the runs (before any per-run topic names).
     cfg: &'a Config,
     bin: &'a Path,
-    config_path: &'a Path,
     work_dir: &'a Path,
-    inputs: &'a KafkaView,
-    throttle: &'a KafkaView,
     redis: &'a RedisView,
     schemas: &'a SchemaSet,
     policies: &'a Policies,
+    background: Arc<Background>,
+}
+
+/// The topic-name lines that give run `tag` topics of its own.
+fn fresh_topic_sets(cfg: &Config, tag: &str) -> Vec<String> {
+    let t = &cfg.kafka.topics;
+    [
+        ("sends", &t.sends),
+        ("opens", &t.opens),
+        ("clicks", &t.clicks),
+        ("replies", &t.replies),
+        ("visits", &t.visits),
+        ("dlq", &t.dlq),
+        ("throttle", &t.throttle),
+        ("triggers", &t.triggers),
+        ("outcomes", &t.outcomes),
+    ]
+    .into_iter()
+    .map(|(k, name)| format!("kafka.topics.{k} = \"{name}.lat-{tag}\""))
+    .collect()
 }
 
 /// CPU counters at one instant.
@@ -793,17 +983,34 @@ async fn throttle_reader(kafka: &KafkaView, fetch_wait_ms: u64) -> anyhow::Resul
 
 async fn one_run(env: &RunEnv<'_>, run: usize) -> anyhow::Result<RunResult> {
     let args = env.args;
-    let cfg = env.cfg;
     env.redis.flush().await.context("FLUSHDB before the run")?;
     let load_average_before = machine::load_average();
     let stamp = chrono::Utc::now().timestamp_millis();
     let group = format!("lapse-bench-latency-{}-{stamp}-{run}", std::process::id());
     let tag = format!("{}r{run}t{}", std::process::id(), stamp % 1_000_000);
 
+    // The run's config: the runs' one, with topics of its own if asked.
+    let mut sets = args.set.clone();
+    if args.fresh_topics {
+        sets.extend(fresh_topic_sets(env.cfg, &tag));
+    }
+    let run_dir = env.work_dir.join(format!("latency-run-{run}"));
+    std::fs::create_dir_all(&run_dir)?;
+    let (config_path, run_cfg) = effective_config(args.config.as_deref(), &sets, &run_dir)?;
+    let cfg = &run_cfg;
+    if args.fresh_topics {
+        crate::kafka::admin::ensure_topics(&cfg.kafka)
+            .await
+            .context("creating the run's topics")?;
+    }
+    let inputs = KafkaView::new(&cfg.kafka.brokers, &cfg.kafka.topics.inputs()).await?;
+    let throttle =
+        KafkaView::new(&cfg.kafka.brokers, &[cfg.kafka.topics.throttle.as_str()]).await?;
+
     // Inputs: lapse starts at their current end; the throttle reader likewise.
-    let marks = env.inputs.watermarks().await?;
-    let ends = env.inputs.true_ends(&marks).await?;
-    start_group_at(env.inputs, &group, &ends).await?;
+    let marks = inputs.watermarks().await?;
+    let ends = inputs.true_ends(&marks).await?;
+    start_group_at(&inputs, &group, &ends).await?;
     let schema = env
         .schemas
         .by_name(THROTTLE_EVENT)
@@ -813,7 +1020,7 @@ async fn one_run(env: &RunEnv<'_>, run: usize) -> anyhow::Result<RunResult> {
     let reader_shared = Arc::new(ReaderShared::default());
     let stop_reader = Arc::new(AtomicBool::new(false));
     let reader = spawn_reader(
-        throttle_reader(env.throttle, args.reader_fetch_wait_ms).await?,
+        throttle_reader(&throttle, args.reader_fetch_wait_ms).await?,
         schema,
         tag.clone(),
         reader_shared.clone(),
@@ -829,7 +1036,7 @@ async fn one_run(env: &RunEnv<'_>, run: usize) -> anyhow::Result<RunResult> {
     let mut child = tokio::process::Command::new(env.bin)
         .arg("run")
         .arg("--config")
-        .arg(env.config_path)
+        .arg(&config_path)
         .env("LAPSE_GROUP_ID", &group)
         .env("LAPSE_HTTP_LISTEN", format!("127.0.0.1:{port}"))
         .stdin(Stdio::null())
@@ -852,7 +1059,7 @@ async fn one_run(env: &RunEnv<'_>, run: usize) -> anyhow::Result<RunResult> {
     };
 
     // Wait until lapse owns every input partition and is ready.
-    let want = env.inputs.partitions.len() as f64;
+    let want = inputs.partitions.len() as f64;
     loop {
         if let Some(status) = child.try_wait()? {
             return Err(fail(format!("lapse exited early ({status})")));
@@ -886,16 +1093,20 @@ async fn one_run(env: &RunEnv<'_>, run: usize) -> anyhow::Result<RunResult> {
     let acked = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
     let probe_acks = Arc::new(Mutex::new(Vec::new()));
-    let mut extra = vec![format!("linger.ms={}", args.linger_ms)];
-    extra.extend(args.producer_properties.iter().cloned());
-    let producer: ThreadedProducer<LoadContext> = super::produce::producer_config(cfg, &extra)?
-        .set("client.id", "lapse-bench-latency")
-        .create_with_context(LoadContext {
-            acked: acked.clone(),
-            failed: failed.clone(),
-            probe_acks: probe_acks.clone(),
-        })
-        .context("creating the load producer")?;
+    let load_producer = |linger: u64, id: &str| -> anyhow::Result<ThreadedProducer<LoadContext>> {
+        let mut extra = vec![format!("linger.ms={linger}")];
+        extra.extend(args.producer_properties.iter().cloned());
+        super::produce::producer_config(cfg, &extra)?
+            .set("client.id", id)
+            .create_with_context(LoadContext {
+                acked: acked.clone(),
+                failed: failed.clone(),
+                probe_acks: probe_acks.clone(),
+            })
+            .context("creating a load producer")
+    };
+    let producer = load_producer(args.linger_ms, "lapse-bench-latency-load")?;
+    let probe_producer = load_producer(args.probe_linger_ms, "lapse-bench-latency-probes")?;
     let topics = cfg.kafka.topics.inputs().map(str::to_string);
     let start = Instant::now() + Duration::from_millis(50);
     let window_start = start + Duration::from_secs(args.warmup);
@@ -911,19 +1122,12 @@ async fn one_run(env: &RunEnv<'_>, run: usize) -> anyhow::Result<RunResult> {
         tag: tag.clone(),
         tenants: args.tenants,
         topics,
-        spec: WorkloadSpec {
-            events: u64::MAX,
-            customers: args.customers,
-            tenants: args.tenants,
-            seed: args.seed,
-            days: 1,
-            now_ms: chrono::Utc::now().timestamp_millis(),
-        },
     };
     let encoder = Encoder::new(env.schemas);
+    let background = env.background.clone();
     let load = std::thread::Builder::new()
         .name("bench-load".into())
-        .spawn(move || run_load(plan, producer, encoder))
+        .spawn(move || run_load(plan, background, producer, probe_producer, encoder))
         .context("spawning the load thread")?;
 
     // Observe: backlog samples over the window, CPU and metrics at its edges.
@@ -1285,9 +1489,6 @@ pub async fn run(args: &LatencyArgs) -> anyhow::Result<LatencyReport> {
     })?;
     let policies = Policies::new(&cfg.policy)
         .map_err(|(key, message)| anyhow::anyhow!("config key `{key}`: {message}"))?;
-    let inputs = KafkaView::new(&cfg.kafka.brokers, &cfg.kafka.topics.inputs()).await?;
-    let throttle =
-        KafkaView::new(&cfg.kafka.brokers, &[cfg.kafka.topics.throttle.as_str()]).await?;
     let redis = RedisView::connect(&cfg).await?;
     let machine = Machine::describe();
     let redis_version = redis
@@ -1298,27 +1499,33 @@ pub async fn run(args: &LatencyArgs) -> anyhow::Result<LatencyReport> {
         .unwrap_or_else(|| "?".into());
     let redis_persistence = redis.persistence().await;
     let mut bench_settings = vec![
-        format!("load producer linger.ms={}", args.linger_ms),
-        "acks=all, idempotent, lz4".to_string(),
+        format!("background producer linger.ms={}", args.linger_ms),
+        format!("probe producer linger.ms={}", args.probe_linger_ms),
+        "both acks=all, idempotent, lz4".to_string(),
         format!("pacing slice {} ms", args.slice_ms),
         format!(
             "throttle reader fetch.wait.max.ms={}",
             args.reader_fetch_wait_ms
         ),
+        if args.fresh_topics {
+            "topics of its own per run (configured names + .lat-RUNTAG)".to_string()
+        } else {
+            "configured topics, each run's group starting at their end".to_string()
+        },
     ];
     bench_settings.extend(
         args.producer_properties
             .iter()
-            .map(|p| format!("load producer {p}")),
+            .map(|p| format!("load producers {p}")),
     );
 
     println!("machine: {}", machine.one_line());
     println!("redis {redis_version}: persistence {redis_persistence}");
     println!(
-        "lapse: {} run --config {}; {} input partitions",
+        "lapse: {} run --config {} (per run: {}/latency-run-N/lapse-bench.toml)",
         bin.display(),
         config_path.display(),
-        inputs.partitions.len()
+        work_dir.display()
     );
     if !args.set.is_empty() {
         println!("config overrides: {}", args.set.join("  "));
@@ -1343,17 +1550,37 @@ pub async fn run(args: &LatencyArgs) -> anyhow::Result<LatencyReport> {
         work_dir.display()
     );
 
+    // The background load, generated and encoded once (the same events every run).
+    let events = (args.rate * (args.warmup + args.duration + 2) as f64).ceil() as usize;
+    let spec = WorkloadSpec {
+        events: events as u64,
+        customers: args.customers,
+        tenants: args.tenants,
+        seed: args.seed,
+        days: 1,
+        now_ms: chrono::Utc::now().timestamp_millis(),
+    };
+    let encoder = Encoder::new(&schemas);
+    let t = Instant::now();
+    eprintln!("encoding {events} background events once, before the runs");
+    let background =
+        tokio::task::spawn_blocking(move || Background::generate(spec, events, &encoder)).await??;
+    eprintln!(
+        "  {} events, {:.0} MB, in {:.1} s",
+        background.len(),
+        background.bytes.len() as f64 / 1e6,
+        t.elapsed().as_secs_f64()
+    );
+
     let env = RunEnv {
         args,
         cfg: &cfg,
         bin: &bin,
-        config_path: &config_path,
         work_dir: &work_dir,
-        inputs: &inputs,
-        throttle: &throttle,
         redis: &redis,
         schemas: &schemas,
         policies: &policies,
+        background: Arc::new(background),
     };
     let mut runs = Vec::new();
     for run in 1..=args.runs {
@@ -1740,6 +1967,75 @@ mod tests {
         );
         assert_eq!(decode_decision(schema, b"junk"), None);
         assert_eq!(parse_probe_event_id("x", "lp-x-1-b"), Some(1));
+    }
+
+    #[test]
+    fn stamped_event_times_equal_a_fresh_encoding() {
+        let schemas = SchemaSet::builtin().unwrap();
+        let encoder = Encoder::new(&schemas);
+        let spec = WorkloadSpec {
+            events: 300,
+            customers: 50,
+            tenants: 3,
+            seed: 9,
+            days: 1,
+            now_ms: 1_750_000_000_000,
+        };
+        let mut out = Vec::new();
+        let mut kinds = std::collections::HashSet::new();
+        for g in Workload::new(spec.clone()) {
+            kinds.insert(g.event.kind());
+            let bytes = encoder
+                .encode_event(&g.event, g.text, Framing::SingleObject)
+                .unwrap();
+            let span = occurred_at_span(&bytes).unwrap();
+            // Same varint length (now-ish) and a different one (epoch, negative).
+            for t in [1_760_123_456_789, 0, -5, i64::MAX] {
+                let mut e = g.event.clone();
+                e.occurred_at = t;
+                let want = encoder
+                    .encode_event(&e, g.text, Framing::SingleObject)
+                    .unwrap();
+                stamp_occurred_at(&bytes, span, t, &mut out);
+                assert_eq!(out, want, "{:?} at {t}", g.event.kind());
+            }
+        }
+        assert_eq!(kinds.len(), 5, "every kind was checked");
+        assert_eq!(occurred_at_span(b"short"), None);
+        assert_eq!(
+            occurred_at_span(&[0xC3, 0x01, 0, 0, 0, 0, 0, 0, 0, 0, 0xff]),
+            None
+        );
+
+        let bg = Background::generate(spec.clone(), 100, &encoder).unwrap();
+        assert_eq!(bg.len(), 100);
+        let first = Workload::new(spec).next().unwrap();
+        let e0 = bg.get(0).unwrap();
+        assert_eq!(e0.kind, first.event.kind().index());
+        assert_eq!(e0.key, first.event.customer.key().as_bytes());
+        stamp_occurred_at(e0.payload, e0.span, 42, &mut out);
+        let mut e = first.event.clone();
+        e.occurred_at = 42;
+        assert_eq!(
+            out,
+            encoder
+                .encode_event(&e, first.text, Framing::SingleObject)
+                .unwrap()
+        );
+        assert!(bg.get(100).is_none());
+    }
+
+    #[test]
+    fn fresh_topics_get_a_run_suffix() {
+        let cfg = Config::default();
+        let sets = fresh_topic_sets(&cfg, "12r1t5");
+        assert_eq!(sets.len(), 9);
+        assert!(sets.contains(&r#"kafka.topics.sends = "engagement.sends.lat-12r1t5""#.to_string()));
+        assert!(sets
+            .contains(&r#"kafka.topics.throttle = "engagement.throttle.lat-12r1t5""#.to_string()));
+        let dir = tempfile::tempdir().unwrap();
+        let (_, c) = effective_config(None, &sets, dir.path()).unwrap();
+        assert_eq!(c.kafka.topics.visits, "clinic.visits.lat-12r1t5");
     }
 
     #[test]
