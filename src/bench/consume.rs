@@ -181,7 +181,7 @@ fn merge(into: &mut toml::Table, patch: toml::Table) {
 
 /// Kafka look-ups of the benchmark (blocking librdkafka calls, run off the runtime).
 pub(super) struct KafkaView {
-    brokers: String,
+    pub(super) brokers: String,
     pub(super) partitions: Vec<Tp>,
 }
 
@@ -297,7 +297,7 @@ impl KafkaView {
     }
 
     /// A client that reads `group`'s committed offsets (it never joins the group).
-    fn group_reader(&self, group: &str) -> anyhow::Result<Arc<BaseConsumer>> {
+    pub(super) fn group_reader(&self, group: &str) -> anyhow::Result<Arc<BaseConsumer>> {
         Ok(Arc::new(
             ClientConfig::new()
                 .set("bootstrap.servers", &self.brokers)
@@ -307,7 +307,10 @@ impl KafkaView {
         ))
     }
 
-    async fn committed(&self, reader: &Arc<BaseConsumer>) -> anyhow::Result<BTreeMap<Tp, i64>> {
+    pub(super) async fn committed(
+        &self,
+        reader: &Arc<BaseConsumer>,
+    ) -> anyhow::Result<BTreeMap<Tp, i64>> {
         let (c, parts) = (reader.clone(), self.partitions.clone());
         tokio::task::spawn_blocking(move || {
             let mut tpl = TopicPartitionList::new();

@@ -2,14 +2,17 @@
 //!
 //! * `produce`: fill the input topics with a deterministic synthetic workload;
 //! * `consume`: end-to-end throughput of `lapse run` over what is in the topics;
-//! * `timers`: firing lag of a day of lapse timers in event-time mode.
+//! * `latency`: send → throttle decision latency of `lapse run` under a fixed load;
+//! * `timers`: firing lag of a day of lapse timers in event-time mode;
+//! * `memory`: Redis bytes per customer with a full five-channel history.
 //!
-//! `scripts/bench` sets up Redis and the broker on loopback and runs both. Later
-//! benchmarks (latency under a fixed load, timer lag, memory per customer, a
-//! profile) are further subcommands that reuse the pieces here: the workload
-//! generator, the machine description, the `/metrics` reader and `median`.
+//! `scripts/bench [throughput|latency|timers|memory|profile]` sets up Redis and
+//! the broker on loopback and runs one of them. They share the pieces here: the
+//! workload generator, the machine description, the `/metrics` reader, `median`
+//! and `Stats`.
 
 pub mod consume;
+pub mod latency;
 pub mod machine;
 pub mod memory;
 pub mod produce;
@@ -37,6 +40,8 @@ pub enum BenchCmd {
     Memory(memory::MemoryArgs),
     /// Measure the firing lag of lapse timers (event-time mode, idle inputs).
     Timers(timers::TimersArgs),
+    /// Measure send → decision latency of `lapse run` under a fixed produce rate.
+    Latency(latency::LatencyArgs),
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -50,6 +55,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         BenchCmd::Consume(a) => consume::run(&a).await.map(|_| ()),
         BenchCmd::Memory(a) => memory::run(&a).await.map(|_| ()),
         BenchCmd::Timers(a) => timers::run(&a).await.map(|_| ()),
+        BenchCmd::Latency(a) => latency::run(&a).await.map(|_| ()),
     }
 }
 
