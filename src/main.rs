@@ -6,7 +6,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 /// mimalloc: the hot path makes many small short-lived allocations (records,
-/// keys, Avro values, state blobs); glibc's malloc was ~20% of lapse's CPU.
+/// keys, Avro values, state blobs) on several threads. The profile shows no
+/// clear gain over glibc yet (doc/BENCHMARK.md): allocating less is the fix.
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
