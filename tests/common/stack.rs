@@ -175,6 +175,38 @@ impl Stack {
         .await;
     }
 
+    /// Waits until no scheduled timer is due (the running instances' timer loops
+    /// have fired everything overdue), so a later byte comparison does not race them.
+    pub async fn wait_no_timer_due(&self, within: Duration) {
+        let mut c = self.redis.client().await;
+        wait_until(
+            within,
+            Duration::from_millis(100),
+            "no timer due",
+            async || {
+                let keys: Vec<String> = redis::cmd("KEYS")
+                    .arg("*:due")
+                    .query_async(&mut c)
+                    .await
+                    .unwrap_or_default();
+                let now = now_ms();
+                let mut due = 0u64;
+                for k in keys {
+                    let n: u64 = redis::cmd("ZCOUNT")
+                        .arg(&k)
+                        .arg("-inf")
+                        .arg(now)
+                        .query_async(&mut c)
+                        .await
+                        .unwrap_or(1);
+                    due += n;
+                }
+                due == 0
+            },
+        )
+        .await;
+    }
+
     /// Every key and raw value in Redis, for byte-level comparisons.
     pub async fn dump(&self) -> BTreeMap<String, Vec<u8>> {
         let mut c = self.redis.client().await;
