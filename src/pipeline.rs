@@ -268,6 +268,9 @@ impl Pipeline {
             tally.merge(t);
             to_publish.extend(p);
         }
+        // Back to batch order: campaign folds skip offsets at or below a
+        // partition's watermark, so they must see each partition in order.
+        tally.outcomes.sort_by_key(|(i, _, _)| *i);
         let campaigns = self.fold_campaigns(valid, &tally).await?;
         if crash_point("after_state_write") && !to_publish.is_empty() {
             // Test hook: die between the state write and the produce, like a kill -9 there.
