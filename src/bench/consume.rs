@@ -32,7 +32,7 @@ use serde::Serialize;
 
 use super::machine::{self, Machine};
 use super::prom::Scrape;
-use super::{median, Stats};
+use super::{median, opt, pct, Stats};
 use crate::config::Config;
 
 #[derive(clap::Args, Debug, Clone)]
@@ -333,7 +333,7 @@ impl KafkaView {
 
 /// Redis look-ups: flush before a run, size and CPU after.
 pub(super) struct RedisView {
-    conn: redis::aio::MultiplexedConnection,
+    pub(super) conn: redis::aio::MultiplexedConnection,
 }
 
 impl RedisView {
@@ -766,14 +766,6 @@ pub async fn run(args: &ConsumeArgs) -> anyhow::Result<ConsumeReport> {
         println!("results written to {}", p.display());
     }
     Ok(report)
-}
-
-fn opt(v: Option<f64>, prec: usize) -> String {
-    v.map_or_else(|| "?".into(), |x| format!("{x:.prec$}"))
-}
-
-fn pct(v: Option<f64>) -> String {
-    v.map_or_else(|| "?".into(), |x| format!("{:.0}%", x * 100.0))
 }
 
 fn print_run(r: &RunResult) {

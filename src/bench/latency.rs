@@ -73,7 +73,7 @@ use super::consume::{
 use super::machine::{self, Machine};
 use super::prom::{self, Scrape};
 use super::workload::{Workload, WorkloadSpec};
-use super::Stats;
+use super::{opt, percentile, Stats};
 use crate::codec::{parse_frame, Encoder, Frame, Framing, SchemaSet, THROTTLE_EVENT};
 use crate::config::Config;
 use crate::domain::event::{Channel, CustomerRef, Event, EventBody, Purpose};
@@ -163,16 +163,6 @@ pub struct LatencyArgs {
 
 // ---------------------------------------------------------------------------
 // Pure parts: percentiles, pacing, probe ids, the backlog trend and the verdict.
-
-/// Nearest-rank `q`-percentile (0..=1) of ascending `sorted`; `None` when empty.
-pub fn percentile(sorted: &[f64], q: f64) -> Option<f64> {
-    let n = sorted.len();
-    if n == 0 {
-        return None;
-    }
-    let rank = (q.clamp(0.0, 1.0) * n as f64).ceil() as usize;
-    Some(sorted[rank.clamp(1, n) - 1])
-}
 
 /// A latency distribution in milliseconds.
 #[derive(Debug, Clone, Copy, Serialize, PartialEq)]
@@ -1648,10 +1638,6 @@ fn overall_verdict(rate: f64, runs: &[(usize, Verdict)]) -> String {
             bad.join(" | ")
         )
     }
-}
-
-fn opt(v: Option<f64>, prec: usize) -> String {
-    v.map_or_else(|| "?".into(), |x| format!("{x:.prec$}"))
 }
 
 fn dist(l: &Option<Latency>) -> String {

@@ -30,6 +30,7 @@ use crate::metrics::Metrics;
 use crate::store::timers::TimerStore;
 use crate::store::StateStore;
 
+use super::consume::RedisView;
 use super::machine::Machine;
 use super::Stats;
 
@@ -165,15 +166,6 @@ pub fn blob_parts(s: &CustomerState) -> Vec<(String, usize)> {
     ]
 }
 
-async fn info_num(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> anyhow::Result<f64> {
-    let text: String = redis::cmd("INFO").arg("memory").query_async(conn).await?;
-    text.lines()
-        .filter_map(|l| l.split_once(':'))
-        .find(|(k, _)| *k == key)
-        .and_then(|(_, v)| v.trim().parse().ok())
-        .with_context(|| format!("INFO memory has no {key}"))
-}
-
 pub async fn run(args: &MemoryArgs) -> anyhow::Result<MemoryReport> {
     anyhow::ensure!(args.customers > 0, "--customers must be at least 1");
     anyhow::ensure!(args.runs > 0, "--runs must be at least 1");
@@ -201,18 +193,19 @@ pub async fn run(args: &MemoryArgs) -> anyhow::Result<MemoryReport> {
         cfg.timers.shards,
     )
     .await?;
-    let client = redis::Client::open(cfg.redis.url.as_str()).context("redis.url")?;
-    let mut conn = client.get_multiplexed_async_connection().await?;
-    let server: String = redis::cmd("INFO")
-        .arg("server")
-        .query_async(&mut conn)
-        .await?;
-    let redis_version = server
-        .lines()
-        .find_map(|l| l.strip_prefix("redis_version:"))
-        .unwrap_or("?")
-        .trim()
-        .to_owned();
+    let redis = RedisView::connect(&cfg).await?;
+    let mut conn = redis.conn.clone();
+    let redis_version = redis
+        .info("server")
+        .await?
+        .remove("redis_version")
+        .unwrap_or_else(|| "?".into());
+    let used_memory = || async {
+        redis
+            .num("memory", "used_memory")
+            .await
+            .context("INFO memory has no used_memory")
+    };
     let machine = Machine::describe();
     println!("machine: {}", machine.one_line());
     println!(
@@ -231,10 +224,10 @@ pub async fn run(args: &MemoryArgs) -> anyhow::Result<MemoryReport> {
 
     let mut runs = Vec::new();
     for run in 1..=args.runs {
-        let _: () = redis::cmd("FLUSHDB").query_async(&mut conn).await?;
+        redis.flush().await?;
         // Let the allocator settle so the baseline is not mid-free.
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-        let before = info_num(&mut conn, "used_memory").await?;
+        let before = used_memory().await?;
         let started = Instant::now();
         let ids: Vec<CustomerRef> = (0..args.customers)
             .map(|i| CustomerRef::new(format!("clinic-{}", i % 4 + 1), format!("cust-{i:07}")))
@@ -253,8 +246,8 @@ pub async fn run(args: &MemoryArgs) -> anyhow::Result<MemoryReport> {
             }
         }
         let write_seconds = started.elapsed().as_secs_f64();
-        let after = info_num(&mut conn, "used_memory").await?;
-        let keys: u64 = redis::cmd("DBSIZE").query_async(&mut conn).await?;
+        let after = used_memory().await?;
+        let keys = redis.dbsize().await?;
         let mut rng = StdRng::seed_from_u64(run as u64);
         let mut usage = Vec::new();
         for _ in 0..args.sample.min(args.customers) {
@@ -287,7 +280,7 @@ pub async fn run(args: &MemoryArgs) -> anyhow::Result<MemoryReport> {
         );
         runs.push(r);
     }
-    let _: () = redis::cmd("FLUSHDB").query_async(&mut conn).await?;
+    redis.flush().await?;
     let per_customer_median = super::median(
         &runs
             .iter()

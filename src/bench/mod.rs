@@ -74,6 +74,26 @@ pub fn median(values: &[f64]) -> f64 {
     }
 }
 
+/// Nearest-rank `q`-percentile (0..=1) of ascending `sorted`; `None` when empty.
+pub fn percentile(sorted: &[f64], q: f64) -> Option<f64> {
+    let n = sorted.len();
+    if n == 0 {
+        return None;
+    }
+    let rank = (q.clamp(0.0, 1.0) * n as f64).ceil() as usize;
+    Some(sorted[rank.clamp(1, n) - 1])
+}
+
+/// A figure for a results table: `?` when it could not be measured.
+pub(crate) fn opt(v: Option<f64>, prec: usize) -> String {
+    v.map_or_else(|| "?".into(), |x| format!("{x:.prec$}"))
+}
+
+/// A share (0..=1) as a whole percentage for a results table; `?` when unknown.
+pub(crate) fn pct(v: Option<f64>) -> String {
+    v.map_or_else(|| "?".into(), |x| format!("{:.0}%", x * 100.0))
+}
+
 /// Spread of a figure over the runs.
 #[derive(Debug, Clone, Copy, Serialize, PartialEq)]
 pub struct Stats {

@@ -48,7 +48,7 @@ use serde::Serialize;
 
 use super::consume::{self, KafkaView, RedisView};
 use super::machine::{self, Machine};
-use super::Stats;
+use super::{opt, pct, percentile, Stats};
 use crate::codec::{SchemaSet, RECALL_TRIGGER};
 use crate::config::{ClockMode, Config};
 use crate::domain::decide;
@@ -298,16 +298,6 @@ impl WatermarkLog {
     pub fn first(&self) -> Option<(i64, Duration)> {
         self.steps.first().copied()
     }
-}
-
-/// Nearest-rank `q`-quantile of ascending `sorted` values (None when empty).
-pub fn percentile(sorted: &[f64], q: f64) -> Option<f64> {
-    if sorted.is_empty() {
-        return None;
-    }
-    let n = sorted.len();
-    let rank = (q.clamp(0.0, 1.0) * n as f64).ceil() as usize;
-    Some(sorted[rank.clamp(1, n) - 1])
 }
 
 /// p50, p99, p99.9 and max of a set of values.
@@ -1255,14 +1245,6 @@ pub async fn run(args: &TimersArgs) -> anyhow::Result<TimersReport> {
 // ---------------------------------------------------------------------------
 // Printing
 // ---------------------------------------------------------------------------
-
-fn opt(v: Option<f64>, prec: usize) -> String {
-    v.map_or_else(|| "?".into(), |x| format!("{x:.prec$}"))
-}
-
-fn pct(v: Option<f64>) -> String {
-    v.map_or_else(|| "?".into(), |x| format!("{:.0}%", x * 100.0))
-}
 
 fn ptiles(p: &Percentiles, prec: usize) -> String {
     format!(

@@ -136,25 +136,9 @@ fn resolve_simple(value: Value, schema: &Schema) -> Result<Value, Value> {
         }
         (Schema::TimestampMillis, Value::Long(v)) => Ok(Value::TimestampMillis(v)),
         (Schema::TimestampMillis, Value::Int(v)) => Ok(Value::TimestampMillis(v.into())),
-        (schema, value) => {
-            let exact = matches!(
-                (schema, &value),
-                (Schema::Null, Value::Null)
-                    | (Schema::Boolean, Value::Boolean(_))
-                    | (Schema::Int, Value::Int(_))
-                    | (Schema::Long, Value::Long(_))
-                    | (Schema::Float, Value::Float(_))
-                    | (Schema::Double, Value::Double(_))
-                    | (Schema::String, Value::String(_))
-                    | (Schema::Bytes, Value::Bytes(_))
-                    | (Schema::TimestampMillis, Value::TimestampMillis(_))
-            );
-            if exact {
-                Ok(value)
-            } else {
-                Err(value)
-            }
-        }
+        // Enum values against enum schemas were handled above.
+        (schema, value) if same_kind(&value, schema) => Ok(value),
+        (_, value) => Err(value),
     }
 }
 
