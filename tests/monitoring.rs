@@ -24,7 +24,6 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use chrono::TimeZone;
 use common::stack::*;
 use common::*;
 use lapse::codec::Framing;
@@ -722,21 +721,6 @@ fn substitute(expr: &str, tenant: &str, channel: &str) -> String {
 // ---------------------------------------------------------------------------
 // Traffic
 // ---------------------------------------------------------------------------
-
-/// Noon in Shanghai, `days` after the test's epoch (about two years ago), so no
-/// channel is in quiet hours and no event is in the future.
-fn day(days: i64) -> i64 {
-    let base = chrono::Utc::now().timestamp_millis() - 800 * DAY;
-    let d = chrono_tz::Asia::Shanghai
-        .timestamp_millis_opt(base)
-        .unwrap()
-        .date_naive();
-    chrono_tz::Asia::Shanghai
-        .from_local_datetime(&d.and_hms_opt(12, 0, 0).unwrap())
-        .unwrap()
-        .timestamp_millis()
-        + days * DAY
-}
 
 fn with_campaign(mut e: Event, campaign: &str) -> Event {
     match &mut e.body {

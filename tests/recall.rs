@@ -10,7 +10,6 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use apache_avro::types::Value;
-use chrono::TimeZone;
 use common::stack::*;
 use common::*;
 use lapse::codec::{Framing, SchemaSet, RECALL_OUTCOME, RECALL_TRIGGER};
@@ -56,21 +55,6 @@ fn num(r: &Rec, k: &str) -> f64 {
         },
         _ => f64::NAN,
     }
-}
-
-/// Noon in Shanghai, `days` after the test's epoch (two years ago), so no
-/// channel is in quiet hours when timers fire.
-fn day(days: i64) -> i64 {
-    let base = chrono::Utc::now().timestamp_millis() - 800 * DAY;
-    let d = chrono_tz::Asia::Shanghai
-        .timestamp_millis_opt(base)
-        .unwrap()
-        .date_naive();
-    chrono_tz::Asia::Shanghai
-        .from_local_datetime(&d.and_hms_opt(12, 0, 0).unwrap())
-        .unwrap()
-        .timestamp_millis()
-        + days * DAY
 }
 
 fn visit_with(

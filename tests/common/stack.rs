@@ -15,6 +15,22 @@ use lapse::store::StateStore;
 use super::*;
 
 pub const DAY: i64 = 86_400_000;
+
+/// Noon in Shanghai, `days` after the tests' epoch (about two years ago): no
+/// channel is in quiet hours, no event is in the future, and timers fire by day.
+pub fn day(days: i64) -> i64 {
+    use chrono::TimeZone;
+    let base = chrono::Utc::now().timestamp_millis() - 800 * DAY;
+    let d = chrono_tz::Asia::Shanghai
+        .timestamp_millis_opt(base)
+        .unwrap()
+        .date_naive();
+    chrono_tz::Asia::Shanghai
+        .from_local_datetime(&d.and_hms_opt(12, 0, 0).unwrap())
+        .unwrap()
+        .timestamp_millis()
+        + days * DAY
+}
 pub const INPUTS: [&str; 5] = [
     "engagement.sends",
     "engagement.opens",
