@@ -675,18 +675,7 @@ pub async fn run_until(
     let mut caught_up = None;
 
     'days: for d in 0..args.days {
-        if let Some(r) = &reader {
-            while let Ok(fb) = r.rx.try_recv() {
-                match fb {
-                    Feedback::Trigger(t) => {
-                        pop.apply_trigger(&t);
-                    }
-                    Feedback::Throttle(t) => {
-                        pop.apply_throttle(&t);
-                    }
-                }
-            }
-        }
+        apply_feedback(reader.as_ref(), &mut pop);
         events.clear();
         let day = pop.day(d, &mut events);
         last_day = day.date;
@@ -803,18 +792,7 @@ pub async fn run_until(
         );
     }
     // Feedback that arrived after the last day still counts in the summary.
-    if let Some(r) = &reader {
-        while let Ok(fb) = r.rx.try_recv() {
-            match fb {
-                Feedback::Trigger(t) => {
-                    pop.apply_trigger(&t);
-                }
-                Feedback::Throttle(t) => {
-                    pop.apply_throttle(&t);
-                }
-            }
-        }
-    }
+    apply_feedback(reader.as_ref(), &mut pop);
     drop(reader);
     Ok(Summary {
         customers: pop.customers(),
@@ -833,4 +811,19 @@ pub async fn run_until(
         opted_out: pop.opted_out(),
         caught_up,
     })
+}
+
+/// Applies the recall triggers and throttle decisions read so far to the population.
+fn apply_feedback(reader: Option<&FeedbackReader>, pop: &mut Population) {
+    let Some(r) = reader else { return };
+    while let Ok(fb) = r.rx.try_recv() {
+        match fb {
+            Feedback::Trigger(t) => {
+                pop.apply_trigger(&t);
+            }
+            Feedback::Throttle(t) => {
+                pop.apply_throttle(&t);
+            }
+        }
+    }
 }
