@@ -611,6 +611,9 @@ pub struct TimersRun {
     /// From the watermark reaching the end of the day to the last trigger.
     pub drain_seconds: f64,
     pub watermark_steps: usize,
+    /// Slowest `SharedEventTime::advance` call of the drive (a step counts from
+    /// the call's start, so a slow call would hide lag).
+    pub slowest_step_call_ms: f64,
     #[serde(flatten)]
     pub analysis: Analysis,
     /// lapse's own `lapse_timer_firing_lag_seconds` (event time), from its buckets.
@@ -929,11 +932,13 @@ async fn one_run(env: &Env<'_>, run: usize) -> anyhow::Result<TimersRun> {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let start = Instant::now();
     let mut last_note = Instant::now();
+    let mut slowest_step = Duration::ZERO;
     loop {
         tick.tick().await;
         let w = pop.t0 + watermark_offset(start.elapsed(), day, pop.span_ms);
         let at = origin.elapsed();
         env.clock.advance(w).await?;
+        slowest_step = slowest_step.max(origin.elapsed().saturating_sub(at));
         log.push(w, at);
         if w >= pop.t0 + pop.span_ms {
             break;
@@ -1047,6 +1052,7 @@ async fn one_run(env: &Env<'_>, run: usize) -> anyhow::Result<TimersRun> {
         offered_timers_per_second: want as f64 / drive_seconds.max(1e-9),
         drain_seconds,
         watermark_steps,
+        slowest_step_call_ms: slowest_step.as_secs_f64() * 1000.0,
         lapse_event_lag_p50_seconds: s.quantile("lapse_timer_firing_lag_seconds", &[], 0.5),
         lapse_event_lag_p99_seconds: s.quantile("lapse_timer_firing_lag_seconds", &[], 0.99),
         lapse_event_lag_p999_seconds: s.quantile("lapse_timer_firing_lag_seconds", &[], 0.999),
@@ -1107,7 +1113,12 @@ pub async fn run(args: &TimersArgs) -> anyhow::Result<TimersReport> {
         None => std::env::current_exe().context("locating this executable")?,
     };
     let redis = RedisView::connect(&cfg).await?;
-    let store = StateStore::connect(&cfg.redis, Metrics::new(&cfg.metrics))
+    // The benchmark's own connection (set-up pipelines of thousands of scripts,
+    // on a machine that may be busy) gets a long response timeout; lapse keeps
+    // the configured one.
+    let mut bench_redis = cfg.redis.clone();
+    bench_redis.response_timeout.0 = bench_redis.response_timeout.0.max(Duration::from_secs(60));
+    let store = StateStore::connect(&bench_redis, Metrics::new(&cfg.metrics))
         .await
         .context("connecting the state store")?;
     let timers = TimerStore::new(
@@ -1260,7 +1271,7 @@ fn print_run(r: &TimersRun) {
     let a = &r.analysis;
     println!(
         "run {}: {}/{} triggers ({} missing, {} duplicates, {} unexpected, {} wrong due_at, {} undecodable); \
-         {:.0} timers/s offered over {:.1} s, last trigger {:.2} s after the end of the day",
+         {:.0} timers/s offered over {:.1} s ({} watermark steps, slowest step call {:.1} ms), last trigger {:.2} s after the end of the day",
         r.run,
         a.received,
         a.expected,
@@ -1271,6 +1282,8 @@ fn print_run(r: &TimersRun) {
         a.undecodable,
         r.offered_timers_per_second,
         r.drive_seconds,
+        r.watermark_steps,
+        r.slowest_step_call_ms,
         r.drain_seconds,
     );
     if a.missing > 0 {
