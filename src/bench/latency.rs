@@ -112,9 +112,10 @@ pub struct LatencyArgs {
     /// Pacing slice: the events due are produced every this many milliseconds.
     #[arg(long, default_value_t = 5)]
     pub slice_ms: u64,
-    /// `linger.ms` of the background load's producer (bigger batches, fewer
-    /// broker requests; the probes have a producer of their own).
-    #[arg(long, default_value_t = 50)]
+    /// `linger.ms` of the background load's producer: fewer, bigger batches
+    /// (tansu's fetch cost grows with the batches stored); the probes have a
+    /// producer of their own.
+    #[arg(long, default_value_t = 200)]
     pub linger_ms: u64,
     /// `linger.ms` of the probes' producer (counted in the latency).
     #[arg(long, default_value_t = 0)]
