@@ -49,6 +49,7 @@ impl TimerLoop {
         let give_up = AtomicBool::new(false);
         let mut backoff = Backoff::new(&self.pipeline.retry);
         let mut last_gauges = std::time::Instant::now() - Duration::from_secs(60);
+        let shards: Vec<u32> = (0..self.timers.shards()).collect();
         while !self.shutdown.load(Ordering::SeqCst) {
             if let Some((local, shared)) = &self.shared_clock {
                 // Other instances may have seen later events.
@@ -69,30 +70,25 @@ impl TimerLoop {
                 tokio::time::sleep(self.cfg.poll_interval.0).await;
                 continue;
             }
-            let mut busy = false;
-            let mut failed = false;
-            for shard in 0..self.timers.shards() {
-                match self.fire_shard(shard, now).await {
-                    Ok(full) => busy |= full,
-                    Err(e) => {
-                        if matches!(e, crate::error::BatchError::Store(_)) {
-                            self.pipeline
-                                .metrics
-                                .redis_errors
-                                .with_label_values(&["timers"])
-                                .inc();
-                        }
-                        warn!(error = %e, shard, "firing timers failed; retrying");
+            let (busy, failed) = match self.fire_due(&shards, now).await {
+                Ok(full) => (full, false),
+                Err(e) => {
+                    if matches!(e, crate::error::BatchError::Store(_)) {
                         self.pipeline
                             .metrics
-                            .retries
+                            .redis_errors
                             .with_label_values(&["timers"])
                             .inc();
-                        failed = true;
-                        break;
                     }
+                    warn!(error = %e, "firing timers failed; retrying");
+                    self.pipeline
+                        .metrics
+                        .retries
+                        .with_label_values(&["timers"])
+                        .inc();
+                    (false, true)
                 }
-            }
+            };
             if last_gauges.elapsed() >= Duration::from_secs(2) {
                 self.export_gauges(now).await;
                 last_gauges = std::time::Instant::now();
@@ -109,41 +105,41 @@ impl TimerLoop {
     }
 
     async fn export_gauges(&self, now: i64) {
-        let (mut pending, mut overdue) = (0usize, 0usize);
-        for shard in 0..self.timers.shards() {
-            match (
-                self.timers.pending(shard).await,
-                self.timers.due_count(shard, now).await,
-            ) {
-                (Ok(p), Ok(d)) => {
-                    pending += p;
-                    overdue += d;
-                }
-                _ => {
-                    self.pipeline
-                        .metrics
-                        .redis_errors
-                        .with_label_values(&["timers"])
-                        .inc();
-                    return;
-                }
+        match self.timers.counts(now).await {
+            Ok((pending, overdue)) => {
+                self.pipeline.metrics.timers_pending.set(pending as i64);
+                self.pipeline.metrics.timers_overdue.set(overdue as i64);
             }
+            Err(_) => self
+                .pipeline
+                .metrics
+                .redis_errors
+                .with_label_values(&["timers"])
+                .inc(),
         }
-        self.pipeline.metrics.timers_pending.set(pending as i64);
-        self.pipeline.metrics.timers_overdue.set(overdue as i64);
     }
 
-    /// Fires one shard's due timers. Returns true when the claim was full (more may be due).
-    pub async fn fire_shard(&self, shard: u32, now: i64) -> Result<bool, crate::error::BatchError> {
+    /// Claims the due timers of every shard in one round trip and fires them as
+    /// one batch: one load, one write, one produce and one completion for the
+    /// whole poll, however many shards there are (firing shard by shard made the
+    /// lag grow with the shard count). Returns true when a shard's claim was full
+    /// (more may be due: poll again without sleeping).
+    pub async fn fire_due(
+        &self,
+        shards: &[u32],
+        now: i64,
+    ) -> Result<bool, crate::error::BatchError> {
         let lease = self.cfg.lease.as_millis_i64();
-        let claimed = self
+        let limit = self.cfg.claim_limit;
+        let per_shard = self
             .timers
-            .claim_due(shard, now, lease, self.cfg.claim_limit)
+            .claim_due_many(shards, now, lease, limit)
             .await?;
+        let full = per_shard.iter().any(|c| c.len() >= limit);
+        let claimed: Vec<Claimed> = per_shard.into_iter().flatten().collect();
         if claimed.is_empty() {
             return Ok(false);
         }
-        let full = claimed.len() >= self.cfg.claim_limit;
         for c in &claimed {
             self.pipeline
                 .metrics

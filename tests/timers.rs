@@ -183,6 +183,69 @@ async fn scripts_are_reloaded_after_a_flush() {
     assert_eq!(t.due_of(&a).await.unwrap(), None);
 }
 
+/// The timer loop claims every shard in one pipelined round trip: each shard's
+/// answer holds only its own due timers, oldest first, at most `limit`, and the
+/// counts over all shards follow the leases.
+#[tokio::test]
+async fn one_round_trip_claims_every_shard() {
+    let redis = RedisServer::start().await;
+    let t = store(&redis, 4).await;
+    let customers: Vec<CustomerRef> = (0..40).map(cust).collect();
+    // Due at 10, 20, ..., 400; 25 of them due at 250.
+    let timers: Vec<(&CustomerRef, i64)> = customers
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c, (i as i64 + 1) * 10))
+        .collect();
+    t.schedule(&timers).await.unwrap();
+    // Garbage in one shard is dropped without disturbing the others.
+    let mut conn = redis.client().await;
+    redis::cmd("ZADD")
+        .arg(t.key(2))
+        .arg(1)
+        .arg("no-slash")
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(t.counts(250).await.unwrap(), (41, 26));
+
+    let mut due_by_shard: HashMap<u32, Vec<(CustomerRef, i64)>> = HashMap::new();
+    for (c, due) in timers.iter().filter(|(_, d)| *d <= 250) {
+        due_by_shard
+            .entry(t.shard(c))
+            .or_default()
+            .push(((*c).clone(), *due));
+    }
+    let shards = [0, 1, 2, 3];
+    let got = t.claim_due_many(&shards, 250, 1_000, 3).await.unwrap();
+    assert_eq!(got.len(), 4);
+    let mut claimed = 0;
+    for (shard, claims) in shards.iter().zip(&got) {
+        // In shard 2 the garbage (oldest) took one of the three places.
+        let room = if *shard == 2 { 2 } else { 3 };
+        let expected: Vec<(CustomerRef, i64)> = due_by_shard
+            .get(shard)
+            .map(|v| v.iter().take(room).cloned().collect())
+            .unwrap_or_default();
+        let actual: Vec<(CustomerRef, i64)> = claims
+            .iter()
+            .map(|c| (c.customer.clone(), c.due_ms))
+            .collect();
+        assert_eq!(actual, expected, "shard {shard}");
+        assert!(claims.iter().all(|c| c.lease == 1_250));
+        claimed += claims.len();
+    }
+    assert_eq!(claimed, 11, "3 + 3 + 2 + 3 of the 25 due");
+    // The garbage member is gone; the claimed ones are leased, not due.
+    assert_eq!(t.counts(250).await.unwrap(), (40, 25 - claimed));
+    // An empty shard list asks Redis nothing and claims nothing.
+    assert!(t
+        .claim_due_many(&[], 250, 1_000, 3)
+        .await
+        .unwrap()
+        .is_empty());
+}
+
 #[tokio::test]
 async fn members_not_written_by_schedule_are_dropped() {
     let redis = RedisServer::start().await;

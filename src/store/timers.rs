@@ -215,39 +215,67 @@ where
         lease_ms: i64,
         limit: usize,
     ) -> Result<Vec<Claimed>, StoreError> {
-        if limit == 0 {
-            return Ok(vec![]);
+        let mut per_shard = self
+            .claim_due_many(&[shard], now_ms, lease_ms, limit)
+            .await?;
+        Ok(per_shard.pop().unwrap_or_default())
+    }
+
+    /// [`claim_due`](Self::claim_due) for several shards in one pipelined round
+    /// trip (each shard's claim is still one atomic script on its own key).
+    /// Returns the claims per shard, in the order of `shards`.
+    pub async fn claim_due_many(
+        &self,
+        shards: &[u32],
+        now_ms: i64,
+        lease_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<Vec<Claimed>>, StoreError> {
+        if limit == 0 || shards.is_empty() {
+            return Ok(vec![Vec::new(); shards.len()]);
         }
         let lease = now_ms.saturating_add(lease_ms.max(1));
-        let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(&self.claim_sha)
-            .arg(1)
-            .arg(self.key(shard))
-            .arg(now_ms)
-            .arg(lease)
-            .arg(limit);
-        let flat: Vec<String> = self.eval(&cmd).await?;
-        let mut out = Vec::with_capacity(flat.len() / 2);
-        let mut garbage = Vec::new();
-        for pair in flat.chunks_exact(2) {
-            let due = pair[1].parse::<f64>().ok().map(|f| f as i64);
-            match (CustomerRef::parse(&pair[0]), due) {
-                (Some(customer), Some(due_ms)) => out.push(Claimed {
-                    customer,
-                    due_ms,
-                    lease,
-                }),
-                // Not written by `schedule`: drop it, or it would be claimed forever.
-                _ => garbage.push(pair[0].clone()),
+        let mut pipe = redis::pipe();
+        for shard in shards {
+            let mut cmd = redis::cmd("EVALSHA");
+            cmd.arg(&self.claim_sha)
+                .arg(1)
+                .arg(self.key(*shard))
+                .arg(now_ms)
+                .arg(lease)
+                .arg(limit);
+            pipe.add_command(cmd);
+        }
+        let flats: Vec<Vec<String>> = self.eval_pipe(&pipe).await?;
+        let mut out = Vec::with_capacity(shards.len());
+        let mut garbage: Vec<(u32, Vec<String>)> = Vec::new();
+        for (shard, flat) in shards.iter().zip(flats) {
+            let mut claimed = Vec::with_capacity(flat.len() / 2);
+            let mut bad = Vec::new();
+            for pair in flat.chunks_exact(2) {
+                let due = pair[1].parse::<f64>().ok().map(|f| f as i64);
+                match (CustomerRef::parse(&pair[0]), due) {
+                    (Some(customer), Some(due_ms)) => claimed.push(Claimed {
+                        customer,
+                        due_ms,
+                        lease,
+                    }),
+                    // Not written by `schedule`: drop it, or it would be claimed forever.
+                    _ => bad.push(pair[0].clone()),
+                }
             }
+            if !bad.is_empty() {
+                garbage.push((*shard, bad));
+            }
+            out.push(claimed);
         }
         if !garbage.is_empty() {
+            let mut pipe = redis::pipe();
+            for (shard, members) in &garbage {
+                pipe.cmd("ZREM").arg(self.key(*shard)).arg(members).ignore();
+            }
             let mut conn = self.conn.clone();
-            redis::cmd("ZREM")
-                .arg(self.key(shard))
-                .arg(&garbage)
-                .query_async::<()>(&mut conn)
-                .await?;
+            pipe.query_async::<()>(&mut conn).await?;
         }
         Ok(out)
     }
@@ -280,17 +308,24 @@ where
         for (c, lease, next) in done {
             pipe.add_command(self.complete_cmd(c, *lease, *next));
         }
-        for attempt in 0..2 {
-            let mut conn = self.conn.clone();
-            match pipe.query_async::<Vec<i64>>(&mut conn).await {
-                Ok(v) => return Ok(v.into_iter().map(|x| x == 1).collect()),
-                Err(e) if e.kind() == ErrorKind::NoScriptError && attempt == 0 => {
-                    self.load_scripts().await?;
-                }
-                Err(e) => return Err(e.into()),
+        let v: Vec<i64> = self.eval_pipe(&pipe).await?;
+        Ok(v.into_iter().map(|x| x == 1).collect())
+    }
+
+    /// Runs a pipeline of EVALSHA commands, reloading the scripts once if Redis
+    /// lost them. Scripts are lost all at once (restart, flush, failover), so the
+    /// whole pipeline failed and re-running it whole repeats nothing; if a flush
+    /// ever landed mid-pipeline, a re-run claim only leaves some timers leased
+    /// until their lease ends, and a re-run complete reports "lost lease".
+    async fn eval_pipe<T: FromRedisValue>(&self, pipe: &redis::Pipeline) -> Result<T, StoreError> {
+        let mut conn = self.conn.clone();
+        match pipe.query_async::<T>(&mut conn).await {
+            Err(e) if e.kind() == ErrorKind::NoScriptError => {
+                self.load_scripts().await?;
+                Ok(pipe.query_async(&mut conn).await?)
             }
+            r => Ok(r?),
         }
-        unreachable!("the loop returns on its second attempt")
     }
 
     fn complete_cmd(&self, c: &CustomerRef, lease: i64, next_due: Option<i64>) -> Cmd {
@@ -335,6 +370,24 @@ where
             .query_async(&mut conn)
             .await?;
         Ok(n)
+    }
+
+    /// Over all shards in one round trip: timers scheduled (leased included) and
+    /// timers due at `now_ms` and not claimed (the "pending" and "overdue" gauges).
+    pub async fn counts(&self, now_ms: i64) -> Result<(usize, usize), StoreError> {
+        let mut pipe = redis::pipe();
+        for shard in 0..self.shards {
+            pipe.cmd("ZCARD").arg(self.key(shard));
+            pipe.cmd("ZCOUNT")
+                .arg(self.key(shard))
+                .arg("-inf")
+                .arg(now_ms);
+        }
+        let mut conn = self.conn.clone();
+        let v: Vec<usize> = pipe.query_async(&mut conn).await?;
+        let pending = v.iter().step_by(2).sum();
+        let due = v.iter().skip(1).step_by(2).sum();
+        Ok((pending, due))
     }
 
     /// The lowest score in a shard: the oldest due time (firing lag = now − it,
