@@ -70,6 +70,15 @@ pub struct ConsumeArgs {
     pub json: Option<PathBuf>,
 }
 
+/// One line of Redis' `INFO commandstats`: what a run asked of Redis.
+#[derive(Debug, Clone, Serialize)]
+pub struct RedisCommand {
+    pub command: String,
+    pub calls: u64,
+    /// CPU time Redis spent in the command (scripts include their inner calls).
+    pub usec: f64,
+}
+
 /// One run's figures.
 #[derive(Debug, Clone, Serialize)]
 pub struct RunResult {
@@ -118,6 +127,8 @@ pub struct RunResult {
     /// Share of scrapes, first record to durable, that found partitions paused
     /// (`lapse_partitions_paused > 0`): back-pressure from a full batch queue.
     pub paused_share: f64,
+    /// Redis work of the whole run (start-up included), costliest command first.
+    pub redis_commands: Vec<RedisCommand>,
     pub lapse_exit_ok: bool,
 }
 
@@ -397,6 +408,42 @@ impl RedisView {
         }
     }
 
+    /// Clears Redis' per-command counters (`INFO commandstats`).
+    pub(super) async fn reset_command_stats(&self) -> anyhow::Result<()> {
+        let mut c = self.conn.clone();
+        let _: () = redis::cmd("CONFIG")
+            .arg("RESETSTAT")
+            .query_async(&mut c)
+            .await?;
+        Ok(())
+    }
+
+    /// Calls and CPU time per command since the last reset, costliest first.
+    pub(super) async fn command_stats(&self) -> anyhow::Result<Vec<RedisCommand>> {
+        let stats = self.info("commandstats").await?;
+        let mut out: Vec<RedisCommand> = stats
+            .iter()
+            .filter_map(|(k, v)| {
+                let command = k.strip_prefix("cmdstat_")?.to_string();
+                let field = |name: &str| -> Option<f64> {
+                    v.split(',')
+                        .filter_map(|kv| kv.split_once('='))
+                        .find(|(key, _)| *key == name)?
+                        .1
+                        .parse()
+                        .ok()
+                };
+                Some(RedisCommand {
+                    command,
+                    calls: field("calls")? as u64,
+                    usec: field("usec")?,
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| b.usec.total_cmp(&a.usec));
+        Ok(out)
+    }
+
     pub(super) async fn dbsize(&self) -> anyhow::Result<u64> {
         let mut c = self.conn.clone();
         Ok(redis::cmd("DBSIZE").query_async(&mut c).await?)
@@ -477,6 +524,10 @@ pub(super) async fn scrape(http: &reqwest::Client, url: &str) -> Option<Scrape> 
 async fn one_run(env: &RunEnv<'_>, run: usize) -> anyhow::Result<RunResult> {
     let args = env.args;
     env.redis.flush().await.context("FLUSHDB before the run")?;
+    env.redis
+        .reset_command_stats()
+        .await
+        .context("CONFIG RESETSTAT before the run")?;
     let mem_before = env.redis.num("memory", "used_memory").await;
     let load_average_before = machine::load_average();
     let group = format!(
@@ -603,6 +654,7 @@ async fn one_run(env: &RunEnv<'_>, run: usize) -> anyhow::Result<RunResult> {
         .count_matching(&format!("{}:*:state", env.key_prefix))
         .await?;
     let mem_after = env.redis.num("memory", "used_memory").await;
+    let redis_commands = env.redis.command_stats().await.unwrap_or_default();
 
     terminate(pid);
     let exit = tokio::time::timeout(Duration::from_secs(60), child.wait()).await;
@@ -659,6 +711,7 @@ async fn one_run(env: &RunEnv<'_>, run: usize) -> anyhow::Result<RunResult> {
         load_average_before,
         processor_busy: s.sum("lapse_batch_seconds_sum") / durable_seconds.max(1e-9),
         paused_share: f64::from(paused_scrapes) / f64::from(scrapes.max(1)),
+        redis_commands,
         lapse_exit_ok,
     })
 }
@@ -801,6 +854,25 @@ fn print_run(r: &RunResult) {
         opt(r.broker_cpu_seconds, 1),
         pct(r.machine_busy),
         opt(r.load_average_before, 2),
+    );
+    let per_event = |x: f64| x / r.records.max(1) as f64;
+    let top: Vec<String> = r
+        .redis_commands
+        .iter()
+        .take(6)
+        .map(|c| {
+            format!(
+                "{} {:.2} calls {:.2} µs",
+                c.command,
+                per_event(c.calls as f64),
+                per_event(c.usec)
+            )
+        })
+        .collect();
+    println!(
+        "  redis work per event ({:.2} µs in commands): {}",
+        per_event(r.redis_commands.iter().map(|c| c.usec).sum()),
+        top.join(", ")
     );
     println!(
         "  {} customers in Redis ({} keys; {} B of Redis memory per customer), {} state writes, {} conflicts, {} dead letters, \

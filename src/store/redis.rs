@@ -15,19 +15,31 @@ use crate::domain::state::CustomerState;
 use crate::error::StoreError;
 use crate::metrics::Metrics;
 
-/// Writes `ARGV[2]` only if the stored revision equals `ARGV[1]` (0 = absent).
-/// Returns 1 when written, 0 on a conflict (another writer got there first).
+/// Compare-and-set of `#KEYS` values in one call: `KEYS[i]` is written with
+/// `ARGV[2i]` only if its stored revision equals `ARGV[2i-1]` (0 = absent).
+/// Returns one 1 (written) or 0 (conflict: another writer got there first) per
+/// key. Reads only the revision prefix (GETRANGE), not the whole value, and
+/// takes many keys per call: the per-call cost of a script was most of Redis'
+/// CPU when it ran once per customer.
 const CAS_SCRIPT: &str = r#"
-local cur = redis.call('GET', KEYS[1])
-local rev = 0
-if cur then
+local out = {}
+for i = 1, #KEYS do
+  local cur = redis.call('GETRANGE', KEYS[i], 0, 20)
+  local rev = 0
   local r = string.match(cur, '^(%d+):')
   if r then rev = tonumber(r) end
+  if rev == tonumber(ARGV[2 * i - 1]) then
+    redis.call('SET', KEYS[i], ARGV[2 * i])
+    out[i] = 1
+  else
+    out[i] = 0
+  end
 end
-if rev ~= tonumber(ARGV[1]) then return 0 end
-redis.call('SET', KEYS[1], ARGV[2])
-return 1
+return out
 "#;
+
+/// Keys per CAS call on a single node (bounds how long one call holds Redis).
+const CAS_KEYS_PER_CALL: usize = 64;
 
 /// A single node (auto-reconnecting) or a Redis Cluster.
 #[derive(Clone)]
@@ -206,22 +218,18 @@ impl StateStore {
         if writes.is_empty() {
             return Ok(vec![]);
         }
-        let mut pipe = redis::pipe();
-        for (c, rev, state) in writes {
-            pipe.cmd("EVALSHA")
-                .arg(&self.cas_sha)
-                .arg(1)
-                .arg(self.keys.state(c))
-                .arg(*rev)
-                .arg(blob::encode(rev + 1, state));
-        }
+        let items: Vec<(String, u64, Vec<u8>)> = writes
+            .iter()
+            .map(|(c, rev, state)| (self.keys.state(c), *rev, blob::encode(rev + 1, state)))
+            .collect();
+        let pipe = self.cas_pipeline(&items);
         for attempt in 0..2 {
             let mut conn = self.conn.clone();
             let started = Instant::now();
-            let r: Result<Vec<i64>, _> = pipe.query_async(&mut conn).await;
+            let r: Result<Vec<Vec<i64>>, _> = pipe.query_async(&mut conn).await;
             self.observe("save", started, &r);
             match r {
-                Ok(v) => return Ok(v.into_iter().map(|x| x == 1).collect()),
+                Ok(v) => return Ok(v.into_iter().flatten().map(|x| x == 1).collect()),
                 Err(e) if e.kind() == redis::ErrorKind::NoScriptError && attempt == 0 => {
                     // Redis restarted without its script cache. The CAS makes a retry safe.
                     self.load_scripts().await?;
@@ -230,6 +238,28 @@ impl StateStore {
             }
         }
         unreachable!("the loop returns on its second attempt")
+    }
+
+    /// The CAS calls for `(key, expected revision, new value)` writes, in order:
+    /// up to [`CAS_KEYS_PER_CALL`] keys per call on a single node, one per call
+    /// on a Cluster (a script's keys must share a slot, and each customer has
+    /// its own hash tag).
+    fn cas_pipeline(&self, items: &[(String, u64, Vec<u8>)]) -> Pipeline {
+        let per_call = match self.conn {
+            Conn::Single(_) => CAS_KEYS_PER_CALL,
+            Conn::Cluster(_) => 1,
+        };
+        let mut pipe = redis::pipe();
+        for chunk in items.chunks(per_call) {
+            let cmd = pipe.cmd("EVALSHA").arg(&self.cas_sha).arg(chunk.len());
+            for (key, _, _) in chunk {
+                cmd.arg(key);
+            }
+            for (_, rev, value) in chunk {
+                cmd.arg(*rev).arg(value);
+            }
+        }
+        pipe
     }
 
     /// Loads campaign states (absent: empty at revision 0) in one round trip.
@@ -268,21 +298,23 @@ impl StateStore {
         if writes.is_empty() {
             return Ok(vec![]);
         }
-        let mut pipe = redis::pipe();
-        for ((t, c), rev, state) in writes {
-            pipe.cmd("EVALSHA")
-                .arg(&self.cas_sha)
-                .arg(1)
-                .arg(self.keys.campaign(t, c))
-                .arg(*rev)
-                .arg(blob::encode_any(rev + 1, *state));
-        }
+        let items: Vec<(String, u64, Vec<u8>)> = writes
+            .iter()
+            .map(|((t, c), rev, state)| {
+                (
+                    self.keys.campaign(t, c),
+                    *rev,
+                    blob::encode_any(rev + 1, *state),
+                )
+            })
+            .collect();
+        let pipe = self.cas_pipeline(&items);
         let mut conn = self.conn.clone();
         let started = Instant::now();
-        let r: Result<Vec<i64>, _> = pipe.query_async(&mut conn).await;
+        let r: Result<Vec<Vec<i64>>, _> = pipe.query_async(&mut conn).await;
         self.observe("save_campaigns", started, &r);
         match r {
-            Ok(v) => Ok(v.into_iter().map(|x| x == 1).collect()),
+            Ok(v) => Ok(v.into_iter().flatten().map(|x| x == 1).collect()),
             Err(e) if e.kind() == redis::ErrorKind::NoScriptError => {
                 self.load_scripts().await?;
                 Err(e.into())
