@@ -261,16 +261,14 @@ impl Pipeline {
         let chunks = order
             .chunks(size)
             .map(|chunk| self.fold_chunk(valid, &groups, chunk.to_vec()));
-        let mut tally = Tally::default();
+        let mut tallies = Vec::new();
         // Customers whose outbox must be published, with the revision now stored.
         let mut to_publish: Vec<(&CustomerRef, u64, CustomerState)> = Vec::new();
         for (t, p) in futures::future::try_join_all(chunks).await? {
-            tally.merge(t);
+            tallies.push(t);
             to_publish.extend(p);
         }
-        // Back to batch order: campaign folds skip offsets at or below a
-        // partition's watermark, so they must see each partition in order.
-        tally.outcomes.sort_by_key(|(i, _, _)| *i);
+        let tally = Tally::merged(tallies);
         let campaigns = self.fold_campaigns(valid, &tally).await?;
         if crash_point("after_state_write") && !to_publish.is_empty() {
             // Test hook: die between the state write and the produce, like a kill -9 there.
@@ -384,36 +382,7 @@ impl Pipeline {
         valid: &[(Event, Source)],
         tally: &Tally,
     ) -> Result<Vec<CampaignDone>, crate::error::BatchError> {
-        let mut signals: BTreeMap<(String, String), Vec<CampaignSignal>> = BTreeMap::new();
-        for (i, out, _) in &tally.outcomes {
-            if *out == Outcome::DuplicateEventId {
-                continue;
-            }
-            let (ev, src) = &valid[*i];
-            let campaign = match &ev.body {
-                EventBody::Send {
-                    purpose: crate::domain::event::Purpose::Marketing,
-                    campaign_id: Some(c),
-                    ..
-                }
-                | EventBody::Click {
-                    campaign_id: Some(c),
-                    ..
-                } => c,
-                _ => continue,
-            };
-            signals
-                .entry((ev.customer.tenant.clone(), campaign.clone()))
-                .or_default()
-                .push(CampaignSignal {
-                    kind: src.kind,
-                    partition: src.partition,
-                    offset: src.offset,
-                    at: ev.occurred_at,
-                    event_id: ev.event_id.clone(),
-                    violation: tally.violating.contains(i),
-                });
-        }
+        let signals = campaign_signals(valid, tally);
         let mut pending: Vec<&(String, String)> = signals.keys().collect();
         let mut done = Vec::new();
         for _round in 0..MAX_CAS_ROUNDS {
@@ -612,6 +581,46 @@ fn crash_point(name: &str) -> bool {
         == Some(name)
 }
 
+/// The campaign signals of a batch (marketing sends and clicks naming a
+/// campaign, upstream duplicates left out), per (tenant, campaign), in batch
+/// order.
+fn campaign_signals(
+    valid: &[(Event, Source)],
+    tally: &Tally,
+) -> BTreeMap<(String, String), Vec<CampaignSignal>> {
+    let mut signals: BTreeMap<(String, String), Vec<CampaignSignal>> = BTreeMap::new();
+    for (i, out, _) in &tally.outcomes {
+        if *out == Outcome::DuplicateEventId {
+            continue;
+        }
+        let (ev, src) = &valid[*i];
+        let campaign = match &ev.body {
+            EventBody::Send {
+                purpose: crate::domain::event::Purpose::Marketing,
+                campaign_id: Some(c),
+                ..
+            }
+            | EventBody::Click {
+                campaign_id: Some(c),
+                ..
+            } => c,
+            _ => continue,
+        };
+        signals
+            .entry((ev.customer.tenant.clone(), campaign.clone()))
+            .or_default()
+            .push(CampaignSignal {
+                kind: src.kind,
+                partition: src.partition,
+                offset: src.offset,
+                at: ev.occurred_at,
+                event_id: ev.event_id.clone(),
+                violation: tally.violating.contains(i),
+            });
+    }
+    signals
+}
+
 /// Counts of one batch, reported to metrics only once everything is durable.
 #[derive(Default)]
 struct Tally {
@@ -628,15 +637,23 @@ struct Tally {
 }
 
 impl Tally {
-    fn merge(&mut self, other: Tally) {
-        self.applied += other.applied;
-        self.redelivered += other.redelivered;
-        self.dup_ids += other.dup_ids;
-        self.written += other.written;
-        self.decisions += other.decisions;
-        self.outcomes.extend(other.outcomes);
-        self.effects.extend(other.effects);
-        self.violating.extend(other.violating);
+    /// One batch's tally from its chunks' (in any order), with the outcomes back
+    /// in batch order: campaign folds skip offsets at or below a partition's
+    /// watermark, so they must see each partition in order.
+    fn merged(chunks: Vec<Tally>) -> Tally {
+        let mut all = Tally::default();
+        for other in chunks {
+            all.applied += other.applied;
+            all.redelivered += other.redelivered;
+            all.dup_ids += other.dup_ids;
+            all.written += other.written;
+            all.decisions += other.decisions;
+            all.outcomes.extend(other.outcomes);
+            all.effects.extend(other.effects);
+            all.violating.extend(other.violating);
+        }
+        all.outcomes.sort_by_key(|(i, _, _)| *i);
+        all
     }
 
     fn count(
@@ -738,5 +755,78 @@ fn count_applied(m: &Metrics, ev: &Event, now: i64, currency_mismatch: bool) {
     if ev.kind() != EventKind::Visit || now >= ev.occurred_at {
         m.processing_latency
             .observe(((now - ev.occurred_at).max(0)) as f64 / 1000.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::event::{Channel, Purpose};
+
+    fn send(i: i64, customer: &str, partition: i32) -> (Event, Source) {
+        (
+            Event {
+                event_id: format!("e{i}"),
+                customer: CustomerRef::new("brandA", customer),
+                occurred_at: 1_700_000_000_000 + i,
+                body: EventBody::Send {
+                    channel: Channel::Wechat,
+                    message_id: format!("m{i}"),
+                    campaign_id: Some("spring".into()),
+                    purpose: Purpose::Marketing,
+                    cost: None,
+                },
+            },
+            Source {
+                kind: EventKind::Send,
+                partition,
+                offset: i,
+            },
+        )
+    }
+
+    /// A chunk's tally, as `fold_chunk` builds it for its customers.
+    fn chunk_tally(valid: &[(Event, Source)], customers: &[&str]) -> Tally {
+        let mut t = Tally::default();
+        for c in customers {
+            let who = CustomerRef::new("brandA", *c);
+            let outcomes: Vec<(usize, (Outcome, Notes))> = valid
+                .iter()
+                .enumerate()
+                .filter(|(_, (ev, _))| ev.customer == who)
+                .map(|(i, _)| (i, (Outcome::Applied, Notes::default())))
+                .collect();
+            t.count(&outcomes, valid, &[], &who);
+        }
+        t
+    }
+
+    /// Customers are folded in concurrent chunks (`batch.store_chunks`) that
+    /// finish in any order; the campaign fold must still see each partition's
+    /// offsets ascending, or its watermark skips sends.
+    #[test]
+    fn campaign_signals_keep_partition_order_whatever_order_the_chunks_finish_in() {
+        let valid: Vec<(Event, Source)> = (0..12)
+            .map(|i| send(i, &format!("c{}", i % 4), (i % 2) as i32))
+            .collect();
+        let chunks = vec![
+            chunk_tally(&valid, &["c3"]),
+            chunk_tally(&valid, &["c1", "c2"]),
+            chunk_tally(&valid, &["c0"]),
+        ];
+        let tally = Tally::merged(chunks);
+        assert_eq!(tally.applied, 12);
+        let signals = campaign_signals(&valid, &tally);
+        let spring = &signals[&("brandA".to_string(), "spring".to_string())];
+        let offsets: Vec<i64> = spring.iter().map(|s| s.offset).collect();
+        assert_eq!(offsets, (0..12).collect::<Vec<i64>>());
+        for p in 0..2 {
+            let of_p: Vec<i64> = spring
+                .iter()
+                .filter(|s| s.partition == p)
+                .map(|s| s.offset)
+                .collect();
+            assert!(of_p.windows(2).all(|w| w[0] < w[1]), "{of_p:?}");
+        }
     }
 }
