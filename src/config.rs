@@ -330,7 +330,8 @@ impl Default for BatchConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StateConfig {
-    /// Event ids remembered per customer for duplicate detection across offsets.
+    /// Event ids remembered per customer for duplicate detection across offsets
+    /// (6 bytes of Redis memory each).
     pub event_ids_per_customer: usize,
     /// Visit timestamps kept per customer for gap statistics.
     pub visit_history: usize,
@@ -343,7 +344,7 @@ pub struct StateConfig {
 impl Default for StateConfig {
     fn default() -> Self {
         StateConfig {
-            event_ids_per_customer: 32,
+            event_ids_per_customer: 16,
             visit_history: 16,
             short_half_life: Dur::days(14),
             long_half_life: Dur::days(90),

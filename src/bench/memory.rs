@@ -66,12 +66,48 @@ pub struct MemoryRun {
     pub write_seconds: f64,
 }
 
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct CodecMicros {
+    pub encode: f64,
+    pub decode: f64,
+    pub format1_encode: f64,
+    pub format1_decode: f64,
+}
+
+/// Mean time of `f` over enough calls to take ~50 ms, in µs.
+fn micros(mut f: impl FnMut()) -> f64 {
+    let mut n = 0u32;
+    let started = Instant::now();
+    while started.elapsed().as_millis() < 50 {
+        for _ in 0..100 {
+            f();
+        }
+        n += 100;
+    }
+    started.elapsed().as_secs_f64() * 1e6 / f64::from(n)
+}
+
+/// Encode and decode times of `s` in both formats.
+pub fn codec_micros(s: &CustomerState) -> CodecMicros {
+    use crate::store::blob;
+    let v2 = blob::encode(1, s);
+    let v1 = blob::encode_any(1, s);
+    CodecMicros {
+        encode: micros(|| drop(std::hint::black_box(blob::encode(1, s)))),
+        decode: micros(|| drop(std::hint::black_box(blob::decode(&v2)))),
+        format1_encode: micros(|| drop(std::hint::black_box(blob::encode_any(1, s)))),
+        format1_decode: micros(|| drop(std::hint::black_box(blob::decode(&v1)))),
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct MemoryReport {
     pub machine: Machine,
     pub redis_version: String,
     pub blob_bytes: usize,
     pub blob_parts: Vec<(String, usize)>,
+    /// CPU time to encode and to decode that state, format 2 and format 1, µs.
+    pub codec_micros: CodecMicros,
     pub runs: Vec<MemoryRun>,
     pub per_customer_median: f64,
     pub state_key_median: f64,
@@ -151,19 +187,15 @@ pub fn full_history(
     s
 }
 
-/// Serialized size of each part of the state (what dominates the blob).
+/// Stored size of each part of the state (what dominates the blob), as laid
+/// out by the compact format (`store::compact`).
 pub fn blob_parts(s: &CustomerState) -> Vec<(String, usize)> {
-    let len = |r: Result<Vec<u8>, postcard::Error>| r.map(|v| v.len()).unwrap_or(0);
-    vec![
-        ("visits".into(), len(postcard::to_allocvec(&s.visits))),
-        ("channels".into(), len(postcard::to_allocvec(&s.channels))),
-        ("idempotence".into(), len(postcard::to_allocvec(&s.applied))),
-        (
-            "allowance control".into(),
-            len(postcard::to_allocvec(&s.controls)),
-        ),
-        ("recall".into(), len(postcard::to_allocvec(&s.recall))),
-    ]
+    let sizes = crate::store::compact::encode_parts(s, &mut Vec::new());
+    crate::store::compact::SECTIONS
+        .iter()
+        .zip(sizes)
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
 }
 
 pub async fn run(args: &MemoryArgs) -> anyhow::Result<MemoryReport> {
@@ -182,6 +214,7 @@ pub async fn run(args: &MemoryArgs) -> anyhow::Result<MemoryReport> {
     );
     let blob_bytes = crate::store::blob::encode(u64::MAX, &template).len();
     let parts = blob_parts(&template);
+    let codec = codec_micros(&template);
 
     let metrics = Metrics::new(&cfg.metrics);
     let store = StateStore::connect(&cfg.redis, metrics)
@@ -220,6 +253,10 @@ pub async fn run(args: &MemoryArgs) -> anyhow::Result<MemoryReport> {
             .map(|(k, v)| format!("{k} {v}"))
             .collect::<Vec<_>>()
             .join(", ")
+    );
+    println!(
+        "encoding / decoding that state: {:.2} / {:.2} µs (format 1, postcard: {:.2} / {:.2} µs)",
+        codec.encode, codec.decode, codec.format1_encode, codec.format1_decode
     );
 
     let mut runs = Vec::new();
@@ -302,6 +339,7 @@ pub async fn run(args: &MemoryArgs) -> anyhow::Result<MemoryReport> {
         redis_version,
         blob_bytes,
         blob_parts: parts,
+        codec_micros: codec,
         runs,
         per_customer_median,
         state_key_median,

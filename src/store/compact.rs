@@ -1,0 +1,1269 @@
+//! Format 2: the compact stored layout of a [`CustomerState`] (what follows the
+//! revision prefix and the format byte in `blob.rs`).
+//!
+//! postcard (format 1) spends 6–7 bytes on every millisecond timestamp, a tag
+//! byte on every `Option` and a byte on every small enum. This layout is written
+//! by hand instead:
+//!
+//! * **Times** are stored relative to one base time per blob (the customer's
+//!   latest visit or engagement, itself a zigzag varint of ms), as zigzag
+//!   varints (written `T` below) in a unit: the greatest common divisor of every
+//!   time's distance to the base. Times at second or minute precision make it
+//!   1 s or 1 min or more; a single time at millisecond precision makes it 1 ms
+//!   for the whole blob. Sorted lists store their latest element and then the
+//!   gaps back in time. Times that usually equal another one (a channel's last
+//!   send and the reference time of its counts, the last visit and the latest
+//!   recent visit) are a code instead of a value; the other times of a channel
+//!   are deltas to its reference time.
+//! * **Decayed counts** keep their exact `f32` bits: the domain computes them in
+//!   `f32`, so storing them is lossless and a store round trip changes nothing
+//!   (a run interrupted by a crash folds the same bits as an uninterrupted one).
+//!   Each of the 8 counts of a channel is a code: `+0.0`, the same bits as the
+//!   count before it, or its 4 little-endian bytes.
+//! * **Options and small enums** are bits of a few flag bytes.
+//! * **Idempotence**: the watermarks as zigzag deltas to the previous topic's
+//!   partition and offset; the event-id hashes as their 6 bytes.
+//! * The outbox (empty at rest) stays postcard, behind its length.
+//!
+//! Lossless: `decode(encode(s)) == s` for every state, bit for bit, and `encode`
+//! is a function of the state alone, so re-encoding a decoded blob gives the
+//! same bytes. Decoding checks every code and length: a length prefix is never
+//! trusted beyond what the remaining bytes can hold, reserved bits must be 0,
+//! and trailing bytes are an error.
+//!
+//! ```text
+//! body     := h0:u8 base:ivar unit:var presence:u16le [visits] channel* control*
+//!             watermark* ring [episode] [episode] [timer_due:T] [outbox]
+//! h0       := bit 2 visits present; 3 timer_due; 4 recall.current;
+//!             5 recall.previous; 6 outbox; bits 0-1 and 7 = 0
+//! unit     := (ms / 1000) << 1 | 1 when a whole number of seconds, else ms << 1
+//! presence := bits 0-4 channels, 5-9 controls, 10-14 watermarks (by index); 15 = 0
+//! visits   := v0:u8 v1:u8 count:var spend:ivar recent [first_at:T] [last_at:T]
+//!             [last_treatment_at:T] [currency:str] [last_treatment:str]
+//!   v0: bits 0-1 first_at (none, = oldest recent, explicit); 2-3 last_at (none,
+//!       = latest recent, explicit); 4-5 last_treatment_at (none, = last_at,
+//!       explicit); 6 currency; 7 last_treatment.  v1: bits 0-1 last visit type
+//!       (none, consultation, treatment, follow-up); the rest 0.
+//! list     := n:var [latest:T (n-1)×gap:var]          (ascending list, gaps back)
+//! channel  := at:T a:u8 b:u8 c:u8 count-literals:(4 bytes each)
+//!             last-times:(ivar to at each) [service:ivar] [unsub:ivar] [resub:ivar]
+//!   a: base-3 codes of last send/open/click/reply (none, = at, explicit), bit 7 service
+//!   b, c: base-3 codes of the short / long counts sends, opens, clicks, replies
+//!       (+0.0, same bits as the count before, literal); bit 7 unsub / resub
+//! control  := k0:u8 violations:var sends:list [since:T until:ivar-to-since]
+//!             [seq:var [allowed_from:T]]
+//!   k0: bit 0 spell; 1 below_floor; 2 published; 3-4 its state; 5 its allowed_from
+//! watermark:= partition:ivar offset:ivar            (deltas to the previous present one)
+//! ring     := n:var n×6 bytes
+//! episode  := e0:u8 start:T [experiment:str] n:var n×(s0:u8 attempt:var due:T
+//!             fired:ivar-to-due cost:ivar)
+//!   e0: bits 0-1 arm (none, treatment, holdout); 2 experiment.  s0: bits 0-1
+//!       stage; 2-3 segment; 4 skipped; 5-6 outcome (none, recalled, not, retracted)
+//! outbox   := n:var n bytes of postcard(Vec<Output>)
+//! ```
+
+use std::collections::VecDeque;
+
+use crate::domain::allowance::{AllowanceState, ChannelControl, Published, ThrottleSpell};
+use crate::domain::engagement::{ChannelEngagement, Counts};
+use crate::domain::event::VisitType;
+use crate::domain::lapse::{Segment, Stage};
+use crate::domain::recall::{Arm, Episode, OutcomeKind, RecallState, StageRecord};
+use crate::domain::state::{Applied, CustomerState, IdHash, Output, Visits, Watermark};
+
+/// Names of the sections, in the order [`encode_parts`] measures them.
+pub const SECTIONS: [&str; 7] = [
+    "header",
+    "visits",
+    "channels",
+    "allowance control",
+    "idempotence",
+    "recall",
+    "timer and outbox",
+];
+
+/// Appends the format-2 body of `s` to `out`.
+pub fn encode(s: &CustomerState, out: &mut Vec<u8>) {
+    encode_parts(s, out);
+}
+
+/// Appends the body and returns the bytes each section took (see [`SECTIONS`]).
+pub fn encode_parts(s: &CustomerState, out: &mut Vec<u8>) -> [usize; 7] {
+    let start = out.len();
+    let base = pick_base(s);
+    let mut e = Enc {
+        out,
+        base,
+        unit: pick_unit(s, base),
+        inexact: false,
+    };
+    let parts = e.state(s);
+    if !e.inexact {
+        return parts;
+    }
+    // A time the unit does not divide: only if `times` missed a field. Stay
+    // lossless with 1 ms.
+    debug_assert!(false, "a time of the state is missing from `times`");
+    out.truncate(start);
+    let mut e = Enc {
+        out,
+        base,
+        unit: 1,
+        inexact: false,
+    };
+    e.state(s)
+}
+
+/// Decodes a format-2 body.
+pub fn decode(bytes: &[u8]) -> Result<CustomerState, String> {
+    let mut r = Dec {
+        b: bytes,
+        base: 0,
+        unit: 1,
+    };
+    let s = r.state().map_err(|e| format!("format 2: {e}"))?;
+    if !r.b.is_empty() {
+        return Err(format!("format 2: {} trailing bytes", r.b.len()));
+    }
+    Ok(s)
+}
+
+// ---------------------------------------------------------------------------
+// Times
+// ---------------------------------------------------------------------------
+
+/// The time the others are stored relative to: the latest visit or engagement.
+fn pick_base(s: &CustomerState) -> i64 {
+    let v = &s.visits;
+    v.last_at
+        .into_iter()
+        .chain(v.recent.last().copied())
+        .chain(s.channels.iter().flatten().map(|c| c.at))
+        .max()
+        .or(s.timer_due)
+        .unwrap_or(0)
+}
+
+/// The unit of the times: the greatest common divisor of their distances to
+/// `base` (1 when they are all at the base).
+fn pick_unit(s: &CustomerState, base: i64) -> i64 {
+    let mut g = 0u64;
+    times(s, &mut |t| {
+        if g != 1 {
+            g = gcd(g, t.wrapping_sub(base).unsigned_abs());
+        }
+    });
+    // 2^63 (one distance of i64::MIN alone) is no i64: use 1 ms.
+    i64::try_from(g).ok().filter(|g| *g > 0).unwrap_or(1)
+}
+
+fn gcd(mut a: u64, mut b: u64) -> u64 {
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    a
+}
+
+/// Calls `f` with every time stored in `s` (all of them: the unit must divide each).
+fn times(s: &CustomerState, f: &mut dyn FnMut(i64)) {
+    let CustomerState {
+        visits,
+        channels,
+        applied: _,
+        controls,
+        recall,
+        outbox: _,
+        timer_due,
+    } = s;
+    let Visits {
+        count: _,
+        first_at,
+        last_at,
+        lifetime_spend: _,
+        currency: _,
+        last_treatment: _,
+        last_treatment_at,
+        last_visit_type: _,
+        recent,
+    } = visits;
+    first_at
+        .iter()
+        .chain(last_at)
+        .chain(last_treatment_at)
+        .chain(recent)
+        .chain(timer_due)
+        .for_each(|t| f(*t));
+    for c in channels.iter().flatten() {
+        let ChannelEngagement {
+            at,
+            short: _,
+            long: _,
+            last_send,
+            last_open,
+            last_click,
+            last_reply,
+            last_service_send,
+            unsubscribed_at,
+            resubscribed_at,
+        } = c;
+        f(*at);
+        [
+            last_send,
+            last_open,
+            last_click,
+            last_reply,
+            last_service_send,
+            unsubscribed_at,
+            resubscribed_at,
+        ]
+        .into_iter()
+        .flatten()
+        .for_each(|t| f(*t));
+    }
+    for c in controls.iter().flatten() {
+        let ChannelControl {
+            sends,
+            spell,
+            published,
+            violations: _,
+        } = c;
+        sends.iter().for_each(|t| f(*t));
+        if let Some(ThrottleSpell { since, until, .. }) = spell {
+            f(*since);
+            f(*until);
+        }
+        if let Some(t) = published.and_then(|p| p.allowed_from) {
+            f(t);
+        }
+    }
+    for e in recall.current.iter().chain(&recall.previous) {
+        f(e.start);
+        for r in &e.stages {
+            f(r.due_at);
+            f(r.fired_at);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Encoding
+// ---------------------------------------------------------------------------
+
+struct Enc<'a> {
+    out: &'a mut Vec<u8>,
+    base: i64,
+    unit: i64,
+    /// A time was not a multiple of the unit away from the base.
+    inexact: bool,
+}
+
+fn zigzag(v: i64) -> u64 {
+    ((v << 1) ^ (v >> 63)) as u64
+}
+
+fn unzigzag(v: u64) -> i64 {
+    ((v >> 1) as i64) ^ -((v & 1) as i64)
+}
+
+/// Packs four codes 0..3 (base 3) into 0..=80.
+fn base3(codes: [u8; 4]) -> u8 {
+    codes.iter().rev().fold(0, |acc, c| acc * 3 + c)
+}
+
+fn bit(b: bool, n: u32) -> u8 {
+    (b as u8) << n
+}
+
+/// Code of an optional time that usually equals `reference`: 0 none, 1 equal, 2 explicit.
+fn same_or(t: Option<i64>, reference: Option<i64>) -> u8 {
+    match t {
+        None => 0,
+        Some(t) if Some(t) == reference => 1,
+        Some(_) => 2,
+    }
+}
+
+impl Enc<'_> {
+    fn u8(&mut self, b: u8) {
+        self.out.push(b);
+    }
+
+    fn var(&mut self, mut v: u64) {
+        while v >= 0x80 {
+            self.out.push(v as u8 | 0x80);
+            v >>= 7;
+        }
+        self.out.push(v as u8);
+    }
+
+    fn ivar(&mut self, v: i64) {
+        self.var(zigzag(v));
+    }
+
+    fn str(&mut self, s: &str) {
+        self.var(s.len() as u64);
+        self.out.extend_from_slice(s.as_bytes());
+    }
+
+    /// A time in units from the base.
+    fn q(&mut self, t: i64) -> i64 {
+        let d = t.wrapping_sub(self.base);
+        if d % self.unit != 0 {
+            self.inexact = true;
+        }
+        d / self.unit
+    }
+
+    fn time(&mut self, t: i64) {
+        let q = self.q(t);
+        self.ivar(q);
+    }
+
+    /// `t` relative to `reference`, both in units.
+    fn time_to(&mut self, t: i64, reference: i64) {
+        let q = self.q(t).wrapping_sub(self.q(reference));
+        self.ivar(q);
+    }
+
+    /// An ascending list: its length, the latest, then the gaps back.
+    fn list(&mut self, ts: &[i64]) {
+        self.var(ts.len() as u64);
+        let Some(&latest) = ts.last() else { return };
+        self.time(latest);
+        for w in ts.windows(2).rev() {
+            let gap = self.q(w[1]).wrapping_sub(self.q(w[0]));
+            self.var(gap as u64);
+        }
+    }
+
+    fn state(&mut self, s: &CustomerState) -> [usize; 7] {
+        let CustomerState {
+            visits,
+            channels,
+            applied,
+            controls,
+            recall,
+            outbox,
+            timer_due,
+        } = s;
+        let RecallState { current, previous } = recall;
+        let has_visits = *visits != Visits::default();
+        let mut marks = [self.out.len(); 8];
+        self.u8(bit(has_visits, 2)
+            | bit(timer_due.is_some(), 3)
+            | bit(current.is_some(), 4)
+            | bit(previous.is_some(), 5)
+            | bit(!outbox.is_empty(), 6));
+        self.ivar(self.base);
+        let unit = self.unit as u64;
+        self.var(if unit % 1000 == 0 {
+            (unit / 1000) << 1 | 1
+        } else {
+            unit << 1
+        });
+        let mut presence = 0u16;
+        for i in 0..5 {
+            presence |= (channels[i].is_some() as u16) << i;
+            presence |= (controls[i].is_some() as u16) << (5 + i);
+            presence |= (applied.watermarks[i].is_some() as u16) << (10 + i);
+        }
+        self.out.extend_from_slice(&presence.to_le_bytes());
+        marks[1] = self.out.len();
+        if has_visits {
+            self.visits(visits);
+        }
+        marks[2] = self.out.len();
+        for c in channels.iter().flatten() {
+            self.channel(c);
+        }
+        marks[3] = self.out.len();
+        for c in controls.iter().flatten() {
+            self.control(c);
+        }
+        marks[4] = self.out.len();
+        self.applied(applied);
+        marks[5] = self.out.len();
+        for e in current.iter().chain(previous) {
+            self.episode(e);
+        }
+        marks[6] = self.out.len();
+        if let Some(t) = timer_due {
+            self.time(*t);
+        }
+        if !outbox.is_empty() {
+            // postcard into a Vec cannot fail for these plain types.
+            let body = postcard::to_allocvec(outbox).unwrap_or_default();
+            self.var(body.len() as u64);
+            self.out.extend_from_slice(&body);
+        }
+        marks[7] = self.out.len();
+        std::array::from_fn(|i| marks[i + 1] - marks[i])
+    }
+
+    fn visits(&mut self, v: &Visits) {
+        let Visits {
+            count,
+            first_at,
+            last_at,
+            lifetime_spend,
+            currency,
+            last_treatment,
+            last_treatment_at,
+            last_visit_type,
+            recent,
+        } = v;
+        let first_code = same_or(*first_at, recent.first().copied());
+        let last_code = same_or(*last_at, recent.last().copied());
+        let treatment_code = same_or(*last_treatment_at, *last_at);
+        self.u8(first_code
+            | last_code << 2
+            | treatment_code << 4
+            | bit(currency.is_some(), 6)
+            | bit(last_treatment.is_some(), 7));
+        self.u8(match last_visit_type {
+            None => 0,
+            Some(VisitType::Consultation) => 1,
+            Some(VisitType::Treatment) => 2,
+            Some(VisitType::FollowUp) => 3,
+        });
+        self.var(u64::from(*count));
+        self.ivar(*lifetime_spend);
+        self.list(recent);
+        for (code, t) in [
+            (first_code, first_at),
+            (last_code, last_at),
+            (treatment_code, last_treatment_at),
+        ] {
+            if let (2, Some(t)) = (code, t) {
+                self.time(*t);
+            }
+        }
+        for s in [currency, last_treatment].into_iter().flatten() {
+            self.str(s);
+        }
+    }
+
+    fn channel(&mut self, c: &ChannelEngagement) {
+        let ChannelEngagement {
+            at,
+            short,
+            long,
+            last_send,
+            last_open,
+            last_click,
+            last_reply,
+            last_service_send,
+            unsubscribed_at,
+            resubscribed_at,
+        } = c;
+        let lasts = [*last_send, *last_open, *last_click, *last_reply];
+        let codes = lasts.map(|t| same_or(t, Some(*at)));
+        let counts = flat(short, long);
+        let mut count_codes = [0u8; 8];
+        for i in 0..8 {
+            count_codes[i] = match counts[i] {
+                0 => 0,
+                b if i > 0 && b == counts[i - 1] => 1,
+                _ => 2,
+            };
+        }
+        let half = |k: usize| -> [u8; 4] { std::array::from_fn(|i| count_codes[4 * k + i]) };
+        self.time(*at);
+        self.u8(base3(codes) | bit(last_service_send.is_some(), 7));
+        self.u8(base3(half(0)) | bit(unsubscribed_at.is_some(), 7));
+        self.u8(base3(half(1)) | bit(resubscribed_at.is_some(), 7));
+        for (code, bits) in count_codes.iter().zip(counts) {
+            if *code == 2 {
+                self.out.extend_from_slice(&bits.to_le_bytes());
+            }
+        }
+        for (code, t) in codes.iter().zip(lasts) {
+            if let (2, Some(t)) = (code, t) {
+                self.time_to(t, *at);
+            }
+        }
+        for t in [last_service_send, unsubscribed_at, resubscribed_at]
+            .into_iter()
+            .flatten()
+        {
+            self.time_to(*t, *at);
+        }
+    }
+
+    fn control(&mut self, c: &ChannelControl) {
+        let ChannelControl {
+            sends,
+            spell,
+            published,
+            violations,
+        } = c;
+        let mut k0 = bit(spell.is_some(), 0);
+        if let Some(ThrottleSpell { below_floor, .. }) = spell {
+            k0 |= bit(*below_floor, 1);
+        }
+        if let Some(Published {
+            state,
+            allowed_from,
+            seq: _,
+        }) = published
+        {
+            k0 |= 1 << 2 | allowance_code(*state) << 3 | bit(allowed_from.is_some(), 5);
+        }
+        self.u8(k0);
+        self.var(u64::from(*violations));
+        self.list(sends);
+        if let Some(ThrottleSpell { since, until, .. }) = spell {
+            self.time(*since);
+            self.time_to(*until, *since);
+        }
+        if let Some(Published {
+            allowed_from, seq, ..
+        }) = published
+        {
+            self.var(u64::from(*seq));
+            if let Some(t) = allowed_from {
+                self.time(*t);
+            }
+        }
+    }
+
+    fn applied(&mut self, a: &Applied) {
+        let Applied {
+            watermarks,
+            recent_ids,
+        } = a;
+        let (mut partition, mut offset) = (0i64, 0i64);
+        for Watermark {
+            partition: p,
+            offset: o,
+        } in watermarks.iter().flatten()
+        {
+            self.ivar(i64::from(*p) - partition);
+            self.ivar(o.wrapping_sub(offset));
+            (partition, offset) = (i64::from(*p), *o);
+        }
+        self.var(recent_ids.len() as u64);
+        for h in recent_ids {
+            self.out.extend_from_slice(&h.to_bytes());
+        }
+    }
+
+    fn episode(&mut self, e: &Episode) {
+        let Episode {
+            start,
+            arm,
+            experiment,
+            stages,
+        } = e;
+        let arm_code = match arm {
+            None => 0,
+            Some(Arm::Treatment) => 1,
+            Some(Arm::Holdout) => 2,
+        };
+        self.u8(arm_code | bit(experiment.is_some(), 2));
+        self.time(*start);
+        if let Some(x) = experiment {
+            self.str(x);
+        }
+        self.var(stages.len() as u64);
+        for r in stages {
+            let StageRecord {
+                stage,
+                attempt,
+                due_at,
+                fired_at,
+                segment,
+                skipped,
+                cost,
+                outcome,
+            } = r;
+            let outcome_code = match outcome {
+                None => 0,
+                Some(OutcomeKind::Recalled) => 1,
+                Some(OutcomeKind::NotRecalled) => 2,
+                Some(OutcomeKind::Retracted) => 3,
+            };
+            self.u8(stage.index() as u8
+                | (segment.index() as u8) << 2
+                | bit(*skipped, 4)
+                | outcome_code << 5);
+            self.var(u64::from(*attempt));
+            self.time(*due_at);
+            self.time_to(*fired_at, *due_at);
+            self.ivar(*cost);
+        }
+    }
+}
+
+/// The 8 counts of a channel as bits: short then long; sends, opens, clicks, replies.
+fn flat(short: &Counts, long: &Counts) -> [u32; 8] {
+    let b = |c: &Counts| {
+        let Counts {
+            sends,
+            opens,
+            clicks,
+            replies,
+        } = c;
+        [*sends, *opens, *clicks, *replies].map(f32::to_bits)
+    };
+    let (s, l) = (b(short), b(long));
+    [s[0], s[1], s[2], s[3], l[0], l[1], l[2], l[3]]
+}
+
+fn allowance_code(s: AllowanceState) -> u8 {
+    s.index() as u8
+}
+
+// ---------------------------------------------------------------------------
+// Decoding
+// ---------------------------------------------------------------------------
+
+struct Dec<'a> {
+    b: &'a [u8],
+    base: i64,
+    unit: i64,
+}
+
+type Res<T> = Result<T, String>;
+
+fn codes3(mut v: u8, what: &str) -> Res<[u8; 4]> {
+    if v > 80 {
+        return Err(format!("{what}: code {v} out of range"));
+    }
+    let mut out = [0; 4];
+    for c in out.iter_mut() {
+        *c = v % 3;
+        v /= 3;
+    }
+    Ok(out)
+}
+
+impl Dec<'_> {
+    fn u8(&mut self) -> Res<u8> {
+        let (&x, rest) = self.b.split_first().ok_or("truncated")?;
+        self.b = rest;
+        Ok(x)
+    }
+
+    fn take(&mut self, n: usize) -> Res<&[u8]> {
+        if n > self.b.len() {
+            return Err("truncated".into());
+        }
+        let (head, rest) = self.b.split_at(n);
+        self.b = rest;
+        Ok(head)
+    }
+
+    fn var(&mut self) -> Res<u64> {
+        let mut v = 0u64;
+        for i in 0..10 {
+            let byte = self.u8()?;
+            if i == 9 && byte > 1 {
+                return Err("varint overflows 64 bits".into());
+            }
+            v |= u64::from(byte & 0x7f) << (7 * i);
+            if byte & 0x80 == 0 {
+                return Ok(v);
+            }
+        }
+        Err("varint longer than 10 bytes".into())
+    }
+
+    fn ivar(&mut self) -> Res<i64> {
+        self.var().map(unzigzag)
+    }
+
+    fn u32(&mut self, what: &str) -> Res<u32> {
+        u32::try_from(self.var()?).map_err(|_| format!("{what} exceeds 32 bits"))
+    }
+
+    /// A length prefix, checked against what the remaining bytes can hold.
+    fn len(&mut self, min_bytes_each: usize, what: &str) -> Res<usize> {
+        let n = self.var()?;
+        if n > (self.b.len() / min_bytes_each) as u64 {
+            return Err(format!("{what}: {n} entries cannot fit in the rest"));
+        }
+        Ok(n as usize)
+    }
+
+    fn str(&mut self, what: &str) -> Res<String> {
+        let n = self.len(1, what)?;
+        let bytes = self.take(n)?;
+        String::from_utf8(bytes.to_vec()).map_err(|_| format!("{what} is not UTF-8"))
+    }
+
+    fn time_of(&self, q: i64) -> Res<i64> {
+        q.checked_mul(self.unit)
+            .map(|d| self.base.wrapping_add(d))
+            .ok_or_else(|| "time out of range".into())
+    }
+
+    fn time(&mut self) -> Res<i64> {
+        let q = self.ivar()?;
+        self.time_of(q)
+    }
+
+    /// A time stored relative to `reference`.
+    fn time_to(&mut self, reference: i64) -> Res<i64> {
+        let delta = self.ivar()?;
+        // `reference` came from `from_q`, so it is a whole number of units away.
+        let q = reference.wrapping_sub(self.base) / self.unit;
+        self.time_of(q.wrapping_add(delta))
+    }
+
+    fn list(&mut self, what: &str) -> Res<Vec<i64>> {
+        let n = self.len(1, what)?;
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let mut q = self.ivar()?;
+        let mut out = vec![0; n];
+        out[n - 1] = self.time_of(q)?;
+        for i in (0..n - 1).rev() {
+            q = q.wrapping_sub(self.var()? as i64);
+            out[i] = self.time_of(q)?;
+        }
+        Ok(out)
+    }
+
+    fn state(&mut self) -> Res<CustomerState> {
+        let h0 = self.u8()?;
+        if h0 & 0x83 != 0 {
+            return Err("reserved header bit set".into());
+        }
+        self.base = self.ivar()?;
+        let unit = self.var()?;
+        self.unit = if unit & 1 == 1 {
+            (unit >> 1).checked_mul(1000)
+        } else {
+            Some(unit >> 1)
+        }
+        .and_then(|u| i64::try_from(u).ok())
+        .filter(|u| *u > 0)
+        .ok_or("time unit out of range")?;
+        let p = self.take(2)?;
+        let presence = u16::from_le_bytes([p[0], p[1]]);
+        if presence & 0x8000 != 0 {
+            return Err("reserved presence bit set".into());
+        }
+        let has = |i: usize| presence & (1 << i) != 0;
+        let visits = if h0 & 4 != 0 {
+            self.visits()?
+        } else {
+            Visits::default()
+        };
+        let mut channels: [Option<ChannelEngagement>; 5] = Default::default();
+        for (i, slot) in channels.iter_mut().enumerate() {
+            if has(i) {
+                *slot = Some(self.channel()?);
+            }
+        }
+        let mut controls: [Option<ChannelControl>; 5] = Default::default();
+        for (i, slot) in controls.iter_mut().enumerate() {
+            if has(5 + i) {
+                *slot = Some(self.control()?);
+            }
+        }
+        let mut watermarks = [None; 5];
+        let (mut partition, mut offset) = (0i64, 0i64);
+        for (i, slot) in watermarks.iter_mut().enumerate() {
+            if has(10 + i) {
+                partition = partition
+                    .checked_add(self.ivar()?)
+                    .ok_or("watermark partition out of range")?;
+                offset = offset.wrapping_add(self.ivar()?);
+                *slot = Some(Watermark {
+                    partition: i32::try_from(partition)
+                        .map_err(|_| "watermark partition out of range")?,
+                    offset,
+                });
+            }
+        }
+        let n = self.len(6, "event-id ring")?;
+        let mut recent_ids = VecDeque::with_capacity(n);
+        for _ in 0..n {
+            let b = self.take(6)?;
+            recent_ids.push_back(IdHash::from_bytes([b[0], b[1], b[2], b[3], b[4], b[5]]));
+        }
+        let current = if h0 & 16 != 0 {
+            Some(self.episode()?)
+        } else {
+            None
+        };
+        let previous = if h0 & 32 != 0 {
+            Some(self.episode()?)
+        } else {
+            None
+        };
+        let timer_due = if h0 & 8 != 0 {
+            Some(self.time()?)
+        } else {
+            None
+        };
+        let outbox: Vec<Output> = if h0 & 64 != 0 {
+            let n = self.len(1, "outbox")?;
+            let body = self.take(n)?;
+            postcard::from_bytes(body).map_err(|e| format!("outbox: {e}"))?
+        } else {
+            Vec::new()
+        };
+        Ok(CustomerState {
+            visits,
+            channels,
+            applied: Applied {
+                watermarks,
+                recent_ids,
+            },
+            controls,
+            recall: RecallState { current, previous },
+            outbox,
+            timer_due,
+        })
+    }
+
+    fn visits(&mut self) -> Res<Visits> {
+        let v0 = self.u8()?;
+        let v1 = self.u8()?;
+        let last_visit_type = match v1 {
+            0 => None,
+            1 => Some(VisitType::Consultation),
+            2 => Some(VisitType::Treatment),
+            3 => Some(VisitType::FollowUp),
+            _ => return Err(format!("visits: flags {v1}")),
+        };
+        let count = self.u32("visit count")?;
+        let lifetime_spend = self.ivar()?;
+        let recent = self.list("recent visits")?;
+        let mut resolve = |code: u8, reference: Option<i64>, what: &str| -> Res<Option<i64>> {
+            match code {
+                0 => Ok(None),
+                1 => reference
+                    .map(Some)
+                    .ok_or_else(|| format!("{what}: refers to an absent time")),
+                2 => self.time().map(Some),
+                _ => Err(format!("{what}: code 3")),
+            }
+        };
+        let first_at = resolve(v0 & 3, recent.first().copied(), "first visit")?;
+        let last_at = resolve(v0 >> 2 & 3, recent.last().copied(), "last visit")?;
+        let last_treatment_at = resolve(v0 >> 4 & 3, last_at, "last treatment")?;
+        let currency = (v0 & 64 != 0).then(|| self.str("currency")).transpose()?;
+        let last_treatment = (v0 & 128 != 0).then(|| self.str("treatment")).transpose()?;
+        Ok(Visits {
+            count,
+            first_at,
+            last_at,
+            lifetime_spend,
+            currency,
+            last_treatment,
+            last_treatment_at,
+            last_visit_type,
+            recent,
+        })
+    }
+
+    fn channel(&mut self) -> Res<ChannelEngagement> {
+        let at = self.time()?;
+        let a = self.u8()?;
+        let b = self.u8()?;
+        let c = self.u8()?;
+        let last_codes = codes3(a & 0x7f, "last times")?;
+        let short_codes = codes3(b & 0x7f, "short counts")?;
+        let long_codes = codes3(c & 0x7f, "long counts")?;
+        let mut bits = [0u32; 8];
+        for (i, code) in short_codes.iter().chain(&long_codes).enumerate() {
+            bits[i] = match code {
+                0 => 0,
+                1 if i > 0 => bits[i - 1],
+                2 => {
+                    let x = self.take(4)?;
+                    u32::from_le_bytes([x[0], x[1], x[2], x[3]])
+                }
+                _ => return Err("the first count refers to a previous one".into()),
+            };
+        }
+        let counts = |o: usize| Counts {
+            sends: f32::from_bits(bits[o]),
+            opens: f32::from_bits(bits[o + 1]),
+            clicks: f32::from_bits(bits[o + 2]),
+            replies: f32::from_bits(bits[o + 3]),
+        };
+        let mut lasts = [None; 4];
+        for (slot, code) in lasts.iter_mut().zip(last_codes) {
+            *slot = match code {
+                0 => None,
+                1 => Some(at),
+                _ => Some(self.time_to(at)?),
+            };
+        }
+        let mut opt = |present: bool| present.then(|| self.time_to(at)).transpose();
+        let last_service_send = opt(a & 0x80 != 0)?;
+        let unsubscribed_at = opt(b & 0x80 != 0)?;
+        let resubscribed_at = opt(c & 0x80 != 0)?;
+        Ok(ChannelEngagement {
+            at,
+            short: counts(0),
+            long: counts(4),
+            last_send: lasts[0],
+            last_open: lasts[1],
+            last_click: lasts[2],
+            last_reply: lasts[3],
+            last_service_send,
+            unsubscribed_at,
+            resubscribed_at,
+        })
+    }
+
+    fn control(&mut self) -> Res<ChannelControl> {
+        let k0 = self.u8()?;
+        if k0 & 0xc0 != 0 || (k0 & 1 == 0 && k0 & 2 != 0) || (k0 & 4 == 0 && k0 & 0x38 != 0) {
+            return Err(format!("control: flags {k0}"));
+        }
+        let violations = self.u32("violations")?;
+        let sends = self.list("cap-window sends")?;
+        let spell = if k0 & 1 != 0 {
+            let since = self.time()?;
+            let until = self.time_to(since)?;
+            Some(ThrottleSpell {
+                since,
+                until,
+                below_floor: k0 & 2 != 0,
+            })
+        } else {
+            None
+        };
+        let published = if k0 & 4 != 0 {
+            let state = AllowanceState::ALL[usize::from(k0 >> 3 & 3)];
+            let seq = self.u32("published seq")?;
+            let allowed_from = (k0 & 32 != 0).then(|| self.time()).transpose()?;
+            Some(Published {
+                state,
+                allowed_from,
+                seq,
+            })
+        } else {
+            None
+        };
+        Ok(ChannelControl {
+            sends,
+            spell,
+            published,
+            violations,
+        })
+    }
+
+    fn episode(&mut self) -> Res<Episode> {
+        let e0 = self.u8()?;
+        let arm = match e0 & 3 {
+            0 => None,
+            1 => Some(Arm::Treatment),
+            2 => Some(Arm::Holdout),
+            _ => return Err("episode: arm code 3".into()),
+        };
+        if e0 & 0xf8 != 0 {
+            return Err(format!("episode: flags {e0}"));
+        }
+        let start = self.time()?;
+        let experiment = (e0 & 4 != 0).then(|| self.str("experiment")).transpose()?;
+        let n = self.len(5, "stages")?;
+        let mut stages = Vec::with_capacity(n);
+        for _ in 0..n {
+            let s0 = self.u8()?;
+            let segment = *Segment::ALL
+                .get(usize::from(s0 >> 2 & 3))
+                .ok_or("stage: segment code 3")?;
+            if s0 & 0x80 != 0 {
+                return Err(format!("stage: flags {s0}"));
+            }
+            let outcome = match s0 >> 5 & 3 {
+                0 => None,
+                1 => Some(OutcomeKind::Recalled),
+                2 => Some(OutcomeKind::NotRecalled),
+                _ => Some(OutcomeKind::Retracted),
+            };
+            let attempt = self.u32("attempt")?;
+            let due_at = self.time()?;
+            let fired_at = self.time_to(due_at)?;
+            stages.push(StageRecord {
+                stage: Stage::ALL[usize::from(s0 & 3)],
+                attempt,
+                due_at,
+                fired_at,
+                segment,
+                skipped: s0 & 16 != 0,
+                cost: self.ivar()?,
+                outcome,
+            });
+        }
+        Ok(Episode {
+            start,
+            arm,
+            experiment,
+            stages,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::allowance::ThrottleDecision;
+    use crate::domain::event::Channel;
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    fn encoded(s: &CustomerState) -> Vec<u8> {
+        let mut out = Vec::new();
+        encode(s, &mut out);
+        out
+    }
+
+    /// A time: near a base, in a random unit; in a quarter of the states
+    /// (`unit` odd) sometimes extreme.
+    fn time(r: &mut StdRng, base: i64, unit: i64) -> i64 {
+        match r.random_range(0..40) {
+            0 if unit % 2 == 1 => [i64::MIN, i64::MAX, 0, -1, 1][r.random_range(0..5)],
+            1 if unit % 2 == 1 => r.random(),
+            _ => base + r.random_range(-5_000i64..5_000) * unit,
+        }
+    }
+
+    fn opt<T>(r: &mut StdRng, f: impl FnOnce(&mut StdRng) -> T) -> Option<T> {
+        r.random_bool(0.6).then(|| f(r))
+    }
+
+    fn count(r: &mut StdRng, prev: f32) -> f32 {
+        match r.random_range(0..5) {
+            0 => 0.0,
+            1 => prev,
+            2 => f32::from_bits(r.random()),
+            _ => r.random_range(0.0..300.0),
+        }
+    }
+
+    fn times(r: &mut StdRng, base: i64, unit: i64, max: usize) -> Vec<i64> {
+        let mut v: Vec<i64> = (0..r.random_range(0..=max))
+            .map(|_| time(r, base, unit))
+            .collect();
+        if r.random_bool(0.8) {
+            v.sort_unstable();
+        }
+        v
+    }
+
+    fn random_state(r: &mut StdRng) -> CustomerState {
+        let base = r.random_range(0..2_000_000_000_000i64);
+        let unit = [1, 7, 1_000, 60_000, 3_600_000, 86_400_000, 180_000][r.random_range(0..7)];
+        let mut s = CustomerState::default();
+        if r.random_bool(0.8) {
+            let recent = times(r, base, unit, 20);
+            let v = &mut s.visits;
+            v.count = r.random();
+            v.first_at = match r.random_range(0..3) {
+                0 => None,
+                1 => recent.first().copied(),
+                _ => Some(time(r, base, unit)),
+            };
+            v.last_at = match r.random_range(0..3) {
+                0 => None,
+                1 => recent.last().copied(),
+                _ => Some(time(r, base, unit)),
+            };
+            v.last_treatment_at = match r.random_range(0..3) {
+                0 => None,
+                1 => v.last_at,
+                _ => Some(time(r, base, unit)),
+            };
+            v.lifetime_spend = r.random();
+            v.currency = opt(r, |_| "CNY".to_string());
+            v.last_treatment = opt(r, |_| "HYALURONIC ACID 注射".to_string());
+            v.last_visit_type = opt(r, |r| {
+                [
+                    VisitType::Consultation,
+                    VisitType::Treatment,
+                    VisitType::FollowUp,
+                ][r.random_range(0..3)]
+            });
+            v.recent = recent;
+        }
+        for i in 0..5 {
+            if r.random_bool(0.7) {
+                let at = time(r, base, unit);
+                let mut prev = 0.0;
+                let mut c = || {
+                    prev = count(r, prev);
+                    prev
+                };
+                let short = Counts {
+                    sends: c(),
+                    opens: c(),
+                    clicks: c(),
+                    replies: c(),
+                };
+                let long = Counts {
+                    sends: c(),
+                    opens: c(),
+                    clicks: c(),
+                    replies: c(),
+                };
+                let last = |r: &mut StdRng| match r.random_range(0..3) {
+                    0 => None,
+                    1 => Some(at),
+                    _ => Some(time(r, base, unit)),
+                };
+                s.channels[i] = Some(ChannelEngagement {
+                    at,
+                    short,
+                    long,
+                    last_send: last(r),
+                    last_open: last(r),
+                    last_click: last(r),
+                    last_reply: last(r),
+                    last_service_send: opt(r, |r| time(r, base, unit)),
+                    unsubscribed_at: opt(r, |r| time(r, base, unit)),
+                    resubscribed_at: opt(r, |r| time(r, base, unit)),
+                });
+            }
+            if r.random_bool(0.7) {
+                s.controls[i] = Some(ChannelControl {
+                    sends: times(r, base, unit, 12),
+                    spell: opt(r, |r| ThrottleSpell {
+                        since: time(r, base, unit),
+                        until: time(r, base, unit),
+                        below_floor: r.random(),
+                    }),
+                    published: opt(r, |r| Published {
+                        state: AllowanceState::ALL[r.random_range(0..4)],
+                        allowed_from: opt(r, |r| time(r, base, unit)),
+                        seq: r.random(),
+                    }),
+                    violations: r.random(),
+                });
+            }
+            s.applied.watermarks[i] = opt(r, |r| Watermark {
+                partition: if r.random_bool(0.9) {
+                    r.random_range(0..12)
+                } else {
+                    r.random()
+                },
+                offset: if r.random_bool(0.9) {
+                    r.random_range(0..1_000_000)
+                } else {
+                    r.random()
+                },
+            });
+        }
+        for _ in 0..r.random_range(0..40) {
+            s.applied
+                .recent_ids
+                .push_back(IdHash::from(r.random::<u64>()));
+        }
+        let episode = |r: &mut StdRng| Episode {
+            start: time(r, base, unit),
+            arm: opt(r, |r| [Arm::Treatment, Arm::Holdout][r.random_range(0..2)]),
+            experiment: opt(r, |_| "winback-2026".to_string()),
+            stages: (0..r.random_range(0..14))
+                .map(|_| StageRecord {
+                    stage: Stage::ALL[r.random_range(0..4)],
+                    attempt: r.random(),
+                    due_at: time(r, base, unit),
+                    fired_at: time(r, base, unit),
+                    segment: Segment::ALL[r.random_range(0..3)],
+                    skipped: r.random(),
+                    cost: r.random(),
+                    outcome: opt(r, |r| {
+                        [
+                            OutcomeKind::Recalled,
+                            OutcomeKind::NotRecalled,
+                            OutcomeKind::Retracted,
+                        ][r.random_range(0..3)]
+                    }),
+                })
+                .collect(),
+        };
+        s.recall.current = opt(r, episode);
+        s.recall.previous = opt(r, episode);
+        s.timer_due = opt(r, |r| time(r, base, unit));
+        if r.random_bool(0.2) {
+            s.outbox.push(Output::Throttle(Box::new(ThrottleDecision {
+                decision_id: "d".into(),
+                tenant_id: "t".into(),
+                customer_id: Some("c".into()),
+                channel: Some(Channel::Sms),
+                campaign_id: None,
+                state: AllowanceState::Capped,
+                reason: "frequency_cap".into(),
+                allowed_from: Some(base),
+                cap: Some(3),
+                window_ms: Some(86_400_000),
+                short_click_rate: Some(0.1),
+                baseline_click_rate: None,
+                sends_in_window: 3,
+                decided_at: base,
+                cause_event_id: None,
+                previous: None,
+            })));
+        }
+        s
+    }
+
+    #[test]
+    fn every_state_round_trips_bit_for_bit() {
+        let mut r = StdRng::seed_from_u64(6);
+        let mut units = std::collections::BTreeMap::new();
+        for _ in 0..20_000 {
+            let s = random_state(&mut r);
+            let b = encoded(&s);
+            let base = pick_base(&s);
+            *units.entry(pick_unit(&s, base)).or_insert(0) += 1;
+            let back = decode(&b).unwrap_or_else(|e| panic!("{e}: {s:?}"));
+            // Compared as bytes: NaN counts are not equal to themselves.
+            assert_eq!(encoded(&back), b, "{s:?}");
+            if format!("{s:?}").contains("NaN") {
+                continue;
+            }
+            assert_eq!(back, s);
+        }
+        for unit in [1, 7, 1_000, 60_000, 180_000, 3_600_000, 86_400_000] {
+            assert!(units.get(&unit) > Some(&100), "unit {unit}: {units:?}");
+        }
+    }
+
+    #[test]
+    fn the_default_state_is_six_bytes() {
+        let b = encoded(&CustomerState::default());
+        // Header (unit 1 ms), no presence, an empty ring.
+        assert_eq!(b, [0, 0, 2, 0, 0, 0]);
+        assert_eq!(decode(&b).unwrap(), CustomerState::default());
+    }
+
+    #[test]
+    fn damaged_bytes_are_errors_not_panics() {
+        let mut r = StdRng::seed_from_u64(7);
+        for _ in 0..300 {
+            let s = random_state(&mut r);
+            let b = encoded(&s);
+            for n in 0..b.len() {
+                assert!(decode(&b[..n]).is_err(), "a prefix of {n} bytes decoded");
+            }
+            let mut d = b.clone();
+            d.push(0);
+            assert!(decode(&d).unwrap_err().contains("trailing"));
+            for _ in 0..50 {
+                let mut d = b.clone();
+                let i = r.random_range(0..d.len());
+                d[i] ^= 1 << r.random_range(0..8);
+                let _ = decode(&d);
+            }
+        }
+        // A huge length prefix allocates nothing: it cannot fit in the rest.
+        let mut b = encoded(&CustomerState::default());
+        b.pop();
+        b.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0x0f]);
+        assert!(decode(&b).unwrap_err().contains("cannot fit"));
+        assert!(decode(&[0x80, 0, 2, 0, 0, 0])
+            .unwrap_err()
+            .contains("reserved"));
+        assert!(decode(&[0, 0, 0, 0, 0, 0]).unwrap_err().contains("unit"));
+    }
+}
