@@ -272,7 +272,7 @@ mod size {
         assert!(b <= a + 16, "{a} bytes after 500 rounds, {b} after 2000");
         let parts = crate::bench::memory::blob_parts(&full);
         eprintln!("stored state with full five-channel history: {b} bytes ({parts:?})");
-        // 288 bytes when written; 300 leaves room for little, well below the cliff.
+        // 290 bytes when written; 300 leaves little room, and stays below the cliff.
         assert!(
             b <= 300,
             "{b} bytes for a full five-channel history: {parts:?}"
