@@ -45,16 +45,41 @@ pub struct MemoryArgs {
     /// State keys whose `MEMORY USAGE` is sampled.
     #[arg(long, default_value_t = 2_000)]
     pub sample: u64,
-    /// Rounds of history folded into the customer (each: one send, open, click,
-    /// reply on a channel and one visit, an hour apart).
+    /// Rounds of history folded into the customer (regular: one send, open,
+    /// click, reply on a channel and one visit, an hour apart; irregular: one
+    /// send, with opens, clicks, replies and visits at random later times).
     #[arg(long, default_value_t = 1_000)]
     pub rounds: i64,
+    /// Histories measured, in turn (comma-separated).
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [History::Regular, History::Irregular])]
+    pub history: Vec<History>,
     /// Runs (each flushes the Redis database first); the median is reported.
     #[arg(long, default_value_t = 3)]
     pub runs: usize,
     /// Write every figure as JSON here.
     #[arg(long)]
     pub json: Option<std::path::PathBuf>,
+}
+
+/// The history folded into the measured customer state.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum History {
+    /// Whole hours apart, a channel's send, open, click and reply at the same
+    /// instant: the most compressible full history.
+    Regular,
+    /// Millisecond times, opens/clicks/replies minutes to hours after some of
+    /// the sends, a visit every 30 sends: what a busy real customer stores.
+    Irregular,
+}
+
+impl History {
+    pub fn label(self) -> &'static str {
+        match self {
+            History::Regular => "regular",
+            History::Irregular => "irregular",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -100,10 +125,10 @@ pub fn codec_micros(s: &CustomerState) -> CodecMicros {
     }
 }
 
+/// The figures of one history.
 #[derive(Debug, Clone, Serialize)]
-pub struct MemoryReport {
-    pub machine: Machine,
-    pub redis_version: String,
+pub struct HistoryReport {
+    pub history: History,
     pub blob_bytes: usize,
     pub blob_parts: Vec<(String, usize)>,
     /// CPU time to encode and to decode that state, format 2 and format 1, µs.
@@ -111,6 +136,13 @@ pub struct MemoryReport {
     pub runs: Vec<MemoryRun>,
     pub per_customer_median: f64,
     pub state_key_median: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct MemoryReport {
+    pub machine: Machine,
+    pub redis_version: String,
+    pub histories: Vec<HistoryReport>,
     pub target_bytes: f64,
 }
 
@@ -187,6 +219,98 @@ pub fn full_history(
     s
 }
 
+/// The benchmark's history is regular: whole hours apart, and a channel's
+/// send, open, click and reply at the same instant (so their decayed counts
+/// are bit-identical). This one has the same bounded parts full, at
+/// millisecond times, with opens, clicks and replies minutes to hours after
+/// some of the sends: the size a busy real customer has.
+pub fn irregular_history(
+    customer: &CustomerRef,
+    sends: i64,
+    seed: u64,
+    params: &StateParams,
+    policy: &Policy,
+) -> CustomerState {
+    let mut r = StdRng::seed_from_u64(seed);
+    let mut bodies = Vec::new();
+    let mut t = 1_700_000_000_000 + r.random_range(0..1_000);
+    for i in 0..sends {
+        t += r.random_range(2 * 3_600_000..30 * 3_600_000);
+        let channel = Channel::ALL[r.random_range(0..5)];
+        let m = format!("m{i}");
+        bodies.push((
+            t,
+            EventBody::Send {
+                channel,
+                message_id: m.clone(),
+                campaign_id: Some("c".into()),
+                purpose: Purpose::Marketing,
+                cost: None,
+            },
+        ));
+        let later = |r: &mut StdRng| t + r.random_range(60_000..6 * 3_600_000);
+        if r.random_bool(0.5) {
+            let open = EventBody::Open {
+                channel,
+                message_id: m.clone(),
+                campaign_id: None,
+            };
+            bodies.push((later(&mut r), open));
+        }
+        if r.random_bool(0.15) {
+            let click = EventBody::Click {
+                channel,
+                message_id: m.clone(),
+                campaign_id: None,
+            };
+            bodies.push((later(&mut r), click));
+        }
+        if r.random_bool(0.05) {
+            let class = if r.random_bool(0.2) {
+                ReplyClass::Unsubscribe
+            } else {
+                ReplyClass::Positive
+            };
+            let reply = EventBody::Reply {
+                channel,
+                message_id: None,
+                class,
+            };
+            bodies.push((later(&mut r), reply));
+        }
+        if i % 30 == 0 {
+            let visit = EventBody::Visit {
+                visit_type: VisitType::Treatment,
+                treatment: Some("BOTOX".into()),
+                amount: r.random_range(50_000..300_000),
+                currency: "CNY".into(),
+            };
+            bodies.push((later(&mut r), visit));
+        }
+    }
+    bodies.sort_by_key(|(t, _)| *t);
+    let mut s = CustomerState::default();
+    for (off, (t, body)) in bodies.into_iter().enumerate() {
+        let ev = Event {
+            event_id: format!("e{off}"),
+            customer: customer.clone(),
+            occurred_at: t,
+            body,
+        };
+        let src = Source {
+            kind: ev.kind(),
+            partition: 3,
+            offset: 1_000_000 + off as i64,
+        };
+        s.apply(&ev, src, params);
+        decide::on_event(&mut s, &ev, policy, params);
+        decide::recall_on_event(&mut s, &ev, policy);
+        s.outbox.clear();
+    }
+    s.timer_due = decide::next_timer(&s, policy);
+    s
+}
+
 /// Stored size of each part of the state (what dominates the blob), as laid
 /// out by the compact format (`store::compact`).
 pub fn blob_parts(s: &CustomerState) -> Vec<(String, usize)> {
@@ -201,20 +325,14 @@ pub fn blob_parts(s: &CustomerState) -> Vec<(String, usize)> {
 pub async fn run(args: &MemoryArgs) -> anyhow::Result<MemoryReport> {
     anyhow::ensure!(args.customers > 0, "--customers must be at least 1");
     anyhow::ensure!(args.runs > 0, "--runs must be at least 1");
+    anyhow::ensure!(
+        !args.history.is_empty(),
+        "--history needs at least one history"
+    );
     let cfg = Config::load(args.config.as_deref())?;
     let params = crate::service::state_params(&cfg);
     let policies = crate::domain::policy::Policies::new(&cfg.policy)
         .map_err(|(key, message)| anyhow::anyhow!("policy: {key}: {message}"))?;
-    let template_customer = CustomerRef::new("clinic-1", "cust-0000000");
-    let template = full_history(
-        &template_customer,
-        args.rounds,
-        &params,
-        policies.of(&template_customer.tenant),
-    );
-    let blob_bytes = crate::store::blob::encode(u64::MAX, &template).len();
-    let parts = blob_parts(&template);
-    let codec = codec_micros(&template);
 
     let metrics = Metrics::new(&cfg.metrics);
     let store = StateStore::connect(&cfg.redis, metrics)
@@ -227,26 +345,81 @@ pub async fn run(args: &MemoryArgs) -> anyhow::Result<MemoryReport> {
     )
     .await?;
     let redis = RedisView::connect(&cfg).await?;
-    let mut conn = redis.conn.clone();
     let redis_version = redis
         .info("server")
         .await?
         .remove("redis_version")
         .unwrap_or_else(|| "?".into());
-    let used_memory = || async {
-        redis
-            .num("memory", "used_memory")
-            .await
-            .context("INFO memory has no used_memory")
-    };
     let machine = Machine::describe();
     println!("machine: {}", machine.one_line());
     println!(
-        "redis {redis_version}; {} customers per run, {} runs",
+        "redis {redis_version}; {} customers per run, {} runs per history",
         args.customers, args.runs
     );
+    let env = Env {
+        args,
+        store: &store,
+        timers: &timers,
+        redis: &redis,
+    };
+    let mut histories = Vec::new();
+    for history in &args.history {
+        let template_customer = CustomerRef::new("clinic-1", "cust-0000000");
+        let policy = policies.of(&template_customer.tenant);
+        let template = match history {
+            History::Regular => full_history(&template_customer, args.rounds, &params, policy),
+            History::Irregular => {
+                irregular_history(&template_customer, args.rounds, 1, &params, policy)
+            }
+        };
+        histories.push(measure(&env, *history, &template).await?);
+    }
+    redis.flush().await?;
+    println!();
+    for h in &histories {
+        println!(
+            "median, {} history: {:.0} B of Redis memory per customer with a full five-channel history (state key alone: {:.0} B; blob {} B); target <= {TARGET_BYTES:.0} B: {}",
+            h.history.label(),
+            h.per_customer_median,
+            h.state_key_median,
+            h.blob_bytes,
+            if h.per_customer_median <= TARGET_BYTES { "met" } else { "NOT met" }
+        );
+    }
+    let report = MemoryReport {
+        machine,
+        redis_version,
+        histories,
+        target_bytes: TARGET_BYTES,
+    };
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_vec_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(report)
+}
+
+struct Env<'a> {
+    args: &'a MemoryArgs,
+    store: &'a StateStore,
+    timers: &'a TimerStore,
+    redis: &'a RedisView,
+}
+
+/// Writes `template` for `--customers` customers, `--runs` times, and measures.
+async fn measure(
+    env: &Env<'_>,
+    history: History,
+    template: &CustomerState,
+) -> anyhow::Result<HistoryReport> {
+    let (args, store, timers, redis) = (env.args, env.store, env.timers, env.redis);
+    let blob_bytes = crate::store::blob::encode(1, template).len();
+    let parts = blob_parts(template);
+    let codec = codec_micros(template);
+    println!();
     println!(
-        "one customer's state after {} rounds of history on all five channels: {blob_bytes} B stored blob ({})",
+        "{} history, {} rounds on all five channels: {blob_bytes} B stored blob at revision 1 ({})",
+        history.label(),
         args.rounds,
         parts
             .iter()
@@ -258,7 +431,13 @@ pub async fn run(args: &MemoryArgs) -> anyhow::Result<MemoryReport> {
         "encoding / decoding that state: {:.2} / {:.2} µs (format 1, postcard: {:.2} / {:.2} µs)",
         codec.encode, codec.decode, codec.format1_encode, codec.format1_decode
     );
-
+    let used_memory = || async {
+        redis
+            .num("memory", "used_memory")
+            .await
+            .context("INFO memory has no used_memory")
+    };
+    let mut conn = redis.conn.clone();
     let mut runs = Vec::new();
     for run in 1..=args.runs {
         redis.flush().await?;
@@ -271,7 +450,7 @@ pub async fn run(args: &MemoryArgs) -> anyhow::Result<MemoryReport> {
             .collect();
         for chunk in ids.chunks(1_000) {
             let writes: Vec<(&CustomerRef, u64, &CustomerState)> =
-                chunk.iter().map(|c| (c, 0, &template)).collect();
+                chunk.iter().map(|c| (c, 0, template)).collect();
             let ok = store.save_many(&writes).await?;
             anyhow::ensure!(
                 ok.iter().all(|b| *b),
@@ -317,7 +496,6 @@ pub async fn run(args: &MemoryArgs) -> anyhow::Result<MemoryReport> {
         );
         runs.push(r);
     }
-    redis.flush().await?;
     let per_customer_median = super::median(
         &runs
             .iter()
@@ -330,26 +508,15 @@ pub async fn run(args: &MemoryArgs) -> anyhow::Result<MemoryReport> {
             .map(|r| r.memory_usage_state_key.median)
             .collect::<Vec<_>>(),
     );
-    println!(
-        "median: {per_customer_median:.0} B of Redis memory per customer with a full five-channel history (state key alone: {state_key_median:.0} B); target <= {TARGET_BYTES:.0} B: {}",
-        if per_customer_median <= TARGET_BYTES { "met" } else { "NOT met" }
-    );
-    let report = MemoryReport {
-        machine,
-        redis_version,
+    Ok(HistoryReport {
+        history,
         blob_bytes,
         blob_parts: parts,
         codec_micros: codec,
         runs,
         per_customer_median,
         state_key_median,
-        target_bytes: TARGET_BYTES,
-    };
-    if let Some(path) = &args.json {
-        std::fs::write(path, serde_json::to_vec_pretty(&report)?)
-            .with_context(|| format!("writing {}", path.display()))?;
-    }
-    Ok(report)
+    })
 }
 
 #[cfg(test)]

@@ -235,12 +235,9 @@ mod tests {
 #[cfg(test)]
 mod size {
     use super::*;
-    use crate::domain::decide;
     use crate::domain::event::*;
     use crate::domain::policy::{Policy, PolicyConfig};
-    use crate::domain::state::{Source, StateParams};
-    use rand::rngs::StdRng;
-    use rand::{Rng, SeedableRng};
+    use crate::domain::state::StateParams;
 
     fn policy() -> Policy {
         PolicyConfig::default().resolve(None).unwrap()
@@ -280,98 +277,17 @@ mod size {
         const { assert!(300 < CLASS_320) };
     }
 
-    /// The benchmark's history is regular: whole hours apart, and a channel's
-    /// send, open, click and reply at the same instant (so their decayed counts
-    /// are bit-identical). This one has the same bounded parts full, at
-    /// millisecond times, with opens, clicks and replies minutes to hours after
-    /// some of the sends: the size a busy real customer has.
-    fn irregular_history(sends: i64, seed: u64) -> CustomerState {
-        let mut r = StdRng::seed_from_u64(seed);
-        let c = CustomerRef::new("clinic-1", "cust-0000002");
-        let mut bodies = Vec::new();
-        let mut t = 1_700_000_000_000 + r.random_range(0..1_000);
-        for i in 0..sends {
-            t += r.random_range(2 * 3_600_000..30 * 3_600_000);
-            let channel = Channel::ALL[r.random_range(0..5)];
-            let m = format!("m{i}");
-            bodies.push((
-                t,
-                EventBody::Send {
-                    channel,
-                    message_id: m.clone(),
-                    campaign_id: Some("c".into()),
-                    purpose: Purpose::Marketing,
-                    cost: None,
-                },
-            ));
-            let later = |r: &mut StdRng| t + r.random_range(60_000..6 * 3_600_000);
-            if r.random_bool(0.5) {
-                let open = EventBody::Open {
-                    channel,
-                    message_id: m.clone(),
-                    campaign_id: None,
-                };
-                bodies.push((later(&mut r), open));
-            }
-            if r.random_bool(0.15) {
-                let click = EventBody::Click {
-                    channel,
-                    message_id: m.clone(),
-                    campaign_id: None,
-                };
-                bodies.push((later(&mut r), click));
-            }
-            if r.random_bool(0.05) {
-                let class = if r.random_bool(0.2) {
-                    ReplyClass::Unsubscribe
-                } else {
-                    ReplyClass::Positive
-                };
-                let reply = EventBody::Reply {
-                    channel,
-                    message_id: None,
-                    class,
-                };
-                bodies.push((later(&mut r), reply));
-            }
-            if i % 30 == 0 {
-                let visit = EventBody::Visit {
-                    visit_type: VisitType::Treatment,
-                    treatment: Some("BOTOX".into()),
-                    amount: r.random_range(50_000..300_000),
-                    currency: "CNY".into(),
-                };
-                bodies.push((later(&mut r), visit));
-            }
-        }
-        bodies.sort_by_key(|(t, _)| *t);
-        let (p, policy) = (StateParams::default(), policy());
-        let mut s = CustomerState::default();
-        for (off, (t, body)) in bodies.into_iter().enumerate() {
-            let ev = Event {
-                event_id: format!("e{off}"),
-                customer: c.clone(),
-                occurred_at: t,
-                body,
-            };
-            let src = Source {
-                kind: ev.kind(),
-                partition: 3,
-                offset: 1_000_000 + off as i64,
-            };
-            s.apply(&ev, src, &p);
-            decide::on_event(&mut s, &ev, &policy, &p);
-            decide::recall_on_event(&mut s, &ev, &policy);
-            s.outbox.clear();
-        }
-        s.timer_due = decide::next_timer(&s, &policy);
-        s
-    }
-
     #[test]
     fn an_irregular_history_at_millisecond_times() {
         for seed in 1..=3 {
-            let s = irregular_history(1_000, seed);
+            let c = CustomerRef::new("clinic-1", "cust-0000002");
+            let s = crate::bench::memory::irregular_history(
+                &c,
+                1_000,
+                seed,
+                &StateParams::default(),
+                &policy(),
+            );
             assert!(s.channels.iter().all(Option::is_some));
             assert_eq!(s.visits.recent.len(), 16);
             let n = stored(&s);
