@@ -321,7 +321,7 @@ impl Default for BatchConfig {
         BatchConfig {
             max_records: 2000,
             max_wait: Dur::ms(50),
-            queue_depth: 4,
+            queue_depth: 32,
             store_chunks: 4,
         }
     }
