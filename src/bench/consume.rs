@@ -41,33 +41,16 @@ pub struct ConsumeArgs {
     /// different count stops the benchmark before it starts.
     #[arg(long)]
     pub expect: u64,
-    /// lapse config for the runs; the child gets it as `lapse run --config`.
-    #[arg(long, short)]
-    pub config: Option<PathBuf>,
-    /// Override one config key for the runs, as a TOML line (repeatable), e.g.
-    /// `--set batch.max_records=5000` or `--set 'kafka.consumer_properties."fetch.wait.max.ms"="10"'`.
-    #[arg(long = "set", value_name = "TOML")]
-    pub set: Vec<String>,
     #[arg(long, default_value_t = 3)]
     pub runs: usize,
-    /// The lapse binary to run (default: this executable).
-    #[arg(long)]
-    pub lapse_bin: Option<PathBuf>,
     /// Give up on a run after this many seconds.
     #[arg(long, default_value_t = 900)]
     pub timeout_secs: u64,
     /// How often /metrics is read, in milliseconds (the timing resolution).
     #[arg(long, default_value_t = 50)]
     pub scrape_interval_ms: u64,
-    /// Process id of the broker on this machine, to report its CPU share.
-    #[arg(long)]
-    pub broker_pid: Option<u32>,
-    /// Directory for the runs' effective config and lapse logs (default: a temp dir).
-    #[arg(long)]
-    pub work_dir: Option<PathBuf>,
-    /// Also write the results as JSON to this file.
-    #[arg(long)]
-    pub json: Option<PathBuf>,
+    #[command(flatten)]
+    pub child: super::ChildArgs,
 }
 
 /// One line of Redis' `INFO commandstats`: what a run asked of Redis.
@@ -590,7 +573,7 @@ async fn one_run(env: &RunEnv<'_>, run: usize) -> anyhow::Result<RunResult> {
                 cpu_at_first = (
                     machine::process_cpu_seconds(pid),
                     env.redis.cpu_seconds().await,
-                    args.broker_pid.and_then(machine::process_cpu_seconds),
+                    args.child.broker_pid.and_then(machine::process_cpu_seconds),
                     machine::machine_cpu_ticks(),
                 );
             }
@@ -640,7 +623,7 @@ async fn one_run(env: &RunEnv<'_>, run: usize) -> anyhow::Result<RunResult> {
     let cpu_at_end = (
         machine::process_cpu_seconds(pid),
         env.redis.cpu_seconds().await,
-        args.broker_pid.and_then(machine::process_cpu_seconds),
+        args.child.broker_pid.and_then(machine::process_cpu_seconds),
         machine::machine_cpu_ticks(),
     );
     let diff = |a: Option<f64>, b: Option<f64>| Some(b? - a?);
@@ -718,17 +701,10 @@ async fn one_run(env: &RunEnv<'_>, run: usize) -> anyhow::Result<RunResult> {
 
 pub async fn run(args: &ConsumeArgs) -> anyhow::Result<ConsumeReport> {
     anyhow::ensure!(args.runs >= 1, "--runs must be at least 1");
-    let work_dir = match &args.work_dir {
-        Some(d) => d.clone(),
-        None => std::env::temp_dir().join(format!("lapse-bench-{}", std::process::id())),
-    };
-    std::fs::create_dir_all(&work_dir)
-        .with_context(|| format!("creating {}", work_dir.display()))?;
-    let (config_path, cfg) = effective_config(args.config.as_deref(), &args.set, &work_dir)?;
-    let bin = match &args.lapse_bin {
-        Some(b) => b.clone(),
-        None => std::env::current_exe().context("locating this executable")?,
-    };
+    let work_dir = args.child.work_dir("lapse-bench")?;
+    let (config_path, cfg) =
+        effective_config(args.child.config.as_deref(), &args.child.set, &work_dir)?;
+    let bin = args.child.lapse_bin()?;
     let inputs = cfg.kafka.topics.inputs();
     let kafka = KafkaView::new(&cfg.kafka.brokers, &inputs).await?;
     let marks = kafka.watermarks().await?;
@@ -764,8 +740,8 @@ pub async fn run(args: &ConsumeArgs) -> anyhow::Result<ConsumeReport> {
         bin.display(),
         config_path.display()
     );
-    if !args.set.is_empty() {
-        println!("config overrides: {}", args.set.join("  "));
+    if !args.child.set.is_empty() {
+        println!("config overrides: {}", args.child.set.join("  "));
     }
     println!(
         "work dir (effective config, lapse logs): {}",
@@ -800,7 +776,7 @@ pub async fn run(args: &ConsumeArgs) -> anyhow::Result<ConsumeReport> {
         redis_persistence,
         partitions: kafka.partitions.len(),
         records,
-        config_overrides: args.set.clone(),
+        config_overrides: args.child.set.clone(),
         median_events_per_second: median(&eps),
         median_seconds: median(&runs.iter().map(|r| r.seconds).collect::<Vec<_>>()),
         median_durable_events_per_second: median(
@@ -813,7 +789,7 @@ pub async fn run(args: &ConsumeArgs) -> anyhow::Result<ConsumeReport> {
         runs,
     };
     print_summary(&report);
-    if let Some(p) = &args.json {
+    if let Some(p) = &args.child.json {
         std::fs::write(p, serde_json::to_string_pretty(&report)?)
             .with_context(|| format!("writing {}", p.display()))?;
         println!("results written to {}", p.display());

@@ -48,7 +48,7 @@
 //! batched background producer and `--fresh-topics`).
 
 use std::collections::{BTreeMap, VecDeque};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -135,31 +135,14 @@ pub struct LatencyArgs {
     /// decisions and for lapse to apply everything produced.
     #[arg(long, default_value_t = 30)]
     pub drain_secs: u64,
-    /// lapse config for the runs; the child gets it as `lapse run --config`.
-    #[arg(long, short)]
-    pub config: Option<PathBuf>,
-    /// Override one config key for the runs, as a TOML line (repeatable), e.g.
-    /// `--set batch.max_wait='"10ms"'`.
-    #[arg(long = "set", value_name = "TOML")]
-    pub set: Vec<String>,
-    /// The lapse binary to run (default: this executable).
-    #[arg(long)]
-    pub lapse_bin: Option<PathBuf>,
     /// Give up when lapse has not joined the group this many seconds after its start.
     #[arg(long, default_value_t = 120)]
     pub startup_timeout_secs: u64,
     /// How often /metrics is read during the run (backlog samples), in milliseconds.
     #[arg(long, default_value_t = 500)]
     pub scrape_interval_ms: u64,
-    /// Process id of the broker on this machine, to report its CPU use.
-    #[arg(long)]
-    pub broker_pid: Option<u32>,
-    /// Directory for the runs' effective config and lapse logs (default: a temp dir).
-    #[arg(long)]
-    pub work_dir: Option<PathBuf>,
-    /// Also write the results as JSON to this file.
-    #[arg(long)]
-    pub json: Option<PathBuf>,
+    #[command(flatten)]
+    pub child: super::ChildArgs,
 }
 
 // ---------------------------------------------------------------------------
@@ -899,7 +882,11 @@ async fn cpu_now(env: &RunEnv<'_>, lapse_pid: u32) -> Cpu {
     Cpu {
         lapse: machine::process_cpu_seconds(lapse_pid),
         redis: env.redis.cpu_seconds().await,
-        broker: env.args.broker_pid.and_then(machine::process_cpu_seconds),
+        broker: env
+            .args
+            .child
+            .broker_pid
+            .and_then(machine::process_cpu_seconds),
         bench: machine::process_cpu_seconds(std::process::id()),
         machine: machine::machine_cpu_ticks(),
     }
@@ -981,13 +968,13 @@ async fn one_run(env: &RunEnv<'_>, run: usize) -> anyhow::Result<RunResult> {
     let tag = format!("{}r{run}t{}", std::process::id(), stamp % 1_000_000);
 
     // The run's config: the runs' one, with topics of its own if asked.
-    let mut sets = args.set.clone();
+    let mut sets = args.child.set.clone();
     if args.fresh_topics {
         sets.extend(fresh_topic_sets(env.cfg, &tag));
     }
     let run_dir = env.work_dir.join(format!("latency-run-{run}"));
     std::fs::create_dir_all(&run_dir)?;
-    let (config_path, run_cfg) = effective_config(args.config.as_deref(), &sets, &run_dir)?;
+    let (config_path, run_cfg) = effective_config(args.child.config.as_deref(), &sets, &run_dir)?;
     let cfg = &run_cfg;
     if args.fresh_topics {
         crate::kafka::admin::ensure_topics(&cfg.kafka)
@@ -1457,21 +1444,14 @@ pub async fn run(args: &LatencyArgs) -> anyhow::Result<LatencyReport> {
         args.customers > 0 && args.tenants > 0,
         "--customers and --tenants must be at least 1"
     );
-    let work_dir = match &args.work_dir {
-        Some(d) => d.clone(),
-        None => std::env::temp_dir().join(format!("lapse-bench-{}", std::process::id())),
-    };
-    std::fs::create_dir_all(&work_dir)
-        .with_context(|| format!("creating {}", work_dir.display()))?;
-    let (config_path, cfg) = effective_config(args.config.as_deref(), &args.set, &work_dir)?;
+    let work_dir = args.child.work_dir("lapse-bench")?;
+    let (config_path, cfg) =
+        effective_config(args.child.config.as_deref(), &args.child.set, &work_dir)?;
     anyhow::ensure!(
         cfg.clock.mode == crate::config::ClockMode::Wall,
         "bench latency needs clock.mode = \"wall\""
     );
-    let bin = match &args.lapse_bin {
-        Some(b) => b.clone(),
-        None => std::env::current_exe().context("locating this executable")?,
-    };
+    let bin = args.child.lapse_bin()?;
     let schemas = SchemaSet::load(&cfg.schema.dir).with_context(|| {
         format!(
             "loading schemas from {} (config key schema.dir)",
@@ -1518,8 +1498,8 @@ pub async fn run(args: &LatencyArgs) -> anyhow::Result<LatencyReport> {
         config_path.display(),
         work_dir.display()
     );
-    if !args.set.is_empty() {
-        println!("config overrides: {}", args.set.join("  "));
+    if !args.child.set.is_empty() {
+        println!("config overrides: {}", args.child.set.join("  "));
     }
     println!("lapse settings: {}", lapse_settings(&cfg).join(", "));
     println!("bench settings: {}", bench_settings.join(", "));
@@ -1597,7 +1577,7 @@ pub async fn run(args: &LatencyArgs) -> anyhow::Result<LatencyReport> {
         probe_share: args.probe_share,
         probe_gap_ms: args.probe_gap_ms,
         customers: args.customers,
-        config_overrides: args.set.clone(),
+        config_overrides: args.child.set.clone(),
         lapse_settings: lapse_settings(&cfg),
         bench_settings,
         quiet_hours: quiet_hours_note(&cfg),
@@ -1607,7 +1587,7 @@ pub async fn run(args: &LatencyArgs) -> anyhow::Result<LatencyReport> {
         runs,
     };
     print_summary(&report);
-    if let Some(p) = &args.json {
+    if let Some(p) = &args.child.json {
         std::fs::write(p, serde_json::to_string_pretty(&report)?)
             .with_context(|| format!("writing {}", p.display()))?;
         println!("results written to {}", p.display());

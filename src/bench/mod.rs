@@ -20,9 +20,60 @@ pub mod prom;
 pub mod timers;
 pub mod workload;
 
+use std::path::PathBuf;
+
+use anyhow::Context;
 use serde::Serialize;
 
 use crate::config::Config;
+
+/// What the benchmarks that run `lapse run` as a child process (`consume`,
+/// `latency`, `timers`) share: the child's config, overrides and binary, and
+/// where the runs' files and results go.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ChildArgs {
+    /// lapse config for the runs; the child gets it as `lapse run --config`.
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+    /// Override one config key for the runs, as a TOML line (repeatable), e.g.
+    /// `--set batch.max_records=5000` or `--set 'kafka.consumer_properties."fetch.wait.max.ms"="10"'`.
+    /// Settings a benchmark needs (timers: `clock.mode="event"`,
+    /// `policy.lapse.holdout_share=0.0`) come first; these lines after.
+    #[arg(long = "set", value_name = "TOML")]
+    pub set: Vec<String>,
+    /// The lapse binary to run (default: this executable).
+    #[arg(long)]
+    pub lapse_bin: Option<PathBuf>,
+    /// Process id of the broker on this machine, to report its CPU use.
+    #[arg(long)]
+    pub broker_pid: Option<u32>,
+    /// Directory for the runs' effective config and lapse logs (default: a temp dir).
+    #[arg(long)]
+    pub work_dir: Option<PathBuf>,
+    /// Also write the results as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+impl ChildArgs {
+    /// `--work-dir`, or `NAME-PID` in the temp dir; created if missing.
+    pub fn work_dir(&self, name: &str) -> anyhow::Result<PathBuf> {
+        let dir = match &self.work_dir {
+            Some(d) => d.clone(),
+            None => std::env::temp_dir().join(format!("{name}-{}", std::process::id())),
+        };
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(dir)
+    }
+
+    /// `--lapse-bin`, or this executable.
+    pub fn lapse_bin(&self) -> anyhow::Result<PathBuf> {
+        match &self.lapse_bin {
+            Some(b) => Ok(b.clone()),
+            None => std::env::current_exe().context("locating this executable"),
+        }
+    }
+}
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct BenchArgs {

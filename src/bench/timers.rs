@@ -31,7 +31,7 @@
 //!    and the broker's and the reader's after it.
 
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -84,18 +84,6 @@ pub struct TimersArgs {
     pub step_ms: u64,
     #[arg(long, default_value_t = 3)]
     pub runs: usize,
-    /// lapse config for the runs; the child gets it as `lapse run --config`.
-    #[arg(long, short)]
-    pub config: Option<PathBuf>,
-    /// Override one config key for the runs, as a TOML line (repeatable), e.g.
-    /// `--set 'timers.poll_interval="50ms"'` or `--set timers.claim_limit=2000`.
-    /// The benchmark sets `clock.mode="event"` and `policy.lapse.holdout_share=0.0`
-    /// first; these lines come after.
-    #[arg(long = "set", value_name = "TOML")]
-    pub set: Vec<String>,
-    /// The lapse binary to run (default: this executable).
-    #[arg(long)]
-    pub lapse_bin: Option<PathBuf>,
     /// After the watermark reached the end of the day, wait at most this long
     /// without a new trigger before declaring the rest missing.
     #[arg(long, default_value_t = 60)]
@@ -114,15 +102,8 @@ pub struct TimersArgs {
     /// reader's share of the measured lag (at most this, half of it on average).
     #[arg(long, default_value_t = 10)]
     pub reader_fetch_wait_ms: u64,
-    /// Process id of the broker on this machine, to report its CPU share.
-    #[arg(long)]
-    pub broker_pid: Option<u32>,
-    /// Directory for the runs' effective config and lapse logs (default: a temp dir).
-    #[arg(long)]
-    pub work_dir: Option<PathBuf>,
-    /// Also write the results as JSON to this file.
-    #[arg(long)]
-    pub json: Option<PathBuf>,
+    #[command(flatten)]
+    pub child: super::ChildArgs,
 }
 
 // ---------------------------------------------------------------------------
@@ -812,7 +793,7 @@ async fn one_run(env: &Env<'_>, run: usize) -> anyhow::Result<TimersRun> {
         toml::Value::String(topic.clone())
     ));
     let (config_path, run_cfg) =
-        consume::effective_config(args.config.as_deref(), &sets, env.work_dir)?;
+        consume::effective_config(args.child.config.as_deref(), &sets, env.work_dir)?;
     crate::kafka::admin::ensure_topics(&run_cfg.kafka)
         .await
         .with_context(|| format!("creating the run's trigger topic {topic}"))?;
@@ -920,7 +901,7 @@ async fn one_run(env: &Env<'_>, run: usize) -> anyhow::Result<TimersRun> {
     let cpu_at_start = (
         machine::process_cpu_seconds(pid),
         env.redis.cpu_seconds().await,
-        args.broker_pid.and_then(machine::process_cpu_seconds),
+        args.child.broker_pid.and_then(machine::process_cpu_seconds),
         machine::machine_cpu_ticks(),
     );
 
@@ -987,7 +968,7 @@ async fn one_run(env: &Env<'_>, run: usize) -> anyhow::Result<TimersRun> {
     let cpu_at_end = (
         machine::process_cpu_seconds(pid),
         env.redis.cpu_seconds().await,
-        args.broker_pid.and_then(machine::process_cpu_seconds),
+        args.child.broker_pid.and_then(machine::process_cpu_seconds),
         machine::machine_cpu_ticks(),
     );
     scraping.store(false, Ordering::SeqCst);
@@ -1093,25 +1074,18 @@ pub async fn run(args: &TimersArgs) -> anyhow::Result<TimersReport> {
         args.day_seconds.is_finite() && args.day_seconds > 0.0,
         "--day-seconds must be positive"
     );
-    let work_dir = match &args.work_dir {
-        Some(d) => d.clone(),
-        None => std::env::temp_dir().join(format!("lapse-bench-timers-{}", std::process::id())),
-    };
-    std::fs::create_dir_all(&work_dir)
-        .with_context(|| format!("creating {}", work_dir.display()))?;
+    let work_dir = args.child.work_dir("lapse-bench-timers")?;
     let mut sets = vec![
         "clock.mode = \"event\"".to_string(),
         "policy.lapse.holdout_share = 0.0".to_string(),
     ];
-    sets.extend(args.set.iter().cloned());
-    let (config_path, cfg) = consume::effective_config(args.config.as_deref(), &sets, &work_dir)?;
+    sets.extend(args.child.set.iter().cloned());
+    let (config_path, cfg) =
+        consume::effective_config(args.child.config.as_deref(), &sets, &work_dir)?;
     if cfg.clock.mode != ClockMode::Event {
         bail!("the timer benchmark drives event time: clock.mode must stay \"event\"");
     }
-    let bin = match &args.lapse_bin {
-        Some(b) => b.clone(),
-        None => std::env::current_exe().context("locating this executable")?,
-    };
+    let bin = args.child.lapse_bin()?;
     let redis = RedisView::connect(&cfg).await?;
     // The benchmark's own connection (set-up pipelines of thousands of scripts,
     // on a machine that may be busy) gets a long response timeout; lapse keeps
@@ -1238,7 +1212,7 @@ pub async fn run(args: &TimersArgs) -> anyhow::Result<TimersReport> {
         runs,
     };
     print_summary(&report);
-    if let Some(p) = &args.json {
+    if let Some(p) = &args.child.json {
         std::fs::write(p, serde_json::to_string_pretty(&report)?)
             .with_context(|| format!("writing {}", p.display()))?;
         println!("results written to {}", p.display());
