@@ -89,12 +89,7 @@ async fn a_batch_write_lands_where_the_revision_matches_and_nowhere_else() {
 async fn writes_survive_a_lost_script_cache_and_campaigns_use_the_same_cas() {
     let redis = RedisServer::start().await;
     let s = store(&redis).await;
-    let mut conn = redis.client().await;
-    redis::cmd("SCRIPT")
-        .arg("FLUSH")
-        .query_async::<()>(&mut conn)
-        .await
-        .unwrap();
+    redis.flush_scripts().await;
     let c = CustomerRef::new("brandA", "c1");
     assert_eq!(s.save_many(&[(&c, 0, &state(7))]).await.unwrap(), [true]);
     assert_eq!(s.load(&c).await.unwrap().unwrap().state, state(7));

@@ -159,25 +159,12 @@ async fn scripts_are_reloaded_after_a_flush() {
     let t = store(&redis, 2).await;
     let a = cust(1);
     t.schedule(&[(&a, 5)]).await.unwrap();
-    let mut conn = redis.client().await;
-    redis::cmd("SCRIPT")
-        .arg("FLUSH")
-        .query_async::<()>(&mut conn)
-        .await
-        .unwrap();
+    redis.flush_scripts().await;
     let got = t.claim_due(t.shard(&a), 10, 100, 10).await.unwrap();
     assert_eq!(got.len(), 1);
-    redis::cmd("SCRIPT")
-        .arg("FLUSH")
-        .query_async::<()>(&mut conn)
-        .await
-        .unwrap();
+    redis.flush_scripts().await;
     assert!(t.complete(&a, got[0].lease, Some(1_000)).await.unwrap());
-    redis::cmd("SCRIPT")
-        .arg("FLUSH")
-        .query_async::<()>(&mut conn)
-        .await
-        .unwrap();
+    redis.flush_scripts().await;
     // The pipelined variant reloads too (the score is now 1_000: a match).
     assert_eq!(t.complete_many(&[(&a, 1_000, None)]).await.unwrap(), [true]);
     assert_eq!(t.due_of(&a).await.unwrap(), None);

@@ -449,6 +449,16 @@ impl RedisServer {
             .expect("FLUSHALL");
     }
 
+    /// Empties Redis' script cache, as a restart or failover does.
+    pub async fn flush_scripts(&self) {
+        let mut conn = self.client().await;
+        redis::cmd("SCRIPT")
+            .arg("FLUSH")
+            .query_async::<()>(&mut conn)
+            .await
+            .expect("SCRIPT FLUSH");
+    }
+
     pub fn is_running(&mut self) -> bool {
         self.child
             .as_mut()
