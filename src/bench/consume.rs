@@ -32,6 +32,7 @@ use serde::Serialize;
 
 use super::machine::{self, Machine};
 use super::prom::Scrape;
+use super::CpuCounters;
 use super::{median, opt, pct, Stats};
 use crate::config::Config;
 
@@ -553,7 +554,7 @@ async fn one_run(env: &RunEnv<'_>, run: usize) -> anyhow::Result<RunResult> {
     // Phase 1: wait for the first record, then for every batch to be durable.
     let mut first: Option<Instant> = None;
     let mut durable: Option<Instant> = None;
-    let mut cpu_at_first = (None, None, None, None);
+    let mut cpu_at_first = CpuCounters::default();
     let mut last_progress = Instant::now();
     let (mut scrapes, mut paused_scrapes) = (0u32, 0u32);
     while durable.is_none() {
@@ -570,12 +571,7 @@ async fn one_run(env: &RunEnv<'_>, run: usize) -> anyhow::Result<RunResult> {
             let now = Instant::now();
             if first.is_none() && s.sum("lapse_records_total") > 0.0 {
                 first = Some(now);
-                cpu_at_first = (
-                    machine::process_cpu_seconds(pid),
-                    env.redis.cpu_seconds().await,
-                    args.child.broker_pid.and_then(machine::process_cpu_seconds),
-                    machine::machine_cpu_ticks(),
-                );
+                cpu_at_first = CpuCounters::now(pid, env.redis, args.child.broker_pid).await;
             }
             if first.is_some() {
                 scrapes += 1;
@@ -620,12 +616,7 @@ async fn one_run(env: &RunEnv<'_>, run: usize) -> anyhow::Result<RunResult> {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
-    let cpu_at_end = (
-        machine::process_cpu_seconds(pid),
-        env.redis.cpu_seconds().await,
-        args.child.broker_pid.and_then(machine::process_cpu_seconds),
-        machine::machine_cpu_ticks(),
-    );
+    let cpu_at_end = CpuCounters::now(pid, env.redis, args.child.broker_pid).await;
     let diff = |a: Option<f64>, b: Option<f64>| Some(b? - a?);
 
     let s = scrape(&http, &url)
@@ -687,10 +678,10 @@ async fn one_run(env: &RunEnv<'_>, run: usize) -> anyhow::Result<RunResult> {
             }
             _ => None,
         },
-        lapse_cpu_seconds: diff(cpu_at_first.0, cpu_at_end.0),
-        redis_cpu_seconds: diff(cpu_at_first.1, cpu_at_end.1),
-        broker_cpu_seconds: diff(cpu_at_first.2, cpu_at_end.2),
-        machine_busy: machine::busy_share(cpu_at_first.3, cpu_at_end.3),
+        lapse_cpu_seconds: diff(cpu_at_first.lapse, cpu_at_end.lapse),
+        redis_cpu_seconds: diff(cpu_at_first.redis, cpu_at_end.redis),
+        broker_cpu_seconds: diff(cpu_at_first.broker, cpu_at_end.broker),
+        machine_busy: machine::busy_share(cpu_at_first.machine, cpu_at_end.machine),
         load_average_before,
         processor_busy: s.sum("lapse_batch_seconds_sum") / durable_seconds.max(1e-9),
         paused_share: f64::from(paused_scrapes) / f64::from(scrapes.max(1)),

@@ -73,6 +73,7 @@ use super::consume::{
 use super::machine::{self, Machine};
 use super::prom::{self, Scrape};
 use super::workload::{Workload, WorkloadSpec};
+use super::CpuCounters;
 use super::{opt, percentile, Stats};
 use crate::codec::{parse_frame, Encoder, Frame, Framing, SchemaSet, THROTTLE_EVENT};
 use crate::config::Config;
@@ -868,30 +869,6 @@ fn fresh_topic_sets(cfg: &Config, tag: &str) -> Vec<String> {
     .collect()
 }
 
-/// CPU counters at one instant.
-#[derive(Clone, Copy)]
-struct Cpu {
-    lapse: Option<f64>,
-    redis: Option<f64>,
-    broker: Option<f64>,
-    bench: Option<f64>,
-    machine: Option<(u64, u64)>,
-}
-
-async fn cpu_now(env: &RunEnv<'_>, lapse_pid: u32) -> Cpu {
-    Cpu {
-        lapse: machine::process_cpu_seconds(lapse_pid),
-        redis: env.redis.cpu_seconds().await,
-        broker: env
-            .args
-            .child
-            .broker_pid
-            .and_then(machine::process_cpu_seconds),
-        bench: machine::process_cpu_seconds(std::process::id()),
-        machine: machine::machine_cpu_ticks(),
-    }
-}
-
 /// Commits `group`'s offsets at `ends` (the group has no members yet), so a
 /// lapse joining it starts at the end of every input partition.
 async fn start_group_at(
@@ -1113,7 +1090,7 @@ async fn one_run(env: &RunEnv<'_>, run: usize) -> anyhow::Result<RunResult> {
     let mut samples: Vec<(f64, f64)> = Vec::new();
     let mut backlog_max: f64 = 0.0;
     let (mut scrapes_in_window, mut paused_scrapes) = (0u32, 0u32);
-    let mut at_start: Option<(Scrape, Cpu)> = None;
+    let mut at_start: Option<(Scrape, CpuCounters)> = None;
     let mut last_report = Instant::now();
     let backlog_of = |s: &Scrape| {
         acked.load(Ordering::Relaxed) as f64 - (s.sum("lapse_batch_records_sum") - durable_base)
@@ -1145,7 +1122,10 @@ async fn one_run(env: &RunEnv<'_>, run: usize) -> anyhow::Result<RunResult> {
         let backlog = backlog_of(&s);
         if now >= window_start {
             if at_start.is_none() {
-                at_start = Some((s.clone(), cpu_now(env, pid).await));
+                at_start = Some((
+                    s.clone(),
+                    CpuCounters::now(pid, env.redis, env.args.child.broker_pid).await,
+                ));
             }
             samples.push((now.duration_since(window_start).as_secs_f64(), backlog));
             backlog_max = backlog_max.max(backlog);
@@ -1155,7 +1135,11 @@ async fn one_run(env: &RunEnv<'_>, run: usize) -> anyhow::Result<RunResult> {
             }
         }
         if now >= window_end {
-            break (s, cpu_now(env, pid).await, backlog);
+            break (
+                s,
+                CpuCounters::now(pid, env.redis, env.args.child.broker_pid).await,
+                backlog,
+            );
         }
         if last_report.elapsed() >= Duration::from_secs(10) {
             let t = now.duration_since(start).as_secs_f64();

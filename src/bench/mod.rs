@@ -110,6 +110,33 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
 }
 
+/// CPU counters at one instant: lapse's, Redis', the broker's, this process'
+/// and the whole machine's; the difference of two is what a run used.
+#[derive(Debug, Clone, Copy, Default)]
+struct CpuCounters {
+    lapse: Option<f64>,
+    redis: Option<f64>,
+    broker: Option<f64>,
+    bench: Option<f64>,
+    machine: Option<(u64, u64)>,
+}
+
+impl CpuCounters {
+    async fn now(
+        lapse_pid: u32,
+        redis: &consume::RedisView,
+        broker_pid: Option<u32>,
+    ) -> CpuCounters {
+        CpuCounters {
+            lapse: machine::process_cpu_seconds(lapse_pid),
+            redis: redis.cpu_seconds().await,
+            broker: broker_pid.and_then(machine::process_cpu_seconds),
+            bench: machine::process_cpu_seconds(std::process::id()),
+            machine: machine::machine_cpu_ticks(),
+        }
+    }
+}
+
 /// Median (mean of the two middle values for an even count); 0 for no values.
 pub fn median(values: &[f64]) -> f64 {
     let mut v: Vec<f64> = values.iter().copied().filter(|x| !x.is_nan()).collect();

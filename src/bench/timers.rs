@@ -48,6 +48,7 @@ use serde::Serialize;
 
 use super::consume::{self, KafkaView, RedisView};
 use super::machine::{self, Machine};
+use super::CpuCounters;
 use super::{opt, pct, percentile, Stats};
 use crate::codec::{SchemaSet, RECALL_TRIGGER};
 use crate::config::{ClockMode, Config};
@@ -607,7 +608,7 @@ pub struct TimersRun {
     pub timers_fired: u64,
     pub timers_lost_lease: u64,
     pub cas_conflicts: u64,
-    /// Publish calls of the timer loop (one per shard and poll that fired timers).
+    /// Publish calls of the timer loop (one per poll that fired timers).
     pub produce_calls: u64,
     pub triggers_per_produce_call: f64,
     pub produce_ms_p50: Option<f64>,
@@ -898,12 +899,7 @@ async fn one_run(env: &Env<'_>, run: usize) -> anyhow::Result<TimersRun> {
             points
         })
     };
-    let cpu_at_start = (
-        machine::process_cpu_seconds(pid),
-        env.redis.cpu_seconds().await,
-        args.child.broker_pid.and_then(machine::process_cpu_seconds),
-        machine::machine_cpu_ticks(),
-    );
+    let cpu_at_start = CpuCounters::now(pid, env.redis, args.child.broker_pid).await;
 
     // Drive the watermark across the day.
     let day = Duration::from_secs_f64(args.day_seconds);
@@ -965,12 +961,7 @@ async fn one_run(env: &Env<'_>, run: usize) -> anyhow::Result<TimersRun> {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let cpu_at_end = (
-        machine::process_cpu_seconds(pid),
-        env.redis.cpu_seconds().await,
-        args.child.broker_pid.and_then(machine::process_cpu_seconds),
-        machine::machine_cpu_ticks(),
-    );
+    let cpu_at_end = CpuCounters::now(pid, env.redis, args.child.broker_pid).await;
     scraping.store(false, Ordering::SeqCst);
     let timeline = scraper.await?;
     let s = consume::scrape(&http, &url)
@@ -1055,10 +1046,10 @@ async fn one_run(env: &Env<'_>, run: usize) -> anyhow::Result<TimersRun> {
         produce_ms_p99: ms(s.quantile("lapse_output_produce_seconds", &[], 0.99)),
         redis_load_ms_mean: ms(s.mean("lapse_redis_call_seconds", &[("op", "load")])),
         redis_save_ms_mean: ms(s.mean("lapse_redis_call_seconds", &[("op", "save")])),
-        lapse_cpu_seconds: diff(cpu_at_start.0, cpu_at_end.0),
-        redis_cpu_seconds: diff(cpu_at_start.1, cpu_at_end.1),
-        broker_cpu_seconds: diff(cpu_at_start.2, cpu_at_end.2),
-        machine_busy: machine::busy_share(cpu_at_start.3, cpu_at_end.3),
+        lapse_cpu_seconds: diff(cpu_at_start.lapse, cpu_at_end.lapse),
+        redis_cpu_seconds: diff(cpu_at_start.redis, cpu_at_end.redis),
+        broker_cpu_seconds: diff(cpu_at_start.broker, cpu_at_end.broker),
+        machine_busy: machine::busy_share(cpu_at_start.machine, cpu_at_end.machine),
         load_average_before,
         lapse_exit_ok,
         timeline,
