@@ -107,6 +107,49 @@ pub struct Config {
     pub policy: crate::domain::policy::PolicyConfig,
     pub timers: TimersConfig,
     pub clock: ClockConfig,
+    pub outputs: OutputsConfig,
+}
+
+/// How throttle events, recall triggers and outcomes are framed on their topics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutputFraming {
+    /// `0x00` + registry schema id: what Confluent deserializers read. Needs
+    /// `schema.registry_url`; subjects `<topic>-value` (TopicNameStrategy).
+    Confluent,
+    /// `C3 01` + CRC-64-AVRO fingerprint (Avro single-object encoding).
+    SingleObject,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OutputsConfig {
+    /// Unset: `confluent` when `schema.registry_url` is set, else `single_object`.
+    pub framing: Option<OutputFraming>,
+    /// With Confluent framing: register the output schemas at start-up (true),
+    /// or only look them up, for registries where lapse may not register (false).
+    pub register_schemas: bool,
+}
+
+impl Default for OutputsConfig {
+    fn default() -> Self {
+        OutputsConfig {
+            framing: None,
+            register_schemas: true,
+        }
+    }
+}
+
+impl Config {
+    /// The output framing in force: the configured one, else Confluent when a
+    /// registry is configured.
+    pub fn output_framing(&self) -> OutputFraming {
+        match (self.outputs.framing, &self.schema.registry_url) {
+            (Some(f), _) => f,
+            (None, Some(_)) => OutputFraming::Confluent,
+            (None, None) => OutputFraming::SingleObject,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -286,6 +329,10 @@ pub struct SchemaConfig {
     pub avro_allocation_limit_bytes: usize,
     /// Events stamped further than this in the future are invalid.
     pub max_future_skew: Dur,
+    /// Decode single-object records framed with lapse 0.1's non-standard
+    /// fingerprint (counted by `lapse_legacy_fingerprint_records_total`).
+    /// Deprecated: the default turns to false in 0.3.
+    pub accept_legacy_fingerprints: bool,
 }
 
 impl Default for SchemaConfig {
@@ -297,6 +344,7 @@ impl Default for SchemaConfig {
             max_payload_bytes: 1 << 20,
             avro_allocation_limit_bytes: 16 << 20,
             max_future_skew: Dur::secs(3600),
+            accept_legacy_fingerprints: true,
         }
     }
 }
@@ -554,6 +602,14 @@ impl Config {
                 ),
             ));
         }
+        if self.outputs.framing == Some(OutputFraming::Confluent)
+            && self.schema.registry_url.is_none()
+        {
+            return Err(bad(
+                "outputs.framing",
+                "`confluent` needs a schema registry: set schema.registry_url (LAPSE_SCHEMA_REGISTRY_URL) or use `single_object`",
+            ));
+        }
         if let Some(u) = &self.schema.registry_url {
             if !(u.starts_with("http://") || u.starts_with("https://")) {
                 return Err(bad(
@@ -697,6 +753,31 @@ mod tests {
         });
         assert_eq!(c.redis.url, "redis://10.0.0.1:7000/");
         assert_eq!(c.kafka.group_id, "g2");
+    }
+
+    #[test]
+    fn output_framing_follows_the_registry_unless_set() {
+        let schemas = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("schemas");
+        let mut c = Config::default();
+        c.schema.dir = schemas.clone();
+        assert_eq!(c.output_framing(), OutputFraming::SingleObject);
+        c.schema.registry_url = Some("http://127.0.0.1:8081".into());
+        assert_eq!(c.output_framing(), OutputFraming::Confluent);
+        c.outputs.framing = Some(OutputFraming::SingleObject);
+        assert_eq!(c.output_framing(), OutputFraming::SingleObject);
+        c.validate().unwrap();
+
+        let mut c = Config::from_toml("[outputs]\nframing = \"confluent\"\n").unwrap();
+        c.schema.dir = schemas;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("outputs.framing") && e.contains("schema.registry_url"),
+            "{e}"
+        );
+        let e = Config::from_toml("[outputs]\nframing = \"json\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("json"), "{e}");
     }
 
     #[test]

@@ -17,6 +17,7 @@ pub struct Metrics {
     tenants: Arc<TenantLabels>,
     pub records: IntCounterVec,
     pub invalid: IntCounterVec,
+    pub legacy_fingerprints: IntCounterVec,
     pub duplicates: IntCounterVec,
     pub dlq_writes: IntCounterVec,
     pub engagement: IntCounterVec,
@@ -133,6 +134,7 @@ impl Metrics {
             }),
             records: counter(&r, "lapse_records_total", "Input records consumed, by topic and event type.", &["topic", "event_type"]),
             invalid: counter(&r, "lapse_records_invalid_total", "Input records rejected (sent to the DLQ), by event type and reason.", &["event_type", "reason"]),
+            legacy_fingerprints: counter(&r, "lapse_legacy_fingerprint_records_total", "Single-object input records framed with lapse 0.1's non-standard fingerprint (accepted while schema.accept_legacy_fingerprints is true), by event type: producers still to migrate to a standard Avro library.", &["event_type"]),
             duplicates: counter(
                 &r,
                 "lapse_duplicates_skipped_total",
@@ -321,6 +323,7 @@ impl Metrics {
         }
         for k in crate::domain::event::EventKind::ALL {
             self.dlq_writes.with_label_values(&[k.label()]);
+            self.legacy_fingerprints.with_label_values(&[k.label()]);
             for reason in crate::codec::DecodeError::REASONS {
                 self.invalid.with_label_values(&[k.label(), reason]);
             }

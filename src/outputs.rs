@@ -1,12 +1,16 @@
-//! Decisions out: Avro values for the output schemas, and the producer step of
-//! the outbox. Every output carries its deterministic id as key-independent
-//! header `lapse.id`, so consumers can de-duplicate exact repeats.
+//! Decisions out: Avro values for the output schemas, their framing (Confluent
+//! schema ids resolved at start-up, or single-object fingerprints), and the
+//! producer step of the outbox. Every output carries its deterministic id as
+//! key-independent header `lapse.id`, so consumers can de-duplicate exact repeats.
 
 use apache_avro::types::Value;
 use futures::future::join_all;
 
-use crate::codec::{Encoder, Framing, RECALL_OUTCOME, RECALL_TRIGGER, THROTTLE_EVENT};
-use crate::config::TopicsConfig;
+use crate::codec::{
+    CodecError, Encoder, Framing, RegistryClient, SchemaSet, RECALL_OUTCOME, RECALL_TRIGGER,
+    THROTTLE_EVENT,
+};
+use crate::config::{OutputFraming, TopicsConfig};
 use crate::domain::allowance::ThrottleDecision;
 use crate::domain::state::Output;
 use crate::error::KafkaError;
@@ -72,11 +76,66 @@ pub struct Encoded {
     pub bytes: Vec<u8>,
 }
 
+/// How each output record is framed on its topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutputFramings {
+    pub throttle: Framing,
+    pub trigger: Framing,
+    pub outcome: Framing,
+}
+
+impl OutputFramings {
+    /// Avro single-object encoding for every output.
+    pub const SINGLE_OBJECT: OutputFramings = OutputFramings {
+        throttle: Framing::SingleObject,
+        trigger: Framing::SingleObject,
+        outcome: Framing::SingleObject,
+    };
+
+    /// Resolves `framing` for the output topics: for Confluent framing, each
+    /// output schema's id under its TopicNameStrategy subject `<topic>-value`,
+    /// registered first when `register`. Called once at start-up.
+    pub async fn resolve(
+        framing: OutputFraming,
+        topics: &TopicsConfig,
+        schemas: &SchemaSet,
+        registry: Option<&RegistryClient>,
+        register: bool,
+    ) -> Result<OutputFramings, CodecError> {
+        let registry = match (framing, registry) {
+            (OutputFraming::SingleObject, _) => return Ok(Self::SINGLE_OBJECT),
+            (OutputFraming::Confluent, Some(r)) => r,
+            (OutputFraming::Confluent, None) => {
+                return Err(CodecError::RegistryUrl {
+                    url: String::new(),
+                    detail: "outputs.framing = \"confluent\" needs schema.registry_url".into(),
+                })
+            }
+        };
+        let id = |topic: &str, name: &'static str| {
+            let subject = format!("{topic}-value");
+            async move {
+                let text = schemas
+                    .text_of(name)
+                    .ok_or_else(|| CodecError::UnknownSchema { name: name.into() })?;
+                let id = registry.subject_schema_id(&subject, text, register).await?;
+                Ok::<_, CodecError>(Framing::Confluent(id))
+            }
+        };
+        Ok(OutputFramings {
+            throttle: id(&topics.throttle, THROTTLE_EVENT).await?,
+            trigger: id(&topics.triggers, RECALL_TRIGGER).await?,
+            outcome: id(&topics.outcomes, RECALL_OUTCOME).await?,
+        })
+    }
+}
+
 #[derive(Clone)]
 pub struct OutputWriter {
     pub producer: OutputProducer,
     pub encoder: Encoder,
     pub topics: TopicsConfig,
+    pub framings: OutputFramings,
 }
 
 impl OutputWriter {
@@ -90,7 +149,7 @@ impl OutputWriter {
                 bytes: self.encoder.encode_value(
                     THROTTLE_EVENT,
                     throttle_value(d),
-                    Framing::SingleObject,
+                    self.framings.throttle,
                 )?,
             }),
             Output::Trigger(t) => Ok(Encoded {
@@ -101,7 +160,7 @@ impl OutputWriter {
                 bytes: self.encoder.encode_value(
                     RECALL_TRIGGER,
                     t.to_avro_value(),
-                    Framing::SingleObject,
+                    self.framings.trigger,
                 )?,
             }),
             Output::Outcome(o) => Ok(Encoded {
@@ -112,7 +171,7 @@ impl OutputWriter {
                 bytes: self.encoder.encode_value(
                     RECALL_OUTCOME,
                     o.to_avro_value(),
-                    Framing::SingleObject,
+                    self.framings.outcome,
                 )?,
             }),
         }

@@ -24,7 +24,7 @@ use crate::kafka::admin;
 use crate::kafka::consumer::{self, Batch, PollLoop, Shared};
 use crate::kafka::producer::OutputProducer;
 use crate::metrics::Metrics;
-use crate::outputs::OutputWriter;
+use crate::outputs::{OutputFramings, OutputWriter};
 use crate::pipeline::Pipeline;
 use crate::store::clock::SharedEventTime;
 use crate::store::gauges::AllowanceGauges;
@@ -65,6 +65,51 @@ pub fn build_decoder(cfg: &Config) -> anyhow::Result<Decoder> {
     Ok(Decoder::new(schemas, registry, limits))
 }
 
+/// Counts (and once logs) records framed with lapse 0.1's fingerprint.
+fn observe_legacy_fingerprints(decoder: Decoder, accept: bool, metrics: &Metrics) -> Decoder {
+    let counter = metrics.legacy_fingerprints.clone();
+    let warned = AtomicBool::new(false);
+    decoder.with_legacy_fingerprints(accept, move |kind| {
+        counter.with_label_values(&[kind.label()]).inc();
+        if !warned.swap(true, Ordering::Relaxed) {
+            warn!(
+                event_type = kind.label(),
+                "a producer frames single-object records with lapse 0.1's non-standard fingerprint; \
+                 accepted for now (schema.accept_legacy_fingerprints), migrate it to a standard Avro \
+                 library (lapse_legacy_fingerprint_records_total counts such records)"
+            );
+        }
+    })
+}
+
+/// Output framing, with Confluent schema ids registered or looked up at
+/// start-up: an unreachable registry is retried, a refusal stops start-up.
+async fn resolve_output_framings(
+    cfg: &Config,
+    decoder: &Decoder,
+    startup: Duration,
+) -> anyhow::Result<OutputFramings> {
+    let framing = cfg.output_framing();
+    let framings = with_startup_retry("schema registry (output schemas)", startup, || async {
+        match OutputFramings::resolve(
+            framing,
+            &cfg.kafka.topics,
+            decoder.schemas(),
+            decoder.registry(),
+            cfg.outputs.register_schemas,
+        )
+        .await
+        {
+            Err(e @ codec::CodecError::RegistryUnreachable { .. }) => Err(anyhow::Error::new(e)),
+            other => Ok(other),
+        }
+    })
+    .await?
+    .context("resolving the output schemas (config keys outputs.framing, outputs.register_schemas, schema.registry_url)")?;
+    info!(?framings, "output framing");
+    Ok(framings)
+}
+
 /// Retries a start-up step for up to `total`, so lapse can start before its dependencies.
 async fn with_startup_retry<T, F, Fut>(what: &str, total: Duration, mut f: F) -> anyhow::Result<T>
 where
@@ -93,7 +138,11 @@ where
 
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let metrics = Metrics::new(&cfg.metrics);
-    let decoder = Arc::new(build_decoder(&cfg)?);
+    let decoder = Arc::new(observe_legacy_fingerprints(
+        build_decoder(&cfg)?,
+        cfg.schema.accept_legacy_fingerprints,
+        &metrics,
+    ));
     let clock: Arc<dyn Clock> = Arc::new(WallClock);
 
     let listener = tokio::net::TcpListener::bind(&cfg.http.listen)
@@ -132,6 +181,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         producer: producer.clone(),
         encoder: Encoder::new(decoder.schemas()),
         topics: cfg.kafka.topics.clone(),
+        framings: resolve_output_framings(&cfg, &decoder, startup).await?,
     };
     let gauges = AllowanceGauges::new(store.conn(), &cfg.redis.key_prefix);
     let timers = TimerStore::new(

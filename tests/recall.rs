@@ -25,7 +25,8 @@ type Rec = BTreeMap<String, Value>;
 fn decode(schema_name: &str, payload: &[u8]) -> Rec {
     let schemas = SchemaSet::load(std::path::Path::new(&schemas_dir())).unwrap();
     let schema = schemas.by_name(schema_name).unwrap();
-    let v = apache_avro::from_avro_datum(schema, &mut &payload[10..], None).expect("decodes");
+    let body = lapse::codec::parse_frame(payload).expect("framed").body();
+    let v = apache_avro::from_avro_datum(schema, &mut &body[..], None).expect("decodes");
     let Value::Record(f) = v else { panic!() };
     f.into_iter().collect()
 }

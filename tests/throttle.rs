@@ -31,8 +31,13 @@ type Decision = BTreeMap<String, Value>;
 fn decode(payload: &[u8]) -> Decision {
     let schemas = SchemaSet::load(std::path::Path::new(&schemas_dir())).unwrap();
     let schema = schemas.by_name(THROTTLE_EVENT).unwrap();
-    assert_eq!(&payload[..2], &[0xC3, 0x01], "single-object framing");
-    let v = apache_avro::from_avro_datum(schema, &mut &payload[10..], None)
+    // Confluent framing: the harness runs lapse with a schema registry.
+    let frame = lapse::codec::parse_frame(payload).expect("a framed record");
+    assert!(
+        matches!(frame, lapse::codec::Frame::Confluent { .. }),
+        "{frame:?}"
+    );
+    let v = apache_avro::from_avro_datum(schema, &mut frame.body(), None)
         .expect("decodes as ThrottleEvent");
     let Value::Record(fields) = v else {
         panic!("not a record")

@@ -75,7 +75,7 @@ use super::prom::{self, Scrape};
 use super::workload::{Workload, WorkloadSpec};
 use super::CpuCounters;
 use super::{opt, percentile, Stats};
-use crate::codec::{parse_frame, Encoder, Frame, Framing, SchemaSet, THROTTLE_EVENT};
+use crate::codec::{parse_frame, Encoder, Framing, SchemaSet, THROTTLE_EVENT};
 use crate::config::Config;
 use crate::domain::event::{Channel, CustomerRef, Event, EventBody, Purpose};
 use crate::domain::policy::Policies;
@@ -707,11 +707,9 @@ fn avro_text(v: &Value) -> Option<&str> {
     }
 }
 
-/// `(cause_event_id, state)` of a `lapse.v1.ThrottleEvent` (single-object framing).
+/// `(cause_event_id, state)` of a `lapse.v1.ThrottleEvent` (either framing).
 fn decode_decision(schema: &Schema, payload: &[u8]) -> Option<(String, String)> {
-    let Ok(Frame::SingleObject { body, .. }) = parse_frame(payload) else {
-        return None;
-    };
+    let body = parse_frame(payload).ok()?.body();
     let Value::Record(fields) = apache_avro::from_avro_datum(schema, &mut &body[..], None).ok()?
     else {
         return None;

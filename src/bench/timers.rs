@@ -326,7 +326,8 @@ fn decode_trigger(schema: &apache_avro::Schema, payload: &[u8]) -> anyhow::Resul
     if payload.len() < 10 || payload[..2] != [0xC3, 0x01] {
         bail!("not an Avro single-object record");
     }
-    let v = apache_avro::from_avro_datum(schema, &mut &payload[10..], None)?;
+    let body = crate::codec::parse_frame(payload)?.body();
+    let v = apache_avro::from_avro_datum(schema, &mut &body[..], None)?;
     let Value::Record(fields) = v else {
         bail!("not a record");
     };

@@ -8,7 +8,7 @@ use super::error::{truncate, DecodeError};
 use super::framing::{parse_frame, Frame};
 use super::prescan::check_datum;
 use super::registry::RegistryClient;
-use super::resolve::{resolve_record, FieldError, Problem};
+use super::resolve::{resolve_written, FieldError, Problem, Resolved, WriterSchema};
 use super::schemas::{reader_accepts, record_fullname, SchemaSet};
 use crate::domain::event::{Channel, CustomerRef, Event, EventBody, EventKind, Purpose, VisitType};
 use crate::domain::replies;
@@ -63,12 +63,34 @@ pub fn set_allocation_limit(bytes: usize) -> usize {
 
 /// Turns input records into validated events. Cheap to share (`Arc`) across
 /// tasks; `decode` takes `&self`.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Decoder {
     schemas: SchemaSet,
     registry: Option<RegistryClient>,
     limits: DecodeLimits,
     plans: Plans,
+    legacy: LegacyFingerprints,
+}
+
+impl std::fmt::Debug for Decoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Decoder")
+            .field("schemas", &self.schemas)
+            .field("registry", &self.registry)
+            .field("limits", &self.limits)
+            .field("plans", &self.plans)
+            .field("accept_legacy_fingerprints", &self.legacy.accept)
+            .finish()
+    }
+}
+
+/// Records framed with lapse 0.1's non-standard fingerprint: accepted during
+/// the deprecation period (each one reported to `observe`, for a metric), or
+/// refused as unknown.
+#[derive(Clone)]
+struct LegacyFingerprints {
+    accept: bool,
+    observe: Option<Arc<dyn Fn(EventKind) + Send + Sync>>,
 }
 
 /// Writer plans seen so far; more than this many (registry churn) starts afresh.
@@ -125,6 +147,47 @@ impl Decoder {
             registry,
             limits,
             plans: Plans::default(),
+            legacy: LegacyFingerprints {
+                accept: true,
+                observe: None,
+            },
+        }
+    }
+
+    /// Whether single-object records framed with lapse 0.1's non-standard
+    /// fingerprint are still decoded (default: yes, during the deprecation
+    /// period); `observe` is told of each one, by input kind.
+    pub fn with_legacy_fingerprints(
+        mut self,
+        accept: bool,
+        observe: impl Fn(EventKind) + Send + Sync + 'static,
+    ) -> Decoder {
+        self.legacy = LegacyFingerprints {
+            accept,
+            observe: Some(Arc::new(observe)),
+        };
+        self
+    }
+
+    /// The writer schema of a single-object record: by the standard
+    /// fingerprint, else (when accepted) by lapse 0.1's.
+    fn single_object_writer(
+        &self,
+        kind: EventKind,
+        fingerprint: u64,
+    ) -> Result<Arc<Schema>, DecodeError> {
+        if let Some(w) = self.schemas.writer(fingerprint) {
+            return Ok(w.clone());
+        }
+        match self.schemas.legacy_writer(fingerprint) {
+            Some(w) if self.legacy.accept => {
+                if let Some(observe) = &self.legacy.observe {
+                    observe(kind);
+                }
+                Ok(w.clone())
+            }
+            Some(_) => Err(DecodeError::LegacyFingerprint { fingerprint }),
+            None => Err(DecodeError::UnknownFingerprint { fingerprint }),
         }
     }
 
@@ -178,6 +241,11 @@ impl Decoder {
         Ok(plan)
     }
 
+    /// The schema registry client, when one is configured.
+    pub fn registry(&self) -> Option<&RegistryClient> {
+        self.registry.as_ref()
+    }
+
     pub fn schemas(&self) -> &SchemaSet {
         &self.schemas
     }
@@ -207,12 +275,7 @@ impl Decoder {
         }
         let (writer, body) = match parse_frame(payload)? {
             Frame::SingleObject { fingerprint, body } => {
-                let writer = self
-                    .schemas
-                    .writer(fingerprint)
-                    .cloned()
-                    .ok_or(DecodeError::UnknownFingerprint { fingerprint })?;
-                (writer, body)
+                (self.single_object_writer(kind, fingerprint)?, body)
             }
             Frame::Confluent { schema_id, body } => {
                 let registry = self
@@ -224,8 +287,12 @@ impl Decoder {
         };
         let reader = self.schemas.reader(kind);
         let plan = self.plan(&writer, kind)?;
-        let fields = read_record(&writer, &plan, reader, kind, body)?;
-        let event = build_event(kind, Fields(fields), &self.limits, now_ms)?;
+        let resolved = read_record(&writer, &plan, reader, kind, body)?;
+        let fields = Fields {
+            values: resolved.fields,
+            decimal_scales: resolved.decimal_scales,
+        };
+        let event = build_event(kind, fields, &self.limits, now_ms)?;
         check_key(key, &event.customer)?;
         Ok(event)
     }
@@ -239,7 +306,7 @@ fn read_record(
     reader: &Schema,
     kind: EventKind,
     body: &[u8],
-) -> Result<Vec<(String, Value)>, DecodeError> {
+) -> Result<Resolved, DecodeError> {
     if !reader_accepts(reader, &plan.fullname) {
         return Err(DecodeError::SchemaMismatch {
             expected: kind.schema_name().to_owned(),
@@ -259,29 +326,96 @@ fn read_record(
             detail: format!("{} trailing bytes after the record", rest.len()),
         });
     }
-    match value {
-        Value::Record(fields) if plan.is_reader => Ok(fields),
-        value => resolve_record(value, reader).map_err(field_error),
+    match (value, writer) {
+        (Value::Record(fields), _) if plan.is_reader => Ok(Resolved {
+            fields,
+            decimal_scales: Vec::new(),
+        }),
+        (value, Schema::Record(record)) => {
+            let writer = WriterSchema {
+                record,
+                names: &plan.names,
+            };
+            resolve_written(value, reader, &writer).map_err(field_error)
+        }
+        // `plan` refused non-record writers already.
+        _ => Err(DecodeError::SchemaMismatch {
+            expected: kind.schema_name().to_owned(),
+            found: "a non-record schema".to_owned(),
+        }),
     }
 }
 
 fn field_error(e: FieldError) -> DecodeError {
     match e.problem {
         Problem::Missing => DecodeError::MissingField { field: e.field },
-        Problem::UnknownSymbol(symbol) => DecodeError::BadEnum {
-            field: e.field,
-            symbol: truncate(&symbol, 64),
+        Problem::UnknownSymbol(symbol) => bad_enum(&e.field, &symbol),
+        Problem::Incompatible => match e.written {
+            // A nullable writer field (union with null) that lapse requires.
+            Some("null") => DecodeError::invalid(
+                &e.field,
+                "is null; lapse requires it: the producer must set it (and should not declare it nullable)",
+            ),
+            written => incompatible(&e.field, written.unwrap_or("another type")),
         },
-        Problem::Incompatible => DecodeError::IncompatibleField { field: e.field },
     }
 }
 
+fn incompatible(field: &str, written: &str) -> DecodeError {
+    DecodeError::IncompatibleField {
+        field: field.to_owned(),
+        written: written.to_owned(),
+        expected: expected_type(field, written),
+    }
+}
+
+/// What a producer must write for an input field lapse reads (see schemas/).
+fn expected_type(field: &str, written: &str) -> String {
+    let expected = match field {
+        "occurred_at" if written.starts_with("local-timestamp") => {
+            "a UTC instant, a long with logicalType timestamp-millis (timestamp-micros and \
+             timestamp-nanos are converted); a local-timestamp has no time zone, so the \
+             instant it means is unknown"
+        }
+        "occurred_at" => {
+            "a long with logicalType timestamp-millis, UTC milliseconds since the Unix epoch \
+             (timestamp-micros and timestamp-nanos are converted)"
+        }
+        "amount" => {
+            "a long in minor units of currency (e.g. fen for CNY), or a decimal logical type \
+             (bytes or fixed) in major units with no more decimal places than the currency has"
+        }
+        "cost" => {
+            "a long in minor units of the tenant's currency (e.g. fen for CNY), or null for \
+             the channel's default cost"
+        }
+        "channel" => return format!("an enum with the symbols {CHANNEL_SYMBOLS}"),
+        "purpose" => return format!("an enum with the symbols {PURPOSE_SYMBOLS}"),
+        "visit_type" => return format!("an enum with the symbols {VISIT_TYPE_SYMBOLS}"),
+        "event_id" | "tenant_id" | "customer_id" | "message_id" | "campaign_id" | "text"
+        | "treatment" | "currency" => {
+            "a string (or bytes holding UTF-8; null only where the field is optional)"
+        }
+        _ => "the type that field has in lapse's reader schema",
+    };
+    expected.to_owned()
+}
+
+/// Symbols lapse's code understands, for error messages.
+const CHANNEL_SYMBOLS: &str = "WECHAT, SMS, PHONE, EMAIL, SOCIAL";
+const PURPOSE_SYMBOLS: &str = "MARKETING, SERVICE";
+const VISIT_TYPE_SYMBOLS: &str = "CONSULTATION, TREATMENT, FOLLOW_UP";
+
 /// Resolved fields in reader order, taken out by name.
-struct Fields(Vec<(String, Value)>);
+struct Fields {
+    values: Vec<(String, Value)>,
+    /// Reader `long` fields written as decimals, with the writer's scale.
+    decimal_scales: Vec<(String, usize)>,
+}
 
 impl Fields {
     fn take(&mut self, name: &str) -> Result<Value, DecodeError> {
-        self.0
+        self.values
             .iter_mut()
             .find(|(n, _)| n == name)
             .map(|(_, v)| std::mem::replace(v, Value::Null))
@@ -311,8 +445,34 @@ impl Fields {
             Value::Long(n) | Value::TimestampMillis(n) => Ok(Some(n)),
             Value::Int(n) => Ok(Some(i64::from(n))),
             Value::Null => Ok(None),
+            Value::Decimal(_) => Err(incompatible(name, "decimal")),
             _ => Err(wrong_type(name)),
         }
+    }
+
+    /// `amount`: a long in minor units, or a decimal (major units, scale from
+    /// the writer schema) converted exactly to minor units of `currency`.
+    fn amount(&mut self, currency: &str) -> Result<i64, DecodeError> {
+        const F: &str = "amount";
+        let amount = match unwrap_union(self.take(F)?) {
+            Value::Decimal(d) => {
+                let scale = self
+                    .decimal_scales
+                    .iter()
+                    .find(|(n, _)| n == F)
+                    .map(|(_, s)| *s)
+                    .ok_or_else(|| incompatible(F, "decimal"))?;
+                decimal_minor_units(&d, scale, currency)?
+            }
+            Value::Long(n) => n,
+            Value::Int(n) => i64::from(n),
+            Value::Null => return Err(DecodeError::invalid(F, "is null; it is required")),
+            _ => return Err(wrong_type(F)),
+        };
+        if amount < 0 {
+            return Err(DecodeError::invalid(F, "is negative"));
+        }
+        Ok(amount)
     }
 
     fn long(&mut self, name: &str) -> Result<i64, DecodeError> {
@@ -349,10 +509,122 @@ fn wrong_type(field: &str) -> DecodeError {
 }
 
 fn bad_enum(field: &str, symbol: &str) -> DecodeError {
+    let known = match field {
+        "channel" => CHANNEL_SYMBOLS,
+        "purpose" => PURPOSE_SYMBOLS,
+        "visit_type" => VISIT_TYPE_SYMBOLS,
+        _ => "the symbols of lapse's reader schema",
+    };
     DecodeError::BadEnum {
         field: field.to_owned(),
-        symbol: truncate(symbol, 64),
+        symbol: shown_symbol(symbol),
+        known: known.to_owned(),
     }
+}
+
+/// A symbol as it may appear in an error: quoted if it is a valid Avro enum
+/// symbol (`[A-Za-z_][A-Za-z0-9_]*`, at most 64 bytes). Anything else came from
+/// a string written for the enum and could be any text, so it is not shown.
+fn shown_symbol(symbol: &str) -> String {
+    let valid = !symbol.is_empty()
+        && symbol.len() <= 64
+        && symbol
+            .bytes()
+            .enumerate()
+            .all(|(i, b)| b == b'_' || b.is_ascii_alphabetic() || (i > 0 && b.is_ascii_digit()));
+    if valid {
+        format!("{symbol:?}")
+    } else {
+        "(a string that is not an Avro enum symbol)".to_owned()
+    }
+}
+
+/// A decimal amount (unscaled value, `scale` decimal places, major units of
+/// `currency`) in minor units of `currency`, exactly: lapse does not round money.
+fn decimal_minor_units(
+    d: &apache_avro::Decimal,
+    scale: usize,
+    currency: &str,
+) -> Result<i64, DecodeError> {
+    const F: &str = "amount";
+    let places = minor_unit_exponent(currency).ok_or_else(|| {
+        DecodeError::invalid(
+            F,
+            format!(
+                "is a decimal, but lapse does not know how many decimal places {currency} has \
+                 (not an active ISO 4217 currency); send amount as a long in minor units"
+            ),
+        )
+    })?;
+    let too_large = || DecodeError::invalid(F, "is too large for a long in minor units");
+    let bytes = Vec::<u8>::try_from(d).map_err(|_| {
+        DecodeError::invalid(F, "is a malformed decimal; send a long in minor units")
+    })?;
+    let unscaled = i128_from_be(&bytes).ok_or_else(too_large)?;
+    if unscaled < 0 {
+        return Err(DecodeError::invalid(F, "is negative"));
+    }
+    let minor = if scale <= places {
+        // `places` is at most 4.
+        unscaled
+            .checked_mul(10i128.pow((places - scale) as u32))
+            .ok_or_else(too_large)?
+    } else {
+        let divisor = u32::try_from(scale - places)
+            .ok()
+            .and_then(|p| 10i128.checked_pow(p));
+        match divisor {
+            Some(f) if unscaled % f == 0 => unscaled / f,
+            None if unscaled == 0 => 0,
+            _ => {
+                return Err(DecodeError::invalid(
+                    F,
+                    format!(
+                        "is a decimal with {scale} decimal places that is not a whole number of \
+                         {currency} minor units ({places} decimal places); lapse does not round \
+                         money: send whole minor units (a long, e.g. fen for CNY)"
+                    ),
+                ))
+            }
+        }
+    };
+    i64::try_from(minor).map_err(|_| too_large())
+}
+
+/// A big-endian two's-complement integer; `None` if it does not fit an `i128`.
+fn i128_from_be(bytes: &[u8]) -> Option<i128> {
+    let Some(&first) = bytes.first() else {
+        return Some(0);
+    };
+    let sign = if first & 0x80 != 0 { 0xFF } else { 0x00 };
+    let cut = bytes.len().saturating_sub(16);
+    let (high, low) = bytes.split_at(cut);
+    if high.iter().any(|&b| b != sign) || (!high.is_empty() && (low[0] ^ sign) & 0x80 != 0) {
+        return None;
+    }
+    let mut buf = [sign; 16];
+    buf[16 - low.len()..].copy_from_slice(low);
+    Some(i128::from_be_bytes(buf))
+}
+
+/// Decimal places of the minor unit of an active ISO 4217 currency (0 for JPY,
+/// 2 for CNY, 3 for KWD); `None` for other codes (funds, metals, unknown).
+fn minor_unit_exponent(code: &str) -> Option<usize> {
+    const ZERO: &str = "BIF CLP DJF GNF ISK JPY KMF KRW PYG RWF UGX UYI VND VUV XAF XOF XPF";
+    const THREE: &str = "BHD IQD JOD KWD LYD OMR TND";
+    const FOUR: &str = "CLF UYW";
+    const TWO: &str = "AED AFN ALL AMD ANG AOA ARS AUD AWG AZN BAM BBD BDT BGN BMD BND BOB BOV \
+        BRL BSD BTN BWP BYN BZD CAD CDF CHE CHF CHW CNY COP COU CRC CUC CUP CVE CZK DKK DOP \
+        DZD EGP ERN ETB EUR FJD FKP GBP GEL GHS GIP GMD GTQ GYD HKD HNL HTG HUF IDR ILS INR \
+        IRR JMD KES KGS KHR KPW KYD KZT LAK LBP LKR LRD LSL MAD MDL MGA MKD MMK MNT MOP MRU \
+        MUR MVR MWK MXN MXV MYR MZN NAD NGN NIO NOK NPR NZD PAB PEN PGK PHP PKR PLN QAR RON \
+        RSD RUB SAR SBD SCR SDG SEK SGD SHP SLE SLL SOS SRD SSP STN SVC SYP SZL THB TJS TMT \
+        TOP TRY TTD TWD TZS UAH USD USN UYU UZS VED VES WST XCD XCG YER ZAR ZMW ZWG ZWL";
+    let listed = |list: &str| list.split_ascii_whitespace().any(|c| c == code);
+    [(ZERO, 0), (TWO, 2), (THREE, 3), (FOUR, 4)]
+        .into_iter()
+        .find(|(list, _)| listed(list))
+        .map(|(_, places)| places)
 }
 
 fn build_event(
@@ -449,10 +721,6 @@ fn build_event(
                     (!t.is_empty()).then(|| t.to_uppercase())
                 }
             };
-            let amount = f.long("amount")?;
-            if amount < 0 {
-                return Err(DecodeError::invalid("amount", "is negative"));
-            }
             let currency = f.string("currency")?;
             if currency.len() != 3 || !currency.bytes().all(|b| b.is_ascii_uppercase()) {
                 return Err(DecodeError::invalid(
@@ -463,6 +731,8 @@ fn build_event(
                     ),
                 ));
             }
+            // After the currency: a decimal amount needs its minor unit.
+            let amount = f.amount(&currency)?;
             EventBody::Visit {
                 visit_type,
                 treatment,
@@ -916,10 +1186,603 @@ mod tests {
         assert_eq!(
             e,
             DecodeError::IncompatibleField {
-                field: "cost".into()
+                field: "cost".into(),
+                written: "string".into(),
+                expected: expected_type("cost", "string"),
             }
         );
         assert_eq!(e.reason(), "schema_mismatch");
+        assert!(!e.to_string().contains("twelve"), "{e}");
+    }
+
+    // --- Interop: writer schemas as other producers write them -------------
+    //
+    // Records are encoded with apache-avro straight from a hand-written writer
+    // schema and served by a registry stub (Confluent framing), so these tests
+    // do not depend on fingerprints. tests/codec_interop.rs does the same with
+    // bytes written by fastavro, in both framings.
+
+    /// `samples()[0]` (a MARKETING send on WECHAT) as written with send.avsc.
+    fn send_fields() -> Vec<(String, Value)> {
+        let s = |v: &str| Value::String(v.to_owned());
+        vec![
+            ("event_id".into(), s("evt-1")),
+            ("tenant_id".into(), s("glow")),
+            ("customer_id".into(), s("cust/42")),
+            ("occurred_at".into(), Value::TimestampMillis(NOW - 60_000)),
+            ("channel".into(), Value::Enum(0, "WECHAT".into())),
+            ("message_id".into(), s("m1")),
+            ("campaign_id".into(), Value::Union(1, Box::new(s("spring")))),
+            ("purpose".into(), Value::Enum(0, "MARKETING".into())),
+            ("cost".into(), Value::Union(1, Box::new(Value::Long(12)))),
+        ]
+    }
+
+    /// `samples()[6]` (a BOTOX treatment, 3,800.00 CNY) as written with visit.avsc.
+    fn visit_fields() -> Vec<(String, Value)> {
+        let s = |v: &str| Value::String(v.to_owned());
+        vec![
+            ("event_id".into(), s("evt-1")),
+            ("tenant_id".into(), s("glow")),
+            ("customer_id".into(), s("cust/42")),
+            ("occurred_at".into(), Value::TimestampMillis(NOW - 60_000)),
+            ("visit_type".into(), Value::Enum(1, "TREATMENT".into())),
+            ("treatment".into(), Value::Union(1, Box::new(s("BOTOX")))),
+            ("amount".into(), Value::Long(380_000)),
+            ("currency".into(), s("CNY")),
+        ]
+    }
+
+    fn visit_schema_json() -> serde_json::Value {
+        serde_json::from_str(include_str!("../../schemas/visit.avsc")).unwrap()
+    }
+
+    fn set(fields: &mut [(String, Value)], name: &str, value: Value) {
+        fields.iter_mut().find(|(n, _)| n == name).unwrap().1 = value;
+    }
+
+    /// Gives field `name` of a schema JSON another type (and no default: a
+    /// writer's defaults play no part in decoding).
+    fn retype(json: &mut serde_json::Value, name: &str, ty: serde_json::Value) {
+        let fields = json["fields"].as_array_mut().unwrap();
+        let field = fields.iter_mut().find(|f| f["name"] == name).unwrap();
+        field["type"] = ty;
+        field.as_object_mut().unwrap().remove("default");
+    }
+
+    /// Decodes `fields` written with `writer_json`, Confluent-framed, by a
+    /// decoder whose schemas are the repository's with `readers` replacing
+    /// top-level files.
+    async fn decode_written(
+        writer_json: &serde_json::Value,
+        fields: Vec<(String, Value)>,
+        kind: EventKind,
+        readers: &[(&str, serde_json::Value)],
+    ) -> Result<Event, DecodeError> {
+        let writer = Schema::parse_str(&writer_json.to_string()).unwrap();
+        let body = apache_avro::to_avro_datum(&writer, Value::Record(fields)).unwrap();
+        let stub = stub::start([(1, Answer::Avro(writer_json.to_string()))].into()).await;
+        let registry = RegistryClient::new(&stub.base, Duration::from_secs(2)).unwrap();
+        let schemas = if readers.is_empty() {
+            schemas()
+        } else {
+            let tmp = tempfile::tempdir().unwrap();
+            for (name, text) in dir_files() {
+                std::fs::write(tmp.path().join(name), text).unwrap();
+            }
+            for (name, json) in readers {
+                std::fs::write(tmp.path().join(name), json.to_string()).unwrap();
+            }
+            SchemaSet::load(tmp.path()).unwrap()
+        };
+        Decoder::new(schemas, Some(registry), DecodeLimits::default())
+            .decode(kind, Some(b"glow/cust/42"), &frame_confluent(1, &body), NOW)
+            .await
+    }
+
+    #[tokio::test]
+    async fn finer_timestamps_are_converted_to_milliseconds() {
+        let (event, _) = samples().remove(0);
+        let ms = NOW - 60_000;
+        let cases = [
+            (
+                serde_json::json!({"type": "long", "logicalType": "timestamp-micros"}),
+                Value::TimestampMicros(ms * 1_000 + 999),
+            ),
+            (
+                serde_json::json!({"type": "long", "logicalType": "timestamp-nanos"}),
+                Value::TimestampNanos(ms * 1_000_000 + 999_999),
+            ),
+            (
+                serde_json::json!(["null", {"type": "long", "logicalType": "timestamp-micros"}]),
+                Value::Union(1, Box::new(Value::TimestampMicros(ms * 1_000))),
+            ),
+            (serde_json::json!("long"), Value::Long(ms)),
+        ];
+        for (ty, value) in cases {
+            let mut json = send_schema_json();
+            retype(&mut json, "occurred_at", ty.clone());
+            let mut fields = send_fields();
+            set(&mut fields, "occurred_at", value);
+            let decoded = decode_written(&json, fields, EventKind::Send, &[])
+                .await
+                .unwrap_or_else(|e| panic!("{ty}: {e}"));
+            assert_eq!(decoded, event, "{ty}");
+        }
+    }
+
+    #[tokio::test]
+    async fn local_timestamps_dates_and_nulls_are_refused_clearly() {
+        let ms = NOW - 60_000;
+        for (logical, value) in [
+            ("local-timestamp-millis", Value::LocalTimestampMillis(ms)),
+            (
+                "local-timestamp-micros",
+                Value::LocalTimestampMicros(ms * 1000),
+            ),
+        ] {
+            let mut json = send_schema_json();
+            retype(
+                &mut json,
+                "occurred_at",
+                serde_json::json!({"type": "long", "logicalType": logical}),
+            );
+            let mut fields = send_fields();
+            set(&mut fields, "occurred_at", value);
+            let e = decode_written(&json, fields, EventKind::Send, &[])
+                .await
+                .unwrap_err();
+            assert_eq!(e.reason(), "schema_mismatch", "{e}");
+            let msg = e.to_string();
+            assert!(msg.contains(&format!("written as {logical}")), "{msg}");
+            assert!(msg.contains("no time zone"), "{msg}");
+            assert!(msg.contains("timestamp-millis"), "{msg}");
+        }
+
+        let mut json = send_schema_json();
+        retype(
+            &mut json,
+            "occurred_at",
+            serde_json::json!({"type": "int", "logicalType": "date"}),
+        );
+        let mut fields = send_fields();
+        set(&mut fields, "occurred_at", Value::Date(20_000));
+        let e = decode_written(&json, fields, EventKind::Send, &[])
+            .await
+            .unwrap_err();
+        assert_eq!(e.reason(), "schema_mismatch");
+        assert!(e.to_string().contains("written as date"), "{e}");
+
+        // A nullable writer field that lapse requires: fine until it is null.
+        let mut json = send_schema_json();
+        retype(
+            &mut json,
+            "message_id",
+            serde_json::json!(["null", "string"]),
+        );
+        let mut fields = send_fields();
+        set(
+            &mut fields,
+            "message_id",
+            Value::Union(1, Box::new(Value::String("m1".into()))),
+        );
+        decode_written(&json, fields.clone(), EventKind::Send, &[])
+            .await
+            .unwrap();
+        set(
+            &mut fields,
+            "message_id",
+            Value::Union(0, Box::new(Value::Null)),
+        );
+        let e = decode_written(&json, fields, EventKind::Send, &[])
+            .await
+            .unwrap_err();
+        assert_eq!(e.reason(), "invalid_field");
+        assert!(
+            e.to_string().contains("`message_id` is invalid: is null"),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn union_branch_order_and_promotions() {
+        let (event, _) = samples().remove(0);
+        let mut json = send_schema_json();
+        retype(
+            &mut json,
+            "campaign_id",
+            serde_json::json!(["string", "null"]),
+        );
+        retype(&mut json, "cost", serde_json::json!(["long", "null"]));
+        let mut fields = send_fields();
+        set(
+            &mut fields,
+            "campaign_id",
+            Value::Union(0, Box::new(Value::String("spring".into()))),
+        );
+        set(
+            &mut fields,
+            "cost",
+            Value::Union(0, Box::new(Value::Long(12))),
+        );
+        let decoded = decode_written(&json, fields.clone(), EventKind::Send, &[])
+            .await
+            .unwrap();
+        assert_eq!(decoded, event);
+        set(
+            &mut fields,
+            "campaign_id",
+            Value::Union(1, Box::new(Value::Null)),
+        );
+        set(&mut fields, "cost", Value::Union(1, Box::new(Value::Null)));
+        let decoded = decode_written(&json, fields, EventKind::Send, &[])
+            .await
+            .unwrap();
+        assert!(matches!(
+            decoded.body,
+            EventBody::Send {
+                campaign_id: None,
+                cost: None,
+                ..
+            }
+        ));
+
+        // int -> long, as a plain type and in a union; non-union writer for a
+        // reader union.
+        for (ty, value) in [
+            (serde_json::json!("int"), Value::Int(12)),
+            (
+                serde_json::json!(["null", "int"]),
+                Value::Union(1, Box::new(Value::Int(12))),
+            ),
+            (serde_json::json!("long"), Value::Long(12)),
+        ] {
+            let mut json = send_schema_json();
+            retype(&mut json, "cost", ty.clone());
+            retype(&mut json, "campaign_id", serde_json::json!("string"));
+            let mut fields = send_fields();
+            set(&mut fields, "cost", value);
+            set(&mut fields, "campaign_id", Value::String("spring".into()));
+            let decoded = decode_written(&json, fields, EventKind::Send, &[])
+                .await
+                .unwrap_or_else(|e| panic!("{ty}: {e}"));
+            assert_eq!(decoded, event, "{ty}");
+        }
+
+        // float/double are not promoted to long.
+        let mut json = send_schema_json();
+        retype(&mut json, "cost", serde_json::json!(["null", "double"]));
+        let mut fields = send_fields();
+        set(
+            &mut fields,
+            "cost",
+            Value::Union(1, Box::new(Value::Double(0.12))),
+        );
+        let e = decode_written(&json, fields, EventKind::Send, &[])
+            .await
+            .unwrap_err();
+        assert_eq!(e.reason(), "schema_mismatch");
+        assert!(e.to_string().contains("written as double"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn strings_from_bytes_and_uuids() {
+        let uuid = "0f8fad5b-d9cb-469f-a165-70867728950e";
+        let mut json = send_schema_json();
+        retype(
+            &mut json,
+            "event_id",
+            serde_json::json!({"type": "string", "logicalType": "uuid"}),
+        );
+        retype(&mut json, "message_id", serde_json::json!("bytes"));
+        retype(
+            &mut json,
+            "campaign_id",
+            serde_json::json!(["null", "bytes"]),
+        );
+        let mut fields = send_fields();
+        set(
+            &mut fields,
+            "event_id",
+            Value::Uuid(apache_avro::Uuid::parse_str(uuid).unwrap()),
+        );
+        set(&mut fields, "message_id", Value::Bytes(b"m1".to_vec()));
+        set(
+            &mut fields,
+            "campaign_id",
+            Value::Union(1, Box::new(Value::Bytes(b"spring".to_vec()))),
+        );
+        let decoded = decode_written(&json, fields.clone(), EventKind::Send, &[])
+            .await
+            .unwrap();
+        let (mut event, _) = samples().remove(0);
+        event.event_id = uuid.into();
+        assert_eq!(decoded, event);
+
+        set(
+            &mut fields,
+            "message_id",
+            Value::Bytes(b"\xff\xfesecret".to_vec()),
+        );
+        let e = decode_written(&json, fields, EventKind::Send, &[])
+            .await
+            .unwrap_err();
+        assert_eq!(e.reason(), "schema_mismatch");
+        assert!(e.to_string().contains("bytes that are not UTF-8"), "{e}");
+        assert!(!e.to_string().contains("secret"), "{e}");
+    }
+
+    /// A decimal as apache-avro writes it: big-endian two's complement.
+    fn dec(unscaled: i128) -> Value {
+        Value::Decimal(apache_avro::Decimal::from(unscaled.to_be_bytes().to_vec()))
+    }
+
+    async fn visit_with_amount(
+        ty: serde_json::Value,
+        amount: Value,
+        currency: &str,
+    ) -> Result<Event, DecodeError> {
+        let mut json = visit_schema_json();
+        retype(&mut json, "amount", ty);
+        let mut fields = visit_fields();
+        set(&mut fields, "amount", amount);
+        set(&mut fields, "currency", Value::String(currency.into()));
+        decode_written(&json, fields, EventKind::Visit, &[]).await
+    }
+
+    fn amount_of(e: &Event) -> i64 {
+        match e.body {
+            EventBody::Visit { amount, .. } => amount,
+            _ => panic!("not a visit"),
+        }
+    }
+
+    #[tokio::test]
+    async fn decimal_amounts_become_exact_minor_units() {
+        let bytes = |scale: u32| serde_json::json!({"type": "bytes", "logicalType": "decimal", "precision": 38, "scale": scale});
+        let fixed = serde_json::json!({"type": "fixed", "name": "Money", "size": 8,
+            "logicalType": "decimal", "precision": 18, "scale": 2});
+        let ok = [
+            (bytes(2), dec(380_000), "CNY", 380_000),
+            (fixed.clone(), dec(128_050), "CNY", 128_050),
+            (bytes(0), dec(1280), "CNY", 128_000),
+            (bytes(4), dec(12_3400), "CNY", 1234),
+            (bytes(2), dec(150_000), "JPY", 1500),
+            (bytes(2), dec(1250), "KWD", 12_500),
+            (bytes(2), dec(0), "CNY", 0),
+            (bytes(30), dec(0), "CNY", 0),
+            (
+                serde_json::json!(["null", bytes(2)]),
+                Value::Union(1, Box::new(dec(99))),
+                "CNY",
+                99,
+            ),
+        ];
+        for (ty, amount, currency, minor) in ok {
+            let e = visit_with_amount(ty.clone(), amount, currency)
+                .await
+                .unwrap_or_else(|e| panic!("{ty} {currency}: {e}"));
+            assert_eq!(amount_of(&e), minor, "{ty} {currency}");
+        }
+
+        let refused = [
+            (bytes(2), dec(150_050), "JPY", "does not round"),
+            (bytes(3), dec(12_345), "CNY", "does not round"),
+            (bytes(2), dec(100), "XAU", "decimal places XAU has"),
+            (bytes(2), dec(-100), "CNY", "is negative"),
+            (bytes(0), dec(i128::from(i64::MAX)), "CNY", "too large"),
+            (bytes(0), dec(10i128.pow(30)), "JPY", "too large"),
+        ];
+        for (ty, amount, currency, says) in refused {
+            let e = visit_with_amount(ty.clone(), amount, currency)
+                .await
+                .unwrap_err();
+            assert_eq!(e.reason(), "invalid_field", "{ty} {currency}: {e}");
+            assert!(e.to_string().contains(says), "{e}");
+            assert!(e.to_string().contains("`amount`"), "{e}");
+        }
+
+        // A string says nothing about its unit: refused, with what to send.
+        let e = visit_with_amount(
+            serde_json::json!("string"),
+            Value::String("3800.00".into()),
+            "CNY",
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(e.reason(), "schema_mismatch");
+        let msg = e.to_string();
+        assert!(msg.contains("`amount` is written as string"), "{msg}");
+        assert!(msg.contains("a long in minor units"), "{msg}");
+        assert!(!msg.contains("3800"), "{msg}");
+
+        // Other long fields take no decimals (a send has no currency).
+        let mut json = send_schema_json();
+        retype(&mut json, "cost", serde_json::json!(["null", bytes(2)]));
+        let mut fields = send_fields();
+        set(&mut fields, "cost", Value::Union(1, Box::new(dec(12))));
+        let e = decode_written(&json, fields, EventKind::Send, &[])
+            .await
+            .unwrap_err();
+        assert_eq!(e.reason(), "schema_mismatch");
+        assert!(e.to_string().contains("written as decimal"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn unknown_symbols_take_the_reader_default_or_are_refused_clearly() {
+        let mut json = send_schema_json();
+        json["fields"][4]["type"]["symbols"]
+            .as_array_mut()
+            .unwrap()
+            .push("DOUYIN".into());
+        let mut fields = send_fields();
+        set(&mut fields, "channel", Value::Enum(5, "DOUYIN".into()));
+
+        let e = decode_written(&json, fields.clone(), EventKind::Send, &[])
+            .await
+            .unwrap_err();
+        assert_eq!(e.reason(), "bad_enum");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("field `channel` has symbol \"DOUYIN\""),
+            "{msg}"
+        );
+        assert!(msg.contains("WECHAT, SMS, PHONE, EMAIL, SOCIAL"), "{msg}");
+        assert!(msg.contains("`default`"), "{msg}");
+
+        // A reader schema whose enum has a default reads unknown symbols as it.
+        let mut reader = send_schema_json();
+        reader["fields"][4]["type"]["default"] = "SOCIAL".into();
+        let decoded = decode_written(&json, fields, EventKind::Send, &[("send.avsc", reader)])
+            .await
+            .unwrap();
+        assert!(matches!(
+            decoded.body,
+            EventBody::Send {
+                channel: Channel::Social,
+                ..
+            }
+        ));
+
+        // A string written for the enum: shown only if it looks like a symbol.
+        let mut json = visit_schema_json();
+        retype(&mut json, "visit_type", serde_json::json!("string"));
+        let mut fields = visit_fields();
+        set(&mut fields, "visit_type", Value::String("CHECKUP".into()));
+        let e = decode_written(&json, fields.clone(), EventKind::Visit, &[])
+            .await
+            .unwrap_err();
+        assert_eq!(e.reason(), "bad_enum");
+        assert!(e.to_string().contains("\"CHECKUP\""), "{e}");
+        assert!(e.to_string().contains(VISIT_TYPE_SYMBOLS), "{e}");
+        set(
+            &mut fields,
+            "visit_type",
+            Value::String("call 13800000000".into()),
+        );
+        let e = decode_written(&json, fields.clone(), EventKind::Visit, &[])
+            .await
+            .unwrap_err();
+        assert_eq!(e.reason(), "bad_enum");
+        assert!(!e.to_string().contains("13800000000"), "{e}");
+        set(&mut fields, "visit_type", Value::String("TREATMENT".into()));
+        decode_written(&json, fields, EventKind::Visit, &[])
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn records_match_by_unqualified_name_or_reader_alias() {
+        let (event, _) = samples().remove(0);
+        let strip = |json: &mut serde_json::Value| {
+            json.as_object_mut().unwrap().remove("namespace");
+        };
+        let mut bare = send_schema_json();
+        strip(&mut bare);
+        let mut other = send_schema_json();
+        other["namespace"] = "com.clinic.events".into();
+        for json in [bare, other] {
+            let decoded = decode_written(&json, send_fields(), EventKind::Send, &[])
+                .await
+                .unwrap();
+            assert_eq!(decoded, event, "{}", json["namespace"]);
+        }
+
+        let mut renamed = send_schema_json();
+        renamed["name"] = "MessageSent".into();
+        renamed["namespace"] = "com.clinic.events".into();
+        let e = decode_written(&renamed, send_fields(), EventKind::Send, &[])
+            .await
+            .unwrap_err();
+        assert_eq!(e.reason(), "schema_mismatch");
+        assert!(
+            e.to_string().contains("com.clinic.events.MessageSent"),
+            "{e}"
+        );
+        let mut reader = send_schema_json();
+        reader["aliases"] = serde_json::json!(["com.clinic.events.MessageSent"]);
+        let decoded = decode_written(
+            &renamed,
+            send_fields(),
+            EventKind::Send,
+            &[("send.avsc", reader)],
+        )
+        .await
+        .unwrap();
+        assert_eq!(decoded, event);
+    }
+
+    #[tokio::test]
+    async fn extra_reordered_and_missing_optional_fields() {
+        let (mut event, _) = samples().remove(0);
+        let mut json = send_schema_json();
+        let fields_json = json["fields"].as_array_mut().unwrap();
+        fields_json.retain(|f| f["name"] != "campaign_id" && f["name"] != "cost");
+        fields_json.reverse();
+        fields_json.push(serde_json::json!({"name": "locale", "type": "string"}));
+        let mut fields = send_fields();
+        fields.retain(|(n, _)| n != "campaign_id" && n != "cost");
+        fields.reverse();
+        fields.push(("locale".into(), Value::String("zh-CN".into())));
+        let decoded = decode_written(&json, fields, EventKind::Send, &[])
+            .await
+            .unwrap();
+        if let EventBody::Send {
+            campaign_id, cost, ..
+        } = &mut event.body
+        {
+            *campaign_id = None;
+            *cost = None;
+        }
+        assert_eq!(decoded, event);
+    }
+
+    #[test]
+    fn minor_units_and_big_endian_integers() {
+        assert_eq!(minor_unit_exponent("CNY"), Some(2));
+        assert_eq!(minor_unit_exponent("JPY"), Some(0));
+        assert_eq!(minor_unit_exponent("KRW"), Some(0));
+        assert_eq!(minor_unit_exponent("KWD"), Some(3));
+        assert_eq!(minor_unit_exponent("CLF"), Some(4));
+        assert_eq!(minor_unit_exponent("XAU"), None);
+        assert_eq!(minor_unit_exponent("CN"), None);
+
+        assert_eq!(i128_from_be(&[]), Some(0));
+        assert_eq!(i128_from_be(&[0x01, 0x00]), Some(256));
+        assert_eq!(i128_from_be(&[0xFF]), Some(-1));
+        assert_eq!(i128_from_be(&[0xFF, 0x7F]), Some(-129));
+        let mut wide = vec![0u8; 20];
+        wide[19] = 5;
+        assert_eq!(i128_from_be(&wide), Some(5));
+        let mut neg = vec![0xFFu8; 20];
+        neg[19] = 0xFE;
+        assert_eq!(i128_from_be(&neg), Some(-2));
+        wide[3] = 1;
+        assert_eq!(i128_from_be(&wide), None);
+        // 17 bytes whose low 16 would read as negative: does not fit.
+        let mut edge = vec![0u8; 17];
+        edge[1] = 0x80;
+        assert_eq!(i128_from_be(&edge), None);
+        assert_eq!(i128_from_be(&i128::MIN.to_be_bytes()), Some(i128::MIN));
+    }
+
+    #[test]
+    fn symbol_lists_are_what_the_code_parses() {
+        for s in CHANNEL_SYMBOLS.split(", ") {
+            assert!(Channel::parse(s).is_some(), "{s}");
+        }
+        assert_eq!(CHANNEL_SYMBOLS.split(", ").count(), Channel::ALL.len());
+        for s in PURPOSE_SYMBOLS.split(", ") {
+            assert!(Purpose::parse(s).is_some(), "{s}");
+        }
+        for s in VISIT_TYPE_SYMBOLS.split(", ") {
+            assert!(VisitType::parse(s).is_some(), "{s}");
+        }
+        assert_eq!(shown_symbol("DOUYIN"), "\"DOUYIN\"");
+        assert_eq!(shown_symbol("_A1"), "\"_A1\"");
+        for hidden in ["", "1A", "a b", "退订", &"A".repeat(65)] {
+            assert!(!shown_symbol(hidden).contains('"'), "{hidden}");
+        }
     }
 
     #[tokio::test]

@@ -33,11 +33,17 @@ pub enum DecodeError {
     #[error("schema id {id} is a {schema_type} schema, not Avro; produce Avro to lapse topics")]
     UnsupportedSchemaType { id: u32, schema_type: String },
 
+    #[error("schema id {id} uses Confluent schema references ({references}), which lapse does not resolve; register the producer's schema self-contained (the referenced types defined inline, no `references`) and replay from the DLQ")]
+    SchemaReferences { id: u32, references: String },
+
     #[error("writer schema {source_desc} is unusable: {detail}; register a self-contained Avro record schema")]
     BadWriterSchema { source_desc: String, detail: String },
 
     #[error("no schema with fingerprint {fingerprint:016x} (CRC-64-AVRO, as read from the single-object header) in the schemas directory; add the producer's schema version (e.g. under schemas/history/) or fix the producer")]
     UnknownFingerprint { fingerprint: u64 },
+
+    #[error("single-object fingerprint {fingerprint:016x} is the non-standard one lapse 0.1 wrote (schema.accept_legacy_fingerprints = false); re-encode with a standard Avro library (CRC-64-AVRO of the Parsing Canonical Form), or accept it again during the migration")]
+    LegacyFingerprint { fingerprint: u64 },
 
     #[error("Avro body does not match its writer schema: {detail}; the record is corrupt or framed with the wrong schema")]
     AvroDecode { detail: String },
@@ -45,14 +51,25 @@ pub enum DecodeError {
     #[error("record {found} on a topic for {expected}; the producer writes to the wrong topic or uses the wrong schema")]
     SchemaMismatch { expected: String, found: String },
 
-    #[error("field `{field}` of the writer schema has a type that cannot be read as lapse's reader type; make the producer's schema compatible with schemas/")]
-    IncompatibleField { field: String },
+    /// `written` is a type name (`string`, `timestamp-micros`), never a value.
+    #[error("field `{field}` is written as {written}, which lapse cannot read there; the producer must send {expected} (see lapse's schemas/)")]
+    IncompatibleField {
+        field: String,
+        written: String,
+        expected: String,
+    },
 
     #[error("required field `{field}` is missing from the writer schema and has no default; the producer must set it")]
     MissingField { field: String },
 
-    #[error("field `{field}` has symbol {symbol:?} unknown to lapse; add it to the reader schema (and the code) or fix the producer")]
-    BadEnum { field: String, symbol: String },
+    /// `symbol` is shown only when it is a valid Avro symbol (a producer
+    /// writing a string for the enum could put anything there).
+    #[error("field `{field}` has symbol {symbol} that lapse does not know (it knows {known}); the producer must send one of those, or the enum in lapse's reader schema (schemas/) must declare a `default` among them, which unknown symbols are then read as")]
+    BadEnum {
+        field: String,
+        symbol: String,
+        known: String,
+    },
 
     #[error("field `{field}` is invalid: {problem}")]
     InvalidField { field: String, problem: String },
@@ -77,8 +94,10 @@ impl DecodeError {
         "registry_not_configured",
         "registry_unavailable",
         "unsupported_schema_type",
+        "schema_references",
         "bad_writer_schema",
         "unknown_fingerprint",
+        "legacy_fingerprint",
         "avro_decode",
         "schema_mismatch",
         "missing_field",
@@ -99,8 +118,10 @@ impl DecodeError {
             DecodeError::RegistryNotConfigured { .. } => "registry_not_configured",
             DecodeError::RegistryUnavailable { .. } => "registry_unavailable",
             DecodeError::UnsupportedSchemaType { .. } => "unsupported_schema_type",
+            DecodeError::SchemaReferences { .. } => "schema_references",
             DecodeError::BadWriterSchema { .. } => "bad_writer_schema",
             DecodeError::UnknownFingerprint { .. } => "unknown_fingerprint",
+            DecodeError::LegacyFingerprint { .. } => "legacy_fingerprint",
             DecodeError::AvroDecode { .. } => "avro_decode",
             DecodeError::SchemaMismatch { .. } | DecodeError::IncompatibleField { .. } => {
                 "schema_mismatch"
@@ -170,6 +191,12 @@ pub enum CodecError {
     #[error("schema registry URL {url:?}: {detail}")]
     RegistryUrl { url: String, detail: String },
 
+    #[error("schema registry at {url} unreachable: {detail}")]
+    RegistryUnreachable { url: String, detail: String },
+
+    #[error("the schema registry refused subject {subject}: {detail}")]
+    RegistryRefused { subject: String, detail: String },
+
     #[error("building the schema registry HTTP client: {0}")]
     HttpClient(String),
 }
@@ -203,21 +230,31 @@ mod tests {
                 id: 1,
                 schema_type: "PROTOBUF".into(),
             },
+            DecodeError::SchemaReferences {
+                id: 1,
+                references: "a.B (subject b, version 1)".into(),
+            },
             DecodeError::BadWriterSchema {
                 source_desc: "x".into(),
                 detail: "x".into(),
             },
             DecodeError::UnknownFingerprint { fingerprint: 1 },
+            DecodeError::LegacyFingerprint { fingerprint: 1 },
             DecodeError::AvroDecode { detail: "x".into() },
             DecodeError::SchemaMismatch {
                 expected: "a".into(),
                 found: "b".into(),
             },
-            DecodeError::IncompatibleField { field: "f".into() },
+            DecodeError::IncompatibleField {
+                field: "f".into(),
+                written: "string".into(),
+                expected: "a long".into(),
+            },
             DecodeError::MissingField { field: "f".into() },
             DecodeError::BadEnum {
                 field: "f".into(),
-                symbol: "S".into(),
+                symbol: "\"S\"".into(),
+                known: "A, B".into(),
             },
             DecodeError::invalid("f", "p"),
             DecodeError::TimestampInFuture {

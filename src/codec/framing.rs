@@ -29,6 +29,15 @@ pub enum Frame<'a> {
     SingleObject { fingerprint: u64, body: &'a [u8] },
 }
 
+impl<'a> Frame<'a> {
+    /// The Avro datum after the header, whichever the framing.
+    pub fn body(&self) -> &'a [u8] {
+        match *self {
+            Frame::Confluent { body, .. } | Frame::SingleObject { body, .. } => body,
+        }
+    }
+}
+
 /// Detects the framing of one record. Never allocates beyond the error text.
 pub fn parse_frame(payload: &[u8]) -> Result<Frame<'_>, DecodeError> {
     match payload {

@@ -2,6 +2,8 @@
 //!
 //! * [`framing`]: Confluent (`0x00` + schema id) and single-object (`C3 01` +
 //!   fingerprint) framings, detected per record.
+//! * [`canonical`]: Parsing Canonical Form and CRC-64-AVRO, as the specification
+//!   and Java compute them.
 //! * [`schemas`]: the `schemas/` directory (reader schemas, writer versions by fingerprint).
 //! * [`registry`]: Confluent Schema Registry client with a bounded cache.
 //! * [`decode`]: bytes → validated [`crate::domain::event::Event`]; reply text is
@@ -9,6 +11,7 @@
 //! * [`encode`]: events and output values → framed bytes.
 //! * [`error`]: per-record [`DecodeError`] (with metric reason) and start-up [`CodecError`].
 
+pub mod canonical;
 pub mod decode;
 pub mod encode;
 pub mod error;

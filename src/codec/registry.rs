@@ -28,7 +28,8 @@ pub struct RegistryOptions {
     pub timeout: Duration,
     /// Parsed schemas cached by id.
     pub cache_capacity: usize,
-    /// How long a 404 is remembered before asking again.
+    /// How long a permanent answer (404, or a schema lapse cannot use) is
+    /// remembered before asking again.
     pub not_found_ttl: Duration,
     /// After a transient failure, uncached lookups fail at once for this long
     /// instead of each waiting for its own timeout (a batch of records with a
@@ -50,7 +51,10 @@ impl Default for RegistryOptions {
 #[derive(Default)]
 struct State {
     schemas: HashMap<u32, Arc<Schema>>,
-    not_found: HashMap<u32, Instant>,
+    /// Ids answered with a permanent error (404, references, not Avro, not
+    /// parseable), with when: a stream of such records costs one request, not
+    /// one per record.
+    not_found: HashMap<u32, (Instant, DecodeError)>,
     down: Option<(Instant, String)>,
 }
 
@@ -167,9 +171,9 @@ impl RegistryClient {
                 return Ok(s.clone());
             }
             let now = Instant::now();
-            if let Some(at) = st.not_found.get(&id) {
+            if let Some((at, error)) = st.not_found.get(&id) {
                 if now.duration_since(*at) < self.inner.opts.not_found_ttl {
-                    return Err(DecodeError::UnknownSchemaId { id });
+                    return Err(error.clone());
                 }
                 st.not_found.remove(&id);
             }
@@ -200,17 +204,16 @@ impl RegistryClient {
                     .clone();
                 return Ok(kept);
             }
-            Err(DecodeError::UnknownSchemaId { .. }) => {
+            Err(DecodeError::RegistryUnavailable { detail, .. }) => {
+                st.down = Some((Instant::now(), detail.clone()));
+            }
+            Err(permanent) => {
                 st.down = None;
                 if st.not_found.len() >= MAX_NOT_FOUND {
                     st.not_found.clear();
                 }
-                st.not_found.insert(id, Instant::now());
+                st.not_found.insert(id, (Instant::now(), permanent.clone()));
             }
-            Err(DecodeError::RegistryUnavailable { detail, .. }) => {
-                st.down = Some((Instant::now(), detail.clone()));
-            }
-            Err(_) => st.down = None,
         }
         result
     }
@@ -242,6 +245,87 @@ impl RegistryClient {
         }
     }
 
+    /// The id of `schema_json` under `subject`, registering it first when
+    /// `register` (`POST /subjects/{subject}/versions`; the registry answers
+    /// the existing id for a schema it has) or only looking it up otherwise
+    /// (`POST /subjects/{subject}`). An unreachable registry is
+    /// [`CodecError::RegistryUnreachable`] (worth retrying); a refusal
+    /// (incompatible, forbidden, not registered) is [`CodecError::RegistryRefused`].
+    pub async fn subject_schema_id(
+        &self,
+        subject: &str,
+        schema_json: &str,
+        register: bool,
+    ) -> Result<u32, CodecError> {
+        let path = if register {
+            format!("/subjects/{}/versions", path_segment(subject))
+        } else {
+            format!("/subjects/{}", path_segment(subject))
+        };
+        let url = format!("{}{path}", self.inner.base);
+        let unreachable = |detail: String| CodecError::RegistryUnreachable {
+            url: self.inner.base.clone(),
+            detail,
+        };
+        let req = self
+            .inner
+            .http
+            .post(&url)
+            .header(
+                reqwest::header::CONTENT_TYPE,
+                "application/vnd.schemaregistry.v1+json",
+            )
+            .header(
+                reqwest::header::ACCEPT,
+                "application/vnd.schemaregistry.v1+json, application/json",
+            )
+            .body(serde_json::json!({ "schema": schema_json }).to_string());
+        let req = match &self.inner.auth {
+            Some((user, pass)) => req.basic_auth(user, Some(pass)),
+            None => req,
+        };
+        let resp = req.send().await.map_err(|e| unreachable(describe(&e)))?;
+        let status = resp.status();
+        let body = read_limited(resp)
+            .await
+            .map_err(|e| unreachable(format!("POST {path}: {e}")))?;
+        if status.is_server_error() {
+            return Err(unreachable(format!("POST {path} answered HTTP {status}")));
+        }
+        let refused = |detail: String| CodecError::RegistryRefused {
+            subject: subject.to_owned(),
+            detail,
+        };
+        if !status.is_success() {
+            // Confluent's error body: {"error_code": 40403, "message": "..."}.
+            let message = serde_json::from_slice::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v.get("message").and_then(|m| m.as_str()).map(str::to_owned))
+                .unwrap_or_default();
+            let hint = match (status.as_u16(), register) {
+                (401 | 403, _) => "check the registry credentials in schema.registry_url, or give lapse's user the right to register (or set outputs.register_schemas = false and register the schemas yourself)",
+                (404, false) => "the schema is not registered under this subject: register schemas/ with the registry, or set outputs.register_schemas = true",
+                (409, _) => "the subject's compatibility rules refuse this schema: check the subject's earlier versions and compatibility level",
+                (422, _) => "the registry does not accept the schema as Avro",
+                _ => "check the registry and the subject",
+            };
+            return Err(refused(format!(
+                "POST {path} answered HTTP {status} {}; {hint}",
+                truncate(&message, 300)
+            )));
+        }
+        #[derive(Deserialize)]
+        struct IdResponse {
+            id: u32,
+        }
+        let parsed: IdResponse = serde_json::from_slice(&body).map_err(|e| {
+            unreachable(format!(
+                "POST {path}: answer is not a schema registry response ({e})"
+            ))
+        })?;
+        Ok(parsed.id)
+    }
+
     fn state(&self) -> MutexGuard<'_, State> {
         // The lock only guards map updates; a panic elsewhere cannot leave them torn.
         self.inner.state.lock().unwrap_or_else(|p| p.into_inner())
@@ -261,7 +345,7 @@ impl RegistryClient {
     async fn fetch(&self, id: u32) -> Result<Arc<Schema>, DecodeError> {
         let unavailable = |detail: String| DecodeError::RegistryUnavailable { id, detail };
         let url = format!("{}/schemas/ids/{id}", self.inner.base);
-        let mut resp = self
+        let resp = self
             .request(&url)
             .send()
             .await
@@ -279,15 +363,9 @@ impl RegistryClient {
                 "GET {url} answered HTTP {status}{hint}"
             )));
         }
-        let mut body = Vec::new();
-        while let Some(chunk) = resp.chunk().await.map_err(|e| unavailable(describe(&e)))? {
-            if body.len() + chunk.len() > MAX_RESPONSE_BYTES {
-                return Err(unavailable(format!(
-                    "GET {url}: response larger than {MAX_RESPONSE_BYTES} bytes"
-                )));
-            }
-            body.extend_from_slice(&chunk);
-        }
+        let body = read_limited(resp)
+            .await
+            .map_err(|e| unavailable(format!("GET {url}: {e}")))?;
         // A 200 that is not a registry answer means a misconfigured endpoint:
         // transient, so records wait for the fix instead of being dead-lettered.
         let parsed: SchemaResponse = serde_json::from_slice(&body).map_err(|e| {
@@ -305,9 +383,9 @@ impl RegistryClient {
         }
         let source_desc = format!("id {id} from the registry");
         if !parsed.references.is_empty() {
-            return Err(DecodeError::BadWriterSchema {
-                source_desc,
-                detail: "it uses schema references, which lapse does not resolve".to_owned(),
+            return Err(DecodeError::SchemaReferences {
+                id,
+                references: describe_references(&parsed.references),
             });
         }
         let schema =
@@ -317,6 +395,59 @@ impl RegistryClient {
             })?;
         Ok(Arc::new(schema))
     }
+}
+
+/// A response body of at most [`MAX_RESPONSE_BYTES`].
+async fn read_limited(mut resp: reqwest::Response) -> Result<Vec<u8>, String> {
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(|e| describe(&e))? {
+        if body.len() + chunk.len() > MAX_RESPONSE_BYTES {
+            return Err(format!("response larger than {MAX_RESPONSE_BYTES} bytes"));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// A subject as one URL path segment (topic names may hold `.`, never `/`,
+/// but a configured name is not trusted to be clean).
+fn path_segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// The first few references of a registry answer, as `name (subject S, version
+/// V)`: type and subject names only, bounded.
+fn describe_references(refs: &[serde_json::Value]) -> String {
+    const SHOWN: usize = 3;
+    let field = |r: &serde_json::Value, k: &str| match r.get(k) {
+        Some(serde_json::Value::String(s)) => truncate(s, 100),
+        Some(serde_json::Value::Number(n)) => n.to_string(),
+        _ => "?".to_owned(),
+    };
+    let mut out: Vec<String> = refs
+        .iter()
+        .take(SHOWN)
+        .map(|r| {
+            format!(
+                "{} (subject {}, version {})",
+                field(r, "name"),
+                field(r, "subject"),
+                field(r, "version")
+            )
+        })
+        .collect();
+    if refs.len() > SHOWN {
+        out.push(format!("{} more", refs.len() - SHOWN));
+    }
+    out.join(", ")
 }
 
 /// reqwest errors with their cause chain (the top level alone says only
@@ -572,8 +703,23 @@ mod tests {
             "unsupported_schema_type"
         );
         assert_eq!(c.schema(2).await.unwrap_err().reason(), "bad_writer_schema");
-        assert_eq!(c.schema(3).await.unwrap_err().reason(), "bad_writer_schema");
+        let e = c.schema(3).await.unwrap_err();
+        assert_eq!(e.reason(), "schema_references");
+        assert!(!e.is_transient());
+        assert!(
+            e.to_string()
+                .contains("references (a (subject b, version 1))"),
+            "{e}"
+        );
         c.schema(4).await.unwrap();
+        // Permanent answers are remembered: asking again costs no request.
+        let hits = stub.hits();
+        for id in [1, 2, 3] {
+            let again = c.schema(id).await.unwrap_err();
+            assert!(!again.is_transient());
+        }
+        assert_eq!(c.schema(3).await.unwrap_err(), e);
+        assert_eq!(stub.hits(), hits);
     }
 
     #[tokio::test]

@@ -1,10 +1,11 @@
 //! The schemas directory: reader schemas (top-level files) and every known
 //! writer version (all files, recursively), looked up by CRC-64-AVRO fingerprint
-//! for single-object decoding.
+//! for single-object decoding: the standard one ([`super::canonical`]) and, for
+//! records framed by lapse 0.1, the legacy one.
 
+use super::canonical::{fingerprint_of_json, legacy_fingerprint};
 use super::error::CodecError;
 use crate::domain::event::EventKind;
-use apache_avro::rabin::Rabin;
 use apache_avro::schema::RecordSchema;
 use apache_avro::Schema;
 use std::collections::HashMap;
@@ -90,14 +91,9 @@ pub(crate) fn reader_fields(kind: EventKind) -> &'static [&'static str] {
     }
 }
 
-/// CRC-64-AVRO (Rabin) fingerprint of the schema's parsing canonical form, as a
-/// number; single-object headers carry it little-endian.
-pub fn fingerprint(schema: &Schema) -> u64 {
-    let fp = schema.fingerprint::<Rabin>();
-    let mut bytes = [0u8; 8];
-    bytes.copy_from_slice(&fp.bytes[..8]);
-    u64::from_le_bytes(bytes)
-}
+/// CRC-64-AVRO fingerprint of the schema's Parsing Canonical Form, as the
+/// specification defines it; single-object headers carry it little-endian.
+pub use super::canonical::fingerprint;
 
 /// Fullname of a record schema (`lapse.v1.Send`); `None` for other types.
 pub fn record_fullname(schema: &Schema) -> Option<String> {
@@ -107,20 +103,19 @@ pub fn record_fullname(schema: &Schema) -> Option<String> {
     }
 }
 
-/// Whether a record written as `writer_fullname` may be read with `reader`:
-/// same fullname, or one of the reader's aliases (a renamed record).
+/// Whether a record written as `writer_fullname` may be read with `reader`,
+/// as Avro schema resolution matches records: by unqualified name (a producer's
+/// `Send` or `com.clinic.events.Send` is read as `lapse.v1.Send`), or by one of
+/// the reader's aliases (a renamed record), also compared unqualified.
 pub fn reader_accepts(reader: &Schema, writer_fullname: &str) -> bool {
     let Schema::Record(RecordSchema { name, aliases, .. }) = reader else {
         return false;
     };
-    if name.fullname(None) == writer_fullname {
-        return true;
-    }
-    // The parser already qualifies aliases with the record's namespace.
-    aliases
-        .iter()
-        .flatten()
-        .any(|a| a.fullname(name.namespace.clone()) == writer_fullname)
+    let writer = writer_fullname
+        .rsplit('.')
+        .next()
+        .unwrap_or(writer_fullname);
+    name.name == writer || aliases.iter().flatten().any(|a| a.name() == writer)
 }
 
 #[derive(Debug)]
@@ -128,6 +123,8 @@ struct Named {
     schema: Arc<Schema>,
     fingerprint: u64,
     path: PathBuf,
+    /// The file's JSON, as registered with a schema registry.
+    text: String,
 }
 
 #[derive(Debug)]
@@ -136,6 +133,9 @@ struct Inner {
     readers: Vec<Arc<Schema>>,
     by_name: HashMap<String, Named>,
     by_fingerprint: HashMap<u64, Arc<Schema>>,
+    /// lapse 0.1's fingerprints (apache-avro's canonical form), where they
+    /// differ from the standard one.
+    by_legacy_fingerprint: HashMap<u64, Arc<Schema>>,
 }
 
 /// Reader schemas by record name and writer schemas by fingerprint. Cheap to
@@ -182,14 +182,23 @@ impl SchemaSet {
     ) -> Result<SchemaSet, CodecError> {
         let mut by_name: HashMap<String, Named> = HashMap::new();
         let mut by_fingerprint: HashMap<u64, Arc<Schema>> = HashMap::new();
+        let mut by_legacy_fingerprint: HashMap<u64, Arc<Schema>> = HashMap::new();
         for (path, text, top) in sources {
-            let schema = Schema::parse_str(&text).map_err(|e| CodecError::Parse {
+            let parse_error = |detail: String| CodecError::Parse {
                 path: path.clone(),
-                detail: e.to_string(),
-            })?;
-            let fp = fingerprint(&schema);
+                detail,
+            };
+            let schema = Schema::parse_str(&text).map_err(|e| parse_error(e.to_string()))?;
+            // From the file's own text: exactly what producers fingerprint.
+            let fp = fingerprint_of_json(&text).map_err(|e| parse_error(e.to_string()))?;
+            let legacy = legacy_fingerprint(&schema);
             let schema = Arc::new(schema);
             by_fingerprint.entry(fp).or_insert_with(|| schema.clone());
+            if legacy != fp {
+                by_legacy_fingerprint
+                    .entry(legacy)
+                    .or_insert_with(|| schema.clone());
+            }
             if !top {
                 continue;
             }
@@ -209,6 +218,7 @@ impl SchemaSet {
                     schema,
                     fingerprint: fp,
                     path,
+                    text,
                 },
             );
         }
@@ -246,6 +256,7 @@ impl SchemaSet {
                 readers,
                 by_name,
                 by_fingerprint,
+                by_legacy_fingerprint,
             }),
         })
     }
@@ -265,9 +276,20 @@ impl SchemaSet {
         self.inner.by_name.get(fullname).map(|n| n.fingerprint)
     }
 
+    /// The JSON text of the current version of a record (its file's content).
+    pub fn text_of(&self, fullname: &str) -> Option<&str> {
+        self.inner.by_name.get(fullname).map(|n| n.text.as_str())
+    }
+
     /// Any known version (current or history) by CRC-64-AVRO fingerprint.
     pub fn writer(&self, fingerprint: u64) -> Option<&Arc<Schema>> {
         self.inner.by_fingerprint.get(&fingerprint)
+    }
+
+    /// A known version by the fingerprint lapse 0.1 wrote (apache-avro's
+    /// non-standard canonical form); `None` where that equals the standard one.
+    pub fn legacy_writer(&self, fingerprint: u64) -> Option<&Arc<Schema>> {
+        self.inner.by_legacy_fingerprint.get(&fingerprint)
     }
 
     /// Number of distinct writer schemas known (for the start-up log line).
@@ -477,5 +499,14 @@ pub(crate) mod tests {
         assert!(reader_accepts(&reader, "other.ns.Sent"));
         assert!(!reader_accepts(&reader, "lapse.v1.Click"));
         assert!(!reader_accepts(&Schema::String, "lapse.v1.Send"));
+        // Records match by unqualified name (Avro schema resolution): a
+        // producer's own namespace, or none, is fine; so are aliases.
+        assert!(reader_accepts(&reader, "Send"));
+        assert!(reader_accepts(&reader, "com.clinic.events.Send"));
+        assert!(reader_accepts(&reader, "com.clinic.events.OldSend"));
+        assert!(reader_accepts(&reader, "Sent"));
+        assert!(!reader_accepts(&reader, "com.clinic.events.Sends"));
+        assert!(!reader_accepts(&reader, "Send.Click"));
+        assert!(!reader_accepts(&reader, "send"));
     }
 }

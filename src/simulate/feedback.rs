@@ -23,9 +23,6 @@ use crate::domain::allowance::AllowanceState;
 use crate::domain::event::Channel;
 use crate::domain::lapse::{Segment, Stage};
 
-/// Length of the single-object header (`C3 01` + 8-byte fingerprint).
-const SINGLE_OBJECT_HEADER: usize = 10;
-
 #[derive(Debug, Clone, PartialEq)]
 pub enum Feedback {
     Trigger(TriggerFeedback),
@@ -35,11 +32,10 @@ pub enum Feedback {
 type Fields = BTreeMap<String, Value>;
 
 fn fields(schema: &Schema, payload: &[u8]) -> Option<Fields> {
-    if payload.len() < SINGLE_OBJECT_HEADER || payload[..2] != [0xC3, 0x01] {
-        return None;
-    }
-    let v =
-        apache_avro::from_avro_datum(schema, &mut &payload[SINGLE_OBJECT_HEADER..], None).ok()?;
+    // Either framing (Confluent when lapse runs with a registry): lapse wrote
+    // it with the current schema.
+    let body = crate::codec::parse_frame(payload).ok()?.body();
+    let v = apache_avro::from_avro_datum(schema, &mut &body[..], None).ok()?;
     match v {
         Value::Record(f) => Some(f.into_iter().collect()),
         _ => None,

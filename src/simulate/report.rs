@@ -119,13 +119,10 @@ fn long(f: &[(String, Value)], k: &str) -> i64 {
     }
 }
 
-/// Decodes a `lapse.v1.RecallOutcome` (single-object framing).
+/// Decodes a `lapse.v1.RecallOutcome` (either framing).
 pub fn decode_outcome(schema: &apache_avro::Schema, payload: &[u8]) -> Option<Outcome> {
-    if payload.len() < 10 || payload[..2] != [0xC3, 0x01] {
-        return None;
-    }
-    let Value::Record(f) = apache_avro::from_avro_datum(schema, &mut &payload[10..], None).ok()?
-    else {
+    let body = crate::codec::parse_frame(payload).ok()?.body();
+    let Value::Record(f) = apache_avro::from_avro_datum(schema, &mut &body[..], None).ok()? else {
         return None;
     };
     Some(Outcome {

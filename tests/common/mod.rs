@@ -216,6 +216,27 @@ pub fn tansu_bin() -> PathBuf {
     })
 }
 
+/// The interop tests' independent client: a Python with confluent-kafka and
+/// fastavro, `$LAPSE_PYTHON` or the project's `.cache/venv` (made by
+/// `scripts/install-deps`). Missing is a failure, not a skip: CI installs it.
+pub fn interop_python() -> PathBuf {
+    if let Some(p) = std::env::var_os("LAPSE_PYTHON").filter(|p| !p.is_empty()) {
+        return PathBuf::from(p);
+    }
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/venv/bin/python");
+    assert!(
+        venv.is_file(),
+        "the interop client's Python ({}) is missing: run scripts/install-deps",
+        venv.display()
+    );
+    venv
+}
+
+/// The interop client scripts' directory (`tests/interop/`).
+pub fn interop_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop")
+}
+
 /// The redis-server binary: `$LAPSE_REDIS_SERVER_BIN` or `redis-server` on `PATH`.
 pub fn redis_server_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("LAPSE_REDIS_SERVER_BIN").filter(|p| !p.is_empty()) {
@@ -1207,33 +1228,96 @@ pub async fn end_offsets(bootstrap: &str, topics: &[&str]) -> BTreeMap<(String, 
 ///
 /// It exists because no Confluent Schema Registry distribution can be installed on
 /// the build and CI machines (no Docker, no Confluent packages in the reachable
-/// registries). It implements the two calls a Confluent-framed consumer/producer
-/// needs, with Confluent's JSON shapes:
+/// registries). It serves what lapse and Confluent's own client library call
+/// (confluent-kafka's `SchemaRegistryClient`, `AvroSerializer` and
+/// `AvroDeserializer`, exercised by `tests/interop.rs`), with Confluent's JSON
+/// shapes, error codes and content type (`application/vnd.schemaregistry.v1+json`):
 ///
-/// * `POST /subjects/{subject}/versions` with `{"schema": "..."}` -> `{"id": N}`;
-///   the same schema (compared as parsed JSON) always gets the same id, in any subject.
-/// * `GET /schemas/ids/{id}` -> `{"schema": "..."}`, or 404 with
-///   `{"error_code":40403,"message":"Schema not found"}`.
+/// * `POST /subjects/{subject}/versions` with `{"schema": "...", "schemaType"?,
+///   "references"?}` -> `{"id": N}`. The same schema (same `schemaType`, default
+///   `AVRO`; Avro compared as parsed JSON) always gets the same id, in any subject,
+///   and becomes the subject's next version unless it is registered there already.
+///   422 `42201` for a schema that is not JSON (Avro) or has no `schema`.
+/// * `POST /subjects/{subject}` (lookup: is this schema registered under the
+///   subject?) -> `{"subject", "id", "version", "schema"}`; 404 `40401` (subject
+///   not found) or `40403` (schema not found).
+/// * `GET /schemas/ids/{id}` -> `{"schema": "..."}`, plus `"schemaType"` unless it
+///   is `AVRO` (as Confluent answers); 404 `40403` "Schema not found". Counted by
+///   [`id_lookups`](Self::id_lookups).
+/// * `GET /schemas/ids/{id}/versions` -> `[{"subject", "version"}]`;
+///   `GET /schemas/types` -> `["AVRO", "JSON", "PROTOBUF"]`.
+/// * `GET /subjects` -> names; `GET /subjects/{subject}/versions` -> `[1, 2, ...]`;
+///   `GET /subjects/{subject}/versions/{version}` (a number, `latest` or `-1`) ->
+///   `{"subject", "id", "version", "schema"}`; 404 `40401` / `40402`, 422 `42202`.
+/// * `GET /config` -> `{"compatibilityLevel": "BACKWARD"}`; `GET /config/{subject}`
+///   -> 404 `40408` (no subject-level setting).
+/// * `GET /associations/resources/{namespace}/{topic}` -> `[]`: no topic-subject
+///   associations. (confluent-kafka 2.16's default subject name strategy asks
+///   this first, then falls back to `<topic>-value`.)
+/// * Anything else: 404 `{"error_code": 404, "message": "HTTP 404 Not Found"}`.
 ///
-/// [`set_available(false)`](Self::set_available) makes every call answer 503, to
-/// test "registry down" (retry) apart from "schema unknown" (dead letter).
+/// Query parameters (`normalize`, `deleted`, `subject`, `format`, ...) are accepted
+/// and ignored. Every request is recorded as `METHOD /path?query`
+/// ([`requests`](Self::requests)).
+/// [`set_available(false)`](Self::set_available) makes every call answer 503
+/// (`50003`), to test "registry down" (retry) apart from "schema unknown" (dead letter).
 pub struct SchemaRegistryStub {
     addr: SocketAddr,
     state: Arc<Mutex<RegistryState>>,
     rt: Option<tokio::runtime::Runtime>,
 }
 
+/// One registered schema.
+struct StoredSchema {
+    /// The text as first registered.
+    text: String,
+    /// `AVRO`, `JSON` or `PROTOBUF`.
+    schema_type: String,
+}
+
 #[derive(Default)]
 struct RegistryState {
-    /// Schema text by id - 1.
-    schemas: Vec<String>,
-    /// Normalized schema -> id.
-    ids: HashMap<String, u32>,
-    /// Subject -> ids registered under it, in version order.
-    subjects: HashMap<String, Vec<u32>>,
+    /// Schemas by id - 1.
+    schemas: Vec<StoredSchema>,
+    /// (schema type, normalized schema) -> id.
+    ids: HashMap<(String, String), u32>,
+    /// Subject -> ids registered under it, in version order (version = index + 1).
+    subjects: BTreeMap<String, Vec<u32>>,
     /// Number of `GET /schemas/ids/{id}` requests served.
     id_lookups: u64,
+    /// Every request received, as `METHOD /path?query`.
+    requests: Vec<String>,
     unavailable: bool,
+    /// When set, `POST /subjects/{s}/versions` answers this error
+    /// (status, error_code, message), as a registry that refuses a schema does.
+    refuse_registration: Option<(u16, u32, String)>,
+}
+
+impl RegistryState {
+    fn schema(&self, id: u32) -> Option<&StoredSchema> {
+        let index = usize::try_from(id).ok()?.checked_sub(1)?;
+        self.schemas.get(index)
+    }
+
+    /// `{"schema": ...}`, with `schemaType` unless it is AVRO (Confluent's shape).
+    fn schema_json(&self, id: u32) -> Option<serde_json::Value> {
+        let s = self.schema(id)?;
+        let mut v = serde_json::json!({ "schema": s.text });
+        if s.schema_type != "AVRO" {
+            v["schemaType"] = s.schema_type.clone().into();
+        }
+        Some(v)
+    }
+
+    /// `{"subject", "id", "version", "schema"}` of `subject`'s `version` (1-based).
+    fn version_json(&self, subject: &str, version: usize) -> Option<serde_json::Value> {
+        let id = *self.subjects.get(subject)?.get(version.checked_sub(1)?)?;
+        let mut v = self.schema_json(id)?;
+        v["subject"] = subject.into();
+        v["id"] = id.into();
+        v["version"] = version.into();
+        Some(v)
+    }
 }
 
 const REGISTRY_CONTENT_TYPE: &str = "application/vnd.schemaregistry.v1+json";
@@ -1259,38 +1343,78 @@ fn registry_error(status: u16, code: u32, message: &str) -> RegistryReply {
     )
 }
 
+fn subject_not_found(subject: &str) -> RegistryReply {
+    registry_error(404, 40401, &format!("Subject '{subject}' not found."))
+}
+
+/// The schema a register or lookup request carries: `(type, text, identity)`,
+/// where equal identities mean the same schema (and the same id).
+fn schema_request(body: &[u8]) -> Result<(String, String, String), RegistryReply> {
+    let invalid = || registry_error(422, 42201, "Invalid schema");
+    let req: serde_json::Value = serde_json::from_slice(body).map_err(|_| invalid())?;
+    let text = req
+        .get("schema")
+        .and_then(|s| s.as_str())
+        .ok_or_else(invalid)?
+        .to_owned();
+    let schema_type = req
+        .get("schemaType")
+        .and_then(|t| t.as_str())
+        .unwrap_or("AVRO")
+        .to_ascii_uppercase();
+    let identity = if schema_type == "PROTOBUF" {
+        text.clone()
+    } else {
+        // Avro and JSON Schema are JSON: compare parsed (keys sorted, no whitespace).
+        serde_json::from_str::<serde_json::Value>(&text)
+            .map_err(|_| invalid())?
+            .to_string()
+    };
+    Ok((schema_type, text, identity))
+}
+
 impl SchemaRegistryStub {
     pub fn start() -> Self {
-        use axum::extract::{Path as UrlPath, State};
+        use axum::extract::{Path as UrlPath, Request, State};
+        use axum::middleware::Next;
+        use axum::response::{IntoResponse, Response};
         use axum::routing::{get, post};
 
         type Shared = Arc<Mutex<RegistryState>>;
+
+        /// Records every request; answers 503 for all of them while unavailable.
+        async fn gate(State(state): State<Shared>, req: Request, next: Next) -> Response {
+            {
+                let mut st = state.lock().expect("registry state");
+                st.requests.push(format!("{} {}", req.method(), req.uri()));
+                if st.unavailable {
+                    return registry_error(503, 50003, "Service unavailable (test stub)")
+                        .into_response();
+                }
+            }
+            next.run(req).await
+        }
 
         async fn register(
             State(state): State<Shared>,
             UrlPath(subject): UrlPath<String>,
             body: axum::body::Bytes,
         ) -> RegistryReply {
+            let (schema_type, text, identity) = match schema_request(&body) {
+                Ok(s) => s,
+                Err(reply) => return reply,
+            };
             let mut st = state.lock().expect("registry state");
-            if st.unavailable {
-                return registry_error(503, 50003, "Service unavailable (test stub)");
+            if let Some((status, code, message)) = &st.refuse_registration {
+                return registry_error(*status, *code, message);
             }
-            let schema = serde_json::from_slice::<serde_json::Value>(&body)
-                .ok()
-                .and_then(|v| v.get("schema").and_then(|s| s.as_str()).map(str::to_owned));
-            let Some(schema) = schema else {
-                return registry_error(422, 42201, "Invalid schema");
-            };
-            let Ok(parsed) = serde_json::from_str::<serde_json::Value>(&schema) else {
-                return registry_error(422, 42201, "Invalid schema");
-            };
-            let normalized = parsed.to_string();
-            let id = match st.ids.get(&normalized) {
+            let key = (schema_type.clone(), identity);
+            let id = match st.ids.get(&key) {
                 Some(id) => *id,
                 None => {
-                    st.schemas.push(schema);
+                    st.schemas.push(StoredSchema { text, schema_type });
                     let id = u32::try_from(st.schemas.len()).expect("schema count");
-                    st.ids.insert(normalized, id);
+                    st.ids.insert(key, id);
                     id
                 }
             };
@@ -1301,30 +1425,151 @@ impl SchemaRegistryStub {
             registry_reply(200, serde_json::json!({ "id": id }))
         }
 
+        async fn lookup(
+            State(state): State<Shared>,
+            UrlPath(subject): UrlPath<String>,
+            body: axum::body::Bytes,
+        ) -> RegistryReply {
+            let (schema_type, _, identity) = match schema_request(&body) {
+                Ok(s) => s,
+                Err(reply) => return reply,
+            };
+            let st = state.lock().expect("registry state");
+            let Some(versions) = st.subjects.get(&subject) else {
+                return subject_not_found(&subject);
+            };
+            let found = st
+                .ids
+                .get(&(schema_type, identity))
+                .and_then(|id| versions.iter().position(|v| v == id))
+                .and_then(|i| st.version_json(&subject, i + 1));
+            match found {
+                Some(v) => registry_reply(200, v),
+                None => registry_error(404, 40403, "Schema not found"),
+            }
+        }
+
         async fn schema_by_id(
             State(state): State<Shared>,
             UrlPath(id): UrlPath<String>,
         ) -> RegistryReply {
             let mut st = state.lock().expect("registry state");
-            if st.unavailable {
-                return registry_error(503, 50003, "Service unavailable (test stub)");
-            }
             st.id_lookups += 1;
-            let schema = id
-                .parse::<usize>()
-                .ok()
-                .and_then(|i| i.checked_sub(1))
-                .and_then(|i| st.schemas.get(i));
-            match schema {
-                Some(s) => registry_reply(200, serde_json::json!({ "schema": s })),
+            match id.parse().ok().and_then(|id| st.schema_json(id)) {
+                Some(v) => registry_reply(200, v),
                 None => registry_error(404, 40403, "Schema not found"),
             }
         }
 
+        async fn versions_of_id(
+            State(state): State<Shared>,
+            UrlPath(id): UrlPath<String>,
+        ) -> RegistryReply {
+            let st = state.lock().expect("registry state");
+            let Some(id) = id.parse::<u32>().ok().filter(|id| st.schema(*id).is_some()) else {
+                return registry_error(404, 40403, "Schema not found");
+            };
+            let uses: Vec<serde_json::Value> = st
+                .subjects
+                .iter()
+                .filter_map(|(subject, ids)| {
+                    let i = ids.iter().position(|v| *v == id)?;
+                    Some(serde_json::json!({ "subject": subject, "version": i + 1 }))
+                })
+                .collect();
+            registry_reply(200, uses.into())
+        }
+
+        async fn subjects(State(state): State<Shared>) -> RegistryReply {
+            let st = state.lock().expect("registry state");
+            let names: Vec<&String> = st.subjects.keys().collect();
+            registry_reply(200, serde_json::json!(names))
+        }
+
+        async fn versions(
+            State(state): State<Shared>,
+            UrlPath(subject): UrlPath<String>,
+        ) -> RegistryReply {
+            let st = state.lock().expect("registry state");
+            match st.subjects.get(&subject) {
+                Some(ids) => registry_reply(200, (1..=ids.len()).collect::<Vec<_>>().into()),
+                None => subject_not_found(&subject),
+            }
+        }
+
+        async fn version(
+            State(state): State<Shared>,
+            UrlPath((subject, version)): UrlPath<(String, String)>,
+        ) -> RegistryReply {
+            let st = state.lock().expect("registry state");
+            let Some(ids) = st.subjects.get(&subject) else {
+                return subject_not_found(&subject);
+            };
+            let n = match version.as_str() {
+                "latest" | "-1" => ids.len(),
+                v => match v.parse::<usize>() {
+                    Ok(n) if n >= 1 => n,
+                    _ => {
+                        return registry_error(
+                            422,
+                            42202,
+                            &format!(
+                                "The specified version '{version}' is not a valid version id. \
+                                 Allowed values are between [1, 2^31-1] and the string \"latest\""
+                            ),
+                        )
+                    }
+                },
+            };
+            match st.version_json(&subject, n) {
+                Some(v) => registry_reply(200, v),
+                None => registry_error(404, 40402, &format!("Version {version} not found.")),
+            }
+        }
+
+        async fn global_config() -> RegistryReply {
+            registry_reply(200, serde_json::json!({ "compatibilityLevel": "BACKWARD" }))
+        }
+
+        async fn subject_config(UrlPath(subject): UrlPath<String>) -> RegistryReply {
+            registry_error(
+                404,
+                40408,
+                &format!(
+                    "Subject '{subject}' does not have subject-level compatibility configured"
+                ),
+            )
+        }
+
+        async fn schema_types() -> RegistryReply {
+            registry_reply(200, serde_json::json!(["AVRO", "JSON", "PROTOBUF"]))
+        }
+
+        async fn no_associations() -> RegistryReply {
+            registry_reply(200, serde_json::json!([]))
+        }
+
+        async fn not_found() -> RegistryReply {
+            registry_error(404, 404, "HTTP 404 Not Found")
+        }
+
         let state: Shared = Arc::default();
         let app = axum::Router::new()
-            .route("/subjects/{subject}/versions", post(register))
+            .route("/subjects", get(subjects))
+            .route("/subjects/{subject}", post(lookup))
+            .route("/subjects/{subject}/versions", get(versions).post(register))
+            .route("/subjects/{subject}/versions/{version}", get(version))
             .route("/schemas/ids/{id}", get(schema_by_id))
+            .route("/schemas/ids/{id}/versions", get(versions_of_id))
+            .route("/schemas/types", get(schema_types))
+            .route("/config", get(global_config))
+            .route("/config/{subject}", get(subject_config))
+            .route(
+                "/associations/resources/{namespace}/{name}",
+                get(no_associations),
+            )
+            .fallback(not_found)
+            .layer(axum::middleware::from_fn_with_state(state.clone(), gate))
             .with_state(state.clone());
 
         let listener = StdTcpListener::bind("127.0.0.1:0").expect("bind registry port");
@@ -1373,6 +1618,27 @@ impl SchemaRegistryStub {
     /// How many `GET /schemas/ids/{id}` requests were served (to check caching).
     pub fn id_lookups(&self) -> u64 {
         self.state.lock().expect("registry state").id_lookups
+    }
+
+    /// Every request received so far, as `METHOD /path?query`, oldest first.
+    pub fn requests(&self) -> Vec<String> {
+        self.state.lock().expect("registry state").requests.clone()
+    }
+
+    /// Schema ids registered under `subject`, in version order (empty if unknown).
+    pub fn subject_ids(&self, subject: &str) -> Vec<u32> {
+        let st = self.state.lock().expect("registry state");
+        st.subjects.get(subject).cloned().unwrap_or_default()
+    }
+
+    /// Registration answers `status` with Confluent's `error_code` and
+    /// `message` (e.g. 409/409 "incompatible", 403/40301 "forbidden"); `None`
+    /// registers again.
+    pub fn refuse_registration(&self, refusal: Option<(u16, u32, &str)>) {
+        self.state
+            .lock()
+            .expect("registry state")
+            .refuse_registration = refusal.map(|(s, c, m)| (s, c, m.to_owned()));
     }
 
     /// When false, every request answers 503 (registry down).
