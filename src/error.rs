@@ -19,8 +19,10 @@ pub enum ConfigError {
 pub enum StoreError {
     #[error("redis: {0} (is Redis reachable at redis.url? lapse retries with back-off)")]
     Redis(#[from] redis::RedisError),
-    #[error("{customers} customers kept changing under concurrent writers; the batch is retried")]
-    Contended { customers: usize },
+    /// Records (customers or campaigns) another writer kept changing between
+    /// load and compare-and-set, for `state_write::MAX_CAS_ROUNDS` rounds.
+    #[error("{records} records kept changing under concurrent writers; retried with back-off")]
+    Contended { records: usize },
     /// The key is kept for debug logs only: it contains a customer id.
     #[error("a stored customer state is unreadable ({reason}); run with RUST_LOG=lapse=debug to see its key, inspect it with `lapse inspect`, then delete it to rebuild from a replay")]
     Corrupt { key: String, reason: String },

@@ -20,5 +20,6 @@ pub mod retry;
 pub mod sample;
 pub mod service;
 pub mod simulate;
+pub mod state_write;
 pub mod store;
-pub mod timers;
+pub mod timer_loop;

@@ -164,7 +164,7 @@ impl Metrics {
             ),
             redis_call_seconds,
             redis_errors: counter(&r, "lapse_redis_errors_total", "Failed Redis calls by operation.", &["op"]),
-            cas_conflicts: single("lapse_state_write_conflicts_total", "State writes retried because another writer changed the customer first."),
+            cas_conflicts: single("lapse_state_write_conflicts_total", "State writes retried because another writer changed the record (customer or campaign) first."),
             state_writes: single("lapse_state_writes_total", "Customer states written to Redis."),
             kafka_errors: counter(&r, "lapse_kafka_errors_total", "Kafka client errors by operation.", &["op"]),
             consumer_lag: gauge(&r, "lapse_consumer_lag", "Records behind the partition's high watermark, per assigned partition.", &["topic", "partition"]),

@@ -1,15 +1,16 @@
 //! One batch, start to durable: decode every record, dead-letter the bad ones,
-//! fold the good ones into their customers' states (pure domain), and write the
-//! states back with compare-and-set. Outages are retried with back-off until the
-//! batch is durable or the caller gives up (shutdown or revoke timed out).
+//! fold the good ones into their customers' states (pure domain) and then into
+//! their campaigns' states, write them back and publish their decisions (the
+//! state write of `state_write.rs`). Outages are retried with back-off until
+//! the batch is durable or the caller gives up (shutdown or revoke timed out).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Instant;
 
-use futures::future::join_all;
-use tracing::{debug, error, warn};
+use futures::future::{join_all, BoxFuture};
+use tracing::{debug, warn};
 
 use crate::codec::{DecodeError, Decoder};
 use crate::config::RetryConfig;
@@ -20,15 +21,15 @@ use crate::domain::clock::EventClock;
 use crate::domain::decide::{self, Effects};
 use crate::domain::event::{CustomerRef, Event, EventBody, EventKind};
 use crate::domain::policy::Policies;
-use crate::domain::state::{CustomerState, Notes, Outcome, Output, Source, StateParams};
+use crate::domain::state::{CustomerState, Notes, Outcome, Source, StateParams};
+use crate::error::BatchError;
 use crate::kafka::record::InputRecord;
 use crate::metrics::Metrics;
-use crate::outputs::OutputWriter;
 use crate::retry::Backoff;
-use crate::store::clock::SharedEventTime;
-use crate::store::gauges::{AllowanceGauges, Move};
+use crate::state_write::{Fold, Folded, StateWriter};
+use crate::store::event_time::SharedEventTime;
+use crate::store::record::CampaignId;
 use crate::store::timers::TimerStore;
-use crate::store::StateStore;
 
 /// The batch was abandoned before it became durable; its offsets must not be committed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,20 +48,16 @@ pub struct BatchSummary {
     pub decisions: usize,
 }
 
-/// Conflicting writes retried within one batch before the batch is retried whole.
-const MAX_CAS_ROUNDS: usize = 16;
-
 pub struct Pipeline {
     pub decoder: Arc<Decoder>,
-    pub store: StateStore,
+    /// Customer and campaign states: load, fold, compare-and-set, publish the outboxes.
+    pub writer: StateWriter,
     pub dlq: DeadLetters,
     pub metrics: Metrics,
     pub params: StateParams,
     pub clock: Arc<dyn Clock>,
     pub retry: RetryConfig,
     pub policies: Arc<Policies>,
-    pub outputs: OutputWriter,
-    pub gauges: AllowanceGauges,
     pub timers: TimerStore,
     /// In event-time mode, advanced to the newest applied event time after each
     /// batch, locally and in Redis (shared by every instance).
@@ -237,12 +234,13 @@ impl Pipeline {
     }
 
     /// Loads the batch's customers, folds their events and decides (pure domain),
-    /// writes back with CAS, then publishes each customer's outbox.
+    /// writes back with CAS, then does the same for the campaigns the batch
+    /// touched, then publishes each customer's and each campaign's outbox.
     async fn fold_and_store(
         &self,
         valid: &[(Event, Source)],
         summary: &mut BatchSummary,
-    ) -> Result<(), crate::error::BatchError> {
+    ) -> Result<(), BatchError> {
         // Group by customer, keeping each customer's events in arrival order.
         let mut order: Vec<&CustomerRef> = Vec::new();
         let mut groups: HashMap<&CustomerRef, Vec<usize>> = HashMap::new();
@@ -258,24 +256,50 @@ impl Pipeline {
         // Customers are disjoint between chunks, so the chunks' Redis round trips
         // overlap with each other's folding instead of lapse and Redis taking turns.
         let size = order.len().div_ceil(self.store_chunks.max(1)).max(1);
-        let chunks = order
-            .chunks(size)
-            .map(|chunk| self.fold_chunk(valid, &groups, chunk.to_vec()));
+        let groups = &groups;
+        let chunks = order.chunks(size).map(|chunk| async move {
+            let mut fold = CustomerFold {
+                p: self,
+                valid,
+                groups,
+            };
+            let stored = self.writer.write(chunk.to_vec(), &mut fold).await?;
+            let mut tally = Tally::default();
+            for s in &stored {
+                tally.written += s.written as usize;
+                tally.count(&s.extra.outcomes, &s.extra.effects, s.id);
+            }
+            self.metrics.state_writes.inc_by(tally.written as u64);
+            Ok::<_, BatchError>((tally, stored))
+        });
         let mut tallies = Vec::new();
-        // Customers whose outbox must be published, with the revision now stored.
-        let mut to_publish: Vec<(&CustomerRef, u64, CustomerState)> = Vec::new();
-        for (t, p) in futures::future::try_join_all(chunks).await? {
+        let mut customers = Vec::new();
+        for (t, s) in futures::future::try_join_all(chunks).await? {
             tallies.push(t);
-            to_publish.extend(p);
+            customers.extend(s);
         }
         let tally = Tally::merged(tallies);
-        let campaigns = self.fold_campaigns(valid, &tally).await?;
-        if crash_point("after_state_write") && !to_publish.is_empty() {
+
+        // Campaigns: their own per-partition watermarks make the fold idempotent.
+        // Events the customer fold saw as duplicate event ids are left out; those
+        // it saw as redeliveries are offered again and skipped by the watermarks.
+        let signals = campaign_signals(valid, &tally);
+        let mut fold = CampaignFold {
+            policies: &self.policies,
+            signals: &signals,
+        };
+        let campaigns = self
+            .writer
+            .write(signals.keys().collect(), &mut fold)
+            .await?;
+
+        let decisions_pending = customers.iter().any(|s| !s.record.outbox.is_empty());
+        if decisions_pending && crash_point("after_state_write") {
             // Test hook: die between the state write and the produce, like a kill -9 there.
             std::process::abort();
         }
-        self.publish(&mut to_publish).await?;
-        self.publish_campaigns(campaigns).await?;
+        self.writer.publish(&customers).await?;
+        self.writer.publish(&campaigns).await?;
         // Only now, with state and decisions durable, are the counts real.
         let now = self.clock.now_ms();
         tally.report(self, valid, now);
@@ -286,289 +310,114 @@ impl Pipeline {
         summary.decisions += tally.decisions;
         Ok(())
     }
+}
 
-    /// Loads, folds and writes (compare-and-set, conflicts re-folded) one chunk
-    /// of the batch's customers. Returns the counts and the customers whose
-    /// outbox must be published, with the revision now stored.
-    async fn fold_chunk<'a>(
-        &self,
-        valid: &'a [(Event, Source)],
-        groups: &HashMap<&'a CustomerRef, Vec<usize>>,
-        mut pending: Vec<&'a CustomerRef>,
-    ) -> Result<(Tally, Vec<(&'a CustomerRef, u64, CustomerState)>), crate::error::BatchError> {
-        let mut tally = Tally::default();
-        let mut to_publish = Vec::new();
-        for _round in 0..MAX_CAS_ROUNDS {
-            let loaded = self.store.load_many(&pending).await?;
-            let mut folded = Vec::with_capacity(pending.len());
-            let mut schedule: Vec<(&CustomerRef, i64)> = Vec::new();
-            for (c, mut l) in pending.iter().zip(loaded) {
-                let policy = self.policies.of(&c.tenant);
-                let mut outcomes = Vec::with_capacity(groups[c].len());
-                let mut effects = Vec::new();
-                for &i in &groups[c] {
-                    let (ev, src) = &valid[i];
-                    let (out, notes) = l.state.apply(ev, *src, &self.params);
-                    if out == Outcome::Applied {
-                        effects.push((i, decide::on_event(&mut l.state, ev, policy, &self.params)));
-                        decide::recall_on_event(&mut l.state, ev, policy);
-                    }
-                    outcomes.push((i, (out, notes)));
-                }
-                let due = decide::next_timer(&l.state, policy);
-                if due != l.state.timer_due {
-                    l.state.timer_due = due;
-                    if let Some(d) = due {
-                        schedule.push((*c, d));
-                    }
-                }
-                folded.push((*c, l.rev, l.state, outcomes, effects));
+/// What folding one customer's events of a batch did.
+struct CustomerFolded {
+    /// (index into the batch's valid events, what folding it did), in batch order.
+    outcomes: Vec<(usize, (Outcome, Notes))>,
+    effects: Vec<(usize, Effects)>,
+    /// A new due time, to schedule before the state write.
+    schedule: Option<i64>,
+}
+
+/// The batch path's fold of a customer: its events in arrival order, each
+/// applied one deciding (allowance, recall), then its next timer.
+struct CustomerFold<'a, 'g> {
+    p: &'g Pipeline,
+    valid: &'a [(Event, Source)],
+    groups: &'g HashMap<&'a CustomerRef, Vec<usize>>,
+}
+
+impl Fold<CustomerState> for CustomerFold<'_, '_> {
+    type Extra = CustomerFolded;
+
+    fn fold(&mut self, c: &CustomerRef, state: &mut CustomerState) -> (bool, CustomerFolded) {
+        let p = self.p;
+        let policy = p.policies.of(&c.tenant);
+        let events = &self.groups[c];
+        let mut outcomes = Vec::with_capacity(events.len());
+        let mut effects = Vec::new();
+        for &i in events {
+            let (ev, src) = &self.valid[i];
+            let (out, notes) = state.apply(ev, *src, &p.params);
+            if out == Outcome::Applied {
+                effects.push((i, decide::on_event(state, ev, policy, &p.params)));
+                decide::recall_on_event(state, ev, policy);
             }
-            let writes: Vec<_> = folded
+            outcomes.push((i, (out, notes)));
+        }
+        let due = decide::next_timer(state, policy);
+        let mut schedule = None;
+        if due != state.timer_due {
+            state.timer_due = due;
+            schedule = due;
+        }
+        let changed = outcomes
+            .iter()
+            .any(|(_, (out, _))| *out == Outcome::Applied);
+        (
+            changed,
+            CustomerFolded {
+                outcomes,
+                effects,
+                schedule,
+            },
+        )
+    }
+
+    /// Timers first: a timer without its state write fires, finds nothing due
+    /// and is dropped; a state write without its timer would lose a stage.
+    fn before_write<'f>(
+        &'f self,
+        folded: &'f [Folded<'f, CustomerState, CustomerFolded>],
+    ) -> BoxFuture<'f, Result<(), BatchError>> {
+        Box::pin(async move {
+            let schedule: Vec<(&CustomerRef, i64)> = folded
                 .iter()
-                .filter(|f| f.3.iter().any(|(_, (out, _))| *out == Outcome::Applied))
-                .map(|f| (f.0, f.1, &f.2))
+                .filter_map(|f| Some((f.id, f.extra.schedule?)))
                 .collect();
-            // Timers first: a timer without its state write fires, finds nothing
-            // due and is dropped; a state write without its timer would lose a stage.
-            if let Err(e) = self.timers.schedule(&schedule).await {
-                self.metrics
+            if let Err(e) = self.p.timers.schedule(&schedule).await {
+                self.p
+                    .metrics
                     .redis_errors
                     .with_label_values(&["timers"])
                     .inc();
                 return Err(e.into());
             }
-            schedule.clear();
-            let results = self.store.save_many(&writes).await?;
-            let conflicted: Vec<&CustomerRef> = writes
-                .iter()
-                .zip(&results)
-                .filter(|(_, ok)| !**ok)
-                .map(|((c, _, _), _)| *c)
-                .collect();
-            let written = writes.len() - conflicted.len();
-            self.metrics.state_writes.inc_by(written as u64);
-            tally.written += written;
-            for (c, rev, state, outcomes, effects) in folded {
-                if conflicted.contains(&c) {
-                    continue;
-                }
-                let wrote = outcomes
-                    .iter()
-                    .any(|(_, (out, _))| *out == Outcome::Applied);
-                tally.count(&outcomes, valid, &effects, c);
-                if !state.outbox.is_empty() {
-                    to_publish.push((c, if wrote { rev + 1 } else { rev }, state));
-                }
-            }
-            if conflicted.is_empty() {
-                return Ok((tally, to_publish));
-            }
-            self.metrics.cas_conflicts.inc_by(conflicted.len() as u64);
-            pending = conflicted;
-        }
-        Err(crate::error::StoreError::Contended {
-            customers: pending.len(),
-        }
-        .into())
-    }
-
-    /// Folds the batch's campaign sends and clicks into campaign states (their own
-    /// per-partition watermarks make this idempotent), decides, and writes back with
-    /// CAS. Events the customer fold saw as duplicate event ids are left out; those
-    /// it saw as redeliveries are offered again and skipped by the watermarks.
-    async fn fold_campaigns(
-        &self,
-        valid: &[(Event, Source)],
-        tally: &Tally,
-    ) -> Result<Vec<CampaignDone>, crate::error::BatchError> {
-        let signals = campaign_signals(valid, tally);
-        let mut pending: Vec<&(String, String)> = signals.keys().collect();
-        let mut done = Vec::new();
-        for _round in 0..MAX_CAS_ROUNDS {
-            if pending.is_empty() {
-                return Ok(done);
-            }
-            let ids: Vec<(&str, &str)> = pending
-                .iter()
-                .map(|(t, c)| (t.as_str(), c.as_str()))
-                .collect();
-            let loaded = self.store.load_campaigns(&ids).await?;
-            let mut folded = Vec::with_capacity(ids.len());
-            for (id, (rev, mut st)) in ids.iter().zip(loaded) {
-                let policy = self.policies.of(id.0);
-                let sigs = &signals[&(id.0.to_string(), id.1.to_string())];
-                let mut changed = false;
-                let mut last: Option<&CampaignSignal> = None;
-                for sg in sigs {
-                    if st.fold(sg, policy) {
-                        changed = true;
-                        if last.is_none_or(|l| sg.at >= l.at) {
-                            last = Some(sg);
-                        }
-                    }
-                }
-                if let Some(l) = last {
-                    st.decide(id.0, id.1, policy, l.at, &l.event_id);
-                }
-                folded.push((*id, rev, st, changed));
-            }
-            let writes: Vec<_> = folded
-                .iter()
-                .filter(|f| f.3)
-                .map(|f| (f.0, f.1, &f.2))
-                .collect();
-            let results = self.store.save_campaigns(&writes).await?;
-            let conflicted: Vec<(&str, &str)> = writes
-                .iter()
-                .zip(&results)
-                .filter(|(_, ok)| !**ok)
-                .map(|(w, _)| w.0)
-                .collect();
-            for (id, rev, st, changed) in folded {
-                if conflicted.contains(&id) {
-                    continue;
-                }
-                if !st.outbox.is_empty() {
-                    done.push(CampaignDone {
-                        tenant: id.0.to_string(),
-                        campaign: id.1.to_string(),
-                        rev: if changed { rev + 1 } else { rev },
-                        state: st,
-                    });
-                }
-            }
-            if !conflicted.is_empty() {
-                self.metrics.cas_conflicts.inc_by(conflicted.len() as u64);
-            }
-            pending.retain(|(t, c)| conflicted.contains(&(t.as_str(), c.as_str())));
-        }
-        if pending.is_empty() {
-            Ok(done)
-        } else {
-            Err(crate::error::StoreError::Contended {
-                customers: pending.len(),
-            }
-            .into())
-        }
-    }
-
-    /// Publishes campaign decisions, then clears their outboxes.
-    async fn publish_campaigns(
-        &self,
-        done: Vec<CampaignDone>,
-    ) -> Result<(), crate::error::BatchError> {
-        if done.is_empty() {
-            return Ok(());
-        }
-        let mut encoded = Vec::new();
-        for d in &done {
-            for o in &d.state.outbox {
-                match self.outputs.encode(&Output::Throttle(Box::new(o.clone()))) {
-                    Ok(e) => encoded.push(e),
-                    Err(e) => {
-                        error!(error = %e, "cannot encode a campaign decision; it is dropped")
-                    }
-                }
-            }
-        }
-        self.outputs.produce(&encoded).await?;
-        for e in &encoded {
-            self.metrics.outputs.with_label_values(&[e.kind]).inc();
-        }
-        let cleared: Vec<CampaignState> = done
-            .iter()
-            .map(|d| CampaignState {
-                outbox: vec![],
-                ..d.state.clone()
-            })
-            .collect();
-        let writes: Vec<_> = done
-            .iter()
-            .zip(&cleared)
-            .map(|(d, s)| ((d.tenant.as_str(), d.campaign.as_str()), d.rev, s))
-            .collect();
-        if let Err(e) = self.store.save_campaigns(&writes).await {
-            debug!(error = %e, "clearing campaign outboxes failed; they are re-published as exact repeats");
-        }
-        Ok(())
-    }
-
-    /// Produces every pending output, waits for the broker, updates the gauges,
-    /// then clears the outboxes (a failed clear only means an exact repeat later).
-    pub(crate) async fn publish(
-        &self,
-        to_publish: &mut [(&CustomerRef, u64, CustomerState)],
-    ) -> Result<(), crate::error::BatchError> {
-        if to_publish.is_empty() {
-            return Ok(());
-        }
-        let mut encoded = Vec::new();
-        let mut moves = Vec::new();
-        for (c, _, state) in to_publish.iter() {
-            for o in &state.outbox {
-                match self.outputs.encode(o) {
-                    Ok(e) => encoded.push(e),
-                    // A bug, not an outage: never retry it forever; say so loudly.
-                    Err(e) => error!(error = %e, "cannot encode an output; it is dropped"),
-                }
-                if let Output::Throttle(d) = o {
-                    if let (Some(ch), Some(from)) = (d.channel, d.previous) {
-                        moves.push(Move {
-                            customer: (*c).clone(),
-                            channel: ch,
-                            from,
-                            to: d.state,
-                        });
-                    }
-                }
-            }
-        }
-        let started = Instant::now();
-        self.outputs.produce(&encoded).await?;
-        self.metrics
-            .output_seconds
-            .observe(started.elapsed().as_secs_f64());
-        for e in &encoded {
-            self.metrics.outputs.with_label_values(&[e.kind]).inc();
-        }
-        for (_, _, state) in to_publish.iter() {
-            for o in &state.outbox {
-                if let Output::Outcome(o) = o {
-                    self.metrics.count_outcome(o);
-                }
-            }
-        }
-        if let Err(e) = self.gauges.apply(&moves).await {
-            self.metrics
-                .redis_errors
-                .with_label_values(&["gauges"])
-                .inc();
-            return Err(e.into());
-        }
-        let clears: Vec<(&CustomerRef, u64, CustomerState)> = to_publish
-            .iter()
-            .map(|(c, rev, s)| {
-                let mut s = s.clone();
-                s.outbox.clear();
-                (*c, *rev, s)
-            })
-            .collect();
-        let writes: Vec<_> = clears.iter().map(|(c, r, s)| (*c, *r, s)).collect();
-        if let Err(e) = self.store.save_many(&writes).await {
-            debug!(error = %e, "clearing outboxes failed; they are re-published as exact repeats");
-        }
-        Ok(())
+            Ok(())
+        })
     }
 }
 
-/// A campaign whose new decisions wait to be published.
-struct CampaignDone {
-    tenant: String,
-    campaign: String,
-    /// The revision now stored.
-    rev: u64,
-    state: CampaignState,
+/// The batch path's fold of a campaign: its signals, then a decision as of
+/// the latest new one.
+struct CampaignFold<'a> {
+    policies: &'a Policies,
+    signals: &'a BTreeMap<CampaignId, Vec<CampaignSignal>>,
+}
+
+impl Fold<CampaignState> for CampaignFold<'_> {
+    type Extra = ();
+
+    fn fold(&mut self, id: &CampaignId, st: &mut CampaignState) -> (bool, ()) {
+        let (tenant, campaign) = id;
+        let policy = self.policies.of(tenant);
+        let mut changed = false;
+        let mut last: Option<&CampaignSignal> = None;
+        for sg in &self.signals[id] {
+            if st.fold(sg, policy) {
+                changed = true;
+                if last.is_none_or(|l| sg.at >= l.at) {
+                    last = Some(sg);
+                }
+            }
+        }
+        if let Some(l) = last {
+            st.decide(tenant, campaign, policy, l.at, &l.event_id);
+        }
+        (changed, ())
+    }
 }
 
 /// `LAPSE_CRASH_POINT=NAME` makes the process abort at that point: crash-safety
@@ -587,8 +436,8 @@ fn crash_point(name: &str) -> bool {
 fn campaign_signals(
     valid: &[(Event, Source)],
     tally: &Tally,
-) -> BTreeMap<(String, String), Vec<CampaignSignal>> {
-    let mut signals: BTreeMap<(String, String), Vec<CampaignSignal>> = BTreeMap::new();
+) -> BTreeMap<CampaignId, Vec<CampaignSignal>> {
+    let mut signals: BTreeMap<CampaignId, Vec<CampaignSignal>> = BTreeMap::new();
     for (i, out, _) in &tally.outcomes {
         if *out == Outcome::DuplicateEventId {
             continue;
@@ -659,7 +508,6 @@ impl Tally {
     fn count(
         &mut self,
         outcomes: &[(usize, (Outcome, Notes))],
-        _valid: &[(Event, Source)],
         effects: &[(usize, Effects)],
         c: &CustomerRef,
     ) {
@@ -785,7 +633,7 @@ mod tests {
         )
     }
 
-    /// A chunk's tally, as `fold_chunk` builds it for its customers.
+    /// A chunk's tally, as `fold_and_store` builds it for its customers.
     fn chunk_tally(valid: &[(Event, Source)], customers: &[&str]) -> Tally {
         let mut t = Tally::default();
         for c in customers {
@@ -796,7 +644,7 @@ mod tests {
                 .filter(|(_, (ev, _))| ev.customer == who)
                 .map(|(i, _)| (i, (Outcome::Applied, Notes::default())))
                 .collect();
-            t.count(&outcomes, valid, &[], &who);
+            t.count(&outcomes, &[], &who);
         }
         t
     }

@@ -26,11 +26,13 @@ use crate::kafka::producer::OutputProducer;
 use crate::metrics::Metrics;
 use crate::outputs::{OutputFramings, OutputWriter};
 use crate::pipeline::Pipeline;
-use crate::store::clock::SharedEventTime;
+use crate::retry::with_startup_retry;
+use crate::state_write::{OutputSink, StateWriter};
+use crate::store::event_time::SharedEventTime;
 use crate::store::gauges::AllowanceGauges;
 use crate::store::timers::TimerStore;
 use crate::store::StateStore;
-use crate::timers::TimerLoop;
+use crate::timer_loop::TimerLoop;
 
 pub fn state_params(cfg: &Config) -> StateParams {
     StateParams {
@@ -87,10 +89,10 @@ fn observe_legacy_fingerprints(decoder: Decoder, accept: bool, metrics: &Metrics
 async fn resolve_output_framings(
     cfg: &Config,
     decoder: &Decoder,
-    startup: Duration,
 ) -> anyhow::Result<OutputFramings> {
     let framing = cfg.output_framing();
-    let framings = with_startup_retry("schema registry (output schemas)", startup, || async {
+    let what = "schema registry (output schemas)";
+    let framings = with_startup_retry(what, STARTUP_WAIT, &cfg.retry, || async {
         match OutputFramings::resolve(
             framing,
             &cfg.kafka.topics,
@@ -110,41 +112,49 @@ async fn resolve_output_framings(
     Ok(framings)
 }
 
-/// Retries a start-up step for up to `total`, so lapse can start before its dependencies.
-async fn with_startup_retry<T, F, Fut>(what: &str, total: Duration, mut f: F) -> anyhow::Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<T>>,
-{
-    let deadline = tokio::time::Instant::now() + total;
-    let mut delay = Duration::from_millis(200);
-    loop {
-        match f().await {
-            Ok(v) => return Ok(v),
-            Err(e) if tokio::time::Instant::now() + delay < deadline => {
-                warn!(error = %e, "{what} not available yet; retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
-            }
-            Err(e) => {
-                return Err(e.context(format!(
-                    "{what} still unavailable after {}s",
-                    total.as_secs()
-                )))
-            }
-        }
-    }
-}
+/// How long start-up waits for Redis, the broker and the schema registry.
+const STARTUP_WAIT: Duration = Duration::from_secs(60);
 
+/// `lapse run`, phase by phase: connect, build the adapters, serve HTTP,
+/// consume until a signal, shut down.
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let metrics = Metrics::new(&cfg.metrics);
+    // Schemas first: a wrong schema.dir fails at once, not after waiting for Redis.
     let decoder = Arc::new(observe_legacy_fingerprints(
         build_decoder(&cfg)?,
         cfg.schema.accept_legacy_fingerprints,
         &metrics,
     ));
-    let clock: Arc<dyn Clock> = Arc::new(WallClock);
+    let connected = connect(&cfg, &metrics).await?;
+    let app = build(&cfg, &metrics, decoder, &connected.store).await?;
+    let ready = Arc::new(AtomicBool::new(false));
+    spawn_http(
+        &cfg,
+        connected.listener,
+        &connected.store,
+        &app,
+        ready.clone(),
+    );
+    spawn_readiness_probe(
+        connected.store,
+        app.producer.clone(),
+        ready,
+        metrics.clone(),
+    );
+    let shutdown = spawn_signal_watch();
+    let running = consume(&cfg, &app, shutdown)?;
+    stop(running, &app.producer).await
+}
 
+/// What start-up reached: the HTTP port and Redis.
+struct Connected {
+    listener: tokio::net::TcpListener,
+    store: StateStore,
+}
+
+/// Binds the HTTP port, connects to Redis and creates the topics (the broker
+/// and Redis are waited for up to a minute).
+async fn connect(cfg: &Config, metrics: &Metrics) -> anyhow::Result<Connected> {
     let listener = tokio::net::TcpListener::bind(&cfg.http.listen)
         .await
         .with_context(|| {
@@ -153,20 +163,40 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 cfg.http.listen
             )
         })?;
-    let ready = Arc::new(AtomicBool::new(false));
-
-    let startup = Duration::from_secs(60);
-    let store = with_startup_retry("redis", startup, || {
+    let store = with_startup_retry("redis", STARTUP_WAIT, &cfg.retry, || {
         let (rc, m) = (cfg.redis.clone(), metrics.clone());
         async move { Ok(StateStore::connect(&rc, m).await?) }
     })
     .await?;
     if cfg.kafka.create_topics {
-        with_startup_retry("kafka (creating topics)", startup, || async {
-            Ok(admin::ensure_topics(&cfg.kafka).await?)
-        })
+        with_startup_retry(
+            "kafka (creating topics)",
+            STARTUP_WAIT,
+            &cfg.retry,
+            || async { Ok(admin::ensure_topics(&cfg.kafka).await?) },
+        )
         .await?;
     }
+    Ok(Connected { listener, store })
+}
+
+/// The adapters around the domain, wired.
+struct App {
+    producer: OutputProducer,
+    /// The batch path; its state writer, timer store, policies and clocks are
+    /// the timer loop's too.
+    pipeline: Arc<Pipeline>,
+}
+
+/// Builds the producer and dead letters, the output framing (the registry is
+/// waited for), the state writer, the timer store, the clocks and the batch
+/// pipeline; starts the fleet gauge exporter.
+async fn build(
+    cfg: &Config,
+    metrics: &Metrics,
+    decoder: Arc<Decoder>,
+    store: &StateStore,
+) -> anyhow::Result<App> {
     let producer = OutputProducer::new(&cfg.kafka, metrics.clone())?;
     let dlq = DeadLetters::new(
         producer.clone(),
@@ -181,9 +211,23 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         producer: producer.clone(),
         encoder: Encoder::new(decoder.schemas()),
         topics: cfg.kafka.topics.clone(),
-        framings: resolve_output_framings(&cfg, &decoder, startup).await?,
+        framings: resolve_output_framings(cfg, &decoder).await?,
     };
     let gauges = AllowanceGauges::new(store.conn(), &cfg.redis.key_prefix);
+    spawn_gauge_exporter(
+        gauges.clone(),
+        metrics.clone(),
+        cfg.metrics.fleet_gauge_refresh.0,
+    );
+    let writer = StateWriter {
+        backend: Arc::new(store.clone()),
+        sink: Arc::new(OutputSink {
+            outputs,
+            gauges,
+            metrics: metrics.clone(),
+        }),
+        metrics: metrics.clone(),
+    };
     let timers = TimerStore::new(
         store.conn(),
         cfg.redis.key_prefix.clone(),
@@ -197,38 +241,59 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         )),
         ClockMode::Wall => None,
     };
-    let fire_clock: Arc<dyn Clock> = match &event_clock {
-        Some((c, _)) => c.clone(),
-        None => Arc::new(WallClock),
-    };
-    spawn_gauge_exporter(
-        gauges.clone(),
-        metrics.clone(),
-        cfg.metrics.fleet_gauge_refresh.0,
-    );
     let pipeline = Arc::new(Pipeline {
-        policies: policies.clone(),
-        outputs,
-        gauges,
-        timers: timers.clone(),
-        event_clock: event_clock.clone(),
+        policies,
+        writer,
+        timers,
+        event_clock,
         decoder,
-        store: store.clone(),
         dlq,
         metrics: metrics.clone(),
-        params: state_params(&cfg),
-        clock,
+        params: state_params(cfg),
+        clock: Arc::new(WallClock),
         retry: cfg.retry.clone(),
         store_chunks: cfg.batch.store_chunks,
     });
+    Ok(App { producer, pipeline })
+}
 
+/// The timer loop, over the batch path's state writer, timer store and clocks:
+/// by event time (the shared watermark) in event-time mode, else by wall time.
+fn timer_loop(cfg: &Config, p: &Pipeline, shutdown: Arc<AtomicBool>) -> TimerLoop {
+    let clock: Arc<dyn Clock> = match &p.event_clock {
+        Some((c, _)) => c.clone(),
+        None => Arc::new(WallClock),
+    };
+    TimerLoop {
+        writer: p.writer.clone(),
+        timers: p.timers.clone(),
+        policies: p.policies.clone(),
+        params: p.params,
+        metrics: p.metrics.clone(),
+        retry: p.retry.clone(),
+        clock,
+        shared_clock: p.event_clock.clone(),
+        cfg: cfg.timers.clone(),
+        shutdown,
+    }
+}
+
+/// Serves `/metrics`, `/healthz`, `/readyz`, `/v1/allowance` and `/v1/campaigns`.
+fn spawn_http(
+    cfg: &Config,
+    listener: tokio::net::TcpListener,
+    store: &StateStore,
+    app: &App,
+    ready: Arc<AtomicBool>,
+) {
+    let pipeline = &app.pipeline;
     let http_state = HttpState {
-        metrics: metrics.clone(),
-        ready: ready.clone(),
+        metrics: pipeline.metrics.clone(),
+        ready,
         allowance: Some(AllowanceApi {
             store: store.clone(),
-            policies: policies.clone(),
-            params: state_params(&cfg),
+            policies: pipeline.policies.clone(),
+            params: pipeline.params,
             clock: pipeline.clock.clone(),
         }),
     };
@@ -238,8 +303,65 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         }
     });
     info!(listen = %cfg.http.listen, "serving /metrics, /healthz, /readyz, /v1/allowance");
+}
 
-    let shared = Shared::new(metrics.clone());
+/// Readiness: Redis answers PING and the broker answers a metadata request, every 2 s.
+fn spawn_readiness_probe(
+    store: StateStore,
+    probe: OutputProducer,
+    ready: Arc<AtomicBool>,
+    metrics: Metrics,
+) {
+    tokio::spawn(async move {
+        loop {
+            let redis_ok = store.ping().await.is_ok();
+            if !redis_ok {
+                metrics.redis_errors.with_label_values(&["ping"]).inc();
+            }
+            let p = probe.clone();
+            let broker_ok = tokio::task::spawn_blocking(move || {
+                use rdkafka::producer::Producer;
+                p.inner()
+                    .client()
+                    .fetch_metadata(None, Duration::from_secs(2))
+                    .is_ok()
+            })
+            .await
+            .unwrap_or(false);
+            if !broker_ok {
+                metrics.kafka_errors.with_label_values(&["metadata"]).inc();
+            }
+            let ok = redis_ok && broker_ok;
+            ready.store(ok, Ordering::SeqCst);
+            metrics.ready.set(ok as i64);
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+    });
+}
+
+/// The shutdown flag, raised on SIGTERM or SIGINT.
+fn spawn_signal_watch() -> Arc<AtomicBool> {
+    let shutdown = Arc::new(AtomicBool::new(false));
+    let raise = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        info!("signal received");
+        raise.store(true, Ordering::SeqCst);
+    });
+    shutdown
+}
+
+/// What runs until shutdown.
+struct Running {
+    poll_thread: std::thread::JoinHandle<()>,
+    processor: tokio::task::JoinHandle<()>,
+    timer_task: tokio::task::JoinHandle<()>,
+}
+
+/// Subscribes, then starts the batch processor, the timer loop and the poll
+/// thread, all stopping on `shutdown`.
+fn consume(cfg: &Config, app: &App, shutdown: Arc<AtomicBool>) -> anyhow::Result<Running> {
+    let shared = Shared::new(app.pipeline.metrics.clone());
     let consumer = consumer::build(&cfg.kafka, shared.clone())?;
     let inputs = cfg.kafka.topics.inputs();
     consumer
@@ -253,7 +375,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
 
     let (tx, mut rx) = mpsc::channel::<Batch>(cfg.batch.queue_depth);
     let processor = {
-        let (shared, pipeline) = (shared.clone(), pipeline.clone());
+        let (shared, pipeline) = (shared.clone(), app.pipeline.clone());
         tokio::spawn(async move {
             while let Some(batch) = rx.recv().await {
                 let abandon = shared.start_batch();
@@ -264,63 +386,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             }
         })
     };
-
-    // Readiness: Redis answers PING and the broker answers a metadata request.
-    {
-        let (store, ready, metrics, probe) = (
-            store.clone(),
-            ready.clone(),
-            metrics.clone(),
-            producer.clone(),
-        );
-        tokio::spawn(async move {
-            loop {
-                let redis_ok = store.ping().await.is_ok();
-                if !redis_ok {
-                    metrics.redis_errors.with_label_values(&["ping"]).inc();
-                }
-                let p = probe.clone();
-                let broker_ok = tokio::task::spawn_blocking(move || {
-                    use rdkafka::producer::Producer;
-                    p.inner()
-                        .client()
-                        .fetch_metadata(None, Duration::from_secs(2))
-                        .is_ok()
-                })
-                .await
-                .unwrap_or(false);
-                if !broker_ok {
-                    metrics.kafka_errors.with_label_values(&["metadata"]).inc();
-                }
-                let ok = redis_ok && broker_ok;
-                ready.store(ok, Ordering::SeqCst);
-                metrics.ready.set(ok as i64);
-                tokio::time::sleep(Duration::from_secs(2)).await;
-            }
-        });
-    }
-
-    let shutdown = Arc::new(AtomicBool::new(false));
-    {
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            wait_for_signal().await;
-            info!("signal received");
-            shutdown.store(true, Ordering::SeqCst);
-        });
-    }
-
-    let timer_task = tokio::spawn(
-        TimerLoop {
-            pipeline: pipeline.clone(),
-            timers,
-            clock: fire_clock,
-            shared_clock: event_clock.as_ref().map(|(c, s)| (c.clone(), s.clone())),
-            cfg: cfg.timers.clone(),
-            shutdown: shutdown.clone(),
-        }
-        .run(),
-    );
+    let timer_task = tokio::spawn(timer_loop(cfg, &app.pipeline, shutdown.clone()).run());
     let poll = PollLoop {
         consumer,
         shared,
@@ -336,6 +402,21 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         .name("kafka-poll".into())
         .spawn(move || poll.run())
         .context("spawning the poll thread")?;
+    Ok(Running {
+        poll_thread,
+        processor,
+        timer_task,
+    })
+}
+
+/// Waits for the poll thread (it drains and commits), the processor and the
+/// timer loop, then flushes the producer.
+async fn stop(running: Running, producer: &OutputProducer) -> anyhow::Result<()> {
+    let Running {
+        poll_thread,
+        processor,
+        timer_task,
+    } = running;
     tokio::task::spawn_blocking(move || poll_thread.join())
         .await?
         .map_err(|_| anyhow::anyhow!("the poll thread panicked"))?;

@@ -1,14 +1,26 @@
 //! The Redis timer store against a real `redis-server`: scheduling, leased
 //! claims, lease expiry, stale completions, concurrent claimers, and a
-//! re-schedule during a lease winning over the claimer.
+//! re-schedule during a lease winning over the claimer; and the timer loop
+//! over it stopping promptly on shutdown while Redis is down.
 
 mod common;
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use common::RedisServer;
+use common::{wait_until, RedisServer};
+use lapse::config::{Config, Dur, MetricsConfig, RedisConfig, RetryConfig};
+use lapse::domain::clock::ManualClock;
 use lapse::domain::event::CustomerRef;
+use lapse::domain::policy::Policies;
+use lapse::metrics::Metrics;
+use lapse::service::state_params;
+use lapse::state_write::{MemorySink, StateWriter};
 use lapse::store::timers::{shard_of, TimerStore};
+use lapse::store::{MemoryBackend, StateStore};
+use lapse::timer_loop::TimerLoop;
 use redis::aio::MultiplexedConnection;
 
 type Store = TimerStore<MultiplexedConnection>;
@@ -361,4 +373,76 @@ async fn racing_fire_loops_complete_each_timer_once() {
         }
     }
     assert_eq!(seen.len(), 300);
+}
+
+/// The timer loop fires and completes a due timer; then, with Redis gone, it
+/// backs off (here for a minute) and still stops within moments of shutdown:
+/// the back-off waits on the shutdown signal (it once waited on a flag nothing
+/// raised, so shutdown stalled for a whole back-off while Redis was down).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_timer_loop_stops_on_shutdown_in_the_middle_of_a_back_off() {
+    let mut redis = RedisServer::start().await;
+    let config = Config::default();
+    let metrics = Metrics::new(&MetricsConfig::default());
+    let redis_cfg = RedisConfig {
+        url: redis.url(),
+        ..RedisConfig::default()
+    };
+    let store = StateStore::connect(&redis_cfg, metrics.clone())
+        .await
+        .expect("state store");
+    let timers = TimerStore::new(store.conn(), "lapse", 4)
+        .await
+        .expect("timer store");
+    let c = cust(1);
+    timers.schedule(&[(&c, 1_000)]).await.unwrap();
+    let shutdown = Arc::new(AtomicBool::new(false));
+    let timer_loop = TimerLoop {
+        writer: StateWriter {
+            backend: Arc::new(MemoryBackend::new("lapse")),
+            sink: Arc::new(MemorySink::default()),
+            metrics: metrics.clone(),
+        },
+        timers: timers.clone(),
+        policies: Arc::new(Policies::new(&config.policy).expect("default policy")),
+        params: state_params(&config),
+        metrics: metrics.clone(),
+        retry: RetryConfig {
+            initial_backoff: Dur::secs(60),
+            max_backoff: Dur::secs(60),
+        },
+        clock: Arc::new(ManualClock::new(1_700_000_000_000)),
+        shared_clock: None,
+        cfg: config.timers.clone(),
+        shutdown: shutdown.clone(),
+    };
+    let task = tokio::spawn(timer_loop.run());
+
+    let fired = || metrics.timers_fired.with_label_values(&["fired"]).get();
+    wait_until(
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        "the due timer fired",
+        async || fired() == 1,
+    )
+    .await;
+    assert_eq!(timers.due_of(&c).await.unwrap(), None, "completed");
+
+    redis.kill();
+    let retries = || metrics.retries.with_label_values(&["timers"]).get();
+    wait_until(
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        "a failed poll",
+        async || retries() >= 1,
+    )
+    .await;
+    let started = Instant::now();
+    shutdown.store(true, Ordering::SeqCst);
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .expect("the timer loop stops within 5 s of shutdown, not after its 60 s back-off")
+        .expect("the timer loop does not panic");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(retries(), 1, "still in its first back-off");
 }

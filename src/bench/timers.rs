@@ -59,7 +59,7 @@ use crate::domain::policy::{Policies, Policy};
 use crate::domain::recall;
 use crate::domain::state::{CustomerState, Outcome, Source, StateParams};
 use crate::metrics::Metrics;
-use crate::store::clock::SharedEventTime;
+use crate::store::event_time::SharedEventTime;
 use crate::store::timers::TimerStore;
 use crate::store::StateStore;
 

@@ -1,13 +1,17 @@
-//! The Redis state store: one pipelined round trip to load a batch of customers,
-//! one to write them back through a compare-and-set script.
+//! The Redis state store, the [`Backend`] of keyed records in production: one
+//! pipelined round trip to load a batch of records, one to write them back
+//! through a compare-and-set script.
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisFuture, Value};
 use std::time::Instant;
 
+use futures::future::BoxFuture;
+
 use super::blob;
 use super::keys::Keys;
+use super::record::{self, Backend, CampaignId, CasWrite};
 use crate::config::RedisConfig;
 use crate::domain::campaign::CampaignState;
 use crate::domain::event::CustomerRef;
@@ -179,34 +183,11 @@ impl StateStore {
 
     /// Loads many customers in one pipelined round trip; absent ones are empty at revision 0.
     pub async fn load_many(&self, customers: &[&CustomerRef]) -> Result<Vec<Loaded>, StoreError> {
-        if customers.is_empty() {
-            return Ok(vec![]);
-        }
-        let mut pipe = redis::pipe();
-        for c in customers {
-            pipe.cmd("GET").arg(self.keys.state(c));
-        }
-        let mut conn = self.conn.clone();
-        let started = Instant::now();
-        let r: Result<Vec<Option<Vec<u8>>>, _> = pipe.query_async(&mut conn).await;
-        self.observe("load", started, &r);
-        let raw = r?;
-        customers
-            .iter()
-            .zip(raw)
-            .map(|(c, v)| match v {
-                None => Ok(Loaded {
-                    rev: 0,
-                    state: CustomerState::default(),
-                }),
-                Some(bytes) => blob::decode(&bytes)
-                    .map(|(rev, state)| Loaded { rev, state })
-                    .map_err(|reason| StoreError::Corrupt {
-                        key: self.keys.state(c),
-                        reason,
-                    }),
-            })
-            .collect()
+        let loaded = record::load::<CustomerState, _>(self, customers).await?;
+        Ok(loaded
+            .into_iter()
+            .map(|(rev, state)| Loaded { rev, state })
+            .collect())
     }
 
     /// Writes each state if its revision is unchanged since load. Returns, per
@@ -215,23 +196,75 @@ impl StateStore {
         &self,
         writes: &[(&CustomerRef, u64, &CustomerState)],
     ) -> Result<Vec<bool>, StoreError> {
-        if writes.is_empty() {
+        record::save(self, writes).await
+    }
+
+    /// Loads campaign states (absent: empty at revision 0) in one round trip.
+    pub async fn load_campaigns(
+        &self,
+        ids: &[(&str, &str)],
+    ) -> Result<Vec<(u64, CampaignState)>, StoreError> {
+        let ids: Vec<CampaignId> = ids
+            .iter()
+            .map(|(t, c)| (t.to_string(), c.to_string()))
+            .collect();
+        let refs: Vec<&CampaignId> = ids.iter().collect();
+        record::load(self, &refs).await
+    }
+
+    /// Compare-and-set writes of campaign states; true where the write landed.
+    pub async fn save_campaigns(
+        &self,
+        writes: &[((&str, &str), u64, &CampaignState)],
+    ) -> Result<Vec<bool>, StoreError> {
+        let ids: Vec<CampaignId> = writes
+            .iter()
+            .map(|((t, c), _, _)| (t.to_string(), c.to_string()))
+            .collect();
+        let writes: Vec<(&CampaignId, u64, &CampaignState)> = ids
+            .iter()
+            .zip(writes)
+            .map(|(id, (_, rev, st))| (id, *rev, *st))
+            .collect();
+        record::save(self, &writes).await
+    }
+
+    /// Values of `keys` in one pipelined round trip.
+    async fn get_values(
+        &self,
+        op: &'static str,
+        keys: &[String],
+    ) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        if keys.is_empty() {
             return Ok(vec![]);
         }
-        let items: Vec<(String, u64, Vec<u8>)> = writes
-            .iter()
-            .map(|(c, rev, state)| (self.keys.state(c), *rev, blob::encode(rev + 1, state)))
-            .collect();
-        let pipe = self.cas_pipeline(&items);
+        let mut pipe = redis::pipe();
+        for k in keys {
+            pipe.cmd("GET").arg(k);
+        }
+        let mut conn = self.conn.clone();
+        let started = Instant::now();
+        let r: Result<Vec<Option<Vec<u8>>>, _> = pipe.query_async(&mut conn).await;
+        self.observe(op, started, &r);
+        Ok(r?)
+    }
+
+    /// Compare-and-set writes through the script, in one pipelined round trip
+    /// (see [`StateStore::cas_pipeline`]); reloads the script once if Redis
+    /// lost it (restart, SCRIPT FLUSH, failover: the CAS makes a retry safe).
+    async fn cas(&self, op: &'static str, items: &[CasWrite]) -> Result<Vec<bool>, StoreError> {
+        if items.is_empty() {
+            return Ok(vec![]);
+        }
+        let pipe = self.cas_pipeline(items);
         for attempt in 0..2 {
             let mut conn = self.conn.clone();
             let started = Instant::now();
             let r: Result<Vec<Vec<i64>>, _> = pipe.query_async(&mut conn).await;
-            self.observe("save", started, &r);
+            self.observe(op, started, &r);
             match r {
                 Ok(v) => return Ok(v.into_iter().flatten().map(|x| x == 1).collect()),
                 Err(e) if e.kind() == redis::ErrorKind::NoScriptError && attempt == 0 => {
-                    // Redis restarted without its script cache. The CAS makes a retry safe.
                     self.load_scripts().await?;
                 }
                 Err(e) => return Err(e.into()),
@@ -244,7 +277,7 @@ impl StateStore {
     /// up to [`CAS_KEYS_PER_CALL`] keys per call on a single node, one per call
     /// on a Cluster (a script's keys must share a slot, and each customer has
     /// its own hash tag).
-    fn cas_pipeline(&self, items: &[(String, u64, Vec<u8>)]) -> Pipeline {
+    fn cas_pipeline(&self, items: &[CasWrite]) -> Pipeline {
         let per_call = match self.conn {
             Conn::Single(_) => CAS_KEYS_PER_CALL,
             Conn::Cluster(_) => 1,
@@ -262,67 +295,6 @@ impl StateStore {
         pipe
     }
 
-    /// Loads campaign states (absent: empty at revision 0) in one round trip.
-    pub async fn load_campaigns(
-        &self,
-        ids: &[(&str, &str)],
-    ) -> Result<Vec<(u64, CampaignState)>, StoreError> {
-        if ids.is_empty() {
-            return Ok(vec![]);
-        }
-        let mut pipe = redis::pipe();
-        for (t, c) in ids {
-            pipe.cmd("GET").arg(self.keys.campaign(t, c));
-        }
-        let mut conn = self.conn.clone();
-        let started = Instant::now();
-        let r: Result<Vec<Option<Vec<u8>>>, _> = pipe.query_async(&mut conn).await;
-        self.observe("load_campaigns", started, &r);
-        r?.into_iter()
-            .zip(ids)
-            .map(|(v, (t, c))| match v {
-                None => Ok((0, CampaignState::default())),
-                Some(b) => blob::decode_any(&b).map_err(|reason| StoreError::Corrupt {
-                    key: self.keys.campaign(t, c),
-                    reason,
-                }),
-            })
-            .collect()
-    }
-
-    /// Compare-and-set writes of campaign states; true where the write landed.
-    pub async fn save_campaigns(
-        &self,
-        writes: &[((&str, &str), u64, &CampaignState)],
-    ) -> Result<Vec<bool>, StoreError> {
-        if writes.is_empty() {
-            return Ok(vec![]);
-        }
-        let items: Vec<(String, u64, Vec<u8>)> = writes
-            .iter()
-            .map(|((t, c), rev, state)| {
-                (
-                    self.keys.campaign(t, c),
-                    *rev,
-                    blob::encode_any(rev + 1, *state),
-                )
-            })
-            .collect();
-        let pipe = self.cas_pipeline(&items);
-        let mut conn = self.conn.clone();
-        let started = Instant::now();
-        let r: Result<Vec<Vec<i64>>, _> = pipe.query_async(&mut conn).await;
-        self.observe("save_campaigns", started, &r);
-        match r {
-            Ok(v) => Ok(v.into_iter().flatten().map(|x| x == 1).collect()),
-            Err(e) if e.kind() == redis::ErrorKind::NoScriptError => {
-                self.load_scripts().await?;
-                Err(e.into())
-            }
-            Err(e) => Err(e.into()),
-        }
-    }
-
     /// Deletes every key of one customer (operator tooling and tests).
     pub async fn delete(&self, c: &CustomerRef) -> Result<(), StoreError> {
         let mut conn = self.conn.clone();
@@ -331,5 +303,27 @@ impl StateStore {
             .query_async(&mut conn)
             .await?;
         Ok(())
+    }
+}
+
+impl Backend for StateStore {
+    fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    fn get_many<'s>(
+        &'s self,
+        op: &'static str,
+        keys: &'s [String],
+    ) -> BoxFuture<'s, Result<Vec<Option<Vec<u8>>>, StoreError>> {
+        Box::pin(self.get_values(op, keys))
+    }
+
+    fn cas_many<'s>(
+        &'s self,
+        op: &'static str,
+        writes: &'s [CasWrite],
+    ) -> BoxFuture<'s, Result<Vec<bool>, StoreError>> {
+        Box::pin(self.cas(op, writes))
     }
 }

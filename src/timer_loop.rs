@@ -1,53 +1,77 @@
 //! The timer loop: every instance claims due timers (leased, so no two instances
 //! fire one at the same time and a crash loses none), loads those customers,
-//! lets the domain decide (recall stages, allowance releases), writes back with
-//! CAS and publishes through the same outbox as the record path.
+//! lets the domain decide (recall stages, allowance releases), and writes and
+//! publishes through the record path's state write (`state_write.rs`).
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tracing::{debug, warn};
+use tracing::warn;
 
-use crate::config::TimersConfig;
+use crate::config::{RetryConfig, TimersConfig};
 use crate::domain::clock::{Clock, EventClock};
 use crate::domain::decide::{self, allowance_at, Effects};
 use crate::domain::event::{Channel, CustomerRef};
 use crate::domain::lapse::Stage;
+use crate::domain::policy::Policies;
 use crate::domain::recall::{self, Arm, FireCtx, Fired};
-use crate::domain::state::CustomerState;
-use crate::pipeline::Pipeline;
+use crate::domain::state::{CustomerState, StateParams};
+use crate::error::{BatchError, StoreError};
+use crate::metrics::Metrics;
 use crate::retry::Backoff;
-use crate::store::clock::SharedEventTime;
+use crate::state_write::{Fold, StateWriter};
+use crate::store::event_time::SharedEventTime;
 use crate::store::timers::{Claimed, TimerStore};
 
 pub struct TimerLoop {
-    pub pipeline: Arc<Pipeline>,
+    /// Customer states: load, fold, compare-and-set, publish the outboxes (the
+    /// same step as the record path's).
+    pub writer: StateWriter,
     pub timers: TimerStore,
+    pub policies: Arc<Policies>,
+    pub params: StateParams,
+    pub metrics: Metrics,
+    /// Back-off after a failed poll (Redis or broker down).
+    pub retry: RetryConfig,
     pub clock: Arc<dyn Clock>,
     /// Event-time mode: the local watermark and the one shared in Redis.
     pub shared_clock: Option<(Arc<EventClock>, SharedEventTime)>,
     pub cfg: TimersConfig,
+    /// Raised on SIGTERM/SIGINT: the loop stops, also in the middle of a back-off.
     pub shutdown: Arc<AtomicBool>,
 }
 
-/// One customer after firing: what to write and when to fire next.
+/// What firing one customer's timer did, kept until the write has landed.
 struct Fire<'a> {
     claimed: &'a Claimed,
-    rev: u64,
-    state: CustomerState,
-    changed: bool,
     fired: Vec<Fired>,
     /// Allowance releases decided by time.
     effects: Effects,
     next: Option<i64>,
 }
 
+/// The timer loop's fold of a customer: what is due at `now`.
+struct FireFold<'a, 'l> {
+    timers: &'l TimerLoop,
+    claimed: HashMap<&'a CustomerRef, &'a Claimed>,
+    now: i64,
+}
+
+impl<'a> Fold<CustomerState> for FireFold<'a, '_> {
+    type Extra = Fire<'a>;
+
+    fn fold(&mut self, c: &CustomerRef, state: &mut CustomerState) -> (bool, Fire<'a>) {
+        self.timers.decide(self.claimed[c], state, self.now)
+    }
+}
+
 impl TimerLoop {
-    /// Runs until shutdown: claims, fires, completes; sleeps `poll_interval` when idle.
+    /// Runs until shutdown: claims, fires, completes; sleeps `poll_interval`
+    /// when idle, backs off (`retry.*`) after a failure.
     pub async fn run(self) {
-        let give_up = AtomicBool::new(false);
-        let mut backoff = Backoff::new(&self.pipeline.retry);
+        let mut backoff = Backoff::new(&self.retry);
         let mut last_gauges = std::time::Instant::now() - Duration::from_secs(60);
         let shards: Vec<u32> = (0..self.timers.shards()).collect();
         while !self.shutdown.load(Ordering::SeqCst) {
@@ -56,7 +80,6 @@ impl TimerLoop {
                 match shared.now().await {
                     Ok(w) => local.advance(w),
                     Err(_) => self
-                        .pipeline
                         .metrics
                         .redis_errors
                         .with_label_values(&["clock"])
@@ -64,7 +87,7 @@ impl TimerLoop {
                 }
             }
             let now = self.clock.now_ms();
-            self.pipeline.metrics.clock_now.set(now);
+            self.metrics.clock_now.set(now);
             if now <= 0 {
                 // Event time before the first event: nothing can be due.
                 tokio::time::sleep(self.cfg.poll_interval.0).await;
@@ -73,19 +96,15 @@ impl TimerLoop {
             let (busy, failed) = match self.fire_due(&shards, now).await {
                 Ok(full) => (full, false),
                 Err(e) => {
-                    if matches!(e, crate::error::BatchError::Store(_)) {
-                        self.pipeline
-                            .metrics
+                    if matches!(&e, BatchError::Store(s) if !matches!(s, StoreError::Contended { .. }))
+                    {
+                        self.metrics
                             .redis_errors
                             .with_label_values(&["timers"])
                             .inc();
                     }
                     warn!(error = %e, "firing timers failed; retrying");
-                    self.pipeline
-                        .metrics
-                        .retries
-                        .with_label_values(&["timers"])
-                        .inc();
+                    self.metrics.retries.with_label_values(&["timers"]).inc();
                     (false, true)
                 }
             };
@@ -94,9 +113,10 @@ impl TimerLoop {
                 last_gauges = std::time::Instant::now();
             }
             if failed {
-                backoff.wait(&give_up).await;
+                // Returns early, with false, once shutdown is raised.
+                backoff.wait(&self.shutdown).await;
             } else {
-                backoff = Backoff::new(&self.pipeline.retry);
+                backoff = Backoff::new(&self.retry);
                 if !busy {
                     tokio::time::sleep(self.cfg.poll_interval.0).await;
                 }
@@ -107,11 +127,10 @@ impl TimerLoop {
     async fn export_gauges(&self, now: i64) {
         match self.timers.counts(now).await {
             Ok((pending, overdue)) => {
-                self.pipeline.metrics.timers_pending.set(pending as i64);
-                self.pipeline.metrics.timers_overdue.set(overdue as i64);
+                self.metrics.timers_pending.set(pending as i64);
+                self.metrics.timers_overdue.set(overdue as i64);
             }
             Err(_) => self
-                .pipeline
                 .metrics
                 .redis_errors
                 .with_label_values(&["timers"])
@@ -124,11 +143,7 @@ impl TimerLoop {
     /// whole poll, however many shards there are (firing shard by shard made the
     /// lag grow with the shard count). Returns true when a shard's claim was full
     /// (more may be due: poll again without sleeping).
-    pub async fn fire_due(
-        &self,
-        shards: &[u32],
-        now: i64,
-    ) -> Result<bool, crate::error::BatchError> {
+    pub async fn fire_due(&self, shards: &[u32], now: i64) -> Result<bool, BatchError> {
         let lease = self.cfg.lease.as_millis_i64();
         let limit = self.cfg.claim_limit;
         let per_shard = self
@@ -141,8 +156,7 @@ impl TimerLoop {
             return Ok(false);
         }
         for c in &claimed {
-            self.pipeline
-                .metrics
+            self.metrics
                 .timer_lag
                 .observe((now - c.due_ms).max(0) as f64 / 1000.0);
         }
@@ -150,105 +164,57 @@ impl TimerLoop {
         Ok(full)
     }
 
-    /// Fires claimed timers: decide, CAS-write, publish, complete.
-    async fn fire(&self, claimed: &[Claimed], now: i64) -> Result<(), crate::error::BatchError> {
-        let p = &self.pipeline;
-        let mut pending: Vec<&Claimed> = claimed.iter().collect();
-        let mut done: Vec<Fire<'_>> = Vec::new();
-        for _round in 0..16 {
-            if pending.is_empty() {
-                break;
-            }
-            let refs: Vec<&CustomerRef> = pending.iter().map(|c| &c.customer).collect();
-            let loaded = p.store.load_many(&refs).await?;
-            let mut fires: Vec<Fire<'_>> = pending
-                .iter()
-                .zip(loaded)
-                .map(|(c, l)| self.decide(c, l.rev, l.state, now))
-                .collect();
-            let writes: Vec<_> = fires
-                .iter()
-                .filter(|f| f.changed)
-                .map(|f| (&f.claimed.customer, f.rev, &f.state))
-                .collect();
-            let results = p.store.save_many(&writes).await?;
-            let lost: Vec<&CustomerRef> = writes
-                .iter()
-                .zip(&results)
-                .filter(|(_, ok)| !**ok)
-                .map(|(w, _)| w.0)
-                .collect();
-            if !lost.is_empty() {
-                p.metrics.cas_conflicts.inc_by(lost.len() as u64);
-            }
-            let mut retry = Vec::new();
-            for f in fires.drain(..) {
-                if lost.contains(&&f.claimed.customer) {
-                    retry.push(f.claimed);
-                } else {
-                    done.push(f);
-                }
-            }
-            pending = retry;
-        }
-        if !pending.is_empty() {
-            // Left leased: another poll (ours or another instance's) fires them after the lease.
-            debug!(
-                customers = pending.len(),
-                "timers left for a later pass after repeated conflicts"
-            );
-        }
-        // Publish what the writes put in the outboxes.
-        let mut to_publish: Vec<(&CustomerRef, u64, CustomerState)> = done
-            .iter()
-            .filter(|f| !f.state.outbox.is_empty())
-            .map(|f| {
-                (
-                    &f.claimed.customer,
-                    if f.changed { f.rev + 1 } else { f.rev },
-                    f.state.clone(),
-                )
-            })
-            .collect();
-        p.publish(&mut to_publish).await?;
-        for f in &done {
-            self.count(f);
+    /// Fires claimed timers: decide, CAS-write, publish, complete. Timers of
+    /// customers still conflicting after the write step's rounds stay leased
+    /// (the step fails with `Contended`): this or another instance fires them
+    /// when the lease ends.
+    async fn fire(&self, claimed: &[Claimed], now: i64) -> Result<(), BatchError> {
+        let ids: Vec<&CustomerRef> = claimed.iter().map(|c| &c.customer).collect();
+        let mut fold = FireFold {
+            timers: self,
+            claimed: claimed.iter().map(|c| (&c.customer, c)).collect(),
+            now,
+        };
+        let done = self.writer.write(ids, &mut fold).await?;
+        self.writer.publish(&done).await?;
+        for d in &done {
+            self.count(&d.extra);
         }
         let completes: Vec<(&CustomerRef, i64, Option<i64>)> = done
             .iter()
-            .map(|f| (&f.claimed.customer, f.claimed.lease, f.next))
+            .map(|d| (d.id, d.extra.claimed.lease, d.extra.next))
             .collect();
         let results = self.timers.complete_many(&completes).await?;
         for ok in results {
             let result = if ok { "fired" } else { "lost_lease" };
-            p.metrics.timers_fired.with_label_values(&[result]).inc();
+            self.metrics.timers_fired.with_label_values(&[result]).inc();
         }
         Ok(())
     }
 
-    /// The pure part: what is due for this customer at `now`.
+    /// The pure part: what is due for this customer at `now`. Returns whether
+    /// the state changed.
     fn decide<'a>(
         &self,
         claimed: &'a Claimed,
-        rev: u64,
-        mut state: CustomerState,
+        state: &mut CustomerState,
         now: i64,
-    ) -> Fire<'a> {
-        let p = &self.pipeline;
+    ) -> (bool, Fire<'a>) {
         let who = &claimed.customer;
-        let policy = p.policies.of(&who.tenant);
+        let policy = self.policies.of(&who.tenant);
+        let params = &self.params;
         let before_outbox = state.outbox.len();
         let before_recall = state.recall.clone();
         let mut fx = Effects::default();
-        decide::release_due(&mut state, who, policy, &p.params, now, None, &mut fx, None);
+        decide::release_due(state, who, policy, params, now, None, &mut fx, None);
         let costs = policy.costs;
         let snapshot = state.clone();
         let available = |c: Channel| {
-            let a = allowance_at(&snapshot, c, policy, &p.params, now);
+            let a = allowance_at(&snapshot, c, policy, params, now);
             a.state == crate::domain::allowance::AllowanceState::Open
                 && a.allowed_from.is_some_and(|t| t <= now)
         };
-        let cands = recall::candidates(&snapshot, now, p.params.horizons, &policy.lapse, available);
+        let cands = recall::candidates(&snapshot, now, params.horizons, &policy.lapse, available);
         let ctx = FireCtx {
             customer: who,
             visits: &snapshot.visits,
@@ -262,24 +228,24 @@ impl TimerLoop {
                 state.outbox.push(o);
             }
         }
-        let next = decide::next_timer(&state, policy);
+        let next = decide::next_timer(state, policy);
         let changed = state.outbox.len() != before_outbox
             || state.recall != before_recall
             || next != state.timer_due;
         state.timer_due = next;
-        Fire {
-            claimed,
-            rev,
-            state,
+        (
             changed,
-            fired,
-            effects: fx,
-            next,
-        }
+            Fire {
+                claimed,
+                fired,
+                effects: fx,
+                next,
+            },
+        )
     }
 
     fn count(&self, f: &Fire<'_>) {
-        let m = &self.pipeline.metrics;
+        let m = &self.metrics;
         let tenant = m.tenant(&f.claimed.customer.tenant);
         for (t, reason) in &f.effects.transitions {
             m.throttle_transitions
