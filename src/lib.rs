@@ -22,3 +22,4 @@ pub mod service;
 pub mod simulate;
 pub mod store;
 pub mod timers;
+pub mod wall_clock;
