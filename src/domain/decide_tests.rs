@@ -7,8 +7,9 @@ use proptest::prelude::*;
 use super::allowance::AllowanceState;
 use super::decide::{allowance_at, on_event, release_due, Effects};
 use super::event::*;
+use super::output::Output;
 use super::policy::{Boost, Policy, PolicyConfig, TenantOverride};
-use super::state::{CustomerState, Output, Source, StateParams};
+use super::state::{CustomerState, Source, StateParams};
 
 const H: i64 = 3_600_000;
 const DAY: i64 = 24 * H;

@@ -7,10 +7,12 @@ pub mod decide;
 pub mod engagement;
 pub mod event;
 pub mod lapse;
+pub mod output;
 pub mod policy;
 pub mod recall;
 pub mod replies;
 pub mod state;
+pub mod visits;
 
 #[cfg(test)]
 mod decide_tests;
