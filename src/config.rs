@@ -5,9 +5,11 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::domain::span::Span;
 use crate::error::ConfigError;
 
-/// A duration written as `"50ms"`, `"30s"`, `"5m"`, `"2h"`, `"7d"` (or an integer of milliseconds).
+/// A duration written as `"50ms"`, `"30s"`, `"5m"`, `"2h"`, `"7d"` (or an integer of
+/// milliseconds): the text of the domain's [`Span`], as a `Duration` for the adapters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Dur(pub Duration);
 
@@ -25,69 +27,37 @@ impl Dur {
         i64::try_from(self.0.as_millis()).unwrap_or(i64::MAX)
     }
     pub fn parse(s: &str) -> Result<Dur, String> {
-        let s = s.trim();
-        let split = s
-            .find(|c: char| !c.is_ascii_digit())
-            .ok_or_else(|| format!("`{s}` has no unit: write e.g. 50ms, 30s, 5m, 2h, 7d"))?;
-        let (num, unit) = s.split_at(split);
-        let n: u64 = num
-            .parse()
-            .map_err(|_| format!("`{s}` does not start with a whole number"))?;
-        let ms = match unit.trim() {
-            "ms" => Some(n),
-            "s" => n.checked_mul(1_000),
-            "m" => n.checked_mul(60_000),
-            "h" => n.checked_mul(3_600_000),
-            "d" => n.checked_mul(86_400_000),
-            other => {
-                return Err(format!(
-                    "unknown unit `{other}` in `{s}`: use ms, s, m, h or d"
-                ))
-            }
-        }
-        .ok_or_else(|| format!("`{s}` is too large"))?;
-        Ok(Dur::ms(ms))
+        Span::parse(s).map(Dur::from)
+    }
+}
+
+impl From<Span> for Dur {
+    fn from(s: Span) -> Dur {
+        Dur(s.into())
+    }
+}
+
+impl From<Dur> for Span {
+    fn from(d: Dur) -> Span {
+        d.0.into()
     }
 }
 
 impl std::fmt::Display for Dur {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let ms = self.0.as_millis();
-        let (n, u) = if ms == 0 {
-            (0, "ms")
-        } else if ms % 86_400_000 == 0 {
-            (ms / 86_400_000, "d")
-        } else if ms % 3_600_000 == 0 {
-            (ms / 3_600_000, "h")
-        } else if ms % 60_000 == 0 {
-            (ms / 60_000, "m")
-        } else if ms % 1_000 == 0 {
-            (ms / 1_000, "s")
-        } else {
-            (ms, "ms")
-        };
-        write!(f, "{n}{u}")
+        Span::from(*self).fmt(f)
     }
 }
 
 impl Serialize for Dur {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&self.to_string())
+        Span::from(*self).serialize(s)
     }
 }
 
 impl<'de> Deserialize<'de> for Dur {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Dur, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Ms(u64),
-            Text(String),
-        }
-        match Raw::deserialize(d)? {
-            Raw::Ms(ms) => Ok(Dur::ms(ms)),
-            Raw::Text(t) => Dur::parse(&t).map_err(serde::de::Error::custom),
-        }
+        Span::deserialize(d).map(Dur::from)
     }
 }
 

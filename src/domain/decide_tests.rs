@@ -404,7 +404,7 @@ proptest! {
                 sent.push(t);
             }
         }
-        let window = policy.caps[c.index()].window.as_millis_i64();
+        let window = policy.caps[c.index()].window.as_ms();
         for (i, &end) in sent.iter().enumerate() {
             let in_window = sent[..=i].iter().filter(|x| **x > end - window).count() as u32;
             prop_assert!(in_window <= policy.cap_at(c, end).limit.max(policy.caps[c.index()].limit),

@@ -11,6 +11,7 @@ pub mod output;
 pub mod policy;
 pub mod recall;
 pub mod replies;
+pub mod span;
 pub mod state;
 pub mod visits;
 
