@@ -1,4 +1,7 @@
 //! The pure domain core: no IO, no clock reads. Every decision is made here.
+//! Adapters depend on it, never the other way: `tests/domain_edges.rs` fails
+//! when a file here names an adapter module, Avro, Kafka, Redis, IO or the
+//! system clock.
 
 pub mod allowance;
 pub mod campaign;
