@@ -5,9 +5,11 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::domain::span::Span;
 use crate::error::ConfigError;
 
-/// A duration written as `"50ms"`, `"30s"`, `"5m"`, `"2h"`, `"7d"` (or an integer of milliseconds).
+/// A duration written as `"50ms"`, `"30s"`, `"5m"`, `"2h"`, `"7d"` (or an integer of
+/// milliseconds): the text of the domain's [`Span`], as a `Duration` for the adapters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Dur(pub Duration);
 
@@ -25,69 +27,37 @@ impl Dur {
         i64::try_from(self.0.as_millis()).unwrap_or(i64::MAX)
     }
     pub fn parse(s: &str) -> Result<Dur, String> {
-        let s = s.trim();
-        let split = s
-            .find(|c: char| !c.is_ascii_digit())
-            .ok_or_else(|| format!("`{s}` has no unit: write e.g. 50ms, 30s, 5m, 2h, 7d"))?;
-        let (num, unit) = s.split_at(split);
-        let n: u64 = num
-            .parse()
-            .map_err(|_| format!("`{s}` does not start with a whole number"))?;
-        let ms = match unit.trim() {
-            "ms" => Some(n),
-            "s" => n.checked_mul(1_000),
-            "m" => n.checked_mul(60_000),
-            "h" => n.checked_mul(3_600_000),
-            "d" => n.checked_mul(86_400_000),
-            other => {
-                return Err(format!(
-                    "unknown unit `{other}` in `{s}`: use ms, s, m, h or d"
-                ))
-            }
-        }
-        .ok_or_else(|| format!("`{s}` is too large"))?;
-        Ok(Dur::ms(ms))
+        Span::parse(s).map(Dur::from)
+    }
+}
+
+impl From<Span> for Dur {
+    fn from(s: Span) -> Dur {
+        Dur(s.into())
+    }
+}
+
+impl From<Dur> for Span {
+    fn from(d: Dur) -> Span {
+        d.0.into()
     }
 }
 
 impl std::fmt::Display for Dur {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let ms = self.0.as_millis();
-        let (n, u) = if ms == 0 {
-            (0, "ms")
-        } else if ms % 86_400_000 == 0 {
-            (ms / 86_400_000, "d")
-        } else if ms % 3_600_000 == 0 {
-            (ms / 3_600_000, "h")
-        } else if ms % 60_000 == 0 {
-            (ms / 60_000, "m")
-        } else if ms % 1_000 == 0 {
-            (ms / 1_000, "s")
-        } else {
-            (ms, "ms")
-        };
-        write!(f, "{n}{u}")
+        Span::from(*self).fmt(f)
     }
 }
 
 impl Serialize for Dur {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&self.to_string())
+        Span::from(*self).serialize(s)
     }
 }
 
 impl<'de> Deserialize<'de> for Dur {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Dur, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Ms(u64),
-            Text(String),
-        }
-        match Raw::deserialize(d)? {
-            Raw::Ms(ms) => Ok(Dur::ms(ms)),
-            Raw::Text(t) => Dur::parse(&t).map_err(serde::de::Error::custom),
-        }
+        Span::deserialize(d).map(Dur::from)
     }
 }
 
@@ -521,30 +491,69 @@ impl Config {
         }
     }
 
+    /// Every section in turn; the first invalid value is reported, naming its key.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        fn bad(key: &str, msg: impl Into<String>) -> ConfigError {
-            ConfigError::Invalid {
-                key: key.to_string(),
-                message: msg.into(),
-            }
+        self.kafka.validate()?;
+        self.redis.validate()?;
+        self.schema.validate(&self.outputs)?;
+        self.batch.validate()?;
+        self.state.validate()?;
+        self.http.validate()?;
+        self.metrics.validate()?;
+        self.timers.validate()?;
+        self.validate_policy()?;
+        self.retry.validate()
+    }
+
+    /// `[policy]`, which must learn from fewer gaps than `state.visit_history` keeps.
+    fn validate_policy(&self) -> Result<(), ConfigError> {
+        let gaps = self.policy.lapse.min_gaps_for_learning as usize;
+        if gaps >= self.state.visit_history {
+            return Err(bad(
+                "policy.lapse.min_gaps_for_learning",
+                format!(
+                    "must be less than state.visit_history ({})",
+                    self.state.visit_history
+                ),
+            ));
         }
-        let k = &self.kafka;
-        if k.brokers.trim().is_empty() {
+        self.policy
+            .validate()
+            .map_err(|(key, message)| ConfigError::Invalid { key, message })
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render config: {e}"))
+    }
+}
+
+/// An invalid value at `key`.
+fn bad(key: &str, msg: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.to_string(),
+        message: msg.into(),
+    }
+}
+
+impl KafkaConfig {
+    /// `[kafka]` and `[kafka.topics]`: every topic name valid and distinct.
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.brokers.trim().is_empty() {
             return Err(bad("kafka.brokers", "must list at least one host:port"));
         }
-        if k.group_id.trim().is_empty() {
+        if self.group_id.trim().is_empty() {
             return Err(bad("kafka.group_id", "must not be empty"));
         }
-        if !(Dur::secs(1)..=Dur::secs(300)).contains(&k.session_timeout) {
+        if !(Dur::secs(1)..=Dur::secs(300)).contains(&self.session_timeout) {
             return Err(bad("kafka.session_timeout", "must be between 1s and 300s"));
         }
-        if !(1..=10_000).contains(&k.topic_partitions) {
+        if !(1..=10_000).contains(&self.topic_partitions) {
             return Err(bad("kafka.topic_partitions", "must be between 1 and 10000"));
         }
-        if k.commit_interval.0.is_zero() {
+        if self.commit_interval.0.is_zero() {
             return Err(bad("kafka.commit_interval", "must be positive"));
         }
-        let t = &k.topics;
+        let t = &self.topics;
         let named = [
             ("kafka.topics.sends", &t.sends),
             ("kafka.topics.opens", &t.opens),
@@ -575,42 +584,54 @@ impl Config {
                 ));
             }
         }
-        if !(self.redis.url.starts_with("redis://")
-            || self.redis.url.starts_with("rediss://")
-            || self.redis.url.starts_with("unix://"))
+        Ok(())
+    }
+}
+
+impl RedisConfig {
+    /// `[redis]`.
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !(self.url.starts_with("redis://")
+            || self.url.starts_with("rediss://")
+            || self.url.starts_with("unix://"))
         {
             return Err(bad(
                 "redis.url",
                 "must start with redis://, rediss:// or unix://",
             ));
         }
-        if self.redis.key_prefix.is_empty() || self.redis.key_prefix.contains(['{', '}']) {
+        if self.key_prefix.is_empty() || self.key_prefix.contains(['{', '}']) {
             return Err(bad(
                 "redis.key_prefix",
                 "must be non-empty and contain no braces",
             ));
         }
-        if self.redis.response_timeout.0.is_zero() || self.redis.connect_timeout.0.is_zero() {
+        if self.response_timeout.0.is_zero() || self.connect_timeout.0.is_zero() {
             return Err(bad("redis.response_timeout", "timeouts must be positive"));
         }
-        if !self.schema.dir.is_dir() {
+        Ok(())
+    }
+}
+
+impl SchemaConfig {
+    /// `[schema]`, and the `[outputs]` framing that needs its registry.
+    fn validate(&self, outputs: &OutputsConfig) -> Result<(), ConfigError> {
+        if !self.dir.is_dir() {
             return Err(bad(
                 "schema.dir",
                 format!(
                     "`{}` is not a directory: point it at the schemas/ folder shipped with lapse",
-                    self.schema.dir.display()
+                    self.dir.display()
                 ),
             ));
         }
-        if self.outputs.framing == Some(OutputFraming::Confluent)
-            && self.schema.registry_url.is_none()
-        {
+        if outputs.framing == Some(OutputFraming::Confluent) && self.registry_url.is_none() {
             return Err(bad(
                 "outputs.framing",
                 "`confluent` needs a schema registry: set schema.registry_url (LAPSE_SCHEMA_REGISTRY_URL) or use `single_object`",
             ));
         }
-        if let Some(u) = &self.schema.registry_url {
+        if let Some(u) = &self.registry_url {
             if !(u.starts_with("http://") || u.starts_with("https://")) {
                 return Err(bad(
                     "schema.registry_url",
@@ -618,98 +639,121 @@ impl Config {
                 ));
             }
         }
-        if !(64..=(64 << 20)).contains(&self.schema.max_payload_bytes) {
+        if !(64..=(64 << 20)).contains(&self.max_payload_bytes) {
             return Err(bad(
                 "schema.max_payload_bytes",
                 "must be between 64 and 67108864",
             ));
         }
-        if self.schema.avro_allocation_limit_bytes < self.schema.max_payload_bytes {
+        if self.avro_allocation_limit_bytes < self.max_payload_bytes {
             return Err(bad(
                 "schema.avro_allocation_limit_bytes",
                 "must be at least schema.max_payload_bytes",
             ));
         }
-        if !(1..=100_000).contains(&self.batch.max_records) {
+        Ok(())
+    }
+}
+
+impl BatchConfig {
+    /// `[batch]`.
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !(1..=100_000).contains(&self.max_records) {
             return Err(bad("batch.max_records", "must be between 1 and 100000"));
         }
-        if self.batch.max_wait.0.is_zero() || self.batch.max_wait > Dur::secs(60) {
+        if self.max_wait.0.is_zero() || self.max_wait > Dur::secs(60) {
             return Err(bad("batch.max_wait", "must be between 1ms and 60s"));
         }
-        if !(1..=64).contains(&self.batch.queue_depth) {
+        if !(1..=64).contains(&self.queue_depth) {
             return Err(bad("batch.queue_depth", "must be between 1 and 64"));
         }
-        if !(1..=64).contains(&self.batch.store_chunks) {
+        if !(1..=64).contains(&self.store_chunks) {
             return Err(bad("batch.store_chunks", "must be between 1 and 64"));
         }
-        if !(1..=1024).contains(&self.state.event_ids_per_customer) {
+        Ok(())
+    }
+}
+
+impl StateConfig {
+    /// `[state]`.
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !(1..=1024).contains(&self.event_ids_per_customer) {
             return Err(bad(
                 "state.event_ids_per_customer",
                 "must be between 1 and 1024",
             ));
         }
-        if !(2..=256).contains(&self.state.visit_history) {
+        if !(2..=256).contains(&self.visit_history) {
             return Err(bad("state.visit_history", "must be between 2 and 256"));
         }
-        if self.state.short_half_life.0.is_zero() {
+        if self.short_half_life.0.is_zero() {
             return Err(bad("state.short_half_life", "must be positive"));
         }
-        if self.state.long_half_life <= self.state.short_half_life {
+        if self.long_half_life <= self.short_half_life {
             return Err(bad(
                 "state.long_half_life",
                 "must be longer than state.short_half_life",
             ));
         }
-        if self.http.listen.parse::<std::net::SocketAddr>().is_err() {
+        Ok(())
+    }
+}
+
+impl HttpConfig {
+    /// `[http]`.
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.listen.parse::<std::net::SocketAddr>().is_err() {
             return Err(bad(
                 "http.listen",
-                format!("`{}` is not an ip:port address", self.http.listen),
+                format!("`{}` is not an ip:port address", self.listen),
             ));
         }
-        if self.metrics.fleet_gauge_refresh < Dur::ms(100) {
+        Ok(())
+    }
+}
+
+impl MetricsConfig {
+    /// `[metrics]`.
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.fleet_gauge_refresh < Dur::ms(100) {
             return Err(bad("metrics.fleet_gauge_refresh", "must be at least 100ms"));
         }
-        if self.metrics.max_tenants == 0 {
+        if self.max_tenants == 0 {
             return Err(bad("metrics.max_tenants", "must be at least 1"));
         }
-        if !(1..=1024).contains(&self.timers.shards) {
+        Ok(())
+    }
+}
+
+impl TimersConfig {
+    /// `[timers]`.
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !(1..=1024).contains(&self.shards) {
             return Err(bad("timers.shards", "must be between 1 and 1024"));
         }
-        if self.timers.lease < Dur::secs(1) {
+        if self.lease < Dur::secs(1) {
             return Err(bad("timers.lease", "must be at least 1s"));
         }
-        if self.timers.poll_interval < Dur::ms(10) || self.timers.poll_interval > Dur::secs(60) {
+        if self.poll_interval < Dur::ms(10) || self.poll_interval > Dur::secs(60) {
             return Err(bad("timers.poll_interval", "must be between 10ms and 60s"));
         }
-        if !(1..=10_000).contains(&self.timers.claim_limit) {
+        if !(1..=10_000).contains(&self.claim_limit) {
             return Err(bad("timers.claim_limit", "must be between 1 and 10000"));
         }
-        let gaps = self.policy.lapse.min_gaps_for_learning as usize;
-        if gaps >= self.state.visit_history {
-            return Err(bad(
-                "policy.lapse.min_gaps_for_learning",
-                format!(
-                    "must be less than state.visit_history ({})",
-                    self.state.visit_history
-                ),
-            ));
-        }
-        self.policy
-            .validate()
-            .map_err(|(key, message)| ConfigError::Invalid { key, message })?;
-        if self.retry.initial_backoff.0.is_zero()
-            || self.retry.max_backoff < self.retry.initial_backoff
-        {
+        Ok(())
+    }
+}
+
+impl RetryConfig {
+    /// `[retry]`.
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.initial_backoff.0.is_zero() || self.max_backoff < self.initial_backoff {
             return Err(bad(
                 "retry.max_backoff",
                 "must be at least retry.initial_backoff (> 0)",
             ));
         }
         Ok(())
-    }
-
-    pub fn to_toml(&self) -> String {
-        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render config: {e}"))
     }
 }
 
@@ -741,6 +785,83 @@ mod tests {
         c.schema.dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("schemas");
         let e = c.validate().unwrap_err().to_string();
         assert!(e.contains("batch.max_records"), "{e}");
+    }
+
+    #[test]
+    fn every_section_names_its_key() {
+        let schemas = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("schemas");
+        let cases = [
+            (
+                "[kafka]\nsession_timeout = \"0s\"\n",
+                "kafka.session_timeout",
+                "must be between 1s and 300s",
+            ),
+            (
+                "[kafka.topics]\ndlq = \"recall.triggers\"\n",
+                "kafka.topics.triggers",
+                "topic `recall.triggers` is used twice: every topic must be distinct",
+            ),
+            (
+                "[redis]\nkey_prefix = \"{x}\"\n",
+                "redis.key_prefix",
+                "must be non-empty and contain no braces",
+            ),
+            (
+                "[schema]\nregistry_url = \"ftp://r\"\n",
+                "schema.registry_url",
+                "must be an http:// or https:// URL",
+            ),
+            (
+                "[batch]\nmax_wait = \"2m\"\n",
+                "batch.max_wait",
+                "must be between 1ms and 60s",
+            ),
+            (
+                "[state]\nlong_half_life = \"1d\"\n",
+                "state.long_half_life",
+                "must be longer than state.short_half_life",
+            ),
+            (
+                "[http]\nlisten = \"nowhere\"\n",
+                "http.listen",
+                "`nowhere` is not an ip:port address",
+            ),
+            (
+                "[metrics]\nmax_tenants = 0\n",
+                "metrics.max_tenants",
+                "must be at least 1",
+            ),
+            (
+                "[timers]\nlease = \"10ms\"\n",
+                "timers.lease",
+                "must be at least 1s",
+            ),
+            (
+                "[state]\nvisit_history = 2\n",
+                "policy.lapse.min_gaps_for_learning",
+                "must be less than state.visit_history (2)",
+            ),
+            (
+                "[policy.caps.SMS]\nlimit = 2\nwindow = \"30s\"\n",
+                "policy.caps.SMS.window",
+                "must be between 1m and 366d",
+            ),
+            (
+                "[retry]\ninitial_backoff = \"1s\"\nmax_backoff = \"1ms\"\n",
+                "retry.max_backoff",
+                "must be at least retry.initial_backoff (> 0)",
+            ),
+        ];
+        for (toml, key, message) in cases {
+            let mut c = Config::from_toml(toml).unwrap();
+            c.schema.dir = schemas.clone();
+            match c.validate() {
+                Err(ConfigError::Invalid { key: k, message: m }) => {
+                    assert_eq!((k.as_str(), m.as_str()), (key, message), "{toml}")
+                }
+                other => panic!("{toml}: {other:?}"),
+            }
+        }
     }
 
     #[test]

@@ -23,3 +23,4 @@ pub mod simulate;
 pub mod state_write;
 pub mod store;
 pub mod timer_loop;
+pub mod wall_clock;

@@ -12,10 +12,11 @@ use clap::{Parser, Subcommand};
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use lapse::config::Config;
-use lapse::domain::clock::{Clock, WallClock};
+use lapse::domain::clock::Clock;
 use lapse::domain::event::CustomerRef;
 use lapse::metrics::Metrics;
 use lapse::store::StateStore;
+use lapse::wall_clock::WallClock;
 
 #[derive(Parser)]
 #[command(

@@ -12,7 +12,9 @@ use crate::codec::{
 };
 use crate::config::{OutputFraming, TopicsConfig};
 use crate::domain::allowance::ThrottleDecision;
-use crate::domain::state::Output;
+use crate::domain::event::Channel;
+use crate::domain::output::Output;
+use crate::domain::recall::{RecallOutcome, RecallTrigger};
 use crate::error::KafkaError;
 use crate::kafka::producer::OutputProducer;
 
@@ -23,33 +25,38 @@ fn opt<T>(v: Option<T>, f: impl FnOnce(T) -> Value) -> Value {
     v.map_or(Value::Null, f)
 }
 
+fn enm(index: usize, symbol: &str) -> Value {
+    Value::Enum(index as u32, symbol.to_owned())
+}
+
+fn string(s: &str) -> Value {
+    Value::String(s.to_owned())
+}
+
+fn opt_string(s: &Option<String>) -> Value {
+    s.as_deref().map_or(Value::Null, string)
+}
+
 fn record(fields: Vec<(&str, Value)>) -> Value {
     Value::Record(fields.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())
 }
 
+/// `lapse.v1.ThrottleEvent` (schemas/throttle_event.avsc).
 pub fn throttle_value(d: &ThrottleDecision) -> Value {
     let scope = if d.customer_id.is_some() {
-        Value::Enum(0, "CUSTOMER_CHANNEL".into())
+        enm(0, "CUSTOMER_CHANNEL")
     } else {
-        Value::Enum(1, "CAMPAIGN".into())
+        enm(1, "CAMPAIGN")
     };
     record(vec![
-        ("decision_id", Value::String(d.decision_id.clone())),
+        ("decision_id", string(&d.decision_id)),
         ("scope", scope),
-        ("tenant_id", Value::String(d.tenant_id.clone())),
-        ("customer_id", opt(d.customer_id.clone(), Value::String)),
-        (
-            "channel",
-            opt(d.channel, |c| {
-                Value::Enum(c.index() as u32, c.as_str().into())
-            }),
-        ),
-        ("campaign_id", opt(d.campaign_id.clone(), Value::String)),
-        (
-            "state",
-            Value::Enum(d.state.index() as u32, d.state.as_str().into()),
-        ),
-        ("reason", Value::String(d.reason.clone())),
+        ("tenant_id", string(&d.tenant_id)),
+        ("customer_id", opt_string(&d.customer_id)),
+        ("channel", opt(d.channel, |c| enm(c.index(), c.as_str()))),
+        ("campaign_id", opt_string(&d.campaign_id)),
+        ("state", enm(d.state.index(), d.state.as_str())),
+        ("reason", string(&d.reason)),
         ("allowed_from", opt(d.allowed_from, Value::TimestampMillis)),
         ("cap", opt(d.cap, |c| Value::Int(c as i32))),
         ("window_ms", opt(d.window_ms, Value::Long)),
@@ -60,10 +67,67 @@ pub fn throttle_value(d: &ThrottleDecision) -> Value {
         ),
         ("sends_in_window", Value::Long(d.sends_in_window)),
         ("decided_at", Value::TimestampMillis(d.decided_at)),
+        ("cause_event_id", opt_string(&d.cause_event_id)),
+    ])
+}
+
+/// `lapse.v1.RecallTrigger` (schemas/recall_trigger.avsc).
+pub fn trigger_value(t: &RecallTrigger) -> Value {
+    let ch = |c: Channel| enm(c.index(), c.as_str());
+    record(vec![
+        ("trigger_id", string(&t.trigger_id)),
+        ("tenant_id", string(&t.tenant_id)),
+        ("customer_id", string(&t.customer_id)),
+        ("episode_id", string(&t.episode_id)),
+        ("stage", enm(t.stage.index(), t.stage.as_str())),
+        ("attempt", Value::Int(t.attempt)),
+        ("segment", enm(t.segment.index(), t.segment.as_str())),
+        ("days_since_last_visit", Value::Int(t.days_since_last_visit)),
         (
-            "cause_event_id",
-            opt(d.cause_event_id.clone(), Value::String),
+            "expected_interval_days",
+            Value::Double(t.expected_interval_days),
         ),
+        ("lifetime_value", Value::Long(t.lifetime_value)),
+        ("currency", string(&t.currency)),
+        ("last_treatment", opt_string(&t.last_treatment)),
+        (
+            "recommended_channel",
+            t.recommended_channel.map_or(Value::Null, ch),
+        ),
+        (
+            "fallback_channels",
+            Value::Array(t.fallback_channels.iter().map(|c| ch(*c)).collect()),
+        ),
+        ("offer_tier", string(&t.offer_tier)),
+        ("experiment", string(&t.experiment)),
+        ("arm", enm(t.arm.index(), t.arm.as_str())),
+        ("due_at", Value::TimestampMillis(t.due_at)),
+        ("fired_at", Value::TimestampMillis(t.fired_at)),
+    ])
+}
+
+/// `lapse.v1.RecallOutcome` (schemas/recall_outcome.avsc).
+pub fn outcome_value(o: &RecallOutcome) -> Value {
+    record(vec![
+        ("outcome_id", string(&o.outcome_id)),
+        ("trigger_id", string(&o.trigger_id)),
+        ("kind", enm(o.kind.index(), o.kind.as_str())),
+        ("tenant_id", string(&o.tenant_id)),
+        ("customer_id", string(&o.customer_id)),
+        ("episode_id", string(&o.episode_id)),
+        ("stage", enm(o.stage.index(), o.stage.as_str())),
+        ("segment", enm(o.segment.index(), o.segment.as_str())),
+        ("experiment", string(&o.experiment)),
+        ("arm", enm(o.arm.index(), o.arm.as_str())),
+        (
+            "days_to_return",
+            o.days_to_return.map_or(Value::Null, Value::Double),
+        ),
+        ("revenue", Value::Long(o.revenue)),
+        ("marketing_cost", Value::Long(o.marketing_cost)),
+        ("currency", string(&o.currency)),
+        ("cause_event_id", opt_string(&o.cause_event_id)),
+        ("decided_at", Value::TimestampMillis(o.decided_at)),
     ])
 }
 
@@ -159,7 +223,7 @@ impl OutputWriter {
                 kind: "trigger",
                 bytes: self.encoder.encode_value(
                     RECALL_TRIGGER,
-                    t.to_avro_value(),
+                    trigger_value(t),
                     self.framings.trigger,
                 )?,
             }),
@@ -170,7 +234,7 @@ impl OutputWriter {
                 kind: "outcome",
                 bytes: self.encoder.encode_value(
                     RECALL_OUTCOME,
-                    o.to_avro_value(),
+                    outcome_value(o),
                     self.framings.outcome,
                 )?,
             }),
@@ -187,5 +251,93 @@ impl OutputWriter {
         }))
         .await;
         results.into_iter().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::event::{CustomerRef, VisitType};
+    use crate::domain::lapse::{LapsePolicy, DAY_MS};
+    use crate::domain::recall::{
+        self, ChannelCandidate, FireCtx, Fired, OutcomeKind, RecallState, VisitInfo,
+    };
+    use crate::domain::visits::Visits;
+
+    /// The AT_RISK trigger of a BOTOX customer (120 d) at day 144, and the
+    /// RECALLED outcome of their visit at day 150.
+    fn trigger_and_outcome() -> (RecallTrigger, RecallOutcome) {
+        const D: i64 = DAY_MS;
+        let c = CustomerRef::new("brandA", "c0");
+        let p = LapsePolicy::default();
+        let visit = |at: i64, revenue: i64, id: &str| VisitInfo {
+            at,
+            revenue,
+            currency: "CNY".into(),
+            event_id: id.into(),
+        };
+        let v = Visits {
+            count: 1,
+            first_at: Some(0),
+            last_at: Some(0),
+            lifetime_spend: 10_000,
+            currency: Some("CNY".into()),
+            last_treatment: Some("BOTOX".into()),
+            last_treatment_at: Some(0),
+            last_visit_type: Some(VisitType::Treatment),
+            recent: vec![0],
+        };
+        let candidates: Vec<ChannelCandidate> = Channel::ALL
+            .into_iter()
+            .map(|channel| ChannelCandidate {
+                channel,
+                available: true,
+                engagement: 0.1,
+            })
+            .collect();
+        let mut st = RecallState::default();
+        recall::on_visit(&mut st, &visit(0, 100, "v0"), &c, &p);
+        let ctx = FireCtx {
+            customer: &c,
+            visits: &v,
+            policy: &p,
+            candidates: &candidates,
+            costs: &[1, 5, 300, 1, 0],
+        };
+        let fired = recall::fire_due(&mut st, 144 * D, &ctx);
+        let Some(Fired::Trigger(t)) = fired.first() else {
+            panic!("no trigger: {fired:?}");
+        };
+        let t = t.clone();
+        let out = recall::on_visit(&mut st, &visit(150 * D, 1, "v"), &c, &p);
+        (t, out[0].clone())
+    }
+
+    #[test]
+    fn outputs_encode_with_the_avro_schemas() {
+        let enc = Encoder::new(&SchemaSet::builtin().unwrap());
+        let (t, o) = trigger_and_outcome();
+        assert!(t.recommended_channel.is_some() && t.last_treatment.is_some());
+        enc.encode_value(RECALL_TRIGGER, trigger_value(&t), Framing::SingleObject)
+            .unwrap();
+        let t2 = RecallTrigger {
+            recommended_channel: None,
+            fallback_channels: vec![],
+            last_treatment: None,
+            ..t
+        };
+        enc.encode_value(RECALL_TRIGGER, trigger_value(&t2), Framing::SingleObject)
+            .unwrap();
+        assert_eq!(o.kind, OutcomeKind::Recalled);
+        enc.encode_value(RECALL_OUTCOME, outcome_value(&o), Framing::SingleObject)
+            .unwrap();
+        let nr = RecallOutcome {
+            days_to_return: None,
+            cause_event_id: None,
+            kind: OutcomeKind::NotRecalled,
+            ..o
+        };
+        enc.encode_value(RECALL_OUTCOME, outcome_value(&nr), Framing::SingleObject)
+            .unwrap();
     }
 }

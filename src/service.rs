@@ -13,8 +13,8 @@ use tracing::{error, info, warn};
 use crate::codec::{self, DecodeLimits, Decoder, Encoder, RegistryClient, SchemaSet};
 use crate::config::{ClockMode, Config};
 use crate::dead_letters::DeadLetters;
+use crate::domain::clock::Clock;
 use crate::domain::clock::EventClock;
-use crate::domain::clock::{Clock, WallClock};
 use crate::domain::engagement::Horizons;
 use crate::domain::event::EventKind;
 use crate::domain::policy::Policies;
@@ -33,6 +33,7 @@ use crate::store::gauges::AllowanceGauges;
 use crate::store::timers::TimerStore;
 use crate::store::StateStore;
 use crate::timer_loop::TimerLoop;
+use crate::wall_clock::WallClock;
 
 pub fn state_params(cfg: &Config) -> StateParams {
     StateParams {

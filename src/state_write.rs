@@ -29,7 +29,7 @@ use futures::future::BoxFuture;
 use tracing::{debug, error};
 
 use crate::domain::event::CustomerRef;
-use crate::domain::state::Output;
+use crate::domain::output::Output;
 use crate::error::{BatchError, StoreError};
 use crate::metrics::Metrics;
 use crate::outputs::OutputWriter;

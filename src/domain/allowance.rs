@@ -181,7 +181,7 @@ impl ChannelControl {
 
     /// Earliest instant ≥ `t` at which the window holds fewer sends than the cap.
     fn cap_free_at(&self, c: Channel, p: &Policy, t: i64) -> i64 {
-        let window = p.caps[c.index()].window.as_millis_i64();
+        let window = p.caps[c.index()].window.as_ms();
         let mut candidates: Vec<i64> = std::iter::once(t)
             .chain(self.sends.iter().map(|s| s + window).filter(|x| *x > t))
             .chain(p.cap_changes_after(c, t))
@@ -222,7 +222,7 @@ impl ChannelControl {
         self.sends.insert(pos, t);
         // Keep what can still matter: the longest window back from the latest send,
         // and never more than twice the largest possible cap.
-        let window = p.caps[c.index()].window.as_millis_i64();
+        let window = p.caps[c.index()].window.as_ms();
         let latest = *self.sends.last().unwrap_or(&t);
         self.sends.retain(|s| *s > latest - window);
         let keep = (2 * p.max_limit(c).max(1)).min(2 * MAX_CAP) as usize;
@@ -260,7 +260,7 @@ impl ChannelControl {
                 if below_floor || r.short < th.throttle_below * r.baseline {
                     self.spell = Some(ThrottleSpell {
                         since: t,
-                        until: t + th.cooldown.as_millis_i64(),
+                        until: t + th.cooldown.as_ms(),
                         below_floor,
                     });
                 }
@@ -279,7 +279,7 @@ impl ChannelControl {
         suppressed: bool,
     ) -> Allowance {
         let cap = self.cap_at(c, p, t);
-        let window = cap.window.as_millis_i64();
+        let window = cap.window.as_ms();
         let sends_in_window = self.in_window(t, window);
         let (short, baseline) = rates.map_or((None, None), |r| (Some(r.short), Some(r.baseline)));
         let mk = |state, reason, allowed_from: Option<i64>| Allowance {
@@ -429,7 +429,7 @@ pub fn publish_if_changed(
         reason: reason.to_string(),
         allowed_from,
         cap: Some(a.cap.limit),
-        window_ms: Some(a.cap.window.as_millis_i64()),
+        window_ms: Some(a.cap.window.as_ms()),
         short_click_rate: a.short_click_rate,
         baseline_click_rate: a.baseline_click_rate,
         sends_in_window: a.sends_in_window as i64,

@@ -62,7 +62,7 @@ impl CampaignState {
             Some((_, _, off)) => *off = s.offset,
             None => self.watermarks.push((k, s.partition, s.offset)),
         }
-        let hl = p.throttle.campaign_half_life.as_millis_i64();
+        let hl = p.throttle.campaign_half_life.as_ms();
         let is_send = s.kind == EventKind::Send;
         if is_send {
             self.first_send_at = Some(self.first_send_at.map_or(s.at, |f| f.min(s.at)));
@@ -73,7 +73,7 @@ impl CampaignState {
         }
         let baseline_end = self
             .first_send_at
-            .map(|f| f + p.throttle.campaign_baseline.as_millis_i64());
+            .map(|f| f + p.throttle.campaign_baseline.as_ms());
         if baseline_end.is_some_and(|e| s.at < e) {
             if is_send {
                 self.baseline.sends += 1.0;
@@ -120,7 +120,7 @@ impl CampaignState {
         let (recent, baseline) = self.rates(p);
         let baseline_over = self
             .first_send_at
-            .is_some_and(|f| t >= f + th.campaign_baseline.as_millis_i64());
+            .is_some_and(|f| t >= f + th.campaign_baseline.as_ms());
         let mut reason = None;
         match self.spell_until {
             Some(u) if t >= u => {
@@ -137,7 +137,7 @@ impl CampaignState {
                     && self.recent.sends >= th.campaign_min_sends
                     && recent < th.throttle_below * baseline
                 {
-                    self.spell_until = Some(t + th.cooldown.as_millis_i64());
+                    self.spell_until = Some(t + th.cooldown.as_ms());
                 }
             }
         }

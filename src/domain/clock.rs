@@ -1,20 +1,11 @@
-//! Time is injected: the domain never reads a clock itself.
+//! Time is injected: the domain never reads a clock itself (production time,
+//! `WallClock`, is on the service side).
 
 use std::sync::atomic::{AtomicI64, Ordering};
 
 pub trait Clock: Send + Sync {
     /// Milliseconds since the Unix epoch.
     fn now_ms(&self) -> i64;
-}
-
-/// Production time.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct WallClock;
-
-impl Clock for WallClock {
-    fn now_ms(&self) -> i64 {
-        chrono::Utc::now().timestamp_millis()
-    }
 }
 
 /// A clock tests and replays move by hand.

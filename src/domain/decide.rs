@@ -5,8 +5,9 @@ use super::allowance::{
     rates, Allowance, AllowanceState, ChannelControl, ThrottleDecision, Violation,
 };
 use super::event::{Channel, CustomerRef, Event, EventBody, Purpose};
+use super::output::Output;
 use super::policy::Policy;
-use super::state::{CustomerState, Output, StateParams};
+use super::state::{CustomerState, StateParams};
 
 /// A published change of one customer×channel's allowance (for metrics and gauges).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -7,8 +7,9 @@ use proptest::prelude::*;
 use super::allowance::AllowanceState;
 use super::decide::{allowance_at, on_event, release_due, Effects};
 use super::event::*;
+use super::output::Output;
 use super::policy::{Boost, Policy, PolicyConfig, TenantOverride};
-use super::state::{CustomerState, Output, Source, StateParams};
+use super::state::{CustomerState, Source, StateParams};
 
 const H: i64 = 3_600_000;
 const DAY: i64 = 24 * H;
@@ -403,7 +404,7 @@ proptest! {
                 sent.push(t);
             }
         }
-        let window = policy.caps[c.index()].window.as_millis_i64();
+        let window = policy.caps[c.index()].window.as_ms();
         for (i, &end) in sent.iter().enumerate() {
             let in_window = sent[..=i].iter().filter(|x| **x > end - window).count() as u32;
             prop_assert!(in_window <= policy.cap_at(c, end).limit.max(policy.caps[c.index()].limit),

@@ -33,7 +33,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use super::event::VisitType;
-use super::state::Visits;
+use super::visits::Visits;
 
 /// One day in milliseconds.
 pub const DAY_MS: i64 = 86_400_000;

@@ -1,4 +1,7 @@
 //! The pure domain core: no IO, no clock reads. Every decision is made here.
+//! Adapters depend on it, never the other way: `tests/domain_edges.rs` fails
+//! when a file here names an adapter module, Avro, Kafka, Redis, IO or the
+//! system clock.
 
 pub mod allowance;
 pub mod campaign;
@@ -7,10 +10,13 @@ pub mod decide;
 pub mod engagement;
 pub mod event;
 pub mod lapse;
+pub mod output;
 pub mod policy;
 pub mod recall;
 pub mod replies;
+pub mod span;
 pub mod state;
+pub mod visits;
 
 #[cfg(test)]
 mod decide_tests;

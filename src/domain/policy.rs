@@ -13,7 +13,7 @@ use chrono_tz::Tz;
 use serde::{Deserialize, Serialize};
 
 use super::event::Channel;
-use crate::config::Dur;
+use super::span::Span;
 
 /// At most this many marketing sends are remembered per customer×channel.
 pub const MAX_CAP: u32 = 32;
@@ -24,7 +24,7 @@ pub struct CapRule {
     /// Marketing sends allowed per rolling window.
     pub limit: u32,
     /// Length of the rolling window.
-    pub window: Dur,
+    pub window: Span,
 }
 
 /// A daily quiet period in the customer's time zone, e.g. 21:00 → 09:00 (may wrap midnight).
@@ -92,11 +92,11 @@ pub struct ThrottlePolicy {
     pub action: ThrottleAction,
     pub reduced_cap_factor: f64,
     /// How long a throttle lasts at least; the channel re-opens when it ends or the rate recovers.
-    pub cooldown: Dur,
+    pub cooldown: Span,
     /// Campaign level: baseline period after a campaign's first send.
-    pub campaign_baseline: Dur,
+    pub campaign_baseline: Span,
     /// Campaign level: half-life of the recent click rate.
-    pub campaign_half_life: Dur,
+    pub campaign_half_life: Span,
     /// Campaign level: minimum decayed recent sends before a verdict.
     pub campaign_min_sends: f64,
 }
@@ -130,9 +130,9 @@ impl Default for ThrottlePolicy {
             .collect(),
             action: ThrottleAction::Pause,
             reduced_cap_factor: 0.5,
-            cooldown: Dur::days(7),
-            campaign_baseline: Dur::secs(6 * 3600),
-            campaign_half_life: Dur::secs(6 * 3600),
+            cooldown: Span::days(7),
+            campaign_baseline: Span::secs(6 * 3600),
+            campaign_half_life: Span::secs(6 * 3600),
             campaign_min_sends: 200.0,
         }
     }
@@ -184,7 +184,7 @@ pub fn seed_caps() -> BTreeMap<Channel, CapRule> {
             c,
             CapRule {
                 limit,
-                window: Dur::days(days),
+                window: Span::days(days),
             },
         )
     })
@@ -296,7 +296,7 @@ impl PolicyConfig {
         })?;
         let mut caps = [CapRule {
             limit: 0,
-            window: Dur::days(1),
+            window: Span::days(1),
         }; 5];
         for c in Channel::ALL {
             let rule = o
@@ -311,7 +311,7 @@ impl PolicyConfig {
                     format!("must be between 1 and {MAX_CAP}"),
                 ));
             }
-            if rule.window < Dur::secs(60) || rule.window > Dur::days(366) {
+            if rule.window < Span::secs(60) || rule.window > Span::days(366) {
                 return Err(bad(
                     format!("{prefix}.caps.{c}.window"),
                     "must be between 1m and 366d",
@@ -391,7 +391,7 @@ impl PolicyConfig {
         if !(throttle.reduced_cap_factor > 0.0 && throttle.reduced_cap_factor <= 1.0) {
             return Err(bad(format!("{tk}.reduced_cap_factor"), "must be in (0, 1]"));
         }
-        if throttle.cooldown.0.is_zero() || throttle.campaign_half_life.0.is_zero() {
+        if throttle.cooldown.is_zero() || throttle.campaign_half_life.is_zero() {
             return Err(bad(tk, "cooldown and campaign_half_life must be positive"));
         }
         for (c, r) in &throttle.prior_rate {
@@ -514,8 +514,8 @@ mod tests {
     fn seed_defaults_resolve() {
         let p = PolicyConfig::default().resolve(None).unwrap();
         assert_eq!(p.caps[Channel::Wechat.index()].limit, 2);
-        assert_eq!(p.caps[Channel::Sms.index()].window, Dur::days(7));
-        assert_eq!(p.caps[Channel::Phone.index()].window, Dur::days(30));
+        assert_eq!(p.caps[Channel::Sms.index()].window, Span::days(7));
+        assert_eq!(p.caps[Channel::Phone.index()].window, Span::days(30));
         assert_eq!(p.caps[Channel::Social.index()].limit, 3);
     }
 
@@ -570,7 +570,7 @@ mod tests {
             Channel::Sms,
             CapRule {
                 limit: 0,
-                window: Dur::days(7),
+                window: Span::days(7),
             },
         );
         assert_eq!(cfg.validate().unwrap_err().0, "policy.caps.SMS.limit");

@@ -570,9 +570,11 @@ pub async fn run_until(
         ..Params::default()
     };
     for ch in Channel::ALL {
-        params.sender_caps[ch.index()] = cfg.policy.caps.get(&ch).map_or((0, 0), |r| {
-            (r.limit, r.window.0.as_millis().min(i64::MAX as u128) as i64)
-        });
+        params.sender_caps[ch.index()] = cfg
+            .policy
+            .caps
+            .get(&ch)
+            .map_or((0, 0), |r| (r.limit, r.window.as_ms()));
     }
     let mut pop = Population::new(
         params,

@@ -68,8 +68,10 @@ use crate::domain::allowance::{AllowanceState, ChannelControl, Published, Thrott
 use crate::domain::engagement::{ChannelEngagement, Counts};
 use crate::domain::event::VisitType;
 use crate::domain::lapse::{Segment, Stage};
+use crate::domain::output::Output;
 use crate::domain::recall::{Arm, Episode, OutcomeKind, RecallState, StageRecord};
-use crate::domain::state::{Applied, CustomerState, IdHash, Output, Visits, Watermark};
+use crate::domain::state::{Applied, CustomerState, IdHash, Watermark};
+use crate::domain::visits::Visits;
 
 /// Names of the sections, in the order [`encode_parts`] measures them.
 pub const SECTIONS: [&str; 7] = [

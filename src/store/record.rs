@@ -16,7 +16,8 @@ use super::blob;
 use super::keys::Keys;
 use crate::domain::campaign::CampaignState;
 use crate::domain::event::CustomerRef;
-use crate::domain::state::{CustomerState, Output};
+use crate::domain::output::Output;
+use crate::domain::state::CustomerState;
 use crate::error::StoreError;
 
 /// A record with a revision and an outbox, stored under one key.
