@@ -50,18 +50,18 @@ use super::consume::{self, KafkaView, RedisView};
 use super::machine::{self, Machine};
 use super::CpuCounters;
 use super::{opt, pct, percentile, Stats};
-use crate::codec::{SchemaSet, RECALL_TRIGGER};
-use crate::config::{ClockMode, Config};
-use crate::domain::decide;
-use crate::domain::event::{CustomerRef, Event, EventBody, EventKind, VisitType};
-use crate::domain::lapse::{Stage, DAY_MS};
-use crate::domain::policy::{Policies, Policy};
-use crate::domain::recall;
-use crate::domain::state::{CustomerState, Outcome, Source, StateParams};
-use crate::metrics::Metrics;
-use crate::store::clock::SharedEventTime;
-use crate::store::timers::TimerStore;
-use crate::store::StateStore;
+use lapse::codec::{SchemaSet, RECALL_TRIGGER};
+use lapse::config::{ClockMode, Config};
+use lapse::domain::decide;
+use lapse::domain::event::{CustomerRef, Event, EventBody, EventKind, VisitType};
+use lapse::domain::lapse::{Stage, DAY_MS};
+use lapse::domain::policy::{Policies, Policy};
+use lapse::domain::recall;
+use lapse::domain::state::{CustomerState, Outcome, Source, StateParams};
+use lapse::metrics::Metrics;
+use lapse::store::clock::SharedEventTime;
+use lapse::store::timers::TimerStore;
+use lapse::store::StateStore;
 
 /// Default start of the event-time day: 2025-01-01 00:00 Asia/Shanghai.
 pub const DEFAULT_T0_MS: i64 = 1_735_660_800_000;
@@ -220,8 +220,8 @@ pub fn build_customer(
         bail!("customer {c}: the set-up visits left decisions in the outbox");
     }
     let start = st.visits.last_at.expect("three visits");
-    let interval = crate::domain::lapse::expected_interval(&st.visits, &policy.lapse);
-    let after = crate::domain::lapse::scheduled_due(1, start, &interval, &policy.lapse)
+    let interval = lapse::domain::lapse::expected_interval(&st.visits, &policy.lapse);
+    let after = lapse::domain::lapse::scheduled_due(1, start, &interval, &policy.lapse)
         .context("no stage after AT_RISK")?;
     if after < not_before {
         bail!(
@@ -326,7 +326,7 @@ fn decode_trigger(schema: &apache_avro::Schema, payload: &[u8]) -> anyhow::Resul
     if payload.len() < 10 || payload[..2] != [0xC3, 0x01] {
         bail!("not an Avro single-object record");
     }
-    let body = crate::codec::parse_frame(payload)?.body();
+    let body = lapse::codec::parse_frame(payload)?.body();
     let v = apache_avro::from_avro_datum(schema, &mut &body[..], None)?;
     let Value::Record(fields) = v else {
         bail!("not a record");
@@ -796,7 +796,7 @@ async fn one_run(env: &Env<'_>, run: usize) -> anyhow::Result<TimersRun> {
     ));
     let (config_path, run_cfg) =
         consume::effective_config(args.child.config.as_deref(), &sets, env.work_dir)?;
-    crate::kafka::admin::ensure_topics(&run_cfg.kafka)
+    lapse::kafka::admin::ensure_topics(&run_cfg.kafka)
         .await
         .with_context(|| format!("creating the run's trigger topic {topic}"))?;
     let kafka = {
@@ -1170,7 +1170,7 @@ pub async fn run(args: &TimersArgs) -> anyhow::Result<TimersReport> {
         timers: &timers,
         clock: &clock,
         policies: &policies,
-        params: crate::service::state_params(&cfg),
+        params: lapse::service::state_params(&cfg),
         pop,
         schema: &schema,
         expected: &expected,
@@ -1388,7 +1388,7 @@ fn print_summary(rep: &TimersReport) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::policy::PolicyConfig;
+    use lapse::domain::policy::PolicyConfig;
 
     fn pop(n: u64) -> Population {
         Population {
@@ -1590,8 +1590,8 @@ mod tests {
             assert_eq!(due, p.due(i));
             assert_eq!(st.timer_due, Some(due));
             // Round-trips through the stored blob.
-            let blob = crate::store::blob::encode(1, &st);
-            assert_eq!(crate::store::blob::decode(&blob).unwrap().1, st);
+            let blob = lapse::store::blob::encode(1, &st);
+            assert_eq!(lapse::store::blob::decode(&blob).unwrap().1, st);
             let ctx = recall::FireCtx {
                 customer: &c,
                 visits: &st.visits.clone(),

@@ -11,7 +11,7 @@
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::domain::event::{
+use lapse::domain::event::{
     Channel, CustomerRef, Event, EventBody, EventKind, Purpose, ReplyClass, VisitType,
 };
 

@@ -68,10 +68,10 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 use tracing::warn;
 
-use crate::codec::{Encoder, Framing, SchemaSet, RECALL_TRIGGER, THROTTLE_EVENT};
-use crate::config::Config;
-use crate::domain::event::{Channel, EventKind};
 use feedback::{Feedback, FeedbackReader, FeedbackTopics};
+use lapse::codec::{Encoder, Framing, SchemaSet, RECALL_TRIGGER, THROTTLE_EVENT};
+use lapse::config::Config;
+use lapse::domain::event::{Channel, EventKind};
 use model::{Params, Population, SimEvent, Stats};
 
 #[derive(clap::Args, Debug, Clone)]
@@ -546,7 +546,7 @@ pub async fn run_until(
         .with_context(|| format!("loading schemas from {}", cfg.schema.dir.display()))?;
     let encoder = Encoder::new(&schemas);
     if cfg.kafka.create_topics && !args.dry_run {
-        crate::kafka::admin::ensure_topics(&cfg.kafka)
+        lapse::kafka::admin::ensure_topics(&cfg.kafka)
             .await
             .context("creating missing topics (kafka.brokers)")?;
     }

@@ -75,10 +75,10 @@ use super::prom::{self, Scrape};
 use super::workload::{Workload, WorkloadSpec};
 use super::CpuCounters;
 use super::{opt, percentile, Stats};
-use crate::codec::{parse_frame, Encoder, Framing, SchemaSet, THROTTLE_EVENT};
-use crate::config::Config;
-use crate::domain::event::{Channel, CustomerRef, Event, EventBody, Purpose};
-use crate::domain::policy::Policies;
+use lapse::codec::{parse_frame, Encoder, Framing, SchemaSet, THROTTLE_EVENT};
+use lapse::config::Config;
+use lapse::domain::event::{Channel, CustomerRef, Event, EventBody, Purpose};
+use lapse::domain::policy::Policies;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct LatencyArgs {
@@ -952,7 +952,7 @@ async fn one_run(env: &RunEnv<'_>, run: usize) -> anyhow::Result<RunResult> {
     let (config_path, run_cfg) = effective_config(args.child.config.as_deref(), &sets, &run_dir)?;
     let cfg = &run_cfg;
     if args.fresh_topics {
-        crate::kafka::admin::ensure_topics(&cfg.kafka)
+        lapse::kafka::admin::ensure_topics(&cfg.kafka)
             .await
             .context("creating the run's topics")?;
     }
@@ -1430,7 +1430,7 @@ pub async fn run(args: &LatencyArgs) -> anyhow::Result<LatencyReport> {
     let (config_path, cfg) =
         effective_config(args.child.config.as_deref(), &args.child.set, &work_dir)?;
     anyhow::ensure!(
-        cfg.clock.mode == crate::config::ClockMode::Wall,
+        cfg.clock.mode == lapse::config::ClockMode::Wall,
         "bench latency needs clock.mode = \"wall\""
     );
     let bin = args.child.lapse_bin()?;
@@ -1792,7 +1792,7 @@ fn print_summary(rep: &LatencyReport) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::event::EventKind;
+    use lapse::domain::event::EventKind;
 
     #[test]
     fn nearest_rank_percentiles() {
@@ -1882,7 +1882,7 @@ mod tests {
 
     #[test]
     fn decisions_decode_from_the_output_encoding() {
-        use crate::domain::allowance::{AllowanceState, ThrottleDecision};
+        use lapse::domain::allowance::{AllowanceState, ThrottleDecision};
         let schemas = SchemaSet::builtin().unwrap();
         let d = ThrottleDecision {
             decision_id: "d1".into(),
@@ -1905,7 +1905,7 @@ mod tests {
         let bytes = Encoder::new(&schemas)
             .encode_value(
                 THROTTLE_EVENT,
-                crate::outputs::throttle_value(&d),
+                lapse::outputs::throttle_value(&d),
                 Framing::SingleObject,
             )
             .unwrap();
@@ -1976,6 +1976,7 @@ mod tests {
 
     #[test]
     fn fresh_topics_get_a_run_suffix() {
+        crate::run_from_repo_root();
         let cfg = Config::default();
         let sets = fresh_topic_sets(&cfg, "12r1t5");
         assert_eq!(sets.len(), 9);

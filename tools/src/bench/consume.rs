@@ -34,7 +34,7 @@ use super::machine::{self, Machine};
 use super::prom::Scrape;
 use super::CpuCounters;
 use super::{median, opt, pct, Stats};
-use crate::config::Config;
+use lapse::config::Config;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct ConsumeArgs {
@@ -928,6 +928,7 @@ mod tests {
 
     #[test]
     fn set_lines_merge_into_the_config_file() {
+        crate::run_from_repo_root();
         let dir = tempfile::tempdir().unwrap();
         let base = dir.path().join("base.toml");
         std::fs::write(
