@@ -11,6 +11,7 @@
 //! workload generator, the machine description, the `/metrics` reader, `median`
 //! and `Stats`.
 
+mod child;
 pub mod consume;
 pub mod latency;
 pub mod machine;
