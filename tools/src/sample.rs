@@ -1,6 +1,6 @@
-//! `lapse produce-sample`: a small, deterministic set of events of all five kinds,
+//! `lapse-tools produce-sample`: a small, deterministic set of events of all five kinds,
 //! Avro single-object encoded, for the demo and for trying lapse by hand.
-//! (The full population simulator is `lapse simulate`, a later piece of work.)
+//! (The full population simulator is `lapse-tools simulate`.)
 
 use std::path::PathBuf;
 use std::time::Duration;

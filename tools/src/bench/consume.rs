@@ -1,4 +1,4 @@
-//! `lapse bench consume`: end-to-end throughput of the real service.
+//! `lapse-tools bench consume`: end-to-end throughput of the real service.
 //!
 //! Each run starts the `lapse run` binary as a child process (what users run),
 //! with a fresh consumer group and a flushed Redis database, and observes it
@@ -197,7 +197,7 @@ impl KafkaView {
                     .find(|x| x.name() == t)
                     .with_context(|| format!("topic {t} not in metadata"))?;
                 if tm.error().is_some() || tm.partitions().is_empty() {
-                    bail!("topic {t} does not exist: run `lapse bench produce` first");
+                    bail!("topic {t} does not exist: run `lapse-tools bench produce` first");
                 }
                 out.extend(tm.partitions().iter().map(|p| (t.clone(), p.id())));
             }
@@ -677,7 +677,7 @@ pub async fn run(args: &ConsumeArgs) -> anyhow::Result<ConsumeReport> {
     if records != args.expect {
         bail!(
             "the input topics hold {records} records, not the {} expected (--expect): \
-             produce into fresh topics with `lapse bench produce --events {}`",
+             produce into fresh topics with `lapse-tools bench produce --events {}`",
             args.expect,
             args.expect
         );

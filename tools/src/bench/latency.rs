@@ -1,4 +1,4 @@
-//! `lapse bench latency`: decision latency of the real service under a fixed load.
+//! `lapse-tools bench latency`: decision latency of the real service under a fixed load.
 //!
 //! What is measured: from a send being handed to the producer (librdkafka's
 //! enqueue, i.e. `send` returning) to the throttle decision it causes being read
@@ -983,8 +983,7 @@ async fn one_run(env: &RunEnv<'_>, run: usize) -> anyhow::Result<RunResult> {
     let log_path = env.work_dir.join(format!("lapse-latency-run-{run}.log"));
     let mut lapse = LapseChild::spawn(env.bin, &config_path, &group, log_path)?;
     let want = inputs.partitions.len() as f64;
-    let base = wait_owning(args, &mut lapse, want).await?;
-    let startup_seconds = lapse.spawned.elapsed().as_secs_f64();
+    let (startup_seconds, base) = wait_owning(args, &mut lapse, want).await?;
     eprintln!(
         "  run {run}: lapse ready after {startup_seconds:.1} s ({:.0} records read before the load); load starts",
         base.sum("lapse_records_total").abs()
@@ -1148,12 +1147,13 @@ async fn one_run(env: &RunEnv<'_>, run: usize) -> anyhow::Result<RunResult> {
 }
 
 /// Waits until lapse owns every input partition (`want`) and is ready, then
-/// lets it settle; returns `/metrics` as the load starts.
+/// lets it settle; returns the seconds since it was started and `/metrics` as
+/// the load starts.
 async fn wait_owning(
     args: &LatencyArgs,
     lapse: &mut LapseChild,
     want: f64,
-) -> anyhow::Result<Scrape> {
+) -> anyhow::Result<(f64, Scrape)> {
     loop {
         if let Some(status) = lapse.exited()? {
             return Err(lapse.fail(format!("lapse exited early ({status})")));
@@ -1173,10 +1173,12 @@ async fn wait_owning(
     }
     // Let it fetch its committed offsets and settle on empty partitions.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    lapse
+    let startup_seconds = lapse.spawned.elapsed().as_secs_f64();
+    let base = lapse
         .metrics()
         .await
-        .ok_or_else(|| lapse.fail("cannot read /metrics before the load".into()))
+        .ok_or_else(|| lapse.fail("cannot read /metrics before the load".into()))?;
+    Ok((startup_seconds, base))
 }
 
 /// Events acknowledged by the broker and not yet durable in lapse.

@@ -1,4 +1,4 @@
-//! `lapse bench memory`: Redis bytes per customer with a full five-channel
+//! `lapse-tools bench memory`: Redis bytes per customer with a full five-channel
 //! history.
 //!
 //! Builds one customer's state by folding a long history through the domain

@@ -1,4 +1,4 @@
-//! `lapse bench`: benchmarks that print figures (never timed assertions in tests).
+//! `lapse-tools bench`: benchmarks that print figures (never timed assertions in tests).
 //!
 //! * `produce`: fill the input topics with a deterministic synthetic workload;
 //! * `consume`: end-to-end throughput of `lapse run` over what is in the topics;

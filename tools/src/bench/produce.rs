@@ -1,4 +1,4 @@
-//! `lapse bench produce`: fills the five input topics with a synthetic workload,
+//! `lapse-tools bench produce`: fills the five input topics with a synthetic workload,
 //! Avro single-object encoded, as fast as the broker takes it.
 //!
 //! Generation and encoding run on their own thread and hand chunks over a small

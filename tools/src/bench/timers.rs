@@ -1,4 +1,4 @@
-//! `lapse bench timers`: firing lag of lapse/recall timers under a steady stream
+//! `lapse-tools bench timers`: firing lag of lapse/recall timers under a steady stream
 //! of due times.
 //!
 //! Per run:

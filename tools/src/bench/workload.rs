@@ -4,7 +4,7 @@
 //! engagement traffic has: mostly sends, then opens, clicks, visits and a few
 //! replies (some of them unsubscribes).
 //!
-//! This is a load generator, not the population simulator (`lapse simulate`,
+//! This is a load generator, not the population simulator (`lapse-tools simulate`,
 //! issue 6): customers are picked uniformly, there is no fatigue model, and
 //! opens and clicks reference plausible but not necessarily produced messages.
 

@@ -1,4 +1,4 @@
-//! `lapse simulate`: realistic clinic traffic for the five input topics.
+//! `lapse-tools simulate`: realistic clinic traffic for the five input topics.
 //!
 //! A population of customers over tenants (clinic brands) lives day by day
 //! ([`model`]): treatment visits at their own cadence (BOTOX ~120 d, FILLER
@@ -300,7 +300,7 @@ impl fmt::Display for Summary {
     }
 }
 
-/// `lapse simulate`: load the config, run, print the summary.
+/// `lapse-tools simulate`: load the config, run, print the summary.
 pub async fn main(args: SimulateArgs) -> anyhow::Result<()> {
     let cfg = Config::load(args.config.as_deref())?;
     // Ctrl-C: stop producing, flush, print what was done.

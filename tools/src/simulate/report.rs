@@ -1,4 +1,4 @@
-//! `lapse demo-report`: the demo's live one-screen summary (`--watch`) and its
+//! `lapse-tools demo-report`: the demo's live one-screen summary (`--watch`) and its
 //! closing KPI table, from lapse's `/metrics` and the `recall.outcomes` topic.
 //!
 //! KPI definitions (per segment, TREATMENT vs HOLDOUT arm):
@@ -631,7 +631,7 @@ fn last_line(path: &std::path::Path) -> Option<String> {
         .map(str::to_string)
 }
 
-/// `lapse demo-report`.
+/// `lapse-tools demo-report`.
 pub async fn main(args: ReportArgs) -> anyhow::Result<()> {
     let mut cfg = Config::load(args.config.as_deref())?;
     if let Some(b) = &args.brokers {
