@@ -11,19 +11,24 @@ ARG RUST_VERSION=1.95
 FROM rust:${RUST_VERSION}-bookworm AS builder
 WORKDIR /build
 
-# 1. Dependencies only: this layer is rebuilt only when Cargo.toml or Cargo.lock change.
+# 1. Dependencies only: this layer is rebuilt only when a manifest or Cargo.lock
+# changes. Cargo reads the whole workspace, so the tools crate (tools/) is there
+# as its manifest and empty stubs; only the product (`-p lapse`) is ever built:
+# the image carries no tool code.
 COPY Cargo.toml Cargo.lock ./
-RUN mkdir src \
+COPY tools/Cargo.toml ./tools/
+RUN mkdir -p src tools/src \
     && echo 'fn main() {}' > src/main.rs \
-    && touch src/lib.rs \
-    && cargo build --release --locked --bin lapse \
+    && echo 'fn main() {}' > tools/src/main.rs \
+    && touch src/lib.rs tools/src/lib.rs \
+    && cargo build --release --locked -p lapse --bin lapse \
     && rm -rf src target/release/lapse target/release/deps/lapse-* \
               target/release/deps/liblapse-* target/release/.fingerprint/lapse-*
 
 # 2. lapse itself (the schemas are compiled in as the built-in set, and also shipped below).
 COPY schemas ./schemas
 COPY src ./src
-RUN cargo build --release --locked --bin lapse \
+RUN cargo build --release --locked -p lapse --bin lapse \
     && strip target/release/lapse \
     && target/release/lapse --version
 

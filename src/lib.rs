@@ -4,12 +4,13 @@
 //! `domain` is the pure core that makes every decision; everything else adapts
 //! bytes (codec, kafka, store, http) around it.
 
-pub mod bench;
+pub mod cli;
 pub mod codec;
 pub mod config;
 pub mod dead_letters;
 pub mod domain;
 pub mod error;
+pub mod histories;
 pub mod http;
 pub mod inspect;
 pub mod kafka;
@@ -17,9 +18,7 @@ pub mod metrics;
 pub mod outputs;
 pub mod pipeline;
 pub mod retry;
-pub mod sample;
 pub mod service;
-pub mod simulate;
 pub mod state_write;
 pub mod store;
 pub mod timer_loop;

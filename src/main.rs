@@ -46,50 +46,11 @@ enum Cmd {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
-    /// Produce sample events (all five kinds) to the input topics, for the demo.
-    ProduceSample(lapse::sample::SampleArgs),
-    /// Benchmarks: `bench produce` fills the input topics, `bench consume` measures `lapse run`.
-    Bench(lapse::bench::BenchArgs),
-    /// Simulate clinic traffic (customers, campaigns, visits, recalls) to the input topics.
-    Simulate(lapse::simulate::SimulateArgs),
-    /// The demo's live summary (--watch) and KPI table, from /metrics and recall.outcomes.
-    DemoReport(lapse::simulate::report::ReportArgs),
-}
-
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rdkafka=warn"));
-    let json = std::env::var("LAPSE_LOG_FORMAT").is_ok_and(|v| v == "json");
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        b.json().init();
-    } else {
-        b.init();
-    }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match rt.block_on(dispatch(cli.cmd)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    lapse::cli::main(dispatch(cli.cmd))
 }
 
 async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
@@ -148,12 +109,5 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
                 }
             }
         }
-        Cmd::ProduceSample(args) => {
-            let cfg = Config::load(args.config.as_deref())?;
-            lapse::sample::produce(&cfg, &args).await
-        }
-        Cmd::Bench(args) => lapse::bench::run(args).await,
-        Cmd::Simulate(args) => lapse::simulate::main(args).await,
-        Cmd::DemoReport(args) => lapse::simulate::report::main(args).await,
     }
 }

@@ -135,7 +135,7 @@ mod tests {
     }
 
     /// A customer state as version 0.1 wrote it (format 1, postcard): seven
-    /// rounds of `bench::memory::full_history`, 32 remembered event ids.
+    /// rounds of `histories::full_history`, 32 remembered event ids.
     const V1_BLOB: &str = concat!(
         "333a01070180a0abfef9620180fcf792fa62c0b9550103434e590105424f544f580180fcf792fa6201010780",
         "a0abfef96280dae281fa6280949a85fa6280ced188fa628088898cfa6280c2c08ffa6280fcf792fa620180c2",
@@ -245,7 +245,7 @@ mod size {
 
     fn state_after(n: i64) -> CustomerState {
         let c = CustomerRef::new("clinic-1", "cust-0000001");
-        crate::bench::memory::full_history(&c, n, &StateParams::default(), &policy())
+        crate::histories::full_history(&c, n, &StateParams::default(), &policy())
     }
 
     /// Stored size as the memory benchmark writes it (revision 1).
@@ -267,7 +267,7 @@ mod size {
         let b = stored(&full);
         // Bounded by construction: more history does not make the value bigger.
         assert!(b <= a + 16, "{a} bytes after 500 rounds, {b} after 2000");
-        let parts = crate::bench::memory::blob_parts(&full);
+        let parts = crate::histories::blob_parts(&full);
         eprintln!("stored state with full five-channel history: {b} bytes ({parts:?})");
         // 290 bytes when written; 300 leaves little room, and stays below the cliff.
         assert!(
@@ -281,7 +281,7 @@ mod size {
     fn an_irregular_history_at_millisecond_times() {
         for seed in 1..=3 {
             let c = CustomerRef::new("clinic-1", "cust-0000002");
-            let s = crate::bench::memory::irregular_history(
+            let s = crate::histories::irregular_history(
                 &c,
                 1_000,
                 seed,
@@ -294,7 +294,7 @@ mod size {
             eprintln!(
                 "irregular history (seed {seed}): {n} bytes, format 1: {} ({:?})",
                 encode_any(1, &s).len(),
-                crate::bench::memory::blob_parts(&s)
+                crate::histories::blob_parts(&s)
             );
             assert_eq!(decode(&encode(1, &s)).unwrap().1, s);
             assert!(n <= 660, "{n} bytes");

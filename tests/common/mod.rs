@@ -17,7 +17,11 @@
 //!   [`committed_offsets`], [`end_offsets`]) and polling helpers ([`wait_until`],
 //!   [`wait_for`]): tests never sleep for a fixed time to "let things happen".
 //!
-//! Binaries are found as follows: tansu from `$LAPSE_TANSU_BIN`, else the project
+//! The tools crate's tests (`tools/tests/`) use this harness too, through
+//! `#[path = "../../tests/common/mod.rs"] mod common;`.
+//!
+//! Binaries are found as follows: lapse as cargo built it for these tests (for
+//! the tools' tests: the `lapse` that the workspace build put next to them); tansu from `$LAPSE_TANSU_BIN`, else the project
 //! cache `.cache/tools/bin/tansu` (made by `scripts/install-deps`), else `tansu` on
 //! `PATH`; redis from `$LAPSE_REDIS_SERVER_BIN`, else `redis-server` on `PATH`.
 //! Set `LAPSE_TEST_KEEP_TMP=1` to keep the temp dirs (data, logs) after a run.
@@ -193,6 +197,18 @@ fn find_on_path(name: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// The repository root: the product crate's directory, also for the tools
+/// crate's tests (its directory is `tools/`, one level below).
+pub fn repo_root() -> &'static Path {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    match env!("CARGO_PKG_NAME") {
+        "lapse" => manifest,
+        _ => manifest
+            .parent()
+            .expect("the tools crate lies inside the repository"),
+    }
+}
+
 /// The tansu binary: `$LAPSE_TANSU_BIN`, the project cache, or `tansu` on `PATH`.
 pub fn tansu_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("LAPSE_TANSU_BIN").filter(|p| !p.is_empty()) {
@@ -204,7 +220,7 @@ pub fn tansu_bin() -> PathBuf {
         );
         return p;
     }
-    let cached = Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/tools/bin/tansu");
+    let cached = repo_root().join(".cache/tools/bin/tansu");
     if cached.is_file() {
         return cached;
     }
@@ -223,7 +239,7 @@ pub fn interop_python() -> PathBuf {
     if let Some(p) = std::env::var_os("LAPSE_PYTHON").filter(|p| !p.is_empty()) {
         return PathBuf::from(p);
     }
-    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/venv/bin/python");
+    let venv = repo_root().join(".cache/venv/bin/python");
     assert!(
         venv.is_file(),
         "the interop client's Python ({}) is missing: run scripts/install-deps",
@@ -234,7 +250,7 @@ pub fn interop_python() -> PathBuf {
 
 /// The interop client scripts' directory (`tests/interop/`).
 pub fn interop_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop")
+    repo_root().join("tests/interop")
 }
 
 /// The redis-server binary: `$LAPSE_REDIS_SERVER_BIN` or `redis-server` on `PATH`.
@@ -1684,9 +1700,30 @@ fn clear_inherited_lapse_env(cmd: &mut Command) {
     }
 }
 
-/// Path of the `lapse` binary built for these tests.
+/// Path of the `lapse` binary built for these tests. Cargo names it only to
+/// the product's own tests; the tools' tests take the one the workspace build
+/// (`cargo nextest run --workspace`) put in their target directory.
 pub fn lapse_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_lapse")
+    if let Some(bin) = option_env!("CARGO_BIN_EXE_lapse") {
+        return bin;
+    }
+    static BIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        // This test executable is target/<profile>/deps/NAME-HASH.
+        let exe = std::env::current_exe().expect("this test's executable");
+        let bin = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target/<profile>/deps")
+            .join("lapse");
+        assert!(
+            bin.is_file(),
+            "{} is missing: run the tests of the whole workspace (`cargo nextest run --workspace`), \
+             or `cargo build --bin lapse` first",
+            bin.display()
+        );
+        bin.display().to_string()
+    })
 }
 
 /// A running `lapse` (or, for harness self-tests, any program). stdout and stderr

@@ -42,7 +42,7 @@ pub const PARTITIONS: i32 = 3;
 pub const LONG: Duration = Duration::from_secs(90);
 
 pub fn schemas_dir() -> String {
-    format!("{}/schemas", env!("CARGO_MANIFEST_DIR"))
+    format!("{}/schemas", repo_root().display())
 }
 
 /// The schema file as written (with docs and logical types), as a producer would register it.

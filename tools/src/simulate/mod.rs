@@ -1,4 +1,4 @@
-//! `lapse simulate`: realistic clinic traffic for the five input topics.
+//! `lapse-tools simulate`: realistic clinic traffic for the five input topics.
 //!
 //! A population of customers over tenants (clinic brands) lives day by day
 //! ([`model`]): treatment visits at their own cadence (BOTOX ~120 d, FILLER
@@ -68,10 +68,10 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 use tracing::warn;
 
-use crate::codec::{Encoder, Framing, SchemaSet, RECALL_TRIGGER, THROTTLE_EVENT};
-use crate::config::Config;
-use crate::domain::event::{Channel, EventKind};
 use feedback::{Feedback, FeedbackReader, FeedbackTopics};
+use lapse::codec::{Encoder, Framing, SchemaSet, RECALL_TRIGGER, THROTTLE_EVENT};
+use lapse::config::Config;
+use lapse::domain::event::{Channel, EventKind};
 use model::{Params, Population, SimEvent, Stats};
 
 #[derive(clap::Args, Debug, Clone)]
@@ -300,7 +300,7 @@ impl fmt::Display for Summary {
     }
 }
 
-/// `lapse simulate`: load the config, run, print the summary.
+/// `lapse-tools simulate`: load the config, run, print the summary.
 pub async fn main(args: SimulateArgs) -> anyhow::Result<()> {
     let cfg = Config::load(args.config.as_deref())?;
     // Ctrl-C: stop producing, flush, print what was done.
@@ -513,17 +513,8 @@ impl Progress {
     }
 }
 
-/// Runs the simulation against the brokers of `cfg` (see the module docs).
-pub async fn run(cfg: &Config, args: &SimulateArgs) -> anyhow::Result<Summary> {
-    run_until(cfg, args, Arc::new(AtomicBool::new(false))).await
-}
-
-/// [`run`], stopping early (after flushing what was produced) once `stop` is set.
-pub async fn run_until(
-    cfg: &Config,
-    args: &SimulateArgs,
-    stop: Arc<AtomicBool>,
-) -> anyhow::Result<Summary> {
+/// The arguments' bounds.
+fn validate(args: &SimulateArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.customers >= 1, "--customers must be at least 1");
     anyhow::ensure!(
         args.tenants >= 1 && args.tenants <= args.customers,
@@ -538,6 +529,139 @@ pub async fn run_until(
         args.max_in_flight >= 1,
         "--max-in-flight must be at least 1"
     );
+    Ok(())
+}
+
+/// The population, its senders obeying the configured caps.
+fn population(
+    cfg: &Config,
+    args: &SimulateArgs,
+    tz: Tz,
+    first_day: chrono::NaiveDate,
+) -> Population {
+    let mut params = Params {
+        obey_throttle: !args.ignore_throttle,
+        rogue_share: args.rogue_share,
+        ..Params::default()
+    };
+    for ch in Channel::ALL {
+        params.sender_caps[ch.index()] = cfg
+            .policy
+            .caps
+            .get(&ch)
+            .map_or((0, 0), |r| (r.limit, r.window.as_ms()));
+    }
+    Population::new(
+        params,
+        args.seed,
+        args.customers,
+        args.tenants,
+        args.days,
+        tz,
+        first_day,
+        cfg.policy.lapse.high_value_threshold,
+    )
+}
+
+/// The reader of lapse's decisions (triggers, and throttle events unless
+/// `--ignore-throttle`); none with `--no-feedback` or `--dry-run`.
+fn feedback_reader(
+    cfg: &Config,
+    args: &SimulateArgs,
+    schemas: &SchemaSet,
+) -> anyhow::Result<Option<FeedbackReader>> {
+    if args.no_feedback || args.dry_run {
+        return Ok(None);
+    }
+    let schema = |n: &str| {
+        schemas
+            .by_name(n)
+            .map(|s| (**s).clone())
+            .ok_or_else(|| anyhow::anyhow!("schema {n} missing from {}", cfg.schema.dir.display()))
+    };
+    Ok(Some(FeedbackReader::start(
+        &cfg.kafka.brokers,
+        &cfg.kafka.consumer_properties,
+        FeedbackTopics {
+            triggers: Some(cfg.kafka.topics.triggers.clone()),
+            throttle: (!args.ignore_throttle).then(|| cfg.kafka.topics.throttle.clone()),
+        },
+        schema(RECALL_TRIGGER)?,
+        schema(THROTTLE_EVENT)?,
+    )?))
+}
+
+/// The idempotent producer to the input topics (none with `--dry-run`).
+fn output(cfg: &Config, args: &SimulateArgs, topics: &[String; 5]) -> anyhow::Result<Out> {
+    let mut pc = ClientConfig::new();
+    pc.set("bootstrap.servers", &cfg.kafka.brokers)
+        .set("client.id", "lapse-simulate")
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("compression.type", "lz4")
+        .set("linger.ms", "10")
+        .set("batch.num.messages", "10000")
+        .set("queue.buffering.max.messages", "200000")
+        .set("message.timeout.ms", "120000");
+    for (k, v) in &cfg.kafka.producer_properties {
+        pc.set(k, v);
+    }
+    Ok(Out {
+        producer: if args.dry_run {
+            None
+        } else {
+            Some(
+                pc.create()
+                    .context("creating the producer (kafka.brokers)")?,
+            )
+        },
+        topics: topics.clone(),
+        in_flight: FuturesUnordered::new(),
+        max_in_flight: args.max_in_flight,
+        produced_offsets: BTreeMap::new(),
+        produced: [0; 5],
+    })
+}
+
+/// The pacer that keeps the simulation at most `--ahead-days` ahead of lapse's
+/// consumer group (compressed mode, unless `--no-pace` or `--dry-run`).
+fn pacer(cfg: &Config, args: &SimulateArgs, topics: &[String; 5]) -> anyhow::Result<Option<Pacer>> {
+    let group = args
+        .group
+        .clone()
+        .unwrap_or_else(|| cfg.kafka.group_id.clone());
+    Ok(if !args.live && !args.no_pace && !args.dry_run {
+        let mut cc = ClientConfig::new();
+        cc.set("bootstrap.servers", &cfg.kafka.brokers)
+            .set("group.id", &group)
+            .set("enable.auto.commit", "false");
+        for (k, v) in &cfg.kafka.consumer_properties {
+            cc.set(k, v);
+        }
+        Some(Pacer {
+            consumer: Arc::new(cc.create().context("creating the pacing client")?),
+            group: group.clone(),
+            topics: topics.clone(),
+            timeout: Duration::from_secs(args.pace_timeout_secs.max(1)),
+            enabled: true,
+        })
+    } else {
+        None
+    })
+}
+
+/// Runs the simulation against the brokers of `cfg` (see the module docs).
+pub async fn run(cfg: &Config, args: &SimulateArgs) -> anyhow::Result<Summary> {
+    run_until(cfg, args, Arc::new(AtomicBool::new(false))).await
+}
+
+/// [`run`], stopping early (after flushing what was produced) once `stop` is set.
+pub async fn run_until(
+    cfg: &Config,
+    args: &SimulateArgs,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<Summary> {
+    validate(args)?;
     let mut cfg = cfg.clone();
     if let Some(b) = &args.brokers {
         cfg.kafka.brokers = b.clone();
@@ -546,7 +670,7 @@ pub async fn run_until(
         .with_context(|| format!("loading schemas from {}", cfg.schema.dir.display()))?;
     let encoder = Encoder::new(&schemas);
     if cfg.kafka.create_topics && !args.dry_run {
-        crate::kafka::admin::ensure_topics(&cfg.kafka)
+        lapse::kafka::admin::ensure_topics(&cfg.kafka)
             .await
             .context("creating missing topics (kafka.brokers)")?;
     }
@@ -564,101 +688,14 @@ pub async fn run_until(
     } else {
         today - chrono::Days::new(args.days as u64)
     };
-    let mut params = Params {
-        obey_throttle: !args.ignore_throttle,
-        rogue_share: args.rogue_share,
-        ..Params::default()
-    };
-    for ch in Channel::ALL {
-        params.sender_caps[ch.index()] = cfg
-            .policy
-            .caps
-            .get(&ch)
-            .map_or((0, 0), |r| (r.limit, r.window.as_ms()));
-    }
-    let mut pop = Population::new(
-        params,
-        args.seed,
-        args.customers,
-        args.tenants,
-        args.days,
-        tz,
-        first_day,
-        cfg.policy.lapse.high_value_threshold,
-    );
+    let mut pop = population(&cfg, args, tz, first_day);
 
-    let reader = if args.no_feedback || args.dry_run {
-        None
-    } else {
-        let schema = |n: &str| {
-            schemas.by_name(n).map(|s| (**s).clone()).ok_or_else(|| {
-                anyhow::anyhow!("schema {n} missing from {}", cfg.schema.dir.display())
-            })
-        };
-        Some(FeedbackReader::start(
-            &cfg.kafka.brokers,
-            &cfg.kafka.consumer_properties,
-            FeedbackTopics {
-                triggers: Some(cfg.kafka.topics.triggers.clone()),
-                throttle: (!args.ignore_throttle).then(|| cfg.kafka.topics.throttle.clone()),
-            },
-            schema(RECALL_TRIGGER)?,
-            schema(THROTTLE_EVENT)?,
-        )?)
-    };
+    let reader = feedback_reader(&cfg, args, &schemas)?;
 
-    let mut pc = ClientConfig::new();
-    pc.set("bootstrap.servers", &cfg.kafka.brokers)
-        .set("client.id", "lapse-simulate")
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("compression.type", "lz4")
-        .set("linger.ms", "10")
-        .set("batch.num.messages", "10000")
-        .set("queue.buffering.max.messages", "200000")
-        .set("message.timeout.ms", "120000");
-    for (k, v) in &cfg.kafka.producer_properties {
-        pc.set(k, v);
-    }
     let topics = cfg.kafka.topics.inputs().map(str::to_string);
-    let mut out = Out {
-        producer: if args.dry_run {
-            None
-        } else {
-            Some(
-                pc.create()
-                    .context("creating the producer (kafka.brokers)")?,
-            )
-        },
-        topics: topics.clone(),
-        in_flight: FuturesUnordered::new(),
-        max_in_flight: args.max_in_flight,
-        produced_offsets: BTreeMap::new(),
-        produced: [0; 5],
-    };
+    let mut out = output(&cfg, args, &topics)?;
 
-    let group = args
-        .group
-        .clone()
-        .unwrap_or_else(|| cfg.kafka.group_id.clone());
-    let mut pacer = if !live && !args.no_pace && !args.dry_run {
-        let mut cc = ClientConfig::new();
-        cc.set("bootstrap.servers", &cfg.kafka.brokers)
-            .set("group.id", &group)
-            .set("enable.auto.commit", "false");
-        for (k, v) in &cfg.kafka.consumer_properties {
-            cc.set(k, v);
-        }
-        Some(Pacer {
-            consumer: Arc::new(cc.create().context("creating the pacing client")?),
-            group: group.clone(),
-            topics: topics.clone(),
-            timeout: Duration::from_secs(args.pace_timeout_secs.max(1)),
-            enabled: true,
-        })
-    } else {
-        None
-    };
+    let mut pacer = pacer(&cfg, args, &topics)?;
 
     let started = Instant::now();
     let mut progress = Progress {

@@ -1,6 +1,6 @@
-//! `lapse produce-sample`: a small, deterministic set of events of all five kinds,
+//! `lapse-tools produce-sample`: a small, deterministic set of events of all five kinds,
 //! Avro single-object encoded, for the demo and for trying lapse by hand.
-//! (The full population simulator is `lapse simulate`, a later piece of work.)
+//! (The full population simulator is `lapse-tools simulate`.)
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -12,9 +12,9 @@ use rand::{Rng, SeedableRng};
 use rdkafka::config::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
-use crate::codec::{Encoder, Framing, SchemaSet};
-use crate::config::Config;
-use crate::domain::event::{Channel, CustomerRef, Event, EventBody, EventKind, Purpose, VisitType};
+use lapse::codec::{Encoder, Framing, SchemaSet};
+use lapse::config::Config;
+use lapse::domain::event::{Channel, CustomerRef, Event, EventBody, EventKind, Purpose, VisitType};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct SampleArgs {
@@ -145,7 +145,7 @@ pub fn generate(args: &SampleArgs, now_ms: i64) -> Vec<Sample> {
                             body: EventBody::Reply {
                                 channel,
                                 message_id: Some(message_id),
-                                class: crate::domain::event::ReplyClass::Neutral,
+                                class: lapse::domain::event::ReplyClass::Neutral,
                             },
                         },
                         text: Some(REPLIES[rng.random_range(0..REPLIES.len())]),

@@ -28,11 +28,11 @@ use chrono::{Datelike, NaiveDate, TimeZone};
 use chrono_tz::Tz;
 
 use super::rng::SimRng;
-use crate::domain::allowance::AllowanceState;
-use crate::domain::event::{
+use lapse::domain::allowance::AllowanceState;
+use lapse::domain::event::{
     Channel, CustomerRef, Event, EventBody, EventKind, Purpose, ReplyClass, VisitType,
 };
-use crate::domain::lapse::{Segment, Stage};
+use lapse::domain::lapse::{Segment, Stage};
 
 pub const DAY: i64 = 86_400_000;
 pub const HOUR: i64 = 3_600_000;
@@ -1359,7 +1359,7 @@ pub fn count_kind(events: &[SimEvent], kind: EventKind) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::replies::classify;
+    use lapse::domain::replies::classify;
     use std::collections::HashSet;
 
     fn start() -> NaiveDate {

@@ -1,4 +1,4 @@
-//! `lapse bench`: benchmarks that print figures (never timed assertions in tests).
+//! `lapse-tools bench`: benchmarks that print figures (never timed assertions in tests).
 //!
 //! * `produce`: fill the input topics with a deterministic synthetic workload;
 //! * `consume`: end-to-end throughput of `lapse run` over what is in the topics;
@@ -11,6 +11,7 @@
 //! workload generator, the machine description, the `/metrics` reader, `median`
 //! and `Stats`.
 
+mod child;
 pub mod consume;
 pub mod latency;
 pub mod machine;
@@ -25,7 +26,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use serde::Serialize;
 
-use crate::config::Config;
+use lapse::config::Config;
 
 /// What the benchmarks that run `lapse run` as a child process (`consume`,
 /// `latency`, `timers`) share: the child's config, overrides and binary, and
@@ -41,7 +42,7 @@ pub struct ChildArgs {
     /// `policy.lapse.holdout_share=0.0`) come first; these lines after.
     #[arg(long = "set", value_name = "TOML")]
     pub set: Vec<String>,
-    /// The lapse binary to run (default: this executable).
+    /// The lapse binary to run (default: `lapse` next to this executable).
     #[arg(long)]
     pub lapse_bin: Option<PathBuf>,
     /// Process id of the broker on this machine, to report its CPU use.
@@ -66,11 +67,21 @@ impl ChildArgs {
         Ok(dir)
     }
 
-    /// `--lapse-bin`, or this executable.
+    /// `--lapse-bin`, or `lapse` next to this executable (cargo builds both
+    /// binaries into one directory).
     pub fn lapse_bin(&self) -> anyhow::Result<PathBuf> {
         match &self.lapse_bin {
             Some(b) => Ok(b.clone()),
-            None => std::env::current_exe().context("locating this executable"),
+            None => {
+                let exe = std::env::current_exe().context("locating this executable")?;
+                let bin = exe.with_file_name("lapse");
+                anyhow::ensure!(
+                    bin.is_file(),
+                    "{} not found: build it (`cargo build --release --bin lapse`) or pass --lapse-bin",
+                    bin.display()
+                );
+                Ok(bin)
+            }
         }
     }
 }

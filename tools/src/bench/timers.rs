@@ -1,4 +1,4 @@
-//! `lapse bench timers`: firing lag of lapse/recall timers under a steady stream
+//! `lapse-tools bench timers`: firing lag of lapse/recall timers under a steady stream
 //! of due times.
 //!
 //! Per run:
@@ -32,7 +32,6 @@
 
 use std::collections::HashSet;
 use std::path::Path;
-use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -46,22 +45,23 @@ use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 
+use super::child::{self, LapseChild};
 use super::consume::{self, KafkaView, RedisView};
 use super::machine::{self, Machine};
 use super::CpuCounters;
 use super::{opt, pct, percentile, Stats};
-use crate::codec::{SchemaSet, RECALL_TRIGGER};
-use crate::config::{ClockMode, Config};
-use crate::domain::decide;
-use crate::domain::event::{CustomerRef, Event, EventBody, EventKind, VisitType};
-use crate::domain::lapse::{Stage, DAY_MS};
-use crate::domain::policy::{Policies, Policy};
-use crate::domain::recall;
-use crate::domain::state::{CustomerState, Outcome, Source, StateParams};
-use crate::metrics::Metrics;
-use crate::store::event_time::SharedEventTime;
-use crate::store::timers::TimerStore;
-use crate::store::StateStore;
+use lapse::codec::{SchemaSet, RECALL_TRIGGER};
+use lapse::config::{ClockMode, Config};
+use lapse::domain::decide;
+use lapse::domain::event::{CustomerRef, Event, EventBody, EventKind, VisitType};
+use lapse::domain::lapse::{Stage, DAY_MS};
+use lapse::domain::policy::{Policies, Policy};
+use lapse::domain::recall;
+use lapse::domain::state::{CustomerState, Outcome, Source, StateParams};
+use lapse::metrics::Metrics;
+use lapse::store::event_time::SharedEventTime;
+use lapse::store::timers::TimerStore;
+use lapse::store::StateStore;
 
 /// Default start of the event-time day: 2025-01-01 00:00 Asia/Shanghai.
 pub const DEFAULT_T0_MS: i64 = 1_735_660_800_000;
@@ -220,8 +220,8 @@ pub fn build_customer(
         bail!("customer {c}: the set-up visits left decisions in the outbox");
     }
     let start = st.visits.last_at.expect("three visits");
-    let interval = crate::domain::lapse::expected_interval(&st.visits, &policy.lapse);
-    let after = crate::domain::lapse::scheduled_due(1, start, &interval, &policy.lapse)
+    let interval = lapse::domain::lapse::expected_interval(&st.visits, &policy.lapse);
+    let after = lapse::domain::lapse::scheduled_due(1, start, &interval, &policy.lapse)
         .context("no stage after AT_RISK")?;
     if after < not_before {
         bail!(
@@ -326,7 +326,7 @@ fn decode_trigger(schema: &apache_avro::Schema, payload: &[u8]) -> anyhow::Resul
     if payload.len() < 10 || payload[..2] != [0xC3, 0x01] {
         bail!("not an Avro single-object record");
     }
-    let body = crate::codec::parse_frame(payload)?.body();
+    let body = lapse::codec::parse_frame(payload)?.body();
     let v = apache_avro::from_avro_datum(schema, &mut &body[..], None)?;
     let Value::Record(fields) = v else {
         bail!("not a record");
@@ -732,17 +732,138 @@ async fn delete_topic(brokers: &str, topic: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn wait_ready(http: &reqwest::Client, port: u16, deadline: Instant) -> anyhow::Result<()> {
-    let url = format!("http://127.0.0.1:{port}/readyz");
-    while Instant::now() < deadline {
-        if let Ok(r) = http.get(&url).send().await {
-            if r.status().is_success() {
+/// A fresh trigger topic per run, and the run's config naming it. Tansu's
+/// in-memory log gets slower as a topic grows (its CPU per run rose from 9 to
+/// 21 s for the same 20,000 triggers as the topic filled), so earlier runs'
+/// triggers would slow this one.
+async fn trigger_topic(
+    env: &Env<'_>,
+    run: usize,
+) -> anyhow::Result<(String, std::path::PathBuf, KafkaView)> {
+    let args = env.args;
+    let topic = format!(
+        "{}.bench-{}-{run}",
+        env.cfg.kafka.topics.triggers,
+        std::process::id()
+    );
+    let mut sets = env.sets.to_vec();
+    sets.push(format!(
+        "kafka.topics.triggers = {}",
+        toml::Value::String(topic.clone())
+    ));
+    let (config_path, run_cfg) =
+        consume::effective_config(args.child.config.as_deref(), &sets, env.work_dir)?;
+    lapse::kafka::admin::ensure_topics(&run_cfg.kafka)
+        .await
+        .with_context(|| format!("creating the run's trigger topic {topic}"))?;
+    let kafka = {
+        let waited = Instant::now();
+        loop {
+            match KafkaView::new(&env.cfg.kafka.brokers, &[&topic]).await {
+                Ok(k) => break k,
+                Err(e) if waited.elapsed() > Duration::from_secs(20) => {
+                    return Err(e.context(format!("the trigger topic {topic}")))
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    };
+    Ok((topic, config_path, kafka))
+}
+
+/// Waits until lapse's timer loop reads the event time `at` (`lapse_clock_now_ms`).
+async fn wait_clock(lapse: &LapseChild, at: i64) -> anyhow::Result<()> {
+    let waited = Instant::now();
+    loop {
+        if let Some(s) = lapse.metrics().await {
+            if s.max("lapse_clock_now_ms", &[]) == Some(at as f64) {
                 return Ok(());
             }
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        if waited.elapsed() > Duration::from_secs(30) {
+            return Err(lapse.fail("the timer loop did not pick up the event time".into()));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    bail!("lapse not ready in time")
+}
+
+/// Advances the shared event time across the day in `--day-seconds`, every
+/// `--step-ms`, logging each step; returns (seconds taken, slowest step call).
+async fn drive(
+    env: &Env<'_>,
+    lapse: &mut LapseChild,
+    run: usize,
+    origin: Instant,
+    reader: &TriggerReader,
+    log: &mut WatermarkLog,
+) -> anyhow::Result<(f64, Duration)> {
+    let (args, pop) = (env.args, env.pop);
+    let day = Duration::from_secs_f64(args.day_seconds);
+    let mut tick = tokio::time::interval(Duration::from_millis(args.step_ms.max(1)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let start = Instant::now();
+    let mut last_note = Instant::now();
+    let mut slowest_step = Duration::ZERO;
+    loop {
+        tick.tick().await;
+        let w = pop.t0 + watermark_offset(start.elapsed(), day, pop.span_ms);
+        let at = origin.elapsed();
+        env.clock.advance(w).await?;
+        slowest_step = slowest_step.max(origin.elapsed().saturating_sub(at));
+        log.push(w, at);
+        if w >= pop.t0 + pop.span_ms {
+            break;
+        }
+        if last_note.elapsed() >= Duration::from_secs(15) {
+            eprintln!(
+                "  run {run}: {:.0}% of the day, {} triggers read",
+                100.0 * (w - pop.t0) as f64 / pop.span_ms as f64,
+                reader.received()
+            );
+            last_note = Instant::now();
+            if let Some(status) = lapse.exited()? {
+                return Err(lapse.fail(format!("lapse exited during the run ({status})")));
+            }
+        }
+    }
+    Ok((start.elapsed().as_secs_f64(), slowest_step))
+}
+
+/// Waits for the remaining triggers (`want` in all), until none came for
+/// `--drain-secs`.
+async fn drain(
+    env: &Env<'_>,
+    lapse: &mut LapseChild,
+    run: usize,
+    reader: &TriggerReader,
+    want: u64,
+) -> anyhow::Result<()> {
+    let args = env.args;
+    let mut last_count = reader.received();
+    let mut last_new = Instant::now();
+    loop {
+        let n = reader.received();
+        if n >= want {
+            // A moment more for any duplicates.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            break;
+        }
+        if n != last_count {
+            last_count = n;
+            last_new = Instant::now();
+        } else if last_new.elapsed() >= Duration::from_secs(args.drain_secs) {
+            eprintln!(
+                "  run {run}: no new trigger for {} s: {n} of {want} read",
+                args.drain_secs
+            );
+            break;
+        }
+        if let Some(status) = lapse.exited()? {
+            return Err(lapse.fail(format!("lapse exited during the drain ({status})")));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
 }
 
 async fn one_run(env: &Env<'_>, run: usize) -> anyhow::Result<TimersRun> {
@@ -781,36 +902,7 @@ async fn one_run(env: &Env<'_>, run: usize) -> anyhow::Result<TimersRun> {
         );
     }
 
-    // A fresh trigger topic per run: tansu's in-memory log gets slower as a
-    // topic grows (its CPU per run rose from 9 to 21 s for the same 20,000
-    // triggers as the topic filled), so earlier runs' triggers would slow this one.
-    let topic = format!(
-        "{}.bench-{}-{run}",
-        env.cfg.kafka.topics.triggers,
-        std::process::id()
-    );
-    let mut sets = env.sets.to_vec();
-    sets.push(format!(
-        "kafka.topics.triggers = {}",
-        toml::Value::String(topic.clone())
-    ));
-    let (config_path, run_cfg) =
-        consume::effective_config(args.child.config.as_deref(), &sets, env.work_dir)?;
-    crate::kafka::admin::ensure_topics(&run_cfg.kafka)
-        .await
-        .with_context(|| format!("creating the run's trigger topic {topic}"))?;
-    let kafka = {
-        let waited = Instant::now();
-        loop {
-            match KafkaView::new(&env.cfg.kafka.brokers, &[&topic]).await {
-                Ok(k) => break k,
-                Err(e) if waited.elapsed() > Duration::from_secs(20) => {
-                    return Err(e.context(format!("the trigger topic {topic}")))
-                }
-                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
-            }
-        }
-    };
+    let (topic, config_path, kafka) = trigger_topic(env, run).await?;
     let starts: Vec<((String, i32), i64)> =
         kafka.partitions.iter().map(|tp| (tp.clone(), 0)).collect();
     let origin = Instant::now();
@@ -830,64 +922,30 @@ async fn one_run(env: &Env<'_>, run: usize) -> anyhow::Result<TimersRun> {
         std::process::id(),
         chrono::Utc::now().timestamp_millis()
     );
-    let port = consume::free_port()?;
     let log_path = env.work_dir.join(format!("lapse-timers-{run}.log"));
-    let log = std::fs::File::create(&log_path)?;
-    let mut child = tokio::process::Command::new(env.bin)
-        .arg("run")
-        .arg("--config")
-        .arg(&config_path)
-        .env("LAPSE_GROUP_ID", &group)
-        .env("LAPSE_HTTP_LISTEN", format!("127.0.0.1:{port}"))
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("starting {} run", env.bin.display()))?;
-    let pid = child.id().context("child pid")?;
-    let fail = |what: String| -> anyhow::Error {
-        anyhow::anyhow!(
-            "{what}; lapse log {}:\n{}",
-            log_path.display(),
-            consume::log_tail(&log_path)
-        )
-    };
-    let url = format!("http://127.0.0.1:{port}/metrics");
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(2))
-        .build()?;
-    wait_ready(&http, port, Instant::now() + Duration::from_secs(90))
+    let mut lapse = LapseChild::spawn(env.bin, &config_path, &group, log_path)?;
+    lapse
+        .wait_ready(Instant::now() + Duration::from_secs(90))
         .await
-        .map_err(|e| fail(e.to_string()))?;
+        .map_err(|e| lapse.fail(e.to_string()))?;
 
     // Just before the day: the timer loop must have read it (nothing is due yet).
     let before = pop.t0 - 1;
     let before_at = origin.elapsed();
     env.clock.advance(before).await?;
-    let waited = Instant::now();
-    loop {
-        if let Some(s) = consume::scrape(&http, &url).await {
-            if s.max("lapse_clock_now_ms", &[]) == Some(before as f64) {
-                break;
-            }
-        }
-        if waited.elapsed() > Duration::from_secs(30) {
-            return Err(fail("the timer loop did not pick up the event time".into()));
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_clock(&lapse, before).await?;
 
     // Scrape /metrics in the background during the run.
     let drive_origin = Instant::now();
     let scraping = Arc::new(AtomicBool::new(true));
     let scraper = {
-        let (http, url, on) = (http.clone(), url.clone(), scraping.clone());
+        let (http, url) = (lapse.http.clone(), lapse.metrics_url.clone());
+        let on = scraping.clone();
         let every = Duration::from_millis(args.scrape_interval_ms.max(10));
         tokio::spawn(async move {
             let mut points = Vec::new();
             while on.load(Ordering::SeqCst) {
-                if let Some(s) = consume::scrape(&http, &url).await {
+                if let Some(s) = child::scrape(&http, &url).await {
                     points.push(Point {
                         t: drive_origin.elapsed().as_secs_f64(),
                         overdue: s.sum("lapse_timers_overdue"),
@@ -900,90 +958,31 @@ async fn one_run(env: &Env<'_>, run: usize) -> anyhow::Result<TimersRun> {
             points
         })
     };
-    let cpu_at_start = CpuCounters::now(pid, env.redis, args.child.broker_pid).await;
+    let cpu_at_start = CpuCounters::now(lapse.pid, env.redis, args.child.broker_pid).await;
 
     // Drive the watermark across the day.
-    let day = Duration::from_secs_f64(args.day_seconds);
     let mut log = WatermarkLog::default();
     log.push(before, before_at);
-    let mut tick = tokio::time::interval(Duration::from_millis(args.step_ms.max(1)));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    let start = Instant::now();
-    let mut last_note = Instant::now();
-    let mut slowest_step = Duration::ZERO;
-    loop {
-        tick.tick().await;
-        let w = pop.t0 + watermark_offset(start.elapsed(), day, pop.span_ms);
-        let at = origin.elapsed();
-        env.clock.advance(w).await?;
-        slowest_step = slowest_step.max(origin.elapsed().saturating_sub(at));
-        log.push(w, at);
-        if w >= pop.t0 + pop.span_ms {
-            break;
-        }
-        if last_note.elapsed() >= Duration::from_secs(15) {
-            eprintln!(
-                "  run {run}: {:.0}% of the day, {} triggers read",
-                100.0 * (w - pop.t0) as f64 / pop.span_ms as f64,
-                reader.received()
-            );
-            last_note = Instant::now();
-            if let Some(status) = child.try_wait()? {
-                return Err(fail(format!("lapse exited during the run ({status})")));
-            }
-        }
-    }
-    let drive_seconds = start.elapsed().as_secs_f64();
+    let (drive_seconds, slowest_step) =
+        drive(env, &mut lapse, run, origin, &reader, &mut log).await?;
     let end_at = origin.elapsed();
 
     // Drain: wait for the rest, until nothing new comes for --drain-secs.
     let want = env.expected.iter().filter(|x| **x).count() as u64;
-    let mut last_count = reader.received();
-    let mut last_new = Instant::now();
-    loop {
-        let n = reader.received();
-        if n >= want {
-            // A moment more for any duplicates.
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            break;
-        }
-        if n != last_count {
-            last_count = n;
-            last_new = Instant::now();
-        } else if last_new.elapsed() >= Duration::from_secs(args.drain_secs) {
-            eprintln!(
-                "  run {run}: no new trigger for {} s: {n} of {want} read",
-                args.drain_secs
-            );
-            break;
-        }
-        if let Some(status) = child.try_wait()? {
-            return Err(fail(format!("lapse exited during the drain ({status})")));
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let cpu_at_end = CpuCounters::now(pid, env.redis, args.child.broker_pid).await;
+    drain(env, &mut lapse, run, &reader, want).await?;
+    let cpu_at_end = CpuCounters::now(lapse.pid, env.redis, args.child.broker_pid).await;
     scraping.store(false, Ordering::SeqCst);
     let timeline = scraper.await?;
-    let s = consume::scrape(&http, &url)
+    let s = lapse
+        .metrics()
         .await
-        .ok_or_else(|| fail("cannot read /metrics after the run".into()))?;
+        .ok_or_else(|| lapse.fail("cannot read /metrics after the run".into()))?;
     let raw = reader.finish().await?;
     if let Err(e) = delete_topic(&env.cfg.kafka.brokers, &topic).await {
         eprintln!("  run {run}: could not delete {topic} ({e:#}); it stays in the broker's memory");
     }
 
-    consume::terminate(pid);
-    let exit = tokio::time::timeout(Duration::from_secs(60), child.wait()).await;
-    let lapse_exit_ok = matches!(exit, Ok(Ok(st)) if st.success());
-    if !lapse_exit_ok {
-        eprintln!(
-            "  run {run}: lapse did not exit 0 after SIGTERM ({exit:?}); see {}",
-            log_path.display()
-        );
-        let _ = child.start_kill();
-        let _ = child.wait().await;
-    }
+    let lapse_exit_ok = lapse.stop(run).await;
 
     // Decode and match (off the runtime: a million records).
     let watermark_steps = log.len();
@@ -1170,7 +1169,7 @@ pub async fn run(args: &TimersArgs) -> anyhow::Result<TimersReport> {
         timers: &timers,
         clock: &clock,
         policies: &policies,
-        params: crate::service::state_params(&cfg),
+        params: lapse::service::state_params(&cfg),
         pop,
         schema: &schema,
         expected: &expected,
@@ -1388,7 +1387,7 @@ fn print_summary(rep: &TimersReport) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::policy::PolicyConfig;
+    use lapse::domain::policy::PolicyConfig;
 
     fn pop(n: u64) -> Population {
         Population {
@@ -1590,8 +1589,8 @@ mod tests {
             assert_eq!(due, p.due(i));
             assert_eq!(st.timer_due, Some(due));
             // Round-trips through the stored blob.
-            let blob = crate::store::blob::encode(1, &st);
-            assert_eq!(crate::store::blob::decode(&blob).unwrap().1, st);
+            let blob = lapse::store::blob::encode(1, &st);
+            assert_eq!(lapse::store::blob::decode(&blob).unwrap().1, st);
             let ctx = recall::FireCtx {
                 customer: &c,
                 visits: &st.visits.clone(),

@@ -1,4 +1,4 @@
-//! `lapse demo-report`: the demo's live one-screen summary (`--watch`) and its
+//! `lapse-tools demo-report`: the demo's live one-screen summary (`--watch`) and its
 //! closing KPI table, from lapse's `/metrics` and the `recall.outcomes` topic.
 //!
 //! KPI definitions (per segment, TREATMENT vs HOLDOUT arm):
@@ -31,9 +31,9 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 
-use crate::codec::{SchemaSet, RECALL_OUTCOME};
-use crate::config::Config;
-use crate::domain::event::Channel;
+use lapse::codec::{SchemaSet, RECALL_OUTCOME};
+use lapse::config::Config;
+use lapse::domain::event::Channel;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct ReportArgs {
@@ -121,7 +121,7 @@ fn long(f: &[(String, Value)], k: &str) -> i64 {
 
 /// Decodes a `lapse.v1.RecallOutcome` (either framing).
 pub fn decode_outcome(schema: &apache_avro::Schema, payload: &[u8]) -> Option<Outcome> {
-    let body = crate::codec::parse_frame(payload).ok()?.body();
+    let body = lapse::codec::parse_frame(payload).ok()?.body();
     let Value::Record(f) = apache_avro::from_avro_datum(schema, &mut &body[..], None).ok()? else {
         return None;
     };
@@ -631,7 +631,7 @@ fn last_line(path: &std::path::Path) -> Option<String> {
         .map(str::to_string)
 }
 
-/// `lapse demo-report`.
+/// `lapse-tools demo-report`.
 pub async fn main(args: ReportArgs) -> anyhow::Result<()> {
     let mut cfg = Config::load(args.config.as_deref())?;
     if let Some(b) = &args.brokers {

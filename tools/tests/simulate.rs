@@ -1,9 +1,10 @@
-//! `lapse simulate` (issue 6): a small compressed simulation against a real
+//! `lapse-tools simulate` (issue 6): a small compressed simulation against a real
 //! broker, Redis and `lapse run` in event-time mode — events of all five kinds
 //! produced and applied, lapse's recall triggers and outcomes appear, and the
 //! simulator reads lapse's decisions back. Determinism by seed is checked
 //! without servers.
 
+#[path = "../../tests/common/mod.rs"]
 mod common;
 
 use std::time::Duration;
@@ -13,8 +14,8 @@ use common::stack::*;
 use common::*;
 use lapse::config::Config;
 use lapse::domain::event::EventKind;
-use lapse::simulate::model::{Params, Population, SimEvent};
-use lapse::simulate::{run, SimulateArgs};
+use lapse_tools::simulate::model::{Params, Population, SimEvent};
+use lapse_tools::simulate::{run, SimulateArgs};
 
 fn generate(seed: u64, customers: u32, days: u32) -> Vec<SimEvent> {
     let mut pop = Population::new(
@@ -49,6 +50,9 @@ fn the_same_seed_generates_the_same_event_sequence() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_compressed_simulation_drives_lapse_to_triggers_and_outcomes() {
+    // As scripts/demo runs the simulator: from the repository root (cargo starts
+    // this crate's tests in tools/).
+    std::env::set_current_dir(repo_root()).expect("cd to the repository root");
     let s = Stack::start().await;
     let group = "g-simulate";
     let path = s.config_with(

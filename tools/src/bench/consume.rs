@@ -1,4 +1,4 @@
-//! `lapse bench consume`: end-to-end throughput of the real service.
+//! `lapse-tools bench consume`: end-to-end throughput of the real service.
 //!
 //! Each run starts the `lapse run` binary as a child process (what users run),
 //! with a fresh consumer group and a flushed Redis database, and observes it
@@ -19,7 +19,6 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -30,11 +29,11 @@ use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 
+use super::child::LapseChild;
 use super::machine::{self, Machine};
-use super::prom::Scrape;
 use super::CpuCounters;
 use super::{median, opt, pct, Stats};
-use crate::config::Config;
+use lapse::config::Config;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct ConsumeArgs {
@@ -198,7 +197,7 @@ impl KafkaView {
                     .find(|x| x.name() == t)
                     .with_context(|| format!("topic {t} not in metadata"))?;
                 if tm.error().is_some() || tm.partitions().is_empty() {
-                    bail!("topic {t} does not exist: run `lapse bench produce` first");
+                    bail!("topic {t} does not exist: run `lapse-tools bench produce` first");
                 }
                 out.extend(tm.partitions().iter().map(|p| (t.clone(), p.id())));
             }
@@ -459,32 +458,6 @@ impl RedisView {
     }
 }
 
-pub(super) fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-/// Sends SIGTERM (what a user's supervisor sends) to the child.
-pub(super) fn terminate(pid: u32) {
-    unsafe extern "C" {
-        fn kill(pid: i32, sig: i32) -> i32;
-    }
-    const SIGTERM: i32 = 15;
-    if let Ok(pid) = i32::try_from(pid) {
-        // SAFETY: kill(2) has no memory-safety preconditions.
-        unsafe {
-            kill(pid, SIGTERM);
-        }
-    }
-}
-
-pub(super) fn log_tail(path: &Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(30)..].join("\n")
-}
-
 struct RunEnv<'a> {
     args: &'a ConsumeArgs,
     bin: &'a Path,
@@ -497,16 +470,7 @@ struct RunEnv<'a> {
     key_prefix: &'a str,
 }
 
-pub(super) async fn scrape(http: &reqwest::Client, url: &str) -> Option<Scrape> {
-    let r = http.get(url).send().await.ok()?;
-    if !r.status().is_success() {
-        return None;
-    }
-    Some(Scrape::parse(&r.text().await.ok()?))
-}
-
 async fn one_run(env: &RunEnv<'_>, run: usize) -> anyhow::Result<RunResult> {
-    let args = env.args;
     env.redis.flush().await.context("FLUSHDB before the run")?;
     env.redis
         .reset_command_stats()
@@ -519,109 +483,18 @@ async fn one_run(env: &RunEnv<'_>, run: usize) -> anyhow::Result<RunResult> {
         std::process::id(),
         chrono::Utc::now().timestamp_millis()
     );
-    let port = free_port()?;
     let log_path = env.work_dir.join(format!("lapse-run-{run}.log"));
-    let log = std::fs::File::create(&log_path)?;
-    let spawned = Instant::now();
-    let mut child = tokio::process::Command::new(env.bin)
-        .arg("run")
-        .arg("--config")
-        .arg(env.config_path)
-        .env("LAPSE_GROUP_ID", &group)
-        .env("LAPSE_HTTP_LISTEN", format!("127.0.0.1:{port}"))
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("starting {} run", env.bin.display()))?;
-    let pid = child.id().context("child pid")?;
-    let url = format!("http://127.0.0.1:{port}/metrics");
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(2))
-        .build()?;
-    let interval = Duration::from_millis(args.scrape_interval_ms.max(1));
-    let deadline = spawned + Duration::from_secs(args.timeout_secs);
+    let mut lapse = LapseChild::spawn(env.bin, env.config_path, &group, log_path)?;
+    let deadline = lapse.spawned + Duration::from_secs(env.args.timeout_secs);
 
-    let fail = |what: String| -> anyhow::Error {
-        anyhow::anyhow!(
-            "{what}; lapse log {}:\n{}",
-            log_path.display(),
-            log_tail(&log_path)
-        )
-    };
+    let progress = wait_durable(env, &mut lapse, run, deadline).await?;
+    let committed_at = wait_committed(env, &mut lapse, run, &group, deadline).await?;
+    let cpu_at_end = CpuCounters::now(lapse.pid, env.redis, env.args.child.broker_pid).await;
 
-    // Phase 1: wait for the first record, then for every batch to be durable.
-    let mut first: Option<Instant> = None;
-    let mut durable: Option<Instant> = None;
-    let mut cpu_at_first = CpuCounters::default();
-    let mut last_progress = Instant::now();
-    let (mut scrapes, mut paused_scrapes) = (0u32, 0u32);
-    while durable.is_none() {
-        if let Some(status) = child.try_wait()? {
-            return Err(fail(format!("lapse exited early ({status})")));
-        }
-        if Instant::now() >= deadline {
-            return Err(fail(format!(
-                "run {run} did not finish in {} s (--timeout-secs)",
-                args.timeout_secs
-            )));
-        }
-        if let Some(s) = scrape(&http, &url).await {
-            let now = Instant::now();
-            if first.is_none() && s.sum("lapse_records_total") > 0.0 {
-                first = Some(now);
-                cpu_at_first = CpuCounters::now(pid, env.redis, args.child.broker_pid).await;
-            }
-            if first.is_some() {
-                scrapes += 1;
-                if s.sum("lapse_partitions_paused") > 0.0 {
-                    paused_scrapes += 1;
-                }
-            }
-            let done = s.sum("lapse_batch_records_sum");
-            if done >= env.records as f64 {
-                durable = Some(now);
-            } else if last_progress.elapsed() >= Duration::from_secs(5) {
-                eprintln!("  run {run}: {done:.0}/{} records durable", env.records);
-                last_progress = Instant::now();
-            }
-        }
-        if durable.is_none() {
-            tokio::time::sleep(interval).await;
-        }
-    }
-    let (first, durable) = (
-        first.expect("set before durable"),
-        durable.expect("loop exit"),
-    );
-
-    // Phase 2: wait until the group's committed offsets reach the end of every partition.
-    let reader = env.kafka.group_reader(&group)?;
-    let committed_at = loop {
-        if let Some(status) = child.try_wait()? {
-            return Err(fail(format!("lapse exited before committing ({status})")));
-        }
-        if Instant::now() >= deadline {
-            return Err(fail(format!("run {run}: offsets not committed in time")));
-        }
-        let committed = env.kafka.committed(&reader).await.unwrap_or_default();
-        let now = Instant::now();
-        if env
-            .ends
-            .iter()
-            .all(|(tp, end)| *end == 0 || committed.get(tp) == Some(end))
-        {
-            break now;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
-    let cpu_at_end = CpuCounters::now(pid, env.redis, args.child.broker_pid).await;
-    let diff = |a: Option<f64>, b: Option<f64>| Some(b? - a?);
-
-    let s = scrape(&http, &url)
+    let s = lapse
+        .metrics()
         .await
-        .ok_or_else(|| fail("cannot read /metrics after the run".into()))?;
+        .ok_or_else(|| lapse.fail("cannot read /metrics after the run".into()))?;
     let redis_keys = env.redis.dbsize().await?;
     let customers_in_redis = env
         .redis
@@ -629,19 +502,17 @@ async fn one_run(env: &RunEnv<'_>, run: usize) -> anyhow::Result<RunResult> {
         .await?;
     let mem_after = env.redis.num("memory", "used_memory").await;
     let redis_commands = env.redis.command_stats().await.unwrap_or_default();
+    let spawned = lapse.spawned;
+    let lapse_exit_ok = lapse.stop(run).await;
 
-    terminate(pid);
-    let exit = tokio::time::timeout(Duration::from_secs(60), child.wait()).await;
-    let lapse_exit_ok = matches!(exit, Ok(Ok(st)) if st.success());
-    if !lapse_exit_ok {
-        eprintln!(
-            "  run {run}: lapse did not exit 0 after SIGTERM ({exit:?}); see {}",
-            log_path.display()
-        );
-        let _ = child.start_kill();
-        let _ = child.wait().await;
-    }
-
+    let Progress {
+        first,
+        durable,
+        cpu_at_first,
+        scrapes,
+        paused_scrapes,
+    } = progress;
+    let diff = |a: Option<f64>, b: Option<f64>| Some(b? - a?);
     let seconds = committed_at.duration_since(first).as_secs_f64();
     let durable_seconds = durable.duration_since(first).as_secs_f64();
     let ms = |v: Option<f64>| v.map(|x| x * 1000.0);
@@ -690,6 +561,105 @@ async fn one_run(env: &RunEnv<'_>, run: usize) -> anyhow::Result<RunResult> {
     })
 }
 
+/// What phase 1 of a run saw.
+struct Progress {
+    /// The first scrape with a record read.
+    first: Instant,
+    /// The first scrape with every record's batch durable.
+    durable: Instant,
+    cpu_at_first: CpuCounters,
+    /// Scrapes from `first` on, and those of them with a partition paused.
+    scrapes: u32,
+    paused_scrapes: u32,
+}
+
+/// Phase 1: waits for the first record, then for every batch to be durable.
+async fn wait_durable(
+    env: &RunEnv<'_>,
+    lapse: &mut LapseChild,
+    run: usize,
+    deadline: Instant,
+) -> anyhow::Result<Progress> {
+    let args = env.args;
+    let interval = Duration::from_millis(args.scrape_interval_ms.max(1));
+    let mut first: Option<Instant> = None;
+    let mut durable: Option<Instant> = None;
+    let mut cpu_at_first = CpuCounters::default();
+    let mut last_progress = Instant::now();
+    let (mut scrapes, mut paused_scrapes) = (0u32, 0u32);
+    while durable.is_none() {
+        if let Some(status) = lapse.exited()? {
+            return Err(lapse.fail(format!("lapse exited early ({status})")));
+        }
+        if Instant::now() >= deadline {
+            return Err(lapse.fail(format!(
+                "run {run} did not finish in {} s (--timeout-secs)",
+                args.timeout_secs
+            )));
+        }
+        if let Some(s) = lapse.metrics().await {
+            let now = Instant::now();
+            if first.is_none() && s.sum("lapse_records_total") > 0.0 {
+                first = Some(now);
+                cpu_at_first = CpuCounters::now(lapse.pid, env.redis, args.child.broker_pid).await;
+            }
+            if first.is_some() {
+                scrapes += 1;
+                if s.sum("lapse_partitions_paused") > 0.0 {
+                    paused_scrapes += 1;
+                }
+            }
+            let done = s.sum("lapse_batch_records_sum");
+            if done >= env.records as f64 {
+                durable = Some(now);
+            } else if last_progress.elapsed() >= Duration::from_secs(5) {
+                eprintln!("  run {run}: {done:.0}/{} records durable", env.records);
+                last_progress = Instant::now();
+            }
+        }
+        if durable.is_none() {
+            tokio::time::sleep(interval).await;
+        }
+    }
+    Ok(Progress {
+        first: first.expect("set before durable"),
+        durable: durable.expect("loop exit"),
+        cpu_at_first,
+        scrapes,
+        paused_scrapes,
+    })
+}
+
+/// Phase 2: waits until the group's committed offsets reach the end of every
+/// partition; returns when they did.
+async fn wait_committed(
+    env: &RunEnv<'_>,
+    lapse: &mut LapseChild,
+    run: usize,
+    group: &str,
+    deadline: Instant,
+) -> anyhow::Result<Instant> {
+    let reader = env.kafka.group_reader(group)?;
+    loop {
+        if let Some(status) = lapse.exited()? {
+            return Err(lapse.fail(format!("lapse exited before committing ({status})")));
+        }
+        if Instant::now() >= deadline {
+            return Err(lapse.fail(format!("run {run}: offsets not committed in time")));
+        }
+        let committed = env.kafka.committed(&reader).await.unwrap_or_default();
+        let now = Instant::now();
+        if env
+            .ends
+            .iter()
+            .all(|(tp, end)| *end == 0 || committed.get(tp) == Some(end))
+        {
+            return Ok(now);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 pub async fn run(args: &ConsumeArgs) -> anyhow::Result<ConsumeReport> {
     anyhow::ensure!(args.runs >= 1, "--runs must be at least 1");
     let work_dir = args.child.work_dir("lapse-bench")?;
@@ -707,7 +677,7 @@ pub async fn run(args: &ConsumeArgs) -> anyhow::Result<ConsumeReport> {
     if records != args.expect {
         bail!(
             "the input topics hold {records} records, not the {} expected (--expect): \
-             produce into fresh topics with `lapse bench produce --events {}`",
+             produce into fresh topics with `lapse-tools bench produce --events {}`",
             args.expect,
             args.expect
         );
@@ -928,6 +898,7 @@ mod tests {
 
     #[test]
     fn set_lines_merge_into_the_config_file() {
+        crate::run_from_repo_root();
         let dir = tempfile::tempdir().unwrap();
         let base = dir.path().join("base.toml");
         std::fs::write(

@@ -1,4 +1,4 @@
-//! `lapse bench memory`: Redis bytes per customer with a full five-channel
+//! `lapse-tools bench memory`: Redis bytes per customer with a full five-channel
 //! history.
 //!
 //! Builds one customer's state by folding a long history through the domain
@@ -19,16 +19,13 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
-use crate::config::Config;
-use crate::domain::decide;
-use crate::domain::event::{
-    Channel, CustomerRef, Event, EventBody, Purpose, ReplyClass, VisitType,
-};
-use crate::domain::policy::Policy;
-use crate::domain::state::{CustomerState, Source, StateParams};
-use crate::metrics::Metrics;
-use crate::store::timers::TimerStore;
-use crate::store::StateStore;
+use lapse::config::Config;
+use lapse::domain::event::CustomerRef;
+use lapse::domain::state::CustomerState;
+use lapse::histories::{blob_parts, full_history, irregular_history};
+use lapse::metrics::Metrics;
+use lapse::store::timers::TimerStore;
+use lapse::store::StateStore;
 
 use super::consume::RedisView;
 use super::machine::Machine;
@@ -114,7 +111,7 @@ fn micros(mut f: impl FnMut()) -> f64 {
 
 /// Encode and decode times of `s` in both formats.
 pub fn codec_micros(s: &CustomerState) -> CodecMicros {
-    use crate::store::blob;
+    use lapse::store::blob;
     let v2 = blob::encode(1, s);
     let v1 = blob::encode_any(1, s);
     CodecMicros {
@@ -149,179 +146,6 @@ pub struct MemoryReport {
 /// The target of the benchmark suite (issue 6): Redis bytes per customer.
 pub const TARGET_BYTES: f64 = 600.0;
 
-/// A customer's state after `rounds` rounds of history on every channel, as the
-/// pipeline would have folded it (outbox published and cleared).
-pub fn full_history(
-    customer: &CustomerRef,
-    rounds: i64,
-    params: &StateParams,
-    policy: &Policy,
-) -> CustomerState {
-    let mut s = CustomerState::default();
-    let mut off = 0;
-    for i in 0..rounds {
-        let t = 1_700_000_000_000 + i * 3_600_000;
-        let ch = Channel::ALL[(i % 5) as usize];
-        let bodies = [
-            EventBody::Send {
-                channel: ch,
-                message_id: format!("m{i}"),
-                campaign_id: Some("c".into()),
-                purpose: Purpose::Marketing,
-                cost: None,
-            },
-            EventBody::Open {
-                channel: ch,
-                message_id: format!("m{i}"),
-                campaign_id: None,
-            },
-            EventBody::Click {
-                channel: ch,
-                message_id: format!("m{i}"),
-                campaign_id: None,
-            },
-            EventBody::Reply {
-                channel: ch,
-                message_id: None,
-                class: if i % 50 == 0 {
-                    ReplyClass::Unsubscribe
-                } else {
-                    ReplyClass::Positive
-                },
-            },
-            EventBody::Visit {
-                visit_type: VisitType::Treatment,
-                treatment: Some("BOTOX".into()),
-                amount: 100_000,
-                currency: "CNY".into(),
-            },
-        ];
-        for body in bodies {
-            off += 1;
-            let ev = Event {
-                event_id: format!("e{off}"),
-                customer: customer.clone(),
-                occurred_at: t,
-                body,
-            };
-            let src = Source {
-                kind: ev.kind(),
-                partition: 0,
-                offset: off,
-            };
-            s.apply(&ev, src, params);
-            decide::on_event(&mut s, &ev, policy, params);
-            decide::recall_on_event(&mut s, &ev, policy);
-        }
-        s.outbox.clear();
-    }
-    s.timer_due = decide::next_timer(&s, policy);
-    s
-}
-
-/// The benchmark's history is regular: whole hours apart, and a channel's
-/// send, open, click and reply at the same instant (so their decayed counts
-/// are bit-identical). This one has the same bounded parts full, at
-/// millisecond times, with opens, clicks and replies minutes to hours after
-/// some of the sends: the size a busy real customer has.
-pub fn irregular_history(
-    customer: &CustomerRef,
-    sends: i64,
-    seed: u64,
-    params: &StateParams,
-    policy: &Policy,
-) -> CustomerState {
-    let mut r = StdRng::seed_from_u64(seed);
-    let mut bodies = Vec::new();
-    let mut t = 1_700_000_000_000 + r.random_range(0..1_000);
-    for i in 0..sends {
-        t += r.random_range(2 * 3_600_000..30 * 3_600_000);
-        let channel = Channel::ALL[r.random_range(0..5)];
-        let m = format!("m{i}");
-        bodies.push((
-            t,
-            EventBody::Send {
-                channel,
-                message_id: m.clone(),
-                campaign_id: Some("c".into()),
-                purpose: Purpose::Marketing,
-                cost: None,
-            },
-        ));
-        let later = |r: &mut StdRng| t + r.random_range(60_000..6 * 3_600_000);
-        if r.random_bool(0.5) {
-            let open = EventBody::Open {
-                channel,
-                message_id: m.clone(),
-                campaign_id: None,
-            };
-            bodies.push((later(&mut r), open));
-        }
-        if r.random_bool(0.15) {
-            let click = EventBody::Click {
-                channel,
-                message_id: m.clone(),
-                campaign_id: None,
-            };
-            bodies.push((later(&mut r), click));
-        }
-        if r.random_bool(0.05) {
-            let class = if r.random_bool(0.2) {
-                ReplyClass::Unsubscribe
-            } else {
-                ReplyClass::Positive
-            };
-            let reply = EventBody::Reply {
-                channel,
-                message_id: None,
-                class,
-            };
-            bodies.push((later(&mut r), reply));
-        }
-        if i % 30 == 0 {
-            let visit = EventBody::Visit {
-                visit_type: VisitType::Treatment,
-                treatment: Some("BOTOX".into()),
-                amount: r.random_range(50_000..300_000),
-                currency: "CNY".into(),
-            };
-            bodies.push((later(&mut r), visit));
-        }
-    }
-    bodies.sort_by_key(|(t, _)| *t);
-    let mut s = CustomerState::default();
-    for (off, (t, body)) in bodies.into_iter().enumerate() {
-        let ev = Event {
-            event_id: format!("e{off}"),
-            customer: customer.clone(),
-            occurred_at: t,
-            body,
-        };
-        let src = Source {
-            kind: ev.kind(),
-            partition: 3,
-            offset: 1_000_000 + off as i64,
-        };
-        s.apply(&ev, src, params);
-        decide::on_event(&mut s, &ev, policy, params);
-        decide::recall_on_event(&mut s, &ev, policy);
-        s.outbox.clear();
-    }
-    s.timer_due = decide::next_timer(&s, policy);
-    s
-}
-
-/// Stored size of each part of the state (what dominates the blob), as laid
-/// out by the compact format (`store::compact`).
-pub fn blob_parts(s: &CustomerState) -> Vec<(String, usize)> {
-    let sizes = crate::store::compact::encode_parts(s, &mut Vec::new());
-    crate::store::compact::SECTIONS
-        .iter()
-        .zip(sizes)
-        .map(|(k, v)| (k.to_string(), v))
-        .collect()
-}
-
 pub async fn run(args: &MemoryArgs) -> anyhow::Result<MemoryReport> {
     anyhow::ensure!(args.customers > 0, "--customers must be at least 1");
     anyhow::ensure!(args.runs > 0, "--runs must be at least 1");
@@ -330,8 +154,8 @@ pub async fn run(args: &MemoryArgs) -> anyhow::Result<MemoryReport> {
         "--history needs at least one history"
     );
     let cfg = Config::load(args.config.as_deref())?;
-    let params = crate::service::state_params(&cfg);
-    let policies = crate::domain::policy::Policies::new(&cfg.policy)
+    let params = lapse::service::state_params(&cfg);
+    let policies = lapse::domain::policy::Policies::new(&cfg.policy)
         .map_err(|(key, message)| anyhow::anyhow!("policy: {key}: {message}"))?;
 
     let metrics = Metrics::new(&cfg.metrics);
@@ -413,7 +237,7 @@ async fn measure(
     template: &CustomerState,
 ) -> anyhow::Result<HistoryReport> {
     let (args, store, timers, redis) = (env.args, env.store, env.timers, env.redis);
-    let blob_bytes = crate::store::blob::encode(1, template).len();
+    let blob_bytes = lapse::store::blob::encode(1, template).len();
     let parts = blob_parts(template);
     let codec = codec_micros(template);
     println!();
@@ -517,33 +341,4 @@ async fn measure(
         per_customer_median,
         state_key_median,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::domain::policy::PolicyConfig;
-
-    #[test]
-    fn a_full_history_fills_every_bounded_part() {
-        let p = StateParams::default();
-        let policy = PolicyConfig::default().resolve(None).unwrap();
-        let s = full_history(&CustomerRef::new("b", "c"), 300, &p, &policy);
-        assert!(
-            s.channels.iter().all(Option::is_some),
-            "all five channels have engagement"
-        );
-        assert!(
-            s.controls.iter().all(Option::is_some),
-            "all five channels have a control"
-        );
-        assert_eq!(
-            s.visits.recent.len(),
-            p.visit_history,
-            "visit history is full"
-        );
-        assert!(s.outbox.is_empty());
-        let parts = blob_parts(&s);
-        assert!(parts.iter().all(|(_, n)| *n > 0), "{parts:?}");
-    }
 }

@@ -1,4 +1,4 @@
-//! `lapse bench produce`: fills the five input topics with a synthetic workload,
+//! `lapse-tools bench produce`: fills the five input topics with a synthetic workload,
 //! Avro single-object encoded, as fast as the broker takes it.
 //!
 //! Generation and encoding run on their own thread and hand chunks over a small
@@ -17,9 +17,9 @@ use rdkafka::types::RDKafkaErrorCode;
 use serde::Serialize;
 
 use super::workload::{Workload, WorkloadSpec};
-use crate::codec::{Encoder, Framing, SchemaSet};
-use crate::config::Config;
-use crate::domain::event::EventKind;
+use lapse::codec::{Encoder, Framing, SchemaSet};
+use lapse::config::Config;
+use lapse::domain::event::EventKind;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct ProduceArgs {
@@ -104,7 +104,7 @@ pub async fn run(args: &ProduceArgs) -> anyhow::Result<ProduceReport> {
         )
     })?;
     if cfg.kafka.create_topics {
-        crate::kafka::admin::ensure_topics(&cfg.kafka)
+        lapse::kafka::admin::ensure_topics(&cfg.kafka)
             .await
             .context("creating the input topics (kafka.create_topics)")?;
     }

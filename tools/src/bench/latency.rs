@@ -1,4 +1,4 @@
-//! `lapse bench latency`: decision latency of the real service under a fixed load.
+//! `lapse-tools bench latency`: decision latency of the real service under a fixed load.
 //!
 //! What is measured: from a send being handed to the producer (librdkafka's
 //! enqueue, i.e. `send` returning) to the throttle decision it causes being read
@@ -49,7 +49,6 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::Path;
-use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -67,18 +66,17 @@ use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use serde::Serialize;
 
-use super::consume::{
-    effective_config, free_port, log_tail, scrape, terminate, KafkaView, RedisView, Tp,
-};
+use super::child::LapseChild;
+use super::consume::{effective_config, KafkaView, RedisView, Tp};
 use super::machine::{self, Machine};
 use super::prom::{self, Scrape};
 use super::workload::{Workload, WorkloadSpec};
 use super::CpuCounters;
 use super::{opt, percentile, Stats};
-use crate::codec::{parse_frame, Encoder, Framing, SchemaSet, THROTTLE_EVENT};
-use crate::config::Config;
-use crate::domain::event::{Channel, CustomerRef, Event, EventBody, Purpose};
-use crate::domain::policy::Policies;
+use lapse::codec::{parse_frame, Encoder, Framing, SchemaSet, THROTTLE_EVENT};
+use lapse::config::Config;
+use lapse::domain::event::{Channel, CustomerRef, Event, EventBody, Purpose};
+use lapse::domain::policy::Policies;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct LatencyArgs {
@@ -952,7 +950,7 @@ async fn one_run(env: &RunEnv<'_>, run: usize) -> anyhow::Result<RunResult> {
     let (config_path, run_cfg) = effective_config(args.child.config.as_deref(), &sets, &run_dir)?;
     let cfg = &run_cfg;
     if args.fresh_topics {
-        crate::kafka::admin::ensure_topics(&cfg.kafka)
+        lapse::kafka::admin::ensure_topics(&cfg.kafka)
             .await
             .context("creating the run's topics")?;
     }
@@ -982,61 +980,10 @@ async fn one_run(env: &RunEnv<'_>, run: usize) -> anyhow::Result<RunResult> {
     let stop_reader_guard = StopOnDrop(stop_reader.clone());
 
     // lapse.
-    let port = free_port()?;
     let log_path = env.work_dir.join(format!("lapse-latency-run-{run}.log"));
-    let log = std::fs::File::create(&log_path)?;
-    let spawned = Instant::now();
-    let mut child = tokio::process::Command::new(env.bin)
-        .arg("run")
-        .arg("--config")
-        .arg(&config_path)
-        .env("LAPSE_GROUP_ID", &group)
-        .env("LAPSE_HTTP_LISTEN", format!("127.0.0.1:{port}"))
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("starting {} run", env.bin.display()))?;
-    let pid = child.id().context("child pid")?;
-    let url = format!("http://127.0.0.1:{port}/metrics");
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(2))
-        .build()?;
-    let fail = |what: String| -> anyhow::Error {
-        anyhow::anyhow!(
-            "{what}; lapse log {}:\n{}",
-            log_path.display(),
-            log_tail(&log_path)
-        )
-    };
-
-    // Wait until lapse owns every input partition and is ready.
+    let mut lapse = LapseChild::spawn(env.bin, &config_path, &group, log_path)?;
     let want = inputs.partitions.len() as f64;
-    loop {
-        if let Some(status) = child.try_wait()? {
-            return Err(fail(format!("lapse exited early ({status})")));
-        }
-        if spawned.elapsed() >= Duration::from_secs(args.startup_timeout_secs) {
-            return Err(fail(format!(
-                "lapse did not own the {want} input partitions within {} s",
-                args.startup_timeout_secs
-            )));
-        }
-        if let Some(s) = scrape(&http, &url).await {
-            if s.sum("lapse_partitions_assigned") >= want && s.sum("lapse_ready") >= 1.0 {
-                break;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    // Let it fetch its committed offsets and settle on empty partitions.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let startup_seconds = spawned.elapsed().as_secs_f64();
-    let base = scrape(&http, &url)
-        .await
-        .ok_or_else(|| fail("cannot read /metrics before the load".into()))?;
-    let durable_base = base.sum("lapse_batch_records_sum");
+    let (startup_seconds, base) = wait_owning(args, &mut lapse, want).await?;
     eprintln!(
         "  run {run}: lapse ready after {startup_seconds:.1} s ({:.0} records read before the load); load starts",
         base.sum("lapse_records_total").abs()
@@ -1084,72 +1031,12 @@ async fn one_run(env: &RunEnv<'_>, run: usize) -> anyhow::Result<RunResult> {
         .context("spawning the load thread")?;
 
     // Observe: backlog samples over the window, CPU and metrics at its edges.
-    let interval = Duration::from_millis(args.scrape_interval_ms.max(50));
-    let mut samples: Vec<(f64, f64)> = Vec::new();
-    let mut backlog_max: f64 = 0.0;
-    let (mut scrapes_in_window, mut paused_scrapes) = (0u32, 0u32);
-    let mut at_start: Option<(Scrape, CpuCounters)> = None;
-    let mut last_report = Instant::now();
-    let backlog_of = |s: &Scrape| {
-        acked.load(Ordering::Relaxed) as f64 - (s.sum("lapse_batch_records_sum") - durable_base)
+    let backlog = Backlog {
+        acked: acked.clone(),
+        durable_base: base.sum("lapse_batch_records_sum"),
     };
-    let (end_scrape, cpu_end, backlog_end) = loop {
-        let now = Instant::now();
-        let mut next = now + interval;
-        if at_start.is_none() && window_start > now {
-            next = next.min(window_start);
-        }
-        if window_end > now {
-            next = next.min(window_end);
-        }
-        tokio::time::sleep_until(next.into()).await;
-        if let Some(status) = child.try_wait()? {
-            return Err(fail(format!("lapse exited during the load ({status})")));
-        }
-        if load.is_finished() && Instant::now() < window_end {
-            let r = load.join();
-            return Err(fail(format!(
-                "the load thread stopped early: {:?}",
-                r.map(|r| r.err())
-            )));
-        }
-        let now = Instant::now();
-        let Some(s) = scrape(&http, &url).await else {
-            continue;
-        };
-        let backlog = backlog_of(&s);
-        if now >= window_start {
-            if at_start.is_none() {
-                at_start = Some((
-                    s.clone(),
-                    CpuCounters::now(pid, env.redis, env.args.child.broker_pid).await,
-                ));
-            }
-            samples.push((now.duration_since(window_start).as_secs_f64(), backlog));
-            backlog_max = backlog_max.max(backlog);
-            scrapes_in_window += 1;
-            if s.sum("lapse_partitions_paused") > 0.0 {
-                paused_scrapes += 1;
-            }
-        }
-        if now >= window_end {
-            break (
-                s,
-                CpuCounters::now(pid, env.redis, env.args.child.broker_pid).await,
-                backlog,
-            );
-        }
-        if last_report.elapsed() >= Duration::from_secs(10) {
-            let t = now.duration_since(start).as_secs_f64();
-            eprintln!(
-                "  run {run}: t={t:.0}s {} events acknowledged, backlog {backlog:.0}, {} probe decisions read",
-                acked.load(Ordering::Relaxed),
-                reader_shared.seen.lock().map_or(0, |v| v.len())
-            );
-            last_report = Instant::now();
-        }
-    };
-    let (start_scrape, cpu_start) = at_start.context("the window never started")?;
+    let times = (start, window_start, window_end);
+    let (w, load) = observe(env, &mut lapse, run, load, &backlog, times, &reader_shared).await?;
     let load_end = Instant::now();
     let outcome = tokio::task::spawn_blocking(move || load.join())
         .await?
@@ -1164,11 +1051,273 @@ async fn one_run(env: &RunEnv<'_>, run: usize) -> anyhow::Result<RunResult> {
         .filter(|(_, p)| p.at >= window_start && p.at < window_end)
         .collect();
     let drain_deadline = load_end + Duration::from_secs(args.drain_secs);
+    let drain_seconds = drain(
+        &mut lapse,
+        &backlog,
+        &reader_shared,
+        &window_probes,
+        load_end,
+        drain_deadline,
+    )
+    .await?;
+    stop_reader.store(true, Ordering::Relaxed);
+    drop(stop_reader_guard);
+    tokio::task::spawn_blocking(move || reader.join())
+        .await?
+        .map_err(|_| anyhow::anyhow!("the reader thread panicked"))?;
+
+    let lapse_exit_ok = lapse.stop(run).await;
+
+    // Match probes with decisions (the first decision caused by each probe).
+    let m = match_probes(env, &window_probes, &reader_shared, &probe_acks)?;
+
+    let (start_scrape, end_scrape) = (&w.start_scrape, &w.end_scrape);
+    let d = |k: &str| end_scrape.sum(k) - start_scrape.sum(k);
+    let batches = d("lapse_batch_records_count") as u64;
+    let diff = |a: Option<f64>, b: Option<f64>| Some(b? - a?);
+    let window_secs = window_end.duration_since(window_start).as_secs_f64();
+    let achieved_rate = outcome.sent_in_window as f64 / window_secs.max(1e-9);
+    let growth = slope(&w.samples);
+    let verdict = judge(args.rate, achieved_rate, growth, w.backlog_end, m.missing);
+    Ok(RunResult {
+        run,
+        target_rate: args.rate,
+        achieved_rate,
+        events_produced: outcome.sent,
+        events_per_kind: outcome.per_kind,
+        failed_deliveries: failed.load(Ordering::Relaxed),
+        producer_queue_full_waits: outcome.queue_full_waits,
+        generator_behind_ms_max: outcome.behind_ms_max,
+        generator_behind_ms_mean: outcome.behind_ms_mean,
+        probes_in_window: window_probes.len(),
+        probes_decided: window_probes.len() - m.missing,
+        probes_missing: m.missing,
+        probes_unexpected_state: m.unexpected,
+        probes_in_quiet_hours: m.quiet,
+        latency_ms: Latency::of(&m.total),
+        send_ack_ms: Latency::of(&m.ack),
+        send_to_decision_produced_ms: Latency::of(&m.to_out),
+        decision_produced_to_read_ms: Latency::of(&m.out_read),
+        backlog_end: w.backlog_end,
+        backlog_max: w.backlog_max,
+        backlog_growth_per_second: growth,
+        drain_seconds,
+        lapse_consumer_lag_metric: end_scrape.sum("lapse_consumer_lag"),
+        batches,
+        mean_batch_records: d("lapse_batch_records_sum") / batches.max(1) as f64,
+        batch_ms_p50: window_quantile_ms(start_scrape, end_scrape, "lapse_batch_seconds", 0.5),
+        batch_ms_p99: window_quantile_ms(start_scrape, end_scrape, "lapse_batch_seconds", 0.99),
+        batch_ms_mean: window_mean_ms(start_scrape, end_scrape, "lapse_batch_seconds"),
+        lapse_event_to_durable_ms_p50: window_quantile_ms(
+            start_scrape,
+            end_scrape,
+            "lapse_processing_latency_seconds",
+            0.5,
+        ),
+        lapse_event_to_durable_ms_p99: window_quantile_ms(
+            start_scrape,
+            end_scrape,
+            "lapse_processing_latency_seconds",
+            0.99,
+        ),
+        output_produce_ms_p50: window_quantile_ms(
+            start_scrape,
+            end_scrape,
+            "lapse_output_produce_seconds",
+            0.5,
+        ),
+        output_produce_ms_p99: window_quantile_ms(
+            start_scrape,
+            end_scrape,
+            "lapse_output_produce_seconds",
+            0.99,
+        ),
+        partitions_paused_share: f64::from(w.paused_scrapes)
+            / f64::from(w.scrapes_in_window.max(1)),
+        throttle_records_read: reader_shared.records.load(Ordering::Relaxed),
+        lapse_cpu_seconds: diff(w.cpu_start.lapse, w.cpu_end.lapse),
+        redis_cpu_seconds: diff(w.cpu_start.redis, w.cpu_end.redis),
+        broker_cpu_seconds: diff(w.cpu_start.broker, w.cpu_end.broker),
+        bench_cpu_seconds: diff(w.cpu_start.bench, w.cpu_end.bench),
+        machine_busy: machine::busy_share(w.cpu_start.machine, w.cpu_end.machine),
+        load_average_before,
+        verdict,
+        lapse_exit_ok,
+    })
+}
+
+/// Waits until lapse owns every input partition (`want`) and is ready, then
+/// lets it settle; returns the seconds since it was started and `/metrics` as
+/// the load starts.
+async fn wait_owning(
+    args: &LatencyArgs,
+    lapse: &mut LapseChild,
+    want: f64,
+) -> anyhow::Result<(f64, Scrape)> {
+    loop {
+        if let Some(status) = lapse.exited()? {
+            return Err(lapse.fail(format!("lapse exited early ({status})")));
+        }
+        if lapse.spawned.elapsed() >= Duration::from_secs(args.startup_timeout_secs) {
+            return Err(lapse.fail(format!(
+                "lapse did not own the {want} input partitions within {} s",
+                args.startup_timeout_secs
+            )));
+        }
+        if let Some(s) = lapse.metrics().await {
+            if s.sum("lapse_partitions_assigned") >= want && s.sum("lapse_ready") >= 1.0 {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Let it fetch its committed offsets and settle on empty partitions.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let startup_seconds = lapse.spawned.elapsed().as_secs_f64();
+    let base = lapse
+        .metrics()
+        .await
+        .ok_or_else(|| lapse.fail("cannot read /metrics before the load".into()))?;
+    Ok((startup_seconds, base))
+}
+
+/// Events acknowledged by the broker and not yet durable in lapse.
+struct Backlog {
+    acked: Arc<AtomicU64>,
+    /// `lapse_batch_records_sum` before the load.
+    durable_base: f64,
+}
+
+impl Backlog {
+    fn of(&self, s: &Scrape) -> f64 {
+        self.acked.load(Ordering::Relaxed) as f64
+            - (s.sum("lapse_batch_records_sum") - self.durable_base)
+    }
+}
+
+/// What the measurement window saw: metrics and CPU at its edges, backlog samples.
+struct Window {
+    start_scrape: Scrape,
+    cpu_start: CpuCounters,
+    end_scrape: Scrape,
+    cpu_end: CpuCounters,
+    backlog_end: f64,
+    backlog_max: f64,
+    /// (seconds into the window, backlog).
+    samples: Vec<(f64, f64)>,
+    scrapes_in_window: u32,
+    paused_scrapes: u32,
+}
+
+/// Samples the backlog over the window while the load thread produces; CPU and
+/// metrics at the window's edges. `times`: (load start, window start, window
+/// end). Hands the load thread back once the window has ended.
+async fn observe(
+    env: &RunEnv<'_>,
+    lapse: &mut LapseChild,
+    run: usize,
+    load: LoadThread,
+    backlog_of: &Backlog,
+    times: (Instant, Instant, Instant),
+    reader_shared: &ReaderShared,
+) -> anyhow::Result<(Window, LoadThread)> {
+    let (start, window_start, window_end) = times;
+    let args = env.args;
+    let interval = Duration::from_millis(args.scrape_interval_ms.max(50));
+    let mut samples: Vec<(f64, f64)> = Vec::new();
+    let mut backlog_max: f64 = 0.0;
+    let (mut scrapes_in_window, mut paused_scrapes) = (0u32, 0u32);
+    let mut at_start: Option<(Scrape, CpuCounters)> = None;
+    let mut last_report = Instant::now();
+    let (end_scrape, cpu_end, backlog_end) = loop {
+        let now = Instant::now();
+        let mut next = now + interval;
+        if at_start.is_none() && window_start > now {
+            next = next.min(window_start);
+        }
+        if window_end > now {
+            next = next.min(window_end);
+        }
+        tokio::time::sleep_until(next.into()).await;
+        if let Some(status) = lapse.exited()? {
+            return Err(lapse.fail(format!("lapse exited during the load ({status})")));
+        }
+        if load.is_finished() && Instant::now() < window_end {
+            let r = load.join();
+            return Err(lapse.fail(format!(
+                "the load thread stopped early: {:?}",
+                r.map(|r| r.err())
+            )));
+        }
+        let now = Instant::now();
+        let Some(s) = lapse.metrics().await else {
+            continue;
+        };
+        let backlog = backlog_of.of(&s);
+        if now >= window_start {
+            if at_start.is_none() {
+                at_start = Some((
+                    s.clone(),
+                    CpuCounters::now(lapse.pid, env.redis, args.child.broker_pid).await,
+                ));
+            }
+            samples.push((now.duration_since(window_start).as_secs_f64(), backlog));
+            backlog_max = backlog_max.max(backlog);
+            scrapes_in_window += 1;
+            if s.sum("lapse_partitions_paused") > 0.0 {
+                paused_scrapes += 1;
+            }
+        }
+        if now >= window_end {
+            break (
+                s,
+                CpuCounters::now(lapse.pid, env.redis, args.child.broker_pid).await,
+                backlog,
+            );
+        }
+        if last_report.elapsed() >= Duration::from_secs(10) {
+            let t = now.duration_since(start).as_secs_f64();
+            eprintln!(
+                "  run {run}: t={t:.0}s {} events acknowledged, backlog {backlog:.0}, {} probe decisions read",
+                backlog_of.acked.load(Ordering::Relaxed),
+                reader_shared.seen.lock().map_or(0, |v| v.len())
+            );
+            last_report = Instant::now();
+        }
+    };
+    let (start_scrape, cpu_start) = at_start.context("the window never started")?;
+    let window = Window {
+        start_scrape,
+        cpu_start,
+        end_scrape,
+        cpu_end,
+        backlog_end,
+        backlog_max,
+        samples,
+        scrapes_in_window,
+        paused_scrapes,
+    };
+    Ok((window, load))
+}
+
+type LoadThread = std::thread::JoinHandle<anyhow::Result<LoadOutcome>>;
+
+/// Drain: waits for the decisions of the window's probes and for every event
+/// to be applied, until `deadline`; returns how long after the load ended the
+/// backlog reached zero.
+async fn drain(
+    lapse: &mut LapseChild,
+    backlog_of: &Backlog,
+    reader_shared: &ReaderShared,
+    window_probes: &[(u64, ProbeSend)],
+    load_end: Instant,
+    drain_deadline: Instant,
+) -> anyhow::Result<Option<f64>> {
     let mut drain_seconds = None;
     loop {
         if drain_seconds.is_none() {
-            if let Some(s) = scrape(&http, &url).await {
-                if backlog_of(&s) <= 0.0 {
+            if let Some(s) = lapse.metrics().await {
+                if backlog_of.of(&s) <= 0.0 {
                     drain_seconds = Some(load_end.elapsed().as_secs_f64());
                 }
             }
@@ -1184,30 +1333,38 @@ async fn one_run(env: &RunEnv<'_>, run: usize) -> anyhow::Result<RunResult> {
         if (decided && drain_seconds.is_some()) || Instant::now() >= drain_deadline {
             break;
         }
-        if let Some(status) = child.try_wait()? {
-            return Err(fail(format!("lapse exited while draining ({status})")));
+        if let Some(status) = lapse.exited()? {
+            return Err(lapse.fail(format!("lapse exited while draining ({status})")));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    stop_reader.store(true, Ordering::Relaxed);
-    drop(stop_reader_guard);
-    tokio::task::spawn_blocking(move || reader.join())
-        .await?
-        .map_err(|_| anyhow::anyhow!("the reader thread panicked"))?;
+    Ok(drain_seconds)
+}
 
-    terminate(pid);
-    let exit = tokio::time::timeout(Duration::from_secs(60), child.wait()).await;
-    let lapse_exit_ok = matches!(exit, Ok(Ok(st)) if st.success());
-    if !lapse_exit_ok {
-        eprintln!(
-            "  run {run}: lapse did not exit 0 after SIGTERM ({exit:?}); see {}",
-            log_path.display()
-        );
-        let _ = child.start_kill();
-        let _ = child.wait().await;
-    }
+/// The window's probes matched with their decisions, in ms.
+struct ProbeMatch {
+    /// Send → decision read.
+    total: Vec<f64>,
+    /// Send → broker acknowledgement.
+    ack: Vec<f64>,
+    /// Send → decision produced (record timestamp), and from there → read.
+    to_out: Vec<f64>,
+    out_read: Vec<f64>,
+    missing: usize,
+    /// Decided, but not `CAPPED`.
+    unexpected: usize,
+    /// Sent in WECHAT quiet hours.
+    quiet: usize,
+}
 
-    // Match probes with decisions (the first decision caused by each probe).
+/// Matches each probe with the first decision it caused.
+fn match_probes(
+    env: &RunEnv<'_>,
+    window_probes: &[(u64, ProbeSend)],
+    reader_shared: &ReaderShared,
+    probe_acks: &Mutex<Vec<(u64, Instant)>>,
+) -> anyhow::Result<ProbeMatch> {
+    let args = env.args;
     let seen = std::mem::take(&mut *reader_shared.seen.lock().expect("reader stopped"));
     let mut first: BTreeMap<u64, Seen> = BTreeMap::new();
     for s in seen {
@@ -1222,7 +1379,7 @@ async fn one_run(env: &RunEnv<'_>, run: usize) -> anyhow::Result<RunResult> {
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     let (mut total, mut ack, mut to_out, mut out_read) = (vec![], vec![], vec![], vec![]);
     let (mut missing, mut unexpected, mut quiet) = (0usize, 0usize, 0usize);
-    for (i, p) in &window_probes {
+    for (i, p) in window_probes {
         let tenant = format!("clinic-{}", i % args.tenants + 1);
         if env
             .policies
@@ -1249,77 +1406,14 @@ async fn one_run(env: &RunEnv<'_>, run: usize) -> anyhow::Result<RunResult> {
             }
         }
     }
-
-    let d = |k: &str| end_scrape.sum(k) - start_scrape.sum(k);
-    let batches = d("lapse_batch_records_count") as u64;
-    let diff = |a: Option<f64>, b: Option<f64>| Some(b? - a?);
-    let window_secs = window_end.duration_since(window_start).as_secs_f64();
-    let achieved_rate = outcome.sent_in_window as f64 / window_secs.max(1e-9);
-    let growth = slope(&samples);
-    let verdict = judge(args.rate, achieved_rate, growth, backlog_end, missing);
-    Ok(RunResult {
-        run,
-        target_rate: args.rate,
-        achieved_rate,
-        events_produced: outcome.sent,
-        events_per_kind: outcome.per_kind,
-        failed_deliveries: failed.load(Ordering::Relaxed),
-        producer_queue_full_waits: outcome.queue_full_waits,
-        generator_behind_ms_max: outcome.behind_ms_max,
-        generator_behind_ms_mean: outcome.behind_ms_mean,
-        probes_in_window: window_probes.len(),
-        probes_decided: window_probes.len() - missing,
-        probes_missing: missing,
-        probes_unexpected_state: unexpected,
-        probes_in_quiet_hours: quiet,
-        latency_ms: Latency::of(&total),
-        send_ack_ms: Latency::of(&ack),
-        send_to_decision_produced_ms: Latency::of(&to_out),
-        decision_produced_to_read_ms: Latency::of(&out_read),
-        backlog_end,
-        backlog_max,
-        backlog_growth_per_second: growth,
-        drain_seconds,
-        lapse_consumer_lag_metric: end_scrape.sum("lapse_consumer_lag"),
-        batches,
-        mean_batch_records: d("lapse_batch_records_sum") / batches.max(1) as f64,
-        batch_ms_p50: window_quantile_ms(&start_scrape, &end_scrape, "lapse_batch_seconds", 0.5),
-        batch_ms_p99: window_quantile_ms(&start_scrape, &end_scrape, "lapse_batch_seconds", 0.99),
-        batch_ms_mean: window_mean_ms(&start_scrape, &end_scrape, "lapse_batch_seconds"),
-        lapse_event_to_durable_ms_p50: window_quantile_ms(
-            &start_scrape,
-            &end_scrape,
-            "lapse_processing_latency_seconds",
-            0.5,
-        ),
-        lapse_event_to_durable_ms_p99: window_quantile_ms(
-            &start_scrape,
-            &end_scrape,
-            "lapse_processing_latency_seconds",
-            0.99,
-        ),
-        output_produce_ms_p50: window_quantile_ms(
-            &start_scrape,
-            &end_scrape,
-            "lapse_output_produce_seconds",
-            0.5,
-        ),
-        output_produce_ms_p99: window_quantile_ms(
-            &start_scrape,
-            &end_scrape,
-            "lapse_output_produce_seconds",
-            0.99,
-        ),
-        partitions_paused_share: f64::from(paused_scrapes) / f64::from(scrapes_in_window.max(1)),
-        throttle_records_read: reader_shared.records.load(Ordering::Relaxed),
-        lapse_cpu_seconds: diff(cpu_start.lapse, cpu_end.lapse),
-        redis_cpu_seconds: diff(cpu_start.redis, cpu_end.redis),
-        broker_cpu_seconds: diff(cpu_start.broker, cpu_end.broker),
-        bench_cpu_seconds: diff(cpu_start.bench, cpu_end.bench),
-        machine_busy: machine::busy_share(cpu_start.machine, cpu_end.machine),
-        load_average_before,
-        verdict,
-        lapse_exit_ok,
+    Ok(ProbeMatch {
+        total,
+        ack,
+        to_out,
+        out_read,
+        missing,
+        unexpected,
+        quiet,
     })
 }
 
@@ -1430,7 +1524,7 @@ pub async fn run(args: &LatencyArgs) -> anyhow::Result<LatencyReport> {
     let (config_path, cfg) =
         effective_config(args.child.config.as_deref(), &args.child.set, &work_dir)?;
     anyhow::ensure!(
-        cfg.clock.mode == crate::config::ClockMode::Wall,
+        cfg.clock.mode == lapse::config::ClockMode::Wall,
         "bench latency needs clock.mode = \"wall\""
     );
     let bin = args.child.lapse_bin()?;
@@ -1792,7 +1886,7 @@ fn print_summary(rep: &LatencyReport) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::event::EventKind;
+    use lapse::domain::event::EventKind;
 
     #[test]
     fn nearest_rank_percentiles() {
@@ -1882,7 +1976,7 @@ mod tests {
 
     #[test]
     fn decisions_decode_from_the_output_encoding() {
-        use crate::domain::allowance::{AllowanceState, ThrottleDecision};
+        use lapse::domain::allowance::{AllowanceState, ThrottleDecision};
         let schemas = SchemaSet::builtin().unwrap();
         let d = ThrottleDecision {
             decision_id: "d1".into(),
@@ -1905,7 +1999,7 @@ mod tests {
         let bytes = Encoder::new(&schemas)
             .encode_value(
                 THROTTLE_EVENT,
-                crate::outputs::throttle_value(&d),
+                lapse::outputs::throttle_value(&d),
                 Framing::SingleObject,
             )
             .unwrap();
@@ -1976,6 +2070,7 @@ mod tests {
 
     #[test]
     fn fresh_topics_get_a_run_suffix() {
+        crate::run_from_repo_root();
         let cfg = Config::default();
         let sets = fresh_topic_sets(&cfg, "12r1t5");
         assert_eq!(sets.len(), 9);

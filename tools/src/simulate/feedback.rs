@@ -19,9 +19,9 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 use tracing::warn;
 
 use super::model::{ThrottleFeedback, TriggerFeedback};
-use crate::domain::allowance::AllowanceState;
-use crate::domain::event::Channel;
-use crate::domain::lapse::{Segment, Stage};
+use lapse::domain::allowance::AllowanceState;
+use lapse::domain::event::Channel;
+use lapse::domain::lapse::{Segment, Stage};
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Feedback {
@@ -34,7 +34,7 @@ type Fields = BTreeMap<String, Value>;
 fn fields(schema: &Schema, payload: &[u8]) -> Option<Fields> {
     // Either framing (Confluent when lapse runs with a registry): lapse wrote
     // it with the current schema.
-    let body = crate::codec::parse_frame(payload).ok()?.body();
+    let body = lapse::codec::parse_frame(payload).ok()?.body();
     let v = apache_avro::from_avro_datum(schema, &mut &body[..], None).ok()?;
     match v {
         Value::Record(f) => Some(f.into_iter().collect()),

@@ -4,14 +4,14 @@
 //! engagement traffic has: mostly sends, then opens, clicks, visits and a few
 //! replies (some of them unsubscribes).
 //!
-//! This is a load generator, not the population simulator (`lapse simulate`,
+//! This is a load generator, not the population simulator (`lapse-tools simulate`,
 //! issue 6): customers are picked uniformly, there is no fatigue model, and
 //! opens and clicks reference plausible but not necessarily produced messages.
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::domain::event::{
+use lapse::domain::event::{
     Channel, CustomerRef, Event, EventBody, EventKind, Purpose, ReplyClass, VisitType,
 };
 

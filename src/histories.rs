@@ -1,0 +1,216 @@
+//! Synthetic customer histories with every bounded part of the state at its
+//! cap, folded through the domain as the pipeline would: what the state-size
+//! tests (`store::blob`) bound and the memory benchmark (`lapse-tools bench
+//! memory`) writes to Redis.
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::domain::decide;
+use crate::domain::event::{
+    Channel, CustomerRef, Event, EventBody, Purpose, ReplyClass, VisitType,
+};
+use crate::domain::policy::Policy;
+use crate::domain::state::{CustomerState, Source, StateParams};
+
+/// A customer's state after `rounds` rounds of history on every channel, as the
+/// pipeline would have folded it (outbox published and cleared).
+pub fn full_history(
+    customer: &CustomerRef,
+    rounds: i64,
+    params: &StateParams,
+    policy: &Policy,
+) -> CustomerState {
+    let mut s = CustomerState::default();
+    let mut off = 0;
+    for i in 0..rounds {
+        let t = 1_700_000_000_000 + i * 3_600_000;
+        let ch = Channel::ALL[(i % 5) as usize];
+        let bodies = [
+            EventBody::Send {
+                channel: ch,
+                message_id: format!("m{i}"),
+                campaign_id: Some("c".into()),
+                purpose: Purpose::Marketing,
+                cost: None,
+            },
+            EventBody::Open {
+                channel: ch,
+                message_id: format!("m{i}"),
+                campaign_id: None,
+            },
+            EventBody::Click {
+                channel: ch,
+                message_id: format!("m{i}"),
+                campaign_id: None,
+            },
+            EventBody::Reply {
+                channel: ch,
+                message_id: None,
+                class: if i % 50 == 0 {
+                    ReplyClass::Unsubscribe
+                } else {
+                    ReplyClass::Positive
+                },
+            },
+            EventBody::Visit {
+                visit_type: VisitType::Treatment,
+                treatment: Some("BOTOX".into()),
+                amount: 100_000,
+                currency: "CNY".into(),
+            },
+        ];
+        for body in bodies {
+            off += 1;
+            let ev = Event {
+                event_id: format!("e{off}"),
+                customer: customer.clone(),
+                occurred_at: t,
+                body,
+            };
+            let src = Source {
+                kind: ev.kind(),
+                partition: 0,
+                offset: off,
+            };
+            s.apply(&ev, src, params);
+            decide::on_event(&mut s, &ev, policy, params);
+            decide::recall_on_event(&mut s, &ev, policy);
+        }
+        s.outbox.clear();
+    }
+    s.timer_due = decide::next_timer(&s, policy);
+    s
+}
+
+/// The benchmark's history is regular: whole hours apart, and a channel's
+/// send, open, click and reply at the same instant (so their decayed counts
+/// are bit-identical). This one has the same bounded parts full, at
+/// millisecond times, with opens, clicks and replies minutes to hours after
+/// some of the sends: the size a busy real customer has.
+pub fn irregular_history(
+    customer: &CustomerRef,
+    sends: i64,
+    seed: u64,
+    params: &StateParams,
+    policy: &Policy,
+) -> CustomerState {
+    let mut r = StdRng::seed_from_u64(seed);
+    let mut bodies = Vec::new();
+    let mut t = 1_700_000_000_000 + r.random_range(0..1_000);
+    for i in 0..sends {
+        t += r.random_range(2 * 3_600_000..30 * 3_600_000);
+        let channel = Channel::ALL[r.random_range(0..5)];
+        let m = format!("m{i}");
+        bodies.push((
+            t,
+            EventBody::Send {
+                channel,
+                message_id: m.clone(),
+                campaign_id: Some("c".into()),
+                purpose: Purpose::Marketing,
+                cost: None,
+            },
+        ));
+        let later = |r: &mut StdRng| t + r.random_range(60_000..6 * 3_600_000);
+        if r.random_bool(0.5) {
+            let open = EventBody::Open {
+                channel,
+                message_id: m.clone(),
+                campaign_id: None,
+            };
+            bodies.push((later(&mut r), open));
+        }
+        if r.random_bool(0.15) {
+            let click = EventBody::Click {
+                channel,
+                message_id: m.clone(),
+                campaign_id: None,
+            };
+            bodies.push((later(&mut r), click));
+        }
+        if r.random_bool(0.05) {
+            let class = if r.random_bool(0.2) {
+                ReplyClass::Unsubscribe
+            } else {
+                ReplyClass::Positive
+            };
+            let reply = EventBody::Reply {
+                channel,
+                message_id: None,
+                class,
+            };
+            bodies.push((later(&mut r), reply));
+        }
+        if i % 30 == 0 {
+            let visit = EventBody::Visit {
+                visit_type: VisitType::Treatment,
+                treatment: Some("BOTOX".into()),
+                amount: r.random_range(50_000..300_000),
+                currency: "CNY".into(),
+            };
+            bodies.push((later(&mut r), visit));
+        }
+    }
+    bodies.sort_by_key(|(t, _)| *t);
+    let mut s = CustomerState::default();
+    for (off, (t, body)) in bodies.into_iter().enumerate() {
+        let ev = Event {
+            event_id: format!("e{off}"),
+            customer: customer.clone(),
+            occurred_at: t,
+            body,
+        };
+        let src = Source {
+            kind: ev.kind(),
+            partition: 3,
+            offset: 1_000_000 + off as i64,
+        };
+        s.apply(&ev, src, params);
+        decide::on_event(&mut s, &ev, policy, params);
+        decide::recall_on_event(&mut s, &ev, policy);
+        s.outbox.clear();
+    }
+    s.timer_due = decide::next_timer(&s, policy);
+    s
+}
+
+/// Stored size of each part of the state (what dominates the blob), as laid
+/// out by the compact format (`store::compact`).
+pub fn blob_parts(s: &CustomerState) -> Vec<(String, usize)> {
+    let sizes = crate::store::compact::encode_parts(s, &mut Vec::new());
+    crate::store::compact::SECTIONS
+        .iter()
+        .zip(sizes)
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::policy::PolicyConfig;
+
+    #[test]
+    fn a_full_history_fills_every_bounded_part() {
+        let p = StateParams::default();
+        let policy = PolicyConfig::default().resolve(None).unwrap();
+        let s = full_history(&CustomerRef::new("b", "c"), 300, &p, &policy);
+        assert!(
+            s.channels.iter().all(Option::is_some),
+            "all five channels have engagement"
+        );
+        assert!(
+            s.controls.iter().all(Option::is_some),
+            "all five channels have a control"
+        );
+        assert_eq!(
+            s.visits.recent.len(),
+            p.visit_history,
+            "visit history is full"
+        );
+        assert!(s.outbox.is_empty());
+        let parts = blob_parts(&s);
+        assert!(parts.iter().all(|(_, n)| *n > 0), "{parts:?}");
+    }
+}
