@@ -492,37 +492,6 @@ impl Client<'_> {
     }
 }
 
-/// Waits until `group` applied everything and every timer due by `at` fired.
-async fn wait_applied_and_fired(s: &Stack, group: &str, at: i64) {
-    s.wait_caught_up(group, LONG).await;
-    let mut c = s.redis.client().await;
-    wait_until(
-        LONG,
-        Duration::from_millis(50),
-        "timers due by the tick to fire",
-        async || {
-            let keys: Vec<String> = redis::cmd("KEYS")
-                .arg("lapse:{timers:*")
-                .query_async(&mut c)
-                .await
-                .unwrap();
-            let mut due = 0;
-            for k in keys {
-                let n: i64 = redis::cmd("ZCOUNT")
-                    .arg(&k)
-                    .arg("-inf")
-                    .arg(at)
-                    .query_async(&mut c)
-                    .await
-                    .unwrap();
-                due += n;
-            }
-            due == 0
-        },
-    )
-    .await;
-}
-
 /// `lapse inspect KEY` as JSON, or the error it printed.
 async fn inspect(s: &Stack, config: &str, key: &str) -> Result<Value, String> {
     let redis = s.redis.url();
@@ -723,7 +692,7 @@ async fn end_to_end(wire: Wire) {
         None,
     );
     produced.extend(client.produce(&[tick]).await);
-    wait_applied_and_fired(&st, &group, day(TICK_DAY)).await;
+    st.wait_applied_and_fired(&group, day(TICK_DAY)).await;
     let back = visit(
         HV,
         "hv-v4",

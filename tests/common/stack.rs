@@ -162,6 +162,12 @@ impl Stack {
             Purpose::Service,
         );
         produce_events(p, &[(tick, None)], |_| Framing::SingleObject).await;
+        self.wait_applied_and_fired(group, at).await;
+    }
+
+    /// Waits until `group` applied everything produced and every timer due by
+    /// `at` has fired.
+    pub async fn wait_applied_and_fired(&self, group: &str, at: i64) {
         self.wait_caught_up(group, LONG).await;
         let mut c = self.redis.client().await;
         wait_until(
