@@ -69,6 +69,13 @@ pub struct Published {
     pub allowed_from: Option<i64>,
     /// Transitions published so far on this customer×channel (decision ids derive from it).
     pub seq: u32,
+    /// When it was decided: a later evaluation never looks at an earlier time,
+    /// so an event applied late (stamped before the decision) cannot publish
+    /// an allowance older than the one senders already have. Kept in the
+    /// compact customer format; `None` in states written before it, and in
+    /// campaign records (postcard, whose layout it must not change).
+    #[serde(skip)]
+    pub decided_at: Option<i64>,
 }
 
 /// Frequency-control memory of one customer×channel (bounded).
@@ -387,6 +394,7 @@ pub fn publish_if_changed(
         state: AllowanceState::Open,
         allowed_from: None,
         seq: 0,
+        decided_at: None,
     });
     let changed = if a.state != prev.state {
         true
@@ -403,6 +411,7 @@ pub fn publish_if_changed(
         state: a.state,
         allowed_from,
         seq,
+        decided_at: Some(decided_at),
     });
     let reason = if a.state == AllowanceState::Open {
         reason_override.unwrap_or(match prev.state {

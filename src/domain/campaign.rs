@@ -150,6 +150,7 @@ impl CampaignState {
             state: AllowanceState::Open,
             allowed_from: None,
             seq: 0,
+            decided_at: None,
         });
         if prev.state == state {
             return None;
@@ -159,6 +160,8 @@ impl CampaignState {
             state,
             allowed_from: self.spell_until,
             seq,
+            // Campaign records do not keep it (see `Published::decided_at`).
+            decided_at: None,
         });
         let d = ThrottleDecision {
             decision_id: stable_id(&[tenant, "campaign", campaign, &seq.to_string()]),

@@ -78,6 +78,13 @@ fn evaluate(
     cause: Option<&str>,
     fx: &mut Effects,
 ) {
+    // Never before the last decision: a late event must not publish an
+    // allowance older than the one already published (see `Published::decided_at`).
+    let t = state.controls[c.index()]
+        .as_ref()
+        .and_then(|ctl| ctl.published)
+        .and_then(|pb| pb.decided_at)
+        .map_or(t, |d| t.max(d));
     let e = state.channel(c).cloned().unwrap_or_default();
     let r = Some(rates(&e, c, p, t, sp.horizons));
     let suppressed = state.is_unsubscribed(c);

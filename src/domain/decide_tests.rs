@@ -444,3 +444,65 @@ proptest! {
         prop_assert_eq!(states(&with), states(&without));
     }
 }
+
+/// A late event (applied after the decision, stamped before it) must not
+/// re-publish a stale allowance: an engagement event from another topic that
+/// arrives after the cap-filling send but happened before it used to publish
+/// `OPEN cap_window_passed` while the window was still full (senders reading
+/// the compacted topic then sent past the cap), and a late event after a
+/// timer release used to publish the expired cap again.
+#[test]
+fn a_late_event_never_publishes_an_allowance_older_than_the_last_decision() {
+    let mut s = Sim::default();
+    let t = sh(2026, 3, 2, 10, 0);
+    s.send(Channel::Wechat, t);
+    s.send(Channel::Wechat, t + 2 * H);
+    let capped = s.throttles();
+    assert_eq!(capped.len(), 1);
+    assert_eq!(capped[0].state, AllowanceState::Capped);
+    // A click from ten minutes after the first send, applied now.
+    s.click(Channel::Wechat, t + H / 6);
+    assert_eq!(s.throttles(), capped, "no decision from a late click");
+    assert_eq!(
+        s.state_of(Channel::Wechat, t + 3 * H),
+        AllowanceState::Capped
+    );
+
+    // The cap runs out; the release is published at its time.
+    let released_at = capped[0].allowed_from.unwrap();
+    let mut fx = Effects::default();
+    let who = s.who.clone();
+    release_due(
+        &mut s.state,
+        &who,
+        &s.policy,
+        &s.sp,
+        released_at,
+        None,
+        &mut fx,
+        None,
+    );
+    let after_release = s.throttles();
+    assert_eq!(after_release.len(), 2);
+    assert_eq!(after_release[1].state, AllowanceState::Open);
+    // A late open from within the old window does not bring the cap back.
+    s.apply(
+        EventBody::Open {
+            channel: Channel::Wechat,
+            message_id: "m".into(),
+            campaign_id: None,
+        },
+        t + 3 * H,
+    );
+    assert_eq!(s.throttles(), after_release, "no decision from a late open");
+    // A late marketing send from within the old window is a real third send:
+    // made while capped (a violation), and with the send at t+2h it fills the
+    // rolling window again, judged at the release's time, not before it.
+    let fx = s.send(Channel::Wechat, t + 4 * H);
+    assert!(!fx.violations.is_empty());
+    let ds = s.throttles();
+    assert_eq!(ds.len(), 3);
+    assert_eq!(ds[2].state, AllowanceState::Capped);
+    assert_eq!(ds[2].decided_at, released_at);
+    assert_eq!(ds[2].allowed_from, Some(t + 2 * H + DAY));
+}

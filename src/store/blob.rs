@@ -262,14 +262,22 @@ mod size {
 
     #[test]
     fn a_customer_state_stops_growing_and_fits_the_memory_target() {
-        let a = stored(&state_after(500));
         let full = state_after(2_000);
         let b = stored(&full);
-        // Bounded by construction: more history does not make the value bigger.
-        assert!(b <= a + 16, "{a} bytes after 500 rounds, {b} after 2000");
+        // Bounded by construction: once the history fills every bounded part
+        // (a few hundred rounds), more of it does not make the value bigger;
+        // it only moves within a few bytes (varint widths of counters and gaps).
+        let longer = [stored(&state_after(4_000)), stored(&state_after(8_000))];
+        for n in longer {
+            assert!(
+                n.abs_diff(b) <= 8,
+                "{b} bytes after 2000 rounds, {longer:?} after 4000, 8000"
+            );
+        }
         let parts = crate::histories::blob_parts(&full);
         eprintln!("stored state with full five-channel history: {b} bytes ({parts:?})");
-        // 290 bytes when written; 300 leaves little room, and stays below the cliff.
+        // 290 bytes when written, 298 with the decision times of the five
+        // allowances; 300 leaves little room, and stays below the cliff.
         assert!(
             b <= 300,
             "{b} bytes for a full five-channel history: {parts:?}"

@@ -51,8 +51,10 @@
 //!   b, c: base-3 codes of the short / long counts sends, opens, clicks, replies
 //!       (+0.0, same bits as the count before, literal); bit 7 unsub / resub
 //! control  := k0:u8 violations:var sends:list [since:T until:ivar-to-since]
-//!             [seq:var [allowed_from:T]]
-//!   k0: bit 0 spell; 1 below_floor; 2 published; 3-4 its state; 5 its allowed_from
+//!             [seq:var [allowed_from:T] [decided_at:(ivar to the latest send) or T]]
+//!   k0: bit 0 spell; 1 below_floor; 2 published; 3-4 its state; 5 its allowed_from;
+//!       6 its decided_at (absent in states written before it existed); 7 decided_at
+//!       is relative to the latest send
 //! watermark:= partition:ivar offset:ivar            (deltas to the previous present one)
 //! ring     := n:var n×6 bytes
 //! episode  := e0:u8 start:T [experiment:str] n:var n×(s0:u8 attempt:var due:T
@@ -234,8 +236,11 @@ fn times(s: &CustomerState, f: &mut dyn FnMut(i64)) {
             f(*since);
             f(*until);
         }
-        if let Some(t) = published.and_then(|p| p.allowed_from) {
-            f(t);
+        if let Some(p) = published {
+            p.allowed_from
+                .into_iter()
+                .chain(p.decided_at)
+                .for_each(&mut *f);
         }
     }
     for e in recall.current.iter().chain(&recall.previous) {
@@ -503,13 +508,26 @@ impl Enc<'_> {
         if let Some(ThrottleSpell { below_floor, .. }) = spell {
             k0 |= bit(*below_floor, 1);
         }
+        // decided_at is stored relative to the latest send (a cap: close to it)
+        // or to the base (an old suppression): whichever is nearer.
+        let decided_near_send = match (published.and_then(|p| p.decided_at), sends.last()) {
+            (Some(t), Some(latest)) => {
+                self.q(t).wrapping_sub(self.q(*latest)).unsigned_abs() < self.q(t).unsigned_abs()
+            }
+            _ => false,
+        };
         if let Some(Published {
             state,
             allowed_from,
             seq: _,
+            decided_at,
         }) = published
         {
-            k0 |= 1 << 2 | allowance_code(*state) << 3 | bit(allowed_from.is_some(), 5);
+            k0 |= 1 << 2
+                | allowance_code(*state) << 3
+                | bit(allowed_from.is_some(), 5)
+                | bit(decided_at.is_some(), 6)
+                | bit(decided_near_send, 7);
         }
         self.u8(k0);
         self.var(u64::from(*violations));
@@ -519,12 +537,20 @@ impl Enc<'_> {
             self.time_to(*until, *since);
         }
         if let Some(Published {
-            allowed_from, seq, ..
+            allowed_from,
+            seq,
+            decided_at,
+            ..
         }) = published
         {
             self.var(u64::from(*seq));
             if let Some(t) = allowed_from {
                 self.time(*t);
+            }
+            match (decided_at, sends.last()) {
+                (Some(t), Some(latest)) if decided_near_send => self.time_to(*t, *latest),
+                (Some(t), _) => self.time(*t),
+                (None, _) => {}
             }
         }
     }
@@ -918,7 +944,10 @@ impl Dec<'_> {
 
     fn control(&mut self) -> Res<ChannelControl> {
         let k0 = self.u8()?;
-        if k0 & 0xc0 != 0 || (k0 & 1 == 0 && k0 & 2 != 0) || (k0 & 4 == 0 && k0 & 0x38 != 0) {
+        if (k0 & 1 == 0 && k0 & 2 != 0)
+            || (k0 & 4 == 0 && k0 & 0xf8 != 0)
+            || (k0 & 64 == 0 && k0 & 128 != 0)
+        {
             return Err(format!("control: flags {k0}"));
         }
         let violations = self.u32("violations")?;
@@ -938,10 +967,17 @@ impl Dec<'_> {
             let state = AllowanceState::ALL[usize::from(k0 >> 3 & 3)];
             let seq = self.u32("published seq")?;
             let allowed_from = (k0 & 32 != 0).then(|| self.time()).transpose()?;
+            let decided_at = match (k0 & 64 != 0, k0 & 128 != 0, sends.last()) {
+                (false, _, _) => None,
+                (true, true, Some(latest)) => Some(self.time_to(*latest)?),
+                (true, false, _) => Some(self.time()?),
+                (true, true, None) => return Err("control: decided_at relative to no send".into()),
+            };
             Some(Published {
                 state,
                 allowed_from,
                 seq,
+                decided_at,
             })
         } else {
             None
@@ -1138,6 +1174,7 @@ mod tests {
                         state: AllowanceState::ALL[r.random_range(0..4)],
                         allowed_from: opt(r, |r| time(r, base, unit)),
                         seq: r.random(),
+                        decided_at: opt(r, |r| time(r, base, unit)),
                     }),
                     violations: r.random(),
                 });
