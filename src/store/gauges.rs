@@ -5,7 +5,10 @@
 
 use std::collections::BTreeMap;
 
+use redis::Cmd;
+
 use super::redis::Conn;
+use super::slots;
 use crate::domain::allowance::AllowanceState;
 use crate::domain::event::{Channel, CustomerRef};
 use crate::error::StoreError;
@@ -63,28 +66,25 @@ impl AllowanceGauges {
         if moves.is_empty() {
             return Ok(());
         }
-        let mut pipe = redis::pipe();
+        let set_cmd = |op: &str, key: String, member: &str| {
+            let cmd = redis::cmd(op).arg(&key).arg(member).clone();
+            (key, cmd)
+        };
+        let mut cmds: Vec<(String, Cmd)> = Vec::new();
         for m in moves {
             let n = shard(&m.customer.customer);
+            let c = &m.customer;
             if m.from != AllowanceState::Open {
-                pipe.cmd("SREM")
-                    .arg(self.key(&m.customer.tenant, n, m.channel, m.from))
-                    .arg(&m.customer.customer)
-                    .ignore();
+                let key = self.key(&c.tenant, n, m.channel, m.from);
+                cmds.push(set_cmd("SREM", key, &c.customer));
             }
             if m.to != AllowanceState::Open {
-                pipe.cmd("SADD")
-                    .arg(self.key(&m.customer.tenant, n, m.channel, m.to))
-                    .arg(&m.customer.customer)
-                    .ignore();
+                let key = self.key(&c.tenant, n, m.channel, m.to);
+                cmds.push(set_cmd("SADD", key, &c.customer));
             }
-            pipe.cmd("SADD")
-                .arg(self.tenants_key())
-                .arg(&m.customer.tenant)
-                .ignore();
+            cmds.push(set_cmd("SADD", self.tenants_key(), &c.tenant));
         }
-        let mut c = self.conn.clone();
-        pipe.query_async::<()>(&mut c).await?;
+        slots::pipelined::<redis::Value>(&self.conn, &cmds).await?;
         Ok(())
     }
 
@@ -98,7 +98,7 @@ impl AllowanceGauges {
             .query_async(&mut c)
             .await?;
         let mut keys = Vec::new();
-        let mut pipe = redis::pipe();
+        let mut cmds: Vec<(String, Cmd)> = Vec::new();
         for t in &tenants {
             for ch in Channel::ALL {
                 for s in [
@@ -107,7 +107,8 @@ impl AllowanceGauges {
                     AllowanceState::Suppressed,
                 ] {
                     for n in 0..SHARDS {
-                        pipe.cmd("SCARD").arg(self.key(t, n, ch, s));
+                        let key = self.key(t, n, ch, s);
+                        cmds.push((key.clone(), redis::cmd("SCARD").arg(key).clone()));
                         keys.push((t.clone(), ch, s));
                     }
                 }
@@ -116,7 +117,7 @@ impl AllowanceGauges {
         if keys.is_empty() {
             return Ok(BTreeMap::new());
         }
-        let cards: Vec<u64> = pipe.query_async(&mut c).await?;
+        let cards: Vec<u64> = slots::pipelined(&self.conn, &cmds).await?;
         let mut out = BTreeMap::new();
         for (k, n) in keys.into_iter().zip(cards) {
             *out.entry(k).or_insert(0) += n;

@@ -10,6 +10,7 @@ pub mod keys;
 pub mod memory;
 pub mod record;
 pub mod redis;
+pub mod slots;
 pub mod timers;
 
 pub use self::memory::MemoryBackend;

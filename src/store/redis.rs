@@ -12,6 +12,7 @@ use futures::future::BoxFuture;
 use super::blob;
 use super::keys::Keys;
 use super::record::{self, Backend, CampaignId, CasWrite};
+use super::slots;
 use crate::config::RedisConfig;
 use crate::domain::campaign::CampaignState;
 use crate::domain::event::CustomerRef;
@@ -238,32 +239,37 @@ impl StateStore {
         if keys.is_empty() {
             return Ok(vec![]);
         }
-        let mut pipe = redis::pipe();
-        for k in keys {
-            pipe.cmd("GET").arg(k);
-        }
-        let mut conn = self.conn.clone();
+        let cmds: Vec<(String, Cmd)> = keys
+            .iter()
+            .map(|k| (k.clone(), redis::cmd("GET").arg(k).clone()))
+            .collect();
         let started = Instant::now();
-        let r: Result<Vec<Option<Vec<u8>>>, _> = pipe.query_async(&mut conn).await;
+        let r = slots::pipelined(&self.conn, &cmds).await;
         self.observe(op, started, &r);
         Ok(r?)
     }
 
     /// Compare-and-set writes through the script, in one pipelined round trip
-    /// (see [`StateStore::cas_pipeline`]); reloads the script once if Redis
-    /// lost it (restart, SCRIPT FLUSH, failover: the CAS makes a retry safe).
+    /// per slot group (see [`StateStore::cas_calls`]); reloads the script once
+    /// if Redis lost it (restart, SCRIPT FLUSH, failover: the CAS makes a retry
+    /// safe).
     async fn cas(&self, op: &'static str, items: &[CasWrite]) -> Result<Vec<bool>, StoreError> {
         if items.is_empty() {
             return Ok(vec![]);
         }
-        let pipe = self.cas_pipeline(items);
+        let (calls, order) = self.cas_calls(items);
         for attempt in 0..2 {
-            let mut conn = self.conn.clone();
             let started = Instant::now();
-            let r: Result<Vec<Vec<i64>>, _> = pipe.query_async(&mut conn).await;
+            let r: Result<Vec<Vec<i64>>, _> = slots::pipelined(&self.conn, &calls).await;
             self.observe(op, started, &r);
             match r {
-                Ok(v) => return Ok(v.into_iter().flatten().map(|x| x == 1).collect()),
+                Ok(v) => {
+                    let mut out = vec![false; items.len()];
+                    for (i, x) in order.iter().zip(v.into_iter().flatten()) {
+                        out[*i] = x == 1;
+                    }
+                    return Ok(out);
+                }
                 Err(e) if e.kind() == redis::ErrorKind::NoScriptError && attempt == 0 => {
                     self.load_scripts().await?;
                 }
@@ -273,26 +279,30 @@ impl StateStore {
         unreachable!("the loop returns on its second attempt")
     }
 
-    /// The CAS calls for `(key, expected revision, new value)` writes, in order:
-    /// up to [`CAS_KEYS_PER_CALL`] keys per call on a single node, one per call
-    /// on a Cluster (a script's keys must share a slot, and each customer has
-    /// its own hash tag).
-    fn cas_pipeline(&self, items: &[CasWrite]) -> Pipeline {
-        let per_call = match self.conn {
-            Conn::Single(_) => CAS_KEYS_PER_CALL,
-            Conn::Cluster(_) => 1,
-        };
-        let mut pipe = redis::pipe();
-        for chunk in items.chunks(per_call) {
-            let cmd = pipe.cmd("EVALSHA").arg(&self.cas_sha).arg(chunk.len());
-            for (key, _, _) in chunk {
-                cmd.arg(key);
-            }
-            for (_, rev, value) in chunk {
-                cmd.arg(*rev).arg(value);
+    /// The CAS calls for `(key, expected revision, new value)` writes, each
+    /// routed by its first key, and the index in `items` of each key in call
+    /// order: up to [`CAS_KEYS_PER_CALL`] keys per call, all of one slot group
+    /// ([`slots::groups`]: everything on a single node, one hash slot on a
+    /// Cluster, where a script's keys must share a slot).
+    fn cas_calls(&self, items: &[CasWrite]) -> (Vec<(String, Cmd)>, Vec<usize>) {
+        let keys: Vec<&str> = items.iter().map(|(k, _, _)| k.as_str()).collect();
+        let mut calls = Vec::new();
+        let mut order = Vec::with_capacity(items.len());
+        for group in slots::groups(&self.conn, &keys) {
+            for chunk in group.chunks(CAS_KEYS_PER_CALL) {
+                let mut cmd = redis::cmd("EVALSHA");
+                cmd.arg(&self.cas_sha).arg(chunk.len());
+                for &i in chunk {
+                    cmd.arg(&items[i].0);
+                }
+                for &i in chunk {
+                    cmd.arg(items[i].1).arg(&items[i].2);
+                }
+                calls.push((items[chunk[0]].0.clone(), cmd));
+                order.extend_from_slice(chunk);
             }
         }
-        pipe
+        (calls, order)
     }
 
     /// Deletes every key of one customer (operator tooling and tests).

@@ -22,10 +22,10 @@
 //! Changing `timer_shards` moves customers to other shards: the old sets are no
 //! longer scanned. Drain or migrate them first (see the report / README).
 
-use redis::aio::ConnectionLike;
 use redis::{Cmd, ErrorKind, FromRedisValue};
 
 use super::redis::Conn;
+use super::slots::{self, Topology};
 use crate::domain::event::CustomerRef;
 use crate::error::StoreError;
 
@@ -94,7 +94,7 @@ pub struct TimerStore<C = Conn> {
 
 impl<C> TimerStore<C>
 where
-    C: ConnectionLike + Clone + Send + Sync,
+    C: Topology,
 {
     /// A store over `conn` with keys under `prefix` (`redis.key_prefix`) and
     /// `shards` shards (1..=[`MAX_SHARDS`]). Loads the scripts.
@@ -167,17 +167,17 @@ where
         for (c, due) in timers {
             by_shard[self.shard(c) as usize].push((*due, c.key()));
         }
-        let mut pipe = redis::pipe();
-        for (shard, items) in by_shard.iter().enumerate() {
-            if !items.is_empty() {
-                pipe.cmd("ZADD")
-                    .arg(self.key(shard as u32))
-                    .arg(items)
-                    .ignore();
-            }
-        }
-        let mut conn = self.conn.clone();
-        pipe.query_async::<()>(&mut conn).await?;
+        let cmds: Vec<(String, Cmd)> = by_shard
+            .iter()
+            .enumerate()
+            .filter(|(_, items)| !items.is_empty())
+            .map(|(shard, items)| {
+                let key = self.key(shard as u32);
+                let cmd = redis::cmd("ZADD").arg(&key).arg(items).clone();
+                (key, cmd)
+            })
+            .collect();
+        slots::pipelined::<redis::Value>(&self.conn, &cmds).await?;
         Ok(())
     }
 
@@ -190,17 +190,13 @@ where
         for c in customers {
             by_shard[self.shard(c) as usize].push(c.key());
         }
-        let mut pipe = redis::pipe();
-        for (shard, members) in by_shard.iter().enumerate() {
-            if !members.is_empty() {
-                pipe.cmd("ZREM")
-                    .arg(self.key(shard as u32))
-                    .arg(members)
-                    .ignore();
-            }
-        }
-        let mut conn = self.conn.clone();
-        pipe.query_async::<()>(&mut conn).await?;
+        let cmds: Vec<(String, Cmd)> = by_shard
+            .iter()
+            .enumerate()
+            .filter(|(_, members)| !members.is_empty())
+            .map(|(shard, members)| self.zrem(shard as u32, members))
+            .collect();
+        slots::pipelined::<redis::Value>(&self.conn, &cmds).await?;
         Ok(())
     }
 
@@ -235,18 +231,21 @@ where
             return Ok(vec![Vec::new(); shards.len()]);
         }
         let lease = now_ms.saturating_add(lease_ms.max(1));
-        let mut pipe = redis::pipe();
-        for shard in shards {
-            let mut cmd = redis::cmd("EVALSHA");
-            cmd.arg(&self.claim_sha)
-                .arg(1)
-                .arg(self.key(*shard))
-                .arg(now_ms)
-                .arg(lease)
-                .arg(limit);
-            pipe.add_command(cmd);
-        }
-        let flats: Vec<Vec<String>> = self.eval_pipe(&pipe).await?;
+        let cmds: Vec<(String, Cmd)> = shards
+            .iter()
+            .map(|shard| {
+                let key = self.key(*shard);
+                let mut cmd = redis::cmd("EVALSHA");
+                cmd.arg(&self.claim_sha)
+                    .arg(1)
+                    .arg(&key)
+                    .arg(now_ms)
+                    .arg(lease)
+                    .arg(limit);
+                (key, cmd)
+            })
+            .collect();
+        let flats: Vec<Vec<String>> = self.eval_pipe(&cmds).await?;
         let mut out = Vec::with_capacity(shards.len());
         let mut garbage: Vec<(u32, Vec<String>)> = Vec::new();
         for (shard, flat) in shards.iter().zip(flats) {
@@ -270,12 +269,11 @@ where
             out.push(claimed);
         }
         if !garbage.is_empty() {
-            let mut pipe = redis::pipe();
-            for (shard, members) in &garbage {
-                pipe.cmd("ZREM").arg(self.key(*shard)).arg(members).ignore();
-            }
-            let mut conn = self.conn.clone();
-            pipe.query_async::<()>(&mut conn).await?;
+            let cmds: Vec<(String, Cmd)> = garbage
+                .iter()
+                .map(|(shard, members)| self.zrem(*shard, members))
+                .collect();
+            slots::pipelined::<redis::Value>(&self.conn, &cmds).await?;
         }
         Ok(out)
     }
@@ -304,28 +302,37 @@ where
         if done.is_empty() {
             return Ok(vec![]);
         }
-        let mut pipe = redis::pipe();
-        for (c, lease, next) in done {
-            pipe.add_command(self.complete_cmd(c, *lease, *next));
-        }
-        let v: Vec<i64> = self.eval_pipe(&pipe).await?;
+        let cmds: Vec<(String, Cmd)> = done
+            .iter()
+            .map(|(c, lease, next)| (self.key(self.shard(c)), self.complete_cmd(c, *lease, *next)))
+            .collect();
+        let v: Vec<i64> = self.eval_pipe(&cmds).await?;
         Ok(v.into_iter().map(|x| x == 1).collect())
     }
 
-    /// Runs a pipeline of EVALSHA commands, reloading the scripts once if Redis
-    /// lost them. Scripts are lost all at once (restart, flush, failover), so the
+    /// Runs EVALSHA commands ([`slots::pipelined`]: one pipeline, or one per
+    /// slot on a Cluster), reloading the scripts once if Redis lost them. Scripts are lost all at once (restart, flush, failover), so the
     /// whole pipeline failed and re-running it whole repeats nothing; if a flush
     /// ever landed mid-pipeline, a re-run claim only leaves some timers leased
     /// until their lease ends, and a re-run complete reports "lost lease".
-    async fn eval_pipe<T: FromRedisValue>(&self, pipe: &redis::Pipeline) -> Result<T, StoreError> {
-        let mut conn = self.conn.clone();
-        match pipe.query_async::<T>(&mut conn).await {
+    async fn eval_pipe<T: FromRedisValue>(
+        &self,
+        cmds: &[(String, Cmd)],
+    ) -> Result<Vec<T>, StoreError> {
+        match slots::pipelined(&self.conn, cmds).await {
             Err(e) if e.kind() == ErrorKind::NoScriptError => {
                 self.load_scripts().await?;
-                Ok(pipe.query_async(&mut conn).await?)
+                Ok(slots::pipelined(&self.conn, cmds).await?)
             }
             r => Ok(r?),
         }
+    }
+
+    /// `ZREM` of `members` from shard `shard`, routed by the shard's key.
+    fn zrem(&self, shard: u32, members: &[String]) -> (String, Cmd) {
+        let key = self.key(shard);
+        let cmd = redis::cmd("ZREM").arg(&key).arg(members).clone();
+        (key, cmd)
     }
 
     fn complete_cmd(&self, c: &CustomerRef, lease: i64, next_due: Option<i64>) -> Cmd {
@@ -375,16 +382,18 @@ where
     /// Over all shards in one round trip: timers scheduled (leased included) and
     /// timers due at `now_ms` and not claimed (the "pending" and "overdue" gauges).
     pub async fn counts(&self, now_ms: i64) -> Result<(usize, usize), StoreError> {
-        let mut pipe = redis::pipe();
+        let mut cmds: Vec<(String, Cmd)> = Vec::with_capacity(2 * self.shards as usize);
         for shard in 0..self.shards {
-            pipe.cmd("ZCARD").arg(self.key(shard));
-            pipe.cmd("ZCOUNT")
-                .arg(self.key(shard))
+            let key = self.key(shard);
+            cmds.push((key.clone(), redis::cmd("ZCARD").arg(&key).clone()));
+            let zcount = redis::cmd("ZCOUNT")
+                .arg(&key)
                 .arg("-inf")
-                .arg(now_ms);
+                .arg(now_ms)
+                .clone();
+            cmds.push((key, zcount));
         }
-        let mut conn = self.conn.clone();
-        let v: Vec<usize> = pipe.query_async(&mut conn).await?;
+        let v: Vec<usize> = slots::pipelined(&self.conn, &cmds).await?;
         let pending = v.iter().step_by(2).sum();
         let due = v.iter().skip(1).step_by(2).sum();
         Ok((pending, due))
