@@ -26,7 +26,6 @@ use common::*;
 use lapse::codec::{encode_with_schema, event_value, Framing};
 use lapse::config::RedisConfig;
 use lapse::domain::event::*;
-use lapse::domain::state::CustomerState;
 use lapse::metrics::Metrics;
 use lapse::store::StateStore;
 
@@ -204,48 +203,6 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
 }
 
-/// A deterministic population: `n` customers, a few events each of every kind.
-fn population(tenant: &str, n: usize, seed: i64) -> Vec<(Event, Option<&'static str>)> {
-    let t0 = now_ms() - 300 * DAY;
-    let mut out = Vec::new();
-    for i in 0..n {
-        let c = cust(tenant, &format!("c{i:04}"));
-        let ch = Channel::ALL[i % 5];
-        for v in 0..(1 + i % 3) {
-            out.push((
-                visit(
-                    &c,
-                    &format!("{seed}-{i}-v{v}"),
-                    t0 + (v as i64) * 90 * DAY + i as i64,
-                    10_000 * (v as i64 + 1),
-                    Some("FILLER"),
-                ),
-                None,
-            ));
-        }
-        for k in 0..(2 + i % 4) {
-            let at = t0 + 200 * DAY + (k as i64) * DAY + i as i64;
-            out.push((
-                send(&c, &format!("{seed}-{i}-s{k}"), at, ch, Purpose::Marketing),
-                None,
-            ));
-            if k % 2 == 0 {
-                out.push((open(&c, &format!("{seed}-{i}-o{k}"), at + 1000, ch), None));
-            }
-            if k % 3 == 0 {
-                out.push((click(&c, &format!("{seed}-{i}-c{k}"), at + 2000, ch), None));
-            }
-        }
-        if i % 7 == 0 {
-            out.push((
-                reply(&c, &format!("{seed}-{i}-r"), t0 + 250 * DAY, ch),
-                Some("TD"),
-            ));
-        }
-    }
-    out
-}
-
 #[tokio::test]
 async fn replay_from_zero_with_a_new_group_changes_no_byte() {
     let s = Stack::start().await;
@@ -329,52 +286,6 @@ async fn duplicate_event_id_at_a_new_offset_is_ignored_and_counted() {
     assert_eq!(state(&s.store().await, &c).await.visits.count, 2);
     lapse.sigterm();
     assert!(lapse.wait_exit(Duration::from_secs(30)).await.success());
-}
-
-/// Compares two states: integers, times and sets exactly; decayed counts up to float rounding.
-fn assert_same_state(c: &CustomerRef, a: &CustomerState, b: &CustomerState) {
-    assert_eq!(a.visits, b.visits, "{c}: visits");
-    assert_eq!(
-        a.applied.watermarks, b.applied.watermarks,
-        "{c}: watermarks"
-    );
-    let mut ia: Vec<_> = a.applied.recent_ids.iter().collect();
-    let mut ib: Vec<_> = b.applied.recent_ids.iter().collect();
-    ia.sort();
-    ib.sort();
-    assert_eq!(ia, ib, "{c}: remembered event ids");
-    for ch in Channel::ALL {
-        match (a.channel(ch), b.channel(ch)) {
-            (None, None) => {}
-            (Some(x), Some(y)) => {
-                assert_eq!(
-                    (x.at, x.last_send, x.last_open, x.last_click, x.last_reply),
-                    (y.at, y.last_send, y.last_open, y.last_click, y.last_reply),
-                    "{c} {ch}"
-                );
-                assert_eq!(
-                    (x.unsubscribed_at, x.resubscribed_at),
-                    (y.unsubscribed_at, y.resubscribed_at),
-                    "{c} {ch}"
-                );
-                for (p, q) in [
-                    (x.short.sends, y.short.sends),
-                    (x.short.opens, y.short.opens),
-                    (x.short.clicks, y.short.clicks),
-                    (x.long.sends, y.long.sends),
-                    (x.long.opens, y.long.opens),
-                    (x.long.clicks, y.long.clicks),
-                    (x.long.replies, y.long.replies),
-                ] {
-                    assert!(
-                        (p - q).abs() <= 1e-4 * p.abs().max(1.0),
-                        "{c} {ch}: {p} vs {q}"
-                    );
-                }
-            }
-            _ => panic!("{c} {ch}: present in one run only"),
-        }
-    }
 }
 
 #[tokio::test]

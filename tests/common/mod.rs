@@ -35,7 +35,10 @@
 
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod stack;
+
+pub use cluster::RedisCluster;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};

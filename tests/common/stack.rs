@@ -62,6 +62,9 @@ pub fn now_ms() -> i64 {
 /// Redis + broker + topics, and the environment a `lapse run` needs to use them.
 pub struct Stack {
     pub redis: RedisServer,
+    /// Set by [`Stack::start_cluster`]: lapse and the helpers use this Redis
+    /// Cluster instead of `redis` (which then stays empty).
+    pub cluster: Option<RedisCluster>,
     pub broker: Broker,
     pub registry: SchemaRegistryStub,
     pub dir: tempfile::TempDir,
@@ -80,9 +83,33 @@ impl Stack {
         broker.create_topic("lapse.dlq", 1).await;
         Stack {
             redis,
+            cluster: None,
             broker,
             registry: SchemaRegistryStub::start(),
             dir: scratch_dir("stack"),
+        }
+    }
+
+    /// Like [`Stack::start`], with lapse on a real Redis Cluster (3 masters, 3 replicas).
+    pub async fn start_cluster() -> Stack {
+        let mut s = Self::start().await;
+        s.cluster = Some(RedisCluster::start().await);
+        s
+    }
+
+    /// The Redis URL lapse and the helpers connect to (a seed node on a Cluster).
+    pub fn redis_url(&self) -> String {
+        match &self.cluster {
+            Some(c) => c.urls()[0].clone(),
+            None => self.redis.url(),
+        }
+    }
+
+    /// A connection per node holding data: the masters of a Cluster, or the one server.
+    pub async fn nodes(&self) -> Vec<redis::aio::MultiplexedConnection> {
+        match &self.cluster {
+            Some(c) => c.masters().await,
+            None => vec![self.redis.client().await],
         }
     }
 
@@ -99,7 +126,8 @@ impl Stack {
             "[kafka]\nsession_timeout = \"3s\"\ncommit_interval = \"200ms\"\ntopic_partitions = {PARTITIONS}\nrebalance_drain_timeout = \"10s\"\n\
              [batch]\nmax_wait = \"20ms\"\n{batch}\n\
              [metrics]\nfleet_gauge_refresh = \"1s\"\n\
-             [retry]\ninitial_backoff = \"50ms\"\nmax_backoff = \"500ms\"\n{sections}\n"
+             [retry]\ninitial_backoff = \"50ms\"\nmax_backoff = \"500ms\"\n{redis}{sections}\n",
+            redis = if self.cluster.is_some() { "[redis]\ncluster = true\n" } else { "" },
         );
         std::fs::write(&path, text).expect("write config");
         path.display().to_string()
@@ -108,7 +136,7 @@ impl Stack {
     pub fn env(&self, group: &str) -> Vec<(String, String)> {
         vec![
             ("LAPSE_KAFKA_BROKERS".into(), self.broker.bootstrap()),
-            ("LAPSE_REDIS_URL".into(), self.redis.url()),
+            ("LAPSE_REDIS_URL".into(), self.redis_url()),
             ("LAPSE_GROUP_ID".into(), group.into()),
             ("LAPSE_SCHEMAS_DIR".into(), schemas_dir()),
             ("LAPSE_SCHEMA_REGISTRY_URL".into(), self.registry.url()),
@@ -124,7 +152,8 @@ impl Stack {
 
     pub async fn store(&self) -> StateStore {
         let cfg = RedisConfig {
-            url: self.redis.url(),
+            url: self.redis_url(),
+            cluster: self.cluster.is_some(),
             ..RedisConfig::default()
         };
         StateStore::connect(&cfg, Metrics::new(&Default::default()))
@@ -169,27 +198,29 @@ impl Stack {
     /// `at` has fired.
     pub async fn wait_applied_and_fired(&self, group: &str, at: i64) {
         self.wait_caught_up(group, LONG).await;
-        let mut c = self.redis.client().await;
+        let mut nodes = self.nodes().await;
         wait_until(
             LONG,
             Duration::from_millis(20),
             "timers due by the tick to fire",
             async || {
-                let keys: Vec<String> = redis::cmd("KEYS")
-                    .arg("lapse:{timers:*")
-                    .query_async(&mut c)
-                    .await
-                    .unwrap();
                 let mut due = 0;
-                for k in keys {
-                    let n: i64 = redis::cmd("ZCOUNT")
-                        .arg(&k)
-                        .arg("-inf")
-                        .arg(at)
-                        .query_async(&mut c)
+                for c in nodes.iter_mut() {
+                    let keys: Vec<String> = redis::cmd("KEYS")
+                        .arg("lapse:{timers:*")
+                        .query_async(c)
                         .await
                         .unwrap();
-                    due += n;
+                    for k in keys {
+                        let n: i64 = redis::cmd("ZCOUNT")
+                            .arg(&k)
+                            .arg("-inf")
+                            .arg(at)
+                            .query_async(c)
+                            .await
+                            .unwrap();
+                        due += n;
+                    }
                 }
                 due == 0
             },
@@ -200,28 +231,30 @@ impl Stack {
     /// Waits until no scheduled timer is due (the running instances' timer loops
     /// have fired everything overdue), so a later byte comparison does not race them.
     pub async fn wait_no_timer_due(&self, within: Duration) {
-        let mut c = self.redis.client().await;
+        let mut nodes = self.nodes().await;
         wait_until(
             within,
             Duration::from_millis(100),
             "no timer due",
             async || {
-                let keys: Vec<String> = redis::cmd("KEYS")
-                    .arg("*:due")
-                    .query_async(&mut c)
-                    .await
-                    .unwrap_or_default();
                 let now = now_ms();
                 let mut due = 0u64;
-                for k in keys {
-                    let n: u64 = redis::cmd("ZCOUNT")
-                        .arg(&k)
-                        .arg("-inf")
-                        .arg(now)
-                        .query_async(&mut c)
+                for c in nodes.iter_mut() {
+                    let keys: Vec<String> = redis::cmd("KEYS")
+                        .arg("*:due")
+                        .query_async(c)
                         .await
-                        .unwrap_or(1);
-                    due += n;
+                        .unwrap_or_default();
+                    for k in keys {
+                        let n: u64 = redis::cmd("ZCOUNT")
+                            .arg(&k)
+                            .arg("-inf")
+                            .arg(now)
+                            .query_async(c)
+                            .await
+                            .unwrap_or(1);
+                        due += n;
+                    }
                 }
                 due == 0
             },
@@ -231,29 +264,35 @@ impl Stack {
 
     /// Every key and raw value in Redis, for byte-level comparisons.
     pub async fn dump(&self) -> BTreeMap<String, Vec<u8>> {
-        let mut c = self.redis.client().await;
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg("*")
-            .query_async(&mut c)
-            .await
-            .expect("KEYS");
         let mut out = BTreeMap::new();
+        for mut c in self.nodes().await {
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg("*")
+                .query_async(&mut c)
+                .await
+                .expect("KEYS");
+            Self::dump_keys(&mut c, keys, &mut out).await;
+        }
+        out
+    }
+
+    async fn dump_keys(
+        c: &mut redis::aio::MultiplexedConnection,
+        keys: Vec<String>,
+        out: &mut BTreeMap<String, Vec<u8>>,
+    ) {
         for k in keys {
             let kind: String = redis::cmd("TYPE")
                 .arg(&k)
-                .query_async(&mut c)
+                .query_async(c)
                 .await
                 .expect("TYPE");
             let v: Vec<u8> = match kind.as_str() {
-                "string" => redis::cmd("GET")
-                    .arg(&k)
-                    .query_async(&mut c)
-                    .await
-                    .expect("GET"),
+                "string" => redis::cmd("GET").arg(&k).query_async(c).await.expect("GET"),
                 "set" => {
                     let mut m: Vec<Vec<u8>> = redis::cmd("SMEMBERS")
                         .arg(&k)
-                        .query_async(&mut c)
+                        .query_async(c)
                         .await
                         .expect("SMEMBERS");
                     m.sort();
@@ -265,20 +304,107 @@ impl Stack {
                         .arg(0)
                         .arg(-1)
                         .arg("WITHSCORES")
-                        .query_async(&mut c)
+                        .query_async(c)
                         .await
                         .expect("ZRANGE");
                     format!("{m:?}").into_bytes()
                 }
                 _ => redis::cmd("DUMP")
                     .arg(&k)
-                    .query_async(&mut c)
+                    .query_async(c)
                     .await
                     .expect("DUMP"),
             };
             out.insert(k, v);
         }
-        out
+    }
+}
+
+/// A deterministic population: `n` customers, a few events each of every kind.
+pub fn population(tenant: &str, n: usize, seed: i64) -> Vec<(Event, Option<&'static str>)> {
+    let t0 = now_ms() - 300 * DAY;
+    let mut out = Vec::new();
+    for i in 0..n {
+        let c = cust(tenant, &format!("c{i:04}"));
+        let ch = Channel::ALL[i % 5];
+        for v in 0..(1 + i % 3) {
+            out.push((
+                visit(
+                    &c,
+                    &format!("{seed}-{i}-v{v}"),
+                    t0 + (v as i64) * 90 * DAY + i as i64,
+                    10_000 * (v as i64 + 1),
+                    Some("FILLER"),
+                ),
+                None,
+            ));
+        }
+        for k in 0..(2 + i % 4) {
+            let at = t0 + 200 * DAY + (k as i64) * DAY + i as i64;
+            out.push((
+                send(&c, &format!("{seed}-{i}-s{k}"), at, ch, Purpose::Marketing),
+                None,
+            ));
+            if k % 2 == 0 {
+                out.push((open(&c, &format!("{seed}-{i}-o{k}"), at + 1000, ch), None));
+            }
+            if k % 3 == 0 {
+                out.push((click(&c, &format!("{seed}-{i}-c{k}"), at + 2000, ch), None));
+            }
+        }
+        if i % 7 == 0 {
+            out.push((
+                reply(&c, &format!("{seed}-{i}-r"), t0 + 250 * DAY, ch),
+                Some("TD"),
+            ));
+        }
+    }
+    out
+}
+
+/// Compares two states: integers, times and sets exactly; decayed counts up to float rounding.
+pub fn assert_same_state(c: &CustomerRef, a: &CustomerState, b: &CustomerState) {
+    assert_eq!(a.visits, b.visits, "{c}: visits");
+    assert_eq!(
+        a.applied.watermarks, b.applied.watermarks,
+        "{c}: watermarks"
+    );
+    let mut ia: Vec<_> = a.applied.recent_ids.iter().collect();
+    let mut ib: Vec<_> = b.applied.recent_ids.iter().collect();
+    ia.sort();
+    ib.sort();
+    assert_eq!(ia, ib, "{c}: remembered event ids");
+    for ch in Channel::ALL {
+        match (a.channel(ch), b.channel(ch)) {
+            (None, None) => {}
+            (Some(x), Some(y)) => {
+                assert_eq!(
+                    (x.at, x.last_send, x.last_open, x.last_click, x.last_reply),
+                    (y.at, y.last_send, y.last_open, y.last_click, y.last_reply),
+                    "{c} {ch}"
+                );
+                assert_eq!(
+                    (x.unsubscribed_at, x.resubscribed_at),
+                    (y.unsubscribed_at, y.resubscribed_at),
+                    "{c} {ch}"
+                );
+                for (p, q) in [
+                    (x.short.sends, y.short.sends),
+                    (x.short.opens, y.short.opens),
+                    (x.short.clicks, y.short.clicks),
+                    (x.long.sends, y.long.sends),
+                    (x.long.opens, y.long.opens),
+                    (x.long.clicks, y.long.clicks),
+                    (x.long.replies, y.long.replies),
+                ] {
+                    assert!(
+                        (p - q).abs() <= 1e-4 * p.abs().max(1.0),
+                        "{c} {ch}: {p} vs {q}"
+                    );
+                }
+            }
+            _ => panic!("{c} {ch}: present in one run only"),
+        }
     }
 }
 

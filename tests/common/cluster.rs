@@ -1,0 +1,186 @@
+//! [`RedisCluster`]: a real Redis Cluster of 3 masters and 3 replicas from
+//! Debian's `redis-server`, on free loopback ports, each node in its own dir,
+//! stopped when the handle is dropped.
+
+use super::*;
+
+/// Node timeout: small, so a failover in a test takes seconds.
+const NODE_TIMEOUT_MS: &str = "2000";
+const NODES: usize = 6;
+
+struct Node {
+    port: u16,
+    log: PathBuf,
+    child: Child,
+}
+
+pub struct RedisCluster {
+    nodes: Vec<Node>,
+    dir: TempDir,
+}
+
+/// `redis-cli` next to the `redis-server` in use (both come in Debian's package).
+fn redis_cli_bin() -> PathBuf {
+    let server = redis_server_bin();
+    let cli = server.with_file_name("redis-cli");
+    if cli.exists() {
+        return cli;
+    }
+    find_on_path("redis-cli")
+        .unwrap_or_else(|| panic!("redis-cli not found: run scripts/install-deps"))
+}
+
+/// A free port whose cluster bus port (port + 10000) is a valid port too.
+fn free_cluster_port() -> u16 {
+    loop {
+        let p = free_port();
+        if p < 55_000 {
+            return p;
+        }
+    }
+}
+
+impl RedisCluster {
+    /// Starts 6 nodes, joins them as 3 masters with a replica each, and waits
+    /// until every node reports `cluster_state:ok`.
+    pub async fn start() -> RedisCluster {
+        let dir = scratch_dir("redis-cluster");
+        let mut nodes = Vec::with_capacity(NODES);
+        for i in 0..NODES {
+            nodes.push(Self::launch(dir.path(), i).await);
+        }
+        let cluster = RedisCluster { nodes, dir };
+        let mut create = Command::new(redis_cli_bin());
+        create.arg("--cluster").arg("create");
+        for n in &cluster.nodes {
+            create.arg(format!("127.0.0.1:{}", n.port));
+        }
+        create.args(["--cluster-replicas", "1", "--cluster-yes"]);
+        // Blocks the test's thread for a few seconds: nothing else runs yet.
+        let out = create.output().expect("run redis-cli --cluster create");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create failed: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let ports = cluster.ports();
+        wait_until(
+            DEFAULT_TIMEOUT,
+            Duration::from_millis(100),
+            "every cluster node to report cluster_state:ok",
+            async || {
+                for p in &ports {
+                    let Ok(client) = redis::Client::open(format!("redis://127.0.0.1:{p}/")) else {
+                        return false;
+                    };
+                    let Ok(mut c) = client.get_multiplexed_async_connection().await else {
+                        return false;
+                    };
+                    let info: String =
+                        match redis::cmd("CLUSTER").arg("INFO").query_async(&mut c).await {
+                            Ok(i) => i,
+                            Err(_) => return false,
+                        };
+                    if !info.contains("cluster_state:ok") {
+                        return false;
+                    }
+                }
+                true
+            },
+        )
+        .await;
+        cluster
+    }
+
+    async fn launch(root: &Path, i: usize) -> Node {
+        let dir = root.join(format!("node-{i}"));
+        std::fs::create_dir_all(&dir).expect("node dir");
+        let log = dir.join("redis.log");
+        for _attempt in 0..5 {
+            let port = free_cluster_port();
+            let mut cmd = Command::new(redis_server_bin());
+            cmd.arg("--port")
+                .arg(port.to_string())
+                .args(["--bind", "127.0.0.1", "--protected-mode", "no"])
+                .args(["--daemonize", "no", "--logfile", ""])
+                .arg("--dir")
+                .arg(&dir)
+                .args(["--cluster-enabled", "yes"])
+                .arg("--cluster-config-file")
+                .arg(format!("nodes-{port}.conf"))
+                .args(["--cluster-node-timeout", NODE_TIMEOUT_MS])
+                .args(["--appendonly", "yes", "--appendfsync", "always"])
+                .args(["--save", ""])
+                .stdin(Stdio::null())
+                .stdout(open_append(&log))
+                .stderr(open_append(&log));
+            sys::die_with_parent(&mut cmd);
+            let mut child = cmd.spawn().expect("spawn redis-server");
+            match wait_started(&mut child, Duration::from_secs(20), async || {
+                redis_ping(port).await
+            })
+            .await
+            {
+                StartOutcome::Ready => return Node { port, log, child },
+                // Most likely lost the race for the port or its bus port.
+                StartOutcome::Exited(_) => continue,
+                StartOutcome::TimedOut => {
+                    kill_and_reap(&mut child);
+                    panic!(
+                        "cluster node {port} not ready in 20s; log:\n{}",
+                        file_tail(&log, 8192)
+                    )
+                }
+            }
+        }
+        panic!(
+            "cluster node failed to start 5 times; log:\n{}",
+            file_tail(&log, 8192)
+        )
+    }
+
+    pub fn ports(&self) -> Vec<u16> {
+        self.nodes.iter().map(|n| n.port).collect()
+    }
+
+    /// `redis://127.0.0.1:PORT/` of every node: seeds for a cluster client.
+    pub fn urls(&self) -> Vec<String> {
+        self.ports()
+            .iter()
+            .map(|p| format!("redis://127.0.0.1:{p}/"))
+            .collect()
+    }
+
+    /// A connection to each master (for per-node commands: KEYS, DBSIZE).
+    pub async fn masters(&self) -> Vec<redis::aio::MultiplexedConnection> {
+        let mut out = Vec::new();
+        for url in self.urls() {
+            let mut c = redis::Client::open(url.as_str())
+                .expect("redis url")
+                .get_multiplexed_async_connection()
+                .await
+                .unwrap_or_else(|e| panic!("connect to {url}: {e}"));
+            let role: Vec<redis::Value> =
+                redis::cmd("ROLE").query_async(&mut c).await.expect("ROLE");
+            if matches!(role.first(), Some(redis::Value::BulkString(r)) if r == b"master") {
+                out.push(c);
+            }
+        }
+        out
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        let logs: Vec<&Path> = self.nodes.iter().map(|n| n.log.as_path()).collect();
+        dump_if_panicking("redis cluster", &logs);
+        for n in &mut self.nodes {
+            kill_and_reap(&mut n.child);
+        }
+    }
+}
