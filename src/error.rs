@@ -17,7 +17,8 @@ pub enum ConfigError {
 
 #[derive(Debug, Error)]
 pub enum StoreError {
-    #[error("redis: {0} (is Redis reachable at redis.url? lapse retries with back-off)")]
+    /// The hint tells a permanent error (see `store::fault`) from an outage.
+    #[error("redis: {0} ({hint})", hint = crate::store::fault::hint(crate::store::fault::permanent_kind(.0)))]
     Redis(#[from] redis::RedisError),
     /// Records (customers or campaigns) another writer kept changing between
     /// load and compare-and-set, for `state_write::MAX_CAS_ROUNDS` rounds.

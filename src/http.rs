@@ -1,5 +1,6 @@
 //! HTTP endpoints: `/metrics` (Prometheus text), `/healthz` (process alive),
-//! `/readyz` (Redis and broker reachable at the last probe).
+//! `/readyz` (Redis and broker reachable at the last probe, and no permanent
+//! Redis error in force: `store::fault`).
 
 use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
@@ -55,12 +56,19 @@ async fn metrics(State(s): State<HttpState>) -> impl IntoResponse {
 }
 
 async fn readyz(State(s): State<HttpState>) -> impl IntoResponse {
+    if let Some(reason) = s.metrics.redis_fault.reason() {
+        // Redis answers, but a step keeps failing: say why.
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {reason}\n"),
+        );
+    }
     if s.ready.load(Ordering::SeqCst) {
-        (StatusCode::OK, "ready\n")
+        (StatusCode::OK, "ready\n".to_string())
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: Redis or the broker is unreachable\n",
+            "not ready: Redis or the broker is unreachable\n".to_string(),
         )
     }
 }

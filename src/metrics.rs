@@ -10,6 +10,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
 use crate::config::MetricsConfig;
+use crate::store::fault::RedisFault;
 
 #[derive(Clone)]
 pub struct Metrics {
@@ -29,6 +30,10 @@ pub struct Metrics {
     pub processing_latency: Histogram,
     pub redis_call_seconds: HistogramVec,
     pub redis_errors: IntCounterVec,
+    pub redis_permanent_errors: IntCounterVec,
+    /// The permanent Redis error in force, for `/readyz` (kept here because
+    /// every component that reports Redis errors holds the metrics).
+    pub redis_fault: RedisFault,
     pub cas_conflicts: IntCounter,
     pub state_writes: IntCounter,
     pub kafka_errors: IntCounterVec,
@@ -164,6 +169,13 @@ impl Metrics {
             ),
             redis_call_seconds,
             redis_errors: counter(&r, "lapse_redis_errors_total", "Failed Redis calls by operation.", &["op"]),
+            redis_permanent_errors: counter(
+                &r,
+                "lapse_redis_permanent_errors_total",
+                "Failed Redis steps that waiting does not cure, by kind (cross_slot, moved, noscript, wrong_type, auth): see the log for what to do.",
+                &["kind"],
+            ),
+            redis_fault: RedisFault::default(),
             cas_conflicts: single("lapse_state_write_conflicts_total", "State writes retried because another writer changed the record (customer or campaign) first."),
             state_writes: single("lapse_state_writes_total", "Customer states written to Redis."),
             kafka_errors: counter(&r, "lapse_kafka_errors_total", "Kafka client errors by operation.", &["op"]),
@@ -308,6 +320,9 @@ impl Metrics {
             "campaign",
         ] {
             self.redis_errors.with_label_values(&[op]);
+        }
+        for kind in crate::store::fault::KINDS {
+            self.redis_permanent_errors.with_label_values(&[kind]);
         }
         for op in ["client", "poll", "producer", "metadata"] {
             self.kafka_errors.with_label_values(&[op]);

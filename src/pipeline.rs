@@ -28,8 +28,12 @@ use crate::metrics::Metrics;
 use crate::retry::Backoff;
 use crate::state_write::{Fold, Folded, StateWriter};
 use crate::store::event_time::SharedEventTime;
+use crate::store::fault;
 use crate::store::record::CampaignId;
 use crate::store::timers::TimerStore;
+
+/// The retried step a permanent Redis error is reported against (`/readyz`).
+const STATE_WRITE: &str = "state write";
 
 /// The batch was abandoned before it became durable; its offsets must not be committed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,9 +111,14 @@ impl Pipeline {
         let mut backoff = Backoff::new(&self.retry);
         loop {
             match self.fold_and_store(&valid, &mut summary).await {
-                Ok(()) => break,
+                Ok(()) => {
+                    self.metrics.redis_fault.clear(STATE_WRITE);
+                    break;
+                }
                 Err(e) => {
-                    warn!(error = %e, "state write failed; retrying the batch");
+                    if !fault::report(&self.metrics, STATE_WRITE, &e) {
+                        warn!(error = %e, "state write failed; retrying the batch");
+                    }
                     self.metrics.retries.with_label_values(&["redis"]).inc();
                     if !backoff.wait(give_up).await {
                         return Err(GaveUp);

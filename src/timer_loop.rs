@@ -23,7 +23,11 @@ use crate::metrics::Metrics;
 use crate::retry::Backoff;
 use crate::state_write::{Fold, StateWriter};
 use crate::store::event_time::SharedEventTime;
+use crate::store::fault;
 use crate::store::timers::{Claimed, TimerStore};
+
+/// The retried step a permanent Redis error is reported against (`/readyz`).
+const FIRING: &str = "firing timers";
 
 pub struct TimerLoop {
     /// Customer states: load, fold, compare-and-set, publish the outboxes (the
@@ -94,7 +98,10 @@ impl TimerLoop {
                 continue;
             }
             let (busy, failed) = match self.fire_due(&shards, now).await {
-                Ok(full) => (full, false),
+                Ok(full) => {
+                    self.metrics.redis_fault.clear(FIRING);
+                    (full, false)
+                }
                 Err(e) => {
                     if matches!(&e, BatchError::Store(s) if !matches!(s, StoreError::Contended { .. }))
                     {
@@ -103,7 +110,9 @@ impl TimerLoop {
                             .with_label_values(&["timers"])
                             .inc();
                     }
-                    warn!(error = %e, "firing timers failed; retrying");
+                    if !fault::report(&self.metrics, FIRING, &e) {
+                        warn!(error = %e, "firing timers failed; retrying");
+                    }
                     self.metrics.retries.with_label_values(&["timers"]).inc();
                     (false, true)
                 }

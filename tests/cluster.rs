@@ -7,9 +7,7 @@
 //! | state equals a single-node run's; replay from zero changes no byte; a re-sent event id is skipped | `state_equals_the_single_node_run_and_a_replay_changes_nothing` |
 //! | caps publish CAPPED; the allowance API reads the cluster | `caps_and_the_allowance_api_work_on_a_cluster` |
 //! | timers fire on the cluster: AT_RISK triggers published once per customer | `recall_timers_fire_once_on_a_cluster` |
-//!
-//! The whole foundation, throttle and recall files run against a Cluster too
-//! with `scripts/test-cluster` (`LAPSE_TEST_REDIS=cluster`).
+//! | a permanent Redis error fails `/readyz` with what to do, counted by kind | `a_cluster_used_as_a_single_node_fails_readiness_with_what_to_do` |
 
 mod common;
 
@@ -300,4 +298,48 @@ async fn recall_timers_fire_once_on_a_cluster() {
     }
     lapse.sigterm();
     assert!(lapse.wait_exit(Duration::from_secs(30)).await.success());
+}
+
+#[tokio::test]
+async fn a_cluster_used_as_a_single_node_fails_readiness_with_what_to_do() {
+    let s = Stack::start_cluster().await;
+    let events = population("t1", 30, 2);
+    let p = Producer::new(&s.broker.bootstrap());
+    produce_events(&p, &events, |_| Framing::SingleObject).await;
+    // redis.cluster left false, pointed at one node: most keys live elsewhere.
+    let mut env = s.env("g-misconfigured");
+    env.retain(|(k, _)| k != "LAPSE_REDIS_URL");
+    env.push(("LAPSE_REDIS_URL".into(), s.redis_url()));
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let cfg = single_node_config(&s, "misconfigured");
+    let mut lapse = LapseProcess::spawn(&["run", "--config", &cfg], &env);
+    let body = wait_for(
+        LONG,
+        Duration::from_millis(200),
+        "/readyz to say why",
+        async || {
+            let (code, body) = lapse.http_get("/readyz").await.ok()?;
+            // Both retried steps: the batch's state write and the timer loop.
+            let both = body.contains("state write: ") && body.contains("firing timers: ");
+            (code == 503 && both).then_some(body)
+        },
+    )
+    .await;
+    assert!(body.contains("set redis.cluster = true"), "{body}");
+    assert!(
+        metric(
+            &lapse,
+            "lapse_redis_permanent_errors_total",
+            &[("kind", "moved")]
+        )
+        .await
+            >= 1.0
+    );
+    assert!(
+        lapse.stderr().contains("waiting does not cure"),
+        "logged at error level with what to do"
+    );
+    // (A SIGTERM would wait out kafka's shutdown drain timeout: the batch
+    // cannot finish.)
+    lapse.kill9();
 }

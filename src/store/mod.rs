@@ -5,6 +5,7 @@
 pub mod blob;
 pub mod compact;
 pub mod event_time;
+pub mod fault;
 pub mod gauges;
 pub mod keys;
 pub mod memory;
