@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 
 /// Parsed schemas kept; registries hold few ids, this only bounds memory.
 pub const DEFAULT_CACHE_CAPACITY: usize = 10_000;
+/// Confluent's content type for registry requests and answers.
+const REGISTRY_JSON: &str = "application/vnd.schemaregistry.v1+json";
 /// Largest registry response read; real schemas are far smaller.
 const MAX_RESPONSE_BYTES: usize = 4 << 20;
 /// Unknown ids remembered, so a stream of records with a bad id does not
@@ -225,7 +227,7 @@ impl RegistryClient {
     pub async fn probe(&self) -> Result<(), CodecError> {
         let url = format!("{}/config", self.inner.base);
         let resp = self
-            .request(&url)
+            .request(reqwest::Method::GET, &url)
             .send()
             .await
             .map_err(|e| CodecError::RegistryUrl {
@@ -268,22 +270,9 @@ impl RegistryClient {
             detail,
         };
         let req = self
-            .inner
-            .http
-            .post(&url)
-            .header(
-                reqwest::header::CONTENT_TYPE,
-                "application/vnd.schemaregistry.v1+json",
-            )
-            .header(
-                reqwest::header::ACCEPT,
-                "application/vnd.schemaregistry.v1+json, application/json",
-            )
+            .request(reqwest::Method::POST, &url)
+            .header(reqwest::header::CONTENT_TYPE, REGISTRY_JSON)
             .body(serde_json::json!({ "schema": schema_json }).to_string());
-        let req = match &self.inner.auth {
-            Some((user, pass)) => req.basic_auth(user, Some(pass)),
-            None => req,
-        };
         let resp = req.send().await.map_err(|e| unreachable(describe(&e)))?;
         let status = resp.status();
         let body = read_limited(resp)
@@ -331,10 +320,11 @@ impl RegistryClient {
         self.inner.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn request(&self, url: &str) -> reqwest::RequestBuilder {
-        let req = self.inner.http.get(url).header(
+    /// A request to the registry: its content types accepted, credentials attached.
+    fn request(&self, method: reqwest::Method, url: &str) -> reqwest::RequestBuilder {
+        let req = self.inner.http.request(method, url).header(
             reqwest::header::ACCEPT,
-            "application/vnd.schemaregistry.v1+json, application/json",
+            format!("{REGISTRY_JSON}, application/json"),
         );
         match &self.inner.auth {
             Some((user, pass)) => req.basic_auth(user, Some(pass)),
@@ -346,7 +336,7 @@ impl RegistryClient {
         let unavailable = |detail: String| DecodeError::RegistryUnavailable { id, detail };
         let url = format!("{}/schemas/ids/{id}", self.inner.base);
         let resp = self
-            .request(&url)
+            .request(reqwest::Method::GET, &url)
             .send()
             .await
             .map_err(|e| unavailable(describe(&e)))?;
