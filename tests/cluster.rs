@@ -104,31 +104,8 @@ async fn state_equals_the_single_node_run_and_a_replay_changes_nothing() {
 
     let before = s.dump().await;
     assert_eq!(before.keys().filter(|k| k.ends_with(":state")).count(), n);
-    let mut replay = s.spawn("g-replay", &s.config("replay", ""));
-    s.wait_caught_up("g-replay", LONG).await;
-    let skipped = metric(
-        &replay,
-        "lapse_duplicates_skipped_total",
-        &[("kind", "redelivery")],
-    )
-    .await;
-    assert_eq!(
-        skipped as usize,
-        events.len(),
-        "every replayed record is recognised"
-    );
-    let after = s.dump().await;
-    let changed: Vec<&String> = before
-        .keys()
-        .chain(after.keys())
-        .filter(|k| before.get(*k) != after.get(*k))
-        .collect();
-    assert!(
-        changed.is_empty(),
-        "a replay from offset 0 changed {changed:?}"
-    );
-    replay.sigterm();
-    assert!(replay.wait_exit(Duration::from_secs(30)).await.success());
+    s.replay_changes_nothing(&s.config("replay", ""), events.len())
+        .await;
 }
 
 /// A decoded output record (throttle event or recall trigger): field → value.

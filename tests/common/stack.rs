@@ -263,6 +263,37 @@ impl Stack {
     }
 
     /// Every key and raw value in Redis, for byte-level comparisons.
+    /// Replays every input from offset 0 with a new group (`g-replay`, on
+    /// `config`): each of the `records` must be recognised as applied and no
+    /// byte of Redis may change.
+    pub async fn replay_changes_nothing(&self, config: &str, records: usize) {
+        let before = self.dump().await;
+        let mut replay = self.spawn("g-replay", config);
+        self.wait_caught_up("g-replay", LONG).await;
+        let skipped = metric(
+            &replay,
+            "lapse_duplicates_skipped_total",
+            &[("kind", "redelivery")],
+        )
+        .await;
+        assert_eq!(
+            skipped as usize, records,
+            "every replayed record is recognised as applied"
+        );
+        let after = self.dump().await;
+        let changed: Vec<&String> = before
+            .keys()
+            .chain(after.keys())
+            .filter(|k| before.get(*k) != after.get(*k))
+            .collect();
+        assert!(
+            changed.is_empty(),
+            "a replay from offset 0 must not change a single byte; it changed {changed:?}"
+        );
+        replay.sigterm();
+        assert!(replay.wait_exit(Duration::from_secs(30)).await.success());
+    }
+
     pub async fn dump(&self) -> BTreeMap<String, Vec<u8>> {
         let mut out = BTreeMap::new();
         for mut c in self.nodes().await {
