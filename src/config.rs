@@ -348,9 +348,20 @@ impl Default for BatchConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StateConfig {
-    /// Event ids remembered per customer for duplicate detection across offsets
-    /// (6 bytes of Redis memory each).
-    pub event_ids_per_customer: usize,
+    /// Engagement event ids (sends, opens, clicks, replies) are remembered this
+    /// long in event time behind the latest event of their topic: a re-sent copy
+    /// inside it is skipped by its id, an event older than it is skipped as
+    /// possibly re-sent (`lapse_duplicates_skipped_total{kind="beyond_dedup_horizon"}`).
+    pub dedup_window: Dur,
+    /// At most this many engagement ids per customer and input topic (about 10
+    /// bytes of Redis memory each); when more fall inside the window, the oldest
+    /// are pushed out and counted (`lapse_dedup_ids_evicted_total`).
+    /// `event_ids_per_customer` (earlier versions) is read as this key.
+    #[serde(alias = "event_ids_per_customer")]
+    pub event_ids_per_topic: usize,
+    /// At most this many visit ids per customer: every visit of any realistic
+    /// customer, so a re-sent visit is never counted twice however old.
+    pub visit_ids_per_customer: usize,
     /// Visit timestamps kept per customer for gap statistics.
     pub visit_history: usize,
     /// Half-life of the short-horizon engagement counts.
@@ -362,7 +373,9 @@ pub struct StateConfig {
 impl Default for StateConfig {
     fn default() -> Self {
         StateConfig {
-            event_ids_per_customer: 16,
+            dedup_window: Dur::days(7),
+            event_ids_per_topic: 64,
+            visit_ids_per_customer: 256,
             visit_history: 16,
             short_half_life: Dur::days(14),
             long_half_life: Dur::days(90),
@@ -677,10 +690,22 @@ impl BatchConfig {
 impl StateConfig {
     /// `[state]`.
     fn validate(&self) -> Result<(), ConfigError> {
-        if !(1..=1024).contains(&self.event_ids_per_customer) {
+        if !(1..=1024).contains(&self.event_ids_per_topic) {
             return Err(bad(
-                "state.event_ids_per_customer",
+                "state.event_ids_per_topic",
                 "must be between 1 and 1024",
+            ));
+        }
+        if !(1..=4096).contains(&self.visit_ids_per_customer) {
+            return Err(bad(
+                "state.visit_ids_per_customer",
+                "must be between 1 and 4096",
+            ));
+        }
+        if self.dedup_window.0.is_zero() || self.dedup_window > Dur::days(366) {
+            return Err(bad(
+                "state.dedup_window",
+                "must be between 1 ms and 366 days (events older than it behind their topic's latest are skipped)",
             ));
         }
         if !(2..=256).contains(&self.visit_history) {

@@ -75,7 +75,18 @@ pub fn view(c: &CustomerRef, rev: u64, s: &CustomerState, p: &StateParams, now_m
         "channels": channels,
         "idempotence": {
             "watermarks": watermarks,
-            "remembered_event_ids": s.applied.recent_ids.len(),
+            "remembered_event_ids": crate::domain::event::EventKind::ALL
+                .iter()
+                .map(|k| (k.label().to_string(), json!(s.applied.seen[k.index()].ids.len())))
+                .collect::<serde_json::Map<_, _>>(),
+            "dedup_horizon_from_evictions": crate::domain::event::EventKind::ALL
+                .iter()
+                .filter_map(|k| {
+                    let e = s.applied.seen[k.index()].evicted_until?;
+                    Some((k.label().to_string(), ts(Some(e))))
+                })
+                .collect::<serde_json::Map<_, _>>(),
+            "remembered_event_ids_of_earlier_versions": s.applied.legacy_ids.len(),
         },
     })
 }

@@ -22,4 +22,5 @@ pub mod service;
 pub mod state_write;
 pub mod store;
 pub mod timer_loop;
+pub mod timer_sweep;
 pub mod wall_clock;

@@ -39,6 +39,16 @@ enum Cmd {
     },
     /// Validate a config file and print the effective config (defaults and env overrides applied).
     CheckConfig { file: PathBuf },
+    /// Schedule the timers of customers whose state has a recall stage due but no
+    /// timer (states written before timers existed, or timers lost by Redis).
+    /// Safe while instances run; prints what it found as JSON.
+    SweepTimers {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Count the missing timers without scheduling them.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Print one customer's state as JSON.
     Inspect {
         /// TENANT/CUSTOMER
@@ -72,6 +82,25 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
             lapse::service::build_decoder(&cfg)?;
             println!("{}", cfg.to_toml());
             eprintln!("config OK");
+            Ok(())
+        }
+        Cmd::SweepTimers { config, dry_run } => {
+            let cfg = Config::load(config.as_deref())?;
+            let store = StateStore::connect(&cfg.redis, Metrics::new(&cfg.metrics)).await?;
+            let timers = lapse::store::timers::TimerStore::new(
+                store.conn(),
+                cfg.redis.key_prefix.clone(),
+                cfg.timers.shards,
+            )
+            .await?;
+            let moved = timers.migrate_orphans().await?;
+            let policies = lapse::domain::policy::Policies::new(&cfg.policy)
+                .map_err(|(k, m)| anyhow::anyhow!("config key `{k}`: {m}"))?;
+            let report = lapse::timer_sweep::sweep(&store, &timers, &policies, dry_run).await?;
+            let mut v = serde_json::to_value(&report)?;
+            v["dry_run"] = serde_json::json!(dry_run);
+            v["timers_moved_between_shards"] = serde_json::json!(moved);
+            println!("{}", serde_json::to_string_pretty(&v)?);
             Ok(())
         }
         Cmd::Inspect { customer, config } => {

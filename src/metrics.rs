@@ -20,6 +20,7 @@ pub struct Metrics {
     pub invalid: IntCounterVec,
     pub legacy_fingerprints: IntCounterVec,
     pub duplicates: IntCounterVec,
+    pub dedup_evicted: IntCounterVec,
     pub dlq_writes: IntCounterVec,
     pub engagement: IntCounterVec,
     pub replies: IntCounterVec,
@@ -143,8 +144,14 @@ impl Metrics {
             duplicates: counter(
                 &r,
                 "lapse_duplicates_skipped_total",
-                "Records skipped as already applied: kind=redelivery (offset at or below the watermark) or event_id (same event id at a new offset).",
+                "Records skipped as already applied: kind=redelivery (offset at or below the watermark), event_id (same event id at a new offset) or beyond_dedup_horizon (older than what the topic's dedup memory covers: state.dedup_window behind the topic's latest event, or an id pushed out by the bound; skipped as a possible re-sent copy).",
                 &["event_type", "kind"],
+            ),
+            dedup_evicted: counter(
+                &r,
+                "lapse_dedup_ids_evicted_total",
+                "Event ids still inside state.dedup_window pushed out of a customer's dedup memory by its bound (state.event_ids_per_topic, state.visit_ids_per_customer): older events of that customer and topic are then skipped as beyond_dedup_horizon. Raise the bound if this grows.",
+                &["event_type"],
             ),
             dlq_writes: counter(&r, "lapse_dlq_writes_total", "Records written to the dead-letter topic, by source event type.", &["event_type"]),
             engagement: counter(

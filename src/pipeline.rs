@@ -448,7 +448,8 @@ fn campaign_signals(
 ) -> BTreeMap<CampaignId, Vec<CampaignSignal>> {
     let mut signals: BTreeMap<CampaignId, Vec<CampaignSignal>> = BTreeMap::new();
     for (i, out, _) in &tally.outcomes {
-        if *out == Outcome::DuplicateEventId {
+        // Upstream copies were never applied to the customer: not to campaigns either.
+        if matches!(out, Outcome::DuplicateEventId | Outcome::BeyondDedupHorizon) {
             continue;
         }
         let (ev, src) = &valid[*i];
@@ -524,7 +525,7 @@ impl Tally {
             match out {
                 Outcome::Applied => self.applied += 1,
                 Outcome::Redelivered => self.redelivered += 1,
-                Outcome::DuplicateEventId => self.dup_ids += 1,
+                Outcome::DuplicateEventId | Outcome::BeyondDedupHorizon => self.dup_ids += 1,
             }
             self.outcomes.push((*i, *out, *notes));
         }
@@ -553,6 +554,15 @@ impl Tally {
                     .duplicates
                     .with_label_values(&[ev.kind().label(), "event_id"])
                     .inc(),
+                Outcome::BeyondDedupHorizon => m
+                    .duplicates
+                    .with_label_values(&[ev.kind().label(), "beyond_dedup_horizon"])
+                    .inc(),
+            }
+            if notes.evicted_ids > 0 {
+                m.dedup_evicted
+                    .with_label_values(&[ev.kind().label()])
+                    .inc_by(u64::from(notes.evicted_ids));
             }
         }
         for (tenant, fx) in &self.effects {

@@ -18,7 +18,7 @@ use crate::domain::clock::EventClock;
 use crate::domain::engagement::Horizons;
 use crate::domain::event::EventKind;
 use crate::domain::policy::Policies;
-use crate::domain::state::StateParams;
+use crate::domain::state::{DedupParams, StateParams};
 use crate::http::{self, AllowanceApi, HttpState};
 use crate::kafka::admin;
 use crate::kafka::consumer::{self, Batch, PollLoop, Shared};
@@ -37,7 +37,11 @@ use crate::wall_clock::WallClock;
 
 pub fn state_params(cfg: &Config) -> StateParams {
     StateParams {
-        event_ids_per_customer: cfg.state.event_ids_per_customer,
+        dedup: DedupParams {
+            window_ms: cfg.state.dedup_window.as_millis_i64(),
+            ids_per_topic: cfg.state.event_ids_per_topic,
+            visit_ids: cfg.state.visit_ids_per_customer,
+        },
         visit_history: cfg.state.visit_history,
         horizons: Horizons {
             short_half_life_ms: cfg.state.short_half_life.as_millis_i64(),
@@ -235,6 +239,8 @@ async fn build(
         cfg.timers.shards,
     )
     .await?;
+    // A changed timers.shards leaves timers in shards nobody polls any more.
+    timers.migrate_orphans().await?;
     let event_clock = match cfg.clock.mode {
         ClockMode::Event => Some((
             Arc::new(EventClock::new()),

@@ -8,6 +8,7 @@
 //! | caps publish CAPPED; the allowance API reads the cluster | `caps_and_the_allowance_api_work_on_a_cluster` |
 //! | timers fire on the cluster: AT_RISK triggers published once per customer | `recall_timers_fire_once_on_a_cluster` |
 //! | a permanent Redis error fails `/readyz` with what to do, counted by kind | `a_cluster_used_as_a_single_node_fails_readiness_with_what_to_do` |
+//! | `lapse sweep-timers` scans every master and restores lost timers | `sweep_timers_restores_timers_on_a_cluster` |
 
 mod common;
 
@@ -40,15 +41,17 @@ async fn state_equals_the_single_node_run_and_a_replay_changes_nothing() {
     let s = Stack::start_cluster().await;
     let n = 60;
     let mut events = population("t1", n, 1);
-    // Visits re-sent upstream: the same event ids at new offsets. (Visits
-    // only: a campaign keeps no event ids, so a re-sent send would count
-    // again in its campaign — a single-node matter, not the Cluster's.)
-    let resent: Vec<_> = events
-        .iter()
-        .filter(|(e, _)| e.kind() == EventKind::Visit)
-        .take(5)
-        .cloned()
-        .collect();
+    // Visits and sends re-sent upstream: the same event ids at new offsets.
+    let mut resent: Vec<_> = Vec::new();
+    for kind in [EventKind::Visit, EventKind::Send] {
+        resent.extend(
+            events
+                .iter()
+                .filter(|(e, _)| e.kind() == kind)
+                .take(5)
+                .cloned(),
+        );
+    }
     events.extend(resent);
     let p = Producer::new(&s.broker.bootstrap());
     produce_events(&p, &events, |_| Framing::SingleObject).await;
@@ -72,7 +75,7 @@ async fn state_equals_the_single_node_run_and_a_replay_changes_nothing() {
             &[("kind", "event_id")]
         )
         .await
-            >= 5.0,
+            >= 10.0,
         "the re-sent event ids are skipped on the cluster"
     );
 
@@ -319,4 +322,21 @@ async fn a_cluster_used_as_a_single_node_fails_readiness_with_what_to_do() {
     // (A SIGTERM would wait out kafka's shutdown drain timeout: the batch
     // cannot finish.)
     lapse.kill9();
+}
+
+/// `lapse sweep-timers` scans every master of the cluster (SCAN per node) and
+/// restores lost timers in their shards' slots.
+#[tokio::test]
+async fn sweep_timers_restores_timers_on_a_cluster() {
+    let s = Stack::start_cluster().await;
+    let events = population("csweep", 60, 5);
+    let p = Producer::new(&s.broker.bootstrap());
+    produce_events(&p, &events, |_| Framing::SingleObject).await;
+    let cfg = s.config("cluster", "");
+    let mut lapse = s.spawn("g-csweep", &cfg);
+    s.wait_caught_up("g-csweep", LONG).await;
+    s.wait_no_timer_due(LONG).await;
+    lapse.sigterm();
+    assert!(lapse.wait_exit(Duration::from_secs(30)).await.success());
+    s.sweep_restores_deleted_timers(&cfg, 60).await;
 }

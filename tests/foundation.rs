@@ -268,6 +268,115 @@ async fn duplicate_event_id_at_a_new_offset_is_ignored_and_counted() {
     assert!(lapse.wait_exit(Duration::from_secs(30)).await.success());
 }
 
+/// The dedup contract (README "Guarantees"): a CRM re-export re-sends a whole
+/// month of history (and, with it, visits from years back) with the same event
+/// ids at new offsets. Nothing changes: no visit counted twice however old, no
+/// engagement re-counted, no campaign re-counted, no decision published.
+#[tokio::test]
+async fn re_sending_a_month_of_history_at_new_offsets_changes_nothing() {
+    let s = Stack::start().await;
+    let now = now_ms();
+    let mut history = Vec::new();
+    for i in 0..24 {
+        let c = cust("t-resend", &format!("c{i:02}"));
+        let ch = Channel::ALL[i % 5];
+        // 30 monthly visits, the oldest 2.5 years back.
+        for v in 0..30 {
+            let at = now - (31 - v) * 30 * DAY + i as i64;
+            history.push((
+                visit(&c, &format!("{i}-v{v}"), at, 10_000, Some("LASER")),
+                None,
+            ));
+        }
+        // A month of daily marketing sends of one campaign, opens and clicks.
+        for d in 0..31 {
+            let at = now - (31 - d) * DAY + (i as i64) * 60_000;
+            let mut snd = send(&c, &format!("{i}-s{d}"), at, ch, Purpose::Marketing);
+            if let EventBody::Send { campaign_id, .. } = &mut snd.body {
+                *campaign_id = Some("spring".into());
+            }
+            history.push((snd, None));
+            if d % 2 == 0 {
+                history.push((open(&c, &format!("{i}-o{d}"), at + 60_000, ch), None));
+            }
+            if d % 3 == 0 {
+                history.push((click(&c, &format!("{i}-c{d}"), at + 120_000, ch), None));
+            }
+        }
+        if i % 4 == 0 {
+            history.push((reply(&c, &format!("{i}-r"), now - 3 * DAY, ch), Some("TD")));
+        }
+    }
+    let p = Producer::new(&s.broker.bootstrap());
+    produce_events(&p, &history, |_| Framing::SingleObject).await;
+    let cfg = s.config("one", "");
+    let mut lapse = s.spawn("g-resend", &cfg);
+    s.wait_caught_up("g-resend", LONG).await;
+    let outputs = [
+        "engagement.throttle",
+        "recall.triggers",
+        "recall.outcomes",
+        "lapse.dlq",
+    ];
+    let before = s.dump().await;
+    let published = end_offsets(&s.broker.bootstrap(), &outputs).await;
+    let c0 = cust("t-resend", "c00");
+    assert_eq!(state(&s.store().await, &c0).await.visits.count, 30);
+
+    // The re-export: every record again, same event ids, new offsets.
+    produce_events(&p, &history, |_| Framing::SingleObject).await;
+    s.wait_caught_up("g-resend", LONG).await;
+    let by_id = metric(
+        &lapse,
+        "lapse_duplicates_skipped_total",
+        &[("kind", "event_id")],
+    )
+    .await;
+    let beyond = metric(
+        &lapse,
+        "lapse_duplicates_skipped_total",
+        &[("kind", "beyond_dedup_horizon")],
+    )
+    .await;
+    assert_eq!(
+        (by_id + beyond) as usize,
+        history.len(),
+        "every re-sent record is skipped ({by_id} by id, {beyond} as older than the window)"
+    );
+    // Visits are all remembered: none of the 720 is judged by the window.
+    let visits_by_id = metric(
+        &lapse,
+        "lapse_duplicates_skipped_total",
+        &[("kind", "event_id"), ("event_type", "visit")],
+    )
+    .await;
+    assert_eq!(visits_by_id, 24.0 * 30.0);
+    assert!(
+        beyond > 0.0,
+        "most of the month is older than the 7-day window"
+    );
+    assert_eq!(
+        metric(&lapse, "lapse_dedup_ids_evicted_total", &[]).await,
+        0.0
+    );
+
+    let after = s.dump().await;
+    let changed: Vec<&String> = before
+        .keys()
+        .chain(after.keys())
+        .filter(|k| before.get(*k) != after.get(*k))
+        .collect();
+    assert!(changed.is_empty(), "the re-export changed {changed:?}");
+    assert_eq!(
+        end_offsets(&s.broker.bootstrap(), &outputs).await,
+        published,
+        "no decision and no dead letter published"
+    );
+    assert_eq!(state(&s.store().await, &c0).await.visits.count, 30);
+    lapse.sigterm();
+    assert!(lapse.wait_exit(Duration::from_secs(30)).await.success());
+}
+
 #[tokio::test]
 async fn kill9_mid_stream_then_restart_equals_an_uninterrupted_run() {
     let s = Stack::start().await;
@@ -694,10 +803,27 @@ async fn redis_outage_pauses_then_resumes_without_loss() {
             .any(|(tp, e)| committed.get(tp).copied().unwrap_or(0) < *e),
         "offsets must not advance past unstored work"
     );
+    // The lag gauge shows exactly the records not durably applied, although
+    // the partitions are paused (back-pressure) and nothing commits.
+    let behind: i64 = end
+        .iter()
+        .map(|(tp, e)| e - committed.get(tp).copied().unwrap_or(0))
+        .sum();
+    wait_until(
+        LONG,
+        POLL,
+        "lapse_consumer_lag to show the backlog",
+        async || metric(&lapse, "lapse_consumer_lag", &[]).await == behind as f64,
+    )
+    .await;
 
     s.redis.start_again().await;
     s.wait_caught_up("g-redis", LONG).await;
     lapse.wait_http_ok("/readyz", LONG).await;
+    wait_until(LONG, POLL, "lapse_consumer_lag to fall to 0", async || {
+        metric(&lapse, "lapse_consumer_lag", &[]).await == 0.0
+    })
+    .await;
     let store = s.store().await;
     for i in 0..30 {
         for (t, n) in [("r1", 1 + i % 3), ("r2", 1 + i % 3)] {

@@ -425,3 +425,21 @@ async fn kill9_of_one_of_two_instances_while_timers_are_due_loses_no_trigger() {
     b.sigterm();
     assert!(b.wait_exit(Duration::from_secs(30)).await.success());
 }
+
+/// Issue 13 item 6: states whose timers are missing (written before lapse kept
+/// timers, or the timer keys lost) get them back from `lapse sweep-timers`,
+/// exactly as the pipeline had scheduled them.
+#[tokio::test]
+async fn sweep_timers_restores_the_timers_of_existing_states() {
+    let s = Stack::start().await;
+    let events = population("sweep", 60, 4);
+    let p = Producer::new(&s.broker.bootstrap());
+    produce_events(&p, &events, |_| Framing::SingleObject).await;
+    let cfg = s.config("one", "");
+    let mut lapse = s.spawn("g-sweep-run", &cfg);
+    s.wait_caught_up("g-sweep-run", LONG).await;
+    s.wait_no_timer_due(LONG).await;
+    lapse.sigterm();
+    assert!(lapse.wait_exit(Duration::from_secs(30)).await.success());
+    s.sweep_restores_deleted_timers(&cfg, 60).await;
+}

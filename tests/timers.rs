@@ -446,3 +446,79 @@ async fn the_timer_loop_stops_on_shutdown_in_the_middle_of_a_back_off() {
     assert!(started.elapsed() < Duration::from_secs(5));
     assert_eq!(retries(), 1, "still in its first back-off");
 }
+
+/// Claims every due timer of `shards` until none is left (misplaced ones are
+/// moved on the first claim and claimed from their own shard on a later one),
+/// completing each: returns each claimed customer with how often it was claimed.
+async fn claim_all(t: &Store, now: i64) -> HashMap<CustomerRef, usize> {
+    let shards: Vec<u32> = (0..t.shards()).collect();
+    let mut got: HashMap<CustomerRef, usize> = HashMap::new();
+    for _ in 0..4 {
+        for claimed in t
+            .claim_due_many(&shards, now, 60_000, 10_000)
+            .await
+            .unwrap()
+        {
+            for c in claimed {
+                assert!(
+                    t.complete(&c.customer, c.lease, None).await.unwrap(),
+                    "{c:?}"
+                );
+                *got.entry(c.customer).or_default() += 1;
+            }
+        }
+    }
+    got
+}
+
+/// `timers.shards` changed in both directions: every timer fires once, none is
+/// left behind in a shard nobody polls, none is claimed again and again.
+#[tokio::test]
+async fn changing_the_shard_count_orphans_no_timer() {
+    let redis = RedisServer::start().await;
+    let customers: Vec<CustomerRef> = (0..300).map(cust).collect();
+    let timers: Vec<(&CustomerRef, i64)> = customers.iter().zip(1..).collect();
+    let now = 1_000_000;
+    for (from, to) in [(8u32, 3u32), (3, 8), (16, 16)] {
+        store(&redis, from).await.schedule(&timers).await.unwrap();
+        let t = store(&redis, to).await;
+        let orphaned = customers.iter().filter(|c| shard_of(c, from) >= to).count();
+        assert_eq!(
+            t.migrate_orphans().await.unwrap(),
+            orphaned,
+            "{from} → {to}"
+        );
+        assert_eq!(t.migrate_orphans().await.unwrap(), 0, "idempotent");
+        let got = claim_all(&t, now).await;
+        assert_eq!(
+            got.len(),
+            customers.len(),
+            "{from} → {to}: every timer fired"
+        );
+        assert!(got.values().all(|n| *n == 1), "{from} → {to}: each once");
+        // Nothing left anywhere, polled or not.
+        let mut conn = redis.client().await;
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg("lapse:{timers:*}:due")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert!(keys.is_empty(), "{from} → {to}: left {keys:?}");
+    }
+}
+
+/// A customer with a timer in its new shard and an older one in an orphaned
+/// shard keeps the earlier due time (firing early only re-evaluates).
+#[tokio::test]
+async fn a_migrated_timer_keeps_the_earlier_due_time() {
+    let redis = RedisServer::start().await;
+    let c = (0..)
+        .map(cust)
+        .find(|c| shard_of(c, 8) >= 2)
+        .expect("a customer beyond shard 2 of 8");
+    store(&redis, 8).await.schedule(&[(&c, 500)]).await.unwrap();
+    let t = store(&redis, 2).await;
+    t.schedule(&[(&c, 900)]).await.unwrap();
+    assert_eq!(t.migrate_orphans().await.unwrap(), 1);
+    assert_eq!(t.due_of(&c).await.unwrap(), Some(500));
+}

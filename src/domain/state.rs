@@ -2,16 +2,23 @@
 //!
 //! Idempotence lives here, in two layers that together make every update
 //! exactly-once in effect with bounded memory:
-//! * a per-input-topic watermark `(partition, offset)`: a redelivered record
-//!   (crash, rebalance, replay from offset 0) is at or below it and is skipped;
-//! * a ring of the last N event-id hashes: the same `event_id` re-sent upstream
-//!   at a new offset is skipped.
+//! * a per-input-topic watermark `(partition, offset)` of the last applied
+//!   record: a redelivered record (crash, rebalance, replay from offset 0) is at
+//!   or below it and is skipped;
+//! * remembered event ids (`SeenIds`, per input topic): the same `event_id`
+//!   re-sent upstream at a new offset is skipped. Every visit id is kept (up to
+//!   `visit_ids_per_customer`); engagement ids are kept for `dedup_window` of
+//!   event time behind the topic's latest event. An engagement event older than
+//!   that window, or older than an id the per-topic bound had to push out, can
+//!   no longer be told apart from a re-sent copy: it is skipped and counted
+//!   (`Outcome::BeyondDedupHorizon`) rather than risk counting it twice.
 //!
 //! Every field is folded order-independently (sums, min/max, a sorted bounded
-//! set), so redelivery order does not change the result.
+//! set), so redelivery order does not change the result; everything the dedup
+//! memory of a topic decides depends on that topic's records alone, whose order
+//! per customer is fixed by the partition.
 
 use serde::{Deserialize, Serialize};
-use std::collections::VecDeque;
 
 use super::allowance::ChannelControl;
 use super::engagement::{ChannelEngagement, Horizons, Signal};
@@ -31,15 +38,36 @@ pub struct Source {
 /// Tunables of the state fold, from `[state]` in the config.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StateParams {
-    pub event_ids_per_customer: usize,
+    pub dedup: DedupParams,
     pub visit_history: usize,
     pub horizons: Horizons,
+}
+
+/// How long and how many event ids are remembered (`[state]` dedup keys).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DedupParams {
+    /// Engagement ids are remembered this long (event time) behind their topic's latest event.
+    pub window_ms: i64,
+    /// At most this many engagement ids per input topic.
+    pub ids_per_topic: usize,
+    /// At most this many visit ids (all of them, for any realistic customer).
+    pub visit_ids: usize,
+}
+
+impl Default for DedupParams {
+    fn default() -> Self {
+        DedupParams {
+            window_ms: 7 * 86_400_000,
+            ids_per_topic: 64,
+            visit_ids: 256,
+        }
+    }
 }
 
 impl Default for StateParams {
     fn default() -> Self {
         StateParams {
-            event_ids_per_customer: 16,
+            dedup: DedupParams::default(),
             visit_history: 16,
             horizons: Horizons {
                 short_half_life_ms: 14 * 86_400_000,
@@ -57,11 +85,102 @@ pub struct Watermark {
 
 /// What has been applied already.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(from = "AppliedV1", into = "AppliedV1")]
 pub struct Applied {
     /// Highest applied offset per input topic, indexed by `EventKind`.
     pub watermarks: [Option<Watermark>; 5],
-    /// Hashes of the most recent event ids, oldest first.
-    pub recent_ids: VecDeque<IdHash>,
+    /// Remembered event ids per input topic, indexed by `EventKind`.
+    pub seen: [SeenIds; 5],
+    /// Ids remembered by earlier versions (a ring of hashes without times, all topics
+    /// mixed): still consulted, never added to, at most 1024.
+    pub legacy_ids: Vec<IdHash>,
+}
+
+/// The serde layout of [`Applied`] in format 1 (postcard, read for customer
+/// states written by 0.1): a ring of hashes without times. Written only by
+/// benchmarks comparing the formats; the times do not survive it.
+#[derive(Serialize, Deserialize)]
+struct AppliedV1 {
+    watermarks: [Option<Watermark>; 5],
+    recent_ids: std::collections::VecDeque<IdHash>,
+}
+
+impl From<AppliedV1> for Applied {
+    fn from(v: AppliedV1) -> Applied {
+        Applied {
+            watermarks: v.watermarks,
+            seen: Default::default(),
+            legacy_ids: v.recent_ids.into(),
+        }
+    }
+}
+
+impl From<Applied> for AppliedV1 {
+    fn from(a: Applied) -> AppliedV1 {
+        let seen = a.seen.iter().flat_map(|t| t.ids.iter().map(|x| x.id));
+        AppliedV1 {
+            watermarks: a.watermarks,
+            recent_ids: a.legacy_ids.iter().copied().chain(seen).collect(),
+        }
+    }
+}
+
+/// One remembered event id: its hash and the event's time rounded up to the
+/// minute (stored in 1–2 bytes; rounding up only keeps an id a little longer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SeenId {
+    pub id: IdHash,
+    pub at: i64,
+}
+
+/// The granularity of [`SeenId::at`].
+pub const SEEN_AT_UNIT_MS: i64 = 60_000;
+
+impl SeenId {
+    pub fn new(id: IdHash, t: i64) -> SeenId {
+        let up = t.div_euclid(SEEN_AT_UNIT_MS) + (t.rem_euclid(SEEN_AT_UNIT_MS) != 0) as i64;
+        let max = i64::MAX / SEEN_AT_UNIT_MS;
+        SeenId {
+            id,
+            at: up.clamp(-max, max) * SEEN_AT_UNIT_MS,
+        }
+    }
+}
+
+/// The event ids remembered for one input topic.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SeenIds {
+    /// Sorted by event time, then hash (so the order of arrival does not matter).
+    pub ids: Vec<SeenId>,
+    /// The latest event time of an id the bound pushed out: events at or
+    /// before it can no longer be told apart from re-sent copies.
+    pub evicted_until: Option<i64>,
+}
+
+impl SeenIds {
+    fn contains(&self, id: IdHash) -> bool {
+        self.ids.iter().any(|s| s.id == id)
+    }
+
+    /// Remembers `s`, forgets ids older than `keep_from`, then pushes out the
+    /// oldest beyond `bound`. Returns how many ids the bound pushed out.
+    fn remember(&mut self, s: SeenId, keep_from: Option<i64>, bound: usize) -> usize {
+        let at = self.ids.partition_point(|x| (x.at, x.id) < (s.at, s.id));
+        self.ids.insert(at, s);
+        if let Some(from) = keep_from {
+            let old = self.ids.partition_point(|x| x.at < from);
+            self.ids.drain(..old);
+            // The window alone covers what an older push-out did.
+            self.evicted_until = self.evicted_until.filter(|e| *e >= from);
+        }
+        let over = self.ids.len().saturating_sub(bound);
+        if over > 0 {
+            let last = self.ids[over - 1].at;
+            self.evicted_until = Some(self.evicted_until.map_or(last, |e| e.max(last)));
+            self.ids.drain(..over);
+        }
+        over
+    }
 }
 
 /// Everything lapse keeps about one customer.
@@ -91,6 +210,10 @@ pub enum Outcome {
     Redelivered,
     /// The record is new at this offset but its event id was seen: an upstream duplicate.
     DuplicateEventId,
+    /// The event is older than what the dedup memory of its topic still covers
+    /// (the dedup window behind the topic's latest event, or an id the bound
+    /// pushed out): it cannot be told apart from a re-sent copy, so it is skipped.
+    BeyondDedupHorizon,
 }
 
 /// Notes about an applied event that adapters count but that change no decision.
@@ -98,11 +221,13 @@ pub enum Outcome {
 pub struct Notes {
     /// A visit in a currency other than the customer's: counted as a visit, not as spend.
     pub currency_mismatch: bool,
+    /// Ids still inside the dedup window that the per-topic bound pushed out.
+    pub evicted_ids: u32,
 }
 
 /// The low 48 bits of an event id's hash, stored as 6 bytes. A new event is a
-/// false "duplicate" with a probability of (ids remembered) × 2⁻⁴⁸ per event:
-/// 5.7e-14 with the default 16 ids (1.1e-13 with 32).
+/// false "duplicate" with a probability of (ids remembered for its topic) ×
+/// 2⁻⁴⁸ per event: 2.3e-13 with 64 ids.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct IdHash([u8; 6]);
 
@@ -154,21 +279,30 @@ impl CustomerState {
                 return (Outcome::Redelivered, notes);
             }
         }
-        *slot = Some(Watermark {
+        let t = ev.occurred_at;
+        let kind = ev.kind();
+        let h = IdHash::from(event_id_hash(kind, &ev.event_id));
+        // Visits are few and each one matters (count, spend): all are kept, no window.
+        let window = (kind != EventKind::Visit).then_some(p.dedup.window_ms);
+        let latest = self.latest(kind);
+        let seen = &self.applied.seen[kind.index()];
+        // A skip changes nothing, not even the watermark: the state stays a
+        // function of the applied events, however the skips were batched (a
+        // redelivered copy is judged the same way again).
+        if seen.contains(h) || self.applied.legacy_ids.contains(&h) {
+            return (Outcome::DuplicateEventId, notes);
+        }
+        let before_window = window
+            .zip(latest)
+            .is_some_and(|(w, l)| t < l.saturating_sub(w));
+        if before_window || seen.evicted_until.is_some_and(|e| t <= e) {
+            return (Outcome::BeyondDedupHorizon, notes);
+        }
+        self.applied.watermarks[src.kind.index()] = Some(Watermark {
             partition: src.partition,
             offset: src.offset,
         });
-        let h = IdHash::from(event_id_hash(ev.kind(), &ev.event_id));
-        if self.applied.recent_ids.contains(&h) {
-            // The watermark moved (so the skip itself is durable), nothing else did.
-            return (Outcome::DuplicateEventId, notes);
-        }
-        self.applied.recent_ids.push_back(h);
-        while self.applied.recent_ids.len() > p.event_ids_per_customer {
-            self.applied.recent_ids.pop_front();
-        }
 
-        let t = ev.occurred_at;
         match &ev.body {
             EventBody::Send {
                 channel, purpose, ..
@@ -212,7 +346,31 @@ impl CustomerState {
                 );
             }
         }
+        let keep_from = window
+            .zip(self.latest(kind))
+            .map(|(w, l)| l.saturating_sub(w));
+        let bound = match kind {
+            EventKind::Visit => p.dedup.visit_ids,
+            _ => p.dedup.ids_per_topic,
+        };
+        let pushed = self.applied.seen[kind.index()].remember(SeenId::new(h, t), keep_from, bound);
+        notes.evicted_ids = pushed as u32;
         (Outcome::Applied, notes)
+    }
+
+    /// The latest event time applied from the input topic of `kind`, read off
+    /// the folded state (no extra bytes stored).
+    fn latest(&self, kind: EventKind) -> Option<i64> {
+        let channels = self.channels.iter().flatten();
+        match kind {
+            EventKind::Send => channels
+                .flat_map(|c| c.last_send.into_iter().chain(c.last_service_send))
+                .max(),
+            EventKind::Open => channels.filter_map(|c| c.last_open).max(),
+            EventKind::Click => channels.filter_map(|c| c.last_click).max(),
+            EventKind::Reply => channels.filter_map(|c| c.last_reply).max(),
+            EventKind::Visit => self.visits.last_at,
+        }
     }
 
     fn engage(&mut self, c: Channel, s: Signal, t: i64, p: &StateParams) {
@@ -321,26 +479,177 @@ mod tests {
     #[test]
     fn memory_is_bounded() {
         let p = StateParams {
-            event_ids_per_customer: 8,
+            dedup: DedupParams {
+                window_ms: 7 * DAY,
+                ids_per_topic: 8,
+                visit_ids: 16,
+            },
             visit_history: 4,
             ..StateParams::default()
         };
         let mut s = CustomerState::default();
+        let mut evicted = 0;
         for i in 0..100 {
             s.apply(
-                &visit(&format!("v{i}"), i * 1000, 1, None),
+                &visit(&format!("v{i}"), i * 60_000, 1, None),
                 src(EventKind::Visit, i),
                 &p,
             );
-            s.apply(
-                &send(&format!("s{i}"), i * 1000),
-                src(EventKind::Send, i),
-                &p,
-            );
+            evicted += s
+                .apply(
+                    &send(&format!("s{i}"), i * 60_000),
+                    src(EventKind::Send, i),
+                    &p,
+                )
+                .1
+                .evicted_ids;
         }
-        assert_eq!(s.applied.recent_ids.len(), 8);
+        assert_eq!(s.applied.seen[EventKind::Send.index()].ids.len(), 8);
+        assert_eq!(s.applied.seen[EventKind::Visit.index()].ids.len(), 16);
+        assert_eq!(evicted, 92, "every push-out inside the window is reported");
         assert_eq!(s.visits.recent.len(), 4);
         assert_eq!(s.visits.count, 100);
+    }
+
+    const DAY: i64 = 86_400_000;
+
+    /// The reported case: 30 visits, then the first 3 re-sent with their
+    /// event ids at new offsets (a CRM re-export of history).
+    #[test]
+    fn a_visit_is_never_counted_twice_however_old_the_copy() {
+        let p = StateParams::default();
+        let mut s = CustomerState::default();
+        for i in 0..30 {
+            let v = visit(&format!("v{i}"), i * 30 * DAY, 100, None);
+            assert_eq!(
+                s.apply(&v, src(EventKind::Visit, i), &p).0,
+                Outcome::Applied
+            );
+        }
+        let before = s.clone();
+        for i in 0..3 {
+            let v = visit(&format!("v{i}"), i * 30 * DAY, 100, None);
+            let out = s.apply(&v, src(EventKind::Visit, 100 + i), &p).0;
+            assert_eq!(out, Outcome::DuplicateEventId, "visit {i}");
+        }
+        assert_eq!(s.visits, before.visits);
+        assert_eq!(s.visits.count, 30);
+        assert_eq!(s.visits.lifetime_spend, 3000);
+        // A new visit dated in the past is still a visit.
+        let late = visit("v-late", 45 * DAY, 100, None);
+        assert_eq!(
+            s.apply(&late, src(EventKind::Visit, 200), &p).0,
+            Outcome::Applied
+        );
+        assert_eq!(s.visits.count, 31);
+    }
+
+    #[test]
+    fn visits_beyond_the_bound_leave_a_horizon_instead_of_counting_twice() {
+        let p = StateParams {
+            dedup: DedupParams {
+                visit_ids: 4,
+                ..DedupParams::default()
+            },
+            ..StateParams::default()
+        };
+        let mut s = CustomerState::default();
+        for i in 0..6 {
+            let v = visit(&format!("v{i}"), i * DAY, 1, None);
+            s.apply(&v, src(EventKind::Visit, i), &p);
+        }
+        let seen = &s.applied.seen[EventKind::Visit.index()];
+        assert_eq!(seen.ids.len(), 4);
+        assert_eq!(seen.evicted_until, Some(DAY), "day 1, a whole minute");
+        // The pushed-out visit v1 re-sent: cannot be verified, so not counted again.
+        let again = visit("v1", DAY, 1, None);
+        assert_eq!(
+            s.apply(&again, src(EventKind::Visit, 10), &p).0,
+            Outcome::BeyondDedupHorizon
+        );
+        assert_eq!(s.visits.count, 6);
+    }
+
+    #[test]
+    fn engagement_ids_are_remembered_for_the_window_behind_their_topic() {
+        let p = StateParams::default();
+        let mut s = CustomerState::default();
+        // A month of daily sends.
+        for d in 0..30 {
+            let e = send(&format!("s{d}"), d * DAY);
+            assert_eq!(s.apply(&e, src(EventKind::Send, d), &p).0, Outcome::Applied);
+        }
+        let kept = &s.applied.seen[EventKind::Send.index()].ids;
+        assert_eq!(kept.len(), 8, "days 22..=29 are inside 7 days of day 29");
+        let before = s.clone();
+        // The whole month re-sent at new offsets: nothing changes.
+        for d in 0..30 {
+            let e = send(&format!("s{d}"), d * DAY);
+            let out = s.apply(&e, src(EventKind::Send, 100 + d), &p).0;
+            let expected = if d >= 22 {
+                Outcome::DuplicateEventId
+            } else {
+                Outcome::BeyondDedupHorizon
+            };
+            assert_eq!(out, expected, "day {d}");
+        }
+        assert_eq!(s.channels, before.channels);
+        assert_eq!(s.applied.seen, before.applied.seen);
+        // A late open is judged against the opens topic, not the sends: applied.
+        let open = Event {
+            event_id: "o1".into(),
+            customer: CustomerRef::new("t1", "c1"),
+            occurred_at: 2 * DAY,
+            body: EventBody::Open {
+                channel: Channel::Sms,
+                message_id: "m".into(),
+                campaign_id: None,
+            },
+        };
+        assert_eq!(
+            s.apply(&open, src(EventKind::Open, 0), &p).0,
+            Outcome::Applied
+        );
+    }
+
+    /// Topics are consumed at different speeds (a backlog of sends can run
+    /// weeks ahead of the opens): the result must not depend on it.
+    #[test]
+    fn dedup_memory_does_not_depend_on_how_topics_interleave() {
+        let p = StateParams::default();
+        let sends: Vec<Event> = (0..40).map(|d| send(&format!("s{d}"), d * DAY)).collect();
+        let opens: Vec<Event> = (0..40)
+            .map(|d| Event {
+                event_id: format!("o{d}"),
+                customer: CustomerRef::new("t1", "c1"),
+                occurred_at: d * DAY + 3_600_000,
+                body: EventBody::Open {
+                    channel: Channel::Sms,
+                    message_id: "m".into(),
+                    campaign_id: None,
+                },
+            })
+            .collect();
+        let mut a = CustomerState::default();
+        for (i, e) in sends.iter().enumerate() {
+            assert_eq!(
+                a.apply(e, src(EventKind::Send, i as i64), &p).0,
+                Outcome::Applied
+            );
+        }
+        for (i, e) in opens.iter().enumerate() {
+            assert_eq!(
+                a.apply(e, src(EventKind::Open, i as i64), &p).0,
+                Outcome::Applied
+            );
+        }
+        let mut b = CustomerState::default();
+        for (i, (sd, op)) in sends.iter().zip(&opens).enumerate() {
+            b.apply(op, src(EventKind::Open, i as i64), &p);
+            b.apply(sd, src(EventKind::Send, i as i64), &p);
+        }
+        assert_eq!(a.applied, b.applied);
+        assert_eq!(a.visits, b.visits);
     }
 
     #[test]

@@ -201,6 +201,26 @@ impl Shared {
     }
 }
 
+/// Records of a partition not yet durably applied: its high watermark minus
+/// the group's committed offset, or minus the low watermark before the group's
+/// first commit there (lapse starts new groups at the earliest offset; the
+/// statistics' own `consumer_lag` is -1 then, hiding a new group's whole
+/// backlog). librdkafka queries the watermarks of paused partitions too, so the
+/// figure stays current while back-pressure holds fetching. `None` while the
+/// high watermark is unknown. Brokers whose high watermark is the last batch's
+/// base offset + 1 (tansu 0.6) under-report by up to a batch; see README.
+fn lag_of(high: i64, committed: i64, low: i64) -> Option<i64> {
+    if high < 0 {
+        return None;
+    }
+    let from = if committed >= 0 {
+        committed
+    } else {
+        low.max(0)
+    };
+    Some((high - from).max(0))
+}
+
 pub struct LapseContext {
     shared: Arc<Shared>,
     drain_timeout: Duration,
@@ -221,12 +241,12 @@ impl ClientContext for LapseContext {
                 if *p < 0 || !owned.partitions.contains(&(topic.clone(), *p)) {
                     continue;
                 }
-                if ps.consumer_lag >= 0 {
+                if let Some(lag) = lag_of(ps.hi_offset, ps.committed_offset, ps.lo_offset) {
                     self.shared
                         .metrics
                         .consumer_lag
                         .with_label_values(&[topic, &p.to_string()])
-                        .set(ps.consumer_lag);
+                        .set(lag);
                 }
             }
         }
@@ -572,5 +592,26 @@ impl PollLoop {
         info!(committed, "offsets committed; leaving the group");
         drop(self.tx);
         self.consumer.unsubscribe();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::lag_of;
+
+    #[test]
+    fn lag_counts_from_the_commit_or_the_start_of_the_log() {
+        // Unknown high watermark: no figure rather than a wrong one.
+        assert_eq!(lag_of(-1, 10, 0), None);
+        // Committed: behind the high watermark by the difference.
+        assert_eq!(lag_of(1_000, 400, 0), Some(600));
+        assert_eq!(lag_of(1_000, 1_000, 0), Some(0));
+        // Nothing committed yet (-1001 = invalid): the whole retained log.
+        assert_eq!(lag_of(1_000, -1001, 0), Some(1_000));
+        assert_eq!(lag_of(1_000, -1001, 250), Some(750));
+        assert_eq!(lag_of(1_000, -1001, -1), Some(1_000));
+        // A high watermark behind the commit (a broker reporting a batch's base
+        // offset) is no negative lag.
+        assert_eq!(lag_of(10, 12, 0), Some(0));
     }
 }

@@ -22,7 +22,8 @@
 //!   count before it, or its 4 little-endian bytes.
 //! * **Options and small enums** are bits of a few flag bytes.
 //! * **Idempotence**: the watermarks as zigzag deltas to the previous topic's
-//!   partition and offset; the event-id hashes as their 6 bytes.
+//!   partition and offset; per topic the remembered event ids as a time list
+//!   and their 6-byte hashes.
 //! * The outbox (empty at rest) stays postcard, behind its length.
 //!
 //! Lossless: `decode(encode(s)) == s` for every state, bit for bit, and `encode`
@@ -33,9 +34,10 @@
 //!
 //! ```text
 //! body     := h0:u8 base:ivar unit:var presence:u16le [visits] channel* control*
-//!             watermark* ring [episode] [episode] [timer_due:T] [outbox]
-//! h0       := bit 2 visits present; 3 timer_due; 4 recall.current;
-//!             5 recall.previous; 6 outbox; bits 0-1 and 7 = 0
+//!             watermark* seen [episode] [episode] [timer_due:T] [outbox]
+//! h0       := bit 0 seen (else: ring, as earlier versions wrote it); 2 visits present;
+//!             3 timer_due; 4 recall.current; 5 recall.previous; 6 outbox;
+//!             bits 1 and 7 = 0
 //! unit     := (ms / 1000) << 1 | 1 when a whole number of seconds, else ms << 1
 //! presence := bits 0-4 channels, 5-9 controls, 10-14 watermarks (by index); 15 = 0
 //! visits   := v0:u8 v1:u8 count:var spend:ivar recent [first_at:T] [last_at:T]
@@ -56,7 +58,10 @@
 //!       6 its decided_at (absent in states written before it existed); 7 decided_at
 //!       is relative to the latest send
 //! watermark:= partition:ivar offset:ivar            (deltas to the previous present one)
-//! ring     := n:var n×6 bytes
+//! seen     := sp:var (topic×(list n×6 bytes))* (evicted_until:T)* [legacy:ring]
+//!   sp: bits 0-4 topics with ids, 5-9 topics with evicted_until, 10 legacy ids;
+//!   the rest 0. A topic's ids: their times as a list, then their hashes in order.
+//! ring     := n:var n×6 bytes              (earlier: hashes, no times, topics mixed)
 //! episode  := e0:u8 start:T [experiment:str] n:var n×(s0:u8 attempt:var due:T
 //!             fired:ivar-to-due cost:ivar)
 //!   e0: bits 0-1 arm (none, treatment, holdout); 2 experiment.  s0: bits 0-1
@@ -64,15 +69,15 @@
 //! outbox   := n:var n bytes of postcard(Vec<Output>)
 //! ```
 
-use std::collections::VecDeque;
-
 use crate::domain::allowance::{AllowanceState, ChannelControl, Published, ThrottleSpell};
 use crate::domain::engagement::{ChannelEngagement, Counts};
 use crate::domain::event::VisitType;
 use crate::domain::lapse::{Segment, Stage};
 use crate::domain::output::Output;
 use crate::domain::recall::{Arm, Episode, OutcomeKind, RecallState, StageRecord};
-use crate::domain::state::{Applied, CustomerState, IdHash, Watermark};
+use crate::domain::state::{
+    Applied, CustomerState, IdHash, SeenId, SeenIds, Watermark, SEEN_AT_UNIT_MS,
+};
 use crate::domain::visits::Visits;
 
 /// Names of the sections, in the order [`encode_parts`] measures them.
@@ -356,7 +361,8 @@ impl Enc<'_> {
         let RecallState { current, previous } = recall;
         let has_visits = *visits != Visits::default();
         let mut marks = [self.out.len(); 8];
-        self.u8(bit(has_visits, 2)
+        self.u8(1
+            | bit(has_visits, 2)
             | bit(timer_due.is_some(), 3)
             | bit(current.is_some(), 4)
             | bit(previous.is_some(), 5)
@@ -558,7 +564,8 @@ impl Enc<'_> {
     fn applied(&mut self, a: &Applied) {
         let Applied {
             watermarks,
-            recent_ids,
+            seen,
+            legacy_ids,
         } = a;
         let (mut partition, mut offset) = (0i64, 0i64);
         for Watermark {
@@ -570,8 +577,37 @@ impl Enc<'_> {
             self.ivar(o.wrapping_sub(offset));
             (partition, offset) = (i64::from(*p), *o);
         }
-        self.var(recent_ids.len() as u64);
-        for h in recent_ids {
+        let mut sp = (!legacy_ids.is_empty() as u16) << 10;
+        for (i, t) in seen.iter().enumerate() {
+            sp |= (!t.ids.is_empty() as u16) << i;
+            sp |= (t.evicted_until.is_some() as u16) << (5 + i);
+        }
+        self.var(u64::from(sp));
+        // Whole minutes (`SeenId::new`), so in their own unit: 1–2 bytes a gap.
+        let base = self.base.div_euclid(SEEN_AT_UNIT_MS);
+        let minutes = |t: i64| t.div_euclid(SEEN_AT_UNIT_MS).wrapping_sub(base);
+        for t in seen.iter().filter(|t| !t.ids.is_empty()) {
+            self.var(t.ids.len() as u64);
+            let latest = t.ids[t.ids.len() - 1].at;
+            self.ivar(minutes(latest));
+            for w in t.ids.windows(2).rev() {
+                self.var(minutes(w[1].at).wrapping_sub(minutes(w[0].at)) as u64);
+            }
+            for x in &t.ids {
+                self.out.extend_from_slice(&x.id.to_bytes());
+            }
+        }
+        for e in seen.iter().filter_map(|t| t.evicted_until) {
+            self.ivar(minutes(e));
+        }
+        if !legacy_ids.is_empty() {
+            self.ring(legacy_ids);
+        }
+    }
+
+    fn ring(&mut self, ids: &[IdHash]) {
+        self.var(ids.len() as u64);
+        for h in ids {
             self.out.extend_from_slice(&h.to_bytes());
         }
     }
@@ -756,7 +792,7 @@ impl Dec<'_> {
 
     fn state(&mut self) -> Res<CustomerState> {
         let h0 = self.u8()?;
-        if h0 & 0x83 != 0 {
+        if h0 & 0x82 != 0 {
             return Err("reserved header bit set".into());
         }
         self.base = self.ivar()?;
@@ -807,12 +843,11 @@ impl Dec<'_> {
                 });
             }
         }
-        let n = self.len(6, "event-id ring")?;
-        let mut recent_ids = VecDeque::with_capacity(n);
-        for _ in 0..n {
-            let b = self.take(6)?;
-            recent_ids.push_back(IdHash::from_bytes([b[0], b[1], b[2], b[3], b[4], b[5]]));
-        }
+        let (seen, legacy_ids) = if h0 & 1 != 0 {
+            self.seen()?
+        } else {
+            (Default::default(), self.ring()?)
+        };
         let current = if h0 & 16 != 0 {
             Some(self.episode()?)
         } else {
@@ -840,13 +875,75 @@ impl Dec<'_> {
             channels,
             applied: Applied {
                 watermarks,
-                recent_ids,
+                seen,
+                legacy_ids,
             },
             controls,
             recall: RecallState { current, previous },
             outbox,
             timer_due,
         })
+    }
+
+    fn ring(&mut self) -> Res<Vec<IdHash>> {
+        let n = self.len(6, "event-id ring")?;
+        let mut ids = Vec::with_capacity(n);
+        for _ in 0..n {
+            ids.push(self.id_hash()?);
+        }
+        Ok(ids)
+    }
+
+    fn id_hash(&mut self) -> Res<IdHash> {
+        let b = self.take(6)?;
+        Ok(IdHash::from_bytes([b[0], b[1], b[2], b[3], b[4], b[5]]))
+    }
+
+    fn seen(&mut self) -> Res<([SeenIds; 5], Vec<IdHash>)> {
+        let sp = self.var()?;
+        if sp >> 11 != 0 {
+            return Err("seen ids: reserved bit set".into());
+        }
+        let base = self.base.div_euclid(SEEN_AT_UNIT_MS);
+        let at = |m: i64| {
+            base.checked_add(m)
+                .and_then(|m| m.checked_mul(SEEN_AT_UNIT_MS))
+                .ok_or_else(|| "seen ids: time out of range".to_string())
+        };
+        let mut seen: [SeenIds; 5] = Default::default();
+        for (i, t) in seen.iter_mut().enumerate() {
+            if sp & (1 << i) != 0 {
+                // Each id is at least its 6 hash bytes and a gap byte.
+                let n = self.len(7, "seen ids")?;
+                if n == 0 {
+                    return Err("seen ids: a present topic with none".into());
+                }
+                let mut m = vec![self.ivar()?; n];
+                for j in (0..n - 1).rev() {
+                    m[j] = m[j + 1].wrapping_sub(self.var()? as i64);
+                }
+                t.ids = m
+                    .into_iter()
+                    .map(|m| {
+                        Ok(SeenId {
+                            at: at(m)?,
+                            id: self.id_hash()?,
+                        })
+                    })
+                    .collect::<Res<_>>()?;
+            }
+        }
+        for (i, t) in seen.iter_mut().enumerate() {
+            if sp & (1 << (5 + i)) != 0 {
+                t.evicted_until = Some(at(self.ivar()?)?);
+            }
+        }
+        let legacy = if sp & (1 << 10) != 0 {
+            self.ring()?
+        } else {
+            Vec::new()
+        };
+        Ok((seen, legacy))
     }
 
     fn visits(&mut self) -> Res<Visits> {
@@ -1192,10 +1289,22 @@ mod tests {
                 },
             });
         }
-        for _ in 0..r.random_range(0..40) {
-            s.applied
-                .recent_ids
-                .push_back(IdHash::from(r.random::<u64>()));
+        for t in s.applied.seen.iter_mut() {
+            if r.random_bool(0.15) {
+                let mut ids: Vec<SeenId> = (0..r.random_range(1..40))
+                    .map(|_| SeenId::new(IdHash::from(r.random::<u64>()), time(r, base, unit)))
+                    .collect();
+                ids.sort_by_key(|x| (x.at, x.id));
+                t.ids = ids;
+            }
+            if r.random_bool(0.1) {
+                t.evicted_until = Some(SeenId::new(IdHash::from(0), time(r, base, unit)).at);
+            }
+        }
+        if r.random_bool(0.2) {
+            s.applied.legacy_ids = (0..r.random_range(1..17))
+                .map(|_| IdHash::from(r.random::<u64>()))
+                .collect();
         }
         let episode = |r: &mut StdRng| Episode {
             start: time(r, base, unit),
@@ -1271,8 +1380,8 @@ mod tests {
     #[test]
     fn the_default_state_is_six_bytes() {
         let b = encoded(&CustomerState::default());
-        // Header (unit 1 ms), no presence, an empty ring.
-        assert_eq!(b, [0, 0, 2, 0, 0, 0]);
+        // Header (seen ids, unit 1 ms), no presence, no seen ids.
+        assert_eq!(b, [1, 0, 2, 0, 0, 0]);
         assert_eq!(decode(&b).unwrap(), CustomerState::default());
     }
 
@@ -1295,11 +1404,13 @@ mod tests {
                 let _ = decode(&d);
             }
         }
-        // A huge length prefix allocates nothing: it cannot fit in the rest.
-        let mut b = encoded(&CustomerState::default());
-        b.pop();
-        b.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0x0f]);
-        assert!(decode(&b).unwrap_err().contains("cannot fit"));
+        // A huge length prefix allocates nothing: it cannot fit in the rest
+        // (the earlier ring; a topic's seen ids).
+        let huge = [0xff, 0xff, 0xff, 0xff, 0x0f];
+        for head in [&[0u8, 0, 2, 0, 0][..], &[1, 0, 2, 0, 0, 1]] {
+            let b = [head, &huge].concat();
+            assert!(decode(&b).unwrap_err().contains("cannot fit"), "{head:?}");
+        }
         assert!(decode(&[0x80, 0, 2, 0, 0, 0])
             .unwrap_err()
             .contains("reserved"));

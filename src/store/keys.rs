@@ -25,6 +25,20 @@ impl Keys {
         format!("{}:{}:state", self.prefix, Self::tag(c))
     }
 
+    /// Pattern matching every customer's state key (for the timer sweep).
+    pub fn state_pattern(&self) -> String {
+        format!("{}:{{*}}:state", self.prefix)
+    }
+
+    /// The customer a state key belongs to (the inverse of [`state`](Self::state)).
+    pub fn customer_of_state(&self, key: &str) -> Option<CustomerRef> {
+        let tag = key
+            .strip_prefix(self.prefix.as_str())?
+            .strip_prefix(":{")?
+            .strip_suffix("}:state")?;
+        CustomerRef::parse(tag)
+    }
+
     /// A campaign's state: `PREFIX:{campaign:tenant/campaign}:campaign`.
     pub fn campaign(&self, tenant: &str, campaign: &str) -> String {
         format!("{}:{{campaign:{tenant}/{campaign}}}:campaign", self.prefix)
@@ -45,5 +59,11 @@ mod tests {
         let k = Keys::new("lapse");
         let c = CustomerRef::new("brandA", "cust-1");
         assert_eq!(k.state(&c), "lapse:{brandA/cust-1}:state");
+        assert_eq!(k.customer_of_state(&k.state(&c)), Some(c));
+        assert_eq!(
+            k.customer_of_state("lapse:{campaign:brandA/x}:campaign"),
+            None
+        );
+        assert_eq!(k.customer_of_state("other:{brandA/cust-1}:state"), None);
     }
 }

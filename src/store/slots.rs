@@ -5,6 +5,7 @@
 
 use futures::stream::{self, StreamExt, TryStreamExt};
 use redis::aio::{ConnectionLike, ConnectionManager, MultiplexedConnection};
+use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 use redis::{Cmd, FromRedisValue, RedisResult, Value};
 
 use super::redis::Conn;
@@ -127,6 +128,98 @@ pub async fn pipelined<T: FromRedisValue>(
     out.into_iter()
         .map(|v| T::from_owned_redis_value(v.unwrap_or(Value::Nil)))
         .collect()
+}
+
+/// A SCAN over every key matching a pattern: of the one node, or of every
+/// master of a Cluster in turn. A Cluster resharding meanwhile can make a scan
+/// miss or repeat keys (as SCAN itself may repeat): callers must be idempotent
+/// and may run again.
+pub struct KeyScan {
+    conn: Conn,
+    pattern: String,
+    /// Masters still to scan (`None` on a single node), the current one last.
+    masters: Option<Vec<(String, u16)>>,
+    cursor: u64,
+    done: bool,
+}
+
+impl KeyScan {
+    pub async fn new(conn: Conn, pattern: impl Into<String>) -> RedisResult<KeyScan> {
+        let masters = match &conn {
+            Conn::Single(_) => None,
+            Conn::Cluster(c) => Some(masters(&mut c.clone()).await?),
+        };
+        Ok(KeyScan {
+            conn,
+            pattern: pattern.into(),
+            masters,
+            cursor: 0,
+            done: false,
+        })
+    }
+
+    /// The next page of keys (possibly empty), or `None` when every node is done.
+    pub async fn next_page(&mut self, count: usize) -> RedisResult<Option<Vec<String>>> {
+        if self.done {
+            return Ok(None);
+        }
+        let mut cmd = redis::cmd("SCAN");
+        cmd.arg(self.cursor)
+            .arg("MATCH")
+            .arg(&self.pattern)
+            .arg("COUNT")
+            .arg(count);
+        let (cursor, keys): (u64, Vec<String>) = match (&mut self.conn, &mut self.masters) {
+            (Conn::Cluster(c), Some(masters)) => {
+                let Some((host, port)) = masters.last().cloned() else {
+                    self.done = true;
+                    return Ok(None);
+                };
+                let to = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress { host, port });
+                let v = c.route_command(&cmd, to).await?;
+                FromRedisValue::from_owned_redis_value(v)?
+            }
+            (c, _) => cmd.query_async(c).await?,
+        };
+        self.cursor = cursor;
+        if cursor == 0 {
+            match &mut self.masters {
+                Some(m) => {
+                    m.pop();
+                    self.done = m.is_empty();
+                }
+                None => self.done = true,
+            }
+        }
+        Ok(Some(keys))
+    }
+}
+
+/// The masters of a Cluster (`CLUSTER SLOTS`: per slot range, the master first).
+async fn masters(
+    c: &mut redis::cluster_async::ClusterConnection,
+) -> RedisResult<Vec<(String, u16)>> {
+    let any = RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random);
+    let v = c
+        .route_command(redis::cmd("CLUSTER").arg("SLOTS"), any)
+        .await?;
+    let ranges: Vec<Vec<Value>> = FromRedisValue::from_owned_redis_value(v)?;
+    let mut out = Vec::new();
+    for r in ranges {
+        if let Some(master) = r.into_iter().nth(2) {
+            let node: Vec<Value> = FromRedisValue::from_owned_redis_value(master)?;
+            let mut it = node.into_iter();
+            let (Some(host), Some(port)) = (it.next(), it.next()) else {
+                continue;
+            };
+            let host: String = FromRedisValue::from_owned_redis_value(host)?;
+            let port: u16 = FromRedisValue::from_owned_redis_value(port)?;
+            if !out.contains(&(host.clone(), port)) {
+                out.push((host, port));
+            }
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

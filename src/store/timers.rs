@@ -19,8 +19,16 @@
 //! score it claimed** (else someone re-scheduled it meanwhile, e.g. a visit on
 //! the event path, and that newer schedule wins).
 //!
-//! Changing `timer_shards` moves customers to other shards: the old sets are no
-//! longer scanned. Drain or migrate them first (see the report / README).
+//! # Changing the shard count
+//!
+//! Changing `timers.shards` moves customers to other shards. Nothing is
+//! orphaned: at start-up [`TimerStore::migrate_orphans`] moves every timer of a
+//! shard at or beyond the new count into its customer's shard, and a timer
+//! claimed from a shard that is no longer its customer's (shards added) is
+//! moved there instead of fired ([`TimerStore::claim_due_many`]), so it fires
+//! from the shard its completion looks in. Moves keep the earlier due time
+//! when the customer has a timer in both places (`ZADD LT`: firing early only
+//! re-evaluates the customer).
 
 use redis::{Cmd, ErrorKind, FromRedisValue};
 
@@ -55,6 +63,9 @@ return 1
 
 /// Most shards allowed (each is one sorted set to poll).
 pub const MAX_SHARDS: u32 = 1024;
+
+/// Timers moved per round trip by [`TimerStore::migrate_orphans`].
+const MIGRATE_PAGE: isize = 1000;
 
 /// The shard of a customer: FNV-1a 64 of `tenant/customer`, mod `shards`.
 /// Stable across versions and instances (stored data depends on it).
@@ -160,8 +171,18 @@ where
     /// Sets (or replaces) the due time of each customer's timer, in one pipelined
     /// round trip (one ZADD per shard). A later entry for the same customer wins.
     pub async fn schedule(&self, timers: &[(&CustomerRef, i64)]) -> Result<(), StoreError> {
+        self.schedule_with(timers, &[]).await?;
+        Ok(())
+    }
+
+    /// One `ZADD <flags>` per shard, pipelined; returns each one's reply (members added).
+    async fn schedule_with(
+        &self,
+        timers: &[(&CustomerRef, i64)],
+        flags: &[&str],
+    ) -> Result<Vec<usize>, StoreError> {
         if timers.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
         let mut by_shard: Vec<Vec<(i64, String)>> = vec![Vec::new(); self.shards as usize];
         for (c, due) in timers {
@@ -173,12 +194,11 @@ where
             .filter(|(_, items)| !items.is_empty())
             .map(|(shard, items)| {
                 let key = self.key(shard as u32);
-                let cmd = redis::cmd("ZADD").arg(&key).arg(items).clone();
+                let cmd = redis::cmd("ZADD").arg(&key).arg(flags).arg(items).clone();
                 (key, cmd)
             })
             .collect();
-        slots::pipelined::<redis::Value>(&self.conn, &cmds).await?;
-        Ok(())
+        Ok(slots::pipelined(&self.conn, &cmds).await?)
     }
 
     /// Removes the timers of these customers (absent ones are fine).
@@ -248,12 +268,19 @@ where
         let flats: Vec<Vec<String>> = self.eval_pipe(&cmds).await?;
         let mut out = Vec::with_capacity(shards.len());
         let mut garbage: Vec<(u32, Vec<String>)> = Vec::new();
+        let mut misplaced: Vec<(u32, CustomerRef, i64)> = Vec::new();
         for (shard, flat) in shards.iter().zip(flats) {
             let mut claimed = Vec::with_capacity(flat.len() / 2);
             let mut bad = Vec::new();
             for pair in flat.chunks_exact(2) {
                 let due = pair[1].parse::<f64>().ok().map(|f| f as i64);
                 match (CustomerRef::parse(&pair[0]), due) {
+                    // Scheduled under another shard count: its completion would
+                    // look in its customer's shard and miss it (claimed again
+                    // after every lease). Moved there, fired from there.
+                    (Some(customer), Some(due_ms)) if self.shard(&customer) != *shard => {
+                        misplaced.push((*shard, customer, due_ms));
+                    }
                     (Some(customer), Some(due_ms)) => claimed.push(Claimed {
                         customer,
                         due_ms,
@@ -275,7 +302,103 @@ where
                 .collect();
             slots::pipelined::<redis::Value>(&self.conn, &cmds).await?;
         }
+        if !misplaced.is_empty() {
+            // Into the right shard first, then out of the wrong one while it
+            // still holds our lease: a crash in between leaves a copy, never none.
+            let moves: Vec<(&CustomerRef, i64)> =
+                misplaced.iter().map(|(_, c, d)| (c, *d)).collect();
+            self.schedule_with(&moves, &["LT"]).await?;
+            let cmds: Vec<(String, Cmd)> = misplaced
+                .iter()
+                .map(|(shard, c, _)| {
+                    let key = self.key(*shard);
+                    (key.clone(), self.complete_cmd_in(&key, c, lease, None))
+                })
+                .collect();
+            self.eval_pipe::<i64>(&cmds).await?;
+            tracing::info!(
+                timers = misplaced.len(),
+                shards = self.shards,
+                "moved timers scheduled under another timers.shards into their customers' shards"
+            );
+        }
         Ok(out)
+    }
+
+    /// Moves every timer of the shards at or beyond the configured count (left
+    /// by a larger `timers.shards`, and no longer polled) into its customer's
+    /// shard. Run at start-up; idempotent. Returns how many timers moved.
+    pub async fn migrate_orphans(&self) -> Result<usize, StoreError> {
+        let orphans: Vec<u32> = (self.shards..MAX_SHARDS).collect();
+        let cmds: Vec<(String, Cmd)> = orphans
+            .iter()
+            .map(|s| {
+                let key = self.key(*s);
+                (key.clone(), redis::cmd("ZCARD").arg(&key).clone())
+            })
+            .collect();
+        let sizes: Vec<usize> = slots::pipelined(&self.conn, &cmds).await?;
+        let mut moved = 0;
+        for (shard, _) in orphans.iter().zip(sizes).filter(|(_, n)| *n > 0) {
+            let key = self.key(*shard);
+            let mut conn = self.conn.clone();
+            loop {
+                let page: Vec<(String, f64)> = redis::cmd("ZRANGE")
+                    .arg(&key)
+                    .arg(0)
+                    .arg(MIGRATE_PAGE - 1)
+                    .arg("WITHSCORES")
+                    .query_async(&mut conn)
+                    .await?;
+                if page.is_empty() {
+                    break;
+                }
+                let parsed: Vec<(CustomerRef, i64)> = page
+                    .iter()
+                    .filter_map(|(m, due)| Some((CustomerRef::parse(m)?, *due as i64)))
+                    .collect();
+                let moves: Vec<(&CustomerRef, i64)> = parsed.iter().map(|(c, d)| (c, *d)).collect();
+                self.schedule_with(&moves, &["LT"]).await?;
+                let members: Vec<String> = page.into_iter().map(|(m, _)| m).collect();
+                let (_, zrem) = self.zrem(*shard, &members);
+                let _: usize = zrem.query_async(&mut conn).await?;
+                moved += parsed.len();
+            }
+        }
+        if moved > 0 {
+            tracing::info!(
+                timers = moved,
+                shards = self.shards,
+                "moved timers from shards beyond timers.shards into their customers' shards"
+            );
+        }
+        Ok(moved)
+    }
+
+    /// Schedules each customer's timer unless it has one already (`ZADD NX`):
+    /// for states that predate their timer. With `dry_run`, only counts them.
+    /// Returns how many customers had no timer.
+    pub async fn schedule_missing(
+        &self,
+        timers: &[(&CustomerRef, i64)],
+        dry_run: bool,
+    ) -> Result<usize, StoreError> {
+        if !dry_run {
+            let added: Vec<usize> = self.schedule_with(timers, &["NX"]).await?;
+            return Ok(added.iter().sum());
+        }
+        let cmds: Vec<(String, Cmd)> = timers
+            .iter()
+            .map(|(c, _)| {
+                let key = self.key(self.shard(c));
+                (
+                    key.clone(),
+                    redis::cmd("ZSCORE").arg(&key).arg(c.key()).clone(),
+                )
+            })
+            .collect();
+        let scores: Vec<Option<f64>> = slots::pipelined(&self.conn, &cmds).await?;
+        Ok(scores.iter().filter(|s| s.is_none()).count())
     }
 
     /// Finishes a claimed timer: removes it (`next_due` None) or re-schedules it
@@ -336,10 +459,20 @@ where
     }
 
     fn complete_cmd(&self, c: &CustomerRef, lease: i64, next_due: Option<i64>) -> Cmd {
+        self.complete_cmd_in(&self.key(self.shard(c)), c, lease, next_due)
+    }
+
+    fn complete_cmd_in(
+        &self,
+        key: &str,
+        c: &CustomerRef,
+        lease: i64,
+        next_due: Option<i64>,
+    ) -> Cmd {
         let mut cmd = redis::cmd("EVALSHA");
         cmd.arg(&self.complete_sha)
             .arg(1)
-            .arg(self.key(self.shard(c)))
+            .arg(key)
             .arg(c.key())
             .arg(lease)
             .arg(next_due.map_or(String::new(), |d| d.to_string()));
