@@ -15,13 +15,14 @@ use tracing::{debug, warn};
 use crate::codec::{DecodeError, Decoder};
 use crate::config::RetryConfig;
 use crate::dead_letters::DeadLetters;
-use crate::domain::campaign::{CampaignSignal, CampaignState};
+use crate::domain::campaign::{campaign_of, CampaignSignal, CampaignState};
 use crate::domain::clock::Clock;
 use crate::domain::clock::EventClock;
-use crate::domain::decide::{self, Effects};
+use crate::domain::decide::Effects;
 use crate::domain::event::{CustomerRef, Event, EventBody, EventKind};
 use crate::domain::policy::Policies;
 use crate::domain::state::{CustomerState, Notes, Outcome, Source, StateParams};
+use crate::domain::step;
 use crate::error::BatchError;
 use crate::kafka::record::InputRecord;
 use crate::metrics::Metrics;
@@ -349,19 +350,13 @@ impl Fold<CustomerState> for CustomerFold<'_, '_> {
         let mut effects = Vec::new();
         for &i in events {
             let (ev, src) = &self.valid[i];
-            let (out, notes) = state.apply(ev, *src, &p.params);
-            if out == Outcome::Applied {
-                effects.push((i, decide::on_event(state, ev, policy, &p.params)));
-                decide::recall_on_event(state, ev, policy);
+            let (out, notes, fx) = step::on_record(state, ev, *src, policy, &p.params);
+            if let Some(fx) = fx {
+                effects.push((i, fx));
             }
             outcomes.push((i, (out, notes)));
         }
-        let due = decide::next_timer(state, policy);
-        let mut schedule = None;
-        if due != state.timer_due {
-            state.timer_due = due;
-            schedule = due;
-        }
+        let schedule = step::after_records(state, policy);
         let changed = outcomes
             .iter()
             .any(|(_, (out, _))| *out == Outcome::Applied);
@@ -412,20 +407,11 @@ impl Fold<CampaignState> for CampaignFold<'_> {
     fn fold(&mut self, id: &CampaignId, st: &mut CampaignState) -> (bool, ()) {
         let (tenant, campaign) = id;
         let policy = self.policies.of(tenant);
-        let mut changed = false;
-        let mut last: Option<&CampaignSignal> = None;
-        for sg in &self.signals[id] {
-            if st.fold(sg, policy) {
-                changed = true;
-                if last.is_none_or(|l| sg.at >= l.at) {
-                    last = Some(sg);
-                }
-            }
-        }
-        if let Some(l) = last {
-            st.decide(tenant, campaign, policy, l.at, &l.event_id);
-        }
-        (changed, ())
+        let signals = &self.signals[id];
+        (
+            step::on_campaign_signals(st, tenant, campaign, signals, policy),
+            (),
+        )
     }
 }
 
@@ -453,20 +439,11 @@ fn campaign_signals(
             continue;
         }
         let (ev, src) = &valid[*i];
-        let campaign = match &ev.body {
-            EventBody::Send {
-                purpose: crate::domain::event::Purpose::Marketing,
-                campaign_id: Some(c),
-                ..
-            }
-            | EventBody::Click {
-                campaign_id: Some(c),
-                ..
-            } => c,
-            _ => continue,
+        let Some(campaign) = campaign_of(ev) else {
+            continue;
         };
         signals
-            .entry((ev.customer.tenant.clone(), campaign.clone()))
+            .entry((ev.customer.tenant.clone(), campaign.to_string()))
             .or_default()
             .push(CampaignSignal {
                 kind: src.kind,

@@ -12,12 +12,13 @@ use tracing::warn;
 
 use crate::config::{RetryConfig, TimersConfig};
 use crate::domain::clock::{Clock, EventClock};
-use crate::domain::decide::{self, allowance_at, Effects};
+use crate::domain::decide::Effects;
 use crate::domain::event::{Channel, CustomerRef};
 use crate::domain::lapse::Stage;
 use crate::domain::policy::Policies;
-use crate::domain::recall::{self, Arm, FireCtx, Fired};
+use crate::domain::recall::{Arm, Fired};
 use crate::domain::state::{CustomerState, StateParams};
+use crate::domain::step;
 use crate::error::{BatchError, StoreError};
 use crate::metrics::Metrics;
 use crate::retry::Backoff;
@@ -211,44 +212,14 @@ impl TimerLoop {
     ) -> (bool, Fire<'a>) {
         let who = &claimed.customer;
         let policy = self.policies.of(&who.tenant);
-        let params = &self.params;
-        let before_outbox = state.outbox.len();
-        let before_recall = state.recall.clone();
-        let mut fx = Effects::default();
-        decide::release_due(state, who, policy, params, now, None, &mut fx, None);
-        let costs = policy.costs;
-        let snapshot = state.clone();
-        let available = |c: Channel| {
-            let a = allowance_at(&snapshot, c, policy, params, now);
-            a.state == crate::domain::allowance::AllowanceState::Open
-                && a.allowed_from.is_some_and(|t| t <= now)
-        };
-        let cands = recall::candidates(&snapshot, now, params.horizons, &policy.lapse, available);
-        let ctx = FireCtx {
-            customer: who,
-            visits: &snapshot.visits,
-            policy: &policy.lapse,
-            candidates: &cands,
-            costs: &costs,
-        };
-        let fired = recall::fire_due(&mut state.recall, now, &ctx);
-        for f in &fired {
-            if let Some(o) = f.output() {
-                state.outbox.push(o);
-            }
-        }
-        let next = decide::next_timer(state, policy);
-        let changed = state.outbox.len() != before_outbox
-            || state.recall != before_recall
-            || next != state.timer_due;
-        state.timer_due = next;
+        let step = step::on_timer(state, who, policy, &self.params, now);
         (
-            changed,
+            step.changed,
             Fire {
                 claimed,
-                fired,
-                effects: fx,
-                next,
+                fired: step.fired,
+                effects: step.effects,
+                next: step.next,
             },
         )
     }

@@ -7,8 +7,24 @@ use serde::{Deserialize, Serialize};
 
 use super::allowance::{stable_id, AllowanceState, Published, ThrottleDecision};
 use super::engagement::decay;
-use super::event::EventKind;
+use super::event::{Event, EventBody, EventKind, Purpose};
 use super::policy::Policy;
+
+/// The campaign an event counts for: marketing sends and clicks naming one.
+pub fn campaign_of(ev: &Event) -> Option<&str> {
+    match &ev.body {
+        EventBody::Send {
+            purpose: Purpose::Marketing,
+            campaign_id: Some(c),
+            ..
+        }
+        | EventBody::Click {
+            campaign_id: Some(c),
+            ..
+        } => Some(c),
+        _ => None,
+    }
+}
 
 /// One send or click of a campaign, with where it came from.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -16,6 +16,7 @@ pub mod recall;
 pub mod replies;
 pub mod span;
 pub mod state;
+pub mod step;
 pub mod visits;
 
 #[cfg(test)]

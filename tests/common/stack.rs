@@ -71,7 +71,18 @@ pub struct Stack {
 }
 
 impl Stack {
+    /// Redis single node, or the Redis Cluster when `LAPSE_TEST_REDIS=cluster`
+    /// (`scripts/cluster-suite` runs the end-to-end suites that way).
     pub async fn start() -> Stack {
+        if std::env::var("LAPSE_TEST_REDIS").is_ok_and(|v| v == "cluster") {
+            return Self::start_cluster().await;
+        }
+        Self::start_single().await
+    }
+
+    /// Always a single Redis node: for tests that stop, restart or configure
+    /// that server itself.
+    pub async fn start_single() -> Stack {
         Self::start_with(Broker::start().await).await
     }
 
@@ -92,7 +103,7 @@ impl Stack {
 
     /// Like [`Stack::start`], with lapse on a real Redis Cluster (3 masters, 3 replicas).
     pub async fn start_cluster() -> Stack {
-        let mut s = Self::start().await;
+        let mut s = Self::start_single().await;
         s.cluster = Some(RedisCluster::start().await);
         s
     }
