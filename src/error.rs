@@ -33,6 +33,9 @@ pub enum StoreError {
 pub enum KafkaError {
     #[error("kafka: {0} (check kafka.brokers and the broker's health)")]
     Client(#[from] rdkafka::error::KafkaError),
+    /// The broker did not answer; the text includes the client's last error.
+    #[error("kafka: {0}")]
+    Unreachable(String),
     #[error("cannot create topic {topic}: {code} (create it by hand, or check the broker's ACLs; set kafka.create_topics = false to skip)")]
     Admin { topic: String, code: String },
 }

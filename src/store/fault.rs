@@ -4,6 +4,10 @@
 //! (nothing is committed, nothing is lost, and an operator's fix is picked up
 //! without a restart), but they are told apart from an unreachable Redis:
 //! counted by kind, logged with what to do, and shown by `/readyz`.
+//!
+//! [`Faults`] is what `/readyz` shows: those permanent errors and, per
+//! component (Redis, the broker, the schema registry), why it cannot be
+//! reached (start-up steps and the periodic readiness probe).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -51,40 +55,80 @@ pub fn hint(kind: Option<&str>) -> &'static str {
     }
 }
 
-/// The permanent Redis errors in force, per retried step (the batch's state
-/// write, the timer loop), for `/readyz`: set when the step fails
-/// permanently, cleared when it next succeeds. Cheap to clone.
+/// What keeps lapse from being ready, for `/readyz` and `lapse_ready`: per
+/// component (`redis`, `broker`, `registry`) and step (`connect`, `probe`,
+/// `state write`, ...), the error in force. A step sets its entry when it
+/// fails and clears it when it next succeeds; lapse is ready when nothing is
+/// in force. The permanent Redis errors of the retried steps (the batch's
+/// state write, the timer loop) are entries of component `redis`. Every
+/// reason is scrubbed of configured secrets ([`crate::secret::scrub`]).
+/// Cheap to clone.
 #[derive(Clone, Default)]
-pub struct RedisFault(Arc<Mutex<BTreeMap<&'static str, String>>>);
+pub struct Faults(Arc<Mutex<BTreeMap<(&'static str, &'static str), String>>>);
 
-impl RedisFault {
+/// The name the permanent-error reporting code has always used.
+pub type RedisFault = Faults;
+
+/// The components `/readyz` names.
+pub const COMPONENTS: [&str; 3] = ["redis", "broker", "registry"];
+
+impl Faults {
     /// Records `e` against `step` if it is permanent; returns its kind.
     pub fn report(&self, step: &'static str, e: &StoreError) -> Option<&'static str> {
         let StoreError::Redis(r) = e else {
             return None;
         };
         let kind = permanent_kind(r)?;
-        self.lock().insert(step, e.to_string());
+        self.set("redis", step, e.to_string());
         Some(kind)
     }
 
     /// `step` succeeded: its permanent error, if any, is over.
     pub fn clear(&self, step: &'static str) {
-        self.lock().remove(step);
+        self.clear_in("redis", step);
     }
 
-    /// The errors in force, each with what to do about it.
+    /// `component` is not ready because `step` failed with `reason`.
+    pub fn set(&self, component: &'static str, step: &'static str, reason: impl AsRef<str>) {
+        let reason = crate::secret::scrub(reason.as_ref()).into_owned();
+        self.lock().insert((component, step), reason);
+    }
+
+    /// `component`'s `step` succeeded.
+    pub fn clear_in(&self, component: &'static str, step: &'static str) {
+        self.lock().remove(&(component, step));
+    }
+
+    /// True when nothing keeps lapse from being ready.
+    pub fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+
+    /// The errors in force, each with what to do about it, one per line.
     pub fn reason(&self) -> Option<String> {
         let m = self.lock();
         (!m.is_empty()).then(|| {
             m.iter()
-                .map(|(step, e)| format!("{step}: {e}"))
+                .map(|((_, step), e)| format!("{step}: {e}"))
                 .collect::<Vec<_>>()
                 .join("\n")
         })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<&'static str, String>> {
+    /// Per component not ready, its steps' errors (`step: error`, joined by `; `).
+    pub fn by_component(&self) -> BTreeMap<&'static str, String> {
+        let mut out: BTreeMap<&'static str, String> = BTreeMap::new();
+        for ((component, step), e) in self.lock().iter() {
+            let entry = out.entry(component).or_default();
+            if !entry.is_empty() {
+                entry.push_str("; ");
+            }
+            entry.push_str(&format!("{step}: {e}"));
+        }
+        out
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<(&'static str, &'static str), String>> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 }

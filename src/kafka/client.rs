@@ -1,0 +1,55 @@
+//! What every lapse Kafka client (consumer, producer, admin) shares: the last
+//! client error, kept for `/readyz` and logged with bounded volume.
+
+use std::sync::{Arc, Mutex};
+
+use crate::retry::{LogLimiter, REPEAT_LOG_EVERY};
+
+/// The last error librdkafka reported to a client's context (it says why a
+/// broker is unreachable: connection refused, TLS handshake failed,
+/// SASL authentication failed), and the limiter of its log lines: librdkafka
+/// reports every failed reconnect, which an outage must not turn into a
+/// flood of lines. Cheap to clone.
+#[derive(Clone)]
+pub struct ClientErrors(Arc<Mutex<(Option<String>, LogLimiter)>>);
+
+impl Default for ClientErrors {
+    fn default() -> Self {
+        ClientErrors(Arc::new(Mutex::new((
+            None,
+            LogLimiter::new(REPEAT_LOG_EVERY),
+        ))))
+    }
+}
+
+impl ClientErrors {
+    /// Keeps `error` (with librdkafka's `reason`) and logs it unless the same
+    /// message was logged less than a minute ago.
+    pub fn record(&self, client: &str, error: &rdkafka::error::KafkaError, reason: &str) {
+        let message = if reason.is_empty() || error.to_string().contains(reason) {
+            error.to_string()
+        } else {
+            format!("{error}: {reason}")
+        };
+        let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(suppressed) = g.1.admit(&message) {
+            tracing::warn!(error = %message, suppressed, "{client} error");
+        }
+        g.0 = Some(message);
+    }
+
+    /// The last error reported, if any.
+    pub fn last(&self) -> Option<String> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).0.clone()
+    }
+
+    /// `e` with the last client error, which usually says more.
+    pub fn explain(&self, e: &rdkafka::error::KafkaError) -> String {
+        match self.last() {
+            Some(last) if !e.to_string().contains(&last) => {
+                format!("{e} (last client error: {last}; check kafka.brokers and the [kafka] security settings)")
+            }
+            _ => format!("{e} (check kafka.brokers and the [kafka] security settings)"),
+        }
+    }
+}
