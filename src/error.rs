@@ -20,6 +20,9 @@ pub enum StoreError {
     /// The hint tells a permanent error (see `store::fault`) from an outage.
     #[error("redis: {0} ({hint})", hint = crate::store::fault::hint(crate::store::fault::permanent_kind(.0)))]
     Redis(#[from] redis::RedisError),
+    /// A Redis setting lapse cannot use (a TLS file that cannot be read).
+    #[error("{0}")]
+    Config(String),
     /// Records (customers or campaigns) another writer kept changing between
     /// load and compare-and-set, for `state_write::MAX_CAS_ROUNDS` rounds.
     #[error("{records} records kept changing under concurrent writers; retried with back-off")]

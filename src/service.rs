@@ -10,8 +10,11 @@ use rdkafka::consumer::Consumer;
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
-use crate::codec::{self, DecodeLimits, Decoder, Encoder, RegistryClient, SchemaSet};
-use crate::config::{ClockMode, Config};
+use crate::codec::registry::RegistryAuth;
+use crate::codec::{
+    self, DecodeLimits, Decoder, Encoder, RegistryClient, RegistryOptions, SchemaSet,
+};
+use crate::config::{ClockMode, Config, SchemaConfig};
 use crate::dead_letters::DeadLetters;
 use crate::domain::clock::Clock;
 use crate::domain::clock::EventClock;
@@ -56,9 +59,7 @@ pub fn build_decoder(cfg: &Config) -> anyhow::Result<Decoder> {
         )
     })?;
     let registry = match &cfg.schema.registry_url {
-        Some(u) => Some(
-            RegistryClient::new(u, cfg.schema.registry_timeout.0).context("schema.registry_url")?,
-        ),
+        Some(u) => Some(registry_client(&cfg.schema, u)?),
         None => None,
     };
     let limits = DecodeLimits {
@@ -67,6 +68,36 @@ pub fn build_decoder(cfg: &Config) -> anyhow::Result<Decoder> {
         ..DecodeLimits::default()
     };
     Ok(Decoder::new(schemas, registry, limits))
+}
+
+/// The registry client with the configured credentials and CA.
+fn registry_client(sc: &SchemaConfig, url: &str) -> anyhow::Result<RegistryClient> {
+    let auth = match (
+        &sc.registry_token,
+        &sc.registry_username,
+        &sc.registry_password,
+    ) {
+        (Some(token), _, _) => Some(RegistryAuth::Bearer(token.clone())),
+        (None, Some(user), password) => Some(RegistryAuth::Basic {
+            user: user.clone(),
+            password: password.clone().unwrap_or_default(),
+        }),
+        (None, None, _) => None,
+    };
+    let ca_pem = match &sc.registry_ca_file {
+        Some(p) => Some(
+            std::fs::read(p)
+                .with_context(|| format!("schema.registry_ca_file: cannot read {}", p.display()))?,
+        ),
+        None => None,
+    };
+    let opts = RegistryOptions {
+        timeout: sc.registry_timeout.0,
+        auth,
+        ca_pem,
+        ..RegistryOptions::default()
+    };
+    RegistryClient::with_options(url, opts).context("schema.registry_url")
 }
 
 /// Counts (and once logs) records framed with lapse 0.1's fingerprint.

@@ -3,6 +3,8 @@
 //! | claim | test |
 //! |---|---|
 //! | HTTP endpoints answer from the first seconds whatever is unreachable; `/readyz` names what is not ready and why | `http_endpoints_answer_within_two_seconds_while_redis_and_the_broker_are_down` |
+//! | `check-config` prints no secret (URL credentials, `*_file`, env, raw properties) | `check_config_never_prints_a_secret` |
+//! | a wrong Redis password: one clear error naming the setting; no secret in logs at trace level, `/readyz`, `/metrics` or the exit error | `secrets_never_reach_logs_readyz_metrics_or_errors` |
 
 mod common;
 
@@ -108,4 +110,158 @@ async fn http_endpoints_answer_within_two_seconds_while_redis_and_the_broker_are
     .await;
     let (code, _) = lapse.http_get("/v1/allowance/t/c").await.unwrap();
     assert_eq!(code, 200);
+}
+
+/// Secrets used by the leak tests: distinctive, so any copy is found.
+const REDIS_SECRET: &str = "redis-pw-LEAKCHECK-41";
+const SASL_SECRET: &str = "sasl-pw-LEAKCHECK-42";
+const REGISTRY_SECRET: &str = "registry-pw-LEAKCHECK-43";
+const PROPERTY_SECRET: &str = "key-pw-LEAKCHECK-44";
+
+fn assert_no_secret(what: &str, text: &str) {
+    for secret in [REDIS_SECRET, SASL_SECRET, REGISTRY_SECRET, PROPERTY_SECRET] {
+        assert!(
+            !text.contains(secret),
+            "{what} contains the secret {secret}:\n{text}"
+        );
+        // Also not percent-encoded (URLs) or in part (the leading word).
+        let head = &secret[..secret.len() - 3];
+        assert!(
+            !text.contains(head),
+            "{what} contains part of {secret}:\n{text}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn check_config_never_prints_a_secret() {
+    let dir = scratch_dir("check-config");
+    let sasl_file = dir.path().join("sasl-password");
+    std::fs::write(&sasl_file, format!("{SASL_SECRET}\n")).unwrap();
+    let config = dir.path().join("lapse.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[redis]\nurl = \"redis://lapse:{REDIS_SECRET}@127.0.0.1:6379/\"\n\
+             [kafka]\nsecurity_protocol = \"SASL_SSL\"\nsasl_mechanism = \"SCRAM-SHA-256\"\n\
+             sasl_username = \"lapse\"\nsasl_password_file = \"{}\"\n\
+             [kafka.consumer_properties]\n\"ssl.key.password\" = \"{PROPERTY_SECRET}\"\n\
+             [schema]\nregistry_url = \"https://sr:{REGISTRY_SECRET}@registry.example:8081\"\n",
+            sasl_file.display()
+        ),
+    )
+    .unwrap();
+    let out = run_lapse(
+        &["check-config", &config.display().to_string()],
+        &[("LAPSE_SCHEMAS_DIR", &schemas_dir())],
+        Duration::from_secs(30),
+    )
+    .await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert_no_secret("check-config's output", &format!("{stdout}\n{stderr}"));
+    // What it does print: where each secret comes from, masked.
+    assert!(
+        stdout.contains("url = \"redis://127.0.0.1:6379/\""),
+        "{stdout}"
+    );
+    assert!(stdout.contains("username = \"lapse\""), "{stdout}");
+    assert!(stdout.contains("password = \"***\""), "{stdout}");
+    assert!(stdout.contains("sasl_password = \"***\""), "{stdout}");
+    assert!(stdout.contains("registry_password = \"***\""), "{stdout}");
+    assert!(
+        stdout.contains("\"ssl.key.password\" = \"***\""),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("registry_url = \"https://registry.example:8081\""),
+        "{stdout}"
+    );
+
+    // A config error that would otherwise quote the line holding a password.
+    std::fs::write(&config, format!("[redis]\npasword = \"{REDIS_SECRET}\"\n")).unwrap();
+    let out = run_lapse(
+        &["check-config", &config.display().to_string()],
+        &[("LAPSE_SCHEMAS_DIR", &schemas_dir())],
+        Duration::from_secs(30),
+    )
+    .await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("pasword"), "{stderr}");
+    assert_no_secret("check-config's error", &stderr);
+}
+
+#[tokio::test]
+async fn secrets_never_reach_logs_readyz_metrics_or_errors() {
+    // Redis wants another password than lapse is given (from a file); the
+    // registry's basic auth password comes from the environment, a raw
+    // librdkafka property holds one too.
+    let redis =
+        RedisServer::start_with(|_| vec!["--requirepass".into(), "the-right-one".into()]).await;
+    let broker = Broker::start().await;
+    let registry = SchemaRegistryStub::start();
+    let dir = scratch_dir("leak");
+    let pw_file = dir.path().join("redis-password");
+    std::fs::write(&pw_file, REDIS_SECRET).unwrap();
+    let config = dir.path().join("lapse.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[redis]\npassword_file = \"{}\"\n\
+             [schema]\nregistry_username = \"lapse\"\n\
+             [kafka.producer_properties]\n\"ssl.key.password\" = \"{PROPERTY_SECRET}\"\n\
+             [retry]\ninitial_backoff = \"50ms\"\nmax_backoff = \"500ms\"\n",
+            pw_file.display()
+        ),
+    )
+    .unwrap();
+    let mut lapse = LapseProcess::spawn(
+        &["run", "--config", &config.display().to_string()],
+        &[
+            ("LAPSE_REDIS_URL", &redis.url()),
+            ("LAPSE_KAFKA_BROKERS", &broker.bootstrap()),
+            ("LAPSE_SCHEMAS_DIR", &schemas_dir()),
+            ("LAPSE_SCHEMA_REGISTRY_URL", &registry.url()),
+            ("LAPSE_SCHEMA_REGISTRY_PASSWORD", REGISTRY_SECRET),
+            (
+                "RUST_LOG",
+                "trace,hyper=debug,hyper_util=debug,h2=info,tokio=info,runtime=info,mio=info",
+            ),
+        ],
+    );
+    let body = wait_for(
+        LONG,
+        POLL,
+        "/readyz to say Redis refused the password",
+        async || {
+            let (code, body) = lapse.http_get("/readyz").await.ok()?;
+            let v = readyz_json(&body);
+            let redis = v["not_ready"]["redis"].as_str()?;
+            (code == 503 && redis.contains("redis.password")).then(|| body.clone())
+        },
+    )
+    .await;
+    assert_no_secret("/readyz", &body);
+    // The registry got the password: lapse authenticated to it.
+    wait_until(LONG, POLL, "the registry to be reached", async || {
+        !registry.requests().is_empty()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (_, metrics) = lapse.http_get("/metrics").await.unwrap();
+    assert_no_secret("/metrics", &metrics);
+    lapse.sigterm();
+    lapse.wait_exit(Duration::from_secs(30)).await;
+    let logs = lapse.all_output();
+    assert!(
+        logs.contains("TRACE") || logs.contains("DEBUG"),
+        "logs at every level:\n{logs}"
+    );
+    assert!(
+        logs.contains("redis.password"),
+        "the error names the setting:\n{logs}"
+    );
+    assert_no_secret("the logs", &logs);
 }

@@ -22,10 +22,15 @@ impl ClientContext for AdminContext {
 }
 
 fn admin_client(cfg: &KafkaConfig) -> Result<AdminClient<AdminContext>, KafkaError> {
-    Ok(ClientConfig::new()
-        .set("bootstrap.servers", &cfg.brokers)
-        .set("client.id", format!("{}-admin", cfg.client_id))
-        .create_with_context(AdminContext(ClientErrors::default()))?)
+    let mut cc = ClientConfig::new();
+    cc.set("bootstrap.servers", &cfg.brokers)
+        .set("client.id", format!("{}-admin", cfg.client_id));
+    crate::kafka::client::apply_security(&mut cc, cfg);
+    // The admin client shares the producer's raw properties (security overrides).
+    for (k, v) in &cfg.producer_properties {
+        cc.set(k, v);
+    }
+    Ok(cc.create_with_context(AdminContext(ClientErrors::default()))?)
 }
 
 /// The broker answers a metadata request within 10 s (start-up, when lapse

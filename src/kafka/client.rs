@@ -53,3 +53,42 @@ impl ClientErrors {
         }
     }
 }
+
+/// The typed `[kafka]` security keys as librdkafka properties, set on every
+/// client before the raw `consumer_properties` / `producer_properties` (which
+/// may still override them). The password goes only to librdkafka.
+pub fn apply_security(cc: &mut rdkafka::config::ClientConfig, cfg: &crate::config::KafkaConfig) {
+    let p = cfg.security_protocol;
+    cc.set("security.protocol", p.as_str());
+    if p.tls() {
+        cc.set(
+            "ssl.endpoint.identification.algorithm",
+            if cfg.ssl_hostname_verification {
+                "https"
+            } else {
+                "none"
+            },
+        );
+        cc.set("enable.ssl.certificate.verification", "true");
+        if let Some(f) = &cfg.ssl_ca_file {
+            cc.set("ssl.ca.location", f.display().to_string());
+        }
+        if let Some(f) = &cfg.ssl_certificate_file {
+            cc.set("ssl.certificate.location", f.display().to_string());
+        }
+        if let Some(f) = &cfg.ssl_key_file {
+            cc.set("ssl.key.location", f.display().to_string());
+        }
+    }
+    if p.sasl() {
+        if let Some(m) = cfg.sasl_mechanism {
+            cc.set("sasl.mechanisms", m.as_str());
+        }
+        if let Some(u) = &cfg.sasl_username {
+            cc.set("sasl.username", u);
+        }
+        if let Some(pw) = &cfg.sasl_password {
+            cc.set("sasl.password", pw.expose());
+        }
+    }
+}

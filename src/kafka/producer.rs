@@ -48,6 +48,7 @@ impl OutputProducer {
             .set("linger.ms", "5")
             // A send is retried inside librdkafka for this long before we see an error and retry ourselves.
             .set("message.timeout.ms", "30000");
+        crate::kafka::client::apply_security(&mut cc, cfg);
         for (k, v) in &cfg.producer_properties {
             cc.set(k, v);
         }

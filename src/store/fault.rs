@@ -19,7 +19,14 @@ use crate::error::{BatchError, StoreError};
 use crate::metrics::Metrics;
 
 /// The bounded `kind` label of `lapse_redis_permanent_errors_total`.
-pub const KINDS: [&str; 5] = ["cross_slot", "moved", "noscript", "wrong_type", "auth"];
+pub const KINDS: [&str; 6] = [
+    "cross_slot",
+    "moved",
+    "noscript",
+    "wrong_type",
+    "auth",
+    "tls",
+];
 
 /// The kind of a permanent error, None for one that may pass (connection
 /// lost, timeout, failover in progress, server loading).
@@ -34,6 +41,9 @@ pub fn permanent_kind(e: &RedisError) -> Option<&'static str> {
         ErrorKind::Moved | ErrorKind::Ask => return Some("moved"),
         _ => {}
     }
+    if e.kind() == ErrorKind::IoError && is_tls_failure(&e.to_string()) {
+        return Some("tls");
+    }
     match e.code() {
         Some("WRONGTYPE") => Some("wrong_type"),
         Some("NOAUTH" | "WRONGPASS" | "NOPERM") => Some("auth"),
@@ -43,6 +53,15 @@ pub fn permanent_kind(e: &RedisError) -> Option<&'static str> {
     }
 }
 
+/// A refused TLS handshake (untrusted, expired or mismatching certificate, a
+/// client certificate required or refused), as rustls words it.
+fn is_tls_failure(text: &str) -> bool {
+    let t = text.to_ascii_lowercase();
+    ["certificate", "handshake", "tls", "alert", "unknownissuer"]
+        .iter()
+        .any(|w| t.contains(w))
+}
+
 /// What an operator should do about an error of `kind` (None: transient).
 pub fn hint(kind: Option<&str>) -> &'static str {
     match kind {
@@ -50,7 +69,8 @@ pub fn hint(kind: Option<&str>) -> &'static str {
         Some("moved") => "Redis is a Cluster (it redirects keys to other nodes): set redis.cluster = true",
         Some("noscript") => "Redis keeps losing or refusing lapse's Lua scripts: allow EVALSHA and SCRIPT LOAD for lapse's user (ACL, rename-command)",
         Some("wrong_type") => "a key under redis.key_prefix holds another type: another application writes there; give lapse its own key_prefix or database",
-        Some("auth") => "Redis refused the credentials or the ACL: check the user and password in redis.url and that the user may run GET, SET, GETRANGE, ZADD, SADD, EVALSHA and SCRIPT LOAD on lapse's keys",
+        Some("auth") => "Redis refused the credentials or the ACL: check redis.username and redis.password (redis.password_file, LAPSE_REDIS_PASSWORD) and that the user's ACL is the one in the README's Security section (lapse's commands on lapse's keys)",
+        Some("tls") => "the TLS handshake with Redis failed: check redis.tls_ca_file (the CA that signed Redis' certificate), that Redis' certificate names the host in redis.url and has not expired, and redis.tls_cert_file / redis.tls_key_file when Redis requires client certificates (tls-auth-clients)",
         _ => "is Redis reachable at redis.url? lapse retries with back-off",
     }
 }

@@ -399,18 +399,31 @@ pub struct RedisServer {
     dir: TempDir,
     log: PathBuf,
     child: Option<Child>,
+    /// Appended to the command line (TLS ports, ACL files, passwords).
+    extra_args: Vec<String>,
 }
 
 impl RedisServer {
     /// Start a fresh server and wait until it answers PING.
     pub async fn start() -> Self {
+        Self::start_with(|_| Vec::new()).await
+    }
+
+    /// Like [`start`](Self::start), with extra `redis-server` arguments made
+    /// from the server's data dir (where a test puts certificates or an ACL
+    /// file before the start). The plain port stays open on loopback for the
+    /// harness' readiness check, which also accepts `-NOAUTH` (the default
+    /// user off or password-protected).
+    pub async fn start_with(extra: impl FnOnce(&Path) -> Vec<String>) -> Self {
         let dir = scratch_dir("redis");
         let log = dir.path().join("redis.log");
+        let extra_args = extra(dir.path());
         let mut server = Self {
             port: 0,
             dir,
             log,
             child: None,
+            extra_args,
         };
         for _attempt in 0..5 {
             server.port = free_port();
@@ -441,6 +454,7 @@ impl RedisServer {
             .arg(self.dir.path())
             .args(["--appendonly", "yes", "--appendfsync", "always"])
             .args(["--save", ""])
+            .args(&self.extra_args)
             .stdin(Stdio::null())
             .stdout(open_append(&self.log))
             .stderr(open_append(&self.log));
@@ -573,7 +587,7 @@ async fn redis_ping(port: u16) -> bool {
         s.write_all(b"PING\r\n").await.ok()?;
         let mut buf = [0u8; 64];
         let n = s.read(&mut buf).await.ok()?;
-        Some(buf[..n].starts_with(b"+PONG"))
+        Some(buf[..n].starts_with(b"+PONG") || buf[..n].starts_with(b"-NOAUTH"))
     };
     matches!(
         tokio::time::timeout(Duration::from_millis(500), attempt).await,
