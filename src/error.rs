@@ -18,7 +18,7 @@ pub enum ConfigError {
 #[derive(Debug, Error)]
 pub enum StoreError {
     /// The hint tells a permanent error (see `store::fault`) from an outage.
-    #[error("redis: {0} ({hint})", hint = crate::store::fault::hint(crate::store::fault::permanent_kind(.0)))]
+    #[error("redis: {0} ({hint})", hint = crate::store::fault::hint_for(.0))]
     Redis(#[from] redis::RedisError),
     /// A Redis setting lapse cannot use (a TLS file that cannot be read).
     #[error("{0}")]

@@ -5,12 +5,15 @@
 //! | HTTP endpoints answer from the first seconds whatever is unreachable; `/readyz` names what is not ready and why | `http_endpoints_answer_within_two_seconds_while_redis_and_the_broker_are_down` |
 //! | `check-config` prints no secret (URL credentials, `*_file`, env, raw properties) | `check_config_never_prints_a_secret` |
 //! | a wrong Redis password: one clear error naming the setting; no secret in logs at trace level, `/readyz`, `/metrics` or the exit error | `secrets_never_reach_logs_readyz_metrics_or_errors` |
+//! | Redis over mutual TLS with exactly the README's least-privilege ACL user: the foundation path works | `redis_over_mutual_tls_as_the_least_privilege_acl_user_applies_and_commits` |
+//! | wrong password, untrusted CA, no client certificate: one clear error naming the setting, not ready, bounded logs over 30 s, nothing committed | `redis_wrong_password_untrusted_ca_or_no_client_cert_fail_clearly_and_commit_nothing` |
 
 mod common;
 
 use std::time::{Duration, Instant};
 
 use common::stack::*;
+use common::tls::TestCerts;
 use common::*;
 
 /// `GET path` until it answers, for at most `within`: (status, body, when).
@@ -264,4 +267,228 @@ async fn secrets_never_reach_logs_readyz_metrics_or_errors() {
         "the error names the setting:\n{logs}"
     );
     assert_no_secret("the logs", &logs);
+}
+
+/// The least-privilege ACL rule, exactly as the README documents it.
+fn readme_acl_rule(password: &str) -> String {
+    let readme = std::fs::read_to_string(repo_root().join("README.md")).expect("README.md");
+    let line = readme
+        .lines()
+        .find(|l| l.starts_with("user lapse on >PASSWORD "))
+        .expect("the README's Security section has the ACL rule");
+    line.replace(">PASSWORD", &format!(">{password}"))
+}
+
+const ACL_PASSWORD: &str = "acl-pw-for-lapse";
+
+/// Redis with TLS only for clients (`--tls-port`, client certificates
+/// required) and an ACL file holding the default user switched off and the
+/// README's lapse user. Returns the server and its TLS port.
+async fn tls_redis(certs: &TestCerts) -> (RedisServer, u16) {
+    let tls_port = free_port();
+    let acl = readme_acl_rule(ACL_PASSWORD);
+    let redis = RedisServer::start_with(|dir| {
+        let acl_file = dir.join("users.acl");
+        std::fs::write(&acl_file, format!("user default off\n{acl}\n")).unwrap();
+        let p = |p: std::path::PathBuf| p.display().to_string();
+        vec![
+            "--tls-port".into(),
+            tls_port.to_string(),
+            "--tls-cert-file".into(),
+            p(certs.server_cert()),
+            "--tls-key-file".into(),
+            p(certs.server_key()),
+            "--tls-ca-cert-file".into(),
+            p(certs.ca()),
+            "--tls-auth-clients".into(),
+            "yes".into(),
+            "--aclfile".into(),
+            p(acl_file),
+        ]
+    })
+    .await;
+    (redis, tls_port)
+}
+
+/// A config for lapse on the TLS Redis: `redis` lines under `[redis]`.
+fn tls_config(s: &Stack, name: &str, redis: &str) -> String {
+    s.config_with(
+        name,
+        "",
+        &format!("[redis]\nusername = \"lapse\"\n{redis}\n"),
+    )
+}
+
+fn tls_env(s: &Stack, group: &str, tls_port: u16) -> Vec<(String, String)> {
+    let mut env = s.env(group);
+    env.retain(|(k, _)| k != "LAPSE_REDIS_URL" && k != "RUST_LOG");
+    env.push((
+        "LAPSE_REDIS_URL".into(),
+        format!("rediss://127.0.0.1:{tls_port}/"),
+    ));
+    env
+}
+
+fn spawn_env(config: &str, env: &[(String, String)]) -> LapseProcess {
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    LapseProcess::spawn(&["run", "--config", config], &env)
+}
+
+#[tokio::test]
+async fn redis_over_mutual_tls_as_the_least_privilege_acl_user_applies_and_commits() {
+    let certs = TestCerts::generate();
+    let s = Stack::start().await;
+    let (redis, tls_port) = tls_redis(&certs).await;
+    let pw = s.dir.path().join("redis-password");
+    std::fs::write(&pw, format!("{ACL_PASSWORD}\n")).unwrap();
+    let cfg = tls_config(
+        &s,
+        "tls",
+        &format!(
+            "password_file = \"{}\"\ntls_ca_file = \"{}\"\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"",
+            pw.display(),
+            certs.ca().display(),
+            certs.client_cert().display(),
+            certs.client_key().display()
+        ),
+    );
+    let p = Producer::new(&s.broker.bootstrap());
+    let events = population("tls", 20, 1);
+    produce_events(&p, &events, |_| lapse::codec::Framing::SingleObject).await;
+    let mut lapse = spawn_env(&cfg, &tls_env(&s, "g-tls", tls_port));
+    s.wait_caught_up("g-tls", LONG).await;
+    lapse.wait_ready(LONG).await;
+    let (code, body) = lapse.http_get("/v1/allowance/tls/c0000").await.unwrap();
+    assert_eq!(code, 200, "{body}");
+    // The state went to the TLS Redis, as the ACL user, under its key pattern.
+    let log = redis.log();
+    assert!(!log.contains("NOPERM"), "{log}");
+    assert_eq!(
+        metric(&lapse, "lapse_redis_permanent_errors_total", &[]).await,
+        0.0
+    );
+    assert!(metric(&lapse, "lapse_state_writes_total", &[]).await > 0.0);
+}
+
+#[tokio::test]
+async fn redis_wrong_password_untrusted_ca_or_no_client_cert_fail_clearly_and_commit_nothing() {
+    let certs = TestCerts::generate();
+    let s = Stack::start().await;
+    let (_redis, tls_port) = tls_redis(&certs).await;
+    let p = Producer::new(&s.broker.bootstrap());
+    produce_events(&p, &population("bad", 5, 1), |_| {
+        lapse::codec::Framing::SingleObject
+    })
+    .await;
+    let dir = &s.dir;
+    let pw = |name: &str, text: &str| {
+        let f = dir.path().join(name);
+        std::fs::write(&f, text).unwrap();
+        f.display().to_string()
+    };
+    let tls = |ca: &std::path::Path, client: bool| {
+        let mut t = format!("tls_ca_file = \"{}\"\n", ca.display());
+        if client {
+            t.push_str(&format!(
+                "tls_cert_file = \"{}\"\ntls_key_file = \"{}\"\n",
+                certs.client_cert().display(),
+                certs.client_key().display()
+            ));
+        }
+        t
+    };
+    // (group, [redis] lines, the setting the error must name)
+    let cases = [
+        (
+            "g-wrong-pw",
+            format!(
+                "password_file = \"{}\"\n{}",
+                pw("wrong", "not-the-password"),
+                tls(&certs.ca(), true)
+            ),
+            "redis.password",
+        ),
+        (
+            "g-untrusted",
+            format!(
+                "password_file = \"{}\"\n{}",
+                pw("right", ACL_PASSWORD),
+                tls(&certs.other_ca(), true)
+            ),
+            "redis.tls_ca_file",
+        ),
+        (
+            "g-no-client-cert",
+            format!(
+                "password_file = \"{}\"\n{}",
+                pw("right2", ACL_PASSWORD),
+                tls(&certs.ca(), false)
+            ),
+            "redis.tls_cert_file",
+        ),
+    ];
+    let mut running = Vec::new();
+    for (group, redis, setting) in &cases {
+        let cfg = tls_config(&s, group, redis);
+        let mut env = tls_env(&s, group, tls_port);
+        env.push(("RUST_LOG".into(), "info,rdkafka=warn".into()));
+        running.push((spawn_env(&cfg, &env), *group, *setting));
+    }
+    for (lapse, group, setting) in &running {
+        let body = wait_for(
+            LONG,
+            POLL,
+            &format!("{group}: /readyz to name {setting}"),
+            async || {
+                let (code, body) = lapse.http_get("/readyz").await.ok()?;
+                let v = readyz_json(&body);
+                let redis = v["not_ready"]["redis"].as_str()?;
+                (code == 503 && redis.contains(setting)).then(|| body.clone())
+            },
+        )
+        .await;
+        assert!(!body.contains(ACL_PASSWORD), "{body}");
+        let stderr = lapse.stderr();
+        assert!(
+            stderr.contains(setting),
+            "{group}: the log names {setting}:\n{stderr}"
+        );
+    }
+    // Bounded log volume while it keeps failing: over 30 s, a few lines at most
+    // (an unchanged error is logged once a minute), however often it retries.
+    let before: Vec<usize> = running
+        .iter()
+        .map(|(l, _, _)| l.stderr().lines().count())
+        .collect();
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    for ((lapse, group, _), before) in running.iter_mut().zip(before) {
+        let stderr = lapse.stderr();
+        let added = stderr.lines().count() - before;
+        assert!(added <= 3, "{group}: {added} log lines in 30 s:\n{stderr}");
+        assert!(lapse.is_running(), "{group} must keep retrying, not exit");
+        let (code, _) = lapse.http_get("/readyz").await.unwrap();
+        assert_eq!(code, 503, "{group} stays not ready");
+        assert_eq!(metric(lapse, "lapse_ready", &[]).await, 0.0);
+        assert!(
+            committed_offsets(&s.broker.bootstrap(), group, &INPUTS)
+                .await
+                .is_empty(),
+            "{group}: nothing may be committed"
+        );
+        assert!(!stderr.contains(ACL_PASSWORD));
+    }
+    // Each names its own setting, not the others'.
+    for (lapse, group, setting) in &running {
+        let (_, body) = lapse.http_get("/readyz").await.unwrap();
+        let reason = readyz_json(&body)["not_ready"]["redis"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        for (_, _, other) in &cases {
+            if other != setting {
+                assert!(!reason.contains(other), "{group}: {reason}");
+            }
+        }
+        eprintln!("{group}: {reason}");
+    }
 }

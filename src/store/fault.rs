@@ -62,6 +62,30 @@ fn is_tls_failure(text: &str) -> bool {
         .any(|w| t.contains(w))
 }
 
+/// What an operator should do about `e`: [`hint`] of its kind, made precise
+/// for a refused TLS handshake (which side refused, and which setting to fix).
+pub fn hint_for(e: &RedisError) -> &'static str {
+    let kind = permanent_kind(e);
+    if kind != Some("tls") {
+        return hint(kind);
+    }
+    let t = e.to_string().to_ascii_lowercase();
+    if t.contains("expired") || t.contains("notvalidyet") || t.contains("not valid after") {
+        "Redis' certificate has expired (or is not valid yet): renew it; lapse checks it against redis.tls_ca_file"
+    } else if t.contains("notvalidforname") || t.contains("not valid for name") {
+        "Redis' certificate does not name the host in redis.url: connect by a name (or IP) the certificate lists"
+    } else if t.contains("peer certificate")
+        || t.contains("unknownissuer")
+        || t.contains("badsignature")
+    {
+        "lapse does not trust Redis' certificate: set redis.tls_ca_file to the CA that signed it (without it, the system's trust store is used)"
+    } else if t.contains("alert") {
+        "Redis refused the TLS handshake, most likely lapse's client certificate: set redis.tls_cert_file and redis.tls_key_file to a certificate signed by the CA Redis trusts (tls-auth-clients)"
+    } else {
+        hint(kind)
+    }
+}
+
 /// What an operator should do about an error of `kind` (None: transient).
 pub fn hint(kind: Option<&str>) -> &'static str {
     match kind {

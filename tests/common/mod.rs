@@ -37,6 +37,7 @@
 
 pub mod cluster;
 pub mod stack;
+pub mod tls;
 
 pub use cluster::RedisCluster;
 
