@@ -6,6 +6,7 @@
 //! | `check-config` prints no secret (URL credentials, `*_file`, env, raw properties) | `check_config_never_prints_a_secret` |
 //! | a wrong Redis password: one clear error naming the setting; no secret in logs at trace level, `/readyz`, `/metrics` or the exit error | `secrets_never_reach_logs_readyz_metrics_or_errors` |
 //! | Redis over mutual TLS with exactly the README's least-privilege ACL user: the foundation path works | `redis_over_mutual_tls_as_the_least_privilege_acl_user_applies_and_commits` |
+//! | schema registry over https (CA file, host name checked) with basic auth; wrong password and untrusted CA named | `schema_registry_over_https_with_basic_auth` |
 //! | wrong password, untrusted CA, no client certificate: one clear error naming the setting, not ready, bounded logs over 30 s, nothing committed | `redis_wrong_password_untrusted_ca_or_no_client_cert_fail_clearly_and_commit_nothing` |
 
 mod common;
@@ -490,5 +491,58 @@ async fn redis_wrong_password_untrusted_ca_or_no_client_cert_fail_clearly_and_co
             }
         }
         eprintln!("{group}: {reason}");
+    }
+}
+
+#[tokio::test]
+async fn schema_registry_over_https_with_basic_auth() {
+    assert_eq!(base64(b"us@er:p:ss"), "dXNAZXI6cDpzcw==");
+    let certs = TestCerts::generate();
+    let s = Stack::start().await;
+    s.registry.require_basic_auth("lapse", "registry-pw-right");
+    let tls = common::tls::TlsProxy::start(&certs, s.registry.addr());
+    let https = format!("https://127.0.0.1:{}", tls.port());
+    let spawn = |group: &str, ca: &std::path::Path, password: &str| {
+        let cfg = s.config_with(
+            group,
+            "",
+            &format!(
+                "[schema]\nregistry_username = \"lapse\"\nregistry_ca_file = \"{}\"\n",
+                ca.display()
+            ),
+        );
+        let mut env = s.env(group);
+        env.retain(|(k, _)| k != "LAPSE_SCHEMA_REGISTRY_URL");
+        env.push(("LAPSE_SCHEMA_REGISTRY_URL".into(), https.clone()));
+        env.push(("LAPSE_SCHEMA_REGISTRY_PASSWORD".into(), password.into()));
+        spawn_env(&cfg, &env)
+    };
+    let mut good = spawn("g-https", &certs.ca(), "registry-pw-right");
+    let wrong_pw = spawn("g-https-pw", &certs.ca(), "registry-pw-wrong");
+    let untrusted = spawn("g-https-ca", &certs.other_ca(), "registry-pw-right");
+    good.wait_ready(LONG).await;
+    // lapse registered its output schemas over https, authenticated.
+    assert!(!s
+        .registry
+        .subject_ids("engagement.throttle-value")
+        .is_empty());
+    for (lapse, setting) in [
+        (&wrong_pw, "schema.registry_password"),
+        (&untrusted, "schema.registry_ca_file"),
+    ] {
+        let body = wait_for(
+            LONG,
+            POLL,
+            &format!("/readyz to name {setting}"),
+            async || {
+                let (code, body) = lapse.http_get("/readyz").await.ok()?;
+                let v = readyz_json(&body);
+                let registry = v["not_ready"]["registry"].as_str()?;
+                (code == 503 && registry.contains(setting)).then(|| body.clone())
+            },
+        )
+        .await;
+        assert!(!body.contains("registry-pw-"), "{body}");
+        assert!(!lapse.all_output().contains("registry-pw-"));
     }
 }

@@ -321,6 +321,12 @@ impl RegistryClient {
         if status.is_server_error() {
             return Err(unreachable(format!("POST {path} answered HTTP {status}")));
         }
+        if status == reqwest::StatusCode::UNAUTHORIZED {
+            // Wrong credentials: retried (not ready) until an operator fixes them.
+            return Err(unreachable(format!(
+                "POST {path} answered HTTP {status}: the registry refused lapse's credentials; check schema.registry_username and schema.registry_password (or schema.registry_token), their _file keys or LAPSE_SCHEMA_REGISTRY_* variables"
+            )));
+        }
         let refused = |detail: String| CodecError::RegistryRefused {
             subject: subject.to_owned(),
             detail,
@@ -497,7 +503,15 @@ fn describe(e: &reqwest::Error) -> String {
         s.push_str(&cause.to_string());
         source = cause.source();
     }
-    truncate(&s, 300)
+    let lower = s.to_ascii_lowercase();
+    let hint = if lower.contains("peer certificate") || lower.contains("unknownissuer") {
+        "; lapse does not trust the registry's certificate (or it names another host, or has expired): set schema.registry_ca_file to the CA that signed it"
+    } else if lower.contains("alert") || lower.contains("handshake") {
+        "; the TLS handshake with the registry failed: check schema.registry_url and schema.registry_ca_file"
+    } else {
+        ""
+    };
+    format!("{}{hint}", truncate(&s, 300))
 }
 
 /// The URL with any password replaced, for error messages about the URL itself.

@@ -138,3 +138,70 @@ impl TestCerts {
         self.file("client.key")
     }
 }
+
+/// A TLS terminator on a loopback port (the test server certificate) in
+/// front of a plain TCP `upstream`, on its own runtime: a real TLS handshake
+/// for clients that must check the CA and the host name.
+pub struct TlsProxy {
+    addr: std::net::SocketAddr,
+    rt: Option<tokio::runtime::Runtime>,
+}
+
+impl TlsProxy {
+    pub fn start(certs: &TestCerts, upstream: std::net::SocketAddr) -> TlsProxy {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let chain = CertificateDer::pem_file_iter(certs.server_cert())
+            .expect("server cert")
+            .collect::<Result<Vec<_>, _>>()
+            .expect("server cert PEM");
+        let key = PrivateKeyDer::from_pem_file(certs.server_key()).expect("server key");
+        // The one crypto provider in the build (ring) is the default.
+        let config = rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .expect("server certificate");
+        let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind TLS proxy");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let addr = listener.local_addr().expect("addr");
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("test-tls-proxy")
+            .enable_all()
+            .build()
+            .expect("TLS proxy runtime");
+        rt.spawn(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    continue;
+                };
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    // A refused handshake (untrusted CA on the client side) just ends here.
+                    let Ok(mut tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let Ok(mut up) = tokio::net::TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    let _ = tokio::io::copy_bidirectional(&mut tls, &mut up).await;
+                });
+            }
+        });
+        TlsProxy { addr, rt: Some(rt) }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+}
+
+impl Drop for TlsProxy {
+    fn drop(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
