@@ -92,3 +92,60 @@ pub fn apply_security(cc: &mut rdkafka::config::ClientConfig, cfg: &crate::confi
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{KafkaConfig, SaslMechanism, SecurityProtocol};
+    use crate::secret::Secret;
+
+    #[test]
+    fn typed_security_keys_become_librdkafka_properties() {
+        let mut cfg = KafkaConfig::default();
+        let mut cc = rdkafka::config::ClientConfig::new();
+        apply_security(&mut cc, &cfg);
+        assert_eq!(cc.get("security.protocol"), Some("plaintext"));
+        assert_eq!(cc.get("sasl.password"), None);
+
+        cfg.security_protocol = SecurityProtocol::SaslSsl;
+        cfg.sasl_mechanism = Some(SaslMechanism::ScramSha512);
+        cfg.sasl_username = Some("lapse".into());
+        cfg.sasl_password = Some(Secret::new("kafka-secret"));
+        cfg.ssl_ca_file = Some("/etc/ca.pem".into());
+        cfg.ssl_certificate_file = Some("/etc/client.pem".into());
+        cfg.ssl_key_file = Some("/etc/client.key".into());
+        let mut cc = rdkafka::config::ClientConfig::new();
+        apply_security(&mut cc, &cfg);
+        for (k, v) in [
+            ("security.protocol", "sasl_ssl"),
+            ("sasl.mechanisms", "SCRAM-SHA-512"),
+            ("sasl.username", "lapse"),
+            ("sasl.password", "kafka-secret"),
+            ("ssl.ca.location", "/etc/ca.pem"),
+            ("ssl.certificate.location", "/etc/client.pem"),
+            ("ssl.key.location", "/etc/client.key"),
+            ("ssl.endpoint.identification.algorithm", "https"),
+            ("enable.ssl.certificate.verification", "true"),
+        ] {
+            assert_eq!(cc.get(k), Some(v), "{k}");
+        }
+        // librdkafka itself accepts SASL_SSL with SCRAM (this build has
+        // OpenSSL); it checks the files at creation, which do not exist here.
+        let mut no_files = cfg.clone();
+        no_files.ssl_ca_file = None;
+        no_files.ssl_certificate_file = None;
+        no_files.ssl_key_file = None;
+        let mut cc = rdkafka::config::ClientConfig::new();
+        apply_security(&mut cc, &no_files);
+        cc.set("bootstrap.servers", "127.0.0.1:1");
+        let p: Result<rdkafka::producer::BaseProducer, _> = cc.create();
+        assert!(p.is_ok(), "{:?}", p.err());
+        cfg.ssl_hostname_verification = false;
+        let mut cc = rdkafka::config::ClientConfig::new();
+        apply_security(&mut cc, &cfg);
+        assert_eq!(
+            cc.get("ssl.endpoint.identification.algorithm"),
+            Some("none")
+        );
+    }
+}
