@@ -4,8 +4,8 @@
 #   docker run --rm -e LAPSE_KAFKA_BROKERS=kafka:9092 -e LAPSE_REDIS_URL=redis://redis:6379/ -p 9464:9464 lapse
 #
 # Build stage: rdkafka-sys compiles the bundled librdkafka with ./configure + make
-# (gcc) and links zlib (libz-sys); the rust:bookworm image has all of it. No
-# cmake and no OpenSSL are needed: lapse enables no TLS/SASL features.
+# (gcc), links zlib (libz-sys) and OpenSSL (TLS/SASL to Kafka; libssl-dev, in the
+# rust:bookworm image). Redis and the schema registry use rustls (no OpenSSL).
 ARG RUST_VERSION=1.95
 
 FROM rust:${RUST_VERSION}-bookworm AS builder
@@ -36,7 +36,7 @@ FROM debian:bookworm-slim
 # ca-certificates follows the distribution's security updates: not pinned on purpose.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends ca-certificates \
+    && apt-get install -y --no-install-recommends ca-certificates libssl3 \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --system --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin lapse
 COPY --from=builder /build/target/release/lapse /usr/local/bin/lapse

@@ -5,13 +5,14 @@ use std::future::Future;
 use std::process::ExitCode;
 
 /// Logs to stderr, filtered by `RUST_LOG`; JSON lines with `LAPSE_LOG_FORMAT=json`.
+/// Every line is scrubbed of the configured secrets (`secret::ScrubbingStderr`).
 pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rdkafka=warn"));
     let json = std::env::var("LAPSE_LOG_FORMAT").is_ok_and(|v| v == "json");
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(|| crate::secret::ScrubbingStderr);
     if json {
         b.json().init();
     } else {
@@ -36,7 +37,7 @@ pub fn main(command: impl Future<Output = anyhow::Result<()>>) -> ExitCode {
     match rt.block_on(command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", crate::secret::scrub(&format!("{e:#}")));
             ExitCode::FAILURE
         }
     }

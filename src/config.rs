@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use crate::domain::span::Span;
 use crate::error::ConfigError;
+use crate::secret::Secret;
 
 /// A duration written as `"50ms"`, `"30s"`, `"5m"`, `"2h"`, `"7d"` (or an integer of
 /// milliseconds): the text of the domain's [`Span`], as a `Duration` for the adapters.
@@ -190,10 +191,149 @@ pub struct KafkaConfig {
     pub create_topics: bool,
     pub topic_partitions: i32,
     pub topics: TopicsConfig,
-    /// Extra librdkafka consumer properties (e.g. security settings), applied last.
-    pub consumer_properties: std::collections::BTreeMap<String, String>,
+    /// `PLAINTEXT`, `SSL` (TLS), `SASL_PLAINTEXT` or `SASL_SSL`.
+    pub security_protocol: SecurityProtocol,
+    /// With SASL: `PLAIN`, `SCRAM-SHA-256` or `SCRAM-SHA-512`.
+    pub sasl_mechanism: Option<SaslMechanism>,
+    /// Env: `LAPSE_KAFKA_SASL_USERNAME`.
+    pub sasl_username: Option<String>,
+    /// Better from `sasl_password_file` or env `LAPSE_KAFKA_SASL_PASSWORD`.
+    pub sasl_password: Option<Secret>,
+    pub sasl_password_file: Option<PathBuf>,
+    /// PEM CA certificate(s) the brokers' certificates are checked against
+    /// (default: the system's trust store).
+    pub ssl_ca_file: Option<PathBuf>,
+    /// PEM client certificate and key, for mutual TLS.
+    pub ssl_certificate_file: Option<PathBuf>,
+    pub ssl_key_file: Option<PathBuf>,
+    /// Check that a broker's certificate names the host lapse connected to
+    /// (`ssl.endpoint.identification.algorithm=https`). Keep it on.
+    pub ssl_hostname_verification: bool,
+    /// Extra librdkafka consumer properties, applied last (values of
+    /// password-like keys are never printed).
+    pub consumer_properties: Properties,
     /// Extra librdkafka producer properties, applied last.
-    pub producer_properties: std::collections::BTreeMap<String, String>,
+    pub producer_properties: Properties,
+}
+
+/// Raw librdkafka properties. Values of password-like keys
+/// ([`is_secret_property`]) print as `***` (Debug, and rendered configs).
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Properties(pub std::collections::BTreeMap<String, String>);
+
+impl std::ops::Deref for Properties {
+    type Target = std::collections::BTreeMap<String, String>;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Properties {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl<'a> IntoIterator for &'a Properties {
+    type Item = (&'a String, &'a String);
+    type IntoIter = std::collections::btree_map::Iter<'a, String, String>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
+    }
+}
+
+impl Properties {
+    fn shown(&self) -> impl Iterator<Item = (&String, &str)> {
+        self.0.iter().map(|(k, v)| {
+            let v = if is_secret_property(k) {
+                crate::secret::REDACTED
+            } else {
+                v.as_str()
+            };
+            (k, v)
+        })
+    }
+}
+
+impl std::fmt::Debug for Properties {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_map().entries(self.shown()).finish()
+    }
+}
+
+impl Serialize for Properties {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(self.shown())
+    }
+}
+
+/// `kafka.security_protocol`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum SecurityProtocol {
+    #[default]
+    #[serde(rename = "PLAINTEXT")]
+    Plaintext,
+    #[serde(rename = "SSL")]
+    Ssl,
+    #[serde(rename = "SASL_PLAINTEXT")]
+    SaslPlaintext,
+    #[serde(rename = "SASL_SSL")]
+    SaslSsl,
+}
+
+impl SecurityProtocol {
+    /// librdkafka's `security.protocol` value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SecurityProtocol::Plaintext => "plaintext",
+            SecurityProtocol::Ssl => "ssl",
+            SecurityProtocol::SaslPlaintext => "sasl_plaintext",
+            SecurityProtocol::SaslSsl => "sasl_ssl",
+        }
+    }
+    pub fn tls(self) -> bool {
+        matches!(self, SecurityProtocol::Ssl | SecurityProtocol::SaslSsl)
+    }
+    pub fn sasl(self) -> bool {
+        matches!(
+            self,
+            SecurityProtocol::SaslPlaintext | SecurityProtocol::SaslSsl
+        )
+    }
+}
+
+/// `kafka.sasl_mechanism`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SaslMechanism {
+    #[serde(rename = "PLAIN")]
+    Plain,
+    #[serde(rename = "SCRAM-SHA-256")]
+    ScramSha256,
+    #[serde(rename = "SCRAM-SHA-512")]
+    ScramSha512,
+}
+
+impl SaslMechanism {
+    /// librdkafka's `sasl.mechanisms` value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SaslMechanism::Plain => "PLAIN",
+            SaslMechanism::ScramSha256 => "SCRAM-SHA-256",
+            SaslMechanism::ScramSha512 => "SCRAM-SHA-512",
+        }
+    }
+}
+
+/// librdkafka properties whose values are secrets.
+pub fn is_secret_property(key: &str) -> bool {
+    let k = key.to_ascii_lowercase();
+    k.contains("password")
+        || k.contains("secret")
+        || k.contains("jaas")
+        || k.contains("oauthbearer.config")
+        || k == "ssl.key.pem"
+        || k == "ssl_key"
 }
 
 impl Default for KafkaConfig {
@@ -209,6 +349,15 @@ impl Default for KafkaConfig {
             create_topics: true,
             topic_partitions: 6,
             topics: TopicsConfig::default(),
+            security_protocol: SecurityProtocol::Plaintext,
+            sasl_mechanism: None,
+            sasl_username: None,
+            sasl_password: None,
+            sasl_password_file: None,
+            ssl_ca_file: None,
+            ssl_certificate_file: None,
+            ssl_key_file: None,
+            ssl_hostname_verification: true,
             consumer_properties: Default::default(),
             producer_properties: Default::default(),
         }
@@ -261,8 +410,22 @@ impl TopicsConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RedisConfig {
-    /// `redis://[user:pass@]host:port/db`. Env: `LAPSE_REDIS_URL`.
+    /// `redis://host:port/db`, or `rediss://` for TLS. Env: `LAPSE_REDIS_URL`.
+    /// Credentials written into it (`redis://user:pass@...`) are moved to
+    /// `username`/`password` at load, so the URL printed never holds them.
     pub url: String,
+    /// ACL user (Redis 6+). Env: `LAPSE_REDIS_USERNAME`.
+    pub username: Option<String>,
+    /// Better from `password_file` or env `LAPSE_REDIS_PASSWORD`.
+    pub password: Option<Secret>,
+    pub password_file: Option<PathBuf>,
+    /// With `rediss://`: PEM CA certificate(s) Redis' certificate is checked
+    /// against (default: the system's trust store).
+    pub tls_ca_file: Option<PathBuf>,
+    /// With `rediss://`: PEM client certificate and key, for mutual TLS
+    /// (`tls-auth-clients yes`).
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
     /// Extra seed nodes; when non-empty (or `cluster = true`) Redis Cluster is used.
     pub cluster: bool,
     pub cluster_nodes: Vec<String>,
@@ -276,6 +439,12 @@ impl Default for RedisConfig {
     fn default() -> Self {
         RedisConfig {
             url: "redis://127.0.0.1:6379/".into(),
+            username: None,
+            password: None,
+            password_file: None,
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
             cluster: false,
             cluster_nodes: vec![],
             key_prefix: "lapse".into(),
@@ -290,8 +459,23 @@ impl Default for RedisConfig {
 pub struct SchemaConfig {
     /// Directory of `*.avsc` reader schemas (and older writer versions, recursively).
     pub dir: PathBuf,
-    /// Confluent Schema Registry base URL. Env: `LAPSE_SCHEMA_REGISTRY_URL`.
+    /// Confluent Schema Registry base URL (`http://` or `https://`). Env:
+    /// `LAPSE_SCHEMA_REGISTRY_URL`. Credentials written into it are moved to
+    /// `registry_username`/`registry_password` at load.
     pub registry_url: Option<String>,
+    /// Basic auth user. Env: `LAPSE_SCHEMA_REGISTRY_USERNAME`.
+    pub registry_username: Option<String>,
+    /// Basic auth password; better from `registry_password_file` or env
+    /// `LAPSE_SCHEMA_REGISTRY_PASSWORD`.
+    pub registry_password: Option<Secret>,
+    pub registry_password_file: Option<PathBuf>,
+    /// Bearer token (instead of basic auth); better from `registry_token_file`
+    /// or env `LAPSE_SCHEMA_REGISTRY_TOKEN`.
+    pub registry_token: Option<Secret>,
+    pub registry_token_file: Option<PathBuf>,
+    /// With `https://`: PEM CA certificate(s) the registry's certificate is
+    /// checked against, in addition to the system's trust store.
+    pub registry_ca_file: Option<PathBuf>,
     pub registry_timeout: Dur,
     /// Records larger than this are dead-lettered without decoding.
     pub max_payload_bytes: usize,
@@ -310,6 +494,12 @@ impl Default for SchemaConfig {
         SchemaConfig {
             dir: PathBuf::from("schemas"),
             registry_url: None,
+            registry_username: None,
+            registry_password: None,
+            registry_password_file: None,
+            registry_token: None,
+            registry_token_file: None,
+            registry_ca_file: None,
             registry_timeout: Dur::secs(5),
             max_payload_bytes: 1 << 20,
             avro_allocation_limit_bytes: 16 << 20,
@@ -459,6 +649,13 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("LAPSE_HTTP_LISTEN", "http.listen"),
     ("LAPSE_SCHEMA_REGISTRY_URL", "schema.registry_url"),
     ("LAPSE_SCHEMAS_DIR", "schema.dir"),
+    ("LAPSE_REDIS_USERNAME", "redis.username"),
+    ("LAPSE_REDIS_PASSWORD", "redis.password"),
+    ("LAPSE_KAFKA_SASL_USERNAME", "kafka.sasl_username"),
+    ("LAPSE_KAFKA_SASL_PASSWORD", "kafka.sasl_password"),
+    ("LAPSE_SCHEMA_REGISTRY_USERNAME", "schema.registry_username"),
+    ("LAPSE_SCHEMA_REGISTRY_PASSWORD", "schema.registry_password"),
+    ("LAPSE_SCHEMA_REGISTRY_TOKEN", "schema.registry_token"),
 ];
 
 impl Config {
@@ -475,12 +672,31 @@ impl Config {
             None => Config::default(),
         };
         cfg.apply_env(|k| std::env::var(k).ok());
+        cfg.resolve_secrets()?;
         cfg.validate()?;
         Ok(cfg)
     }
 
+    /// The error says where and what, but never quotes the file: the line
+    /// at fault may hold a secret (a misspelt `pasword = "..."`).
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))
+        toml::from_str(text).map_err(|e: toml::de::Error| {
+            let at = e.span().map(|span| {
+                let before = &text[..span.start.min(text.len())];
+                let line = before.matches('\n').count() + 1;
+                let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+                let column = before.len() - line_start + 1;
+                // The key (never its value) of the line at fault.
+                let key = text[line_start..]
+                    .lines()
+                    .next()
+                    .and_then(|l| l.split_once('='))
+                    .map(|(k, _)| format!(" (key `{}`)", k.trim()))
+                    .unwrap_or_default();
+                format!("line {line}, column {column}{key}: ")
+            });
+            ConfigError::Parse(format!("{}{}", at.unwrap_or_default(), e.message().trim()))
+        })
     }
 
     pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) {
@@ -502,6 +718,82 @@ impl Config {
         if let Some(v) = get("LAPSE_SCHEMAS_DIR") {
             self.schema.dir = PathBuf::from(v);
         }
+        let text = |k: &str| get(k).filter(|v| !v.is_empty());
+        let secret = |k: &str| text(k).map(Secret::new);
+        if let Some(v) = text("LAPSE_REDIS_USERNAME") {
+            self.redis.username = Some(v);
+        }
+        if let Some(v) = secret("LAPSE_REDIS_PASSWORD") {
+            self.redis.password = Some(v);
+        }
+        if let Some(v) = text("LAPSE_KAFKA_SASL_USERNAME") {
+            self.kafka.sasl_username = Some(v);
+        }
+        if let Some(v) = secret("LAPSE_KAFKA_SASL_PASSWORD") {
+            self.kafka.sasl_password = Some(v);
+        }
+        if let Some(v) = text("LAPSE_SCHEMA_REGISTRY_USERNAME") {
+            self.schema.registry_username = Some(v);
+        }
+        if let Some(v) = secret("LAPSE_SCHEMA_REGISTRY_PASSWORD") {
+            self.schema.registry_password = Some(v);
+        }
+        if let Some(v) = secret("LAPSE_SCHEMA_REGISTRY_TOKEN") {
+            self.schema.registry_token = Some(v);
+        }
+    }
+
+    /// Reads every `*_file` secret, moves credentials out of `redis.url`,
+    /// `redis.cluster_nodes` and `schema.registry_url`, and registers every
+    /// secret value for scrubbing. Errors name the key.
+    pub fn resolve_secrets(&mut self) -> Result<(), ConfigError> {
+        read_secret(
+            "redis.password",
+            &mut self.redis.password,
+            &self.redis.password_file,
+        )?;
+        read_secret(
+            "kafka.sasl_password",
+            &mut self.kafka.sasl_password,
+            &self.kafka.sasl_password_file,
+        )?;
+        read_secret(
+            "schema.registry_password",
+            &mut self.schema.registry_password,
+            &self.schema.registry_password_file,
+        )?;
+        read_secret(
+            "schema.registry_token",
+            &mut self.schema.registry_token,
+            &self.schema.registry_token_file,
+        )?;
+        let r = &mut self.redis;
+        r.url = take_url_credentials("redis.url", &r.url, &mut r.username, &mut r.password)?;
+        for i in 0..r.cluster_nodes.len() {
+            let key = format!("redis.cluster_nodes[{i}]");
+            r.cluster_nodes[i] =
+                take_url_credentials(&key, &r.cluster_nodes[i], &mut r.username, &mut r.password)?;
+        }
+        let sc = &mut self.schema;
+        if let Some(u) = sc.registry_url.take() {
+            sc.registry_url = Some(take_url_credentials(
+                "schema.registry_url",
+                &u,
+                &mut sc.registry_username,
+                &mut sc.registry_password,
+            )?);
+        }
+        for props in [
+            &self.kafka.consumer_properties,
+            &self.kafka.producer_properties,
+        ] {
+            for (k, v) in props {
+                if is_secret_property(k) {
+                    crate::secret::register(v);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Every section in turn; the first invalid value is reported, naming its key.
@@ -546,6 +838,92 @@ fn bad(key: &str, msg: impl Into<String>) -> ConfigError {
         key: key.to_string(),
         message: msg.into(),
     }
+}
+
+/// `key` from `key_file` (a file holding only the secret; one trailing
+/// newline is dropped), unless both are set.
+fn read_secret(
+    key: &str,
+    value: &mut Option<Secret>,
+    file: &Option<PathBuf>,
+) -> Result<(), ConfigError> {
+    let Some(path) = file else {
+        return Ok(());
+    };
+    if value.is_some() {
+        return Err(bad(
+            &format!("{key}_file"),
+            format!("{key} is set too (from the file or the environment): set one of them"),
+        ));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        bad(
+            &format!("{key}_file"),
+            format!("cannot read {}: {e}", path.display()),
+        )
+    })?;
+    let text = text
+        .strip_suffix('\n')
+        .map(|t| t.strip_suffix('\r').unwrap_or(t))
+        .unwrap_or(&text);
+    if text.is_empty() {
+        return Err(bad(
+            &format!("{key}_file"),
+            format!("{} is empty", path.display()),
+        ));
+    }
+    *value = Some(Secret::new(text));
+    Ok(())
+}
+
+/// `url` without `user:password@`, which go to `username` and `password`
+/// (percent-decoded) unless those are set already with other values.
+fn take_url_credentials(
+    key: &str,
+    url: &str,
+    username: &mut Option<String>,
+    password: &mut Option<Secret>,
+) -> Result<String, ConfigError> {
+    let Ok(mut parsed) = reqwest::Url::parse(url) else {
+        // Validation names the key; the text itself is never shown.
+        return Ok(url.to_owned());
+    };
+    if !parsed.has_host() || (parsed.username().is_empty() && parsed.password().is_none()) {
+        return Ok(url.to_owned());
+    }
+    let user = crate::codec::percent_decode(parsed.username());
+    let pass = parsed.password().map(crate::codec::percent_decode);
+    if let Some(p) = &pass {
+        // Registered before any error can mention the URL.
+        crate::secret::register(p);
+    }
+    if !user.is_empty() {
+        match username {
+            Some(u) if *u != user => {
+                return Err(bad(
+                    key,
+                    "names another user than the username key: set the user in one place",
+                ))
+            }
+            _ => *username = Some(user),
+        }
+    }
+    if let Some(p) = pass {
+        match password {
+            Some(existing) if existing.expose() != p => {
+                return Err(bad(key, "holds another password than the password key (or its _file or environment variable): set it in one place"))
+            }
+            _ => *password = Some(Secret::new(p)),
+        }
+    }
+    let _ = parsed.set_username("");
+    let _ = parsed.set_password(None);
+    let mut out = parsed.to_string();
+    // Url adds a trailing slash to an empty path; keep the original shape.
+    if !url.ends_with('/') && parsed.path() == "/" && out.ends_with('/') {
+        out.pop();
+    }
+    Ok(out)
 }
 
 impl KafkaConfig {
@@ -597,8 +975,82 @@ impl KafkaConfig {
                 ));
             }
         }
-        Ok(())
+        self.validate_security()
     }
+
+    /// The typed security keys: what the protocol needs is set, nothing is
+    /// set that it would ignore, and every file is readable.
+    fn validate_security(&self) -> Result<(), ConfigError> {
+        let p = self.security_protocol;
+        if p.sasl() {
+            if self.sasl_mechanism.is_none() {
+                return Err(bad(
+                    "kafka.sasl_mechanism",
+                    format!(
+                        "security_protocol {} needs a SASL mechanism: PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512",
+                        p.as_str().to_ascii_uppercase()
+                    ),
+                ));
+            }
+            if self.sasl_username.as_deref().is_none_or(str::is_empty) {
+                return Err(bad(
+                    "kafka.sasl_username",
+                    "must be set with a SASL security_protocol (env LAPSE_KAFKA_SASL_USERNAME)",
+                ));
+            }
+            if self.sasl_password.as_ref().is_none_or(Secret::is_empty) {
+                return Err(bad(
+                    "kafka.sasl_password",
+                    "must be set with a SASL security_protocol: kafka.sasl_password_file or env LAPSE_KAFKA_SASL_PASSWORD",
+                ));
+            }
+        } else if self.sasl_mechanism.is_some()
+            || self.sasl_username.is_some()
+            || self.sasl_password.is_some()
+        {
+            return Err(bad(
+                "kafka.security_protocol",
+                "SASL credentials are set but the protocol is not SASL_SSL or SASL_PLAINTEXT: they would be ignored",
+            ));
+        }
+        let files = [
+            ("kafka.ssl_ca_file", &self.ssl_ca_file),
+            ("kafka.ssl_certificate_file", &self.ssl_certificate_file),
+            ("kafka.ssl_key_file", &self.ssl_key_file),
+        ];
+        if !p.tls() && files.iter().any(|(_, f)| f.is_some()) {
+            return Err(bad(
+                "kafka.security_protocol",
+                "TLS files are set but the protocol is not SSL or SASL_SSL: they would be ignored",
+            ));
+        }
+        pair(
+            ("kafka.ssl_certificate_file", &self.ssl_certificate_file),
+            ("kafka.ssl_key_file", &self.ssl_key_file),
+        )?;
+        readable(&files)
+    }
+}
+
+/// A client certificate needs its key and the other way round.
+fn pair(cert: (&str, &Option<PathBuf>), key: (&str, &Option<PathBuf>)) -> Result<(), ConfigError> {
+    match (cert.1, key.1) {
+        (Some(_), None) => Err(bad(key.0, format!("must be set with {}", cert.0))),
+        (None, Some(_)) => Err(bad(cert.0, format!("must be set with {}", key.0))),
+        _ => Ok(()),
+    }
+}
+
+/// Every file set is readable.
+fn readable(files: &[(&str, &Option<PathBuf>)]) -> Result<(), ConfigError> {
+    for (key, f) in files {
+        if let Some(path) = f {
+            if let Err(e) = std::fs::File::open(path) {
+                return Err(bad(key, format!("cannot read {}: {e}", path.display())));
+            }
+        }
+    }
+    Ok(())
 }
 
 impl RedisConfig {
@@ -622,7 +1074,24 @@ impl RedisConfig {
         if self.response_timeout.0.is_zero() || self.connect_timeout.0.is_zero() {
             return Err(bad("redis.response_timeout", "timeouts must be positive"));
         }
-        Ok(())
+        let files = [
+            ("redis.tls_ca_file", &self.tls_ca_file),
+            ("redis.tls_cert_file", &self.tls_cert_file),
+            ("redis.tls_key_file", &self.tls_key_file),
+        ];
+        if !self.url.starts_with("rediss://") {
+            if let Some((key, _)) = files.iter().find(|(_, f)| f.is_some()) {
+                return Err(bad(
+                    key,
+                    "is set but redis.url does not start with rediss:// (TLS): use rediss://",
+                ));
+            }
+        }
+        pair(
+            ("redis.tls_cert_file", &self.tls_cert_file),
+            ("redis.tls_key_file", &self.tls_key_file),
+        )?;
+        readable(&files)
     }
 }
 
@@ -652,6 +1121,30 @@ impl SchemaConfig {
                 ));
             }
         }
+        if self.registry_token.is_some() && self.registry_password.is_some() {
+            return Err(bad(
+                "schema.registry_token",
+                "set either a bearer token or a basic auth password (schema.registry_password), not both",
+            ));
+        }
+        if self.registry_password.is_some() && self.registry_username.is_none() {
+            return Err(bad(
+                "schema.registry_username",
+                "must be set with schema.registry_password (basic auth is user:password)",
+            ));
+        }
+        if self.registry_ca_file.is_some()
+            && !self
+                .registry_url
+                .as_deref()
+                .is_some_and(|u| u.starts_with("https://"))
+        {
+            return Err(bad(
+                "schema.registry_ca_file",
+                "is set but schema.registry_url is not an https:// URL",
+            ));
+        }
+        readable(&[("schema.registry_ca_file", &self.registry_ca_file)])?;
         if !(64..=(64 << 20)).contains(&self.max_payload_bytes) {
             return Err(bad(
                 "schema.max_payload_bytes",
@@ -924,6 +1417,181 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("json"), "{e}");
+    }
+
+    /// A config from `toml` with the repository's schemas, env from `env`.
+    fn loaded(toml: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let mut c = Config::from_toml(toml)?;
+        c.schema.dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("schemas");
+        c.apply_env(|k| {
+            env.iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.to_string())
+        });
+        c.resolve_secrets()?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    fn file(dir: &Path, name: &str, text: &str) -> String {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p.display().to_string()
+    }
+
+    #[test]
+    fn secrets_come_from_files_env_or_urls_and_are_never_printed() {
+        let dir = tempfile::tempdir().unwrap();
+        let sasl = file(dir.path(), "sasl", "sasl-pw-from-file\n");
+        let token = file(dir.path(), "token", "registry-token-from-file");
+        let toml = format!(
+            "[redis]\nurl = \"redis://lapse:redis%40pw-in-url@10.0.0.1:6379/0\"\n\
+             [kafka]\nsecurity_protocol = \"SASL_SSL\"\nsasl_mechanism = \"SCRAM-SHA-512\"\n\
+             sasl_username = \"lapse\"\nsasl_password_file = \"{sasl}\"\n\
+             [kafka.producer_properties]\n\"ssl.key.password\" = \"key-pw-in-props\"\n\"linger.ms\" = \"7\"\n\
+             [schema]\nregistry_url = \"https://r.example:8081/sr\"\nregistry_token_file = \"{token}\"\n"
+        );
+        let c = loaded(&toml, &[]).unwrap();
+        assert_eq!(c.redis.url, "redis://10.0.0.1:6379/0");
+        assert_eq!(c.redis.username.as_deref(), Some("lapse"));
+        assert_eq!(
+            c.redis.password.as_ref().unwrap().expose(),
+            "redis@pw-in-url"
+        );
+        assert_eq!(
+            c.kafka.sasl_password.as_ref().unwrap().expose(),
+            "sasl-pw-from-file"
+        );
+        assert_eq!(
+            c.schema.registry_token.as_ref().unwrap().expose(),
+            "registry-token-from-file"
+        );
+        let printed = format!("{}\n{c:?}", c.to_toml());
+        for secret in [
+            "redis@pw-in-url",
+            "redis%40pw-in-url",
+            "sasl-pw-from-file",
+            "key-pw-in-props",
+            "registry-token-from-file",
+        ] {
+            assert!(!printed.contains(secret), "{secret} printed:\n{printed}");
+        }
+        assert!(printed.contains("password = \"***\""), "{printed}");
+        assert!(printed.contains("\"linger.ms\" = \"7\""), "{printed}");
+
+        // The environment, for the process' secrets.
+        let c = loaded(
+            "[schema]\nregistry_url = \"http://r:8081\"\n",
+            &[
+                ("LAPSE_REDIS_PASSWORD", "redis-pw-from-env"),
+                ("LAPSE_SCHEMA_REGISTRY_USERNAME", "sr"),
+                ("LAPSE_SCHEMA_REGISTRY_PASSWORD", "sr-pw-from-env"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            c.redis.password.as_ref().unwrap().expose(),
+            "redis-pw-from-env"
+        );
+        assert_eq!(
+            c.schema.registry_password.as_ref().unwrap().expose(),
+            "sr-pw-from-env"
+        );
+        assert!(!c.to_toml().contains("-from-env"));
+    }
+
+    #[test]
+    fn a_secret_set_twice_or_unreadable_is_refused_naming_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let pw = file(dir.path(), "pw", "from-file");
+        let key = |r: Result<Config, ConfigError>| match r {
+            Err(ConfigError::Invalid { key, message }) => {
+                assert!(
+                    !message.contains("from-file") && !message.contains("other-pw"),
+                    "{message}"
+                );
+                key
+            }
+            other => panic!("{other:?}"),
+        };
+        let toml = format!("[redis]\npassword_file = \"{pw}\"\n");
+        assert_eq!(
+            key(loaded(&toml, &[("LAPSE_REDIS_PASSWORD", "other-pw")])),
+            "redis.password_file"
+        );
+        assert_eq!(
+            key(loaded(
+                "[redis]\npassword_file = \"/nonexistent/pw\"\n",
+                &[]
+            )),
+            "redis.password_file"
+        );
+        let toml = format!("[redis]\nurl = \"redis://:other-pw@h:1/\"\npassword_file = \"{pw}\"\n");
+        assert_eq!(key(loaded(&toml, &[])), "redis.url");
+    }
+
+    #[test]
+    fn a_toml_error_never_quotes_the_file() {
+        // A misspelt key: its line holds a password.
+        let e = Config::from_toml("[redis]\npasword = \"hunter2-secret\"\n").unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("pasword") && msg.contains("line 2"), "{msg}");
+        assert!(!msg.contains("hunter2-secret"), "{msg}");
+    }
+
+    #[test]
+    fn security_keys_are_validated_naming_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = file(dir.path(), "ca.pem", "-----BEGIN CERTIFICATE-----\n");
+        let cases = [
+            ("[kafka]\nsecurity_protocol = \"SASL_SSL\"\n", "kafka.sasl_mechanism"),
+            (
+                "[kafka]\nsecurity_protocol = \"SASL_SSL\"\nsasl_mechanism = \"PLAIN\"\n",
+                "kafka.sasl_username",
+            ),
+            (
+                "[kafka]\nsecurity_protocol = \"SASL_PLAINTEXT\"\nsasl_mechanism = \"SCRAM-SHA-256\"\nsasl_username = \"u\"\n",
+                "kafka.sasl_password",
+            ),
+            ("[kafka]\nsasl_username = \"u\"\n", "kafka.security_protocol"),
+            (&format!("[kafka]\nssl_ca_file = \"{ca}\"\n"), "kafka.security_protocol"),
+            (
+                &format!("[kafka]\nsecurity_protocol = \"SSL\"\nssl_certificate_file = \"{ca}\"\n"),
+                "kafka.ssl_key_file",
+            ),
+            (
+                "[kafka]\nsecurity_protocol = \"SSL\"\nssl_ca_file = \"/nonexistent/ca.pem\"\n",
+                "kafka.ssl_ca_file",
+            ),
+            (&format!("[redis]\ntls_ca_file = \"{ca}\"\n"), "redis.tls_ca_file"),
+            (
+                &format!("[redis]\nurl = \"rediss://h:1/\"\ntls_key_file = \"{ca}\"\n"),
+                "redis.tls_cert_file",
+            ),
+            (
+                "[schema]\nregistry_url = \"https://r\"\nregistry_token = \"t0ken\"\nregistry_username = \"u\"\nregistry_password = \"p4ss\"\n",
+                "schema.registry_token",
+            ),
+            (
+                "[schema]\nregistry_url = \"https://r\"\nregistry_password = \"p4ss\"\n",
+                "schema.registry_username",
+            ),
+            (
+                &format!("[schema]\nregistry_url = \"http://r\"\nregistry_ca_file = \"{ca}\"\n"),
+                "schema.registry_ca_file",
+            ),
+        ];
+        for (toml, want) in cases {
+            match loaded(toml, &[]) {
+                Err(ConfigError::Invalid { key, .. }) => assert_eq!(key, want, "{toml}"),
+                other => panic!("{toml}: {other:?}"),
+            }
+        }
+        let ok = format!(
+            "[kafka]\nsecurity_protocol = \"SASL_SSL\"\nsasl_mechanism = \"SCRAM-SHA-256\"\nsasl_username = \"u\"\nssl_ca_file = \"{ca}\"\n"
+        );
+        let c = loaded(&ok, &[("LAPSE_KAFKA_SASL_PASSWORD", "pw")]).unwrap();
+        assert!(c.kafka.ssl_hostname_verification, "on by default");
     }
 
     #[test]

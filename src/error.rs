@@ -18,8 +18,11 @@ pub enum ConfigError {
 #[derive(Debug, Error)]
 pub enum StoreError {
     /// The hint tells a permanent error (see `store::fault`) from an outage.
-    #[error("redis: {0} ({hint})", hint = crate::store::fault::hint(crate::store::fault::permanent_kind(.0)))]
+    #[error("redis: {0} ({hint})", hint = crate::store::fault::hint_for(.0))]
     Redis(#[from] redis::RedisError),
+    /// A Redis setting lapse cannot use (a TLS file that cannot be read).
+    #[error("{0}")]
+    Config(String),
     /// Records (customers or campaigns) another writer kept changing between
     /// load and compare-and-set, for `state_write::MAX_CAS_ROUNDS` rounds.
     #[error("{records} records kept changing under concurrent writers; retried with back-off")]
@@ -33,6 +36,9 @@ pub enum StoreError {
 pub enum KafkaError {
     #[error("kafka: {0} (check kafka.brokers and the broker's health)")]
     Client(#[from] rdkafka::error::KafkaError),
+    /// The broker did not answer; the text includes the client's last error.
+    #[error("kafka: {0}")]
+    Unreachable(String),
     #[error("cannot create topic {topic}: {code} (create it by hand, or check the broker's ACLs; set kafka.create_topics = false to skip)")]
     Admin { topic: String, code: String },
 }

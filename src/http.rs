@@ -1,6 +1,7 @@
 //! HTTP endpoints: `/metrics` (Prometheus text), `/healthz` (process alive),
-//! `/readyz` (Redis and broker reachable at the last probe, and no permanent
-//! Redis error in force: `store::fault`).
+//! `/readyz` (start-up over, Redis, the broker and the registry reachable at
+//! the last probe, and no permanent Redis error in force: `store::fault`),
+//! served from the first second of `lapse run` whatever is unreachable.
 
 use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
@@ -8,8 +9,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Json;
 use axum::Router;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use crate::domain::clock::Clock;
 use crate::domain::event::CustomerRef;
@@ -20,10 +20,10 @@ use crate::store::StateStore;
 
 #[derive(Clone)]
 pub struct HttpState {
+    /// Also holds what keeps lapse from being ready (`metrics.redis_fault`).
     pub metrics: Metrics,
-    pub ready: Arc<AtomicBool>,
-    /// Serves `GET /v1/allowance/TENANT/CUSTOMER` when set.
-    pub allowance: Option<AllowanceApi>,
+    /// Serves `GET /v1/allowance/TENANT/CUSTOMER` once set (after start-up).
+    pub allowance: Arc<OnceLock<AllowanceApi>>,
 }
 
 /// What the synchronous allowance check needs.
@@ -55,22 +55,28 @@ async fn metrics(State(s): State<HttpState>) -> impl IntoResponse {
     )
 }
 
-async fn readyz(State(s): State<HttpState>) -> impl IntoResponse {
-    if let Some(reason) = s.metrics.redis_fault.reason() {
-        // Redis answers, but a step keeps failing: say why.
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("not ready: {reason}\n"),
-        );
+/// 200 `{"ready": true}`, or 503 with what is not ready and why:
+/// `{"ready": false, "not_ready": {"redis": "...", "broker": "...", "registry": "..."}}`
+/// (only the components not ready; reasons are scrubbed of secrets).
+async fn readyz(State(s): State<HttpState>) -> Response {
+    let not_ready = s.metrics.redis_fault.by_component();
+    if not_ready.is_empty() {
+        return Json(serde_json::json!({ "ready": true })).into_response();
     }
-    if s.ready.load(Ordering::SeqCst) {
-        (StatusCode::OK, "ready\n".to_string())
-    } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: Redis or the broker is unreachable\n".to_string(),
-        )
-    }
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        Json(serde_json::json!({ "ready": false, "not_ready": not_ready })),
+    )
+        .into_response()
+}
+
+/// Before start-up is over the store is not connected yet.
+fn starting() -> Response {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        "starting: not connected to Redis yet (see /readyz)\n",
+    )
+        .into_response()
 }
 
 /// Every channel's allowance for one customer, evaluated now: for senders that
@@ -79,8 +85,8 @@ async fn allowance(
     State(s): State<HttpState>,
     Path((tenant, customer)): Path<(String, String)>,
 ) -> Response {
-    let Some(api) = s.allowance else {
-        return (StatusCode::NOT_FOUND, "allowance API not enabled\n").into_response();
+    let Some(api) = s.allowance.get() else {
+        return starting();
     };
     let c = CustomerRef::new(tenant, customer);
     if c.tenant.is_empty() || c.customer.is_empty() || c.tenant.contains(['{', '}']) {
@@ -120,8 +126,8 @@ async fn campaign(
     State(s): State<HttpState>,
     Path((tenant, campaign)): Path<(String, String)>,
 ) -> Response {
-    let Some(api) = s.allowance else {
-        return (StatusCode::NOT_FOUND, "campaign API not enabled\n").into_response();
+    let Some(api) = s.allowance.get() else {
+        return starting();
     };
     match api
         .store

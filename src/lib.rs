@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod outputs;
 pub mod pipeline;
 pub mod retry;
+pub mod secret;
 pub mod service;
 pub mod state_write;
 pub mod store;

@@ -192,7 +192,7 @@ impl Metrics {
             partitions_paused: plain_gauge("lapse_partitions_paused", "Input partitions currently paused for back-pressure."),
             commits: counter(&r, "lapse_offset_commits_total", "Offset commits by result (ok, error).", &["result"]),
             retries: counter(&r, "lapse_retries_total", "Back-off retries by cause (redis, dlq, registry).", &["cause"]),
-            ready: plain_gauge("lapse_ready", "1 when Redis and the broker answered the last readiness probe."),
+            ready: plain_gauge("lapse_ready", "1 when /readyz answers 200: Redis, the broker and the schema registry answered the last readiness probe and no permanent Redis error is in force."),
             outputs: counter(&r, "lapse_outputs_total", "Decisions produced (acknowledged by the broker), by kind (throttle, trigger, outcome).", &["kind"]),
             output_seconds: histogram(&r, "lapse_output_produce_seconds", "Time to produce one batch's decisions and get every acknowledgement.", exponential_buckets(0.0005, 2.0, 16).expect("buckets")),
             cap_hits: counter(&r, "lapse_cap_hits_total", "Marketing sends that filled a channel's rolling window (the channel became CAPPED).", &["tenant", "channel"]),

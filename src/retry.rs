@@ -5,7 +5,7 @@ use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use tracing::warn;
+use tracing::{error, info, warn};
 
 use crate::config::RetryConfig;
 
@@ -48,34 +48,91 @@ impl Backoff {
     }
 }
 
-/// Retries a start-up step with back-off for up to `total`, so lapse can start
-/// before its dependencies. The error names `what` once `total` has run out.
+/// Decides which of a stream of repeated failure messages are worth a log
+/// line: the first, any that differs from the last one logged, and otherwise
+/// one per `every` (so an hour of a wrong password logs a handful of lines, not
+/// one per retry).
+#[derive(Debug)]
+pub struct LogLimiter {
+    every: Duration,
+    last: Option<(String, std::time::Instant)>,
+    suppressed: u64,
+}
+
+impl LogLimiter {
+    pub fn new(every: Duration) -> LogLimiter {
+        LogLimiter {
+            every,
+            last: None,
+            suppressed: 0,
+        }
+    }
+
+    /// Some(number of identical messages suppressed since the last line) when
+    /// `message` should be logged now.
+    pub fn admit(&mut self, message: &str) -> Option<u64> {
+        let now = std::time::Instant::now();
+        let due = match &self.last {
+            None => true,
+            Some((m, at)) => m != message || now.duration_since(*at) >= self.every,
+        };
+        if !due {
+            self.suppressed += 1;
+            return None;
+        }
+        self.last = Some((message.to_owned(), now));
+        Some(std::mem::take(&mut self.suppressed))
+    }
+}
+
+/// How often an unchanged start-up or connection error is logged again.
+pub const REPEAT_LOG_EVERY: Duration = Duration::from_secs(60);
+
+/// Retries a start-up step with back-off until it succeeds, so lapse can start
+/// before its dependencies and waits (not ready, HTTP up) while one of them
+/// refuses it. Every failure is passed to `failed` (for `/readyz`); the first
+/// is logged at error level, later ones only when the message changes or once
+/// per [`REPEAT_LOG_EVERY`]. Gives up, with an error, only when `shutdown` is
+/// raised.
 pub async fn with_startup_retry<T, F, Fut>(
     what: &str,
-    total: Duration,
     retry: &RetryConfig,
+    shutdown: &AtomicBool,
+    mut failed: impl FnMut(&anyhow::Error),
     mut step: F,
 ) -> anyhow::Result<T>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = anyhow::Result<T>>,
 {
-    let deadline = tokio::time::Instant::now() + total;
     let mut backoff = Backoff::new(retry);
+    let mut limiter = LogLimiter::new(REPEAT_LOG_EVERY);
+    let mut attempts = 0u64;
     loop {
         let e = match step().await {
-            Ok(v) => return Ok(v),
+            Ok(v) => {
+                if attempts > 0 {
+                    info!("{what}: available after {attempts} failed attempt(s)");
+                }
+                return Ok(v);
+            }
             Err(e) => e,
         };
-        let delay = backoff.next_delay();
-        if tokio::time::Instant::now() + delay >= deadline {
+        attempts += 1;
+        failed(&e);
+        let message = format!("{e:#}");
+        if let Some(suppressed) = limiter.admit(&message) {
+            if attempts == 1 {
+                error!(error = %message, "{what} not available; retrying with back-off (/readyz says why)");
+            } else {
+                warn!(error = %message, attempts, suppressed, "{what} still not available; retrying with back-off");
+            }
+        }
+        if !backoff.wait(shutdown).await {
             return Err(e.context(format!(
-                "{what} still unavailable after {}s",
-                total.as_secs()
+                "{what}: shut down before it became available ({attempts} attempts)"
             )));
         }
-        warn!(error = %e, "{what} not available yet; retrying");
-        tokio::time::sleep(delay).await;
     }
 }
 
@@ -108,35 +165,63 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn start_up_steps_are_retried_until_they_succeed_or_time_runs_out() {
+    async fn start_up_steps_are_retried_until_they_succeed_or_shutdown() {
         let mut calls = 0;
-        let v = with_startup_retry("thing", Duration::from_secs(5), &retry(5, 20), || {
-            calls += 1;
-            let n = calls;
-            async move {
-                if n < 3 {
-                    anyhow::bail!("not yet")
+        let mut failures = 0;
+        let shutdown = AtomicBool::new(false);
+        let v = with_startup_retry(
+            "thing",
+            &retry(5, 20),
+            &shutdown,
+            |_| failures += 1,
+            || {
+                calls += 1;
+                let n = calls;
+                async move {
+                    if n < 3 {
+                        anyhow::bail!("not yet")
+                    }
+                    Ok(n)
                 }
-                Ok(n)
-            }
-        })
+            },
+        )
         .await
         .unwrap();
-        assert_eq!(v, 3);
+        assert_eq!((v, failures), (3, 2));
 
+        let shutdown = std::sync::Arc::new(AtomicBool::new(false));
+        let raise = shutdown.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            raise.store(true, Ordering::SeqCst);
+        });
         let started = std::time::Instant::now();
         let e = with_startup_retry(
             "thing",
-            Duration::from_millis(100),
             &retry(10, 40),
+            &shutdown,
+            |_| {},
             || async { anyhow::bail!("down") as anyhow::Result<()> },
         )
         .await
         .unwrap_err();
         assert!(
-            format!("{e:#}").contains("thing still unavailable"),
+            format!("{e:#}").contains("thing: shut down before"),
             "{e:#}"
         );
         assert!(started.elapsed() < Duration::from_secs(2));
+    }
+
+    #[test]
+    fn repeated_messages_are_logged_once_per_period_or_when_they_change() {
+        let mut l = LogLimiter::new(Duration::from_secs(3600));
+        assert_eq!(l.admit("wrong password"), Some(0));
+        for _ in 0..100 {
+            assert_eq!(l.admit("wrong password"), None);
+        }
+        assert_eq!(l.admit("connection refused"), Some(100));
+        let mut l = LogLimiter::new(Duration::ZERO);
+        assert_eq!(l.admit("a"), Some(0));
+        assert_eq!(l.admit("a"), Some(0));
     }
 }

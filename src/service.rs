@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -10,8 +10,11 @@ use rdkafka::consumer::Consumer;
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
-use crate::codec::{self, DecodeLimits, Decoder, Encoder, RegistryClient, SchemaSet};
-use crate::config::{ClockMode, Config};
+use crate::codec::registry::RegistryAuth;
+use crate::codec::{
+    self, DecodeLimits, Decoder, Encoder, RegistryClient, RegistryOptions, SchemaSet,
+};
+use crate::config::{ClockMode, Config, SchemaConfig};
 use crate::dead_letters::DeadLetters;
 use crate::domain::clock::Clock;
 use crate::domain::clock::EventClock;
@@ -29,6 +32,7 @@ use crate::pipeline::Pipeline;
 use crate::retry::with_startup_retry;
 use crate::state_write::{OutputSink, StateWriter};
 use crate::store::event_time::SharedEventTime;
+use crate::store::fault::Faults;
 use crate::store::gauges::AllowanceGauges;
 use crate::store::timers::TimerStore;
 use crate::store::StateStore;
@@ -59,9 +63,7 @@ pub fn build_decoder(cfg: &Config) -> anyhow::Result<Decoder> {
         )
     })?;
     let registry = match &cfg.schema.registry_url {
-        Some(u) => Some(
-            RegistryClient::new(u, cfg.schema.registry_timeout.0).context("schema.registry_url")?,
-        ),
+        Some(u) => Some(registry_client(&cfg.schema, u)?),
         None => None,
     };
     let limits = DecodeLimits {
@@ -70,6 +72,36 @@ pub fn build_decoder(cfg: &Config) -> anyhow::Result<Decoder> {
         ..DecodeLimits::default()
     };
     Ok(Decoder::new(schemas, registry, limits))
+}
+
+/// The registry client with the configured credentials and CA.
+fn registry_client(sc: &SchemaConfig, url: &str) -> anyhow::Result<RegistryClient> {
+    let auth = match (
+        &sc.registry_token,
+        &sc.registry_username,
+        &sc.registry_password,
+    ) {
+        (Some(token), _, _) => Some(RegistryAuth::Bearer(token.clone())),
+        (None, Some(user), password) => Some(RegistryAuth::Basic {
+            user: user.clone(),
+            password: password.clone().unwrap_or_default(),
+        }),
+        (None, None, _) => None,
+    };
+    let ca_pem = match &sc.registry_ca_file {
+        Some(p) => Some(
+            std::fs::read(p)
+                .with_context(|| format!("schema.registry_ca_file: cannot read {}", p.display()))?,
+        ),
+        None => None,
+    };
+    let opts = RegistryOptions {
+        timeout: sc.registry_timeout.0,
+        auth,
+        ca_pem,
+        ..RegistryOptions::default()
+    };
+    RegistryClient::with_options(url, opts).context("schema.registry_url")
 }
 
 /// Counts (and once logs) records framed with lapse 0.1's fingerprint.
@@ -94,10 +126,13 @@ fn observe_legacy_fingerprints(decoder: Decoder, accept: bool, metrics: &Metrics
 async fn resolve_output_framings(
     cfg: &Config,
     decoder: &Decoder,
+    faults: &Faults,
+    shutdown: &AtomicBool,
 ) -> anyhow::Result<OutputFramings> {
     let framing = cfg.output_framing();
     let what = "schema registry (output schemas)";
-    let framings = with_startup_retry(what, STARTUP_WAIT, &cfg.retry, || async {
+    let failed = |e: &anyhow::Error| faults.set("registry", "start-up", format!("{e:#}"));
+    let framings = with_startup_retry(what, &cfg.retry, shutdown, failed, || async {
         match OutputFramings::resolve(
             framing,
             &cfg.kafka.topics,
@@ -113,15 +148,14 @@ async fn resolve_output_framings(
     })
     .await?
     .context("resolving the output schemas (config keys outputs.framing, outputs.register_schemas, schema.registry_url)")?;
+    faults.clear_in("registry", "start-up");
     info!(?framings, "output framing");
     Ok(framings)
 }
 
-/// How long start-up waits for Redis, the broker and the schema registry.
-const STARTUP_WAIT: Duration = Duration::from_secs(60);
-
-/// `lapse run`, phase by phase: connect, build the adapters, serve HTTP,
-/// consume until a signal, shut down.
+/// `lapse run`, phase by phase: serve HTTP (from the first second, not ready),
+/// connect (Redis, broker and registry at once, each waited for), build the
+/// adapters, consume until a signal, shut down.
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let metrics = Metrics::new(&cfg.metrics);
     // Schemas first: a wrong schema.dir fails at once, not after waiting for Redis.
@@ -130,59 +164,93 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         cfg.schema.accept_legacy_fingerprints,
         &metrics,
     ));
-    let connected = connect(&cfg, &metrics).await?;
-    let app = build(&cfg, &metrics, decoder, &connected.store).await?;
-    let ready = Arc::new(AtomicBool::new(false));
-    spawn_http(
-        &cfg,
-        connected.listener,
-        &connected.store,
-        &app,
-        ready.clone(),
-    );
+    let faults = metrics.redis_fault.clone();
+    faults.set("redis", "start-up", "not connected yet");
+    faults.set("broker", "start-up", "not connected yet");
+    if cfg.schema.registry_url.is_some() {
+        faults.set("registry", "start-up", "not connected yet");
+    }
+    let allowance = Arc::new(OnceLock::new());
+    spawn_http(&cfg, &metrics, allowance.clone()).await?;
+    let shutdown = spawn_signal_watch();
+    let started = async {
+        let connected = connect(&cfg, &metrics, &decoder, &shutdown).await?;
+        let app = build(&cfg, &metrics, decoder, &connected).await?;
+        anyhow::Ok((connected.store, app))
+    };
+    let (store, app) = match started.await {
+        Ok(v) => v,
+        Err(e) if shutdown.load(Ordering::SeqCst) => {
+            info!(reason = %format!("{e:#}"), "stopped during start-up");
+            return Ok(());
+        }
+        Err(e) => return Err(e),
+    };
+    let _ = allowance.set(AllowanceApi {
+        store: store.clone(),
+        policies: app.pipeline.policies.clone(),
+        params: app.pipeline.params,
+        clock: app.pipeline.clock.clone(),
+    });
     spawn_readiness_probe(
-        connected.store,
+        store,
         app.producer.clone(),
-        ready,
+        app.pipeline.decoder.registry().cloned(),
         metrics.clone(),
     );
-    let shutdown = spawn_signal_watch();
     let running = consume(&cfg, &app, shutdown)?;
     stop(running, &app.producer).await
 }
 
-/// What start-up reached: the HTTP port and Redis.
+/// What start-up reached: Redis, the broker (topics created when asked) and
+/// the output framing (the registry's ids).
 struct Connected {
-    listener: tokio::net::TcpListener,
     store: StateStore,
+    framings: OutputFramings,
 }
 
-/// Binds the HTTP port, connects to Redis and creates the topics (the broker
-/// and Redis are waited for up to a minute).
-async fn connect(cfg: &Config, metrics: &Metrics) -> anyhow::Result<Connected> {
-    let listener = tokio::net::TcpListener::bind(&cfg.http.listen)
-        .await
-        .with_context(|| {
-            format!(
-                "cannot listen on {} (config key http.listen)",
-                cfg.http.listen
-            )
-        })?;
-    let store = with_startup_retry("redis", STARTUP_WAIT, &cfg.retry, || {
-        let (rc, m) = (cfg.redis.clone(), metrics.clone());
-        async move { Ok(StateStore::connect(&rc, m).await?) }
-    })
-    .await?;
-    if cfg.kafka.create_topics {
-        with_startup_retry(
-            "kafka (creating topics)",
-            STARTUP_WAIT,
-            &cfg.retry,
-            || async { Ok(admin::ensure_topics(&cfg.kafka).await?) },
-        )
+/// Connects to Redis, creates the topics (or checks the broker answers) and
+/// resolves the output framing, all three at once, each retried with back-off
+/// until it works or lapse is told to stop; `/readyz` names those still
+/// failing, and why.
+async fn connect(
+    cfg: &Config,
+    metrics: &Metrics,
+    decoder: &Decoder,
+    shutdown: &AtomicBool,
+) -> anyhow::Result<Connected> {
+    let faults = &metrics.redis_fault;
+    let redis = async {
+        let failed = |e: &anyhow::Error| faults.set("redis", "start-up", format!("{e:#}"));
+        let store = with_startup_retry("redis", &cfg.retry, shutdown, failed, || {
+            let (rc, m) = (cfg.redis.clone(), metrics.clone());
+            async move { Ok(StateStore::connect(&rc, m).await?) }
+        })
         .await?;
-    }
-    Ok(Connected { listener, store })
+        faults.clear_in("redis", "start-up");
+        anyhow::Ok(store)
+    };
+    let broker = async {
+        let failed = |e: &anyhow::Error| faults.set("broker", "start-up", format!("{e:#}"));
+        let what = if cfg.kafka.create_topics {
+            "kafka (creating topics)"
+        } else {
+            "kafka"
+        };
+        with_startup_retry(what, &cfg.retry, shutdown, failed, || async {
+            if cfg.kafka.create_topics {
+                Ok(admin::ensure_topics(&cfg.kafka).await?)
+            } else {
+                Ok(admin::check_broker(&cfg.kafka).await?)
+            }
+        })
+        .await?;
+        faults.clear_in("broker", "start-up");
+        anyhow::Ok(())
+    };
+    let registry = resolve_output_framings(cfg, decoder, faults, shutdown);
+    let (store, (), framings) = tokio::try_join!(redis, broker, registry)?;
+    Ok(Connected { store, framings })
 }
 
 /// The adapters around the domain, wired.
@@ -193,15 +261,15 @@ struct App {
     pipeline: Arc<Pipeline>,
 }
 
-/// Builds the producer and dead letters, the output framing (the registry is
-/// waited for), the state writer, the timer store, the clocks and the batch
+/// Builds the producer and dead letters, the state writer, the timer store, the clocks and the batch
 /// pipeline; starts the fleet gauge exporter.
 async fn build(
     cfg: &Config,
     metrics: &Metrics,
     decoder: Arc<Decoder>,
-    store: &StateStore,
+    connected: &Connected,
 ) -> anyhow::Result<App> {
+    let store = &connected.store;
     let producer = OutputProducer::new(&cfg.kafka, metrics.clone())?;
     let dlq = DeadLetters::new(
         producer.clone(),
@@ -216,7 +284,7 @@ async fn build(
         producer: producer.clone(),
         encoder: Encoder::new(decoder.schemas()),
         topics: cfg.kafka.topics.clone(),
-        framings: resolve_output_framings(cfg, &decoder).await?,
+        framings: connected.framings,
     };
     let gauges = AllowanceGauges::new(store.conn(), &cfg.redis.key_prefix);
     spawn_gauge_exporter(
@@ -285,24 +353,25 @@ fn timer_loop(cfg: &Config, p: &Pipeline, shutdown: Arc<AtomicBool>) -> TimerLoo
     }
 }
 
-/// Serves `/metrics`, `/healthz`, `/readyz`, `/v1/allowance` and `/v1/campaigns`.
-fn spawn_http(
+/// Binds the HTTP port and serves `/metrics`, `/healthz`, `/readyz` at once
+/// (not ready until start-up is over); `/v1/allowance` and `/v1/campaigns`
+/// answer once `allowance` is set.
+async fn spawn_http(
     cfg: &Config,
-    listener: tokio::net::TcpListener,
-    store: &StateStore,
-    app: &App,
-    ready: Arc<AtomicBool>,
-) {
-    let pipeline = &app.pipeline;
+    metrics: &Metrics,
+    allowance: Arc<OnceLock<AllowanceApi>>,
+) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(&cfg.http.listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {} (config key http.listen)",
+                cfg.http.listen
+            )
+        })?;
     let http_state = HttpState {
-        metrics: pipeline.metrics.clone(),
-        ready,
-        allowance: Some(AllowanceApi {
-            store: store.clone(),
-            policies: pipeline.policies.clone(),
-            params: pipeline.params,
-            clock: pipeline.clock.clone(),
-        }),
+        metrics: metrics.clone(),
+        allowance,
     };
     tokio::spawn(async move {
         if let Err(e) = http::serve(listener, http_state).await {
@@ -310,37 +379,46 @@ fn spawn_http(
         }
     });
     info!(listen = %cfg.http.listen, "serving /metrics, /healthz, /readyz, /v1/allowance");
+    Ok(())
 }
 
-/// Readiness: Redis answers PING and the broker answers a metadata request, every 2 s.
+/// Readiness, every 2 s: Redis answers PING, the broker a metadata request
+/// and the schema registry (when configured) `GET /config`. Each failure is
+/// shown by `/readyz` with its reason; `lapse_ready` is 1 when nothing is.
 fn spawn_readiness_probe(
     store: StateStore,
     probe: OutputProducer,
-    ready: Arc<AtomicBool>,
+    registry: Option<RegistryClient>,
     metrics: Metrics,
 ) {
+    let faults = metrics.redis_fault.clone();
     tokio::spawn(async move {
         loop {
-            let redis_ok = store.ping().await.is_ok();
-            if !redis_ok {
-                metrics.redis_errors.with_label_values(&["ping"]).inc();
+            match store.ping().await {
+                Ok(()) => faults.clear_in("redis", "probe"),
+                Err(e) => {
+                    metrics.redis_errors.with_label_values(&["ping"]).inc();
+                    faults.set("redis", "probe", e.to_string());
+                }
             }
             let p = probe.clone();
-            let broker_ok = tokio::task::spawn_blocking(move || {
-                use rdkafka::producer::Producer;
-                p.inner()
-                    .client()
-                    .fetch_metadata(None, Duration::from_secs(2))
-                    .is_ok()
-            })
-            .await
-            .unwrap_or(false);
-            if !broker_ok {
-                metrics.kafka_errors.with_label_values(&["metadata"]).inc();
+            let broker = tokio::task::spawn_blocking(move || p.check_broker())
+                .await
+                .unwrap_or_else(|e| Err(e.to_string()));
+            match broker {
+                Ok(()) => faults.clear_in("broker", "probe"),
+                Err(e) => {
+                    metrics.kafka_errors.with_label_values(&["metadata"]).inc();
+                    faults.set("broker", "probe", e);
+                }
             }
-            let ok = redis_ok && broker_ok;
-            ready.store(ok, Ordering::SeqCst);
-            metrics.ready.set(ok as i64);
+            if let Some(r) = &registry {
+                match r.probe().await {
+                    Ok(()) => faults.clear_in("registry", "probe"),
+                    Err(e) => faults.set("registry", "probe", e.to_string()),
+                }
+            }
+            metrics.ready.set(faults.is_empty() as i64);
             tokio::time::sleep(Duration::from_secs(2)).await;
         }
     });

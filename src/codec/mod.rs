@@ -25,6 +25,7 @@ pub use decode::{set_allocation_limit, DecodeLimits, Decoder};
 pub use encode::{encode_with_schema, event_value, Encoder};
 pub use error::{CodecError, DecodeError};
 pub use framing::{frame_confluent, frame_single_object, parse_frame, Frame, Framing};
+pub(crate) use registry::percent_decode;
 pub use registry::{RegistryClient, RegistryOptions};
 pub use schemas::{
     fingerprint, SchemaSet, OUTPUT_SCHEMAS, RECALL_OUTCOME, RECALL_TRIGGER, THROTTLE_EVENT,

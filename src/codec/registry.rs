@@ -7,6 +7,7 @@
 //! outage must pause the pipeline, not dead-letter every record.
 
 use super::error::{truncate, CodecError, DecodeError};
+use crate::secret::Secret;
 use apache_avro::Schema;
 use serde::Deserialize;
 use std::collections::HashMap;
@@ -37,6 +38,20 @@ pub struct RegistryOptions {
     /// instead of each waiting for its own timeout (a batch of records with a
     /// registry outage then costs one timeout, not one per record).
     pub fail_fast: Duration,
+    /// Credentials (instead of, or over, any in the URL).
+    pub auth: Option<RegistryAuth>,
+    /// PEM CA certificate(s) trusted for an https registry, in addition to
+    /// the system's trust store.
+    pub ca_pem: Option<Vec<u8>>,
+}
+
+/// How lapse authenticates to the registry.
+#[derive(Debug, Clone)]
+pub enum RegistryAuth {
+    /// `Authorization: Basic base64(user:password)`.
+    Basic { user: String, password: Secret },
+    /// `Authorization: Bearer TOKEN`.
+    Bearer(Secret),
 }
 
 impl Default for RegistryOptions {
@@ -46,6 +61,8 @@ impl Default for RegistryOptions {
             cache_capacity: DEFAULT_CACHE_CAPACITY,
             not_found_ttl: Duration::from_secs(10),
             fail_fast: Duration::from_secs(1),
+            auth: None,
+            ca_pem: None,
         }
     }
 }
@@ -64,7 +81,7 @@ struct Inner {
     http: reqwest::Client,
     /// Base URL without credentials and without a trailing slash.
     base: String,
-    auth: Option<(String, String)>,
+    auth: Option<RegistryAuth>,
     opts: RegistryOptions,
     state: Mutex<State>,
 }
@@ -81,7 +98,7 @@ impl std::fmt::Debug for RegistryClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RegistryClient")
             .field("base", &self.inner.base)
-            .field("auth", &self.inner.auth.as_ref().map(|_| "basic"))
+            .field("auth", &self.inner.auth)
             .finish()
     }
 }
@@ -96,9 +113,8 @@ struct SchemaResponse {
 }
 
 impl RegistryClient {
-    /// `url` is the registry base (`http://host:8081`, optionally with a path
-    /// prefix and `user:password@` for basic auth). Only plain HTTP: this build
-    /// has no TLS.
+    /// `url` is the registry base (`http://host:8081` or `https://...`,
+    /// optionally with a path prefix and `user:password@` for basic auth).
     pub fn new(url: &str, timeout: Duration) -> Result<RegistryClient, CodecError> {
         RegistryClient::with_options(
             url,
@@ -116,9 +132,8 @@ impl RegistryClient {
         };
         let mut parsed = reqwest::Url::parse(url).map_err(|e| bad(&e.to_string()))?;
         match parsed.scheme() {
-            "http" => {}
-            "https" => return Err(bad("https is not supported by this build (no TLS); use http or a local TLS-terminating proxy")),
-            _ => return Err(bad("scheme must be http")),
+            "http" | "https" => {}
+            _ => return Err(bad("scheme must be http or https")),
         }
         if parsed.host_str().is_none_or(str::is_empty) {
             return Err(bad("no host"));
@@ -127,21 +142,37 @@ impl RegistryClient {
             None
         } else {
             let user = percent_decode(parsed.username());
-            let pass = percent_decode(parsed.password().unwrap_or(""));
+            let password = Secret::new(percent_decode(parsed.password().unwrap_or("")));
             // Credentials never appear in URLs we log or put into errors.
             let _ = parsed.set_username("");
             let _ = parsed.set_password(None);
-            Some((user, pass))
+            Some(RegistryAuth::Basic { user, password })
         };
+        let auth = opts.auth.clone().or(auth);
         parsed.set_query(None);
         parsed.set_fragment(None);
         let base = parsed.as_str().trim_end_matches('/').to_owned();
         if opts.cache_capacity == 0 {
             return Err(bad("cache capacity must be at least 1"));
         }
-        let http = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .timeout(opts.timeout)
             .connect_timeout(opts.timeout)
+            .https_only(parsed.scheme() == "https");
+        if let Some(pem) = &opts.ca_pem {
+            let certs = reqwest::Certificate::from_pem_bundle(pem).map_err(|e| {
+                bad(&format!(
+                    "schema.registry_ca_file is not a PEM certificate bundle: {e}"
+                ))
+            })?;
+            if certs.is_empty() {
+                return Err(bad("schema.registry_ca_file holds no PEM certificate"));
+            }
+            for c in certs {
+                builder = builder.add_root_certificate(c);
+            }
+        }
+        let http = builder
             .build()
             .map_err(|e| CodecError::HttpClient(e.to_string()))?;
         Ok(RegistryClient {
@@ -232,19 +263,28 @@ impl RegistryClient {
             .await
             .map_err(|e| CodecError::RegistryUrl {
                 url: self.inner.base.clone(),
-                detail: e.to_string(),
-            })?;
-        if resp.status().is_success() {
-            Ok(())
-        } else {
-            Err(CodecError::RegistryUrl {
-                url: self.inner.base.clone(),
                 detail: format!(
-                    "GET /config answered HTTP {}; is this a schema registry?",
-                    resp.status()
+                    "{}; check schema.registry_url{}",
+                    describe(&e),
+                    if self.inner.base.starts_with("https") {
+                        " and schema.registry_ca_file (the CA that signed the registry's certificate)"
+                    } else {
+                        ""
+                    }
                 ),
-            })
+            })?;
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(());
         }
+        let hint = match status.as_u16() {
+            401 | 403 => "the registry refused lapse's credentials: check schema.registry_username and schema.registry_password (or schema.registry_token), their _file keys or LAPSE_SCHEMA_REGISTRY_* variables",
+            _ => "is this a schema registry?",
+        };
+        Err(CodecError::RegistryUrl {
+            url: self.inner.base.clone(),
+            detail: format!("GET /config answered HTTP {status}; {hint}"),
+        })
     }
 
     /// The id of `schema_json` under `subject`, registering it first when
@@ -281,6 +321,12 @@ impl RegistryClient {
         if status.is_server_error() {
             return Err(unreachable(format!("POST {path} answered HTTP {status}")));
         }
+        if status == reqwest::StatusCode::UNAUTHORIZED {
+            // Wrong credentials: retried (not ready) until an operator fixes them.
+            return Err(unreachable(format!(
+                "POST {path} answered HTTP {status}: the registry refused lapse's credentials; check schema.registry_username and schema.registry_password (or schema.registry_token), their _file keys or LAPSE_SCHEMA_REGISTRY_* variables"
+            )));
+        }
         let refused = |detail: String| CodecError::RegistryRefused {
             subject: subject.to_owned(),
             detail,
@@ -292,7 +338,7 @@ impl RegistryClient {
                 .and_then(|v| v.get("message").and_then(|m| m.as_str()).map(str::to_owned))
                 .unwrap_or_default();
             let hint = match (status.as_u16(), register) {
-                (401 | 403, _) => "check the registry credentials in schema.registry_url, or give lapse's user the right to register (or set outputs.register_schemas = false and register the schemas yourself)",
+                (401 | 403, _) => "check the registry credentials (schema.registry_username, schema.registry_password or schema.registry_token), or give lapse's user the right to register (or set outputs.register_schemas = false and register the schemas yourself)",
                 (404, false) => "the schema is not registered under this subject: register schemas/ with the registry, or set outputs.register_schemas = true",
                 (409, _) => "the subject's compatibility rules refuse this schema: check the subject's earlier versions and compatibility level",
                 (422, _) => "the registry does not accept the schema as Avro",
@@ -327,7 +373,10 @@ impl RegistryClient {
             format!("{REGISTRY_JSON}, application/json"),
         );
         match &self.inner.auth {
-            Some((user, pass)) => req.basic_auth(user, Some(pass)),
+            Some(RegistryAuth::Basic { user, password }) => {
+                req.basic_auth(user, Some(password.expose()))
+            }
+            Some(RegistryAuth::Bearer(token)) => req.bearer_auth(token.expose()),
             None => req,
         }
     }
@@ -346,7 +395,7 @@ impl RegistryClient {
         }
         if !status.is_success() {
             let hint = match status.as_u16() {
-                401 | 403 => "; check the registry credentials in schema.registry_url",
+                401 | 403 => "; check the registry credentials (schema.registry_username, schema.registry_password or schema.registry_token, their _file keys or LAPSE_SCHEMA_REGISTRY_* variables)",
                 _ => "",
             };
             return Err(unavailable(format!(
@@ -454,7 +503,15 @@ fn describe(e: &reqwest::Error) -> String {
         s.push_str(&cause.to_string());
         source = cause.source();
     }
-    truncate(&s, 300)
+    let lower = s.to_ascii_lowercase();
+    let hint = if lower.contains("peer certificate") || lower.contains("unknownissuer") {
+        "; lapse does not trust the registry's certificate (or it names another host, or has expired): set schema.registry_ca_file to the CA that signed it"
+    } else if lower.contains("alert") || lower.contains("handshake") {
+        "; the TLS handshake with the registry failed: check schema.registry_url and schema.registry_ca_file"
+    } else {
+        ""
+    };
+    format!("{}{hint}", truncate(&s, 300))
 }
 
 /// The URL with any password replaced, for error messages about the URL itself.
@@ -474,7 +531,7 @@ fn redact(url: &str) -> String {
     }
 }
 
-fn percent_decode(s: &str) -> String {
+pub(crate) fn percent_decode(s: &str) -> String {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -746,14 +803,14 @@ mod tests {
     fn bad_urls_fail_at_start_up_without_leaking_passwords() {
         for url in [
             "not a url",
-            "https://r:8081",
             "ftp://r",
+            "ftp://u:secret@r",
             "http://u:secret@/x",
         ] {
             let e = RegistryClient::new(url, Duration::from_secs(1)).unwrap_err();
             assert!(!e.to_string().contains("secret"), "{e}");
         }
-        let e = RegistryClient::new("https://u:secret@r:8081", Duration::from_secs(1)).unwrap_err();
+        let e = RegistryClient::new("ftp://u:secret@r:8081", Duration::from_secs(1)).unwrap_err();
         assert!(e.to_string().contains("***"), "{e}");
         assert!(!e.to_string().contains("secret"), "{e}");
     }

@@ -366,6 +366,7 @@ pub fn build(
         .set("statistics.interval.ms", "5000")
         .set("queued.max.messages.kbytes", "16384")
         .set("enable.partition.eof", "false");
+    crate::kafka::client::apply_security(&mut cc, cfg);
     for (k, v) in &cfg.consumer_properties {
         cc.set(k, v);
     }

@@ -1,6 +1,9 @@
 //! Kafka adapters: the group consumer loop, the output producer, topic admin.
 
 pub mod admin;
+pub mod client;
 pub mod consumer;
 pub mod producer;
 pub mod record;
+
+pub use client::ClientErrors;

@@ -9,12 +9,16 @@ use std::time::Duration;
 
 use crate::config::KafkaConfig;
 use crate::error::KafkaError;
+use crate::kafka::ClientErrors;
 use crate::metrics::Metrics;
 use rdkafka::ClientContext;
 
-/// Counts the producer's client errors (broker down, ...) in `lapse_kafka_errors_total{op="producer"}`.
+/// Counts the producer's client errors (broker down, TLS or SASL refused, ...)
+/// in `lapse_kafka_errors_total{op="producer"}`, keeps the last one for
+/// `/readyz` and logs them with bounded volume.
 pub struct ProducerContext {
     metrics: Metrics,
+    errors: ClientErrors,
 }
 
 impl ClientContext for ProducerContext {
@@ -23,13 +27,14 @@ impl ClientContext for ProducerContext {
             .kafka_errors
             .with_label_values(&["producer"])
             .inc();
-        tracing::warn!(error = %error, reason, "kafka producer error");
+        self.errors.record("kafka producer", &error, reason);
     }
 }
 
 #[derive(Clone)]
 pub struct OutputProducer {
     inner: FutureProducer<ProducerContext>,
+    errors: ClientErrors,
 }
 
 impl OutputProducer {
@@ -43,11 +48,17 @@ impl OutputProducer {
             .set("linger.ms", "5")
             // A send is retried inside librdkafka for this long before we see an error and retry ourselves.
             .set("message.timeout.ms", "30000");
+        crate::kafka::client::apply_security(&mut cc, cfg);
         for (k, v) in &cfg.producer_properties {
             cc.set(k, v);
         }
+        let errors = ClientErrors::default();
         Ok(OutputProducer {
-            inner: cc.create_with_context(ProducerContext { metrics })?,
+            inner: cc.create_with_context(ProducerContext {
+                metrics,
+                errors: errors.clone(),
+            })?,
+            errors,
         })
     }
 
@@ -83,6 +94,17 @@ impl OutputProducer {
     /// Waits until every queued record is acknowledged (shutdown).
     pub fn flush(&self, timeout: Duration) -> Result<(), KafkaError> {
         self.inner.flush(timeout).map_err(KafkaError::Client)
+    }
+
+    /// Readiness: the broker answers a metadata request within 2 s. Blocking.
+    /// The error says why, with the client's last error (a refused TLS
+    /// handshake or SASL login says more than a failed metadata request).
+    pub fn check_broker(&self) -> Result<(), String> {
+        self.inner
+            .client()
+            .fetch_metadata(None, Duration::from_secs(2))
+            .map(|_| ())
+            .map_err(|e| self.errors.explain(&e))
     }
 
     pub fn inner(&self) -> &FutureProducer<ProducerContext> {

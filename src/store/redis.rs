@@ -46,6 +46,34 @@ return out
 /// Keys per CAS call on a single node (bounds how long one call holds Redis).
 const CAS_KEYS_PER_CALL: usize = 64;
 
+/// With a `rediss://` URL and a CA or client certificate configured: the PEM
+/// files, read now (a file that cannot be read names its key). None: plain
+/// TCP, or TLS checked against the system's trust store.
+fn tls_certificates(cfg: &RedisConfig) -> Result<Option<redis::TlsCertificates>, StoreError> {
+    let read = |key: &str, path: &std::path::Path| {
+        std::fs::read(path)
+            .map_err(|e| StoreError::Config(format!("{key}: cannot read {}: {e}", path.display())))
+    };
+    if cfg.tls_ca_file.is_none() && cfg.tls_cert_file.is_none() {
+        return Ok(None);
+    }
+    let root_cert = match &cfg.tls_ca_file {
+        Some(p) => Some(read("redis.tls_ca_file", p)?),
+        None => None,
+    };
+    let client_tls = match (&cfg.tls_cert_file, &cfg.tls_key_file) {
+        (Some(c), Some(k)) => Some(redis::ClientTlsConfig {
+            client_cert: read("redis.tls_cert_file", c)?,
+            client_key: read("redis.tls_key_file", k)?,
+        }),
+        _ => None,
+    };
+    Ok(Some(redis::TlsCertificates {
+        client_tls,
+        root_cert,
+    }))
+}
+
 /// A single node (auto-reconnecting) or a Redis Cluster.
 #[derive(Clone)]
 pub enum Conn {
@@ -96,16 +124,36 @@ pub struct StateStore {
 
 impl StateStore {
     pub async fn connect(cfg: &RedisConfig, metrics: Metrics) -> Result<StateStore, StoreError> {
+        let tls = tls_certificates(cfg)?;
         let conn = if cfg.cluster || !cfg.cluster_nodes.is_empty() {
             let mut nodes = vec![cfg.url.clone()];
             nodes.extend(cfg.cluster_nodes.iter().cloned());
-            let client = redis::cluster::ClusterClientBuilder::new(nodes)
+            let mut b = redis::cluster::ClusterClientBuilder::new(nodes)
                 .connection_timeout(cfg.connect_timeout.0)
-                .response_timeout(cfg.response_timeout.0)
-                .build()?;
+                .response_timeout(cfg.response_timeout.0);
+            if let Some(u) = &cfg.username {
+                b = b.username(u.clone());
+            }
+            if let Some(p) = &cfg.password {
+                b = b.password(p.expose().to_owned());
+            }
+            if let Some(certs) = tls {
+                b = b.certs(certs);
+            }
+            let client = b.build()?;
             Conn::Cluster(client.get_async_connection().await?)
         } else {
-            let client = redis::Client::open(cfg.url.as_str())?;
+            let mut info = redis::IntoConnectionInfo::into_connection_info(cfg.url.as_str())?;
+            if cfg.username.is_some() {
+                info.redis.username = cfg.username.clone();
+            }
+            if let Some(p) = &cfg.password {
+                info.redis.password = Some(p.expose().to_owned());
+            }
+            let client = match tls {
+                Some(certs) => redis::Client::build_with_tls(info, certs)?,
+                None => redis::Client::open(info)?,
+            };
             let mcfg = ConnectionManagerConfig::new()
                 .set_connection_timeout(cfg.connect_timeout.0)
                 .set_response_timeout(cfg.response_timeout.0)

@@ -37,6 +37,7 @@
 
 pub mod cluster;
 pub mod stack;
+pub mod tls;
 
 pub use cluster::RedisCluster;
 
@@ -399,18 +400,31 @@ pub struct RedisServer {
     dir: TempDir,
     log: PathBuf,
     child: Option<Child>,
+    /// Appended to the command line (TLS ports, ACL files, passwords).
+    extra_args: Vec<String>,
 }
 
 impl RedisServer {
     /// Start a fresh server and wait until it answers PING.
     pub async fn start() -> Self {
+        Self::start_with(|_| Vec::new()).await
+    }
+
+    /// Like [`start`](Self::start), with extra `redis-server` arguments made
+    /// from the server's data dir (where a test puts certificates or an ACL
+    /// file before the start). The plain port stays open on loopback for the
+    /// harness' readiness check, which also accepts `-NOAUTH` (the default
+    /// user off or password-protected).
+    pub async fn start_with(extra: impl FnOnce(&Path) -> Vec<String>) -> Self {
         let dir = scratch_dir("redis");
         let log = dir.path().join("redis.log");
+        let extra_args = extra(dir.path());
         let mut server = Self {
             port: 0,
             dir,
             log,
             child: None,
+            extra_args,
         };
         for _attempt in 0..5 {
             server.port = free_port();
@@ -441,6 +455,7 @@ impl RedisServer {
             .arg(self.dir.path())
             .args(["--appendonly", "yes", "--appendfsync", "always"])
             .args(["--save", ""])
+            .args(&self.extra_args)
             .stdin(Stdio::null())
             .stdout(open_append(&self.log))
             .stderr(open_append(&self.log));
@@ -573,7 +588,7 @@ async fn redis_ping(port: u16) -> bool {
         s.write_all(b"PING\r\n").await.ok()?;
         let mut buf = [0u8; 64];
         let n = s.read(&mut buf).await.ok()?;
-        Some(buf[..n].starts_with(b"+PONG"))
+        Some(buf[..n].starts_with(b"+PONG") || buf[..n].starts_with(b"-NOAUTH"))
     };
     matches!(
         tokio::time::timeout(Duration::from_millis(500), attempt).await,
@@ -1307,6 +1322,9 @@ struct RegistryState {
     /// Every request received, as `METHOD /path?query`.
     requests: Vec<String>,
     unavailable: bool,
+    /// When set, every request must carry this `Authorization` header value
+    /// (else 401 `40101`, as Confluent answers).
+    required_auth: Option<String>,
     /// When set, `POST /subjects/{s}/versions` answers this error
     /// (status, error_code, message), as a registry that refuses a schema does.
     refuse_registration: Option<(u16, u32, String)>,
@@ -1406,6 +1424,16 @@ impl SchemaRegistryStub {
             {
                 let mut st = state.lock().expect("registry state");
                 st.requests.push(format!("{} {}", req.method(), req.uri()));
+                if let Some(want) = &st.required_auth {
+                    let got = req
+                        .headers()
+                        .get(axum::http::header::AUTHORIZATION)
+                        .and_then(|v| v.to_str().ok());
+                    if got != Some(want.as_str()) {
+                        return registry_error(401, 40101, "Unauthorized (test stub)")
+                            .into_response();
+                    }
+                }
                 if st.unavailable {
                     return registry_error(503, 50003, "Service unavailable (test stub)")
                         .into_response();
@@ -1660,6 +1688,17 @@ impl SchemaRegistryStub {
             .refuse_registration = refusal.map(|(s, c, m)| (s, c, m.to_owned()));
     }
 
+    /// Every request must carry `Authorization: Basic base64(user:password)`.
+    pub fn require_basic_auth(&self, user: &str, password: &str) {
+        let token = base64(format!("{user}:{password}").as_bytes());
+        self.state.lock().expect("registry state").required_auth = Some(format!("Basic {token}"));
+    }
+
+    /// `host:port` of the plain HTTP listener.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
     /// When false, every request answers 503 (registry down).
     pub fn set_available(&self, available: bool) {
         self.state.lock().expect("registry state").unavailable = !available;
@@ -1672,6 +1711,28 @@ impl Drop for SchemaRegistryStub {
             rt.shutdown_background();
         }
     }
+}
+
+/// Standard base64 with padding (basic auth headers).
+pub fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
 }
 
 /// GET `url`: `(status, body)`, or an error string if there was no HTTP answer.
