@@ -4,6 +4,7 @@
 //! `domain` is the pure core that makes every decision; everything else adapts
 //! bytes (codec, kafka, store, http) around it.
 
+pub mod backtest;
 pub mod cli;
 pub mod codec;
 pub mod config;

@@ -328,6 +328,14 @@ async fn a_population_with_known_histories_yields_exactly_the_expected_triggers_
     assert_eq!(ids.len(), n, "a stage fires once per episode");
     lapse.sigterm();
     assert!(lapse.wait_exit(Duration::from_secs(30)).await.success());
+
+    // Issue 17: `lapse backtest` of the live policy over this history (late
+    // visits, retraction, holdout) publishes exactly the same triggers and outcomes.
+    let (_, triggers, outcomes) = s.backtest_matches_live(&cfg).await;
+    assert!(
+        triggers >= 10 && outcomes >= 2,
+        "{triggers} triggers, {outcomes} outcomes compared"
+    );
 }
 
 #[tokio::test]

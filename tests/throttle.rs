@@ -463,6 +463,10 @@ async fn a_campaign_whose_click_rate_collapses_gets_a_campaign_throttle_event() 
     );
     lapse.sigterm();
     assert!(lapse.wait_exit(Duration::from_secs(30)).await.success());
+    // Issue 17: the backtest decides the campaign throttle (and the customers'
+    // decisions) the same, with the same ids.
+    let (throttle, _, _) = s.backtest_matches_live(&cfg).await;
+    assert!(throttle >= 1);
 }
 
 #[tokio::test]
@@ -521,6 +525,10 @@ async fn a_cap_is_released_by_its_timer_without_any_event_of_that_customer() {
     assert!(millis(open, "decided_at").unwrap() >= t1 + 24 * H);
     lapse.sigterm();
     assert!(lapse.wait_exit(Duration::from_secs(30)).await.success());
+    // Issue 17: the backtest of this policy decides the same (CAPPED, then the
+    // release by its timer).
+    let (throttle, _, _) = s.backtest_matches_live(&cfg).await;
+    assert_eq!(throttle, 2);
 }
 
 #[tokio::test]

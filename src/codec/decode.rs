@@ -298,6 +298,28 @@ impl Decoder {
     }
 }
 
+/// An event from a record already resolved to lapse's reader schema of `kind`
+/// (the records of export files read by `lapse backtest`): the same checks and
+/// reply classification as a decoded record (reply text is dropped here too).
+pub fn event_from_record(
+    kind: EventKind,
+    record: Value,
+    limits: &DecodeLimits,
+    now_ms: i64,
+) -> Result<Event, DecodeError> {
+    let Value::Record(values) = record else {
+        return Err(DecodeError::SchemaMismatch {
+            expected: kind.schema_name().to_owned(),
+            found: "a non-record value".to_owned(),
+        });
+    };
+    let fields = Fields {
+        values,
+        decimal_scales: Vec::new(),
+    };
+    build_event(kind, fields, limits, now_ms)
+}
+
 /// Checks the record type, bounds-checks the body, decodes with the writer
 /// schema and resolves to the reader schema.
 fn read_record(

@@ -382,6 +382,94 @@ impl Stack {
         assert_eq!(again["without_timer"], 0, "{again}");
     }
 
+    /// Issue 17's faithfulness check: replays the input topics through the
+    /// backtest (the library `lapse backtest` runs) with `config`'s policy and
+    /// checks it publishes exactly the decisions (ids) the live pipeline
+    /// published on the output topics. Returns how many of each it compared.
+    pub async fn backtest_matches_live(&self, config: &str) -> (usize, usize, usize) {
+        use lapse::backtest::{source, Candidate};
+        let mut cfg =
+            lapse::config::Config::load(Some(std::path::Path::new(config))).expect("config");
+        let env: BTreeMap<String, String> = self.env("g-backtest").into_iter().collect();
+        cfg.apply_env(|k| env.get(k).cloned());
+        let decoder = lapse::service::build_decoder(&cfg).expect("decoder");
+        let history =
+            source::from_kafka(&cfg.kafka, &decoder, &source::Filter::default(), now_ms())
+                .await
+                .expect("read the input topics");
+        assert!(
+            history.bad.is_empty(),
+            "unusable records: {:?}",
+            history.bad
+        );
+        let candidate = Candidate {
+            name: "live".into(),
+            policies: lapse::domain::policy::Policies::new(&cfg.policy).expect("policy"),
+            params: lapse::service::state_params(&cfg),
+        };
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let (report, _) = lapse::backtest::run(&history, &candidate, true, &stop, &mut |_, _| {});
+        let replayed = report.ids.expect("ids kept");
+        let schemas = SchemaSet::load(std::path::Path::new(&schemas_dir())).expect("schemas");
+        let live_ids = async |topic: &str, schema: &str, field: &str| {
+            let schema = schemas.by_name(schema).expect("output schema");
+            let records = consume_up_to(
+                &self.broker.bootstrap(),
+                topic,
+                1_000_000,
+                Duration::from_secs(3),
+            )
+            .await;
+            records
+                .iter()
+                .map(|r| {
+                    let payload = r.payload.as_deref().expect("a value");
+                    let body = lapse::codec::parse_frame(payload).expect("framed").body();
+                    let v = apache_avro::from_avro_datum(schema, &mut &body[..], None)
+                        .expect("decodes");
+                    let apache_avro::types::Value::Record(fields) = v else {
+                        panic!("{topic}: not a record")
+                    };
+                    match fields.into_iter().find(|(k, _)| k == field) {
+                        Some((_, apache_avro::types::Value::String(id))) => id,
+                        other => panic!("{topic}: {field} is {other:?}"),
+                    }
+                })
+                .collect::<std::collections::BTreeSet<String>>()
+        };
+        let throttle = live_ids(
+            "engagement.throttle",
+            lapse::codec::THROTTLE_EVENT,
+            "decision_id",
+        )
+        .await;
+        let triggers = live_ids(
+            "recall.triggers",
+            lapse::codec::RECALL_TRIGGER,
+            "trigger_id",
+        )
+        .await;
+        let outcomes = live_ids(
+            "recall.outcomes",
+            lapse::codec::RECALL_OUTCOME,
+            "outcome_id",
+        )
+        .await;
+        assert_eq!(
+            replayed.triggers, triggers,
+            "recall triggers: backtest vs live"
+        );
+        assert_eq!(
+            replayed.outcomes, outcomes,
+            "recall outcomes: backtest vs live"
+        );
+        assert_eq!(
+            replayed.throttle, throttle,
+            "throttle decisions: backtest vs live"
+        );
+        (throttle.len(), triggers.len(), outcomes.len())
+    }
+
     pub async fn dump(&self) -> BTreeMap<String, Vec<u8>> {
         let mut out = BTreeMap::new();
         for mut c in self.nodes().await {

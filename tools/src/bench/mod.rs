@@ -11,6 +11,7 @@
 //! workload generator, the machine description, the `/metrics` reader, `median`
 //! and `Stats`.
 
+pub mod backtest;
 mod child;
 pub mod consume;
 pub mod latency;
@@ -104,6 +105,8 @@ pub enum BenchCmd {
     Timers(timers::TimersArgs),
     /// Measure send → decision latency of `lapse run` under a fixed produce rate.
     Latency(latency::LatencyArgs),
+    /// Replay speed of `lapse backtest` (in memory, one thread; no servers).
+    Backtest(backtest::BacktestArgs),
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -118,6 +121,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         BenchCmd::Memory(a) => memory::run(&a).await.map(|_| ()),
         BenchCmd::Timers(a) => timers::run(&a).await.map(|_| ()),
         BenchCmd::Latency(a) => latency::run(&a).await.map(|_| ()),
+        BenchCmd::Backtest(a) => backtest::run(&a),
     }
 }
 
