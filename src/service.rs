@@ -307,8 +307,6 @@ async fn build(
         cfg.timers.shards,
     )
     .await?;
-    // A changed timers.shards leaves timers in shards nobody polls any more.
-    timers.migrate_orphans().await?;
     let event_clock = match cfg.clock.mode {
         ClockMode::Event => Some((
             Arc::new(EventClock::new()),

@@ -79,6 +79,9 @@ impl TimerLoop {
         let mut backoff = Backoff::new(&self.retry);
         let mut last_gauges = std::time::Instant::now() - Duration::from_secs(60);
         let shards: Vec<u32> = (0..self.timers.shards()).collect();
+        // A changed timers.shards leaves timers in shards nobody polls any
+        // more: moved first, retried and reported like a poll.
+        let mut migrated = false;
         while !self.shutdown.load(Ordering::SeqCst) {
             if let Some((local, shared)) = &self.shared_clock {
                 // Other instances may have seen later events.
@@ -98,7 +101,18 @@ impl TimerLoop {
                 tokio::time::sleep(self.cfg.poll_interval.0).await;
                 continue;
             }
-            let (busy, failed) = match self.fire_due(&shards, now).await {
+            let step = if migrated {
+                self.fire_due(&shards, now).await
+            } else {
+                match self.timers.migrate_orphans().await {
+                    Ok(_) => {
+                        migrated = true;
+                        self.fire_due(&shards, now).await
+                    }
+                    Err(e) => Err(e.into()),
+                }
+            };
+            let (busy, failed) = match step {
                 Ok(full) => {
                     self.metrics.redis_fault.clear(FIRING);
                     (full, false)

@@ -22,7 +22,7 @@
 //! # Changing the shard count
 //!
 //! Changing `timers.shards` moves customers to other shards. Nothing is
-//! orphaned: at start-up [`TimerStore::migrate_orphans`] moves every timer of a
+//! orphaned: the timer loop first runs [`TimerStore::migrate_orphans`], which moves every timer of a
 //! shard at or beyond the new count into its customer's shard, and a timer
 //! claimed from a shard that is no longer its customer's (shards added) is
 //! moved there instead of fired ([`TimerStore::claim_due_many`]), so it fires
