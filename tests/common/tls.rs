@@ -1,7 +1,8 @@
 //! Test certificates, made by the `openssl` command line in a temp dir: a CA,
 //! a server certificate for `localhost` / `127.0.0.1` and a client
-//! certificate signed by it, and a second, untrusted CA. EC P-256 keys (fast
-//! to make; rustls, OpenSSL and Redis all take them).
+//! certificate signed by it, a server certificate naming another host, an
+//! expired server certificate, and a second, untrusted CA. EC P-256 keys
+//! (fast to make; rustls, OpenSSL and Redis all take them).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -54,8 +55,8 @@ fn ca(dir: &Path, name: &str) {
 }
 
 /// `NAME.pem` + `NAME.key` signed by `ca`, with `extensions` (an openssl
-/// extension file's lines).
-fn leaf(dir: &Path, name: &str, ca: &str, cn: &str, extensions: &str) {
+/// extension file's lines), valid from now for `days` (-1: expired a day ago).
+fn leaf(dir: &Path, name: &str, ca: &str, cn: &str, extensions: &str, days: i32) {
     openssl(
         dir,
         &[
@@ -89,7 +90,7 @@ fn leaf(dir: &Path, name: &str, ca: &str, cn: &str, extensions: &str) {
             "-out",
             &format!("{name}.pem"),
             "-days",
-            "2",
+            &days.to_string(),
             "-extfile",
             &format!("{name}.ext"),
         ],
@@ -102,14 +103,33 @@ impl TestCerts {
         let d = dir.path();
         ca(d, "ca");
         ca(d, "other-ca");
+        let server = "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n";
+        leaf(d, "server", "ca", "localhost", server, 2);
+        leaf(d, "expired", "ca", "localhost", server, -1);
         leaf(
             d,
-            "server",
+            "wrong-host",
             "ca",
-            "localhost",
-            "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+            "broker.example",
+            "subjectAltName=DNS:broker.example\nextendedKeyUsage=serverAuth\n",
+            2,
         );
-        leaf(d, "client", "ca", "lapse", "extendedKeyUsage=clientAuth\n");
+        leaf(
+            d,
+            "client",
+            "ca",
+            "lapse",
+            "extendedKeyUsage=clientAuth\n",
+            2,
+        );
+        leaf(
+            d,
+            "expired-client",
+            "ca",
+            "lapse",
+            "extendedKeyUsage=clientAuth\n",
+            -1,
+        );
         TestCerts { dir }
     }
 
@@ -137,6 +157,42 @@ impl TestCerts {
     pub fn client_key(&self) -> PathBuf {
         self.file("client.key")
     }
+    /// The certificate (`NAME.pem`) and key (`NAME.key`) of a [`ServerCert`].
+    pub fn server_pair(&self, which: ServerCert) -> (PathBuf, PathBuf) {
+        let name = which.name();
+        (
+            self.file(&format!("{name}.pem")),
+            self.file(&format!("{name}.key")),
+        )
+    }
+    /// A client certificate signed by the CA that expired a day ago, and its key.
+    pub fn expired_client(&self) -> (PathBuf, PathBuf) {
+        (
+            self.file("expired-client.pem"),
+            self.file("expired-client.key"),
+        )
+    }
+}
+
+/// Which certificate a TLS server presents: all signed by [`TestCerts::ca`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ServerCert {
+    /// For `localhost` and `127.0.0.1`, valid.
+    Good,
+    /// For `localhost` and `127.0.0.1`, expired a day ago.
+    Expired,
+    /// For `broker.example` only: a host-name mismatch on loopback.
+    WrongHost,
+}
+
+impl ServerCert {
+    fn name(self) -> &'static str {
+        match self {
+            ServerCert::Good => "server",
+            ServerCert::Expired => "expired",
+            ServerCert::WrongHost => "wrong-host",
+        }
+    }
 }
 
 /// A TLS terminator on a loopback port (the test server certificate) in
@@ -149,16 +205,41 @@ pub struct TlsProxy {
 
 impl TlsProxy {
     pub fn start(certs: &TestCerts, upstream: std::net::SocketAddr) -> TlsProxy {
+        Self::start_with(certs, ServerCert::Good, false, upstream)
+    }
+
+    /// Presenting `which` certificate; with `client_auth`, only clients with a
+    /// valid certificate signed by the test CA get through (mutual TLS).
+    pub fn start_with(
+        certs: &TestCerts,
+        which: ServerCert,
+        client_auth: bool,
+        upstream: std::net::SocketAddr,
+    ) -> TlsProxy {
         use rustls::pki_types::pem::PemObject;
         use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-        let chain = CertificateDer::pem_file_iter(certs.server_cert())
+        let (cert, key) = certs.server_pair(which);
+        let chain = CertificateDer::pem_file_iter(cert)
             .expect("server cert")
             .collect::<Result<Vec<_>, _>>()
             .expect("server cert PEM");
-        let key = PrivateKeyDer::from_pem_file(certs.server_key()).expect("server key");
+        let key = PrivateKeyDer::from_pem_file(key).expect("server key");
         // The one crypto provider in the build (ring) is the default.
-        let config = rustls::ServerConfig::builder()
-            .with_no_client_auth()
+        let builder = rustls::ServerConfig::builder();
+        let builder = if client_auth {
+            let mut roots = rustls::RootCertStore::empty();
+            for ca in CertificateDer::pem_file_iter(certs.ca()).expect("CA") {
+                roots.add(ca.expect("CA PEM")).expect("CA certificate");
+            }
+            let verifier =
+                rustls::server::WebPkiClientVerifier::builder(std::sync::Arc::new(roots))
+                    .build()
+                    .expect("client verifier");
+            builder.with_client_cert_verifier(verifier)
+        } else {
+            builder.with_no_client_auth()
+        };
+        let config = builder
             .with_single_cert(chain, key)
             .expect("server certificate");
         let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
@@ -179,7 +260,8 @@ impl TlsProxy {
                 };
                 let acceptor = acceptor.clone();
                 tokio::spawn(async move {
-                    // A refused handshake (untrusted CA on the client side) just ends here.
+                    // A refused handshake (untrusted CA on the client side, no
+                    // or a bad client certificate) just ends here.
                     let Ok(mut tls) = acceptor.accept(tcp).await else {
                         return;
                     };
