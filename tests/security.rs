@@ -8,14 +8,17 @@
 //! | Redis over mutual TLS with exactly the README's least-privilege ACL user: the foundation path works | `redis_over_mutual_tls_as_the_least_privilege_acl_user_applies_and_commits` |
 //! | schema registry over https (CA file, host name checked) with basic auth; wrong password and untrusted CA named | `schema_registry_over_https_with_basic_auth` |
 //! | wrong password, untrusted CA, no client certificate: one clear error naming the setting, not ready, bounded logs over 30 s, nothing committed | `redis_wrong_password_untrusted_ca_or_no_client_cert_fail_clearly_and_commit_nothing` |
+//! | Kafka over mutual TLS (CA file, host name checked, client certificate), through a TLS terminator the broker advertises: consumed, applied, produced, committed | `kafka_over_mutual_tls_consumes_produces_and_commits` |
+//! | Kafka: untrusted CA, host-name mismatch, expired broker certificate, no or an expired client certificate: each one clear cause naming the setting in `/readyz` (503, `broker`) and the log, bounded logs over 30 s, nothing committed | `kafka_untrusted_ca_host_name_mismatch_expired_or_no_client_cert_fail_clearly_and_commit_nothing` |
 
 mod common;
 
 use std::time::{Duration, Instant};
 
 use common::stack::*;
-use common::tls::TestCerts;
+use common::tls::{ServerCert, TestCerts};
 use common::*;
+use lapse::domain::event::{Channel, Purpose};
 
 /// `GET path` until it answers, for at most `within`: (status, body, when).
 async fn first_answer(
@@ -544,5 +547,226 @@ async fn schema_registry_over_https_with_basic_auth() {
         .await;
         assert!(!body.contains("registry-pw-"), "{body}");
         assert!(!lapse.all_output().contains("registry-pw-"));
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Kafka over TLS (a TLS terminator in front of tansu, which advertises it)
+// ---------------------------------------------------------------------------
+
+/// `config` (a file written by [`Stack::config_with`]) with `lines` added to
+/// its `[kafka]` table.
+fn with_kafka_lines(config: &str, lines: &str) -> String {
+    let text = std::fs::read_to_string(config).unwrap();
+    assert!(text.starts_with("[kafka]\n"), "{text}");
+    let text = text.replacen("[kafka]\n", &format!("[kafka]\n{lines}\n"), 1);
+    std::fs::write(config, text).unwrap();
+    config.to_owned()
+}
+
+/// The `[kafka]` lines for TLS with `ca`, and the client certificate when given.
+fn kafka_tls_lines(
+    ca: &std::path::Path,
+    client: Option<(&std::path::Path, &std::path::Path)>,
+) -> String {
+    let mut t = format!(
+        "security_protocol = \"SSL\"\nssl_ca_file = \"{}\"\n",
+        ca.display()
+    );
+    if let Some((cert, key)) = client {
+        t.push_str(&format!(
+            "ssl_certificate_file = \"{}\"\nssl_key_file = \"{}\"\n",
+            cert.display(),
+            key.display()
+        ));
+    }
+    t
+}
+
+/// A stack whose broker is reached only through TLS presenting `server`,
+/// requiring client certificates.
+async fn kafka_tls_stack(certs: &TestCerts, server: ServerCert) -> Stack {
+    let broker = Broker::start_tls(&BrokerTls {
+        certs,
+        server,
+        client_auth: true,
+    })
+    .await;
+    Stack::start_with(broker).await
+}
+
+#[tokio::test]
+async fn kafka_over_mutual_tls_consumes_produces_and_commits() {
+    const THROTTLE: &str = "engagement.throttle";
+    let certs = TestCerts::generate();
+    let s = kafka_tls_stack(&certs, ServerCert::Good).await;
+    s.broker.create_compacted_topic(THROTTLE, 3).await;
+    // Produced over TLS by the harness (the broker has no other client port).
+    let c = cust("ktls", "amy");
+    let t1 = day(700);
+    let h = 3_600_000;
+    let events = vec![
+        (
+            send(&c, "w1", t1, Channel::Wechat, Purpose::Marketing),
+            None,
+        ),
+        (
+            send(&c, "w2", t1 + 2 * h, Channel::Wechat, Purpose::Marketing),
+            None,
+        ),
+        (reply(&c, "r1", t1 + 5 * h, Channel::Sms), Some("退订")),
+    ];
+    let p = Producer::new(&s.broker.bootstrap());
+    produce_events(&p, &events, |_| lapse::codec::Framing::SingleObject).await;
+    let cfg = with_kafka_lines(
+        &s.config("ktls", ""),
+        &kafka_tls_lines(
+            &certs.ca(),
+            Some((&certs.client_cert(), &certs.client_key())),
+        ),
+    );
+    let mut lapse = s.spawn("g-ktls", &cfg);
+    // Consumed and committed over TLS.
+    s.wait_caught_up("g-ktls", LONG).await;
+    lapse.wait_ready(LONG).await;
+    // Applied to Redis state.
+    let (code, body) = lapse.http_get("/v1/allowance/ktls/amy").await.unwrap();
+    assert_eq!(code, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["channels"]["SMS"]["state"], "SUPPRESSED", "{v}");
+    // Produced over TLS: the throttle decisions of amy (CAPPED on WeChat,
+    // SUPPRESSED on SMS) are readable.
+    let out = wait_for(LONG, POLL, "amy's throttle events", async || {
+        let got = consume_up_to(&s.broker.bootstrap(), THROTTLE, 100, Duration::from_secs(3)).await;
+        let amy: Vec<_> = got
+            .into_iter()
+            .filter(|r| r.key_str().is_some_and(|k| k.contains("amy")))
+            .collect();
+        (amy.len() >= 2).then_some(amy)
+    })
+    .await;
+    assert!(out.iter().all(|r| r.payload.is_some()), "{}", out.len());
+    assert_eq!(
+        metric(&lapse, "lapse_cap_hits_total", &[("channel", "wechat")]).await,
+        1.0
+    );
+    lapse.sigterm();
+    assert!(lapse.wait_exit(Duration::from_secs(30)).await.success());
+}
+
+#[tokio::test]
+async fn kafka_untrusted_ca_host_name_mismatch_expired_or_no_client_cert_fail_clearly_and_commit_nothing(
+) {
+    let certs = TestCerts::generate();
+    let good = kafka_tls_stack(&certs, ServerCert::Good).await;
+    let wrong_host = kafka_tls_stack(&certs, ServerCert::WrongHost).await;
+    let expired = kafka_tls_stack(&certs, ServerCert::Expired).await;
+    let client = Some((certs.client_cert(), certs.client_key()));
+    let client = client.as_ref().map(|(c, k)| (c.as_path(), k.as_path()));
+    let expired_client = certs.expired_client();
+    // (stack, group, [kafka] lines, what the error must say)
+    let cases = [
+        (
+            &good,
+            "g-k-untrusted",
+            kafka_tls_lines(&certs.other_ca(), client),
+            "kafka.ssl_ca_file",
+        ),
+        (
+            &wrong_host,
+            "g-k-host",
+            kafka_tls_lines(&certs.ca(), client),
+            "does not name the host",
+        ),
+        (
+            &expired,
+            "g-k-expired",
+            kafka_tls_lines(&certs.ca(), client),
+            "has expired",
+        ),
+        (
+            &good,
+            "g-k-no-cert",
+            kafka_tls_lines(&certs.ca(), None),
+            "kafka.ssl_certificate_file",
+        ),
+        (
+            &good,
+            "g-k-expired-cert",
+            kafka_tls_lines(&certs.ca(), Some((&expired_client.0, &expired_client.1))),
+            "kafka.ssl_certificate_file",
+        ),
+    ];
+    let mut running = Vec::new();
+    for (s, group, lines, says) in &cases {
+        let p = Producer::new(&s.broker.bootstrap());
+        produce_events(&p, &population(group, 3, 1), |_| {
+            lapse::codec::Framing::SingleObject
+        })
+        .await;
+        let cfg = with_kafka_lines(&s.config(group, ""), lines);
+        let mut env = s.env(group);
+        env.retain(|(k, _)| k != "RUST_LOG");
+        env.push(("RUST_LOG".into(), "info,rdkafka=warn".into()));
+        running.push((spawn_env(&cfg, &env), *s, *group, *says));
+    }
+    for (lapse, _, group, says) in &running {
+        let body = wait_for(
+            LONG,
+            POLL,
+            &format!("{group}: /readyz to say {says}"),
+            async || {
+                let (code, body) = lapse.http_get("/readyz").await.ok()?;
+                let v = readyz_json(&body);
+                let broker = v["not_ready"]["broker"].as_str()?;
+                (code == 503 && broker.contains(says)).then(|| body.clone())
+            },
+        )
+        .await;
+        eprintln!("{group}: {body}");
+        let stderr = lapse.stderr();
+        assert!(
+            stderr.contains(says),
+            "{group}: the log says {says}:\n{stderr}"
+        );
+    }
+    let before: Vec<usize> = running
+        .iter()
+        .map(|(l, ..)| l.stderr().lines().count())
+        .collect();
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    for ((lapse, s, group, _), before) in running.iter_mut().zip(before) {
+        let stderr = lapse.stderr();
+        let added = stderr.lines().count() - before;
+        assert!(added <= 3, "{group}: {added} log lines in 30 s:\n{stderr}");
+        assert!(lapse.is_running(), "{group} must keep retrying, not exit");
+        let (code, body) = lapse.http_get("/readyz").await.unwrap();
+        assert_eq!(code, 503, "{group} stays not ready: {body}");
+        assert!(
+            readyz_json(&body)["not_ready"]["broker"].is_string(),
+            "{body}"
+        );
+        assert_eq!(metric(lapse, "lapse_ready", &[]).await, 0.0);
+        assert!(
+            committed_offsets(&s.broker.bootstrap(), group, &INPUTS)
+                .await
+                .is_empty(),
+            "{group}: nothing may be committed"
+        );
+    }
+    // Each names its own cause, not the others'.
+    for (lapse, _, group, says) in &running {
+        let (_, body) = lapse.http_get("/readyz").await.unwrap();
+        let reason = readyz_json(&body)["not_ready"]["broker"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let hint = reason.split(" (broker ").next().unwrap();
+        for (_, _, _, other) in &cases {
+            if other != says {
+                assert!(!hint.contains(other), "{group}: {reason}");
+            }
+        }
+        eprintln!("{group}: {reason}");
     }
 }
