@@ -21,9 +21,9 @@ pub struct TlsCheck {
 }
 
 /// The broker address in a librdkafka message (`ssl://host:port/...`,
-/// `sasl_ssl://host:port/...`).
+/// `sasl_plaintext://host:port/...`).
 pub fn broker_address(message: &str) -> Option<(String, u16)> {
-    let rest = &message[message.find("ssl://")? + "ssl://".len()..];
+    let rest = &message[message.find("://")? + "://".len()..];
     let hostport = &rest[..rest.find('/')?];
     let (host, port) = hostport.rsplit_once(':')?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
@@ -106,6 +106,10 @@ mod tests {
         assert_eq!(
             broker_address("Global error: SSL: sasl_ssl://kafka-1.example:9094/1: x"),
             Some(("kafka-1.example".into(), 9094))
+        );
+        assert_eq!(
+            broker_address("sasl_plaintext://[::1]:9092/bootstrap: SASL authentication error"),
+            Some(("::1".into(), 9092))
         );
         assert_eq!(broker_address("Local: Broker transport failure"), None);
     }

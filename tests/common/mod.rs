@@ -827,14 +827,14 @@ static CLIENT_SETTINGS: Mutex<BTreeMap<String, Vec<(String, String)>>> =
 impl Broker {
     /// Start a broker; clients talk to it directly.
     pub async fn start() -> Self {
-        Self::start_inner(Front::Direct).await
+        Self::start_inner(Front::Direct, false).await
     }
 
     /// Start a broker that advertises a [`TcpProxy`] in front of it, so all client
     /// traffic (bootstrap and the advertised address) goes through the proxy; see
     /// [`proxy`](Self::proxy). Topic creation bypasses the proxy.
     pub async fn start_behind_proxy() -> Self {
-        Self::start_inner(Front::Proxy).await
+        Self::start_inner(Front::Proxy, false).await
     }
 
     /// Start a broker that advertises a TLS terminator in front of it
@@ -844,10 +844,21 @@ impl Broker {
     /// harness's clients ([`client_config`]) use TLS for it; topic creation
     /// (tansu's CLI) goes to tansu's plaintext listener.
     pub async fn start_tls(tls: &BrokerTls<'_>) -> Self {
-        Self::start_inner(Front::Tls(tls)).await
+        Self::start_inner(Front::Tls(tls), false).await
     }
 
-    async fn start_inner(front: Front<'_>) -> Self {
+    /// A broker that requires SASL (`tansu broker --authentication`) and
+    /// knows no user: with tansu 0.6's memory storage a user can only be
+    /// created by an authenticated client (`tansu user create` is refused
+    /// with NotAuthenticated), so every login fails with `unknown-user`
+    /// after a real SCRAM exchange. Plaintext, or behind TLS (SASL_SSL).
+    /// Neither topics nor the harness's clients work on it.
+    pub async fn start_requiring_sasl(tls: Option<&BrokerTls<'_>>) -> Self {
+        let front = tls.map_or(Front::Direct, Front::Tls);
+        Self::start_inner(front, true).await
+    }
+
+    async fn start_inner(front: Front<'_>, authentication: bool) -> Self {
         let dir = scratch_dir("tansu");
         let log = dir.path().join("tansu.log");
         let mut last_status = None;
@@ -883,6 +894,7 @@ impl Broker {
                 .arg("--advertised-listener-url")
                 .arg(format!("tcp://127.0.0.1:{advertised_port}"))
                 .args(["--storage-engine", "memory://tansu/"])
+                .args(authentication.then_some("--authentication"))
                 .current_dir(dir.path())
                 .stdin(Stdio::null())
                 .stdout(open_append(&log))
@@ -892,7 +904,7 @@ impl Broker {
 
             let bootstrap = format!("127.0.0.1:{advertised_port}");
             let outcome = wait_started(&mut child, Duration::from_secs(30), async || {
-                tcp_accepts(upstream).await && metadata_ok(&bootstrap).await
+                tcp_accepts(upstream).await && (authentication || metadata_ok(&bootstrap).await)
             })
             .await;
             match outcome {
