@@ -8,6 +8,8 @@
 //! | Redis over mutual TLS with exactly the README's least-privilege ACL user: the foundation path works | `redis_over_mutual_tls_as_the_least_privilege_acl_user_applies_and_commits` |
 //! | schema registry over https (CA file, host name checked) with basic auth; wrong password and untrusted CA named | `schema_registry_over_https_with_basic_auth` |
 //! | wrong password, untrusted CA, no client certificate: one clear error naming the setting, not ready, bounded logs over 30 s, nothing committed | `redis_wrong_password_untrusted_ca_or_no_client_cert_fail_clearly_and_commit_nothing` |
+//! | Redis: an expired or host-mismatching server certificate, an expired client certificate: the cause named in `/readyz` and the log, nothing committed | `redis_expired_or_mismatching_certificates_fail_clearly_and_commit_nothing` |
+//! | schema registry with a bearer token (from a file): registered; a wrong token named, never printed | `schema_registry_with_a_bearer_token` |
 //! | Kafka over mutual TLS (CA file, host name checked, client certificate), through a TLS terminator the broker advertises: consumed, applied, produced, committed | `kafka_over_mutual_tls_consumes_produces_and_commits` |
 //! | Kafka SASL_PLAINTEXT (SCRAM-SHA-256, -512) and SASL_SSL: a refused login names `kafka.sasl_password` in `/readyz` and the log, bounded logs, the password (from a file) in no log line at debug level | `kafka_sasl_scram_refused_login_names_the_setting_and_leaks_no_password` |
 //! | Kafka: untrusted CA, host-name mismatch, expired broker certificate, no or an expired client certificate: each one clear cause naming the setting in `/readyz` (503, `broker`) and the log, bounded logs over 30 s, nothing committed | `kafka_untrusted_ca_host_name_mismatch_expired_or_no_client_cert_fail_clearly_and_commit_nothing` |
@@ -290,6 +292,12 @@ const ACL_PASSWORD: &str = "acl-pw-for-lapse";
 /// required) and an ACL file holding the default user switched off and the
 /// README's lapse user. Returns the server and its TLS port.
 async fn tls_redis(certs: &TestCerts) -> (RedisServer, u16) {
+    tls_redis_presenting(certs, ServerCert::Good).await
+}
+
+/// [`tls_redis`] presenting `which` certificate.
+async fn tls_redis_presenting(certs: &TestCerts, which: ServerCert) -> (RedisServer, u16) {
+    let (server_cert, server_key) = certs.server_pair(which);
     let tls_port = free_port();
     let acl = readme_acl_rule(ACL_PASSWORD);
     let redis = RedisServer::start_with(|dir| {
@@ -300,9 +308,9 @@ async fn tls_redis(certs: &TestCerts) -> (RedisServer, u16) {
             "--tls-port".into(),
             tls_port.to_string(),
             "--tls-cert-file".into(),
-            p(certs.server_cert()),
+            p(server_cert.clone()),
             "--tls-key-file".into(),
-            p(certs.server_key()),
+            p(server_key.clone()),
             "--tls-ca-cert-file".into(),
             p(certs.ca()),
             "--tls-auth-clients".into(),
@@ -876,4 +884,134 @@ async fn kafka_sasl_scram_refused_login_names_the_setting_and_leaks_no_password(
         // At debug level too, librdkafka's SASL exchange included.
         assert_no_secret("the logs", &logs);
     }
+}
+
+#[tokio::test]
+async fn redis_expired_or_mismatching_certificates_fail_clearly_and_commit_nothing() {
+    let certs = TestCerts::generate();
+    let s = Stack::start().await;
+    let (_expired, expired_port) = tls_redis_presenting(&certs, ServerCert::Expired).await;
+    let (_wrong_host, wrong_host_port) = tls_redis_presenting(&certs, ServerCert::WrongHost).await;
+    let (_good, good_port) = tls_redis(&certs).await;
+    let p = Producer::new(&s.broker.bootstrap());
+    produce_events(&p, &population("rcert", 3, 1), |_| {
+        lapse::codec::Framing::SingleObject
+    })
+    .await;
+    let pw = s.dir.path().join("redis-password");
+    std::fs::write(&pw, ACL_PASSWORD).unwrap();
+    let redis_lines = |(cert, key): (std::path::PathBuf, std::path::PathBuf)| {
+        format!(
+            "password_file = \"{}\"\ntls_ca_file = \"{}\"\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"\n",
+            pw.display(),
+            certs.ca().display(),
+            cert.display(),
+            key.display()
+        )
+    };
+    let client = || (certs.client_cert(), certs.client_key());
+    // (group, Redis TLS port, [redis] lines, what the reason must say)
+    let cases = [
+        (
+            "g-r-expired",
+            expired_port,
+            redis_lines(client()),
+            "has expired",
+        ),
+        (
+            "g-r-host",
+            wrong_host_port,
+            redis_lines(client()),
+            "does not name the host in redis.url",
+        ),
+        (
+            "g-r-expired-client",
+            good_port,
+            redis_lines(certs.expired_client()),
+            "redis.tls_cert_file",
+        ),
+    ];
+    let mut running = Vec::new();
+    for (group, port, redis, says) in &cases {
+        let cfg = tls_config(&s, group, redis);
+        let mut env = tls_env(&s, group, *port);
+        env.push(("RUST_LOG".into(), "info,rdkafka=warn".into()));
+        running.push((spawn_env(&cfg, &env), *group, *says));
+    }
+    for (lapse, group, says) in &running {
+        let body = wait_for(
+            LONG,
+            POLL,
+            &format!("{group}: /readyz to say {says}"),
+            async || {
+                let (code, body) = lapse.http_get("/readyz").await.ok()?;
+                let v = readyz_json(&body);
+                let redis = v["not_ready"]["redis"].as_str()?;
+                (code == 503 && redis.contains(says)).then(|| body.clone())
+            },
+        )
+        .await;
+        eprintln!("{group}: {body}");
+        for (_, _, _, other) in &cases {
+            if other != says {
+                assert!(!body.contains(other), "{group}: {body}");
+            }
+        }
+        assert!(
+            lapse.stderr().contains(says),
+            "{group}: the log says {says}"
+        );
+    }
+    // Consuming waits for Redis: nothing is committed meanwhile.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    for (lapse, group, _) in &mut running {
+        assert!(lapse.is_running(), "{group} must keep retrying, not exit");
+        assert_eq!(metric(lapse, "lapse_ready", &[]).await, 0.0);
+        assert!(
+            committed_offsets(&s.broker.bootstrap(), group, &INPUTS)
+                .await
+                .is_empty(),
+            "{group}: nothing may be committed"
+        );
+    }
+}
+
+#[tokio::test]
+async fn schema_registry_with_a_bearer_token() {
+    let s = Stack::start().await;
+    s.registry.require_bearer_token("registry-token-right");
+    let spawn = |group: &str, token: &str| {
+        let dir = &s.dir;
+        let file = dir.path().join(format!("{group}-token"));
+        std::fs::write(&file, format!("{token}\n")).unwrap();
+        let cfg = s.config_with(
+            group,
+            "",
+            &format!("[schema]\nregistry_token_file = \"{}\"\n", file.display()),
+        );
+        s.spawn(group, &cfg)
+    };
+    let mut good = spawn("g-token", "registry-token-right");
+    let wrong = spawn("g-token-wrong", "registry-token-wrong");
+    good.wait_ready(LONG).await;
+    // lapse registered its output schemas with the token.
+    assert!(!s
+        .registry
+        .subject_ids("engagement.throttle-value")
+        .is_empty());
+    let body = wait_for(
+        LONG,
+        POLL,
+        "/readyz to name schema.registry_token",
+        async || {
+            let (code, body) = wrong.http_get("/readyz").await.ok()?;
+            let v = readyz_json(&body);
+            let registry = v["not_ready"]["registry"].as_str()?;
+            (code == 503 && registry.contains("schema.registry_token")).then(|| body.clone())
+        },
+    )
+    .await;
+    assert!(!body.contains("registry-token-"), "{body}");
+    assert!(!wrong.all_output().contains("registry-token-"));
+    assert!(!good.all_output().contains("registry-token-"));
 }

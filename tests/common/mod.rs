@@ -1804,6 +1804,11 @@ impl SchemaRegistryStub {
         self.state.lock().expect("registry state").required_auth = Some(format!("Basic {token}"));
     }
 
+    /// Every request must carry `Authorization: Bearer TOKEN`.
+    pub fn require_bearer_token(&self, token: &str) {
+        self.state.lock().expect("registry state").required_auth = Some(format!("Bearer {token}"));
+    }
+
     /// `host:port` of the plain HTTP listener.
     pub fn addr(&self) -> SocketAddr {
         self.addr
