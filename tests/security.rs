@@ -10,6 +10,7 @@
 //! | wrong password, untrusted CA, no client certificate: one clear error naming the setting, not ready, bounded logs over 30 s, nothing committed | `redis_wrong_password_untrusted_ca_or_no_client_cert_fail_clearly_and_commit_nothing` |
 //! | Redis: an expired or host-mismatching server certificate, an expired client certificate: the cause named in `/readyz` and the log, nothing committed | `redis_expired_or_mismatching_certificates_fail_clearly_and_commit_nothing` |
 //! | schema registry with a bearer token (from a file): registered; a wrong token named, never printed | `schema_registry_with_a_bearer_token` |
+//! | Redis Cluster over mutual TLS (bus and replication too) as the README's ACL user plus `+cluster\|slots`: applied and committed, states on every master | `redis_cluster_over_mutual_tls_as_the_least_privilege_acl_user_applies_and_commits` |
 //! | Kafka over mutual TLS (CA file, host name checked, client certificate), through a TLS terminator the broker advertises: consumed, applied, produced, committed | `kafka_over_mutual_tls_consumes_produces_and_commits` |
 //! | Kafka SASL_PLAINTEXT (SCRAM-SHA-256, -512) and SASL_SSL: a refused login names `kafka.sasl_password` in `/readyz` and the log, bounded logs, the password (from a file) in no log line at debug level | `kafka_sasl_scram_refused_login_names_the_setting_and_leaks_no_password` |
 //! | Kafka: untrusted CA, host-name mismatch, expired broker certificate, no or an expired client certificate: each one clear cause naming the setting in `/readyz` (503, `broker`) and the log, bounded logs over 30 s, nothing committed | `kafka_untrusted_ca_host_name_mismatch_expired_or_no_client_cert_fail_clearly_and_commit_nothing` |
@@ -1014,4 +1015,59 @@ async fn schema_registry_with_a_bearer_token() {
     assert!(!body.contains("registry-token-"), "{body}");
     assert!(!wrong.all_output().contains("registry-token-"));
     assert!(!good.all_output().contains("registry-token-"));
+}
+
+#[tokio::test]
+async fn redis_cluster_over_mutual_tls_as_the_least_privilege_acl_user_applies_and_commits() {
+    let certs = TestCerts::generate();
+    // The README's rule, plus what it says a Cluster needs.
+    let rule = format!("{} +cluster|slots", readme_acl_rule(ACL_PASSWORD));
+    let cluster = common::tls::TlsRedisCluster::start(&certs, &rule).await;
+    let s = Stack::start_single().await;
+    let pw = s.dir.path().join("redis-password");
+    std::fs::write(&pw, format!("{ACL_PASSWORD}\n")).unwrap();
+    let cfg = tls_config(
+        &s,
+        "tls-cluster",
+        &format!(
+            "cluster = true\npassword_file = \"{}\"\ntls_ca_file = \"{}\"\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"",
+            pw.display(),
+            certs.ca().display(),
+            certs.client_cert().display(),
+            certs.client_key().display()
+        ),
+    );
+    let p = Producer::new(&s.broker.bootstrap());
+    produce_events(&p, &population("tlsc", 20, 1), |_| {
+        lapse::codec::Framing::SingleObject
+    })
+    .await;
+    let group = "g-tls-cluster";
+    let mut lapse = spawn_env(&cfg, &tls_env(&s, group, cluster.ports()[0]));
+    s.wait_caught_up(group, LONG).await;
+    lapse.wait_ready(LONG).await;
+    // The states are in the cluster, spread over its masters (each key is
+    // on a master and its replica): 20 customers' states at least.
+    // (Replicated over TLS as the ACL file's admin user.)
+    wait_until(
+        LONG,
+        POLL,
+        "every master and replica to hold states",
+        async || {
+            let counts = cluster.key_counts(&certs);
+            counts.iter().sum::<u64>() >= 2 * 20 && counts.iter().all(|n| *n > 0)
+        },
+    )
+    .await;
+    let (code, body) = lapse.http_get("/v1/allowance/tlsc/c0007").await.unwrap();
+    assert_eq!(code, 200, "{body}");
+    assert!(metric(&lapse, "lapse_state_writes_total", &[]).await > 0.0);
+    assert_eq!(
+        metric(&lapse, "lapse_redis_permanent_errors_total", &[]).await,
+        0.0
+    );
+    let logs = cluster.logs();
+    assert!(!logs.contains("NOPERM"), "{logs}");
+    lapse.sigterm();
+    assert!(lapse.wait_exit(Duration::from_secs(30)).await.success());
 }
