@@ -332,7 +332,7 @@ for name in sorted(os.listdir(k8s_dir)):
             err(f"deploy/k8s/{name}", "every document needs apiVersion and kind")
             continue
         docs.setdefault(d["kind"], []).append((name, d))
-for kind in ["Deployment", "ConfigMap", "Service", "PodDisruptionBudget"]:
+for kind in ["Deployment", "ConfigMap", "Service", "PodDisruptionBudget", "Secret"]:
     if len(docs.get(kind, [])) != 1:
         err("deploy/k8s", f"expected exactly one {kind}, found {len(docs.get(kind, []))}")
 if not errors:
@@ -345,8 +345,6 @@ if not errors:
         err("configmap", "data.lapse.toml missing")
         cfg = {}
     else:
-        with open(out_toml, "w", encoding="utf-8") as f:
-            f.write(toml_text)
         cfg = tomllib.loads(toml_text)
     kafka = cfg.get("kafka", {})
     partitions = kafka.get("topic_partitions", 6)
@@ -396,6 +394,58 @@ if not errors:
             ok = True
     if not ok:
         err("deployment", "--config must point into the mounted ConfigMap")
+    # Secrets: every *_file key of lapse.toml names a key of the Secret, in the
+    # directory where the Deployment mounts it; no secret is written inline
+    # (in lapse.toml or the container's env); the Secret holds placeholders
+    # only. The ConfigMap's lapse.toml is written out with those paths
+    # pointing at the Secret's values, for `lapse check-config`.
+    secret = docs["Secret"][0][1]
+    secret_values = dict(secret.get("stringData") or {})
+    secret_mounts = {
+        mounts[n]: v["secret"]
+        for n, v in vols.items()
+        if n in mounts and (v.get("secret") or {}).get("secretName") == secret["metadata"]["name"]
+    }
+    if not secret_mounts:
+        err("deployment", f"must mount the Secret {secret['metadata']['name']}")
+    for k, v in secret_values.items():
+        if "PLACEHOLDER" not in v:
+            err("secret.yml", f"{k} must be an obvious placeholder (contain PLACEHOLDER)")
+    if secret.get("data"):
+        err("secret.yml", "use stringData placeholders, not data")
+    secret_files = {}
+    for section in ("kafka", "redis", "schema"):
+        for key, value in (cfg.get(section) or {}).items():
+            if key in ("password", "sasl_password", "registry_password", "registry_token"):
+                err("configmap", f"{section}.{key} inline: use {key}_file and the Secret")
+            if not key.endswith("_file"):
+                continue
+            mount = next((m for m in secret_mounts if value.startswith(m.rstrip("/") + "/")), None)
+            if mount is None:
+                err("configmap", f"{section}.{key} = {value} is not in the Secret's mount ({', '.join(secret_mounts)})")
+                continue
+            name = value[len(mount.rstrip("/")) + 1:]
+            items = {i["path"]: i["key"] for i in secret_mounts[mount].get("items") or []}
+            skey = items.get(name, name) if items else name
+            if skey not in secret_values:
+                err("configmap", f"{section}.{key} reads {value}: the Secret has no key {skey}")
+                continue
+            secret_files[value] = secret_values[skey]
+    for e in c.get("env", []):
+        if re.search(r"PASSWORD|TOKEN", e.get("name", "")) and "value" in e:
+            err("deployment", f"env {e['name']} holds a secret inline: use the Secret's files")
+    if not secret_files:
+        err("configmap", "no *_file key reads the Secret")
+    secrets_dir = os.path.join(os.path.dirname(out_toml), "secrets")
+    os.makedirs(secrets_dir, exist_ok=True)
+    for i, (path, value) in enumerate(sorted(secret_files.items())):
+        local = os.path.join(secrets_dir, f"{i}-{os.path.basename(path)}")
+        with open(local, "w", encoding="utf-8") as f:
+            f.write(value)
+        toml_text = toml_text.replace(f'"{path}"', json.dumps(local))
+    with open(out_toml, "w", encoding="utf-8") as f:
+        f.write(toml_text)
+    checks.append("k8s secret wiring")
     if svc["spec"].get("selector") != sel:
         err("service", "selector must equal the deployment's selector")
     sp = [p for p in svc["spec"].get("ports", []) if p.get("port") == http_port]
@@ -518,6 +568,43 @@ else:
                 err(f"docker-compose.yml services.{sname}", f"must mount deploy/grafana/dashboards at {dash_path} (the provider's options.path)")
             checks.append("compose grafana mounts")
     checks.append("compose structure")
+    # Secrets: declared from files that exist (placeholders), given to the
+    # services that name them; lapse's *_file keys read secrets it is given;
+    # no password in any service's environment.
+    declared = comp.get("secrets") or {}
+    for name, d in declared.items():
+        f = (d or {}).get("file")
+        if not f or not os.path.isfile(os.path.join(root, f)):
+            err("docker-compose.yml", f"secret {name}: file {f} does not exist")
+        elif "PLACEHOLDER" not in open(os.path.join(root, f), encoding="utf-8").read():
+            err("docker-compose.yml", f"secret {name}: {f} must be an obvious placeholder (contain PLACEHOLDER)")
+    for sname, s in services.items():
+        for sec in s.get("secrets") or []:
+            n = sec if isinstance(sec, str) else sec.get("source")
+            if n not in declared:
+                err(f"docker-compose.yml services.{sname}", f"secret {n} is not declared under top-level secrets")
+        env = s.get("environment") or {}
+        names = env.keys() if isinstance(env, dict) else [e.split("=", 1)[0] for e in env]
+        for n in names:
+            if re.search(r"PASSWORD|TOKEN", n):
+                err(f"docker-compose.yml services.{sname}", f"environment {n}: use a secret and a *_file key")
+    lapse_svc = services.get("lapse") or {}
+    lcmd = lapse_svc.get("command") or []
+    lcfg = lcmd[lcmd.index("--config") + 1] if "--config" in lcmd else None
+    given = {(x if isinstance(x, str) else x.get("source")) for x in lapse_svc.get("secrets") or []}
+    src = next((s for s, d in mounts_of.get("lapse", []) if d == lcfg), None) if lcfg else None
+    if not src:
+        err("docker-compose.yml services.lapse", "--config must name a bind-mounted file")
+    else:
+        with open(os.path.join(root, src), "rb") as f:
+            lapse_cfg = tomllib.load(f)
+        files = [(f"{sec}.{k}", v) for sec in ("kafka", "redis", "schema") for k, v in (lapse_cfg.get(sec) or {}).items() if k.endswith("_file")]
+        if not files:
+            err(src, "no *_file key reads a secret")
+        for key, v in files:
+            if not v.startswith("/run/secrets/") or v[len("/run/secrets/"):] not in given:
+                err(src, f"{key} = {v} is not a secret given to the lapse service")
+    checks.append("compose secrets")
     try:
         from compose_spec import PyOptions
     except ImportError:

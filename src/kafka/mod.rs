@@ -5,5 +5,6 @@ pub mod client;
 pub mod consumer;
 pub mod producer;
 pub mod record;
+pub mod tls_check;
 
 pub use client::ClientErrors;

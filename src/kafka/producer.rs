@@ -52,7 +52,7 @@ impl OutputProducer {
         for (k, v) in &cfg.producer_properties {
             cc.set(k, v);
         }
-        let errors = ClientErrors::default();
+        let errors = ClientErrors::for_config(cfg);
         Ok(OutputProducer {
             inner: cc.create_with_context(ProducerContext {
                 metrics,
@@ -104,7 +104,7 @@ impl OutputProducer {
             .client()
             .fetch_metadata(None, Duration::from_secs(2))
             .map(|_| ())
-            .map_err(|e| self.errors.explain(&e))
+            .map_err(|e| self.errors.explain_checked(&e))
     }
 
     pub fn inner(&self) -> &FutureProducer<ProducerContext> {

@@ -70,7 +70,13 @@ pub fn hint_for(e: &RedisError) -> &'static str {
         return hint(kind);
     }
     let t = e.to_string().to_ascii_lowercase();
-    if t.contains("expired") || t.contains("notvalidyet") || t.contains("not valid after") {
+    // Redis' alert first: "received fatal alert: CertificateExpired" is
+    // lapse's client certificate, not Redis' one.
+    if t.contains("received fatal alert") && t.contains("certificateexpired") {
+        "Redis refused lapse's client certificate as expired (or not valid yet): renew the one in redis.tls_cert_file"
+    } else if t.contains("received fatal alert") {
+        "Redis refused the TLS handshake, most likely lapse's client certificate: set redis.tls_cert_file and redis.tls_key_file to a certificate signed by the CA Redis trusts (tls-auth-clients)"
+    } else if t.contains("expired") || t.contains("notvalidyet") || t.contains("not valid after") {
         "Redis' certificate has expired (or is not valid yet): renew it; lapse checks it against redis.tls_ca_file"
     } else if t.contains("notvalidforname") || t.contains("not valid for name") {
         "Redis' certificate does not name the host in redis.url: connect by a name (or IP) the certificate lists"

@@ -767,30 +767,125 @@ pub struct Broker {
     log: PathBuf,
     child: Option<Child>,
     proxy: Option<TcpProxy>,
+    /// The TLS terminator clients talk to, when started with `start_tls`.
+    tls: Option<tls::TlsProxy>,
 }
+
+/// What stands in front of tansu's own (plaintext) listener.
+enum Front<'a> {
+    Direct,
+    Proxy,
+    Tls(&'a BrokerTls<'a>),
+}
+
+/// A broker reached over TLS: [`Broker::start_tls`].
+pub struct BrokerTls<'a> {
+    pub certs: &'a tls::TestCerts,
+    /// The certificate the terminator presents.
+    pub server: tls::ServerCert,
+    /// Require a client certificate signed by the test CA (mutual TLS).
+    pub client_auth: bool,
+}
+
+impl BrokerTls<'_> {
+    /// The librdkafka settings the harness's own clients use for this broker:
+    /// the test CA, the client certificate when required, and no host-name
+    /// check (certificate check) when the certificate names another host (has
+    /// expired): the harness must reach the brokers lapse is to refuse.
+    fn client_settings(&self) -> Vec<(String, String)> {
+        let path = |p: PathBuf| p.display().to_string();
+        let mut v = vec![
+            ("security.protocol".to_owned(), "ssl".to_owned()),
+            ("ssl.ca.location".to_owned(), path(self.certs.ca())),
+        ];
+        match self.server {
+            tls::ServerCert::Good => {}
+            tls::ServerCert::WrongHost => v.push((
+                "ssl.endpoint.identification.algorithm".into(),
+                "none".into(),
+            )),
+            tls::ServerCert::Expired => {
+                v.push(("enable.ssl.certificate.verification".into(), "false".into()))
+            }
+        }
+        if self.client_auth {
+            v.push((
+                "ssl.certificate.location".into(),
+                path(self.certs.client_cert()),
+            ));
+            v.push(("ssl.key.location".into(), path(self.certs.client_key())));
+        }
+        v
+    }
+}
+
+/// librdkafka settings the harness's clients need per bootstrap address (a
+/// broker behind TLS), applied by [`client_config`].
+static CLIENT_SETTINGS: Mutex<BTreeMap<String, Vec<(String, String)>>> =
+    Mutex::new(BTreeMap::new());
 
 impl Broker {
     /// Start a broker; clients talk to it directly.
     pub async fn start() -> Self {
-        Self::start_inner(false).await
+        Self::start_inner(Front::Direct, false).await
     }
 
     /// Start a broker that advertises a [`TcpProxy`] in front of it, so all client
     /// traffic (bootstrap and the advertised address) goes through the proxy; see
     /// [`proxy`](Self::proxy). Topic creation bypasses the proxy.
     pub async fn start_behind_proxy() -> Self {
-        Self::start_inner(true).await
+        Self::start_inner(Front::Proxy, false).await
     }
 
-    async fn start_inner(behind_proxy: bool) -> Self {
+    /// Start a broker that advertises a TLS terminator in front of it
+    /// ([`tls::TlsProxy`]: tansu 0.6's own `--cert`/`--key` refuse to be
+    /// given together), so every client connection (bootstrap, partition
+    /// leaders, group coordinator) is TLS with a real certificate check. The
+    /// harness's clients ([`client_config`]) use TLS for it; topic creation
+    /// (tansu's CLI) goes to tansu's plaintext listener.
+    pub async fn start_tls(tls: &BrokerTls<'_>) -> Self {
+        Self::start_inner(Front::Tls(tls), false).await
+    }
+
+    /// A broker that requires SASL (`tansu broker --authentication`) and
+    /// knows no user: with tansu 0.6's memory storage a user can only be
+    /// created by an authenticated client (`tansu user create` is refused
+    /// with NotAuthenticated), so every login fails with `unknown-user`
+    /// after a real SCRAM exchange. Plaintext, or behind TLS (SASL_SSL).
+    /// Neither topics nor the harness's clients work on it.
+    pub async fn start_requiring_sasl(tls: Option<&BrokerTls<'_>>) -> Self {
+        let front = tls.map_or(Front::Direct, Front::Tls);
+        Self::start_inner(front, true).await
+    }
+
+    async fn start_inner(front: Front<'_>, authentication: bool) -> Self {
         let dir = scratch_dir("tansu");
         let log = dir.path().join("tansu.log");
         let mut last_status = None;
         for _attempt in 0..5 {
             let listen_port = free_port();
             let upstream: SocketAddr = ([127, 0, 0, 1], listen_port).into();
-            let proxy = behind_proxy.then(|| TcpProxy::start(upstream));
-            let advertised_port = proxy.as_ref().map_or(listen_port, TcpProxy::port);
+            let proxy = matches!(front, Front::Proxy).then(|| TcpProxy::start(upstream));
+            let tls = match &front {
+                Front::Tls(t) => Some(tls::TlsProxy::start_with(
+                    t.certs,
+                    t.server,
+                    t.client_auth,
+                    upstream,
+                )),
+                _ => None,
+            };
+            let advertised_port = proxy
+                .as_ref()
+                .map(TcpProxy::port)
+                .or(tls.as_ref().map(tls::TlsProxy::port))
+                .unwrap_or(listen_port);
+            if let Front::Tls(t) = &front {
+                CLIENT_SETTINGS
+                    .lock()
+                    .unwrap()
+                    .insert(format!("127.0.0.1:{advertised_port}"), t.client_settings());
+            }
 
             let mut cmd = Command::new(tansu_bin());
             cmd.arg("broker")
@@ -799,6 +894,7 @@ impl Broker {
                 .arg("--advertised-listener-url")
                 .arg(format!("tcp://127.0.0.1:{advertised_port}"))
                 .args(["--storage-engine", "memory://tansu/"])
+                .args(authentication.then_some("--authentication"))
                 .current_dir(dir.path())
                 .stdin(Stdio::null())
                 .stdout(open_append(&log))
@@ -808,7 +904,7 @@ impl Broker {
 
             let bootstrap = format!("127.0.0.1:{advertised_port}");
             let outcome = wait_started(&mut child, Duration::from_secs(30), async || {
-                tcp_accepts(upstream).await && metadata_ok(&bootstrap).await
+                tcp_accepts(upstream).await && (authentication || metadata_ok(&bootstrap).await)
             })
             .await;
             match outcome {
@@ -820,9 +916,13 @@ impl Broker {
                         log,
                         child: Some(child),
                         proxy,
+                        tls,
                     };
                 }
-                StartOutcome::Exited(status) => last_status = Some(status),
+                StartOutcome::Exited(status) => {
+                    last_status = Some(status);
+                    CLIENT_SETTINGS.lock().unwrap().remove(&bootstrap);
+                }
                 StartOutcome::TimedOut => {
                     kill_and_reap(&mut child);
                     panic!(
@@ -913,6 +1013,12 @@ impl Broker {
 impl Drop for Broker {
     fn drop(&mut self) {
         dump_if_panicking("tansu", &[&self.log]);
+        if self.tls.is_some() {
+            CLIENT_SETTINGS
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&self.bootstrap());
+        }
         if let Some(mut child) = self.child.take() {
             kill_and_reap(&mut child);
         }
@@ -932,6 +1038,10 @@ pub fn client_config(bootstrap: &str) -> ClientConfig {
         .set("reconnect.backoff.max.ms", "500")
         .set("socket.connection.setup.timeout.ms", "5000")
         .set("topic.metadata.refresh.interval.ms", "2000");
+    let settings = CLIENT_SETTINGS.lock().unwrap_or_else(|p| p.into_inner());
+    for (k, v) in settings.get(bootstrap).into_iter().flatten() {
+        cfg.set(k, v);
+    }
     cfg
 }
 
@@ -1692,6 +1802,11 @@ impl SchemaRegistryStub {
     pub fn require_basic_auth(&self, user: &str, password: &str) {
         let token = base64(format!("{user}:{password}").as_bytes());
         self.state.lock().expect("registry state").required_auth = Some(format!("Basic {token}"));
+    }
+
+    /// Every request must carry `Authorization: Bearer TOKEN`.
+    pub fn require_bearer_token(&self, token: &str) {
+        self.state.lock().expect("registry state").required_auth = Some(format!("Bearer {token}"));
     }
 
     /// `host:port` of the plain HTTP listener.
