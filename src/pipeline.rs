@@ -27,6 +27,7 @@ use crate::kafka::record::InputRecord;
 use crate::metrics::Metrics;
 use crate::retry::Backoff;
 use crate::state_write::{Fold, Folded, StateWriter};
+use crate::store::durability::{Durability, Shortfall};
 use crate::store::event_time::SharedEventTime;
 use crate::store::fault;
 use crate::store::record::CampaignId;
@@ -34,6 +35,8 @@ use crate::store::timers::TimerStore;
 
 /// The retried step a permanent Redis error is reported against (`/readyz`).
 const STATE_WRITE: &str = "state write";
+/// The step a missing durability (`redis.durability`) is reported against.
+const DURABILITY: &str = "durability";
 
 /// The batch was abandoned before it became durable; its offsets must not be committed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,6 +71,19 @@ pub struct Pipeline {
     pub event_clock: Option<(Arc<EventClock>, SharedEventTime)>,
     /// A batch's customers are written in this many concurrent chunks (`batch.store_chunks`).
     pub store_chunks: usize,
+    /// `redis.durability`: what must hold, beyond Redis' acknowledgement,
+    /// before the batch counts as durable.
+    pub durability: Durability,
+}
+
+/// What [`Pipeline::apply`] hands to the offset gate with a durable batch.
+#[derive(Debug, Clone, Copy)]
+pub struct Applied {
+    pub summary: BatchSummary,
+    /// The Redis epoch the batch's (last, successful) writes began under.
+    pub epoch: u64,
+    /// When Redis had acknowledged every write of the batch.
+    pub acked_at: Instant,
 }
 
 impl Pipeline {
@@ -76,7 +92,7 @@ impl Pipeline {
         &self,
         batch: &[InputRecord],
         give_up: &AtomicBool,
-    ) -> Result<BatchSummary, GaveUp> {
+    ) -> Result<Applied, GaveUp> {
         let started = Instant::now();
         let mut summary = BatchSummary {
             records: batch.len(),
@@ -109,23 +125,38 @@ impl Pipeline {
         self.dead_letter_all(&invalid, give_up).await?;
 
         let mut backoff = Backoff::new(&self.retry);
-        loop {
-            match self.fold_and_store(&valid, &mut summary).await {
+        let before = summary;
+        let (epoch, acked_at) = loop {
+            let epoch = self.durability.epoch.current();
+            let cause = match self.fold_and_store(&valid, &mut summary).await {
                 Ok(()) => {
                     self.metrics.redis_fault.clear(STATE_WRITE);
-                    break;
+                    let acked_at = Instant::now();
+                    match self.durability.confirm(epoch).await {
+                        Ok(()) => {
+                            self.metrics.redis_fault.clear(DURABILITY);
+                            break (epoch, acked_at);
+                        }
+                        Err(short) => {
+                            self.not_durable(&short);
+                            // Re-applied whole: what landed is skipped as a redelivery.
+                            summary = before;
+                            "durability"
+                        }
+                    }
                 }
                 Err(e) => {
                     if !fault::report(&self.metrics, STATE_WRITE, &e) {
                         warn!(error = %e, "state write failed; retrying the batch");
                     }
-                    self.metrics.retries.with_label_values(&["redis"]).inc();
-                    if !backoff.wait(give_up).await {
-                        return Err(GaveUp);
-                    }
+                    "redis"
                 }
+            };
+            self.metrics.retries.with_label_values(&[cause]).inc();
+            if !backoff.wait(give_up).await {
+                return Err(GaveUp);
             }
-        }
+        };
         if let Some((clock, shared)) = &self.event_clock {
             if let Some(t) = valid.iter().map(|(e, _)| e.occurred_at).max() {
                 clock.advance(t);
@@ -147,7 +178,27 @@ impl Pipeline {
             .batch_seconds
             .observe(started.elapsed().as_secs_f64());
         debug!(?summary, "batch durable");
-        Ok(summary)
+        Ok(Applied {
+            summary,
+            epoch,
+            acked_at,
+        })
+    }
+
+    /// Counts a batch not confirmed durable, and tells `/readyz` when
+    /// replicas are missing (cleared when a batch is next confirmed).
+    fn not_durable(&self, short: &Shortfall) {
+        self.metrics
+            .durability_shortfalls
+            .with_label_values(&[short.kind()])
+            .inc();
+        match short {
+            Shortfall::Replicas { .. } => {
+                self.metrics.redis_fault.set(DURABILITY, short.to_string());
+                warn!(error = %short, "batch not confirmed durable; retrying it with back-off");
+            }
+            _ => warn!(error = %short, "batch not confirmed durable; retrying it"),
+        }
     }
 
     /// Decodes every record; registry outages are retried, never dead-lettered.

@@ -2,5 +2,6 @@
 
 pub mod admin;
 pub mod consumer;
+pub mod offset_gate;
 pub mod producer;
 pub mod record;

@@ -68,6 +68,12 @@ impl RedisFault {
         Some(kind)
     }
 
+    /// Records a condition that is not a Redis error but keeps `step` from
+    /// succeeding (e.g. replicas missing for `redis.durability = "replicas"`).
+    pub fn set(&self, step: &'static str, reason: String) {
+        self.lock().insert(step, reason);
+    }
+
     /// `step` succeeded: its permanent error, if any, is over.
     pub fn clear(&self, step: &'static str) {
         self.lock().remove(step);
