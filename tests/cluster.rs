@@ -25,16 +25,6 @@ use lapse::domain::recall::trigger_id;
 use lapse::metrics::Metrics;
 use lapse::store::StateStore;
 
-/// A config for the same stack's single-node Redis (`s.redis`), as reference.
-fn single_node_config(s: &Stack, name: &str) -> String {
-    let path = s.config(name, "");
-    let text = std::fs::read_to_string(&path).unwrap();
-    let single = text.replace("[redis]\ncluster = true\n", "");
-    assert_ne!(text, single, "a cluster stack's config names the cluster");
-    std::fs::write(&path, single).unwrap();
-    path
-}
-
 #[tokio::test]
 async fn state_equals_the_single_node_run_and_a_replay_changes_nothing() {
     let s = Stack::start_cluster().await;
@@ -58,7 +48,7 @@ async fn state_equals_the_single_node_run_and_a_replay_changes_nothing() {
     env.retain(|(k, _)| k != "LAPSE_REDIS_URL");
     env.push(("LAPSE_REDIS_URL".into(), s.redis.url()));
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let single_cfg = single_node_config(&s, "single");
+    let single_cfg = s.single_node_config("single");
     let mut on_single = LapseProcess::spawn(&["run", "--config", &single_cfg], &env);
     s.wait_caught_up("g-cluster", LONG).await;
     s.wait_caught_up("g-single", LONG).await;
@@ -288,7 +278,7 @@ async fn a_cluster_used_as_a_single_node_fails_readiness_with_what_to_do() {
     env.retain(|(k, _)| k != "LAPSE_REDIS_URL");
     env.push(("LAPSE_REDIS_URL".into(), s.redis_url()));
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let cfg = single_node_config(&s, "misconfigured");
+    let cfg = s.single_node_config("misconfigured");
     let mut lapse = LapseProcess::spawn(&["run", "--config", &cfg], &env);
     let body = wait_for(
         LONG,

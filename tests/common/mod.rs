@@ -399,11 +399,19 @@ pub struct RedisServer {
     dir: TempDir,
     log: PathBuf,
     child: Option<Child>,
+    /// Options after the defaults (a later option wins), e.g. `--appendfsync everysec`.
+    extra: Vec<String>,
 }
 
 impl RedisServer {
     /// Start a fresh server and wait until it answers PING.
     pub async fn start() -> Self {
+        Self::start_with(&[]).await
+    }
+
+    /// Like [`RedisServer::start`], with `extra` options after the defaults
+    /// (AOF with `appendfsync always`, no RDB), e.g. `["--appendfsync", "everysec"]`.
+    pub async fn start_with(extra: &[&str]) -> Self {
         let dir = scratch_dir("redis");
         let log = dir.path().join("redis.log");
         let mut server = Self {
@@ -411,6 +419,7 @@ impl RedisServer {
             dir,
             log,
             child: None,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
         };
         for _attempt in 0..5 {
             server.port = free_port();
@@ -441,6 +450,7 @@ impl RedisServer {
             .arg(self.dir.path())
             .args(["--appendonly", "yes", "--appendfsync", "always"])
             .args(["--save", ""])
+            .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(open_append(&self.log))
             .stderr(open_append(&self.log));

@@ -76,7 +76,12 @@ impl Stack {
     }
 
     pub async fn start_with(broker: Broker) -> Stack {
-        let redis = RedisServer::start().await;
+        Self::start_with_redis(broker, RedisServer::start().await).await
+    }
+
+    /// Like [`Stack::start_with`], on a Redis started by the caller (e.g.
+    /// [`RedisServer::start_with`] other persistence options).
+    pub async fn start_with_redis(broker: Broker, redis: RedisServer) -> Stack {
         for t in INPUTS {
             broker.create_topic(t, PARTITIONS).await;
         }
@@ -131,6 +136,59 @@ impl Stack {
         );
         std::fs::write(&path, text).expect("write config");
         path.display().to_string()
+    }
+
+    /// A config (as [`Stack::config`]) for a single-node Redis even on a
+    /// Cluster stack: for reference runs on `s.redis` or a fresh server.
+    pub fn single_node_config(&self, name: &str) -> String {
+        let path = self.config(name, "");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let single = text.replace("[redis]\ncluster = true\n", "");
+        assert!(
+            self.cluster.is_none() || text != single,
+            "a cluster stack's config names the cluster"
+        );
+        std::fs::write(&path, single).unwrap();
+        path
+    }
+
+    /// The uninterrupted reference run over the same input: one lapse
+    /// (group `group`) on a fresh single-node Redis until it has committed
+    /// every input offset and fired every due timer, then stopped.
+    pub async fn reference_run(&self, group: &str) -> Reference {
+        let redis = RedisServer::start().await;
+        let cfg = self.single_node_config(group);
+        let mut env = self.env(group);
+        env.retain(|(k, _)| k != "LAPSE_REDIS_URL");
+        env.push(("LAPSE_REDIS_URL".into(), redis.url()));
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let mut lapse = LapseProcess::spawn(&["run", "--config", &cfg], &env);
+        self.wait_caught_up(group, LONG).await;
+        lapse.sigterm();
+        assert!(lapse.wait_exit(Duration::from_secs(30)).await.success());
+        let store = StateStore::connect(
+            &RedisConfig {
+                url: redis.url(),
+                ..RedisConfig::default()
+            },
+            Metrics::new(&Default::default()),
+        )
+        .await
+        .expect("connect to the reference redis");
+        Reference { redis, store }
+    }
+
+    /// Like [`Stack::config`], with `keys` (TOML lines) under `[redis]`
+    /// (next to `cluster = true` on a Cluster stack).
+    pub fn config_redis(&self, name: &str, batch: &str, keys: &str) -> String {
+        let path = self.config(name, batch);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let text = match text.find("[redis]\n") {
+            Some(i) => format!("{}[redis]\n{keys}\n{}", &text[..i], &text[i + 8..]),
+            None => format!("{text}[redis]\n{keys}\n"),
+        };
+        std::fs::write(&path, text).unwrap();
+        path
     }
 
     pub fn env(&self, group: &str) -> Vec<(String, String)> {
@@ -349,6 +407,12 @@ impl Stack {
             out.insert(k, v);
         }
     }
+}
+
+/// The state of an uninterrupted run ([`Stack::reference_run`]).
+pub struct Reference {
+    pub redis: RedisServer,
+    pub store: StateStore,
 }
 
 /// A deterministic population: `n` customers, a few events each of every kind.
