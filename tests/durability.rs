@@ -273,3 +273,100 @@ async fn with_ack_only_the_same_crash_loses_committed_events() {
         "with durability = \"ack\" lapse committed offsets of writes the crash lost"
     );
 }
+
+#[tokio::test]
+async fn cluster_master_failover_mid_stream_loses_no_event() {
+    let mut s = Stack::start_cluster().await;
+    let group = "g-failover";
+    let cfg = s.config_redis(
+        "failover",
+        "max_records = 50",
+        "durability = \"replicas\"\nreplicas = 1\nwait_timeout = \"500ms\"",
+    );
+    let bootstrap = s.broker.bootstrap();
+    let p = Producer::new(&bootstrap);
+    let mut events = population("ta", 30, 1);
+    produce_events(&p, &events, |_| Framing::SingleObject).await;
+    let mut lapse = s.spawn(group, &cfg);
+    s.wait_caught_up(group, LONG).await;
+    let committed_before: i64 = committed_offsets(&bootstrap, group, &INPUTS)
+        .await
+        .values()
+        .sum();
+
+    let chunks: Vec<Vec<(Event, Option<&'static str>)>> = (0..10)
+        .map(|j| population(&format!("tb{j}"), 6, 10 + j))
+        .collect();
+    events.extend(chunks.iter().flatten().cloned());
+    let producing = {
+        let bootstrap = bootstrap.clone();
+        tokio::spawn(async move {
+            let p = Producer::new(&bootstrap);
+            for chunk in chunks {
+                produce_events(&p, &chunk, |_| Framing::SingleObject).await;
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        })
+    };
+    wait_until(
+        LONG,
+        Duration::from_millis(20),
+        "lapse to commit part of the stream",
+        async || {
+            let done: i64 = committed_offsets(&bootstrap, group, &INPUTS)
+                .await
+                .values()
+                .sum();
+            done > committed_before
+        },
+    )
+    .await;
+    let cluster = s.cluster.as_mut().unwrap();
+    let victim = cluster.master_indices().await[0];
+    cluster.kill_node(victim);
+    // Its replica takes over, alone: WAIT 1 cannot be met, nothing is committed.
+    let body = wait_for(
+        LONG,
+        Duration::from_millis(100),
+        "/readyz to say replicas are missing",
+        async || {
+            let (code, body) = lapse.http_get("/readyz").await.ok()?;
+            (code == 503 && body.contains("redis.replicas")).then_some(body)
+        },
+    )
+    .await;
+    assert!(body.contains("durability: only 0 of"), "{body}");
+    let cluster = s.cluster.as_mut().unwrap();
+    cluster.restart_node(victim).await;
+    cluster.wait_healthy(LONG).await;
+    producing.await.unwrap();
+    s.wait_caught_up(group, LONG).await;
+    lapse.wait_ready(LONG).await;
+    let shortfalls = metric(
+        &lapse,
+        "lapse_durability_shortfalls_total",
+        &[("kind", "replicas")],
+    )
+    .await;
+    assert!(shortfalls >= 1.0, "WAIT shortfalls are counted");
+    lapse.sigterm();
+    assert!(lapse.wait_exit(Duration::from_secs(30)).await.success());
+
+    let reference = s.reference_run("g-ref").await;
+    let store = s.store().await;
+    let mut customers: Vec<_> = events.iter().map(|(e, _)| e.customer.clone()).collect();
+    customers.sort_by_key(|c| c.key());
+    customers.dedup();
+    for c in &customers {
+        assert_same_state(
+            c,
+            &state(&store, c).await,
+            &state(&reference.store, c).await,
+        );
+    }
+    eprintln!(
+        "failover: {} events, {} customers, 1 master killed, {shortfalls} WAIT shortfalls, 0 events lost",
+        events.len(),
+        customers.len()
+    );
+}
