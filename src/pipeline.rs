@@ -128,22 +128,18 @@ impl Pipeline {
         let before = summary;
         let (epoch, acked_at) = loop {
             let epoch = self.durability.epoch.current();
-            let cause = match self.fold_and_store(&valid, &mut summary).await {
-                Ok(()) => {
+            let cause = match self.fold_and_store(&valid, &mut summary, epoch).await {
+                Ok(acked_at) => {
                     self.metrics.redis_fault.clear(STATE_WRITE);
-                    let acked_at = Instant::now();
-                    match self.durability.confirm(epoch).await {
-                        Ok(()) => {
-                            self.metrics.redis_fault.clear(DURABILITY);
-                            break (epoch, acked_at);
-                        }
-                        Err(short) => {
-                            self.not_durable(&short);
-                            // Re-applied whole: what landed is skipped as a redelivery.
-                            summary = before;
-                            "durability"
-                        }
-                    }
+                    self.metrics.redis_fault.clear(DURABILITY);
+                    break (epoch, acked_at);
+                }
+                Err(BatchError::NotDurable(short)) => {
+                    self.metrics.redis_fault.clear(STATE_WRITE);
+                    self.not_durable(&short);
+                    // Re-applied whole: what landed is skipped as a redelivery.
+                    summary = before;
+                    "durability"
                 }
                 Err(e) => {
                     if !fault::report(&self.metrics, STATE_WRITE, &e) {
@@ -296,11 +292,15 @@ impl Pipeline {
     /// Loads the batch's customers, folds their events and decides (pure domain),
     /// writes back with CAS, then does the same for the campaigns the batch
     /// touched, then publishes each customer's and each campaign's outbox.
+    /// Returns when Redis had acknowledged the writes (confirmed durable in
+    /// mode `replicas` before any decision is published: a decision derived
+    /// from a write a failover then lost could differ when derived again).
     async fn fold_and_store(
         &self,
         valid: &[(Event, Source)],
         summary: &mut BatchSummary,
-    ) -> Result<(), BatchError> {
+        epoch: u64,
+    ) -> Result<Instant, BatchError> {
         // Group by customer, keeping each customer's events in arrival order.
         let mut order: Vec<&CustomerRef> = Vec::new();
         let mut groups: HashMap<&CustomerRef, Vec<usize>> = HashMap::new();
@@ -353,6 +353,8 @@ impl Pipeline {
             .write(signals.keys().collect(), &mut fold)
             .await?;
 
+        let acked_at = Instant::now();
+        self.durability.confirm(epoch).await?;
         let decisions_pending = customers.iter().any(|s| !s.record.outbox.is_empty());
         if decisions_pending && crash_point("after_state_write") {
             // Test hook: die between the state write and the produce, like a kill -9 there.
@@ -368,7 +370,7 @@ impl Pipeline {
         summary.duplicate_ids += tally.dup_ids;
         summary.customers_written += tally.written;
         summary.decisions += tally.decisions;
-        Ok(())
+        Ok(acked_at)
     }
 }
 

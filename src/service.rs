@@ -279,6 +279,7 @@ fn timer_loop(cfg: &Config, p: &Pipeline, shutdown: Arc<AtomicBool>) -> TimerLoo
         shared_clock: p.event_clock.clone(),
         cfg: cfg.timers.clone(),
         shutdown,
+        durability: Some(p.durability.clone()),
     }
 }
 

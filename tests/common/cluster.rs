@@ -122,7 +122,7 @@ impl RedisCluster {
                 .args(["--bind", "127.0.0.1", "--protected-mode", "no"])
                 .args(["--daemonize", "no", "--logfile", ""])
                 .arg("--dir")
-                .arg(&dir)
+                .arg(dir)
                 .args(["--cluster-enabled", "yes"])
                 .arg("--cluster-config-file")
                 .arg(format!("nodes-{port}.conf"))
