@@ -11,13 +11,11 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
-use apache_avro::types::Value;
 use common::stack::*;
 use common::*;
-use lapse::codec::{Framing, SchemaSet, RECALL_TRIGGER, THROTTLE_EVENT};
+use lapse::codec::{Framing, RECALL_TRIGGER, THROTTLE_EVENT};
 use lapse::config::RedisConfig;
 use lapse::domain::event::*;
 use lapse::domain::lapse::Stage;
@@ -96,55 +94,6 @@ async fn state_equals_the_single_node_run_and_a_replay_changes_nothing() {
     assert_eq!(before.keys().filter(|k| k.ends_with(":state")).count(), n);
     s.replay_changes_nothing(&s.config("replay", ""), events.len())
         .await;
-}
-
-/// A decoded output record (throttle event or recall trigger): field → value.
-fn decode(schema_name: &str, payload: &[u8]) -> BTreeMap<String, Value> {
-    let schemas = SchemaSet::load(std::path::Path::new(&schemas_dir())).unwrap();
-    let schema = schemas.by_name(schema_name).unwrap();
-    let body = lapse::codec::parse_frame(payload).expect("framed").body();
-    let v = apache_avro::from_avro_datum(schema, &mut &body[..], None).expect("decodes");
-    let Value::Record(f) = v else {
-        panic!("not a record")
-    };
-    f.into_iter().collect()
-}
-
-fn txt(r: &BTreeMap<String, Value>, k: &str) -> String {
-    match &r[k] {
-        Value::String(s) | Value::Enum(_, s) => s.clone(),
-        Value::Union(_, b) => match b.as_ref() {
-            Value::String(s) | Value::Enum(_, s) => s.clone(),
-            o => format!("{o:?}"),
-        },
-        o => format!("{o:?}"),
-    }
-}
-
-/// Every record of `topic` (until none arrives for a few seconds), grouped by
-/// the id field `id`; asserts that repeats of an id are exact repeats.
-async fn by_id(s: &Stack, topic: &str, schema: &str, id: &str) -> BTreeMap<String, Vec<Vec<u8>>> {
-    let got = consume_up_to(
-        &s.broker.bootstrap(),
-        topic,
-        100_000,
-        Duration::from_secs(5),
-    )
-    .await;
-    let mut out: BTreeMap<String, Vec<Vec<u8>>> = BTreeMap::new();
-    for r in got {
-        let payload = r.payload.clone().unwrap();
-        out.entry(txt(&decode(schema, &payload), id))
-            .or_default()
-            .push(payload);
-    }
-    for (k, copies) in &out {
-        assert!(
-            copies.windows(2).all(|w| w[0] == w[1]),
-            "repeats of {k} must be exact"
-        );
-    }
-    out
 }
 
 #[tokio::test]

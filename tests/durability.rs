@@ -144,6 +144,7 @@ async fn crash_run(mode: &str) -> Crash {
         "crash",
         "max_records = 50",
         &format!("durability = \"{mode}\""),
+        "",
     );
     let bootstrap = s.broker.bootstrap();
     let p = Producer::new(&bootstrap);
@@ -282,6 +283,7 @@ async fn cluster_master_failover_mid_stream_loses_no_event() {
         "failover",
         "max_records = 50",
         "durability = \"replicas\"\nreplicas = 1\nwait_timeout = \"500ms\"",
+        "",
     );
     let bootstrap = s.broker.bootstrap();
     let p = Producer::new(&bootstrap);

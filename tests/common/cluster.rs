@@ -194,6 +194,43 @@ impl RedisCluster {
         }
     }
 
+    /// The cluster node id of node `i` (`CLUSTER MYID`).
+    pub async fn node_id(&self, i: usize) -> String {
+        let mut c = redis::Client::open(self.urls()[i].as_str())
+            .expect("redis url")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect to the node");
+        redis::cmd("CLUSTER")
+            .arg("MYID")
+            .query_async(&mut c)
+            .await
+            .expect("CLUSTER MYID")
+    }
+
+    /// Moves `slots` hash slots (with their keys) from master `from` to master
+    /// `to` while clients go on: `redis-cli --cluster reshard` (MIGRATE key by
+    /// key, so clients meet ASK and TRYAGAIN redirections meanwhile).
+    pub async fn reshard(&self, from: usize, to: usize, slots: usize) {
+        let (from_id, to_id) = (self.node_id(from).await, self.node_id(to).await);
+        let out = tokio::process::Command::new(redis_cli_bin())
+            .arg("--cluster")
+            .arg("reshard")
+            .arg(format!("127.0.0.1:{}", self.nodes[from].port))
+            .args(["--cluster-from", &from_id, "--cluster-to", &to_id])
+            .args(["--cluster-slots", &slots.to_string(), "--cluster-yes"])
+            .args(["--cluster-pipeline", "10"])
+            .output()
+            .await
+            .expect("run redis-cli --cluster reshard");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster reshard failed: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// Waits until every node reports `cluster_state:ok` and every master
     /// has a replica online (after a failover and the old master's return).
     pub async fn wait_healthy(&self, timeout: Duration) {

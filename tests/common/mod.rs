@@ -272,6 +272,8 @@ mod sys {
 
     pub const SIGKILL: c_int = 9;
     pub const SIGTERM: c_int = 15;
+    pub const SIGCONT: c_int = 18;
+    pub const SIGSTOP: c_int = 19;
 
     unsafe extern "C" {
         fn kill(pid: c_int, sig: c_int) -> c_int;
@@ -765,6 +767,18 @@ pub struct Broker {
 }
 
 impl Broker {
+    /// SIGSTOP: the broker keeps its sockets but answers nothing until [`Broker::resume`].
+    pub fn pause(&self) {
+        let pid = self.child.as_ref().expect("broker running").id();
+        sys::signal(pid, sys::SIGSTOP).expect("SIGSTOP the broker");
+    }
+
+    /// SIGCONT after [`Broker::pause`].
+    pub fn resume(&self) {
+        let pid = self.child.as_ref().expect("broker running").id();
+        sys::signal(pid, sys::SIGCONT).expect("SIGCONT the broker");
+    }
+
     /// Start a broker; clients talk to it directly.
     pub async fn start() -> Self {
         Self::start_inner(false).await

@@ -13,6 +13,7 @@ use lapse::metrics::Metrics;
 use lapse::store::StateStore;
 
 use super::*;
+use apache_avro::types::Value as AvroValue;
 
 pub const DAY: i64 = 86_400_000;
 
@@ -141,7 +142,12 @@ impl Stack {
     /// A config (as [`Stack::config`]) for a single-node Redis even on a
     /// Cluster stack: for reference runs on `s.redis` or a fresh server.
     pub fn single_node_config(&self, name: &str) -> String {
-        let path = self.config(name, "");
+        self.single_node_config_with(name, "")
+    }
+
+    /// [`Stack::single_node_config`] with whole extra TOML sections.
+    pub fn single_node_config_with(&self, name: &str, sections: &str) -> String {
+        let path = self.config_with(name, "", sections);
         let text = std::fs::read_to_string(&path).unwrap();
         let single = text.replace("[redis]\ncluster = true\n", "");
         assert!(
@@ -154,10 +160,11 @@ impl Stack {
 
     /// The uninterrupted reference run over the same input: one lapse
     /// (group `group`) on a fresh single-node Redis until it has committed
-    /// every input offset and fired every due timer, then stopped.
+    /// every input offset, then stopped. Its decisions go to topics of its
+    /// own ([`REF_OUTPUTS`]), so the run under test's outputs stay its own.
     pub async fn reference_run(&self, group: &str) -> Reference {
         let redis = RedisServer::start().await;
-        let cfg = self.single_node_config(group);
+        let cfg = self.single_node_config_with(group, REF_OUTPUTS);
         let mut env = self.env(group);
         env.retain(|(k, _)| k != "LAPSE_REDIS_URL");
         env.push(("LAPSE_REDIS_URL".into(), redis.url()));
@@ -178,10 +185,10 @@ impl Stack {
         Reference { redis, store }
     }
 
-    /// Like [`Stack::config`], with `keys` (TOML lines) under `[redis]`
+    /// Like [`Stack::config_with`], with `keys` (TOML lines) under `[redis]`
     /// (next to `cluster = true` on a Cluster stack).
-    pub fn config_redis(&self, name: &str, batch: &str, keys: &str) -> String {
-        let path = self.config(name, batch);
+    pub fn config_redis(&self, name: &str, batch: &str, keys: &str, sections: &str) -> String {
+        let path = self.config_with(name, batch, sections);
         let text = std::fs::read_to_string(&path).unwrap();
         let text = match text.find("[redis]\n") {
             Some(i) => format!("{}[redis]\n{keys}\n{}", &text[..i], &text[i + 8..]),
@@ -409,6 +416,9 @@ impl Stack {
     }
 }
 
+/// The output topics of a [`Stack::reference_run`].
+pub const REF_OUTPUTS: &str = "[kafka.topics]\nthrottle = \"ref.throttle\"\ntriggers = \"ref.triggers\"\noutcomes = \"ref.outcomes\"\ndlq = \"ref.dlq\"\n";
+
 /// The state of an uninterrupted run ([`Stack::reference_run`]).
 pub struct Reference {
     pub redis: RedisServer,
@@ -618,4 +628,58 @@ pub async fn metric(p: &LapseProcess, name: &str, want: &[(&str, &str)]) -> f64 
         })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+/// A decoded output record (throttle event or recall trigger): field → value.
+pub fn decode(schema_name: &str, payload: &[u8]) -> BTreeMap<String, AvroValue> {
+    let schemas = lapse::codec::SchemaSet::load(std::path::Path::new(&schemas_dir())).unwrap();
+    let schema = schemas.by_name(schema_name).unwrap();
+    let body = lapse::codec::parse_frame(payload).expect("framed").body();
+    let v = apache_avro::from_avro_datum(schema, &mut &body[..], None).expect("decodes");
+    let AvroValue::Record(f) = v else {
+        panic!("not a record")
+    };
+    f.into_iter().collect()
+}
+
+pub fn txt(r: &BTreeMap<String, AvroValue>, k: &str) -> String {
+    match &r[k] {
+        AvroValue::String(s) | AvroValue::Enum(_, s) => s.clone(),
+        AvroValue::Union(_, b) => match b.as_ref() {
+            AvroValue::String(s) | AvroValue::Enum(_, s) => s.clone(),
+            o => format!("{o:?}"),
+        },
+        o => format!("{o:?}"),
+    }
+}
+
+/// Every record of `topic` (until none arrives for a few seconds), grouped by
+/// the id field `id`; asserts that repeats of an id are exact repeats.
+pub async fn by_id(
+    s: &Stack,
+    topic: &str,
+    schema: &str,
+    id: &str,
+) -> BTreeMap<String, Vec<Vec<u8>>> {
+    let got = consume_up_to(
+        &s.broker.bootstrap(),
+        topic,
+        100_000,
+        Duration::from_secs(5),
+    )
+    .await;
+    let mut out: BTreeMap<String, Vec<Vec<u8>>> = BTreeMap::new();
+    for r in got {
+        let payload = r.payload.clone().unwrap();
+        out.entry(txt(&decode(schema, &payload), id))
+            .or_default()
+            .push(payload);
+    }
+    for (k, copies) in &out {
+        assert!(
+            copies.windows(2).all(|w| w[0] == w[1]),
+            "repeats of {k} must be exact"
+        );
+    }
+    out
 }
