@@ -18,7 +18,7 @@
 //! `LAPSE_CHAOS_KILLS` (20), `LAPSE_CHAOS_CUSTOMERS` (1500),
 //! `LAPSE_CHAOS_RECALL_CUSTOMERS` (300), `LAPSE_CHAOS_CHUNKS` (40),
 //! `LAPSE_CHAOS_PAUSE_SECS` (10), `LAPSE_CHAOS_RESHARD_SLOTS` (1000),
-//! `LAPSE_CHAOS_SEED` (1).
+//! `LAPSE_CHAOS_SEED` (1), `LAPSE_CHAOS_DURABILITY` (`replicas`).
 
 mod common;
 
@@ -48,6 +48,8 @@ struct Size {
     pause: Duration,
     reshard_slots: usize,
     seed: u64,
+    /// `redis.durability` of the instances.
+    durability: String,
 }
 
 impl Size {
@@ -60,6 +62,7 @@ impl Size {
             pause: Duration::from_secs(10),
             reshard_slots: 300,
             seed: 1,
+            durability: "replicas".into(),
         }
     }
 
@@ -81,6 +84,7 @@ impl Size {
             pause: Duration::from_secs(var("LAPSE_CHAOS_PAUSE_SECS", 10)),
             reshard_slots: var("LAPSE_CHAOS_RESHARD_SLOTS", 1000),
             seed: var("LAPSE_CHAOS_SEED", 1),
+            durability: std::env::var("LAPSE_CHAOS_DURABILITY").unwrap_or("replicas".into()),
         }
     }
 }
@@ -151,6 +155,25 @@ impl Fleet {
     }
 }
 
+/// Every key's latest throttle event on `topic` (its state and `allowed_from`):
+/// what a sender reading the compacted topic from the start ends up with.
+async fn latest_allowances(s: &Stack, topic: &str) -> BTreeMap<String, String> {
+    let got = consume_up_to(
+        &s.broker.bootstrap(),
+        topic,
+        1_000_000,
+        Duration::from_secs(5),
+    )
+    .await;
+    let mut out = BTreeMap::new();
+    for r in got {
+        let d = decode(THROTTLE_EVENT, r.payload.as_deref().unwrap());
+        let v = format!("{} from {}", txt(&d, "state"), txt(&d, "allowed_from"));
+        out.insert(r.key_str().unwrap_or_default().to_string(), v);
+    }
+    out
+}
+
 /// An input event and its reply text.
 type Input = (Event, Option<&'static str>);
 
@@ -208,7 +231,10 @@ async fn chaos(z: Size) {
     let config = s.config_redis(
         "chaos",
         "max_records = 100",
-        "durability = \"replicas\"\nwait_timeout = \"500ms\"",
+        &format!(
+            "durability = \"{}\"\nwait_timeout = \"500ms\"",
+            z.durability
+        ),
         "[policy.lapse]\nholdout_share = 0.0\n[timers]\npoll_interval = \"100ms\"\n",
     );
     let producing = {
@@ -323,6 +349,21 @@ async fn chaos(z: Size) {
 
     // State: identical to a clean single-instance run over the same input.
     let reference = s.reference_run("g-ref").await;
+    // No decision lost: every key's latest allowance on the compacted topic
+    // is the clean run's.
+    let ours = latest_allowances(&s, THROTTLE).await;
+    let theirs = latest_allowances(&s, "ref.throttle").await;
+    let differ: Vec<_> = theirs
+        .iter()
+        .filter(|(k, v)| ours.get(*k) != Some(v))
+        .map(|(k, v)| format!("{k}: {v} vs {:?}", ours.get(k)))
+        .collect();
+    assert!(
+        differ.is_empty() && ours.len() == theirs.len(),
+        "latest allowance per key differs from the clean run's ({} vs {} keys): {differ:?}",
+        ours.len(),
+        theirs.len()
+    );
     let store = s.store().await;
     let mut customers: Vec<CustomerRef> = events.iter().map(|(e, _)| e.customer.clone()).collect();
     customers.sort_by_key(|c| c.key());
@@ -342,8 +383,9 @@ async fn chaos(z: Size) {
         "exactly the due AT_RISK triggers of the recall customers"
     );
     eprintln!(
-        "chaos survived: {} kills, {} joins, {} leaves, {} failovers, {} reshards ({} slots), {} broker pauses ({:?}); \
+        "chaos survived (durability = {}): {} kills, {} joins, {} leaves, {} failovers, {} reshards ({} slots), {} broker pauses ({:?}); \
          {} events, {} customers, {} triggers due and published, {} decision ids, {} exact repeats; lost 0, applied twice 0, dead letters 0; {:.0} s",
+        z.durability,
         f.kills,
         f.joins,
         f.leaves,
