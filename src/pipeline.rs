@@ -9,7 +9,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Instant;
 
-use futures::future::{join_all, BoxFuture};
+use futures::future::join_all;
 use tracing::{debug, warn};
 
 use crate::codec::{DecodeError, Decoder};
@@ -26,7 +26,7 @@ use crate::error::BatchError;
 use crate::kafka::record::InputRecord;
 use crate::metrics::Metrics;
 use crate::retry::Backoff;
-use crate::state_write::{Fold, Folded, StateWriter};
+use crate::state_write::{Fold, StateWriter, Stored};
 use crate::store::durability::{Durability, Shortfall};
 use crate::store::event_time::SharedEventTime;
 use crate::store::fault;
@@ -181,6 +181,30 @@ impl Pipeline {
         })
     }
 
+    /// Schedules the next due time of every customer whose state now
+    /// expects one, after the state write: a timer scheduled before it could
+    /// fire in between (due at once: an event applied late), find the state
+    /// not yet written, and be dropped — the stage lost. A crash between the
+    /// write and this leaves the records uncommitted: their redelivery
+    /// schedules the timer again (see the customer fold).
+    async fn schedule_timers(
+        &self,
+        stored: &[Stored<'_, CustomerState, CustomerFolded>],
+    ) -> Result<(), BatchError> {
+        let schedule: Vec<(&CustomerRef, i64)> = stored
+            .iter()
+            .filter_map(|s| Some((s.id, s.extra.schedule?)))
+            .collect();
+        if let Err(e) = self.timers.schedule(&schedule).await {
+            self.metrics
+                .redis_errors
+                .with_label_values(&["timers"])
+                .inc();
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
     /// Counts a batch not confirmed durable, and tells `/readyz` when
     /// replicas are missing (cleared when a batch is next confirmed).
     fn not_durable(&self, short: &Shortfall) {
@@ -324,6 +348,7 @@ impl Pipeline {
                 groups,
             };
             let stored = self.writer.write(chunk.to_vec(), &mut fold).await?;
+            self.schedule_timers(&stored).await?;
             let mut tally = Tally::default();
             for s in &stored {
                 tally.written += s.written as usize;
@@ -411,8 +436,15 @@ impl Fold<CustomerState> for CustomerFold<'_, '_> {
         }
         let due = decide::next_timer(state, policy);
         let mut schedule = None;
+        let redelivered = outcomes
+            .iter()
+            .any(|(_, (out, _))| *out == Outcome::Redelivered);
         if due != state.timer_due {
             state.timer_due = due;
+            schedule = due;
+        } else if redelivered {
+            // A crash between this state's write and its timer's: the
+            // redelivery schedules the timer again (idempotent).
             schedule = due;
         }
         let changed = outcomes
@@ -426,29 +458,6 @@ impl Fold<CustomerState> for CustomerFold<'_, '_> {
                 schedule,
             },
         )
-    }
-
-    /// Timers first: a timer without its state write fires, finds nothing due
-    /// and is dropped; a state write without its timer would lose a stage.
-    fn before_write<'f>(
-        &'f self,
-        folded: &'f [Folded<'f, CustomerState, CustomerFolded>],
-    ) -> BoxFuture<'f, Result<(), BatchError>> {
-        Box::pin(async move {
-            let schedule: Vec<(&CustomerRef, i64)> = folded
-                .iter()
-                .filter_map(|f| Some((f.id, f.extra.schedule?)))
-                .collect();
-            if let Err(e) = self.p.timers.schedule(&schedule).await {
-                self.p
-                    .metrics
-                    .redis_errors
-                    .with_label_values(&["timers"])
-                    .inc();
-                return Err(e.into());
-            }
-            Ok(())
-        })
     }
 }
 
