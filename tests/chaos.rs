@@ -25,6 +25,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use apache_avro::types::Value as AvroValue;
 use common::stack::*;
 use common::*;
 use lapse::codec::{Framing, RECALL_OUTCOME, RECALL_TRIGGER, THROTTLE_EVENT};
@@ -135,14 +136,19 @@ impl Fleet {
     async fn wait_stable(&self) {
         let total = (INPUTS.len() as i32 * PARTITIONS) as f64;
         let mut seen = 0;
-        wait_until(LONG, Duration::from_secs(1), "the group to own every partition", async || {
-            let mut sum = 0.0;
-            for p in &self.running {
-                sum += metric(p, "lapse_partitions_assigned", &[]).await;
-            }
-            seen = if sum == total { seen + 1 } else { 0 };
-            seen >= 2
-        })
+        wait_until(
+            LONG,
+            Duration::from_secs(1),
+            "the group to own every partition",
+            async || {
+                let mut sum = 0.0;
+                for p in &self.running {
+                    sum += metric(p, "lapse_partitions_assigned", &[]).await;
+                }
+                seen = if sum == total { seen + 1 } else { 0 };
+                seen >= 2
+            },
+        )
         .await;
     }
 
@@ -190,11 +196,22 @@ async fn latest_allowances(s: &Stack, topic: &str) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
     for r in got {
         let d = decode(THROTTLE_EVENT, r.payload.as_deref().unwrap());
-        // An OPEN's allowed_from is when the timer loop released it (wall clock).
+        // What a sender concludes now: a restriction whose allowed_from has
+        // passed is open. (An OPEN's allowed_from is when the timer loop
+        // released it: wall clock, differs between runs.)
         let state = txt(&d, "state");
-        let v = match state.as_str() {
-            "OPEN" => state,
-            _ => format!("{state} from {}", txt(&d, "allowed_from")),
+        let until = match d.get("allowed_from") {
+            Some(AvroValue::Union(_, b)) => match b.as_ref() {
+                AvroValue::TimestampMillis(t) => Some(*t),
+                _ => None,
+            },
+            Some(AvroValue::TimestampMillis(t)) => Some(*t),
+            _ => None,
+        };
+        let v = match (state.as_str(), until) {
+            ("OPEN", _) => "OPEN (restriction passed)".into(),
+            (_, Some(t)) if t <= now_ms() => "OPEN (restriction passed)".into(),
+            _ => format!("{state} until {until:?}"),
         };
         out.insert(r.key_str().unwrap_or_default().to_string(), v);
     }
@@ -265,7 +282,8 @@ async fn chaos(z: Size) {
         // tansu 0.6 keeps a member killed during a rebalance in the group
         // until the rebalance timeout (librdkafka: max.poll.interval.ms, 300 s
         // by default), not its session timeout: the rebalance waits for it.
-        &format!("[policy.lapse]\nholdout_share = 0.0\n[timers]\npoll_interval = \"100ms\"\n\
+        &format!(
+            "[policy.lapse]\nholdout_share = 0.0\n[timers]\npoll_interval = \"100ms\"\n\
          [kafka.consumer_properties]\n\"max.poll.interval.ms\" = \"20000\"\n{}",
             std::env::var("LAPSE_CHAOS_KAFKA_DEBUG")
                 .map(|d| format!("debug = \"{d}\"\n"))
@@ -358,8 +376,10 @@ async fn chaos(z: Size) {
     .await;
     let Some(triggers) = published else {
         let t = by_id(&s, TRIGGERS, RECALL_TRIGGER, "trigger_id").await;
-        let missing: Vec<(&String, &CustomerRef)> =
-            expected.iter().filter(|(id, _)| !t.contains_key(*id)).collect();
+        let missing: Vec<(&String, &CustomerRef)> = expected
+            .iter()
+            .filter(|(id, _)| !t.contains_key(*id))
+            .collect();
         let store = s.store().await;
         for (id, c) in missing.iter().take(5) {
             let st = store.load(c).await.unwrap().map(|l| l.state);
@@ -378,6 +398,8 @@ async fn chaos(z: Size) {
         );
     };
     s.wait_no_timer_due(LONG).await;
+    // A claimed timer is no longer due while it fires: let that finish.
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let mut last = fleet.running.pop().unwrap();
     last.sigterm();
     assert!(last.wait_exit(Duration::from_secs(60)).await.success());

@@ -171,6 +171,10 @@ impl Stack {
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         let mut lapse = LapseProcess::spawn(&["run", "--config", &cfg], &env);
         self.wait_caught_up(group, LONG).await;
+        // Its timer loop has fired what is due (releases, stages) too.
+        wait_no_timer_due_on(vec![redis.client().await], LONG).await;
+        // A claimed timer is no longer due while it fires: let that finish.
+        tokio::time::sleep(Duration::from_secs(1)).await;
         lapse.sigterm();
         assert!(lapse.wait_exit(Duration::from_secs(30)).await.success());
         let store = StateStore::connect(
@@ -296,35 +300,7 @@ impl Stack {
     /// Waits until no scheduled timer is due (the running instances' timer loops
     /// have fired everything overdue), so a later byte comparison does not race them.
     pub async fn wait_no_timer_due(&self, within: Duration) {
-        let mut nodes = self.nodes().await;
-        wait_until(
-            within,
-            Duration::from_millis(100),
-            "no timer due",
-            async || {
-                let now = now_ms();
-                let mut due = 0u64;
-                for c in nodes.iter_mut() {
-                    let keys: Vec<String> = redis::cmd("KEYS")
-                        .arg("*:due")
-                        .query_async(c)
-                        .await
-                        .unwrap_or_default();
-                    for k in keys {
-                        let n: u64 = redis::cmd("ZCOUNT")
-                            .arg(&k)
-                            .arg("-inf")
-                            .arg(now)
-                            .query_async(c)
-                            .await
-                            .unwrap_or(1);
-                        due += n;
-                    }
-                }
-                due == 0
-            },
-        )
-        .await;
+        wait_no_timer_due_on(self.nodes().await, within).await;
     }
 
     /// Every key and raw value in Redis, for byte-level comparisons.
@@ -414,6 +390,41 @@ impl Stack {
             out.insert(k, v);
         }
     }
+}
+
+/// [`Stack::wait_no_timer_due`] on the given nodes (e.g. a reference run's Redis).
+pub async fn wait_no_timer_due_on(
+    mut nodes: Vec<redis::aio::MultiplexedConnection>,
+    within: Duration,
+) {
+    wait_until(
+        within,
+        Duration::from_millis(100),
+        "no timer due",
+        async || {
+            let now = now_ms();
+            let mut due = 0u64;
+            for c in nodes.iter_mut() {
+                let keys: Vec<String> = redis::cmd("KEYS")
+                    .arg("*:due")
+                    .query_async(c)
+                    .await
+                    .unwrap_or_default();
+                for k in keys {
+                    let n: u64 = redis::cmd("ZCOUNT")
+                        .arg(&k)
+                        .arg("-inf")
+                        .arg(now)
+                        .query_async(c)
+                        .await
+                        .unwrap_or(1);
+                    due += n;
+                }
+            }
+            due == 0
+        },
+    )
+    .await;
 }
 
 /// The output topics of a [`Stack::reference_run`].
