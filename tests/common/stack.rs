@@ -133,7 +133,10 @@ impl Stack {
              [batch]\nmax_wait = \"20ms\"\n{batch}\n\
              [metrics]\nfleet_gauge_refresh = \"1s\"\n\
              [retry]\ninitial_backoff = \"50ms\"\nmax_backoff = \"500ms\"\n{redis}{sections}\n",
-            redis = if self.cluster.is_some() { "[redis]\ncluster = true\n" } else { "" },
+            redis = format!(
+                "[redis]\n{HARNESS_DURABILITY}{}",
+                if self.cluster.is_some() { "cluster = true\n" } else { "" }
+            ),
         );
         std::fs::write(&path, text).expect("write config");
         path.display().to_string()
@@ -149,7 +152,7 @@ impl Stack {
     pub fn single_node_config_with(&self, name: &str, sections: &str) -> String {
         let path = self.config_with(name, "", sections);
         let text = std::fs::read_to_string(&path).unwrap();
-        let single = text.replace("[redis]\ncluster = true\n", "");
+        let single = text.replace("cluster = true\n", "");
         assert!(
             self.cluster.is_none() || text != single,
             "a cluster stack's config names the cluster"
@@ -194,6 +197,10 @@ impl Stack {
     pub fn config_redis(&self, name: &str, batch: &str, keys: &str, sections: &str) -> String {
         let path = self.config_with(name, batch, sections);
         let text = std::fs::read_to_string(&path).unwrap();
+        let text = match keys.contains("durability") {
+            true => text.replace(HARNESS_DURABILITY, ""),
+            false => text,
+        };
         let text = match text.find("[redis]\n") {
             Some(i) => format!("{}[redis]\n{keys}\n{}", &text[..i], &text[i + 8..]),
             None => format!("{text}[redis]\n{keys}\n"),
@@ -426,6 +433,12 @@ pub async fn wait_no_timer_due_on(
     )
     .await;
 }
+
+/// The harness's Redis fsyncs every write (`appendfsync always`), where
+/// `ack` is durable (README "Guarantees"); the default `fsync_horizon` would
+/// only delay every commit by 2.5 s. Tests of the other modes set their own
+/// ([`Stack::config_redis`]).
+pub const HARNESS_DURABILITY: &str = "durability = \"ack\"\n";
 
 /// The output topics of a [`Stack::reference_run`].
 pub const REF_OUTPUTS: &str = "[kafka.topics]\nthrottle = \"ref.throttle\"\ntriggers = \"ref.triggers\"\noutcomes = \"ref.outcomes\"\ndlq = \"ref.dlq\"\n";
