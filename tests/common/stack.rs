@@ -128,15 +128,16 @@ impl Stack {
     /// Like [`Stack::config`], with whole extra TOML sections appended (e.g. `[policy.throttle]`).
     pub fn config_with(&self, name: &str, batch: &str, sections: &str) -> String {
         let path = self.dir.path().join(format!("{name}.toml"));
+        let cluster = if self.cluster.is_some() {
+            "cluster = true\n"
+        } else {
+            ""
+        };
         let text = format!(
             "[kafka]\nsession_timeout = \"3s\"\ncommit_interval = \"200ms\"\ntopic_partitions = {PARTITIONS}\nrebalance_drain_timeout = \"10s\"\n\
              [batch]\nmax_wait = \"20ms\"\n{batch}\n\
              [metrics]\nfleet_gauge_refresh = \"1s\"\n\
-             [retry]\ninitial_backoff = \"50ms\"\nmax_backoff = \"500ms\"\n{redis}{sections}\n",
-            redis = format!(
-                "[redis]\n{HARNESS_DURABILITY}{}",
-                if self.cluster.is_some() { "cluster = true\n" } else { "" }
-            ),
+             [retry]\ninitial_backoff = \"50ms\"\nmax_backoff = \"500ms\"\n[redis]\n{HARNESS_DURABILITY}{cluster}{sections}\n",
         );
         std::fs::write(&path, text).expect("write config");
         path.display().to_string()
