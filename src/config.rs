@@ -433,6 +433,48 @@ pub struct RedisConfig {
     pub key_prefix: String,
     pub connect_timeout: Dur,
     pub response_timeout: Dur,
+    /// When a batch's offsets may be committed after Redis acknowledged its
+    /// writes (see [`Durability`]).
+    pub durability: Durability,
+    /// `durability = "fsync_horizon"`: how long after Redis acknowledged a
+    /// batch's writes its offsets wait (Redis with `appendfsync everysec`
+    /// fsyncs at least every second, postponing a write at most 2 s).
+    pub fsync_horizon: Dur,
+    /// `durability = "replicas"`: replicas of every master that must confirm a
+    /// batch's writes (`WAIT`).
+    pub replicas: u32,
+    /// `durability = "replicas"`: how long one `WAIT` blocks before the batch
+    /// counts as short of replicas and is retried with back-off.
+    pub wait_timeout: Dur,
+}
+
+/// What makes a batch durable enough to commit its input offsets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Durability {
+    /// Redis acknowledged the writes. Writes Redis then loses (a restart
+    /// without them, a failover to a replica that lacked them) are lost for
+    /// good: their offsets were committed.
+    Ack,
+    /// Redis acknowledged the writes at least `redis.fsync_horizon` ago and
+    /// no master restarted or changed since before they were made (else lapse
+    /// re-reads from the last safe offsets). For Redis with AOF
+    /// `appendfsync everysec` (or `always`) on a single node; no throughput cost.
+    FsyncHorizon,
+    /// `WAIT redis.replicas` on every master confirmed the writes, and no
+    /// master restarted or changed meanwhile (else the batch is re-applied).
+    /// For a Cluster or a primary with replicas.
+    Replicas,
+}
+
+impl Durability {
+    pub fn label(self) -> &'static str {
+        match self {
+            Durability::Ack => "ack",
+            Durability::FsyncHorizon => "fsync_horizon",
+            Durability::Replicas => "replicas",
+        }
+    }
 }
 
 impl Default for RedisConfig {
@@ -450,6 +492,10 @@ impl Default for RedisConfig {
             key_prefix: "lapse".into(),
             connect_timeout: Dur::secs(2),
             response_timeout: Dur::secs(2),
+            durability: Durability::FsyncHorizon,
+            fsync_horizon: Dur::ms(2500),
+            replicas: 1,
+            wait_timeout: Dur::secs(1),
         }
     }
 }
@@ -1091,7 +1137,32 @@ impl RedisConfig {
             ("redis.tls_cert_file", &self.tls_cert_file),
             ("redis.tls_key_file", &self.tls_key_file),
         )?;
-        readable(&files)
+        readable(&files)?;
+        self.validate_durability()
+    }
+
+    /// `redis.durability` and the keys of its modes.
+    fn validate_durability(&self) -> Result<(), ConfigError> {
+        let h = self.fsync_horizon.0;
+        if h < Duration::from_millis(1100) || h > Duration::from_secs(60) {
+            return Err(bad(
+                "redis.fsync_horizon",
+                "must be between 1100ms and 60s: appendfsync everysec fsyncs every second and may postpone a write by 2 s (2500ms covers that)",
+            ));
+        }
+        if self.durability == Durability::Replicas {
+            if !(1..=16).contains(&self.replicas) {
+                return Err(bad("redis.replicas", "must be between 1 and 16"));
+            }
+            // WAIT blocks the connection every other Redis call of lapse shares.
+            if self.wait_timeout.0.is_zero() || self.wait_timeout.0 >= self.response_timeout.0 {
+                return Err(bad(
+                    "redis.wait_timeout",
+                    "must be positive and shorter than redis.response_timeout (WAIT blocks the shared connection; 0 would block it for ever)",
+                ));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -1600,5 +1671,53 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("max_wait"), "{e}");
+    }
+
+    #[test]
+    fn durability_is_typed_and_validated() {
+        let schemas = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("schemas");
+        let parse = |text: &str| {
+            let mut c = Config::from_toml(text)?;
+            c.schema.dir = schemas.clone();
+            c.validate().map(|()| c)
+        };
+        let d = parse("").unwrap().redis;
+        assert_eq!(d.durability, Durability::FsyncHorizon, "safe by default");
+        assert_eq!(d.fsync_horizon, Dur::ms(2500));
+        let r =
+            parse("[redis]\ndurability = \"replicas\"\nreplicas = 2\nwait_timeout = \"500ms\"\n")
+                .unwrap()
+                .redis;
+        assert_eq!((r.durability, r.replicas), (Durability::Replicas, 2));
+        let e = Config::from_toml("[redis]\ndurability = \"fsync\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("ack") && e.contains("replicas"), "{e}");
+        for (text, key) in [
+            (
+                "[redis]\nfsync_horizon = \"500ms\"\n",
+                "redis.fsync_horizon",
+            ),
+            (
+                "[redis]\ndurability = \"replicas\"\nreplicas = 0\n",
+                "redis.replicas",
+            ),
+            (
+                "[redis]\ndurability = \"replicas\"\nwait_timeout = \"0s\"\n",
+                "redis.wait_timeout",
+            ),
+            (
+                "[redis]\ndurability = \"replicas\"\nwait_timeout = \"3s\"\n",
+                "redis.wait_timeout",
+            ),
+        ] {
+            let e = parse(text)
+                .err()
+                .unwrap_or_else(|| panic!("{text} accepted"))
+                .to_string();
+            assert!(e.contains(key), "{text}: {e}");
+        }
+        // Only the chosen mode's keys are checked.
+        parse("[redis]\ndurability = \"ack\"\nreplicas = 0\n").unwrap();
     }
 }

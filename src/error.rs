@@ -50,4 +50,7 @@ pub enum BatchError {
     Store(#[from] StoreError),
     #[error("publishing decisions: {0}")]
     Kafka(#[from] KafkaError),
+    /// The writes landed but are not confirmed durable (`redis.durability`).
+    #[error("state not confirmed durable: {0}")]
+    NotDurable(#[from] crate::store::durability::Shortfall),
 }

@@ -44,6 +44,11 @@ pub struct Metrics {
     pub partitions_paused: IntGauge,
     pub commits: IntCounterVec,
     pub retries: IntCounterVec,
+    /// `redis.durability`: Redis acknowledgement → offsets eligible for commit.
+    pub durability_wait_seconds: Histogram,
+    pub durability_shortfalls: IntCounterVec,
+    pub redis_epoch_changes: IntCounter,
+    pub offset_rewinds: IntCounter,
     pub ready: IntGauge,
     pub outputs: IntCounterVec,
     pub output_seconds: Histogram,
@@ -191,7 +196,11 @@ impl Metrics {
             partitions_assigned: plain_gauge("lapse_partitions_assigned", "Input partitions currently assigned to this instance."),
             partitions_paused: plain_gauge("lapse_partitions_paused", "Input partitions currently paused for back-pressure."),
             commits: counter(&r, "lapse_offset_commits_total", "Offset commits by result (ok, error).", &["result"]),
-            retries: counter(&r, "lapse_retries_total", "Back-off retries by cause (redis, dlq, registry).", &["cause"]),
+            retries: counter(&r, "lapse_retries_total", "Back-off retries by cause (redis, dlq, registry, timers, durability).", &["cause"]),
+            durability_wait_seconds: histogram(&r, "lapse_durability_wait_seconds", "redis.durability: time from Redis acknowledging a batch's writes to its offsets being eligible for commit (WAIT, or the fsync horizon).", exponential_buckets(0.0001, 2.0, 18).expect("buckets")),
+            durability_shortfalls: counter(&r, "lapse_durability_shortfalls_total", "Batches not confirmed durable, by kind (replicas: WAIT counted fewer than redis.replicas; epoch: a Redis master restarted or changed meanwhile; redis: WAIT failed): retried, never committed.", &["kind"]),
+            redis_epoch_changes: single("lapse_redis_epoch_changes_total", "Redis master restarts or changes of the set of masters seen (INFO server run_id)."),
+            offset_rewinds: single("lapse_offset_rewinds_total", "Times every assigned partition was re-read from its last durable offset because Redis may have lost acknowledged writes (redis.durability = fsync_horizon)."),
             ready: plain_gauge("lapse_ready", "1 when /readyz answers 200: Redis, the broker and the schema registry answered the last readiness probe and no permanent Redis error is in force."),
             outputs: counter(&r, "lapse_outputs_total", "Decisions produced (acknowledged by the broker), by kind (throttle, trigger, outcome).", &["kind"]),
             output_seconds: histogram(&r, "lapse_output_produce_seconds", "Time to produce one batch's decisions and get every acknowledgement.", exponential_buckets(0.0005, 2.0, 16).expect("buckets")),
@@ -325,6 +334,7 @@ impl Metrics {
             "ping",
             "allowance",
             "campaign",
+            "epoch",
         ] {
             self.redis_errors.with_label_values(&[op]);
         }
@@ -340,7 +350,10 @@ impl Metrics {
         for k in ["assign", "revoke", "error"] {
             self.rebalances.with_label_values(&[k]);
         }
-        for c in ["redis", "dlq", "registry", "timers"] {
+        for k in crate::store::durability::SHORTFALL_KINDS {
+            self.durability_shortfalls.with_label_values(&[k]);
+        }
+        for c in ["redis", "dlq", "registry", "timers", "durability"] {
             self.retries.with_label_values(&[c]);
         }
         for k in crate::domain::event::EventKind::ALL {

@@ -9,7 +9,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Instant;
 
-use futures::future::{join_all, BoxFuture};
+use futures::future::join_all;
 use tracing::{debug, warn};
 
 use crate::codec::{DecodeError, Decoder};
@@ -27,7 +27,8 @@ use crate::error::BatchError;
 use crate::kafka::record::InputRecord;
 use crate::metrics::Metrics;
 use crate::retry::Backoff;
-use crate::state_write::{Fold, Folded, StateWriter};
+use crate::state_write::{Fold, StateWriter, Stored};
+use crate::store::durability::{Durability, Shortfall};
 use crate::store::event_time::SharedEventTime;
 use crate::store::fault;
 use crate::store::record::CampaignId;
@@ -35,6 +36,8 @@ use crate::store::timers::TimerStore;
 
 /// The retried step a permanent Redis error is reported against (`/readyz`).
 const STATE_WRITE: &str = "state write";
+/// The step a missing durability (`redis.durability`) is reported against.
+const DURABILITY: &str = "durability";
 
 /// The batch was abandoned before it became durable; its offsets must not be committed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,6 +72,19 @@ pub struct Pipeline {
     pub event_clock: Option<(Arc<EventClock>, SharedEventTime)>,
     /// A batch's customers are written in this many concurrent chunks (`batch.store_chunks`).
     pub store_chunks: usize,
+    /// `redis.durability`: what must hold, beyond Redis' acknowledgement,
+    /// before the batch counts as durable.
+    pub durability: Durability,
+}
+
+/// What [`Pipeline::apply`] hands to the offset gate with a durable batch.
+#[derive(Debug, Clone, Copy)]
+pub struct Applied {
+    pub summary: BatchSummary,
+    /// The Redis epoch the batch's (last, successful) writes began under.
+    pub epoch: u64,
+    /// When Redis had acknowledged every write of the batch.
+    pub acked_at: Instant,
 }
 
 impl Pipeline {
@@ -77,7 +93,7 @@ impl Pipeline {
         &self,
         batch: &[InputRecord],
         give_up: &AtomicBool,
-    ) -> Result<BatchSummary, GaveUp> {
+    ) -> Result<Applied, GaveUp> {
         let started = Instant::now();
         let mut summary = BatchSummary {
             records: batch.len(),
@@ -110,23 +126,34 @@ impl Pipeline {
         self.dead_letter_all(&invalid, give_up).await?;
 
         let mut backoff = Backoff::new(&self.retry);
-        loop {
-            match self.fold_and_store(&valid, &mut summary).await {
-                Ok(()) => {
+        let before = summary;
+        let (epoch, acked_at) = loop {
+            let epoch = self.durability.epoch.current();
+            let cause = match self.fold_and_store(&valid, &mut summary, epoch).await {
+                Ok(acked_at) => {
                     self.metrics.redis_fault.clear(STATE_WRITE);
-                    break;
+                    self.metrics.redis_fault.clear(DURABILITY);
+                    break (epoch, acked_at);
+                }
+                Err(BatchError::NotDurable(short)) => {
+                    self.metrics.redis_fault.clear(STATE_WRITE);
+                    self.not_durable(&short);
+                    // Re-applied whole: what landed is skipped as a redelivery.
+                    summary = before;
+                    "durability"
                 }
                 Err(e) => {
                     if !fault::report(&self.metrics, STATE_WRITE, &e) {
                         warn!(error = %e, "state write failed; retrying the batch");
                     }
-                    self.metrics.retries.with_label_values(&["redis"]).inc();
-                    if !backoff.wait(give_up).await {
-                        return Err(GaveUp);
-                    }
+                    "redis"
                 }
+            };
+            self.metrics.retries.with_label_values(&[cause]).inc();
+            if !backoff.wait(give_up).await {
+                return Err(GaveUp);
             }
-        }
+        };
         if let Some((clock, shared)) = &self.event_clock {
             if let Some(t) = valid.iter().map(|(e, _)| e.occurred_at).max() {
                 clock.advance(t);
@@ -148,7 +175,53 @@ impl Pipeline {
             .batch_seconds
             .observe(started.elapsed().as_secs_f64());
         debug!(?summary, "batch durable");
-        Ok(summary)
+        Ok(Applied {
+            summary,
+            epoch,
+            acked_at,
+        })
+    }
+
+    /// Schedules the next due time of every customer whose state now
+    /// expects one, after the state write: a timer scheduled before it could
+    /// fire in between (due at once: an event applied late), find the state
+    /// not yet written, and be dropped — the stage lost. A crash between the
+    /// write and this leaves the records uncommitted: their redelivery
+    /// schedules the timer again (see the customer fold).
+    async fn schedule_timers(
+        &self,
+        stored: &[Stored<'_, CustomerState, CustomerFolded>],
+    ) -> Result<(), BatchError> {
+        let schedule: Vec<(&CustomerRef, i64)> = stored
+            .iter()
+            .filter_map(|s| Some((s.id, s.extra.schedule?)))
+            .collect();
+        if let Err(e) = self.timers.schedule(&schedule).await {
+            self.metrics
+                .redis_errors
+                .with_label_values(&["timers"])
+                .inc();
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    /// Counts a batch not confirmed durable, and tells `/readyz` when
+    /// replicas are missing (cleared when a batch is next confirmed).
+    fn not_durable(&self, short: &Shortfall) {
+        self.metrics
+            .durability_shortfalls
+            .with_label_values(&[short.kind()])
+            .inc();
+        match short {
+            Shortfall::Replicas { .. } => {
+                self.metrics
+                    .redis_fault
+                    .set("redis", DURABILITY, short.to_string());
+                warn!(error = %short, "batch not confirmed durable; retrying it with back-off");
+            }
+            _ => warn!(error = %short, "batch not confirmed durable; retrying it"),
+        }
     }
 
     /// Decodes every record; registry outages are retried, never dead-lettered.
@@ -246,11 +319,15 @@ impl Pipeline {
     /// Loads the batch's customers, folds their events and decides (pure domain),
     /// writes back with CAS, then does the same for the campaigns the batch
     /// touched, then publishes each customer's and each campaign's outbox.
+    /// Returns when Redis had acknowledged the writes (confirmed durable in
+    /// mode `replicas` before any decision is published: a decision derived
+    /// from a write a failover then lost could differ when derived again).
     async fn fold_and_store(
         &self,
         valid: &[(Event, Source)],
         summary: &mut BatchSummary,
-    ) -> Result<(), BatchError> {
+        epoch: u64,
+    ) -> Result<Instant, BatchError> {
         // Group by customer, keeping each customer's events in arrival order.
         let mut order: Vec<&CustomerRef> = Vec::new();
         let mut groups: HashMap<&CustomerRef, Vec<usize>> = HashMap::new();
@@ -274,6 +351,7 @@ impl Pipeline {
                 groups,
             };
             let stored = self.writer.write(chunk.to_vec(), &mut fold).await?;
+            self.schedule_timers(&stored).await?;
             let mut tally = Tally::default();
             for s in &stored {
                 tally.written += s.written as usize;
@@ -303,6 +381,8 @@ impl Pipeline {
             .write(signals.keys().collect(), &mut fold)
             .await?;
 
+        let acked_at = Instant::now();
+        self.durability.confirm(epoch).await?;
         let decisions_pending = customers.iter().any(|s| !s.record.outbox.is_empty());
         if decisions_pending && crash_point("after_state_write") {
             // Test hook: die between the state write and the produce, like a kill -9 there.
@@ -318,7 +398,7 @@ impl Pipeline {
         summary.duplicate_ids += tally.dup_ids;
         summary.customers_written += tally.written;
         summary.decisions += tally.decisions;
-        Ok(())
+        Ok(acked_at)
     }
 }
 
@@ -356,7 +436,15 @@ impl Fold<CustomerState> for CustomerFold<'_, '_> {
             }
             outcomes.push((i, (out, notes)));
         }
-        let schedule = step::after_records(state, policy);
+        let redelivered = outcomes
+            .iter()
+            .any(|(_, (out, _))| *out == Outcome::Redelivered);
+        let mut schedule = step::after_records(state, policy);
+        if schedule.is_none() && redelivered {
+            // A crash between this state's write and its timer's: the
+            // redelivery schedules the timer again (idempotent).
+            schedule = state.timer_due;
+        }
         let changed = outcomes
             .iter()
             .any(|(_, (out, _))| *out == Outcome::Applied);
@@ -368,29 +456,6 @@ impl Fold<CustomerState> for CustomerFold<'_, '_> {
                 schedule,
             },
         )
-    }
-
-    /// Timers first: a timer without its state write fires, finds nothing due
-    /// and is dropped; a state write without its timer would lose a stage.
-    fn before_write<'f>(
-        &'f self,
-        folded: &'f [Folded<'f, CustomerState, CustomerFolded>],
-    ) -> BoxFuture<'f, Result<(), BatchError>> {
-        Box::pin(async move {
-            let schedule: Vec<(&CustomerRef, i64)> = folded
-                .iter()
-                .filter_map(|f| Some((f.id, f.extra.schedule?)))
-                .collect();
-            if let Err(e) = self.p.timers.schedule(&schedule).await {
-                self.p
-                    .metrics
-                    .redis_errors
-                    .with_label_values(&["timers"])
-                    .inc();
-                return Err(e.into());
-            }
-            Ok(())
-        })
     }
 }
 

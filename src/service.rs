@@ -25,12 +25,14 @@ use crate::domain::state::{DedupParams, StateParams};
 use crate::http::{self, AllowanceApi, HttpState};
 use crate::kafka::admin;
 use crate::kafka::consumer::{self, Batch, PollLoop, Shared};
+use crate::kafka::offset_gate::{self, Held};
 use crate::kafka::producer::OutputProducer;
 use crate::metrics::Metrics;
 use crate::outputs::{OutputFramings, OutputWriter};
 use crate::pipeline::Pipeline;
 use crate::retry::with_startup_retry;
 use crate::state_write::{OutputSink, StateWriter};
+use crate::store::durability::Durability;
 use crate::store::event_time::SharedEventTime;
 use crate::store::fault::Faults;
 use crate::store::gauges::AllowanceGauges;
@@ -326,6 +328,7 @@ async fn build(
         clock: Arc::new(WallClock),
         retry: cfg.retry.clone(),
         store_chunks: cfg.batch.store_chunks,
+        durability: Durability::new(&cfg.redis, store.conn(), metrics.clone()).await,
     });
     Ok(App { producer, pipeline })
 }
@@ -348,6 +351,7 @@ fn timer_loop(cfg: &Config, p: &Pipeline, shutdown: Arc<AtomicBool>) -> TimerLoo
         shared_clock: p.event_clock.clone(),
         cfg: cfg.timers.clone(),
         shutdown,
+        durability: Some(p.durability.clone()),
     }
 }
 
@@ -459,13 +463,32 @@ fn consume(cfg: &Config, app: &App, shutdown: Arc<AtomicBool>) -> anyhow::Result
     let (tx, mut rx) = mpsc::channel::<Batch>(cfg.batch.queue_depth);
     let processor = {
         let (shared, pipeline) = (shared.clone(), app.pipeline.clone());
+        let durability = &pipeline.durability;
+        // Durable batches pass the offset gate (redis.durability) in order.
+        let gate = offset_gate::spawn(
+            durability.mode,
+            durability.fsync_horizon,
+            durability.epoch.clone(),
+            shared.clone(),
+            pipeline.metrics.clone(),
+        );
         tokio::spawn(async move {
             while let Some(batch) = rx.recv().await {
                 let abandon = shared.start_batch();
-                if pipeline.apply(&batch.records, &abandon).await.is_ok() {
-                    shared.record_done(&batch);
+                match pipeline.apply(&batch.records, &abandon).await {
+                    Ok(applied) => {
+                        let held = Held {
+                            done: batch.offsets(),
+                            epoch: applied.epoch,
+                            acked_at: applied.acked_at,
+                            abandon,
+                        };
+                        if let Err(lost) = gate.send(held) {
+                            shared.finish_batch(&lost.0.abandon);
+                        }
+                    }
+                    Err(_) => shared.finish_batch(&abandon),
                 }
-                shared.finish_batch(&abandon);
             }
         })
     };

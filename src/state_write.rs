@@ -3,8 +3,9 @@
 //!
 //! 1. **load** the records (one round trip),
 //! 2. **fold** each (the caller's [`Fold`]: pure domain), and run the caller's
-//!    [`Fold::before_write`] (the batch path schedules timers there, before
-//!    the state that expects them exists),
+//!    [`Fold::before_write`] (a hook before each round's compare-and-set; the
+//!    batch path schedules its timers after the step instead: a timer written
+//!    before its state could fire, find nothing and be dropped),
 //! 3. **compare-and-set** the changed ones (one round trip, multi-key script
 //!    calls),
 //! 4. **retry conflicts**: a record another writer changed since the load is

@@ -23,6 +23,7 @@ use crate::error::{BatchError, StoreError};
 use crate::metrics::Metrics;
 use crate::retry::Backoff;
 use crate::state_write::{Fold, StateWriter};
+use crate::store::durability::Durability;
 use crate::store::event_time::SharedEventTime;
 use crate::store::fault;
 use crate::store::timers::{Claimed, TimerStore};
@@ -46,6 +47,10 @@ pub struct TimerLoop {
     pub cfg: TimersConfig,
     /// Raised on SIGTERM/SIGINT: the loop stops, also in the middle of a back-off.
     pub shutdown: Arc<AtomicBool>,
+    /// `redis.durability = "replicas"`: a firing is confirmed on the replicas
+    /// before its triggers are published (a firing a failover lost would fire
+    /// again with another `fired_at`). None: not checked (tests).
+    pub durability: Option<Durability>,
 }
 
 /// What firing one customer's timer did, kept until the write has landed.
@@ -199,7 +204,11 @@ impl TimerLoop {
             claimed: claimed.iter().map(|c| (&c.customer, c)).collect(),
             now,
         };
+        let epoch = self.durability.as_ref().map(|d| d.epoch.current());
         let done = self.writer.write(ids, &mut fold).await?;
+        if let (Some(d), Some(epoch)) = (&self.durability, epoch) {
+            d.confirm(epoch).await?;
+        }
         self.writer.publish(&done).await?;
         for d in &done {
             self.count(&d.extra);

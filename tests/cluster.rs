@@ -12,29 +12,17 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
-use apache_avro::types::Value;
 use common::stack::*;
 use common::*;
-use lapse::codec::{Framing, SchemaSet, RECALL_TRIGGER, THROTTLE_EVENT};
+use lapse::codec::{Framing, RECALL_TRIGGER, THROTTLE_EVENT};
 use lapse::config::RedisConfig;
 use lapse::domain::event::*;
 use lapse::domain::lapse::Stage;
 use lapse::domain::recall::trigger_id;
 use lapse::metrics::Metrics;
 use lapse::store::StateStore;
-
-/// A config for the same stack's single-node Redis (`s.redis`), as reference.
-fn single_node_config(s: &Stack, name: &str) -> String {
-    let path = s.config(name, "");
-    let text = std::fs::read_to_string(&path).unwrap();
-    let single = text.replace("[redis]\ncluster = true\n", "");
-    assert_ne!(text, single, "a cluster stack's config names the cluster");
-    std::fs::write(&path, single).unwrap();
-    path
-}
 
 #[tokio::test]
 async fn state_equals_the_single_node_run_and_a_replay_changes_nothing() {
@@ -61,7 +49,7 @@ async fn state_equals_the_single_node_run_and_a_replay_changes_nothing() {
     env.retain(|(k, _)| k != "LAPSE_REDIS_URL");
     env.push(("LAPSE_REDIS_URL".into(), s.redis.url()));
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let single_cfg = single_node_config(&s, "single");
+    let single_cfg = s.single_node_config("single");
     let mut on_single = LapseProcess::spawn(&["run", "--config", &single_cfg], &env);
     s.wait_caught_up("g-cluster", LONG).await;
     s.wait_caught_up("g-single", LONG).await;
@@ -109,55 +97,6 @@ async fn state_equals_the_single_node_run_and_a_replay_changes_nothing() {
     assert_eq!(before.keys().filter(|k| k.ends_with(":state")).count(), n);
     s.replay_changes_nothing(&s.config("replay", ""), events.len())
         .await;
-}
-
-/// A decoded output record (throttle event or recall trigger): field → value.
-fn decode(schema_name: &str, payload: &[u8]) -> BTreeMap<String, Value> {
-    let schemas = SchemaSet::load(std::path::Path::new(&schemas_dir())).unwrap();
-    let schema = schemas.by_name(schema_name).unwrap();
-    let body = lapse::codec::parse_frame(payload).expect("framed").body();
-    let v = apache_avro::from_avro_datum(schema, &mut &body[..], None).expect("decodes");
-    let Value::Record(f) = v else {
-        panic!("not a record")
-    };
-    f.into_iter().collect()
-}
-
-fn txt(r: &BTreeMap<String, Value>, k: &str) -> String {
-    match &r[k] {
-        Value::String(s) | Value::Enum(_, s) => s.clone(),
-        Value::Union(_, b) => match b.as_ref() {
-            Value::String(s) | Value::Enum(_, s) => s.clone(),
-            o => format!("{o:?}"),
-        },
-        o => format!("{o:?}"),
-    }
-}
-
-/// Every record of `topic` (until none arrives for a few seconds), grouped by
-/// the id field `id`; asserts that repeats of an id are exact repeats.
-async fn by_id(s: &Stack, topic: &str, schema: &str, id: &str) -> BTreeMap<String, Vec<Vec<u8>>> {
-    let got = consume_up_to(
-        &s.broker.bootstrap(),
-        topic,
-        100_000,
-        Duration::from_secs(5),
-    )
-    .await;
-    let mut out: BTreeMap<String, Vec<Vec<u8>>> = BTreeMap::new();
-    for r in got {
-        let payload = r.payload.clone().unwrap();
-        out.entry(txt(&decode(schema, &payload), id))
-            .or_default()
-            .push(payload);
-    }
-    for (k, copies) in &out {
-        assert!(
-            copies.windows(2).all(|w| w[0] == w[1]),
-            "repeats of {k} must be exact"
-        );
-    }
-    out
 }
 
 #[tokio::test]
@@ -291,7 +230,7 @@ async fn a_cluster_used_as_a_single_node_fails_readiness_with_what_to_do() {
     env.retain(|(k, _)| k != "LAPSE_REDIS_URL");
     env.push(("LAPSE_REDIS_URL".into(), s.redis_url()));
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let cfg = single_node_config(&s, "misconfigured");
+    let cfg = s.single_node_config("misconfigured");
     let mut lapse = LapseProcess::spawn(&["run", "--config", &cfg], &env);
     let body = wait_for(
         LONG,

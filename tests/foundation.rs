@@ -24,10 +24,7 @@ use apache_avro::Schema;
 use common::stack::*;
 use common::*;
 use lapse::codec::{encode_with_schema, event_value, Framing};
-use lapse::config::RedisConfig;
 use lapse::domain::event::*;
-use lapse::metrics::Metrics;
-use lapse::store::StateStore;
 
 const POSITIVE_TEXT: &str = "好的，我想预约下周三下午做皮肤护理";
 
@@ -418,29 +415,10 @@ async fn kill9_mid_stream_then_restart_equals_an_uninterrupted_run() {
     assert!(victim.wait_exit(Duration::from_secs(30)).await.success());
     let crashed = s.store().await;
 
-    // The uninterrupted reference run: same topics, a fresh Redis, another group.
-    let ref_redis = RedisServer::start().await;
-    let cfg = s.config("ref", "");
-    let env = {
-        let mut e = s.env("g-ref");
-        e.retain(|(k, _)| k != "LAPSE_REDIS_URL");
-        e.push(("LAPSE_REDIS_URL".into(), ref_redis.url()));
-        e
-    };
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let mut reference = LapseProcess::spawn(&["run", "--config", &cfg], &env);
-    s.wait_caught_up("g-ref", LONG).await;
-    reference.sigterm();
-    assert!(reference.wait_exit(Duration::from_secs(30)).await.success());
-    let ref_store = StateStore::connect(
-        &RedisConfig {
-            url: ref_redis.url(),
-            ..RedisConfig::default()
-        },
-        Metrics::new(&Default::default()),
-    )
-    .await
-    .unwrap();
+    // The uninterrupted reference run: same topics, a fresh single-node Redis
+    // (also when this run was on a Cluster), another group.
+    let reference = s.reference_run("g-ref").await;
+    let ref_store = reference.store.clone();
     for i in 0..400 {
         let c = cust("t9", &format!("c{i:04}"));
         let a = state(&crashed, &c).await;

@@ -415,6 +415,7 @@ async fn the_timer_loop_stops_on_shutdown_in_the_middle_of_a_back_off() {
         shared_clock: None,
         cfg: config.timers.clone(),
         shutdown: shutdown.clone(),
+        durability: None,
     };
     let task = tokio::spawn(timer_loop.run());
 

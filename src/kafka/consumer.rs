@@ -42,6 +42,34 @@ pub struct Batch {
     pub records: Vec<InputRecord>,
 }
 
+impl Batch {
+    /// What committing this batch means, without its records (which the
+    /// offset gate need not keep while it holds the batch).
+    pub fn offsets(&self) -> Done {
+        let mut next: Vec<(Tp, i64)> = Vec::new();
+        for r in &self.records {
+            match next
+                .iter_mut()
+                .find(|((t, p), _)| *p == r.partition && *t == r.topic)
+            {
+                Some((_, n)) => *n = (*n).max(r.offset + 1),
+                None => next.push(((r.topic.clone(), r.partition), r.offset + 1)),
+            }
+        }
+        Done {
+            generation: self.generation,
+            next,
+        }
+    }
+}
+
+/// A durable batch's next offset per partition, and the generation that read it.
+#[derive(Debug, Clone)]
+pub struct Done {
+    pub generation: u64,
+    pub next: Vec<(Tp, i64)>,
+}
+
 #[derive(Default)]
 struct Ownership {
     generation: u64,
@@ -60,6 +88,10 @@ pub struct Shared {
     done: Mutex<HashMap<Tp, i64>>,
     committed: Mutex<HashMap<Tp, i64>>,
     paused: AtomicBool,
+    /// Raised by the offset gate when Redis may have lost acknowledged writes
+    /// whose offsets were not committed: the poll thread re-reads every
+    /// assigned partition from its last durable offset, then lowers it.
+    rewind: AtomicBool,
     metrics: Metrics,
 }
 
@@ -73,6 +105,7 @@ impl Shared {
             done: Mutex::new(HashMap::new()),
             committed: Mutex::new(HashMap::new()),
             paused: AtomicBool::new(false),
+            rewind: AtomicBool::new(false),
             metrics,
         })
     }
@@ -81,29 +114,39 @@ impl Shared {
         m.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn generation(&self) -> u64 {
+    /// The ownership generation (moves on every rebalance and rewind).
+    pub fn generation(&self) -> u64 {
         Self::lock(&self.owned).generation
     }
 
-    /// Called by the processor when a batch is durable.
-    pub fn record_done(&self, batch: &Batch) {
+    /// Called (through the offset gate) when a batch is durable.
+    pub fn record_done(&self, batch: &Done) {
         let owned = Self::lock(&self.owned);
         if owned.generation != batch.generation {
-            debug!("batch finished after a rebalance; its offsets are not committed");
+            debug!("batch finished after a rebalance or rewind; its offsets are not committed");
             return;
         }
         let mut done = Self::lock(&self.done);
-        for r in &batch.records {
-            let tp = (r.topic.clone(), r.partition);
-            if !owned.partitions.contains(&tp) {
+        for (tp, next) in &batch.next {
+            if !owned.partitions.contains(tp) {
                 continue;
             }
-            let next = r.offset + 1;
-            let e = done.entry(tp).or_insert(next);
-            if *e < next {
-                *e = next;
+            let e = done.entry(tp.clone()).or_insert(*next);
+            if *e < *next {
+                *e = *next;
             }
         }
+    }
+
+    /// Asks the poll thread to re-read every assigned partition from its last
+    /// durable offset; batches read before are never recorded done.
+    pub fn request_rewind(&self) {
+        self.rewind.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether a requested rewind has not happened yet.
+    pub fn rewind_pending(&self) -> bool {
+        self.rewind.load(Ordering::SeqCst)
     }
 
     /// Registers a running batch's abandon flag.
@@ -466,6 +509,10 @@ impl PollLoop {
         let mut held: Option<Batch> = None;
         let mut last_commit = Instant::now();
         while !self.shutdown.load(Ordering::SeqCst) {
+            if self.shared.rewind_pending() {
+                self.rewind(&mut buf, &mut held);
+                buf_since = None;
+            }
             if let Some(b) = held.take() {
                 // Re-check ownership only after a rebalance: this runs on every poll.
                 let b = if b.generation == self.shared.generation() {
@@ -557,6 +604,79 @@ impl PollLoop {
             }
         }
         self.shutdown_gracefully(buf, held);
+    }
+
+    /// Re-reads every assigned partition from its last durable offset (the
+    /// last one recorded done, else the group's committed one): a new
+    /// generation, so nothing read or dispatched before is recorded done.
+    /// Keeps the request raised (retried on the next poll) if a seek fails.
+    fn rewind(&self, buf: &mut Vec<(u64, InputRecord)>, held: &mut Option<Batch>) {
+        buf.clear();
+        *held = None;
+        let mut owned = Shared::lock(&self.shared.owned);
+        owned.generation += 1;
+        let partitions: Vec<Tp> = owned.partitions.iter().cloned().collect();
+        drop(owned);
+        if partitions.is_empty() {
+            self.shared.rewind.store(false, Ordering::SeqCst);
+            return;
+        }
+        let mut ask = TopicPartitionList::new();
+        for (t, p) in &partitions {
+            ask.add_partition(t, *p);
+        }
+        let committed = match self
+            .consumer
+            .committed_offsets(ask, Duration::from_secs(10))
+        {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(error = %e, "rewind: reading committed offsets failed; retrying");
+                std::thread::sleep(Duration::from_millis(100));
+                return;
+            }
+        };
+        let done = Shared::lock(&self.shared.done).clone();
+        let mut tpl = TopicPartitionList::new();
+        for (t, p) in &partitions {
+            let at = match done.get(&(t.clone(), *p)) {
+                Some(o) => Offset::Offset(*o),
+                None => match committed.find_partition(t, *p).map(|e| e.offset()) {
+                    Some(Offset::Offset(o)) => Offset::Offset(o),
+                    _ => Offset::Beginning,
+                },
+            };
+            if tpl.add_partition_offset(t, *p, at).is_err() {
+                return;
+            }
+        }
+        match self.consumer.seek_partitions(tpl, Duration::from_secs(10)) {
+            Ok(res) if res.elements().iter().all(|e| e.error().is_ok()) => {
+                self.shared.metrics.offset_rewinds.inc();
+                self.shared.rewind.store(false, Ordering::SeqCst);
+                warn!(
+                    partitions = partitions.len(),
+                    "Redis may have lost acknowledged writes: re-reading every assigned partition from its last durable offset"
+                );
+            }
+            Ok(res) => {
+                let failed: Vec<String> = res
+                    .elements()
+                    .iter()
+                    .filter_map(|e| {
+                        e.error()
+                            .err()
+                            .map(|x| format!("{}[{}]: {x}", e.topic(), e.partition()))
+                    })
+                    .collect();
+                warn!(?failed, "rewind: seek failed; retrying");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => {
+                warn!(error = %e, "rewind: seek failed; retrying");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
     }
 
     fn shutdown_gracefully(self, buf: Vec<(u64, InputRecord)>, held: Option<Batch>) {

@@ -3,6 +3,7 @@
 pub mod admin;
 pub mod client;
 pub mod consumer;
+pub mod offset_gate;
 pub mod producer;
 pub mod record;
 pub mod tls_check;

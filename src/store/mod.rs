@@ -4,6 +4,7 @@
 
 pub mod blob;
 pub mod compact;
+pub mod durability;
 pub mod event_time;
 pub mod fault;
 pub mod gauges;

@@ -273,6 +273,8 @@ mod sys {
 
     pub const SIGKILL: c_int = 9;
     pub const SIGTERM: c_int = 15;
+    pub const SIGCONT: c_int = 18;
+    pub const SIGSTOP: c_int = 19;
 
     unsafe extern "C" {
         fn kill(pid: c_int, sig: c_int) -> c_int;
@@ -408,6 +410,13 @@ impl RedisServer {
     /// Start a fresh server and wait until it answers PING.
     pub async fn start() -> Self {
         Self::start_with(|_| Vec::new()).await
+    }
+
+    /// Like [`RedisServer::start`], with `extra` options after the defaults
+    /// (AOF with `appendfsync always`, no RDB), e.g. `["--appendfsync", "everysec"]`.
+    pub async fn start_with_options(extra: &[&str]) -> Self {
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        Self::start_with(move |_| extra).await
     }
 
     /// Like [`start`](Self::start), with extra `redis-server` arguments made
@@ -825,6 +834,18 @@ static CLIENT_SETTINGS: Mutex<BTreeMap<String, Vec<(String, String)>>> =
     Mutex::new(BTreeMap::new());
 
 impl Broker {
+    /// SIGSTOP: the broker keeps its sockets but answers nothing until [`Broker::resume`].
+    pub fn pause(&self) {
+        let pid = self.child.as_ref().expect("broker running").id();
+        sys::signal(pid, sys::SIGSTOP).expect("SIGSTOP the broker");
+    }
+
+    /// SIGCONT after [`Broker::pause`].
+    pub fn resume(&self) {
+        let pid = self.child.as_ref().expect("broker running").id();
+        sys::signal(pid, sys::SIGCONT).expect("SIGCONT the broker");
+    }
+
     /// Start a broker; clients talk to it directly.
     pub async fn start() -> Self {
         Self::start_inner(Front::Direct, false).await

@@ -13,6 +13,7 @@ use lapse::metrics::Metrics;
 use lapse::store::StateStore;
 
 use super::*;
+use apache_avro::types::Value as AvroValue;
 
 pub const DAY: i64 = 86_400_000;
 
@@ -87,7 +88,12 @@ impl Stack {
     }
 
     pub async fn start_with(broker: Broker) -> Stack {
-        let redis = RedisServer::start().await;
+        Self::start_with_redis(broker, RedisServer::start().await).await
+    }
+
+    /// Like [`Stack::start_with`], on a Redis started by the caller (e.g.
+    /// [`RedisServer::start_with`] other persistence options).
+    pub async fn start_with_redis(broker: Broker, redis: RedisServer) -> Stack {
         for t in INPUTS {
             broker.create_topic(t, PARTITIONS).await;
         }
@@ -133,15 +139,86 @@ impl Stack {
     /// Like [`Stack::config`], with whole extra TOML sections appended (e.g. `[policy.throttle]`).
     pub fn config_with(&self, name: &str, batch: &str, sections: &str) -> String {
         let path = self.dir.path().join(format!("{name}.toml"));
+        let cluster = if self.cluster.is_some() {
+            "cluster = true\n"
+        } else {
+            ""
+        };
         let text = format!(
             "[kafka]\nsession_timeout = \"3s\"\ncommit_interval = \"200ms\"\ntopic_partitions = {PARTITIONS}\nrebalance_drain_timeout = \"10s\"\n\
              [batch]\nmax_wait = \"20ms\"\n{batch}\n\
              [metrics]\nfleet_gauge_refresh = \"1s\"\n\
-             [retry]\ninitial_backoff = \"50ms\"\nmax_backoff = \"500ms\"\n{redis}{sections}\n",
-            redis = if self.cluster.is_some() { "[redis]\ncluster = true\n" } else { "" },
+             [retry]\ninitial_backoff = \"50ms\"\nmax_backoff = \"500ms\"\n[redis]\n{HARNESS_DURABILITY}{cluster}{sections}\n",
         );
         std::fs::write(&path, text).expect("write config");
         path.display().to_string()
+    }
+
+    /// A config (as [`Stack::config`]) for a single-node Redis even on a
+    /// Cluster stack: for reference runs on `s.redis` or a fresh server.
+    pub fn single_node_config(&self, name: &str) -> String {
+        self.single_node_config_with(name, "")
+    }
+
+    /// [`Stack::single_node_config`] with whole extra TOML sections.
+    pub fn single_node_config_with(&self, name: &str, sections: &str) -> String {
+        let path = self.config_with(name, "", sections);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let single = text.replace("cluster = true\n", "");
+        assert!(
+            self.cluster.is_none() || text != single,
+            "a cluster stack's config names the cluster"
+        );
+        std::fs::write(&path, single).unwrap();
+        path
+    }
+
+    /// The uninterrupted reference run over the same input: one lapse
+    /// (group `group`) on a fresh single-node Redis until it has committed
+    /// every input offset, then stopped. Its decisions go to topics of its
+    /// own ([`REF_OUTPUTS`]), so the run under test's outputs stay its own.
+    pub async fn reference_run(&self, group: &str) -> Reference {
+        let redis = RedisServer::start().await;
+        let cfg = self.single_node_config_with(group, REF_OUTPUTS);
+        let mut env = self.env(group);
+        env.retain(|(k, _)| k != "LAPSE_REDIS_URL");
+        env.push(("LAPSE_REDIS_URL".into(), redis.url()));
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let mut lapse = LapseProcess::spawn(&["run", "--config", &cfg], &env);
+        self.wait_caught_up(group, LONG).await;
+        // Its timer loop has fired what is due (releases, stages) too.
+        wait_no_timer_due_on(vec![redis.client().await], LONG).await;
+        // A claimed timer is no longer due while it fires: let that finish.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        lapse.sigterm();
+        assert!(lapse.wait_exit(Duration::from_secs(30)).await.success());
+        let store = StateStore::connect(
+            &RedisConfig {
+                url: redis.url(),
+                ..RedisConfig::default()
+            },
+            Metrics::new(&Default::default()),
+        )
+        .await
+        .expect("connect to the reference redis");
+        Reference { redis, store }
+    }
+
+    /// Like [`Stack::config_with`], with `keys` (TOML lines) under `[redis]`
+    /// (next to `cluster = true` on a Cluster stack).
+    pub fn config_redis(&self, name: &str, batch: &str, keys: &str, sections: &str) -> String {
+        let path = self.config_with(name, batch, sections);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let text = match keys.contains("durability") {
+            true => text.replace(HARNESS_DURABILITY, ""),
+            false => text,
+        };
+        let text = match text.find("[redis]\n") {
+            Some(i) => format!("{}[redis]\n{keys}\n{}", &text[..i], &text[i + 8..]),
+            None => format!("{text}[redis]\n{keys}\n"),
+        };
+        std::fs::write(&path, text).unwrap();
+        path
     }
 
     pub fn env(&self, group: &str) -> Vec<(String, String)> {
@@ -242,35 +319,7 @@ impl Stack {
     /// Waits until no scheduled timer is due (the running instances' timer loops
     /// have fired everything overdue), so a later byte comparison does not race them.
     pub async fn wait_no_timer_due(&self, within: Duration) {
-        let mut nodes = self.nodes().await;
-        wait_until(
-            within,
-            Duration::from_millis(100),
-            "no timer due",
-            async || {
-                let now = now_ms();
-                let mut due = 0u64;
-                for c in nodes.iter_mut() {
-                    let keys: Vec<String> = redis::cmd("KEYS")
-                        .arg("*:due")
-                        .query_async(c)
-                        .await
-                        .unwrap_or_default();
-                    for k in keys {
-                        let n: u64 = redis::cmd("ZCOUNT")
-                            .arg(&k)
-                            .arg("-inf")
-                            .arg(now)
-                            .query_async(c)
-                            .await
-                            .unwrap_or(1);
-                        due += n;
-                    }
-                }
-                due == 0
-            },
-        )
-        .await;
+        wait_no_timer_due_on(self.nodes().await, within).await;
     }
 
     /// Every key and raw value in Redis, for byte-level comparisons.
@@ -527,6 +576,56 @@ impl Stack {
     }
 }
 
+/// [`Stack::wait_no_timer_due`] on the given nodes (e.g. a reference run's Redis).
+pub async fn wait_no_timer_due_on(
+    mut nodes: Vec<redis::aio::MultiplexedConnection>,
+    within: Duration,
+) {
+    wait_until(
+        within,
+        Duration::from_millis(100),
+        "no timer due",
+        async || {
+            let now = now_ms();
+            let mut due = 0u64;
+            for c in nodes.iter_mut() {
+                let keys: Vec<String> = redis::cmd("KEYS")
+                    .arg("*:due")
+                    .query_async(c)
+                    .await
+                    .unwrap_or_default();
+                for k in keys {
+                    let n: u64 = redis::cmd("ZCOUNT")
+                        .arg(&k)
+                        .arg("-inf")
+                        .arg(now)
+                        .query_async(c)
+                        .await
+                        .unwrap_or(1);
+                    due += n;
+                }
+            }
+            due == 0
+        },
+    )
+    .await;
+}
+
+/// The harness's Redis fsyncs every write (`appendfsync always`), where
+/// `ack` is durable (README "Guarantees"); the default `fsync_horizon` would
+/// only delay every commit by 2.5 s. Tests of the other modes set their own
+/// ([`Stack::config_redis`]).
+pub const HARNESS_DURABILITY: &str = "durability = \"ack\"\n";
+
+/// The output topics of a [`Stack::reference_run`].
+pub const REF_OUTPUTS: &str = "[kafka.topics]\nthrottle = \"ref.throttle\"\ntriggers = \"ref.triggers\"\noutcomes = \"ref.outcomes\"\ndlq = \"ref.dlq\"\n";
+
+/// The state of an uninterrupted run ([`Stack::reference_run`]).
+pub struct Reference {
+    pub redis: RedisServer,
+    pub store: StateStore,
+}
+
 /// A deterministic population: `n` customers, a few events each of every kind.
 pub fn population(tenant: &str, n: usize, seed: i64) -> Vec<(Event, Option<&'static str>)> {
     let t0 = now_ms() - 300 * DAY;
@@ -730,4 +829,58 @@ pub async fn metric(p: &LapseProcess, name: &str, want: &[(&str, &str)]) -> f64 
         })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+/// A decoded output record (throttle event or recall trigger): field → value.
+pub fn decode(schema_name: &str, payload: &[u8]) -> BTreeMap<String, AvroValue> {
+    let schemas = lapse::codec::SchemaSet::load(std::path::Path::new(&schemas_dir())).unwrap();
+    let schema = schemas.by_name(schema_name).unwrap();
+    let body = lapse::codec::parse_frame(payload).expect("framed").body();
+    let v = apache_avro::from_avro_datum(schema, &mut &body[..], None).expect("decodes");
+    let AvroValue::Record(f) = v else {
+        panic!("not a record")
+    };
+    f.into_iter().collect()
+}
+
+pub fn txt(r: &BTreeMap<String, AvroValue>, k: &str) -> String {
+    match &r[k] {
+        AvroValue::String(s) | AvroValue::Enum(_, s) => s.clone(),
+        AvroValue::Union(_, b) => match b.as_ref() {
+            AvroValue::String(s) | AvroValue::Enum(_, s) => s.clone(),
+            o => format!("{o:?}"),
+        },
+        o => format!("{o:?}"),
+    }
+}
+
+/// Every record of `topic` (until none arrives for a few seconds), grouped by
+/// the id field `id`; asserts that repeats of an id are exact repeats.
+pub async fn by_id(
+    s: &Stack,
+    topic: &str,
+    schema: &str,
+    id: &str,
+) -> BTreeMap<String, Vec<Vec<u8>>> {
+    let got = consume_up_to(
+        &s.broker.bootstrap(),
+        topic,
+        100_000,
+        Duration::from_secs(5),
+    )
+    .await;
+    let mut out: BTreeMap<String, Vec<Vec<u8>>> = BTreeMap::new();
+    for r in got {
+        let payload = r.payload.clone().unwrap();
+        out.entry(txt(&decode(schema, &payload), id))
+            .or_default()
+            .push(payload);
+    }
+    for (k, copies) in &out {
+        assert!(
+            copies.windows(2).all(|w| w[0] == w[1]),
+            "repeats of {k} must be exact"
+        );
+    }
+    out
 }
