@@ -325,11 +325,14 @@ async fn tls_redis_presenting(certs: &TestCerts, which: ServerCert) -> (RedisSer
 }
 
 /// A config for lapse on the TLS Redis: `redis` lines under `[redis]`.
+/// With the default `redis.durability` (`fsync_horizon`, which reads `INFO`),
+/// so the ACL rule is proven with what a default deployment sends.
 fn tls_config(s: &Stack, name: &str, redis: &str) -> String {
-    s.config_with(
+    s.config_redis(
         name,
         "",
-        &format!("[redis]\nusername = \"lapse\"\n{redis}\n"),
+        &format!("username = \"lapse\"\ndurability = \"fsync_horizon\"\n{redis}"),
+        "",
     )
 }
 

@@ -17,12 +17,12 @@
 //!   released `redis.fsync_horizon` after Redis acknowledged the writes if the
 //!   epoch did not change, else lapse re-reads from the last safe offsets.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use redis::Value;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use super::redis::Conn;
 use crate::config::{Durability as Mode, RedisConfig};
@@ -46,7 +46,12 @@ struct Seen {
 pub struct RedisEpoch {
     epoch: Arc<AtomicU64>,
     seen: Arc<Mutex<Seen>>,
+    /// The last `INFO` was refused with an error waiting does not cure.
+    refused: Arc<AtomicBool>,
 }
+
+/// The step `/readyz` names when the masters cannot be watched.
+const WATCH: &str = "durability watch (INFO server)";
 
 /// Whether writes made under an epoch are still backed by the same masters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,6 +71,7 @@ impl RedisEpoch {
         let e = RedisEpoch {
             epoch: Arc::new(AtomicU64::new(0)),
             seen: Arc::new(Mutex::new(Seen::default())),
+            refused: Arc::default(),
         };
         e.observe(&conn, &metrics).await;
         let watcher = e.clone();
@@ -109,11 +115,26 @@ impl RedisEpoch {
                 warn!("INFO server carried no run_id: Redis restarts cannot be detected");
                 return;
             }
-            Err(_) => {
+            Err(e) => {
                 metrics.redis_errors.with_label_values(&["epoch"]).inc();
+                // Refused, not unreachable (an ACL without +info): nothing
+                // would ever be committed, so /readyz must say why.
+                let e = StoreError::Redis(e);
+                if let Some(kind) = metrics.redis_fault.report(WATCH, &e) {
+                    if !self.refused.swap(true, Ordering::SeqCst) {
+                        metrics
+                            .redis_permanent_errors
+                            .with_label_values(&[kind])
+                            .inc();
+                        error!(error = %e, kind, "{WATCH} failed with a Redis error that waiting does not cure: no offset is committed until it is fixed; /readyz reports it");
+                    }
+                }
                 return;
             }
         };
+        if self.refused.swap(false, Ordering::SeqCst) {
+            metrics.redis_fault.clear(WATCH);
+        }
         let mut seen = self.lock();
         if !seen.ids.is_empty() && seen.ids != ids {
             self.epoch.fetch_add(1, Ordering::SeqCst);
@@ -265,6 +286,7 @@ mod tests {
         let e = RedisEpoch {
             epoch: Arc::new(AtomicU64::new(3)),
             seen: Arc::new(Mutex::new(Seen::default())),
+            refused: Arc::default(),
         };
         let t = Instant::now();
         assert_eq!(e.verdict(3, t), Verdict::Unknown);
