@@ -51,42 +51,7 @@ enum Cmd {
     },
     /// Replay a history through a proposed policy (and a baseline) in memory:
     /// what each would have blocked, throttled and triggered. Writes nothing.
-    Backtest {
-        /// Config with the proposed `[policy]` (and `[state]`) sections.
-        #[arg(long)]
-        policy: PathBuf,
-        /// Config with the current policy (default: the `--config` file's, or the defaults).
-        #[arg(long)]
-        baseline: Option<PathBuf>,
-        /// `kafka` (the input topics of `--config`, read-only) or export files /
-        /// directories (`*.jsonl`, `*.avro`), comma-separated.
-        #[arg(long)]
-        from: String,
-        /// Connection, topics and schemas (Kafka source, registry).
-        #[arg(long, short)]
-        config: Option<PathBuf>,
-        /// Event time from (RFC 3339), inclusive.
-        #[arg(long)]
-        since: Option<String>,
-        /// Event time until (RFC 3339), exclusive.
-        #[arg(long)]
-        until: Option<String>,
-        /// Only this tenant.
-        #[arg(long)]
-        tenant: Option<String>,
-        /// Print JSON instead of the table.
-        #[arg(long, conflicts_with = "csv")]
-        json: bool,
-        /// Print the per channel and week rows as CSV.
-        #[arg(long)]
-        csv: bool,
-        /// List up to N example customers per channel whose blocked sends differ.
-        #[arg(long, default_value_t = 0)]
-        sample: usize,
-        /// Show customer ids in samples (hashed otherwise).
-        #[arg(long)]
-        show_ids: bool,
-    },
+    Backtest(lapse::backtest::cli::Args),
     /// Print one customer's state as JSON.
     Inspect {
         /// TENANT/CUSTOMER
@@ -122,34 +87,7 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
             eprintln!("config OK");
             Ok(())
         }
-        Cmd::Backtest {
-            policy,
-            baseline,
-            from,
-            config,
-            since,
-            until,
-            tenant,
-            json,
-            csv,
-            sample,
-            show_ids,
-        } => {
-            let args = lapse::backtest::cli::Args {
-                policy,
-                baseline,
-                from,
-                config,
-                since,
-                until,
-                tenant,
-                json,
-                csv,
-                sample,
-                show_ids,
-            };
-            lapse::backtest::cli::run(args).await
-        }
+        Cmd::Backtest(args) => lapse::backtest::cli::run(args).await,
         Cmd::SweepTimers { config, dry_run } => {
             let cfg = Config::load(config.as_deref())?;
             let store = StateStore::connect(&cfg.redis, Metrics::new(&cfg.metrics)).await?;

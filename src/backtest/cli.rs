@@ -12,17 +12,41 @@ use crate::domain::clock::Clock;
 use crate::domain::policy::Policies;
 use crate::wall_clock::WallClock;
 
+#[derive(clap::Args, Debug, Clone)]
 pub struct Args {
+    /// Config with the proposed `[policy]` (and `[state]`) sections.
+    #[arg(long)]
     pub policy: PathBuf,
+    /// Config with the current policy (default: the `--config` file's, or the defaults).
+    #[arg(long)]
     pub baseline: Option<PathBuf>,
+    /// `kafka` (the input topics of `--config`, read-only) or export files /
+    /// directories (`*.jsonl`, `*.avro`), comma-separated.
+    #[arg(long)]
     pub from: String,
+    /// Connection, topics and schemas (Kafka source, registry).
+    #[arg(long, short)]
     pub config: Option<PathBuf>,
+    /// Event time from (RFC 3339), inclusive.
+    #[arg(long)]
     pub since: Option<String>,
+    /// Event time until (RFC 3339), exclusive.
+    #[arg(long)]
     pub until: Option<String>,
+    /// Only this tenant.
+    #[arg(long)]
     pub tenant: Option<String>,
+    /// Print JSON instead of the table.
+    #[arg(long, conflicts_with = "csv")]
     pub json: bool,
+    /// Print the per channel and week rows as CSV.
+    #[arg(long)]
     pub csv: bool,
+    /// List up to N example customers per channel whose blocked sends differ.
+    #[arg(long, default_value_t = 0)]
     pub sample: usize,
+    /// Show customer ids in samples (hashed otherwise).
+    #[arg(long)]
     pub show_ids: bool,
 }
 

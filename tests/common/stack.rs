@@ -291,27 +291,7 @@ impl Stack {
             LONG,
             Duration::from_millis(20),
             "timers due by the tick to fire",
-            async || {
-                let mut due = 0;
-                for c in nodes.iter_mut() {
-                    let keys: Vec<String> = redis::cmd("KEYS")
-                        .arg("lapse:{timers:*")
-                        .query_async(c)
-                        .await
-                        .unwrap();
-                    for k in keys {
-                        let n: i64 = redis::cmd("ZCOUNT")
-                            .arg(&k)
-                            .arg("-inf")
-                            .arg(at)
-                            .query_async(c)
-                            .await
-                            .unwrap();
-                        due += n;
-                    }
-                }
-                due == 0
-            },
+            async || timers_due_by(&mut nodes, at).await == Some(0),
         )
         .await;
     }
@@ -585,30 +565,33 @@ pub async fn wait_no_timer_due_on(
         within,
         Duration::from_millis(100),
         "no timer due",
-        async || {
-            let now = now_ms();
-            let mut due = 0u64;
-            for c in nodes.iter_mut() {
-                let keys: Vec<String> = redis::cmd("KEYS")
-                    .arg("*:due")
-                    .query_async(c)
-                    .await
-                    .unwrap_or_default();
-                for k in keys {
-                    let n: u64 = redis::cmd("ZCOUNT")
-                        .arg(&k)
-                        .arg("-inf")
-                        .arg(now)
-                        .query_async(c)
-                        .await
-                        .unwrap_or(1);
-                    due += n;
-                }
-            }
-            due == 0
-        },
+        async || timers_due_by(&mut nodes, now_ms()).await == Some(0),
     )
     .await;
+}
+
+/// Timers due by `at` over every shard of every node (`None` if a node failed
+/// to answer: not known to be zero).
+async fn timers_due_by(nodes: &mut [redis::aio::MultiplexedConnection], at: i64) -> Option<u64> {
+    let mut due = 0u64;
+    for c in nodes.iter_mut() {
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg("lapse:{timers:*}:due")
+            .query_async(c)
+            .await
+            .ok()?;
+        for k in keys {
+            let n: u64 = redis::cmd("ZCOUNT")
+                .arg(&k)
+                .arg("-inf")
+                .arg(at)
+                .query_async(c)
+                .await
+                .ok()?;
+            due += n;
+        }
+    }
+    Some(due)
 }
 
 /// The harness's Redis fsyncs every write (`appendfsync always`), where
