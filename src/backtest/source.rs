@@ -170,25 +170,36 @@ fn read_json_lines(
             }
         }
         let value = Value::from(serde_json::Value::Object(obj));
-        let record = match value.resolve(decoder.schemas().reader(kind)) {
-            Ok(r) => r,
-            Err(_) => {
-                h.bad("schema_mismatch");
-                continue;
-            }
-        };
         let src = Source {
             kind,
             partition: part,
             offset: offset as i64,
         };
-        match event_from_record(kind, record, decoder.limits(), now_ms) {
-            Ok(ev) => {
-                let at = ev.occurred_at;
-                h.keep(ev, src, at, filter)
-            }
-            Err(e) => h.bad(e.reason()),
+        keep_record(value, src, decoder, filter, now_ms, h);
+    }
+}
+
+/// A record of an export file: resolved to lapse's reader schema of its kind,
+/// checked as a decoded record is, kept in event-time order (files carry no
+/// arrival time) or counted with its reason.
+fn keep_record(
+    value: Value,
+    src: Source,
+    decoder: &Decoder,
+    filter: &Filter,
+    now_ms: i64,
+    h: &mut History,
+) {
+    let Ok(record) = value.resolve(decoder.schemas().reader(src.kind)) else {
+        h.bad("schema_mismatch");
+        return;
+    };
+    match event_from_record(src.kind, record, decoder.limits(), now_ms) {
+        Ok(ev) => {
+            let at = ev.occurred_at;
+            h.keep(ev, src, at, filter)
         }
+        Err(e) => h.bad(e.reason()),
     }
 }
 
@@ -200,22 +211,14 @@ fn read_avro(
     now_ms: i64,
     h: &mut History,
 ) {
-    let open = || std::fs::File::open(f).map(std::io::BufReader::new);
-    let kind = open()
+    let reader = std::fs::File::open(f)
         .ok()
-        .and_then(|r| apache_avro::Reader::new(r).ok())
-        .and_then(|r| {
-            let name = r.writer_schema().name()?.fullname(None);
-            EventKind::ALL.into_iter().find(|k| k.schema_name() == name)
-        });
-    let Some(kind) = kind else {
-        h.bad("unreadable_avro_file");
-        return;
-    };
-    let reader = open()
-        .ok()
-        .and_then(|r| apache_avro::Reader::with_schema(decoder.schemas().reader(kind), r).ok());
-    let Some(reader) = reader else {
+        .and_then(|r| apache_avro::Reader::new(std::io::BufReader::new(r)).ok());
+    let kind = reader.as_ref().and_then(|r| {
+        let name = r.writer_schema().name()?.fullname(None);
+        EventKind::ALL.into_iter().find(|k| k.schema_name() == name)
+    });
+    let (Some(reader), Some(kind)) = (reader, kind) else {
         h.bad("unreadable_avro_file");
         return;
     };
@@ -227,13 +230,7 @@ fn read_avro(
             offset: offset as i64,
         };
         match record {
-            Ok(v) => match event_from_record(kind, v, decoder.limits(), now_ms) {
-                Ok(ev) => {
-                    let at = ev.occurred_at;
-                    h.keep(ev, src, at, filter)
-                }
-                Err(e) => h.bad(e.reason()),
-            },
+            Ok(v) => keep_record(v, src, decoder, filter, now_ms, h),
             Err(_) => h.bad("avro_decode"),
         }
     }

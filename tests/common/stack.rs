@@ -335,12 +335,7 @@ impl Stack {
     pub async fn timers(&self) -> BTreeMap<String, i64> {
         let mut out = BTreeMap::new();
         for mut c in self.nodes().await {
-            let keys: Vec<String> = redis::cmd("KEYS")
-                .arg("lapse:{timers:*}:due")
-                .query_async(&mut c)
-                .await
-                .expect("KEYS");
-            for k in keys {
+            for k in timer_keys(&mut c).await.expect("KEYS") {
                 let m: Vec<(String, f64)> = redis::cmd("ZRANGE")
                     .arg(&k)
                     .arg(0)
@@ -367,12 +362,7 @@ impl Stack {
             "the population must have timers to lose"
         );
         for mut c in self.nodes().await {
-            let keys: Vec<String> = redis::cmd("KEYS")
-                .arg("lapse:{timers:*}:due")
-                .query_async(&mut c)
-                .await
-                .expect("KEYS");
-            for k in keys {
+            for k in timer_keys(&mut c).await.expect("KEYS") {
                 let _: i64 = redis::cmd("DEL")
                     .arg(&k)
                     .query_async(&mut c)
@@ -570,17 +560,20 @@ pub async fn wait_no_timer_due_on(
     .await;
 }
 
+/// The timer shards' keys on one node.
+async fn timer_keys(c: &mut redis::aio::MultiplexedConnection) -> redis::RedisResult<Vec<String>> {
+    redis::cmd("KEYS")
+        .arg("lapse:{timers:*}:due")
+        .query_async(c)
+        .await
+}
+
 /// Timers due by `at` over every shard of every node (`None` if a node failed
 /// to answer: not known to be zero).
 async fn timers_due_by(nodes: &mut [redis::aio::MultiplexedConnection], at: i64) -> Option<u64> {
     let mut due = 0u64;
     for c in nodes.iter_mut() {
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg("lapse:{timers:*}:due")
-            .query_async(c)
-            .await
-            .ok()?;
-        for k in keys {
+        for k in timer_keys(c).await.ok()? {
             let n: u64 = redis::cmd("ZCOUNT")
                 .arg(&k)
                 .arg("-inf")
