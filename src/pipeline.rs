@@ -171,6 +171,11 @@ impl Pipeline {
             }
         }
         self.metrics.batch_records.observe(batch.len() as f64);
+        for r in batch {
+            self.metrics
+                .record_latency
+                .observe(r.received.elapsed().as_secs_f64());
+        }
         self.metrics
             .batch_seconds
             .observe(started.elapsed().as_secs_f64());

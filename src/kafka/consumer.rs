@@ -567,6 +567,7 @@ impl PollLoop {
                             payload: m.payload().map(<[u8]>::to_vec),
                             headers,
                             timestamp_ms: m.timestamp().to_millis(),
+                            received: Instant::now(),
                         };
                         buf.push((self.shared.generation(), rec));
                         buf_since.get_or_insert_with(Instant::now);

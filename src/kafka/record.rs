@@ -1,5 +1,7 @@
 //! An input record copied out of librdkafka's buffers, so batches can cross threads.
 
+use std::time::Instant;
+
 use crate::domain::event::EventKind;
 
 #[derive(Debug, Clone)]
@@ -13,4 +15,6 @@ pub struct InputRecord {
     pub headers: Vec<(String, Vec<u8>)>,
     /// Broker/producer timestamp, ms.
     pub timestamp_ms: Option<i64>,
+    /// When the consumer's poll returned it (the start of lapse's own latency).
+    pub received: Instant,
 }
