@@ -96,6 +96,10 @@ pub enum Violation {
     Throttled,
     Suppressed,
     QuietHours,
+    /// The cap on marketing touches across all channels was reached.
+    CrossChannelCap,
+    /// The campaign already went out to the customer on another channel.
+    CampaignOnOtherChannel,
 }
 
 impl Violation {
@@ -105,6 +109,8 @@ impl Violation {
             Violation::Throttled => "throttled",
             Violation::Suppressed => "suppressed",
             Violation::QuietHours => "quiet_hours",
+            Violation::CrossChannelCap => "cross_channel_cap",
+            Violation::CampaignOnOtherChannel => "campaign_on_other_channel",
         }
     }
 }

@@ -6,6 +6,7 @@
 pub mod allowance;
 pub mod campaign;
 pub mod clock;
+pub mod cross_channel;
 pub mod decide;
 pub mod engagement;
 pub mod event;
@@ -19,5 +20,7 @@ pub mod state;
 pub mod step;
 pub mod visits;
 
+#[cfg(test)]
+mod cross_channel_tests;
 #[cfg(test)]
 mod decide_tests;

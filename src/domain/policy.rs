@@ -12,6 +12,7 @@ use chrono::{NaiveDateTime, NaiveTime, TimeZone, Timelike};
 use chrono_tz::Tz;
 use serde::{Deserialize, Serialize};
 
+use super::cross_channel::CrossChannelPolicy;
 use super::event::Channel;
 use super::span::Span;
 
@@ -148,6 +149,8 @@ pub struct PolicyConfig {
     pub quiet_hours: BTreeMap<Channel, QuietHours>,
     pub boosts: Vec<Boost>,
     pub throttle: ThrottlePolicy,
+    /// Rules across channels (touch cap, one campaign one channel); off by default.
+    pub cross_channel: CrossChannelPolicy,
     pub lapse: super::lapse::LapsePolicy,
     /// Cost of one marketing send per channel, minor currency units (used when a
     /// send carries no `cost`, and to break ties between channels).
@@ -165,6 +168,7 @@ pub struct TenantOverride {
     pub quiet_hours: BTreeMap<Channel, QuietHours>,
     pub boosts: Vec<Boost>,
     pub throttle: Option<ThrottlePolicy>,
+    pub cross_channel: Option<CrossChannelPolicy>,
     pub lapse: Option<super::lapse::LapsePolicy>,
     pub costs: BTreeMap<Channel, i64>,
 }
@@ -222,6 +226,7 @@ impl Default for PolicyConfig {
             quiet_hours: seed_quiet_hours(),
             boosts: vec![],
             throttle: ThrottlePolicy::default(),
+            cross_channel: CrossChannelPolicy::default(),
             lapse: Default::default(),
             costs: seed_costs(),
             tenants: BTreeMap::new(),
@@ -253,6 +258,7 @@ pub struct Policy {
     pub quiet: [Option<QuietSpan>; 5],
     pub boosts: Vec<BoostWindow>,
     pub throttle: ThrottlePolicy,
+    pub cross_channel: CrossChannelPolicy,
     pub lapse: super::lapse::LapsePolicy,
     /// Cost of one send per channel, minor units, indexed by `Channel::index()`.
     pub costs: [i64; 5],
@@ -415,6 +421,8 @@ impl PolicyConfig {
             }
             costs[c.index()] = v;
         }
+        let cross_channel = o.cross_channel.unwrap_or(self.cross_channel);
+        cross_channel.validate(&format!("{prefix}.cross_channel"), &caps)?;
         let lapse = o.lapse.clone().unwrap_or_else(|| self.lapse.clone());
         lapse
             .validate(&format!("{prefix}.lapse"))
@@ -425,6 +433,7 @@ impl PolicyConfig {
             quiet,
             boosts,
             throttle,
+            cross_channel,
             lapse,
             costs,
         })
