@@ -129,6 +129,10 @@ pub fn campaign_allowance_view(
                 "state": a.state.as_str(),
                 "reason": a.reason,
                 "rule": crate::domain::cross_channel::binding_rule(a.reason).as_str(),
+                "platform_rule": crate::domain::platform::is_platform_reason(a.reason)
+                    .then(|| crate::domain::platform::binding(state, ch, policy, now_ms))
+                    .flatten()
+                    .map(|b| b.rule.name.clone()),
                 "allowed_now": allowed,
                 "allowed_from": ts(a.allowed_from),
                 "allowed_from_ms": a.allowed_from,

@@ -52,6 +52,7 @@ pub fn throttle_value(d: &ThrottleDecision) -> Value {
     let rule_scope = match (&d.customer_id, binding_rule(&d.reason)) {
         (None, _) => Value::Null,
         (Some(_), BindingRule::CrossChannel) => enm(1, "CROSS_CHANNEL"),
+        (Some(_), BindingRule::Platform) => enm(2, "PLATFORM"),
         // The campaign lock is never published: it answers `?campaign=` only.
         (Some(_), _) => enm(0, "CHANNEL"),
     };

@@ -202,11 +202,11 @@ async fn a_tighter_sms_cap_is_compared_with_the_current_policy_from_export_files
     let mut rows = csv.lines();
     assert_eq!(
         rows.next(),
-        Some("policy,channel,week,allowed,blocked_cap,blocked_throttled,blocked_suppressed,blocked_quiet_hours,blocked_cross_channel,blocked_campaign_channel,customers_blocked,cost_allowed,cost_blocked")
+        Some("policy,channel,week,allowed,blocked_cap,blocked_throttled,blocked_suppressed,blocked_quiet_hours,blocked_cross_channel,blocked_campaign_channel,blocked_platform,customers_blocked,cost_allowed,cost_blocked")
     );
     assert!(
         csv.lines()
-            .any(|l| l.starts_with("proposed,SMS,2026-03-02,1,3,0,0,1,0,0,2,")),
+            .any(|l| l.starts_with("proposed,SMS,2026-03-02,1,3,0,0,1,0,0,0,2,")),
         "{csv}"
     );
 

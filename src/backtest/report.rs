@@ -15,13 +15,14 @@ use crate::domain::recall::{RecallOutcome, RecallTrigger};
 use crate::domain::state::Outcome;
 
 /// Why a send would have been blocked, in report order.
-pub const BLOCKED: [Violation; 6] = [
+pub const BLOCKED: [Violation; 7] = [
     Violation::Cap,
     Violation::Throttled,
     Violation::Suppressed,
     Violation::QuietHours,
     Violation::CrossChannelCap,
     Violation::CampaignOnOtherChannel,
+    Violation::PlatformRule,
 ];
 
 fn blocked_index(v: Violation) -> usize {
@@ -47,8 +48,9 @@ pub fn week_label(week: i64) -> String {
 pub struct SendRow {
     pub allowed: u64,
     /// By reason, in the order of [`BLOCKED`]: cap, throttled, suppressed,
-    /// quiet_hours, cross_channel (touch cap), campaign_channel (one campaign, one channel).
-    pub blocked: [u64; 6],
+    /// quiet_hours, cross_channel (touch cap), campaign_channel (one campaign,
+    /// one channel), platform (a platform rule).
+    pub blocked: [u64; 7],
     /// Customers with at least one blocked send.
     pub customers_blocked: u64,
     /// Marketing cost of the allowed sends (minor units).
@@ -141,6 +143,7 @@ impl Serialize for PolicyReport {
                     "blocked_cap": r.blocked[0], "blocked_throttled": r.blocked[1],
                     "blocked_suppressed": r.blocked[2], "blocked_quiet_hours": r.blocked[3],
                     "blocked_cross_channel": r.blocked[4], "blocked_campaign_channel": r.blocked[5],
+                    "blocked_platform": r.blocked[6],
                     "customers_blocked": r.customers_blocked,
                     "cost_allowed": r.cost_allowed, "cost_blocked": r.cost_blocked,
                 })

@@ -100,6 +100,8 @@ pub enum Violation {
     CrossChannelCap,
     /// The campaign already went out to the customer on another channel.
     CampaignOnOtherChannel,
+    /// A messaging platform's limit (`policy.platform_rules`).
+    PlatformRule,
 }
 
 impl Violation {
@@ -111,6 +113,7 @@ impl Violation {
             Violation::QuietHours => "quiet_hours",
             Violation::CrossChannelCap => "cross_channel_cap",
             Violation::CampaignOnOtherChannel => "campaign_on_other_channel",
+            Violation::PlatformRule => "platform_rule",
         }
     }
 }
@@ -233,9 +236,9 @@ impl ChannelControl {
         }
         let pos = self.sends.partition_point(|s| *s <= t);
         self.sends.insert(pos, t);
-        // Keep what can still matter: the longest window back from the latest send,
-        // and never more than twice the largest possible cap.
-        let window = p.caps[c.index()].window.as_ms();
+        // Keep what can still matter: the longest window back from the latest send
+        // (platform rules included), and never more than twice the largest possible cap.
+        let window = p.send_memory_ms(c);
         let latest = *self.sends.last().unwrap_or(&t);
         self.sends.retain(|s| *s > latest - window);
         let keep = (2 * p.max_limit(c).max(1)).min(2 * MAX_CAP) as usize;

@@ -155,6 +155,8 @@ pub enum BindingRule {
     CrossChannel,
     /// One campaign, one channel.
     CampaignChannel,
+    /// A messaging platform's limit (`policy.platform_rules`).
+    Platform,
 }
 
 impl BindingRule {
@@ -163,6 +165,7 @@ impl BindingRule {
             BindingRule::Channel => "CHANNEL",
             BindingRule::CrossChannel => "CROSS_CHANNEL",
             BindingRule::CampaignChannel => "CAMPAIGN_CHANNEL",
+            BindingRule::Platform => "PLATFORM",
         }
     }
 }
@@ -171,6 +174,7 @@ pub fn binding_rule(reason: &str) -> BindingRule {
     match reason {
         CROSS_CHANNEL_CAP => BindingRule::CrossChannel,
         CAMPAIGN_ON_OTHER_CHANNEL => BindingRule::CampaignChannel,
+        r if super::platform::is_platform_reason(r) => BindingRule::Platform,
         _ => BindingRule::Channel,
     }
 }

@@ -19,7 +19,7 @@ use super::state::{CustomerState, Source, StateParams};
 const H: i64 = 3_600_000;
 const DAY: i64 = 24 * H;
 
-fn sh(d: u32, h: u32) -> i64 {
+pub(super) fn sh(d: u32, h: u32) -> i64 {
     chrono_tz::Asia::Shanghai
         .with_ymd_and_hms(2026, 3, d, h, 0, 0)
         .unwrap()
@@ -38,16 +38,17 @@ fn policy(limit: u32, lock_days: u64) -> Policy {
     cfg.resolve(None).unwrap()
 }
 
-struct Sim {
-    who: CustomerRef,
-    state: CustomerState,
-    policy: Policy,
-    sp: StateParams,
+/// A customer driven through `state.apply` and `decide::on_event` (shared with `platform_tests`).
+pub(super) struct Sim {
+    pub who: CustomerRef,
+    pub state: CustomerState,
+    pub policy: Policy,
+    pub sp: StateParams,
     n: i64,
 }
 
 impl Sim {
-    fn new(policy: Policy) -> Sim {
+    pub fn new(policy: Policy) -> Sim {
         Sim {
             who: CustomerRef::new("brandA", "c1"),
             state: CustomerState::default(),
@@ -57,7 +58,7 @@ impl Sim {
         }
     }
 
-    fn apply(&mut self, body: EventBody, t: i64) -> Effects {
+    pub fn apply(&mut self, body: EventBody, t: i64) -> Effects {
         self.n += 1;
         let ev = Event {
             event_id: format!("e{}", self.n),
@@ -75,7 +76,7 @@ impl Sim {
         on_event(&mut self.state, &ev, &self.policy, &self.sp)
     }
 
-    fn send(&mut self, c: Channel, campaign: &str, t: i64) -> Effects {
+    pub fn send(&mut self, c: Channel, campaign: &str, t: i64) -> Effects {
         self.apply(
             EventBody::Send {
                 channel: c,
@@ -88,7 +89,7 @@ impl Sim {
         )
     }
 
-    fn throttles(&self) -> Vec<ThrottleDecision> {
+    pub fn throttles(&self) -> Vec<ThrottleDecision> {
         self.state
             .outbox
             .iter()

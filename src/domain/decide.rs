@@ -7,6 +7,7 @@ use super::allowance::{
 use super::cross_channel;
 use super::event::{Channel, CustomerRef, Event, EventBody, Purpose};
 use super::output::Output;
+use super::platform;
 use super::policy::Policy;
 use super::state::{CustomerState, StateParams};
 
@@ -65,6 +66,7 @@ pub fn allowance_at(
     let e = state.channel(c).cloned().unwrap_or_default();
     let r = rates(&e, c, p, t, sp.horizons);
     let own = ctl.allowance(c, p, t, Some(r), state.is_unsubscribed(c));
+    let own = platform::bind(own, platform::binding(state, c, p, t).as_ref(), p);
     let cap = cross_channel::touch_cap_free_at(&state.controls, p, t);
     cross_channel::bind_touch_cap(own, cap, p)
 }
@@ -108,9 +110,15 @@ fn evaluate(
     let r = Some(rates(&e, c, p, t, sp.horizons));
     let suppressed = state.is_unsubscribed(c);
     let touch_cap = cross_channel::touch_cap_free_at(&state.controls, p, t);
+    let platform_rule = platform::binding(state, c, p, t);
     let ctl = state.controls[c.index()].get_or_insert_with(ChannelControl::default);
     let released = r.and_then(|r| ctl.update_spell(&r, p, t));
-    let a = cross_channel::bind_touch_cap(ctl.allowance(c, p, t, r, suppressed), touch_cap, p);
+    let own = platform::bind(
+        ctl.allowance(c, p, t, r, suppressed),
+        platform_rule.as_ref(),
+        p,
+    );
+    let a = cross_channel::bind_touch_cap(own, touch_cap, p);
     let prev = published_state(ctl);
     if let Some(d) = super::allowance::publish_if_changed(ctl, who, &a, t, cause, released) {
         fx.published(state, prev, d);
@@ -148,6 +156,9 @@ pub fn on_event(state: &mut CustomerState, ev: &Event, p: &Policy, sp: &StatePar
         let v = match own {
             Some(Violation::Cap) if before.reason == cross_channel::CROSS_CHANNEL_CAP => {
                 Some(Violation::CrossChannelCap)
+            }
+            Some(Violation::Cap) if platform::is_platform_reason(before.reason) => {
+                Some(Violation::PlatformRule)
             }
             None if locked.is_some() => Some(Violation::CampaignOnOtherChannel),
             v => v,
@@ -219,13 +230,13 @@ pub fn release_due(
         if Some(c) == skip {
             continue;
         }
-        let due = state.controls[c.index()]
+        let published = state.controls[c.index()]
             .as_ref()
-            .and_then(|ctl| ctl.published)
-            .is_some_and(|pb| {
-                matches!(pb.state, AllowanceState::Capped | AllowanceState::Throttled)
-                    && pb.allowed_from.is_some_and(|a| a <= t)
-            });
+            .and_then(|ctl| ctl.published);
+        let due = published.is_some_and(|pb| {
+            matches!(pb.state, AllowanceState::Capped | AllowanceState::Throttled)
+                && pb.allowed_from.is_some_and(|a| a <= t)
+        }) || platform::inbound_window_closed(state, c, p, t);
         if due {
             evaluate(state, who, c, p, sp, t, cause, fx);
         }
@@ -278,7 +289,15 @@ pub fn recall_on_event(state: &mut CustomerState, ev: &Event, p: &Policy) {
 /// earliest allowance release, whichever comes first.
 pub fn next_timer(state: &CustomerState, p: &Policy) -> Option<i64> {
     let recall = super::recall::next_due(&state.recall, &state.visits, &p.lapse).map(|d| d.due_at);
-    match (recall, next_release(state)) {
+    let release = next_release(state)
+        .into_iter()
+        .chain(
+            Channel::ALL
+                .into_iter()
+                .filter_map(|c| platform::inbound_window_closes(state, c, p)),
+        )
+        .min();
+    match (recall, release) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
     }

@@ -12,6 +12,7 @@ pub mod engagement;
 pub mod event;
 pub mod lapse;
 pub mod output;
+pub mod platform;
 pub mod policy;
 pub mod recall;
 pub mod replies;
@@ -24,3 +25,5 @@ pub mod visits;
 mod cross_channel_tests;
 #[cfg(test)]
 mod decide_tests;
+#[cfg(test)]
+mod platform_tests;
