@@ -367,6 +367,103 @@ async fn the_cross_channel_touch_cap_and_the_campaign_lock_end_to_end() {
     assert!(lapse.wait_exit(Duration::from_secs(30)).await.success());
 }
 
+/// Issue 16: platform rules through the throttle topic. A calendar-month
+/// limit on WECHAT binds (rule_scope PLATFORM), a send ignoring it is a
+/// violation, its timer releases it at the next month; the allowance API names
+/// the rule that binds (an inbound window on SOCIAL for a customer who never
+/// wrote).
+#[tokio::test]
+async fn platform_rules_end_to_end() {
+    let s = Stack::start().await;
+    let p = Producer::new(&s.broker.bootstrap());
+    let c = cust("brandD", "dora");
+    let events: Vec<(Event, Option<&str>)> = vec![
+        (
+            send(
+                &c,
+                "p1",
+                shanghai(2026, 3, 2, 10),
+                Channel::Wechat,
+                Purpose::Marketing,
+            ),
+            None,
+        ),
+        (
+            send(
+                &c,
+                "p2",
+                shanghai(2026, 3, 10, 10),
+                Channel::Wechat,
+                Purpose::Marketing,
+            ),
+            None,
+        ),
+        (
+            send(
+                &c,
+                "p3",
+                shanghai(2026, 3, 12, 10),
+                Channel::Wechat,
+                Purpose::Marketing,
+            ),
+            None,
+        ),
+    ];
+    produce_events(&p, &events, |_| Framing::SingleObject).await;
+    s.broker.create_compacted_topic(THROTTLE, 3).await;
+    let rules = "[[policy.platform_rules]]\nname = \"monthly_broadcast\"\nchannel = \"WECHAT\"\nkind = \"calendar_month\"\nlimit = 2\n\
+                 [[policy.platform_rules]]\nname = \"social_inbound\"\nchannel = \"SOCIAL\"\nkind = \"inbound_window\"\nwindow = \"48h\"\nlimit = 5\n";
+    let cfg = s.config_with("g-platform", "", rules);
+    let mut lapse = s.spawn("g-platform", &cfg);
+    s.wait_caught_up("g-platform", LONG).await;
+
+    // CAPPED on the second send, CAPPED again (nothing later to move: the same
+    // month end) is not republished; the timer's OPEN after April 1st.
+    let got = throttle_events(&s, 2).await;
+    let wechat: Vec<_> = got
+        .iter()
+        .filter(|(k, _)| k == "brandD/dora/WECHAT")
+        .map(|(_, d)| d)
+        .collect();
+    let capped = wechat[0];
+    assert_eq!(text(capped, "state"), "CAPPED", "{got:?}");
+    assert_eq!(text(capped, "reason"), "platform_calendar_month");
+    assert_eq!(text(capped, "rule_scope"), "PLATFORM");
+    assert_eq!(text(capped, "cause_event_id"), "p2");
+    // Midnight is in WeChat's quiet hours (22:00-08:00).
+    assert_eq!(
+        millis(capped, "allowed_from"),
+        Some(shanghai(2026, 4, 1, 8))
+    );
+    assert_eq!(text(wechat[1], "state"), "OPEN", "{got:?}");
+    assert_eq!(
+        metric(
+            &lapse,
+            "lapse_cap_violations_total",
+            &[("channel", "wechat"), ("kind", "platform_rule")],
+        )
+        .await,
+        1.0
+    );
+
+    let (code, body) = lapse.http_get("/v1/allowance/brandD/dora").await.unwrap();
+    assert_eq!(code, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let social = &v["channels"]["SOCIAL"];
+    assert_eq!(social["state"], "CAPPED", "{v}");
+    assert_eq!(social["reason"], "platform_inbound_window", "{v}");
+    assert_eq!(social["rule"], "PLATFORM", "{v}");
+    assert_eq!(social["platform_rule"], "social_inbound", "{v}");
+    assert_eq!(social["allowed_from"], serde_json::Value::Null, "{v}");
+    assert_eq!(v["channels"]["WECHAT"]["rule"], "CHANNEL", "{v}");
+    assert_eq!(
+        v["channels"]["WECHAT"]["platform_rule"],
+        serde_json::Value::Null
+    );
+    lapse.sigterm();
+    assert!(lapse.wait_exit(Duration::from_secs(30)).await.success());
+}
+
 #[tokio::test]
 async fn a_customer_who_stops_clicking_is_throttled_then_released() {
     let s = Stack::start().await;
