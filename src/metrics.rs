@@ -36,6 +36,7 @@ pub struct Metrics {
     /// every component that reports Redis errors holds the metrics).
     pub redis_fault: RedisFault,
     pub cas_conflicts: IntCounter,
+    pub decisions_republished: IntCounter,
     pub state_writes: IntCounter,
     pub kafka_errors: IntCounterVec,
     pub consumer_lag: IntGaugeVec,
@@ -189,6 +190,7 @@ impl Metrics {
             ),
             redis_fault: RedisFault::default(),
             cas_conflicts: single("lapse_state_write_conflicts_total", "State writes retried because another writer changed the record (customer or campaign) first."),
+            decisions_republished: single("lapse_decisions_republished_total", "Allowance decisions published again because another writer of the record may have published a newer one before this writer's older copy landed (the newest is then the last on its key)."),
             state_writes: single("lapse_state_writes_total", "Customer states written to Redis."),
             kafka_errors: counter(&r, "lapse_kafka_errors_total", "Kafka client errors by operation.", &["op"]),
             consumer_lag: gauge(&r, "lapse_consumer_lag", "Records behind the partition's high watermark, per assigned partition.", &["topic", "partition"]),

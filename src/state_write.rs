@@ -23,11 +23,12 @@
 //!    published again later, as exact repeats (deterministic ids).
 
 use std::borrow::Cow;
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use futures::future::BoxFuture;
-use tracing::{debug, error};
+use tracing::{debug, error, warn};
 
 use crate::domain::event::CustomerRef;
 use crate::domain::output::Output;
@@ -207,11 +208,89 @@ impl StateWriter {
             .zip(&cleared)
             .map(|(s, r)| (s.id, s.rev, r))
             .collect();
-        if let Err(e) = record::save(&*self.backend, &writes).await {
-            debug!(error = %e, "clearing outboxes failed; they are re-published as exact repeats");
+        let landed = match record::save(&*self.backend, &writes).await {
+            Ok(landed) => landed,
+            Err(e) => {
+                debug!(error = %e, "clearing outboxes failed; they are re-published as exact repeats");
+                return Ok(());
+            }
+        };
+        // A clear that did not land: another writer wrote the record after
+        // this one, and may have published a newer decision before this
+        // writer's older copy landed.
+        let overtaken: Vec<(&R::Id, Published)> = with_outbox
+            .iter()
+            .zip(landed)
+            .filter(|(_, landed)| !landed)
+            .map(|(s, _)| (s.id, latest_per_key(&s.record.outbox())))
+            .filter(|(_, ours)| !ours.is_empty())
+            .collect();
+        self.republish_newest::<R>(overtaken).await
+    }
+
+    /// Keeps the newest decision last on each output key this writer published
+    /// to: while the record's newest decision under a key differs from the one
+    /// this writer published last, publishes the newest again (an exact
+    /// repeat). Whatever is decided after the check is written after it, so
+    /// its writer publishes it after this writer's copies have landed.
+    async fn republish_newest<R: Record>(
+        &self,
+        mut pending: Vec<(&R::Id, Published)>,
+    ) -> Result<(), BatchError> {
+        for _round in 0..MAX_CAS_ROUNDS {
+            if pending.is_empty() {
+                return Ok(());
+            }
+            let ids: Vec<&R::Id> = pending.iter().map(|(id, _)| *id).collect();
+            let loaded = record::load::<R, _>(&*self.backend, &ids).await?;
+            let mut again = Vec::new();
+            for ((id, mut ours), (_, record)) in pending.into_iter().zip(loaded) {
+                let mut newer = Vec::new();
+                for d in record.latest_decisions(id) {
+                    if let Some(mine) = ours.get_mut(&d.key()) {
+                        if *mine != d.decision_id {
+                            mine.clone_from(&d.decision_id);
+                            newer.push(Output::Throttle(Box::new(d)));
+                        }
+                    }
+                }
+                if !newer.is_empty() {
+                    again.push((id, ours, newer));
+                }
+            }
+            let outbound: Vec<Outbound<'_>> = again
+                .iter()
+                .map(|(id, _, newer)| Outbound {
+                    customer: R::customer(id),
+                    outputs: Cow::Borrowed(newer.as_slice()),
+                })
+                .collect();
+            if !outbound.is_empty() {
+                self.sink.send(&outbound).await?;
+                let n: usize = again.iter().map(|(_, _, newer)| newer.len()).sum();
+                self.metrics.decisions_republished.inc_by(n as u64);
+            }
+            pending = again.into_iter().map(|(id, ours, _)| (id, ours)).collect();
         }
+        warn!(
+            records = pending.len(),
+            "newer decisions kept coming while re-publishing the newest; the next write of these records publishes again"
+        );
         Ok(())
     }
+}
+
+/// Decision id published last under each output key of a latest-wins topic.
+type Published = HashMap<String, String>;
+
+fn latest_per_key(outputs: &[Output]) -> Published {
+    outputs
+        .iter()
+        .filter_map(|o| match o {
+            Output::Throttle(d) => Some((d.key(), d.decision_id.clone())),
+            _ => None,
+        })
+        .collect()
 }
 
 /// The production sink: encodes the outputs, produces them to their topics and
@@ -311,8 +390,10 @@ mod tests {
     use crate::config::MetricsConfig;
     use crate::domain::allowance::{AllowanceState, ThrottleDecision};
     use crate::domain::campaign::CampaignState;
-    use crate::domain::event::Channel;
-    use crate::domain::state::CustomerState;
+    use crate::domain::event::{Channel, Event, EventBody, Purpose, ReplyClass};
+    use crate::domain::policy::PolicyConfig;
+    use crate::domain::state::{CustomerState, Source, StateParams};
+    use crate::domain::step;
     use crate::store::record::CampaignId;
     use crate::store::MemoryBackend;
 
@@ -606,5 +687,136 @@ mod tests {
         assert_eq!(sink.sent(), [(None, Output::Throttle(Box::new(d)))]);
         let (rev, st) = backend.get::<CampaignState>(&id).unwrap();
         assert_eq!((rev, st.total_sends, st.outbox.len()), (2, 1, 0));
+    }
+
+    /// Folds events through the domain (as the batch path does).
+    struct Apply(Vec<Event>);
+
+    impl Fold<CustomerState> for Apply {
+        type Extra = ();
+        fn fold(&mut self, _: &CustomerRef, st: &mut CustomerState) -> (bool, ()) {
+            let policy = PolicyConfig::default().resolve(None).unwrap();
+            let params = StateParams::default();
+            for (i, ev) in self.0.iter().enumerate() {
+                let src = Source {
+                    kind: ev.kind(),
+                    partition: 0,
+                    offset: i as i64,
+                };
+                step::on_record(st, ev, src, &policy, &params);
+            }
+            (true, ())
+        }
+    }
+
+    fn sms(id: &str, at: i64, body: EventBody) -> Event {
+        Event {
+            event_id: id.into(),
+            customer: CustomerRef::new("brandA", "c1"),
+            occurred_at: at,
+            body,
+        }
+    }
+
+    fn marketing_sms(id: &str, at: i64) -> Event {
+        sms(
+            id,
+            at,
+            EventBody::Send {
+                channel: Channel::Sms,
+                message_id: id.into(),
+                campaign_id: None,
+                purpose: Purpose::Marketing,
+                cost: None,
+            },
+        )
+    }
+
+    fn last_on_key(sent: &[(Option<CustomerRef>, Output)], key: &str) -> ThrottleDecision {
+        sent.iter()
+            .rev()
+            .find_map(|(_, o)| match o {
+                Output::Throttle(d) if d.key() == key => Some((**d).clone()),
+                _ => None,
+            })
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_publisher_overtaken_by_a_newer_decision_publishes_the_newest_again() {
+        let (_, sink, a) = setup();
+        let b = StateWriter {
+            metrics: Metrics::new(&MetricsConfig::default()),
+            ..a.clone()
+        };
+        let c1 = CustomerRef::new("brandA", "c1");
+        let day = 86_400_000;
+        // Writer a: two marketing SMS fill the cap (CAPPED), written, not yet published.
+        let mut caps = Apply(vec![
+            marketing_sms("s1", 10 * day),
+            marketing_sms("s2", 10 * day + 1),
+        ]);
+        let stored_a = a.write(vec![&c1], &mut caps).await.unwrap();
+        // Writer b folds an unsubscribe reply onto a's record (SUPPRESSED),
+        // and publishes both decisions before a's copy of the first lands.
+        let mut stop = Apply(vec![sms(
+            "r1",
+            10 * day + 2,
+            EventBody::Reply {
+                channel: Channel::Sms,
+                message_id: None,
+                class: ReplyClass::Unsubscribe,
+            },
+        )]);
+        let stored_b = b.write(vec![&c1], &mut stop).await.unwrap();
+        b.publish(&stored_b).await.unwrap();
+        let newest = last_on_key(&sink.sent(), "brandA/c1/SMS");
+        assert_eq!(newest.state, AllowanceState::Suppressed);
+        assert_eq!(sink.sent().len(), 2);
+
+        // a's copy lands last: without more, the key would end CAPPED.
+        a.publish(&stored_a).await.unwrap();
+        let sent = sink.sent();
+        let states: Vec<AllowanceState> = sent
+            .iter()
+            .map(|(_, o)| match o {
+                Output::Throttle(d) => d.state,
+                _ => unreachable!(),
+            })
+            .collect();
+        use AllowanceState::{Capped, Suppressed};
+        assert_eq!(states, [Capped, Suppressed, Capped, Suppressed]);
+        // The newest again, exactly as b published it (bar the unpublished
+        // `previous`, which moves no gauge a second time).
+        let again = last_on_key(&sent, "brandA/c1/SMS");
+        assert_eq!(
+            ThrottleDecision {
+                previous: None,
+                ..newest
+            },
+            again
+        );
+        assert_eq!(a.metrics.decisions_republished.get(), 1);
+        assert_eq!(b.metrics.decisions_republished.get(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_stored_last_decision_round_trips_the_store_as_published() {
+        let (backend, sink, writer) = setup();
+        let c1 = CustomerRef::new("brandA", "c1");
+        let mut caps = Apply(vec![marketing_sms("s1", 1_000), marketing_sms("s2", 2_000)]);
+        let stored = writer.write(vec![&c1], &mut caps).await.unwrap();
+        writer.publish(&stored).await.unwrap();
+        let (_, st) = backend.get::<CustomerState>(&c1).unwrap();
+        let Output::Throttle(published) = &sink.sent()[0].1 else {
+            panic!("a throttle decision")
+        };
+        assert_eq!(
+            st.latest_decisions(&c1),
+            [ThrottleDecision {
+                previous: None,
+                ..(**published).clone()
+            }]
+        );
     }
 }

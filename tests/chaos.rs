@@ -185,7 +185,12 @@ impl Fleet {
 /// Every key's latest throttle event on `topic` (its state, and `allowed_from`
 /// of a restriction):
 /// what a sender reading the compacted topic from the start ends up with.
-async fn latest_allowances(s: &Stack, topic: &str) -> BTreeMap<String, String> {
+/// Per key: what a sender concludes from the latest record, and every record
+/// in topic order (state and decision id prefix, to show how it got there).
+async fn latest_allowances(
+    s: &Stack,
+    topic: &str,
+) -> (BTreeMap<String, String>, BTreeMap<String, Vec<String>>) {
     let got = consume_up_to(
         &s.broker.bootstrap(),
         topic,
@@ -194,8 +199,15 @@ async fn latest_allowances(s: &Stack, topic: &str) -> BTreeMap<String, String> {
     )
     .await;
     let mut out = BTreeMap::new();
+    let mut history: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for r in got {
         let d = decode(THROTTLE_EVENT, r.payload.as_deref().unwrap());
+        let key = r.key_str().unwrap_or_default().to_string();
+        history.entry(key.clone()).or_default().push(format!(
+            "{} {}",
+            txt(&d, "state"),
+            &txt(&d, "decision_id")[..8]
+        ));
         // What a sender concludes now: a restriction whose allowed_from has
         // passed is open. (An OPEN's allowed_from is when the timer loop
         // released it: wall clock, differs between runs.)
@@ -213,9 +225,9 @@ async fn latest_allowances(s: &Stack, topic: &str) -> BTreeMap<String, String> {
             (_, Some(t)) if t <= now_ms() => "OPEN (restriction passed)".into(),
             _ => format!("{state} until {until:?}"),
         };
-        out.insert(r.key_str().unwrap_or_default().to_string(), v);
+        out.insert(key, v);
     }
-    out
+    (out, history)
 }
 
 /// An input event and its reply text.
@@ -429,12 +441,19 @@ async fn chaos(z: Size) {
     let reference = s.reference_run("g-ref").await;
     // No decision lost: every key's latest allowance on the compacted topic
     // is the clean run's.
-    let ours = latest_allowances(&s, THROTTLE).await;
-    let theirs = latest_allowances(&s, "ref.throttle").await;
+    let (ours, our_history) = latest_allowances(&s, THROTTLE).await;
+    let (theirs, their_history) = latest_allowances(&s, "ref.throttle").await;
     let differ: Vec<_> = theirs
         .iter()
         .filter(|(k, v)| ours.get(*k) != Some(v))
-        .map(|(k, v)| format!("{k}: {v} vs {:?}", ours.get(k)))
+        .map(|(k, v)| {
+            format!(
+                "{k}: {v} vs {:?} (clean run: {:?}; this run: {:?})",
+                ours.get(k),
+                their_history.get(k),
+                our_history.get(k)
+            )
+        })
         .collect();
     assert!(
         differ.is_empty() && ours.len() == theirs.len(),

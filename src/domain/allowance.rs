@@ -87,7 +87,39 @@ pub struct ChannelControl {
     pub published: Option<Published>,
     /// Marketing sends made while the channel was not allowed (lifetime count).
     pub violations: u32,
+    /// What the last decision said beyond `published`: with it, the decision
+    /// can be published again as an exact repeat (see `state_write.rs`: a
+    /// publisher overtaken by a newer decision re-publishes the newest one).
+    /// Not in the legacy postcard layout (format 1), which is only read.
+    #[serde(skip)]
+    pub last: Option<DecisionDetail>,
 }
+
+/// The parts of a published decision that `Published`, the customer and the
+/// channel do not already determine.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DecisionDetail {
+    pub reason: String,
+    /// The cap's limit and window (ms).
+    pub cap: Option<(u32, i64)>,
+    /// Short-horizon and baseline click rates.
+    pub rates: Option<(f64, f64)>,
+    pub sends_in_window: i64,
+    pub cause_event_id: Option<String>,
+}
+
+/// Every reason a customer decision gives (the stored layout keeps a code).
+pub const REASONS: [&str; 9] = [
+    "open",
+    "frequency_cap",
+    "click_rate_below_floor",
+    "click_rate_below_baseline",
+    "unsubscribe_reply",
+    "cap_window_passed",
+    "cooldown_ended",
+    "resubscribed",
+    "click_rate_recovered",
+];
 
 /// Why a marketing send broke the allowance (for metrics).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -414,14 +446,12 @@ pub fn publish_if_changed(
     if !changed {
         return None;
     }
-    let seq = prev.seq + 1;
-    let allowed_from = a.allowed_from;
-    ctl.published = Some(Published {
+    let published = Published {
         state: a.state,
-        allowed_from,
-        seq,
+        allowed_from: a.allowed_from,
+        seq: prev.seq + 1,
         decided_at: Some(decided_at),
-    });
+    };
     let reason = if a.state == AllowanceState::Open {
         reason_override.unwrap_or(match prev.state {
             AllowanceState::Capped => "cap_window_passed",
@@ -432,27 +462,65 @@ pub fn publish_if_changed(
     } else {
         a.reason
     };
+    // The decision is built from what the state keeps of it, so that the
+    // state can publish it again exactly (the two rates come as a pair).
+    let detail = DecisionDetail {
+        reason: reason.to_string(),
+        cap: Some((a.cap.limit, a.cap.window.as_ms())),
+        rates: a.short_click_rate.zip(a.baseline_click_rate),
+        sends_in_window: a.sends_in_window as i64,
+        cause_event_id: cause.map(str::to_string),
+    };
+    let d = decision(who, a.channel, &published, &detail, Some(prev.state));
+    ctl.published = Some(published);
+    ctl.last = Some(detail);
+    d
+}
+
+/// The decision `published` + `detail` describe (`None` without a decision time,
+/// in states written before it was kept).
+fn decision(
+    who: &CustomerRef,
+    channel: Channel,
+    published: &Published,
+    detail: &DecisionDetail,
+    previous: Option<AllowanceState>,
+) -> Option<ThrottleDecision> {
     Some(ThrottleDecision {
         decision_id: stable_id(&[
             &who.tenant,
             &who.customer,
-            a.channel.as_str(),
-            &seq.to_string(),
+            channel.as_str(),
+            &published.seq.to_string(),
         ]),
         tenant_id: who.tenant.clone(),
         customer_id: Some(who.customer.clone()),
-        channel: Some(a.channel),
+        channel: Some(channel),
         campaign_id: None,
-        state: a.state,
-        reason: reason.to_string(),
-        allowed_from,
-        cap: Some(a.cap.limit),
-        window_ms: Some(a.cap.window.as_ms()),
-        short_click_rate: a.short_click_rate,
-        baseline_click_rate: a.baseline_click_rate,
-        sends_in_window: a.sends_in_window as i64,
-        decided_at,
-        cause_event_id: cause.map(str::to_string),
-        previous: Some(prev.state),
+        state: published.state,
+        reason: detail.reason.clone(),
+        allowed_from: published.allowed_from,
+        cap: detail.cap.map(|c| c.0),
+        window_ms: detail.cap.map(|c| c.1),
+        short_click_rate: detail.rates.map(|r| r.0),
+        baseline_click_rate: detail.rates.map(|r| r.1),
+        sends_in_window: detail.sends_in_window,
+        decided_at: published.decided_at?,
+        cause_event_id: detail.cause_event_id.clone(),
+        previous,
     })
+}
+
+impl ChannelControl {
+    /// The last decision published for this customer×channel, exactly as it was
+    /// published (`previous` aside: it is not published), when the state keeps it.
+    pub fn last_decision(&self, who: &CustomerRef, channel: Channel) -> Option<ThrottleDecision> {
+        decision(
+            who,
+            channel,
+            self.published.as_ref()?,
+            self.last.as_ref()?,
+            None,
+        )
+    }
 }

@@ -63,6 +63,11 @@ pub struct CampaignState {
     pub violations: u64,
     pub total_sends: u64,
     pub total_clicks: u64,
+    /// The last decision, as published (re-published by a publisher a newer
+    /// decision overtook, see `state_write.rs`). Stored after the postcard
+    /// body (`store::record`), so that older records still decode.
+    #[serde(skip)]
+    pub last: Option<ThrottleDecision>,
 }
 
 impl CampaignState {
@@ -202,6 +207,7 @@ impl CampaignState {
             previous: None,
         };
         self.outbox.push(d.clone());
+        self.last = Some(d.clone());
         Some(d)
     }
 }

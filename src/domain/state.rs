@@ -20,9 +20,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::allowance::ChannelControl;
+use super::allowance::{ChannelControl, ThrottleDecision};
 use super::engagement::{ChannelEngagement, Horizons, Signal};
-use super::event::{Channel, Event, EventBody, EventKind, Purpose, ReplyClass};
+use super::event::{Channel, CustomerRef, Event, EventBody, EventKind, Purpose, ReplyClass};
 use super::output::Output;
 use super::recall::RecallState;
 use super::visits::Visits;
@@ -267,6 +267,15 @@ pub fn event_id_hash(kind: EventKind, event_id: &str) -> u64 {
 impl CustomerState {
     pub fn channel(&self, c: Channel) -> Option<&ChannelEngagement> {
         self.channels[c.index()].as_ref()
+    }
+
+    /// The last decision published on each channel, as published (channels
+    /// whose state keeps it).
+    pub fn latest_decisions(&self, who: &CustomerRef) -> Vec<ThrottleDecision> {
+        Channel::ALL
+            .into_iter()
+            .filter_map(|c| self.controls[c.index()].as_ref()?.last_decision(who, c))
+            .collect()
     }
 
     /// True when the latest opt-out reply on `c` is newer than the latest opt-in.

@@ -25,6 +25,9 @@
 //!   partition and offset; per topic the remembered event ids as a time list
 //!   and their 6-byte hashes.
 //! * The outbox (empty at rest) stays postcard, behind its length.
+//! * What each channel's last decision said beyond its control (reason, cap,
+//!   rates, cause) is kept so that it can be published again as an exact
+//!   repeat: the reason as a code into [`REASONS`], the window in minutes.
 //!
 //! Lossless: `decode(encode(s)) == s` for every state, bit for bit, and `encode`
 //! is a function of the state alone, so re-encoding a decoded blob gives the
@@ -34,10 +37,13 @@
 //!
 //! ```text
 //! body     := h0:u8 base:ivar unit:var presence:u16le [visits] channel* control*
-//!             watermark* seen [episode] [episode] [timer_due:T] [touches] [outbox]
-//! h0       := bit 0 seen (else: ring, as earlier versions wrote it); 2 visits present;
-//!             3 timer_due; 4 recall.current; 5 recall.previous; 6 outbox;
-//!             7 campaign touches (0 in states written before they existed); bit 1 = 0
+//!             watermark* seen [episode] [episode] [timer_due:T] [touches] [outbox] [last]
+//!             (with h0 bit 1, an extension byte h1 follows h0, before base)
+//! h0       := bit 0 seen (else: ring, as earlier versions wrote it); 1 h1 follows;
+//!             2 visits present; 3 timer_due; 4 recall.current; 5 recall.previous;
+//!             6 outbox; 7 last decisions' details (absent in states written before them)
+//! h1       := bit 0 campaign touches; bits 1-7 = 0 (for later sections); never 0
+//!             (absent in states written before it: read as 0)
 //! unit     := (ms / 1000) << 1 | 1 when a whole number of seconds, else ms << 1
 //! presence := bits 0-4 channels, 5-9 controls, 10-14 watermarks (by index); 15 = 0
 //! visits   := v0:u8 v1:u8 count:var spend:ivar recent [first_at:T] [last_at:T]
@@ -68,9 +74,16 @@
 //!       stage; 2-3 segment; 4 skipped; 5-6 outcome (none, recalled, not, retracted)
 //! touches  := times:list n×(channel:u8 campaign:6 bytes)  (n ≥ 1, in the list's order)
 //! outbox   := n:var n bytes of postcard(Vec<Output>)
+//! last     := l0:u8 (l1:u8 [reason:str] [cap:var window:ivar] [short:f64le
+//!             baseline:f64le] sends:ivar [cause:str])*   (one per bit of l0)
+//!   l0: bit i: channel i has one (only with a published decision); 5-7 = 0
+//!   l1: bits 0-3 reason code (index into REASONS; 15: the reason follows as a
+//!       string); 4 cap; 5 rates; 6 cause; 7 the window is in minutes (else ms)
 //! ```
 
-use crate::domain::allowance::{AllowanceState, ChannelControl, Published, ThrottleSpell};
+use crate::domain::allowance::{
+    AllowanceState, ChannelControl, DecisionDetail, Published, ThrottleSpell, REASONS,
+};
 use crate::domain::cross_channel::{CampaignTouch, MAX_CAMPAIGN_TOUCHES};
 use crate::domain::engagement::{ChannelEngagement, Counts};
 use crate::domain::event::{Channel, VisitType};
@@ -90,7 +103,7 @@ pub const SECTIONS: [&str; 7] = [
     "allowance control",
     "idempotence",
     "recall",
-    "timer and outbox",
+    "timer, outbox, last decisions",
 ];
 
 /// Appends the format-2 body of `s` to `out`.
@@ -239,6 +252,7 @@ fn times(s: &CustomerState, f: &mut dyn FnMut(i64)) {
             spell,
             published,
             violations: _,
+            last: _,
         } = c;
         sends.iter().for_each(|t| f(*t));
         if let Some(ThrottleSpell { since, until, .. }) = spell {
@@ -366,13 +380,22 @@ impl Enc<'_> {
         let RecallState { current, previous } = recall;
         let has_visits = *visits != Visits::default();
         let mut marks = [self.out.len(); 8];
+        let last: Vec<(usize, &DecisionDetail)> = controls
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| Some((i, c.as_ref()?.last.as_ref()?)))
+            .collect();
         self.u8(1
             | bit(has_visits, 2)
             | bit(timer_due.is_some(), 3)
             | bit(current.is_some(), 4)
             | bit(previous.is_some(), 5)
             | bit(!outbox.is_empty(), 6)
-            | bit(!campaign_touches.is_empty(), 7));
+            | bit(!campaign_touches.is_empty(), 1)
+            | bit(!last.is_empty(), 7));
+        if !campaign_touches.is_empty() {
+            self.u8(1);
+        }
         self.ivar(self.base);
         let unit = self.unit as u64;
         self.var(if unit % 1000 == 0 {
@@ -417,6 +440,9 @@ impl Enc<'_> {
             let body = postcard::to_allocvec(outbox).unwrap_or_default();
             self.var(body.len() as u64);
             self.out.extend_from_slice(&body);
+        }
+        if !last.is_empty() {
+            self.last_decisions(&last);
         }
         marks[7] = self.out.len();
         std::array::from_fn(|i| marks[i + 1] - marks[i])
@@ -521,12 +547,51 @@ impl Enc<'_> {
         }
     }
 
+    fn last_decisions(&mut self, last: &[(usize, &DecisionDetail)]) {
+        self.u8(last.iter().fold(0, |b, (i, _)| b | 1 << i));
+        for (_, d) in last {
+            let DecisionDetail {
+                reason,
+                cap,
+                rates,
+                sends_in_window,
+                cause_event_id,
+            } = d;
+            let code = REASONS
+                .iter()
+                .position(|r| r == reason)
+                .map_or(15, |i| i as u8);
+            let minutes = cap.is_some_and(|(_, w)| w % 60_000 == 0);
+            self.u8(code
+                | bit(cap.is_some(), 4)
+                | bit(rates.is_some(), 5)
+                | bit(cause_event_id.is_some(), 6)
+                | bit(minutes, 7));
+            if code == 15 {
+                self.str(reason);
+            }
+            if let Some((limit, window)) = cap {
+                self.var(u64::from(*limit));
+                self.ivar(if minutes { window / 60_000 } else { *window });
+            }
+            if let Some((short, baseline)) = rates {
+                self.out.extend_from_slice(&short.to_le_bytes());
+                self.out.extend_from_slice(&baseline.to_le_bytes());
+            }
+            self.ivar(*sends_in_window);
+            if let Some(c) = cause_event_id {
+                self.str(c);
+            }
+        }
+    }
+
     fn control(&mut self, c: &ChannelControl) {
         let ChannelControl {
             sends,
             spell,
             published,
             violations,
+            last: _,
         } = c;
         let mut k0 = bit(spell.is_some(), 0);
         if let Some(ThrottleSpell { below_floor, .. }) = spell {
@@ -810,8 +875,9 @@ impl Dec<'_> {
 
     fn state(&mut self) -> Res<CustomerState> {
         let h0 = self.u8()?;
-        if h0 & 0x02 != 0 {
-            return Err("reserved header bit set".into());
+        let h1 = if h0 & 0x02 != 0 { self.u8()? } else { 0 };
+        if h0 & 0x02 != 0 && (h1 == 0 || h1 & 0xfe != 0) {
+            return Err("extension header: empty, or a reserved bit set".into());
         }
         self.base = self.ivar()?;
         let unit = self.var()?;
@@ -881,7 +947,7 @@ impl Dec<'_> {
         } else {
             None
         };
-        let campaign_touches = if h0 & 128 != 0 {
+        let campaign_touches = if h1 & 1 != 0 {
             self.campaign_touches()?
         } else {
             Vec::new()
@@ -893,6 +959,9 @@ impl Dec<'_> {
         } else {
             Vec::new()
         };
+        if h0 & 128 != 0 {
+            self.last_decisions(&mut controls)?;
+        }
         Ok(CustomerState {
             visits,
             channels,
@@ -1129,7 +1198,63 @@ impl Dec<'_> {
             spell,
             published,
             violations,
+            last: None,
         })
+    }
+
+    fn last_decisions(&mut self, controls: &mut [Option<ChannelControl>; 5]) -> Res<()> {
+        let l0 = self.u8()?;
+        if l0 == 0 || l0 & 0xe0 != 0 {
+            return Err("last decisions: no channel, or a reserved bit set".into());
+        }
+        for (i, control) in controls.iter_mut().enumerate() {
+            if l0 & 1 << i == 0 {
+                continue;
+            }
+            let Some(c) = control.as_mut().filter(|c| c.published.is_some()) else {
+                return Err(format!("last decision of channel {i} without its decision"));
+            };
+            let l1 = self.u8()?;
+            let reason = match l1 & 15 {
+                15 => self.str("reason")?,
+                code => REASONS
+                    .get(usize::from(code))
+                    .ok_or("last decision: unknown reason code")?
+                    .to_string(),
+            };
+            let cap = if l1 & 16 != 0 {
+                let limit = self.u32("cap")?;
+                let w = self.ivar()?;
+                let window = if l1 & 128 != 0 {
+                    w.checked_mul(60_000)
+                        .ok_or("last decision: window out of range")?
+                } else {
+                    w
+                };
+                Some((limit, window))
+            } else if l1 & 128 != 0 {
+                return Err("last decision: window unit without a cap".into());
+            } else {
+                None
+            };
+            let rates = if l1 & 32 != 0 {
+                let b = self.take(16)?;
+                let f = |b: &[u8]| f64::from_le_bytes(b.try_into().unwrap_or_default());
+                Some((f(&b[..8]), f(&b[8..])))
+            } else {
+                None
+            };
+            let sends_in_window = self.ivar()?;
+            let cause_event_id = (l1 & 64 != 0).then(|| self.str("cause")).transpose()?;
+            c.last = Some(DecisionDetail {
+                reason,
+                cap,
+                rates,
+                sends_in_window,
+                cause_event_id,
+            });
+        }
+        Ok(())
     }
 
     fn episode(&mut self) -> Res<Episode> {
@@ -1318,7 +1443,27 @@ mod tests {
                         decided_at: opt(r, |r| time(r, base, unit)),
                     }),
                     violations: r.random(),
+                    last: None,
                 });
+                let c = s.controls[i].as_mut().unwrap();
+                if c.published.is_some() && r.random_bool(0.6) {
+                    c.last = Some(DecisionDetail {
+                        reason: ["frequency_cap", "cap_window_passed", "not_yet_known"]
+                            [r.random_range(0..3)]
+                        .into(),
+                        cap: opt(r, |r| {
+                            let w = if r.random() { 86_400_000 } else { 1 };
+                            (r.random(), r.random_range(1..30) * w)
+                        }),
+                        rates: opt(r, |r| (r.random(), r.random())),
+                        sends_in_window: if r.random() {
+                            r.random_range(0..20)
+                        } else {
+                            r.random()
+                        },
+                        cause_event_id: opt(r, |r| format!("e-{}", r.random::<u32>())),
+                    });
+                }
             }
             s.applied.watermarks[i] = opt(r, |r| Watermark {
                 partition: if r.random_bool(0.9) {
@@ -1469,6 +1614,13 @@ mod tests {
         assert!(decode(&[0x02, 0, 2, 0, 0, 0])
             .unwrap_err()
             .contains("reserved"));
+        // The extension byte: never empty, no unknown section.
+        assert!(decode(&[0x03, 0x02, 0, 2, 0, 0, 0])
+            .unwrap_err()
+            .contains("reserved"));
+        // Last decisions flagged with no control to belong to.
+        let e = decode(&[0x81, 0, 2, 0, 0, 0, 1, 0, 0]).unwrap_err();
+        assert!(e.contains("without its decision"), "{e}");
         assert!(decode(&[0, 0, 0, 0, 0, 0]).unwrap_err().contains("unit"));
     }
 }

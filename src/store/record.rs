@@ -14,6 +14,7 @@ use futures::future::BoxFuture;
 
 use super::blob;
 use super::keys::Keys;
+use crate::domain::allowance::ThrottleDecision;
 use crate::domain::campaign::CampaignState;
 use crate::domain::event::CustomerRef;
 use crate::domain::output::Output;
@@ -37,6 +38,9 @@ pub trait Record: Clone + Default + Send + Sync + 'static {
     /// The outbox as output records.
     fn outbox(&self) -> Cow<'_, [Output]>;
     fn clear_outbox(&mut self);
+    /// The last decision published under each of the record's output keys, as
+    /// published (those the record keeps).
+    fn latest_decisions(&self, id: &Self::Id) -> Vec<ThrottleDecision>;
     /// The customer the record belongs to, if it is a customer's (allowance
     /// gauges follow customers' published decisions).
     fn customer(id: &Self::Id) -> Option<&CustomerRef>;
@@ -65,6 +69,9 @@ impl Record for CustomerState {
     fn clear_outbox(&mut self) {
         self.outbox.clear();
     }
+    fn latest_decisions(&self, id: &CustomerRef) -> Vec<ThrottleDecision> {
+        CustomerState::latest_decisions(self, id)
+    }
     fn customer(id: &CustomerRef) -> Option<&CustomerRef> {
         Some(id)
     }
@@ -82,10 +89,24 @@ impl Record for CampaignState {
         keys.campaign(tenant, campaign)
     }
     fn encode(&self, rev: u64) -> Vec<u8> {
-        blob::encode_any(rev, self)
+        let mut out = blob::encode_any(rev, self);
+        if let Some(d) = &self.last {
+            // Plain data: postcard into a Vec cannot fail.
+            out.extend(postcard::to_allocvec(d).unwrap_or_default());
+        }
+        out
     }
     fn decode(bytes: &[u8]) -> Result<(u64, Self), String> {
-        blob::decode_any(bytes)
+        let (rev, mut c, after): (u64, CampaignState, _) = blob::decode_any_and_rest(bytes)?;
+        if !after.is_empty() {
+            let (last, trailing) = postcard::take_from_bytes(after)
+                .map_err(|e| format!("campaign's last decision: {e}"))?;
+            if !trailing.is_empty() {
+                return Err(format!("{} trailing bytes", trailing.len()));
+            }
+            c.last = Some(last);
+        }
+        Ok((rev, c))
     }
     fn outbox_is_empty(&self) -> bool {
         self.outbox.is_empty()
@@ -100,6 +121,9 @@ impl Record for CampaignState {
     }
     fn clear_outbox(&mut self) {
         self.outbox.clear();
+    }
+    fn latest_decisions(&self, _: &CampaignId) -> Vec<ThrottleDecision> {
+        self.last.iter().cloned().collect()
     }
     fn customer(_: &CampaignId) -> Option<&CustomerRef> {
         None
@@ -205,5 +229,39 @@ mod tests {
         };
         let (rev, back) = <CampaignState as Record>::decode(&Record::encode(&k, 9)).unwrap();
         assert_eq!((rev, back.total_sends), (9, 4));
+    }
+
+    #[test]
+    fn a_campaign_keeps_its_last_decision_after_the_body_and_old_records_still_decode() {
+        let p = crate::domain::policy::PolicyConfig::default()
+            .resolve(None)
+            .unwrap();
+        // In a click-rate spell, clicks still far below the baseline.
+        let mut k = CampaignState {
+            spell_until: Some(5_000),
+            baseline: crate::domain::campaign::Tally {
+                sends: 100.0,
+                clicks: 10.0,
+            },
+            recent: crate::domain::campaign::Tally {
+                sends: 100.0,
+                clicks: 0.0,
+            },
+            ..CampaignState::default()
+        };
+        let d = k.decide("brandA", "spring", &p, 1_000, "e1").unwrap();
+        assert_eq!(k.last.as_ref(), Some(&d));
+        let bytes = Record::encode(&k, 2);
+        let (_, back) = <CampaignState as Record>::decode(&bytes).unwrap();
+        assert_eq!(back, k);
+        assert_eq!(
+            back.latest_decisions(&("brandA".into(), "spring".into())),
+            [d]
+        );
+        // A record written before `last` existed: the body alone.
+        let old = blob::encode_any(2, &k);
+        let (_, back) = <CampaignState as Record>::decode(&old).unwrap();
+        assert_eq!(back.last, None);
+        assert!(<CampaignState as Record>::decode(&[&bytes[..], &[7]].concat()).is_err());
     }
 }
