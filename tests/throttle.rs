@@ -304,6 +304,8 @@ async fn the_cross_channel_touch_cap_and_the_campaign_lock_end_to_end() {
             campaign_send(&c, "x4", t0 + 3 * M, Channel::Social, "winter"),
             None,
         ),
+        // "拒收请回复R": a lone R is an opt-out, and outranks the touch cap.
+        (reply(&c, "x5", t0 + 4 * M, Channel::Sms), Some("R")),
     ];
     produce_events(&p, &events, |_| Framing::SingleObject).await;
     s.broker.create_compacted_topic(THROTTLE, 3).await;
@@ -315,7 +317,17 @@ async fn the_cross_channel_touch_cap_and_the_campaign_lock_end_to_end() {
     let mut lapse = s.spawn("g-cross", &cfg);
     s.wait_caught_up("g-cross", LONG).await;
 
-    let got = throttle_events(&s, 5).await;
+    // x3 closes all 5 channels; x4 moves every allowed_from later (5 more); x5 suppresses SMS.
+    let got = throttle_events(&s, 11).await;
+    let sms = &got
+        .iter()
+        .rev()
+        .find(|(k, _)| k == "brandC/cara/SMS")
+        .unwrap()
+        .1;
+    assert_eq!(text(sms, "state"), "SUPPRESSED", "{got:?}");
+    assert_eq!(text(sms, "reason"), "unsubscribe_reply");
+    assert_eq!(text(sms, "rule_scope"), "CHANNEL");
     let first_per_channel: BTreeMap<&str, &Decision> =
         got.iter().rev().map(|(k, d)| (k.as_str(), d)).collect();
     assert_eq!(first_per_channel.len(), 5, "every channel is told: {got:?}");
