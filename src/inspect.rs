@@ -128,7 +128,7 @@ pub fn campaign_allowance_view(
             json!({
                 "state": a.state.as_str(),
                 "reason": a.reason,
-                "rule": crate::domain::cross_channel::binding_rule(a.reason).as_str(),
+                "rule": crate::domain::binding_rule::binding_rule(a.reason).as_str(),
                 "platform_rule": crate::domain::platform::is_platform_reason(a.reason)
                     .then(|| crate::domain::platform::binding(state, ch, policy, now_ms))
                     .flatten()

@@ -12,7 +12,7 @@ use crate::codec::{
 };
 use crate::config::{OutputFraming, TopicsConfig};
 use crate::domain::allowance::ThrottleDecision;
-use crate::domain::cross_channel::{binding_rule, BindingRule};
+use crate::domain::binding_rule::{binding_rule, BindingRule};
 use crate::domain::event::Channel;
 use crate::domain::output::Output;
 use crate::domain::recall::{RecallOutcome, RecallTrigger};

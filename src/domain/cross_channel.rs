@@ -145,40 +145,6 @@ pub fn bind_touch_cap(a: Allowance, cap: Option<(i64, u32)>, p: &Policy) -> Allo
     }
 }
 
-/// Which kind of rule an allowance's reason comes from (the allowance API's
-/// `rule`, the throttle event's `rule_scope`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BindingRule {
-    /// The channel's own rules: cap, throttle, unsubscribe, quiet hours.
-    Channel,
-    /// The cap on marketing touches across all channels.
-    CrossChannel,
-    /// One campaign, one channel.
-    CampaignChannel,
-    /// A messaging platform's limit (`policy.platform_rules`).
-    Platform,
-}
-
-impl BindingRule {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            BindingRule::Channel => "CHANNEL",
-            BindingRule::CrossChannel => "CROSS_CHANNEL",
-            BindingRule::CampaignChannel => "CAMPAIGN_CHANNEL",
-            BindingRule::Platform => "PLATFORM",
-        }
-    }
-}
-
-pub fn binding_rule(reason: &str) -> BindingRule {
-    match reason {
-        CROSS_CHANNEL_CAP => BindingRule::CrossChannel,
-        CAMPAIGN_ON_OTHER_CHANNEL => BindingRule::CampaignChannel,
-        r if super::platform::is_platform_reason(r) => BindingRule::Platform,
-        _ => BindingRule::Channel,
-    }
-}
-
 /// A campaign's latest marketing send to the customer on one channel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CampaignTouch {

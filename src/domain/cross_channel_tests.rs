@@ -5,9 +5,9 @@ use chrono::TimeZone;
 use proptest::prelude::*;
 
 use super::allowance::{AllowanceState, ThrottleDecision, Violation};
+use super::binding_rule::{binding_rule, BindingRule};
 use super::cross_channel::{
-    binding_rule, BindingRule, CrossChannelPolicy, CAMPAIGN_ON_OTHER_CHANNEL, CROSS_CHANNEL_CAP,
-    MAX_CAMPAIGN_TOUCHES,
+    CrossChannelPolicy, CAMPAIGN_ON_OTHER_CHANNEL, CROSS_CHANNEL_CAP, MAX_CAMPAIGN_TOUCHES,
 };
 use super::decide::{allowance_at, campaign_allowance_at, on_event, release_due, Effects};
 use super::event::*;

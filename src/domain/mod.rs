@@ -4,6 +4,7 @@
 //! system clock.
 
 pub mod allowance;
+pub mod binding_rule;
 pub mod campaign;
 pub mod clock;
 pub mod cross_channel;

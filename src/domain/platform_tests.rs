@@ -5,7 +5,7 @@ use chrono::{Datelike, TimeZone};
 use proptest::prelude::*;
 
 use super::allowance::{AllowanceState, Violation};
-use super::cross_channel::{binding_rule, BindingRule};
+use super::binding_rule::{binding_rule, BindingRule};
 use super::cross_channel_tests::{sh, Sim};
 use super::decide::{allowance_at, next_timer, release_due, Effects};
 use super::event::*;
