@@ -376,8 +376,20 @@ proptest! {
         attempts in proptest::collection::vec((0i64..(8 * H), 0usize..5, 0usize..4), 1..80),
         limit in 1u32..5,
         lock_days in 0u64..4,
+        wecom_daily in proptest::option::of(1u32..3),
     ) {
-        let p = policy(limit, lock_days);
+        let mut p = policy(limit, lock_days);
+        // With a platform rule on top (WeCom's daily limit on WECHAT), all rules hold together.
+        if let Some(daily) = wecom_daily {
+            p.platform_rules.push(super::platform::PlatformRule {
+                name: "wecom_daily_mass_message".into(),
+                channel: Channel::Wechat,
+                kind: super::platform::PlatformRuleKind::CalendarDay,
+                limit: daily,
+                window: None,
+                source: String::new(),
+            });
+        }
         let mut s = Sim::new(p.clone());
         let mut t = sh(1, 0);
         let mut sent: Vec<(i64, Channel, usize)> = Vec::new();
@@ -402,6 +414,11 @@ proptest! {
             prop_assert!(all as u32 <= limit, "{all} touches across channels in the day ending {end}");
             let elsewhere = before.iter().any(|x| x.2 == k && x.1 != c && x.0 > end - lock);
             prop_assert!(!elsewhere, "campaign k{k} on {c:?} at {end} within the lock of another channel");
+            if let (Some(daily), Channel::Wechat) = (wecom_daily, c) {
+                let day = |x: i64| p.tz.timestamp_millis_opt(x).unwrap().date_naive();
+                let same_day = before.iter().filter(|x| x.1 == c && day(x.0) == day(end)).count();
+                prop_assert!(same_day as u32 <= daily, "{same_day} WECHAT sends on the local day of {end}");
+            }
         }
     }
 }
