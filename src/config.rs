@@ -1360,6 +1360,43 @@ mod tests {
         assert!(Dur::parse("d").is_err());
     }
 
+    /// The documented config, alone (no platform rule, nothing across channels)
+    /// and with the platform-rule templates appended as the template says.
+    #[test]
+    fn the_shipped_config_and_platform_rule_templates_load() {
+        use crate::domain::platform::PlatformRuleKind;
+        let shipped = include_str!("../deploy/lapse.toml");
+        let c = Config::from_toml(shipped).unwrap();
+        let p = c.policy.resolve(None).unwrap();
+        assert!(p.platform_rules.is_empty(), "off by default");
+        assert_eq!(p.cross_channel.cap(), None, "off by default");
+        let templates = include_str!("../deploy/platform-rules.toml");
+        let c = Config::from_toml(&format!("{shipped}\n{templates}")).unwrap();
+        let p = c.policy.resolve(None).unwrap();
+        let kinds: Vec<_> = p
+            .platform_rules
+            .iter()
+            .map(|r| (r.name.as_str(), r.kind, r.limit))
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                (
+                    "wechat_service_account_broadcast",
+                    PlatformRuleKind::CalendarMonth,
+                    4
+                ),
+                (
+                    "wechat_customer_service_window",
+                    PlatformRuleKind::InboundWindow,
+                    5
+                ),
+                ("wecom_daily_mass_message", PlatformRuleKind::CalendarDay, 1),
+            ]
+        );
+        assert!(p.platform_rules.iter().all(|r| !r.source.is_empty()));
+    }
+
     #[test]
     fn unknown_key_is_named() {
         let e = Config::from_toml("[batch]\nmax_recs = 3\n")

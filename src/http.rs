@@ -3,7 +3,7 @@
 //! the last probe, and no permanent Redis error in force: `store::fault`),
 //! served from the first second of `lapse run` whatever is unreachable.
 
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -79,11 +79,18 @@ fn starting() -> Response {
         .into_response()
 }
 
+/// `?campaign=X`: answer for that campaign (one campaign, one channel).
+#[derive(serde::Deserialize)]
+struct AllowanceQuery {
+    campaign: Option<String>,
+}
+
 /// Every channel's allowance for one customer, evaluated now: for senders that
 /// check right before sending. A customer lapse has never seen is OPEN everywhere.
 async fn allowance(
     State(s): State<HttpState>,
     Path((tenant, customer)): Path<(String, String)>,
+    Query(q): Query<AllowanceQuery>,
 ) -> Response {
     let Some(api) = s.allowance.get() else {
         return starting();
@@ -98,12 +105,13 @@ async fn allowance(
     }
     match api.store.load(&c).await {
         Ok(loaded) => {
-            let v = crate::inspect::allowance_view(
+            let v = crate::inspect::campaign_allowance_view(
                 &c,
                 loaded.as_ref().map(|l| &l.state),
                 api.policies.of(&c.tenant),
                 &api.params,
                 api.clock.now_ms(),
+                q.campaign.as_deref().filter(|k| !k.is_empty()),
             );
             Json(v).into_response()
         }

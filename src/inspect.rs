@@ -99,11 +99,28 @@ pub fn allowance_view(
     p: &StateParams,
     now_ms: i64,
 ) -> Value {
+    campaign_allowance_view(c, s, policy, p, now_ms, None)
+}
+
+/// [`allowance_view`] for one campaign when given (`?campaign=X`): a channel
+/// is also closed while the campaign is locked to another channel.
+pub fn campaign_allowance_view(
+    c: &CustomerRef,
+    s: Option<&CustomerState>,
+    policy: &crate::domain::policy::Policy,
+    p: &StateParams,
+    now_ms: i64,
+    campaign: Option<&str>,
+) -> Value {
+    use crate::domain::decide::{allowance_at, campaign_allowance_at};
     let empty = CustomerState::default();
     let state = s.unwrap_or(&empty);
     let mut channels = serde_json::Map::new();
     for ch in Channel::ALL {
-        let a = crate::domain::decide::allowance_at(state, ch, policy, p, now_ms);
+        let a = match campaign {
+            Some(k) => campaign_allowance_at(state, ch, k, policy, p, now_ms),
+            None => allowance_at(state, ch, policy, p, now_ms),
+        };
         let allowed = a.state == crate::domain::allowance::AllowanceState::Open
             && a.allowed_from.is_some_and(|t| t <= now_ms);
         channels.insert(
@@ -111,6 +128,11 @@ pub fn allowance_view(
             json!({
                 "state": a.state.as_str(),
                 "reason": a.reason,
+                "rule": crate::domain::binding_rule::binding_rule(a.reason).as_str(),
+                "platform_rule": crate::domain::platform::is_platform_reason(a.reason)
+                    .then(|| crate::domain::platform::binding(state, ch, policy, now_ms))
+                    .flatten()
+                    .map(|b| b.rule.name.clone()),
                 "allowed_now": allowed,
                 "allowed_from": ts(a.allowed_from),
                 "allowed_from_ms": a.allowed_from,
@@ -125,6 +147,7 @@ pub fn allowance_view(
     json!({
         "tenant_id": c.tenant,
         "customer_id": c.customer,
+        "campaign_id": campaign,
         "known": s.is_some(),
         "evaluated_at": ts(Some(now_ms)),
         "channels": channels,

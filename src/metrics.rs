@@ -217,7 +217,7 @@ impl Metrics {
             cap_violations: counter(
                 &r,
                 "lapse_cap_violations_total",
-                "Marketing sends made while not allowed, by kind (cap, throttled, suppressed, quiet_hours): a sender ignoring the allowance.",
+                "Marketing sends made while not allowed, by kind (cap, throttled, suppressed, quiet_hours, cross_channel_cap, campaign_on_other_channel, platform_rule): a sender ignoring the allowance.",
                 &["tenant", "channel", "kind"],
             ),
             throttle_transitions: counter(

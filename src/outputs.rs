@@ -12,6 +12,7 @@ use crate::codec::{
 };
 use crate::config::{OutputFraming, TopicsConfig};
 use crate::domain::allowance::ThrottleDecision;
+use crate::domain::binding_rule::{binding_rule, BindingRule};
 use crate::domain::event::Channel;
 use crate::domain::output::Output;
 use crate::domain::recall::{RecallOutcome, RecallTrigger};
@@ -48,6 +49,13 @@ pub fn throttle_value(d: &ThrottleDecision) -> Value {
     } else {
         enm(1, "CAMPAIGN")
     };
+    let rule_scope = match (&d.customer_id, binding_rule(&d.reason)) {
+        (None, _) => Value::Null,
+        (Some(_), BindingRule::CrossChannel) => enm(1, "CROSS_CHANNEL"),
+        (Some(_), BindingRule::Platform) => enm(2, "PLATFORM"),
+        // The campaign lock is never published: it answers `?campaign=` only.
+        (Some(_), _) => enm(0, "CHANNEL"),
+    };
     record(vec![
         ("decision_id", string(&d.decision_id)),
         ("scope", scope),
@@ -68,6 +76,7 @@ pub fn throttle_value(d: &ThrottleDecision) -> Value {
         ("sends_in_window", Value::Long(d.sends_in_window)),
         ("decided_at", Value::TimestampMillis(d.decided_at)),
         ("cause_event_id", opt_string(&d.cause_event_id)),
+        ("rule_scope", rule_scope),
     ])
 }
 

@@ -202,11 +202,11 @@ async fn a_tighter_sms_cap_is_compared_with_the_current_policy_from_export_files
     let mut rows = csv.lines();
     assert_eq!(
         rows.next(),
-        Some("policy,channel,week,allowed,blocked_cap,blocked_throttled,blocked_suppressed,blocked_quiet_hours,customers_blocked,cost_allowed,cost_blocked")
+        Some("policy,channel,week,allowed,blocked_cap,blocked_throttled,blocked_suppressed,blocked_quiet_hours,blocked_cross_channel,blocked_campaign_channel,blocked_platform,customers_blocked,cost_allowed,cost_blocked")
     );
     assert!(
         csv.lines()
-            .any(|l| l.starts_with("proposed,SMS,2026-03-02,1,3,0,0,1,2,")),
+            .any(|l| l.starts_with("proposed,SMS,2026-03-02,1,3,0,0,1,0,0,0,2,")),
         "{csv}"
     );
 
@@ -225,4 +225,68 @@ async fn a_tighter_sms_cap_is_compared_with_the_current_policy_from_export_files
     .await;
     let err = String::from_utf8_lossy(&empty.stderr);
     assert!(err.contains("unreadable_file"), "{err}");
+}
+
+/// Issue 16: the cross-channel rules and platform rules are backtested like
+/// any policy, each blocked send counted under its own reason.
+#[tokio::test]
+async fn cross_channel_and_platform_rules_are_reported_under_their_own_reasons() {
+    let dir = scratch_dir("backtest-cross");
+    std::fs::write(
+        dir.path().join("baseline.toml"),
+        "[policy.lapse]\nholdout_share = 0.0\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("proposed.toml"),
+        "[policy.cross_channel]\nlimit = 2\nwindow = \"1d\"\ncampaign_lock = \"7d\"\n\
+         [[policy.platform_rules]]\nname = \"wecom_daily_mass_message\"\nchannel = \"WECHAT\"\nkind = \"calendar_day\"\nlimit = 1\n\
+         [policy.lapse]\nholdout_share = 0.0\n",
+    )
+    .unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let t0 = shanghai(2026, 3, 2, 12);
+    let with_campaign = |id: &str, customer: &str, channel: &str, at: i64, campaign: &str| {
+        let mut v = send(id, customer, channel, at);
+        v["campaign_id"] = json!(campaign);
+        v
+    };
+    let lines = [
+        // eve: three campaigns on three channels; the third touch of the day is one too many.
+        with_campaign("e1", "eve", "WECHAT", t0, "a"),
+        with_campaign("e2", "eve", "SMS", t0 + DAY / 24, "b"),
+        with_campaign("e3", "eve", "EMAIL", t0 + DAY / 12, "c"),
+        // finn: WeCom's one mass message a day.
+        with_campaign("f1", "finn", "WECHAT", t0, "a"),
+        with_campaign("f2", "finn", "WECHAT", t0 + DAY / 24, "a"),
+        // gus: campaign "spring" went out by EMAIL; SOCIAL may not carry it.
+        with_campaign("g1", "gus", "EMAIL", t0, "spring"),
+        with_campaign("g2", "gus", "SOCIAL", t0 + DAY / 24, "spring"),
+    ];
+    let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
+    std::fs::write(data.join("engagement.jsonl"), text).unwrap();
+    let out = backtest(dir.path(), &["--json"]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+    let totals = |i: usize| &v["policies"][i][1]["totals"];
+    assert_eq!(totals(0)["blocked"], json!([0, 0, 0, 0, 0, 0, 0]), "{v:#}");
+    assert_eq!(totals(0)["allowed"], 7);
+    // cap, throttled, suppressed, quiet hours, cross-channel, campaign channel, platform.
+    assert_eq!(totals(1)["blocked"], json!([0, 0, 0, 0, 1, 1, 1]), "{v:#}");
+    assert_eq!(totals(1)["allowed"], 4);
+    let rows = v["policies"][1][1]["sends"].as_array().unwrap();
+    let blocked = |ch: &str, k: &str| -> u64 {
+        rows.iter()
+            .filter(|r| r["channel"] == ch)
+            .map(|r| r[k].as_u64().unwrap())
+            .sum()
+    };
+    assert_eq!(blocked("EMAIL", "blocked_cross_channel"), 1);
+    assert_eq!(blocked("SOCIAL", "blocked_campaign_channel"), 1);
+    assert_eq!(blocked("WECHAT", "blocked_platform"), 1);
 }

@@ -161,6 +161,7 @@ async fn caps_suppression_and_the_allowance_api_end_to_end() {
     assert_eq!(text(first, "cause_event_id"), "w2");
     assert_eq!(text(first, "tenant_id"), "brandA");
     assert_eq!(text(first, "scope"), "CUSTOMER_CHANNEL");
+    assert_eq!(text(first, "rule_scope"), "CHANNEL");
     assert_eq!(millis(&wechat[1].1, "allowed_from"), Some(t1 + 26 * H));
     let sms: Vec<_> = got.iter().filter(|(k, _)| k == "brandA/amy/SMS").collect();
     assert_eq!(sms.len(), 1, "{got:?}");
@@ -260,6 +261,219 @@ async fn caps_suppression_and_the_allowance_api_end_to_end() {
         after, before,
         "a replay from offset 0 publishes no new throttle event"
     );
+}
+
+/// A marketing send of `campaign` (the harness' `send` always says "spring").
+fn campaign_send(c: &CustomerRef, id: &str, at: i64, ch: Channel, campaign: &str) -> Event {
+    let mut e = send(c, id, at, ch, Purpose::Marketing);
+    if let EventBody::Send { campaign_id, .. } = &mut e.body {
+        *campaign_id = Some(campaign.into());
+    }
+    e
+}
+
+/// Issue 16: the touch cap across channels closes every channel (rule scope
+/// CROSS_CHANNEL on the throttle topic), and one campaign, one channel is
+/// answered by `?campaign=`. Events are stamped just before the wall clock so
+/// the allowance API, evaluated now, still sees both rules in force.
+#[tokio::test]
+async fn the_cross_channel_touch_cap_and_the_campaign_lock_end_to_end() {
+    let s = Stack::start().await;
+    let p = Producer::new(&s.broker.bootstrap());
+    let c = cust("brandC", "cara");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let t0 = (now - 2 * H) / 1000 * 1000;
+    const M: i64 = 60_000;
+    // EMAIL and SOCIAL have no quiet hours: their allowed_from is exact.
+    let events: Vec<(Event, Option<&str>)> = vec![
+        (campaign_send(&c, "x1", t0, Channel::Email, "spring"), None),
+        (
+            campaign_send(&c, "x2", t0 + M, Channel::Social, "summer"),
+            None,
+        ),
+        // The third touch of the day fills the cap of 3: every channel closes.
+        (
+            campaign_send(&c, "x3", t0 + 2 * M, Channel::Wechat, "autumn"),
+            None,
+        ),
+        // A sender ignoring it: a violation of kind cross_channel_cap.
+        (
+            campaign_send(&c, "x4", t0 + 3 * M, Channel::Social, "winter"),
+            None,
+        ),
+        // "拒收请回复R": a lone R is an opt-out, and outranks the touch cap.
+        (reply(&c, "x5", t0 + 4 * M, Channel::Sms), Some("R")),
+    ];
+    produce_events(&p, &events, |_| Framing::SingleObject).await;
+    s.broker.create_compacted_topic(THROTTLE, 3).await;
+    let cfg = s.config_with(
+        "g-cross",
+        "",
+        "[policy.cross_channel]\nlimit = 3\nwindow = \"1d\"\ncampaign_lock = \"7d\"\n",
+    );
+    let mut lapse = s.spawn("g-cross", &cfg);
+    s.wait_caught_up("g-cross", LONG).await;
+
+    // x3 closes all 5 channels; x4 moves every allowed_from later (5 more); x5 suppresses SMS.
+    let got = throttle_events(&s, 11).await;
+    let sms = &got
+        .iter()
+        .rev()
+        .find(|(k, _)| k == "brandC/cara/SMS")
+        .unwrap()
+        .1;
+    assert_eq!(text(sms, "state"), "SUPPRESSED", "{got:?}");
+    assert_eq!(text(sms, "reason"), "unsubscribe_reply");
+    assert_eq!(text(sms, "rule_scope"), "CHANNEL");
+    let first_per_channel: BTreeMap<&str, &Decision> =
+        got.iter().rev().map(|(k, d)| (k.as_str(), d)).collect();
+    assert_eq!(first_per_channel.len(), 5, "every channel is told: {got:?}");
+    for (key, d) in &first_per_channel {
+        assert!(key.starts_with("brandC/cara/"), "{key}");
+        assert_eq!(text(d, "state"), "CAPPED", "{key}: {d:?}");
+        assert_eq!(text(d, "reason"), "cross_channel_cap", "{key}");
+        assert_eq!(text(d, "rule_scope"), "CROSS_CHANNEL", "{key}");
+        assert_eq!(text(d, "scope"), "CUSTOMER_CHANNEL", "{key}");
+    }
+    let email = first_per_channel["brandC/cara/EMAIL"];
+    assert_eq!(millis(email, "allowed_from"), Some(t0 + 24 * H));
+    assert_eq!(text(email, "cause_event_id"), "x3");
+    assert_eq!(
+        metric(
+            &lapse,
+            "lapse_cap_violations_total",
+            &[("channel", "social"), ("kind", "cross_channel_cap")],
+        )
+        .await,
+        1.0
+    );
+
+    // The synchronous check names the rule that binds.
+    let (code, body) = lapse.http_get("/v1/allowance/brandC/cara").await.unwrap();
+    assert_eq!(code, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let social = &v["channels"]["SOCIAL"];
+    assert_eq!(social["state"], "CAPPED", "{v}");
+    assert_eq!(social["rule"], "CROSS_CHANNEL", "{v}");
+    assert_eq!(social["allowed_now"], false);
+    // Four touches: free again when the second leaves the day.
+    assert_eq!(social["allowed_from_ms"], t0 + M + 24 * H, "{v}");
+    // For campaign "spring" (sent by EMAIL), SOCIAL stays closed for the lock: 7 days.
+    let (code, body) = lapse
+        .http_get("/v1/allowance/brandC/cara?campaign=spring")
+        .await
+        .unwrap();
+    assert_eq!(code, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["campaign_id"], "spring");
+    let social = &v["channels"]["SOCIAL"];
+    assert_eq!(social["reason"], "campaign_on_other_channel", "{v}");
+    assert_eq!(social["rule"], "CAMPAIGN_CHANNEL", "{v}");
+    assert_eq!(social["allowed_from_ms"], t0 + 7 * 24 * H, "{v}");
+    // EMAIL carried "spring": only the touch cap binds there.
+    assert_eq!(v["channels"]["EMAIL"]["rule"], "CROSS_CHANNEL", "{v}");
+    lapse.sigterm();
+    assert!(lapse.wait_exit(Duration::from_secs(30)).await.success());
+}
+
+/// Issue 16: platform rules through the throttle topic. A calendar-month
+/// limit on WECHAT binds (rule_scope PLATFORM), a send ignoring it is a
+/// violation, its timer releases it at the next month; the allowance API names
+/// the rule that binds (an inbound window on SOCIAL for a customer who never
+/// wrote).
+#[tokio::test]
+async fn platform_rules_end_to_end() {
+    let s = Stack::start().await;
+    let p = Producer::new(&s.broker.bootstrap());
+    let c = cust("brandD", "dora");
+    let events: Vec<(Event, Option<&str>)> = vec![
+        (
+            send(
+                &c,
+                "p1",
+                shanghai(2026, 3, 2, 10),
+                Channel::Wechat,
+                Purpose::Marketing,
+            ),
+            None,
+        ),
+        (
+            send(
+                &c,
+                "p2",
+                shanghai(2026, 3, 10, 10),
+                Channel::Wechat,
+                Purpose::Marketing,
+            ),
+            None,
+        ),
+        (
+            send(
+                &c,
+                "p3",
+                shanghai(2026, 3, 12, 10),
+                Channel::Wechat,
+                Purpose::Marketing,
+            ),
+            None,
+        ),
+    ];
+    produce_events(&p, &events, |_| Framing::SingleObject).await;
+    s.broker.create_compacted_topic(THROTTLE, 3).await;
+    let rules = "[[policy.platform_rules]]\nname = \"monthly_broadcast\"\nchannel = \"WECHAT\"\nkind = \"calendar_month\"\nlimit = 2\n\
+                 [[policy.platform_rules]]\nname = \"social_inbound\"\nchannel = \"SOCIAL\"\nkind = \"inbound_window\"\nwindow = \"48h\"\nlimit = 5\n";
+    let cfg = s.config_with("g-platform", "", rules);
+    let mut lapse = s.spawn("g-platform", &cfg);
+    s.wait_caught_up("g-platform", LONG).await;
+
+    // CAPPED on the second send, CAPPED again (nothing later to move: the same
+    // month end) is not republished; the timer's OPEN after April 1st.
+    let got = throttle_events(&s, 2).await;
+    let wechat: Vec<_> = got
+        .iter()
+        .filter(|(k, _)| k == "brandD/dora/WECHAT")
+        .map(|(_, d)| d)
+        .collect();
+    let capped = wechat[0];
+    assert_eq!(text(capped, "state"), "CAPPED", "{got:?}");
+    assert_eq!(text(capped, "reason"), "platform_calendar_month");
+    assert_eq!(text(capped, "rule_scope"), "PLATFORM");
+    assert_eq!(text(capped, "cause_event_id"), "p2");
+    // Midnight is in WeChat's quiet hours (22:00-08:00).
+    assert_eq!(
+        millis(capped, "allowed_from"),
+        Some(shanghai(2026, 4, 1, 8))
+    );
+    assert_eq!(text(wechat[1], "state"), "OPEN", "{got:?}");
+    assert_eq!(
+        metric(
+            &lapse,
+            "lapse_cap_violations_total",
+            &[("channel", "wechat"), ("kind", "platform_rule")],
+        )
+        .await,
+        1.0
+    );
+
+    let (code, body) = lapse.http_get("/v1/allowance/brandD/dora").await.unwrap();
+    assert_eq!(code, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let social = &v["channels"]["SOCIAL"];
+    assert_eq!(social["state"], "CAPPED", "{v}");
+    assert_eq!(social["reason"], "platform_inbound_window", "{v}");
+    assert_eq!(social["rule"], "PLATFORM", "{v}");
+    assert_eq!(social["platform_rule"], "social_inbound", "{v}");
+    assert_eq!(social["allowed_from"], serde_json::Value::Null, "{v}");
+    assert_eq!(v["channels"]["WECHAT"]["rule"], "CHANNEL", "{v}");
+    assert_eq!(
+        v["channels"]["WECHAT"]["platform_rule"],
+        serde_json::Value::Null
+    );
+    lapse.sigterm();
+    assert!(lapse.wait_exit(Duration::from_secs(30)).await.success());
 }
 
 #[tokio::test]

@@ -88,7 +88,15 @@ pub struct Comparison<'a> {
     pub policies: Vec<(&'a str, &'a PolicyReport)>,
 }
 
-const REASONS: [&str; 4] = ["cap", "throttled", "suppressed", "quiet_hours"];
+const REASONS: [&str; 7] = [
+    "cap",
+    "throttled",
+    "suppressed",
+    "quiet_hours",
+    "cross_channel",
+    "campaign_channel",
+    "platform",
+];
 
 /// The terminal table: per channel and week, then totals, triggers, decisions, samples.
 pub fn print_table(
@@ -113,14 +121,14 @@ pub fn print_table(
         writeln!(out, "  unusable: {reason}: {n}")?;
     }
     let names: Vec<&str> = c.policies.iter().map(|(n, _)| *n).collect();
-    writeln!(out, "\nmarketing sends per channel and week (allowed / blocked: cap, throttled, suppressed, quiet hours; customers with a blocked send)")?;
+    writeln!(out, "\nmarketing sends per channel and week (allowed / blocked: cap, throttled, suppressed, quiet hours, cross-channel cap, campaign on another channel, platform rule; customers with a blocked send)")?;
     let mut keys: std::collections::BTreeSet<&(Channel, i64)> = std::collections::BTreeSet::new();
     for (_, r) in &c.policies {
         keys.extend(r.sends.keys());
     }
     write!(out, "{:<8} {:<10}", "channel", "week")?;
     for n in &names {
-        write!(out, " | {n:>36}")?;
+        write!(out, " | {n:>51}")?;
     }
     if names.len() == 2 {
         write!(out, " | {:>9}", "Δ blocked")?;
@@ -128,8 +136,16 @@ pub fn print_table(
     writeln!(out)?;
     let cell = |r: &SendRow| {
         format!(
-            "{:>6} / {:>4} {:>4} {:>4} {:>4} ({:>4})",
-            r.allowed, r.blocked[0], r.blocked[1], r.blocked[2], r.blocked[3], r.customers_blocked
+            "{:>6} / {:>4} {:>4} {:>4} {:>4} {:>4} {:>4} {:>4} ({:>4})",
+            r.allowed,
+            r.blocked[0],
+            r.blocked[1],
+            r.blocked[2],
+            r.blocked[3],
+            r.blocked[4],
+            r.blocked[5],
+            r.blocked[6],
+            r.customers_blocked
         )
     };
     let empty = SendRow::default();
@@ -141,7 +157,7 @@ pub fn print_table(
             .map(|(_, r)| r.sends.get(k).unwrap_or(&empty))
             .collect();
         for r in &rows {
-            write!(out, " | {:>36}", cell(r))?;
+            write!(out, " | {:>51}", cell(r))?;
         }
         if let [a, b] = rows[..] {
             let d = b.blocked.iter().sum::<u64>() as i64 - a.blocked.iter().sum::<u64>() as i64;

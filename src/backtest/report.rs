@@ -15,11 +15,14 @@ use crate::domain::recall::{RecallOutcome, RecallTrigger};
 use crate::domain::state::Outcome;
 
 /// Why a send would have been blocked, in report order.
-pub const BLOCKED: [Violation; 4] = [
+pub const BLOCKED: [Violation; 7] = [
     Violation::Cap,
     Violation::Throttled,
     Violation::Suppressed,
     Violation::QuietHours,
+    Violation::CrossChannelCap,
+    Violation::CampaignOnOtherChannel,
+    Violation::PlatformRule,
 ];
 
 fn blocked_index(v: Violation) -> usize {
@@ -44,8 +47,10 @@ pub fn week_label(week: i64) -> String {
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct SendRow {
     pub allowed: u64,
-    /// By reason, in the order of [`BLOCKED`]: cap, throttled, suppressed, quiet_hours.
-    pub blocked: [u64; 4],
+    /// By reason, in the order of [`BLOCKED`]: cap, throttled, suppressed,
+    /// quiet_hours, cross_channel (touch cap), campaign_channel (one campaign,
+    /// one channel), platform (a platform rule).
+    pub blocked: [u64; 7],
     /// Customers with at least one blocked send.
     pub customers_blocked: u64,
     /// Marketing cost of the allowed sends (minor units).
@@ -110,8 +115,8 @@ impl PolicyReport {
         let mut t = SendRow::default();
         for r in self.sends.values() {
             t.allowed += r.allowed;
-            for i in 0..4 {
-                t.blocked[i] += r.blocked[i];
+            for (t, r) in t.blocked.iter_mut().zip(r.blocked) {
+                *t += r;
             }
             t.cost_allowed += r.cost_allowed;
             t.cost_blocked += r.cost_blocked;
@@ -137,6 +142,8 @@ impl Serialize for PolicyReport {
                     "channel": channel.as_str(), "week": week_label(*week), "allowed": r.allowed,
                     "blocked_cap": r.blocked[0], "blocked_throttled": r.blocked[1],
                     "blocked_suppressed": r.blocked[2], "blocked_quiet_hours": r.blocked[3],
+                    "blocked_cross_channel": r.blocked[4], "blocked_campaign_channel": r.blocked[5],
+                    "blocked_platform": r.blocked[6],
                     "customers_blocked": r.customers_blocked,
                     "cost_allowed": r.cost_allowed, "cost_blocked": r.cost_blocked,
                 })

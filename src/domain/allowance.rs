@@ -128,6 +128,12 @@ pub enum Violation {
     Throttled,
     Suppressed,
     QuietHours,
+    /// The cap on marketing touches across all channels was reached.
+    CrossChannelCap,
+    /// The campaign already went out to the customer on another channel.
+    CampaignOnOtherChannel,
+    /// A messaging platform's limit (`policy.platform_rules`).
+    PlatformRule,
 }
 
 impl Violation {
@@ -137,6 +143,9 @@ impl Violation {
             Violation::Throttled => "throttled",
             Violation::Suppressed => "suppressed",
             Violation::QuietHours => "quiet_hours",
+            Violation::CrossChannelCap => "cross_channel_cap",
+            Violation::CampaignOnOtherChannel => "campaign_on_other_channel",
+            Violation::PlatformRule => "platform_rule",
         }
     }
 }
@@ -259,9 +268,9 @@ impl ChannelControl {
         }
         let pos = self.sends.partition_point(|s| *s <= t);
         self.sends.insert(pos, t);
-        // Keep what can still matter: the longest window back from the latest send,
-        // and never more than twice the largest possible cap.
-        let window = p.caps[c.index()].window.as_ms();
+        // Keep what can still matter: the longest window back from the latest send
+        // (platform rules included), and never more than twice the largest possible cap.
+        let window = p.send_memory_ms(c);
         let latest = *self.sends.last().unwrap_or(&t);
         self.sends.retain(|s| *s > latest - window);
         let keep = (2 * p.max_limit(c).max(1)).min(2 * MAX_CAP) as usize;

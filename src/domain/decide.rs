@@ -4,8 +4,10 @@
 use super::allowance::{
     rates, Allowance, AllowanceState, ChannelControl, ThrottleDecision, Violation,
 };
+use super::cross_channel;
 use super::event::{Channel, CustomerRef, Event, EventBody, Purpose};
 use super::output::Output;
+use super::platform;
 use super::policy::Policy;
 use super::state::{CustomerState, StateParams};
 
@@ -63,7 +65,26 @@ pub fn allowance_at(
     let ctl = state.controls[c.index()].as_ref().unwrap_or(&empty);
     let e = state.channel(c).cloned().unwrap_or_default();
     let r = rates(&e, c, p, t, sp.horizons);
-    ctl.allowance(c, p, t, Some(r), state.is_unsubscribed(c))
+    let own = ctl.allowance(c, p, t, Some(r), state.is_unsubscribed(c));
+    let own = platform::bind(own, platform::binding(state, c, p, t).as_ref(), p);
+    let cap = cross_channel::touch_cap_free_at(&state.controls, p, t);
+    cross_channel::bind_touch_cap(own, cap, p)
+}
+
+/// The allowance of channel `c` at `t` for one campaign: also closed while
+/// the campaign is locked to another channel (one campaign, one channel).
+pub fn campaign_allowance_at(
+    state: &CustomerState,
+    c: Channel,
+    campaign_id: &str,
+    p: &Policy,
+    sp: &StateParams,
+    t: i64,
+) -> Allowance {
+    let a = allowance_at(state, c, p, sp, t);
+    let campaign = cross_channel::campaign_hash(campaign_id);
+    let locked = cross_channel::campaign_locked_until(&state.campaign_touches, campaign, c, p, t);
+    cross_channel::bind_campaign_lock(a, locked, p)
 }
 
 /// Re-evaluates channel `c` at `t` and publishes a decision if its allowance changed.
@@ -88,9 +109,16 @@ fn evaluate(
     let e = state.channel(c).cloned().unwrap_or_default();
     let r = Some(rates(&e, c, p, t, sp.horizons));
     let suppressed = state.is_unsubscribed(c);
+    let touch_cap = cross_channel::touch_cap_free_at(&state.controls, p, t);
+    let platform_rule = platform::binding(state, c, p, t);
     let ctl = state.controls[c.index()].get_or_insert_with(ChannelControl::default);
     let released = r.and_then(|r| ctl.update_spell(&r, p, t));
-    let a = ctl.allowance(c, p, t, r, suppressed);
+    let own = platform::bind(
+        ctl.allowance(c, p, t, r, suppressed),
+        platform_rule.as_ref(),
+        p,
+    );
+    let a = cross_channel::bind_touch_cap(own, touch_cap, p);
     let prev = published_state(ctl);
     if let Some(d) = super::allowance::publish_if_changed(ctl, who, &a, t, cause, released) {
         fx.published(state, prev, d);
@@ -109,16 +137,37 @@ pub fn on_event(state: &mut CustomerState, ev: &Event, p: &Policy, sp: &StatePar
         // Service messages are never capped and never change an allowance.
         return fx;
     }
+    let mut marketing_send = false;
     if let EventBody::Send {
         channel,
+        campaign_id,
         purpose: Purpose::Marketing,
         ..
     } = &ev.body
     {
+        marketing_send = true;
         let before = allowance_at(state, *channel, p, sp, t);
+        let campaign = campaign_id.as_deref().map(cross_channel::campaign_hash);
+        let locked = campaign.and_then(|k| {
+            cross_channel::campaign_locked_until(&state.campaign_touches, k, *channel, p, t)
+        });
         let ctl = state.controls[channel.index()].get_or_insert_with(ChannelControl::default);
-        if let Some(v) = ctl.record_send(t, &before, p, *channel) {
+        let own = ctl.record_send(t, &before, p, *channel);
+        let v = match own {
+            Some(Violation::Cap) if before.reason == cross_channel::CROSS_CHANNEL_CAP => {
+                Some(Violation::CrossChannelCap)
+            }
+            Some(Violation::Cap) if platform::is_platform_reason(before.reason) => {
+                Some(Violation::PlatformRule)
+            }
+            None if locked.is_some() => Some(Violation::CampaignOnOtherChannel),
+            v => v,
+        };
+        if let Some(v) = v {
             fx.violations.push((*channel, v));
+        }
+        if let Some(k) = campaign {
+            cross_channel::record_campaign_touch(&mut state.campaign_touches, k, *channel, p, t);
         }
     }
     if let Some(c) = ev.channel() {
@@ -132,6 +181,24 @@ pub fn on_event(state: &mut CustomerState, ev: &Event, p: &Policy, sp: &StatePar
             Some(&ev.event_id),
             &mut fx,
         );
+    }
+    if marketing_send && cross_channel::touch_cap_free_at(&state.controls, p, t).is_some() {
+        // The send filled the touch cap: it closes every other channel too.
+        for c in Channel::ALL
+            .into_iter()
+            .filter(|c| Some(*c) != ev.channel())
+        {
+            evaluate(
+                state,
+                &ev.customer,
+                c,
+                p,
+                sp,
+                t,
+                Some(&ev.event_id),
+                &mut fx,
+            );
+        }
     }
     // Lazily release other channels whose restriction has run out by now.
     release_due(
@@ -163,13 +230,13 @@ pub fn release_due(
         if Some(c) == skip {
             continue;
         }
-        let due = state.controls[c.index()]
+        let published = state.controls[c.index()]
             .as_ref()
-            .and_then(|ctl| ctl.published)
-            .is_some_and(|pb| {
-                matches!(pb.state, AllowanceState::Capped | AllowanceState::Throttled)
-                    && pb.allowed_from.is_some_and(|a| a <= t)
-            });
+            .and_then(|ctl| ctl.published);
+        let due = published.is_some_and(|pb| {
+            matches!(pb.state, AllowanceState::Capped | AllowanceState::Throttled)
+                && pb.allowed_from.is_some_and(|a| a <= t)
+        }) || platform::inbound_window_closed(state, c, p, t);
         if due {
             evaluate(state, who, c, p, sp, t, cause, fx);
         }
@@ -222,7 +289,15 @@ pub fn recall_on_event(state: &mut CustomerState, ev: &Event, p: &Policy) {
 /// earliest allowance release, whichever comes first.
 pub fn next_timer(state: &CustomerState, p: &Policy) -> Option<i64> {
     let recall = super::recall::next_due(&state.recall, &state.visits, &p.lapse).map(|d| d.due_at);
-    match (recall, next_release(state)) {
+    let release = next_release(state)
+        .into_iter()
+        .chain(
+            Channel::ALL
+                .into_iter()
+                .filter_map(|c| platform::inbound_window_closes(state, c, p)),
+        )
+        .min();
+    match (recall, release) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
     }

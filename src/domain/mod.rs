@@ -4,13 +4,16 @@
 //! system clock.
 
 pub mod allowance;
+pub mod binding_rule;
 pub mod campaign;
 pub mod clock;
+pub mod cross_channel;
 pub mod decide;
 pub mod engagement;
 pub mod event;
 pub mod lapse;
 pub mod output;
+pub mod platform;
 pub mod policy;
 pub mod recall;
 pub mod replies;
@@ -20,4 +23,8 @@ pub mod step;
 pub mod visits;
 
 #[cfg(test)]
+mod cross_channel_tests;
+#[cfg(test)]
 mod decide_tests;
+#[cfg(test)]
+mod platform_tests;

@@ -12,7 +12,9 @@ use chrono::{NaiveDateTime, NaiveTime, TimeZone, Timelike};
 use chrono_tz::Tz;
 use serde::{Deserialize, Serialize};
 
+use super::cross_channel::CrossChannelPolicy;
 use super::event::Channel;
+use super::platform::PlatformRule;
 use super::span::Span;
 
 /// At most this many marketing sends are remembered per customer×channel.
@@ -148,6 +150,10 @@ pub struct PolicyConfig {
     pub quiet_hours: BTreeMap<Channel, QuietHours>,
     pub boosts: Vec<Boost>,
     pub throttle: ThrottlePolicy,
+    /// Rules across channels (touch cap, one campaign one channel); off by default.
+    pub cross_channel: CrossChannelPolicy,
+    /// Messaging platforms' hard limits (`[[policy.platform_rules]]`); none by default.
+    pub platform_rules: Vec<PlatformRule>,
     pub lapse: super::lapse::LapsePolicy,
     /// Cost of one marketing send per channel, minor currency units (used when a
     /// send carries no `cost`, and to break ties between channels).
@@ -165,6 +171,9 @@ pub struct TenantOverride {
     pub quiet_hours: BTreeMap<Channel, QuietHours>,
     pub boosts: Vec<Boost>,
     pub throttle: Option<ThrottlePolicy>,
+    pub cross_channel: Option<CrossChannelPolicy>,
+    /// Replaces the global platform rules as a whole (an empty list: none).
+    pub platform_rules: Option<Vec<PlatformRule>>,
     pub lapse: Option<super::lapse::LapsePolicy>,
     pub costs: BTreeMap<Channel, i64>,
 }
@@ -222,6 +231,8 @@ impl Default for PolicyConfig {
             quiet_hours: seed_quiet_hours(),
             boosts: vec![],
             throttle: ThrottlePolicy::default(),
+            cross_channel: CrossChannelPolicy::default(),
+            platform_rules: Vec::new(),
             lapse: Default::default(),
             costs: seed_costs(),
             tenants: BTreeMap::new(),
@@ -253,6 +264,8 @@ pub struct Policy {
     pub quiet: [Option<QuietSpan>; 5],
     pub boosts: Vec<BoostWindow>,
     pub throttle: ThrottlePolicy,
+    pub cross_channel: CrossChannelPolicy,
+    pub platform_rules: Vec<PlatformRule>,
     pub lapse: super::lapse::LapsePolicy,
     /// Cost of one send per channel, minor units, indexed by `Channel::index()`.
     pub costs: [i64; 5],
@@ -415,6 +428,15 @@ impl PolicyConfig {
             }
             costs[c.index()] = v;
         }
+        let cross_channel = o.cross_channel.unwrap_or(self.cross_channel);
+        cross_channel.validate(&format!("{prefix}.cross_channel"), &caps)?;
+        let platform_rules = o
+            .platform_rules
+            .clone()
+            .unwrap_or_else(|| self.platform_rules.clone());
+        for (i, r) in platform_rules.iter().enumerate() {
+            r.validate(&format!("{prefix}.platform_rules[{i}]"))?;
+        }
         let lapse = o.lapse.clone().unwrap_or_else(|| self.lapse.clone());
         lapse
             .validate(&format!("{prefix}.lapse"))
@@ -425,6 +447,8 @@ impl PolicyConfig {
             quiet,
             boosts,
             throttle,
+            cross_channel,
+            platform_rules,
             lapse,
             costs,
         })
@@ -456,15 +480,34 @@ impl Policy {
         }
     }
 
-    /// The largest limit `c` can ever have (sizes the remembered send times).
+    /// The largest limit `c` can ever have, platform rules included (sizes the
+    /// remembered send times).
     pub fn max_limit(&self, c: Channel) -> u32 {
         self.boosts
             .iter()
             .filter(|b| b.channel == c)
             .map(|b| b.limit)
+            .chain(
+                self.platform_rules
+                    .iter()
+                    .filter(|r| r.channel == c)
+                    .map(|r| r.limit),
+            )
             .chain(std::iter::once(self.caps[c.index()].limit))
             .max()
             .unwrap_or(1)
+    }
+
+    /// How long `c`'s marketing send times are remembered: its cap window, or
+    /// longer when a platform rule looks further back.
+    pub fn send_memory_ms(&self, c: Channel) -> i64 {
+        self.platform_rules
+            .iter()
+            .filter(|r| r.channel == c)
+            .map(PlatformRule::memory_ms)
+            .chain(std::iter::once(self.caps[c.index()].window.as_ms()))
+            .max()
+            .unwrap_or(0)
     }
 
     /// Times at which the cap of `c` changes, after `t` (boost starts and ends).

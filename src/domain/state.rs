@@ -199,6 +199,11 @@ pub struct CustomerState {
     pub outbox: Vec<Output>,
     /// The due time last scheduled in the timer store (recall stage or allowance release).
     pub timer_due: Option<i64>,
+    /// Campaigns' latest sends per channel, for "one campaign, one channel"
+    /// (empty unless `policy.cross_channel.campaign_lock` is on). Kept by the
+    /// compact format only (format 1, postcard, predates it).
+    #[serde(skip)]
+    pub campaign_touches: Vec<super::cross_channel::CampaignTouch>,
 }
 
 /// What folding one record did.

@@ -37,11 +37,13 @@
 //!
 //! ```text
 //! body     := h0:u8 base:ivar unit:var presence:u16le [visits] channel* control*
-//!             watermark* seen [episode] [episode] [timer_due:T] [outbox] [last]
-//! h0       := bit 0 seen (else: ring, as earlier versions wrote it); 2 visits present;
-//!             3 timer_due; 4 recall.current; 5 recall.previous; 6 outbox;
-//!             7 last decisions' details (absent in states written before them);
-//!             bit 1 = 0
+//!             watermark* seen [episode] [episode] [timer_due:T] [touches] [outbox] [last]
+//!             (with h0 bit 1, an extension byte h1 follows h0, before base)
+//! h0       := bit 0 seen (else: ring, as earlier versions wrote it); 1 h1 follows;
+//!             2 visits present; 3 timer_due; 4 recall.current; 5 recall.previous;
+//!             6 outbox; 7 last decisions' details (absent in states written before them)
+//! h1       := bit 0 campaign touches; bits 1-7 = 0 (for later sections); never 0
+//!             (absent in states written before it: read as 0)
 //! unit     := (ms / 1000) << 1 | 1 when a whole number of seconds, else ms << 1
 //! presence := bits 0-4 channels, 5-9 controls, 10-14 watermarks (by index); 15 = 0
 //! visits   := v0:u8 v1:u8 count:var spend:ivar recent [first_at:T] [last_at:T]
@@ -70,6 +72,7 @@
 //!             fired:ivar-to-due cost:ivar)
 //!   e0: bits 0-1 arm (none, treatment, holdout); 2 experiment.  s0: bits 0-1
 //!       stage; 2-3 segment; 4 skipped; 5-6 outcome (none, recalled, not, retracted)
+//! touches  := times:list n×(channel:u8 campaign:6 bytes)  (n ≥ 1, in the list's order)
 //! outbox   := n:var n bytes of postcard(Vec<Output>)
 //! last     := l0:u8 (l1:u8 [reason:str] [cap:var window:ivar] [short:f64le
 //!             baseline:f64le] sends:ivar [cause:str])*   (one per bit of l0)
@@ -81,8 +84,9 @@
 use crate::domain::allowance::{
     AllowanceState, ChannelControl, DecisionDetail, Published, ThrottleSpell, REASONS,
 };
+use crate::domain::cross_channel::{CampaignTouch, MAX_CAMPAIGN_TOUCHES};
 use crate::domain::engagement::{ChannelEngagement, Counts};
-use crate::domain::event::VisitType;
+use crate::domain::event::{Channel, VisitType};
 use crate::domain::lapse::{Segment, Stage};
 use crate::domain::output::Output;
 use crate::domain::recall::{Arm, Episode, OutcomeKind, RecallState, StageRecord};
@@ -194,7 +198,9 @@ fn times(s: &CustomerState, f: &mut dyn FnMut(i64)) {
         recall,
         outbox: _,
         timer_due,
+        campaign_touches,
     } = s;
+    campaign_touches.iter().for_each(|x| f(x.at));
     let Visits {
         count: _,
         first_at,
@@ -369,6 +375,7 @@ impl Enc<'_> {
             recall,
             outbox,
             timer_due,
+            campaign_touches,
         } = s;
         let RecallState { current, previous } = recall;
         let has_visits = *visits != Visits::default();
@@ -384,7 +391,11 @@ impl Enc<'_> {
             | bit(current.is_some(), 4)
             | bit(previous.is_some(), 5)
             | bit(!outbox.is_empty(), 6)
+            | bit(!campaign_touches.is_empty(), 1)
             | bit(!last.is_empty(), 7));
+        if !campaign_touches.is_empty() {
+            self.u8(1);
+        }
         self.ivar(self.base);
         let unit = self.unit as u64;
         self.var(if unit % 1000 == 0 {
@@ -421,6 +432,9 @@ impl Enc<'_> {
         if let Some(t) = timer_due {
             self.time(*t);
         }
+        if !campaign_touches.is_empty() {
+            self.campaign_touches(campaign_touches);
+        }
         if !outbox.is_empty() {
             // postcard into a Vec cannot fail for these plain types.
             let body = postcard::to_allocvec(outbox).unwrap_or_default();
@@ -432,6 +446,15 @@ impl Enc<'_> {
         }
         marks[7] = self.out.len();
         std::array::from_fn(|i| marks[i + 1] - marks[i])
+    }
+
+    fn campaign_touches(&mut self, touches: &[CampaignTouch]) {
+        let at: Vec<i64> = touches.iter().map(|x| x.at).collect();
+        self.list(&at);
+        for x in touches {
+            self.u8(x.channel.index() as u8);
+            self.out.extend_from_slice(&x.campaign.to_bytes());
+        }
     }
 
     fn visits(&mut self, v: &Visits) {
@@ -852,8 +875,9 @@ impl Dec<'_> {
 
     fn state(&mut self) -> Res<CustomerState> {
         let h0 = self.u8()?;
-        if h0 & 0x02 != 0 {
-            return Err("reserved header bit set".into());
+        let h1 = if h0 & 0x02 != 0 { self.u8()? } else { 0 };
+        if h0 & 0x02 != 0 && (h1 == 0 || h1 & 0xfe != 0) {
+            return Err("extension header: empty, or a reserved bit set".into());
         }
         self.base = self.ivar()?;
         let unit = self.var()?;
@@ -923,6 +947,11 @@ impl Dec<'_> {
         } else {
             None
         };
+        let campaign_touches = if h1 & 1 != 0 {
+            self.campaign_touches()?
+        } else {
+            Vec::new()
+        };
         let outbox: Vec<Output> = if h0 & 64 != 0 {
             let n = self.len(1, "outbox")?;
             let body = self.take(n)?;
@@ -945,7 +974,29 @@ impl Dec<'_> {
             recall: RecallState { current, previous },
             outbox,
             timer_due,
+            campaign_touches,
         })
+    }
+
+    fn campaign_touches(&mut self) -> Res<Vec<CampaignTouch>> {
+        let at = self.list("campaign touches")?;
+        if at.is_empty() || at.len() > MAX_CAMPAIGN_TOUCHES {
+            return Err(format!("campaign touches: {} entries", at.len()));
+        }
+        let mut out = Vec::with_capacity(at.len());
+        for at in at {
+            let i = self.u8()?;
+            let channel = *Channel::ALL
+                .get(i as usize)
+                .ok_or_else(|| format!("campaign touch: channel {i}"))?;
+            let campaign = self.id_hash()?;
+            out.push(CampaignTouch {
+                campaign,
+                channel,
+                at,
+            });
+        }
+        Ok(out)
     }
 
     fn ring(&mut self) -> Res<Vec<IdHash>> {
@@ -1262,7 +1313,6 @@ impl Dec<'_> {
 mod tests {
     use super::*;
     use crate::domain::allowance::ThrottleDecision;
-    use crate::domain::event::Channel;
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
 
@@ -1471,6 +1521,17 @@ mod tests {
         s.recall.current = opt(r, episode);
         s.recall.previous = opt(r, episode);
         s.timer_due = opt(r, |r| time(r, base, unit));
+        if r.random_bool(0.3) {
+            let at = times(r, base, unit, MAX_CAMPAIGN_TOUCHES);
+            s.campaign_touches = at
+                .into_iter()
+                .map(|at| CampaignTouch {
+                    campaign: IdHash::from(r.random::<u64>()),
+                    channel: Channel::ALL[r.random_range(0..5)],
+                    at,
+                })
+                .collect();
+        }
         if r.random_bool(0.2) {
             s.outbox.push(Output::Throttle(Box::new(ThrottleDecision {
                 decision_id: "d".into(),
@@ -1551,6 +1612,10 @@ mod tests {
             assert!(decode(&b).unwrap_err().contains("cannot fit"), "{head:?}");
         }
         assert!(decode(&[0x02, 0, 2, 0, 0, 0])
+            .unwrap_err()
+            .contains("reserved"));
+        // The extension byte: never empty, no unknown section.
+        assert!(decode(&[0x03, 0x02, 0, 2, 0, 0, 0])
             .unwrap_err()
             .contains("reserved"));
         // Last decisions flagged with no control to belong to.
