@@ -194,7 +194,21 @@ impl StateWriter {
                 outputs: s.record.outbox(),
             })
             .collect();
-        self.sink.send(&outbound).await?;
+        if let Err(e) = self.sink.send(&outbound).await {
+            // Some copies may have landed (the sink returns once every output
+            // has landed or failed for good), after a newer decision another
+            // writer published meanwhile: the same check as after a lost
+            // clear, best effort (the error is what the caller acts on).
+            let ours: Vec<(&R::Id, Published)> = with_outbox
+                .iter()
+                .map(|s| (s.id, latest_per_key(&s.record.outbox())))
+                .filter(|(_, ours)| !ours.is_empty())
+                .collect();
+            if let Err(again) = self.republish_newest::<R>(ours).await {
+                debug!(error = %again, "re-publishing the newest decisions after a failed publish failed too");
+            }
+            return Err(e);
+        }
         let cleared: Vec<R> = with_outbox
             .iter()
             .map(|s| {
@@ -818,5 +832,74 @@ mod tests {
                 ..(**published).clone()
             }]
         );
+    }
+
+    /// Lands every output in `inner`, then fails the first call (a publish
+    /// whose outputs landed while the producer reported an error).
+    struct LandsThenFailsOnce {
+        inner: Arc<MemorySink>,
+        failed: std::sync::atomic::AtomicBool,
+    }
+
+    impl Sink for LandsThenFailsOnce {
+        fn send<'s>(
+            &'s self,
+            outbound: &'s [Outbound<'s>],
+        ) -> BoxFuture<'s, Result<(), BatchError>> {
+            Box::pin(async move {
+                self.inner.send(outbound).await?;
+                if self.failed.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                    Ok(())
+                } else {
+                    Err(crate::error::KafkaError::from(rdkafka::error::KafkaError::Canceled).into())
+                }
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_publish_whose_copies_landed_after_a_newer_decision_publishes_the_newest_again(
+    ) {
+        let (_, sink, b) = setup();
+        let a = StateWriter {
+            sink: Arc::new(LandsThenFailsOnce {
+                inner: sink.clone(),
+                failed: false.into(),
+            }),
+            metrics: Metrics::new(&MetricsConfig::default()),
+            ..b.clone()
+        };
+        let c1 = CustomerRef::new("brandA", "c1");
+        let day = 86_400_000;
+        let mut caps = Apply(vec![
+            marketing_sms("s1", 10 * day),
+            marketing_sms("s2", 10 * day + 1),
+        ]);
+        let stored_a = a.write(vec![&c1], &mut caps).await.unwrap();
+        let mut stop = Apply(vec![sms(
+            "r1",
+            10 * day + 2,
+            EventBody::Reply {
+                channel: Channel::Sms,
+                message_id: None,
+                class: ReplyClass::Unsubscribe,
+            },
+        )]);
+        let stored_b = b.write(vec![&c1], &mut stop).await.unwrap();
+        b.publish(&stored_b).await.unwrap();
+        // a's copy lands, then its producer reports an error: still an error
+        // for the caller, and the newest is last on the key.
+        assert!(a.publish(&stored_a).await.is_err());
+        let states: Vec<AllowanceState> = sink
+            .sent()
+            .iter()
+            .map(|(_, o)| match o {
+                Output::Throttle(d) => d.state,
+                _ => unreachable!(),
+            })
+            .collect();
+        use AllowanceState::{Capped, Suppressed};
+        assert_eq!(states, [Capped, Suppressed, Capped, Suppressed]);
+        assert_eq!(a.metrics.decisions_republished.get(), 1);
     }
 }
