@@ -73,8 +73,9 @@ pub fn full_history(
                 partition: 0,
                 offset: off,
             };
+            let before = decide::allowance_before(&s, &ev, policy, params);
             s.apply(&ev, src, params);
-            decide::on_event(&mut s, &ev, policy, params);
+            decide::on_event(&mut s, &ev, before, policy, params);
             decide::recall_on_event(&mut s, &ev, policy);
         }
         s.outbox.clear();
@@ -166,8 +167,9 @@ pub fn irregular_history(
             partition: 3,
             offset: 1_000_000 + off as i64,
         };
+        let before = decide::allowance_before(&s, &ev, policy, params);
         s.apply(&ev, src, params);
-        decide::on_event(&mut s, &ev, policy, params);
+        decide::on_event(&mut s, &ev, before, policy, params);
         decide::recall_on_event(&mut s, &ev, policy);
         s.outbox.clear();
     }

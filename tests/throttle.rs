@@ -775,3 +775,82 @@ async fn lapse_creates_the_throttle_topic_compacted_when_missing() {
     lapse.sigterm();
     assert!(lapse.wait_exit(Duration::from_secs(30)).await.success());
 }
+
+/// Engagement-adaptive e-mail caps (on by default): a customer who opened and
+/// clicked every e-mail for months may get 3 a month instead of 2; the raised
+/// cap travels with the CAPPED decision, and the third e-mail is no violation.
+#[tokio::test]
+async fn an_engaged_customers_e_mail_cap_is_raised_end_to_end() {
+    let s = Stack::start().await;
+    let p = Producer::new(&s.broker.bootstrap());
+    let c = cust("brandE", "erin");
+    let mut history: Vec<(Event, Option<&str>)> = Vec::new();
+    for (m, d) in (1..=4).flat_map(|m| [(m, 1), (m, 15)]) {
+        let t = shanghai(2026, m, d, 10);
+        let id = format!("e{m}-{d}");
+        history.push((send(&c, &id, t, Channel::Email, Purpose::Marketing), None));
+        history.push((
+            open(&c, &format!("{id}-o"), t + 3_600_000, Channel::Email),
+            None,
+        ));
+        history.push((
+            click(&c, &format!("{id}-c"), t + 3_700_000, Channel::Email),
+            None,
+        ));
+    }
+    produce_events(&p, &history, |_| Framing::SingleObject).await;
+    let mut lapse = start(&s, "g-adaptive").await;
+    s.wait_caught_up("g-adaptive", LONG).await;
+
+    // Three e-mails in one day, long after the history's last one.
+    let violations = async |lapse: &LapseProcess| {
+        metric(
+            lapse,
+            "lapse_cap_violations_total",
+            &[("channel", "email"), ("kind", "cap")],
+        )
+        .await
+    };
+    let before = violations(&lapse).await;
+    let day: Vec<(Event, Option<&str>)> = (0..3)
+        .map(|k| {
+            let t = shanghai(2026, 5, 20, 10 + k);
+            (
+                send(
+                    &c,
+                    &format!("may-{k}"),
+                    t,
+                    Channel::Email,
+                    Purpose::Marketing,
+                ),
+                None,
+            )
+        })
+        .collect();
+    produce_events(&p, &day, |_| Framing::SingleObject).await;
+    s.wait_caught_up("g-adaptive", LONG).await;
+
+    // CAPPED by the third e-mail at the raised cap (the timer then reopens it:
+    // this harness's clock is the wall clock, months later).
+    let got = throttle_events(&s, 1).await;
+    let capped = got
+        .iter()
+        .filter(|(k, _)| k == "brandE/erin/EMAIL")
+        .map(|(_, d)| d)
+        .find(|d| text(d, "cause_event_id") == "may-2")
+        .unwrap_or_else(|| panic!("a decision caused by the third e-mail: {got:?}"));
+    assert_eq!(text(capped, "state"), "CAPPED", "{capped:?}");
+    assert_eq!(
+        capped["cap"],
+        Value::Union(1, Box::new(Value::Int(3))),
+        "{capped:?}"
+    );
+    assert_eq!(capped["sends_in_window"], Value::Long(3), "{capped:?}");
+    assert_eq!(
+        violations(&lapse).await,
+        before,
+        "the third e-mail was allowed"
+    );
+    lapse.sigterm();
+    assert!(lapse.wait_exit(Duration::from_secs(30)).await.success());
+}

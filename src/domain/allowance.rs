@@ -170,6 +170,8 @@ pub struct Rates {
     pub short: f64,
     pub baseline: f64,
     pub short_sends: f64,
+    /// How the channel's cap moves for this customer (`adaptive_cap.rs`).
+    pub cap_adjust: i32,
 }
 
 fn engaged(c: &Counts, signal: EngagementSignal) -> f64 {
@@ -204,6 +206,7 @@ pub fn rates(
         short: smooth(&s),
         baseline: smooth(&l),
         short_sends: s.sends as f64,
+        cap_adjust: p.adaptive_caps[c.index()].map_or(0, |a| a.adjustment(&s, &l)),
     }
 }
 
@@ -215,9 +218,11 @@ impl ChannelControl {
             .count() as u32
     }
 
-    /// The effective cap at `t`: boosted, and reduced while throttled with `reduce`.
-    fn cap_at(&self, c: Channel, p: &Policy, t: i64) -> CapRule {
+    /// The effective cap at `t`: boosted, moved by the customer's engagement
+    /// (`adjust`, as of the decision), and reduced while throttled with `reduce`.
+    fn cap_at(&self, c: Channel, p: &Policy, t: i64, adjust: i32) -> CapRule {
         let mut cap = p.cap_at(c, t);
+        cap.limit = super::adaptive_cap::adjusted(cap.limit, adjust);
         if let Some(s) = self.spell {
             if p.throttle.action == ThrottleAction::Reduce && s.since <= t && t < s.until {
                 cap.limit =
@@ -228,7 +233,7 @@ impl ChannelControl {
     }
 
     /// Earliest instant ≥ `t` at which the window holds fewer sends than the cap.
-    fn cap_free_at(&self, c: Channel, p: &Policy, t: i64) -> i64 {
+    fn cap_free_at(&self, c: Channel, p: &Policy, t: i64, adjust: i32) -> i64 {
         let window = p.caps[c.index()].window.as_ms();
         let mut candidates: Vec<i64> = std::iter::once(t)
             .chain(self.sends.iter().map(|s| s + window).filter(|x| *x > t))
@@ -238,7 +243,7 @@ impl ChannelControl {
         candidates.sort_unstable();
         candidates
             .into_iter()
-            .find(|x| self.in_window(*x, window) < self.cap_at(c, p, *x).limit)
+            .find(|x| self.in_window(*x, window) < self.cap_at(c, p, *x, adjust).limit)
             // Unreachable with a finite list of sends; stay safe.
             .unwrap_or(t + window)
     }
@@ -326,7 +331,8 @@ impl ChannelControl {
         rates: Option<Rates>,
         suppressed: bool,
     ) -> Allowance {
-        let cap = self.cap_at(c, p, t);
+        let adjust = rates.map_or(0, |r| r.cap_adjust);
+        let cap = self.cap_at(c, p, t, adjust);
         let window = cap.window.as_ms();
         let sends_in_window = self.in_window(t, window);
         let (short, baseline) = rates.map_or((None, None), |r| (Some(r.short), Some(r.baseline)));
@@ -357,7 +363,7 @@ impl ChannelControl {
                     return mk(
                         AllowanceState::Throttled,
                         reason,
-                        Some(self.cap_free_at(c, p, t)),
+                        Some(self.cap_free_at(c, p, t, adjust)),
                     )
                 }
                 ThrottleAction::Reduce => return mk(AllowanceState::Throttled, reason, Some(t)),
@@ -367,7 +373,7 @@ impl ChannelControl {
             return mk(
                 AllowanceState::Capped,
                 "frequency_cap",
-                Some(self.cap_free_at(c, p, t)),
+                Some(self.cap_free_at(c, p, t, adjust)),
             );
         }
         mk(AllowanceState::Open, "open", Some(t))

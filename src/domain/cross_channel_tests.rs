@@ -9,7 +9,9 @@ use super::binding_rule::{binding_rule, BindingRule};
 use super::cross_channel::{
     CrossChannelPolicy, CAMPAIGN_ON_OTHER_CHANNEL, CROSS_CHANNEL_CAP, MAX_CAMPAIGN_TOUCHES,
 };
-use super::decide::{allowance_at, campaign_allowance_at, on_event, release_due, Effects};
+use super::decide::{
+    allowance_at, allowance_before, campaign_allowance_at, on_event, release_due, Effects,
+};
 use super::event::*;
 use super::output::Output;
 use super::policy::{Policy, PolicyConfig, TenantOverride};
@@ -71,9 +73,10 @@ impl Sim {
             partition: 0,
             offset: self.n,
         };
+        let before = allowance_before(&self.state, &ev, &self.policy, &self.sp);
         let (out, _) = self.state.apply(&ev, src, &self.sp);
         assert_eq!(out, super::state::Outcome::Applied);
-        on_event(&mut self.state, &ev, &self.policy, &self.sp)
+        on_event(&mut self.state, &ev, before, &self.policy, &self.sp)
     }
 
     pub fn send(&mut self, c: Channel, campaign: &str, t: i64) -> Effects {

@@ -125,8 +125,35 @@ fn evaluate(
     }
 }
 
-/// Effects of one applied event at its event time.
-pub fn on_event(state: &mut CustomerState, ev: &Event, p: &Policy, sp: &StateParams) -> Effects {
+/// What a sender asking just before `ev` was told: the allowance of a
+/// marketing send's channel at its time, computed *before* the state folds the
+/// send (its engagement counts move an adaptive cap; the send is judged by the
+/// cap in force when it was made). `None` for every other event.
+pub fn allowance_before(
+    state: &CustomerState,
+    ev: &Event,
+    p: &Policy,
+    sp: &StateParams,
+) -> Option<Allowance> {
+    match &ev.body {
+        EventBody::Send {
+            channel,
+            purpose: Purpose::Marketing,
+            ..
+        } => Some(allowance_at(state, *channel, p, sp, ev.occurred_at)),
+        _ => None,
+    }
+}
+
+/// Effects of one applied event at its event time; `before` is
+/// [`allowance_before`] of the event, taken before the state folded it.
+pub fn on_event(
+    state: &mut CustomerState,
+    ev: &Event,
+    before: Option<Allowance>,
+    p: &Policy,
+    sp: &StateParams,
+) -> Effects {
     let mut fx = Effects::default();
     let t = ev.occurred_at;
     if let EventBody::Send {
@@ -146,7 +173,7 @@ pub fn on_event(state: &mut CustomerState, ev: &Event, p: &Policy, sp: &StatePar
     } = &ev.body
     {
         marketing_send = true;
-        let before = allowance_at(state, *channel, p, sp, t);
+        let before = before.unwrap_or_else(|| allowance_at(state, *channel, p, sp, t));
         let campaign = campaign_id.as_deref().map(cross_channel::campaign_hash);
         let locked = campaign.and_then(|k| {
             cross_channel::campaign_locked_until(&state.campaign_touches, k, *channel, p, t)

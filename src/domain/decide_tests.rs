@@ -4,8 +4,8 @@
 use chrono::TimeZone;
 use proptest::prelude::*;
 
-use super::allowance::AllowanceState;
-use super::decide::{allowance_at, on_event, release_due, Effects};
+use super::allowance::{AllowanceState, Violation};
+use super::decide::{allowance_at, allowance_before, on_event, release_due, Effects};
 use super::event::*;
 use super::output::Output;
 use super::policy::{Boost, Policy, PolicyConfig, TenantOverride};
@@ -53,6 +53,7 @@ impl Sim {
             body,
         };
         let kind = ev.kind();
+        let before = allowance_before(&self.state, &ev, &self.policy, &self.sp);
         let (out, _) = self.state.apply(
             &ev,
             Source {
@@ -63,7 +64,7 @@ impl Sim {
             &self.sp,
         );
         assert_eq!(out, super::state::Outcome::Applied);
-        on_event(&mut self.state, &ev, &self.policy, &self.sp)
+        on_event(&mut self.state, &ev, before, &self.policy, &self.sp)
     }
 
     fn send(&mut self, c: Channel, t: i64) -> Effects {
@@ -95,6 +96,17 @@ impl Sim {
     fn click(&mut self, c: Channel, t: i64) -> Effects {
         self.apply(
             EventBody::Click {
+                channel: c,
+                message_id: "m".into(),
+                campaign_id: None,
+            },
+            t,
+        )
+    }
+
+    fn open(&mut self, c: Channel, t: i64) -> Effects {
+        self.apply(
+            EventBody::Open {
                 channel: c,
                 message_id: "m".into(),
                 campaign_id: None,
@@ -505,4 +517,121 @@ fn a_late_event_never_publishes_an_allowance_older_than_the_last_decision() {
     assert_eq!(ds[2].state, AllowanceState::Capped);
     assert_eq!(ds[2].decided_at, released_at);
     assert_eq!(ds[2].allowed_from, Some(t + 2 * H + DAY));
+}
+
+/// An e-mail customer after `months` of e-mails on the 1st and 15th at 10:00,
+/// opening every `opens_every`-th one, as a sender obeying the allowance sends
+/// them. The click-rate throttle is off: it would pause a customer who never
+/// clicks before the adaptive cap has the sends to judge them by.
+fn email_history(months: u32, opens_every: Option<u32>) -> Sim {
+    let mut cfg = PolicyConfig::default();
+    cfg.throttle.throttle_below = 0.0;
+    cfg.throttle.floor = 0.0;
+    let mut s = Sim::new(cfg.resolve(None).unwrap());
+    let mut n = 0;
+    for m in 0..months {
+        for day in [1, 15] {
+            let t = sh(2026, 1 + m, day, 10, 0);
+            let a = allowance_at(&s.state, Channel::Email, &s.policy, &s.sp, t);
+            if a.state != AllowanceState::Open || a.allowed_from.is_none_or(|x| x > t) {
+                continue;
+            }
+            s.send(Channel::Email, t);
+            n += 1;
+            if opens_every.is_some_and(|k| n % k == 0) {
+                s.open(Channel::Email, t + H);
+            }
+        }
+    }
+    s
+}
+
+#[test]
+fn e_mail_caps_follow_the_customers_open_rate() {
+    let at = sh(2026, 7, 20, 10, 0);
+    // (opens: every k-th e-mail, or none) -> the e-mail cap in force afterwards.
+    for (opens_every, cap) in [(Some(1), 3), (Some(3), 2), (None, 1)] {
+        let s = email_history(6, opens_every);
+        let a = allowance_at(&s.state, Channel::Email, &s.policy, &s.sp, at);
+        assert_eq!(a.cap.limit, cap, "opening every {opens_every:?}");
+    }
+    // A new customer has no verdict yet: the channel's cap.
+    let s = email_history(1, Some(1));
+    let a = allowance_at(
+        &s.state,
+        Channel::Email,
+        &s.policy,
+        &s.sp,
+        sh(2026, 1, 20, 10, 0),
+    );
+    assert_eq!(a.cap.limit, 2);
+    // Off for e-mail, or on another channel by default: never moved.
+    let mut cfg = PolicyConfig::default();
+    cfg.throttle.throttle_below = 0.0;
+    cfg.throttle.floor = 0.0;
+    cfg.adaptive_caps.insert(
+        Channel::Email,
+        crate::domain::adaptive_cap::AdaptiveCap {
+            enabled: false,
+            ..Default::default()
+        },
+    );
+    let mut s = email_history(6, Some(1));
+    s.policy = cfg.resolve(None).unwrap();
+    let a = allowance_at(&s.state, Channel::Email, &s.policy, &s.sp, at);
+    assert_eq!(a.cap.limit, 2);
+    assert!(s.policy.adaptive_caps[Channel::Sms.index()].is_none());
+}
+
+#[test]
+fn an_engaged_customers_raised_cap_is_published_and_a_third_e_mail_is_no_violation() {
+    let mut s = email_history(6, Some(1));
+    // The last e-mail of the history (June 15) is out of the 30-day window.
+    let t = sh(2026, 7, 20, 10, 0);
+    for k in 0..3 {
+        let fx = s.send(Channel::Email, t + k * H);
+        assert!(fx.violations.is_empty(), "send {k}: {:?}", fx.violations);
+        s.open(Channel::Email, t + k * H + 60_000);
+    }
+    let capped = s.throttles().pop().unwrap();
+    assert_eq!(
+        (capped.state, capped.cap, capped.sends_in_window),
+        (AllowanceState::Capped, Some(3), 3)
+    );
+    let fx = s.send(Channel::Email, t + 4 * H);
+    assert_eq!(fx.violations, [(Channel::Email, Violation::Cap)]);
+}
+
+proptest! {
+    /// With any opens, a sender that only sends when e-mail is OPEN never has
+    /// more e-mails in a window than the cap in force when each was sent, and
+    /// never more than the channel's cap plus the raise.
+    #[test]
+    fn an_obeying_sender_never_exceeds_an_adaptive_cap(
+        steps in proptest::collection::vec((0i64..(20 * DAY), any::<bool>()), 1..60),
+    ) {
+        let mut s = Sim::default();
+        let raise = s.policy.adaptive_caps[Channel::Email.index()].map_or(0, |a| a.raise_by);
+        let base = s.policy.caps[Channel::Email.index()];
+        let mut t = sh(2026, 1, 1, 12, 0);
+        let mut sent: Vec<(i64, u32)> = Vec::new();
+        for (gap, opened) in steps {
+            t += gap;
+            let a = allowance_at(&s.state, Channel::Email, &s.policy, &s.sp, t);
+            if a.state == AllowanceState::Open && a.allowed_from.is_some_and(|x| x <= t) {
+                let fx = s.send(Channel::Email, t);
+                prop_assert!(fx.violations.is_empty(), "an allowed send was a violation");
+                sent.push((t, a.cap.limit));
+                if opened {
+                    s.open(Channel::Email, t + 60_000);
+                }
+            }
+        }
+        let window = base.window.as_ms();
+        for (i, &(end, cap)) in sent.iter().enumerate() {
+            let in_window = sent[..=i].iter().filter(|(x, _)| *x > end - window).count() as u32;
+            prop_assert!(in_window <= cap, "{in_window} e-mails in the window ending {end}, cap {cap}");
+            prop_assert!(in_window <= base.limit + raise);
+        }
+    }
 }

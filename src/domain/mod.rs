@@ -3,6 +3,7 @@
 //! when a file here names an adapter module, Avro, Kafka, Redis, IO or the
 //! system clock.
 
+pub mod adaptive_cap;
 pub mod allowance;
 pub mod binding_rule;
 pub mod campaign;

@@ -12,6 +12,7 @@ use chrono::{NaiveDateTime, NaiveTime, TimeZone, Timelike};
 use chrono_tz::Tz;
 use serde::{Deserialize, Serialize};
 
+use super::adaptive_cap::AdaptiveCap;
 use super::cross_channel::CrossChannelPolicy;
 use super::event::Channel;
 use super::platform::PlatformRule;
@@ -154,6 +155,9 @@ pub struct PolicyConfig {
     pub cross_channel: CrossChannelPolicy,
     /// Messaging platforms' hard limits (`[[policy.platform_rules]]`); none by default.
     pub platform_rules: Vec<PlatformRule>,
+    /// Engagement-adaptive caps per channel (EMAIL on by default; a channel
+    /// left out keeps its default: turn EMAIL off with `enabled = false`).
+    pub adaptive_caps: BTreeMap<Channel, AdaptiveCap>,
     pub lapse: super::lapse::LapsePolicy,
     /// Cost of one marketing send per channel, minor currency units (used when a
     /// send carries no `cost`, and to break ties between channels).
@@ -174,8 +178,17 @@ pub struct TenantOverride {
     pub cross_channel: Option<CrossChannelPolicy>,
     /// Replaces the global platform rules as a whole (an empty list: none).
     pub platform_rules: Option<Vec<PlatformRule>>,
+    /// Per channel.
+    pub adaptive_caps: BTreeMap<Channel, AdaptiveCap>,
     pub lapse: Option<super::lapse::LapsePolicy>,
     pub costs: BTreeMap<Channel, i64>,
+}
+
+/// Adaptive caps by default: e-mail only (the article's advice is for e-mail).
+pub fn seed_adaptive_caps() -> BTreeMap<Channel, AdaptiveCap> {
+    [(Channel::Email, AdaptiveCap::default())]
+        .into_iter()
+        .collect()
 }
 
 pub fn seed_caps() -> BTreeMap<Channel, CapRule> {
@@ -233,6 +246,7 @@ impl Default for PolicyConfig {
             throttle: ThrottlePolicy::default(),
             cross_channel: CrossChannelPolicy::default(),
             platform_rules: Vec::new(),
+            adaptive_caps: seed_adaptive_caps(),
             lapse: Default::default(),
             costs: seed_costs(),
             tenants: BTreeMap::new(),
@@ -266,6 +280,8 @@ pub struct Policy {
     pub throttle: ThrottlePolicy,
     pub cross_channel: CrossChannelPolicy,
     pub platform_rules: Vec<PlatformRule>,
+    /// Enabled adaptive caps, indexed by `Channel::index()`.
+    pub adaptive_caps: [Option<AdaptiveCap>; 5],
     pub lapse: super::lapse::LapsePolicy,
     /// Cost of one send per channel, minor units, indexed by `Channel::index()`.
     pub costs: [i64; 5],
@@ -437,6 +453,19 @@ impl PolicyConfig {
         for (i, r) in platform_rules.iter().enumerate() {
             r.validate(&format!("{prefix}.platform_rules[{i}]"))?;
         }
+        let mut adaptive_caps = [None; 5];
+        let seed = seed_adaptive_caps();
+        for c in Channel::ALL {
+            if let Some(a) = o
+                .adaptive_caps
+                .get(&c)
+                .or_else(|| self.adaptive_caps.get(&c))
+                .or_else(|| seed.get(&c))
+            {
+                a.validate(&format!("{prefix}.adaptive_caps.{c}"))?;
+                adaptive_caps[c.index()] = a.enabled.then_some(*a);
+            }
+        }
         let lapse = o.lapse.clone().unwrap_or_else(|| self.lapse.clone());
         lapse
             .validate(&format!("{prefix}.lapse"))
@@ -449,6 +478,7 @@ impl PolicyConfig {
             throttle,
             cross_channel,
             platform_rules,
+            adaptive_caps,
             lapse,
             costs,
         })
@@ -495,6 +525,7 @@ impl Policy {
             )
             .chain(std::iter::once(self.caps[c.index()].limit))
             .max()
+            .map(|m| m + self.adaptive_caps[c.index()].map_or(0, |a| a.max_raise()))
             .unwrap_or(1)
     }
 

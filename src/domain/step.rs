@@ -20,11 +20,12 @@ pub fn on_record(
     policy: &Policy,
     params: &StateParams,
 ) -> (Outcome, Notes, Option<Effects>) {
+    let before = decide::allowance_before(state, ev, policy, params);
     let (out, notes) = state.apply(ev, src, params);
     if out != Outcome::Applied {
         return (out, notes, None);
     }
-    let fx = decide::on_event(state, ev, policy, params);
+    let fx = decide::on_event(state, ev, before, policy, params);
     decide::recall_on_event(state, ev, policy);
     (out, notes, Some(fx))
 }

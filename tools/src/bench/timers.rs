@@ -52,12 +52,12 @@ use super::CpuCounters;
 use super::{opt, pct, percentile, Stats};
 use lapse::codec::{SchemaSet, RECALL_TRIGGER};
 use lapse::config::{ClockMode, Config};
-use lapse::domain::decide;
 use lapse::domain::event::{CustomerRef, Event, EventBody, EventKind, VisitType};
 use lapse::domain::lapse::{Stage, DAY_MS};
 use lapse::domain::policy::{Policies, Policy};
 use lapse::domain::recall;
-use lapse::domain::state::{CustomerState, Outcome, Source, StateParams};
+use lapse::domain::state::{CustomerState, Source, StateParams};
+use lapse::domain::{decide, step};
 use lapse::metrics::Metrics;
 use lapse::store::event_time::SharedEventTime;
 use lapse::store::timers::TimerStore;
@@ -176,11 +176,7 @@ fn fold_visits(
             partition: (i % 6) as i32,
             offset: (i * 3 + k) as i64,
         };
-        let (out, _) = st.apply(&ev, src, params);
-        if out == Outcome::Applied {
-            decide::on_event(&mut st, &ev, policy, params);
-            decide::recall_on_event(&mut st, &ev, policy);
-        }
+        step::on_record(&mut st, &ev, src, policy, params);
     }
     st.timer_due = decide::next_timer(&st, policy);
     st
