@@ -49,12 +49,24 @@ pub fn run(
     stop: &AtomicBool,
     progress: &mut dyn FnMut(usize, usize),
 ) -> (PolicyReport, bool) {
+    let mut replay = replay::Replay::new(&candidate.policies, candidate.params);
+    replay_into(&mut replay, history, keep_ids, stop, progress)
+}
+
+/// [`run`] through the caller's replay, which keeps the customers' states
+/// afterwards (the benchmark measures them).
+pub fn replay_into<'h>(
+    replay: &mut replay::Replay<'_, 'h>,
+    history: &'h History,
+    keep_ids: bool,
+    stop: &AtomicBool,
+    progress: &mut dyn FnMut(usize, usize),
+) -> (PolicyReport, bool) {
     let mut report = if keep_ids {
         PolicyReport::keeping_ids()
     } else {
         PolicyReport::default()
     };
-    let mut replay = replay::Replay::new(&candidate.policies, candidate.params);
     let mut last = Instant::now();
     let total = history.events.len();
     for (i, ((ev, src, _), who)) in history.events.iter().zip(&history.customers).enumerate() {

@@ -29,12 +29,13 @@ pub trait Recorder {
     fn skipped(&mut self, _ev: &Event, _why: Outcome) {}
 }
 
-/// The replay of one policy. Feed it records in event-time order.
-pub struct Replay<'p> {
+/// The replay of one policy over a history (`'h`). Feed it records in replay order.
+pub struct Replay<'p, 'h> {
     policies: &'p Policies,
     params: StateParams,
     /// By customer number (`History::customers`): no hashing per record.
     customers: Vec<(CustomerRef, CustomerState)>,
+    history: std::marker::PhantomData<&'h Event>,
     /// tenant → campaign → state (looked up without allocating).
     campaigns: HashMap<String, HashMap<String, CampaignState>>,
     /// (due, customer number); stale entries (the customer's `timer_due` moved) are skipped.
@@ -43,12 +44,13 @@ pub struct Replay<'p> {
     now: i64,
 }
 
-impl<'p> Replay<'p> {
-    pub fn new(policies: &'p Policies, params: StateParams) -> Replay<'p> {
+impl<'p, 'h> Replay<'p, 'h> {
+    pub fn new(policies: &'p Policies, params: StateParams) -> Replay<'p, 'h> {
         Replay {
             policies,
             params,
             customers: Vec::new(),
+            history: std::marker::PhantomData,
             campaigns: HashMap::new(),
             timers: BinaryHeap::new(),
             now: i64::MIN,
@@ -60,12 +62,18 @@ impl<'p> Replay<'p> {
         self.customers.len()
     }
 
+    /// Customer number `who` and its state as it is now.
+    pub fn state(&self, who: u32) -> Option<(&CustomerRef, CustomerState)> {
+        let (c, s) = self.customers.get(who as usize)?;
+        Some((c, s.clone()))
+    }
+
     /// Applies one record of customer number `who` (numbers are dense, from
     /// 0, in order of first appearance). A record later than the clock moves
     /// it, firing every timer due by its time first; an earlier (late) record
     /// is applied at the clock as it is, like records arriving together in one
     /// live batch.
-    pub fn record(&mut self, ev: &Event, src: Source, who: u32, rec: &mut impl Recorder) {
+    pub fn record(&mut self, ev: &'h Event, src: Source, who: u32, rec: &mut impl Recorder) {
         if ev.occurred_at > self.now {
             self.advance(ev.occurred_at, rec);
         }
