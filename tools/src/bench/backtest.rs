@@ -3,11 +3,12 @@
 //! sorted by event time, is replayed through the default policy on one thread:
 //!
 //! * **speed**: events/s per run and the median;
-//! * **memory**: one more replay, kept once it is over, measured by the
-//!   counting allocator (`heap.rs`): the heap it holds per customer (states,
-//!   timers, campaigns, and the report), beside what the same customers' final
-//!   states take stored: the compact blob and key, and with `--redis` what
-//!   Redis holds once lapse's own store code has written them there
+//! * **memory**: one more replay, keeping every customer's final state (compact,
+//!   as `lapse backtest` does not), measured by the counting allocator
+//!   (`heap.rs`): the heap it holds per customer once over (and with its
+//!   report), and its peak while replaying; beside what the same customers'
+//!   final states take stored: the compact blob and key, and with `--redis`
+//!   what Redis holds once lapse's own store code has written them there
 //!   (`used_memory` growth, `MEMORY USAGE` of state keys).
 
 use std::sync::atomic::AtomicBool;
@@ -72,6 +73,7 @@ pub async fn run(a: &BacktestArgs) -> anyhow::Result<()> {
         days: a.days,
         now_ms: WallClock.now_ms(),
     };
+    let before_history = heap::thread_net_bytes();
     let mut history = History::default();
     for (i, g) in Workload::new(spec).enumerate() {
         let src = Source {
@@ -83,6 +85,7 @@ pub async fn run(a: &BacktestArgs) -> anyhow::Result<()> {
         history.events.push((g.event, src, at));
     }
     history.sort();
+    let history_bytes = heap::thread_net_bytes() - before_history;
     let n = history.events.len();
     let stop = AtomicBool::new(false);
     let mut rates = Vec::new();
@@ -106,9 +109,11 @@ pub async fn run(a: &BacktestArgs) -> anyhow::Result<()> {
 
     // Memory: the heap a finished replay (and its report) holds, on this thread.
     let before = heap::thread_net_bytes();
-    let mut replay = Replay::new(&candidate.policies, candidate.params);
+    heap::thread_peak_bytes();
+    let mut replay = Replay::new(&candidate.policies, candidate.params).keeping_states();
     let (report, _) =
         lapse::backtest::replay_into(&mut replay, &history, false, &stop, &mut |_, _| {});
+    let peak = heap::thread_peak_bytes() - before;
     let with_report = heap::thread_net_bytes() - before;
     drop(report);
     let held = heap::thread_net_bytes() - before;
@@ -130,6 +135,12 @@ pub async fn run(a: &BacktestArgs) -> anyhow::Result<()> {
     println!(
         "  stored, compact blob + state key: {:.0} B (what Redis stores, before its own overhead)",
         per(stored as f64)
+    );
+    println!(
+        "  (while replaying, the replay's peak: {:.0} B per customer = {:.1} B per record of its per-record index and clock, beside the history's own records: {:.0} B each)",
+        per(peak as f64),
+        (peak - with_report) as f64 / n.max(1) as f64,
+        history_bytes as f64 / n.max(1) as f64
     );
     let redis = if a.redis {
         let (bytes, key) = in_redis(&cfg, &replay, a.sample).await?;

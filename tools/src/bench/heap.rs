@@ -15,17 +15,29 @@ use mimalloc::MiMalloc;
 
 thread_local! {
     static NET: Cell<isize> = const { Cell::new(0) };
+    static PEAK: Cell<isize> = const { Cell::new(0) };
 }
 
 fn count(delta: isize) {
     // `try_with`: never fails for a const-initialised Cell; harmless if it did.
-    let _ = NET.try_with(|n| n.set(n.get().wrapping_add(delta)));
+    let _ = NET.try_with(|n| {
+        let now = n.get().wrapping_add(delta);
+        n.set(now);
+        let _ = PEAK.try_with(|p| p.set(p.get().max(now)));
+    });
 }
 
 /// Bytes this thread has allocated minus those it freed, since it started.
 /// Meaningful as a difference over a stretch of single-threaded work.
 pub fn thread_net_bytes() -> isize {
     NET.try_with(Cell::get).unwrap_or(0)
+}
+
+/// The highest [`thread_net_bytes`] since the last call (which starts a new
+/// stretch at the current count).
+pub fn thread_peak_bytes() -> isize {
+    let now = thread_net_bytes();
+    PEAK.try_with(|p| p.replace(now)).unwrap_or(now)
 }
 
 /// mimalloc with the per-thread count. Install with `#[global_allocator]`.
