@@ -26,7 +26,7 @@ use lapse::store::keys::Keys;
 use lapse::wall_clock::WallClock;
 
 use super::heap;
-use super::machine::Machine;
+use super::machine::{self, Machine};
 use super::memory::RedisStore;
 use super::workload::{Workload, WorkloadSpec};
 
@@ -90,12 +90,14 @@ pub async fn run(a: &BacktestArgs) -> anyhow::Result<()> {
     let stop = AtomicBool::new(false);
     let mut rates = Vec::new();
     for run in 1..=a.runs {
+        // The machine may be shared: each run says how busy it was before.
+        let load = super::opt(machine::load_average(), 2);
         let started = Instant::now();
         let (report, _) = lapse::backtest::run(&history, &candidate, false, &stop, &mut |_, _| {});
         let secs = started.elapsed().as_secs_f64();
         let rate = n as f64 / secs;
         println!(
-            "run {run}: {n} events in {secs:.2} s = {rate:.0} events/s ({} throttle decision kinds, {} trigger rows)",
+            "run {run}: {n} events in {secs:.2} s = {rate:.0} events/s (load before: {load}; {} throttle decision kinds, {} trigger rows)",
             report.throttle_decisions.len(),
             report.triggers.len()
         );
