@@ -16,6 +16,7 @@
 //! have done had they obeyed it".
 
 pub mod cli;
+pub mod clock;
 pub mod replay;
 pub mod report;
 pub mod source;
@@ -23,11 +24,10 @@ pub mod source;
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::domain::event::Channel;
+use crate::domain::event::{Channel, CustomerRef};
 use crate::domain::policy::Policies;
 use crate::domain::state::StateParams;
 use report::{PolicyReport, SendRow};
@@ -49,31 +49,26 @@ pub fn run(
     stop: &AtomicBool,
     progress: &mut dyn FnMut(usize, usize),
 ) -> (PolicyReport, bool) {
+    let mut replay = replay::Replay::new(&candidate.policies, candidate.params);
+    replay_into(&mut replay, history, keep_ids, stop, progress)
+}
+
+/// [`run`] through the caller's replay (the benchmark keeps its states).
+pub fn replay_into<'h>(
+    replay: &mut replay::Replay<'_, 'h>,
+    history: &'h History,
+    keep_ids: bool,
+    stop: &AtomicBool,
+    progress: &mut dyn FnMut(usize, usize),
+) -> (PolicyReport, bool) {
     let mut report = if keep_ids {
         PolicyReport::keeping_ids()
     } else {
         PolicyReport::default()
     };
-    let mut replay = replay::Replay::new(&candidate.policies, candidate.params);
-    let mut last = Instant::now();
-    let total = history.events.len();
-    for (i, ((ev, src, _), who)) in history.events.iter().zip(&history.customers).enumerate() {
-        if i % 4096 == 0 {
-            if stop.load(Ordering::Relaxed) {
-                report.finish();
-                return (report, true);
-            }
-            if last.elapsed().as_secs() >= 1 {
-                progress(i, total);
-                last = Instant::now();
-            }
-        }
-        replay.record(ev, *src, *who, &mut report);
-    }
-    // Timers due by the end of the history fire: the event clock has reached it.
-    replay.advance(i64::MIN, &mut report);
+    let interrupted = replay.run(history, &mut report, stop, progress);
     report.finish();
-    (report, false)
+    (report, interrupted)
 }
 
 /// The whole comparison, as `--json` prints it.
@@ -272,29 +267,24 @@ pub fn samples(
 ) -> Vec<(String, String)> {
     let mut out = Vec::new();
     for ch in Channel::ALL {
-        let mut who: Vec<_> =
+        let blocked = |r: &PolicyReport, c: &CustomerRef| r.blocked_by(c, ch);
+        let mut who: Vec<&CustomerRef> =
             a.1.blocked_by_customer
                 .keys()
                 .chain(b.1.blocked_by_customer.keys())
-                .filter(|(_, c)| *c == ch)
-                .map(|(c, _)| c)
+                .filter(|c| blocked(a.1, c) != blocked(b.1, c))
                 .collect::<std::collections::BTreeSet<_>>()
                 .into_iter()
-                .filter(|c| {
-                    let k = ((*c).clone(), ch);
-                    a.1.blocked_by_customer.get(&k) != b.1.blocked_by_customer.get(&k)
-                })
                 .collect();
         who.truncate(per_channel);
         for c in who {
-            let k = (c.clone(), ch);
             out.push((
                 source::shown(c, show_ids),
                 format!(
                     "{ch}: {} blocked under {}, {} under {}",
-                    a.1.blocked_by_customer.get(&k).copied().unwrap_or(0),
+                    blocked(a.1, c),
                     a.0,
-                    b.1.blocked_by_customer.get(&k).copied().unwrap_or(0),
+                    blocked(b.1, c),
                     b.0
                 ),
             ));

@@ -80,8 +80,9 @@ pub struct PolicyReport {
     /// Records skipped by the dedup rules, by kind.
     pub skipped: BTreeMap<String, u64>,
     pub customers_blocked: HashMap<(Channel, i64), BTreeSet<CustomerRef>>,
-    /// Per customer and channel: blocked sends (for samples of differences).
-    pub blocked_by_customer: HashMap<(CustomerRef, Channel), u64>,
+    /// Per customer, blocked sends by channel (`Channel::index`), for samples
+    /// of differences (keyed by customer alone: looked up without a copy of the id).
+    pub blocked_by_customer: HashMap<CustomerRef, [u64; 5]>,
     /// Ids of every published decision, when kept (tests, `--ids`).
     pub ids: Option<Ids>,
 }
@@ -121,13 +122,13 @@ impl PolicyReport {
             t.cost_allowed += r.cost_allowed;
             t.cost_blocked += r.cost_blocked;
         }
-        t.customers_blocked = self
-            .blocked_by_customer
-            .keys()
-            .map(|(c, _)| c)
-            .collect::<BTreeSet<_>>()
-            .len() as u64;
+        t.customers_blocked = self.blocked_by_customer.len() as u64;
         t
+    }
+
+    /// Sends of customer `c` on channel `ch` that were blocked.
+    pub fn blocked_by(&self, c: &CustomerRef, ch: Channel) -> u64 {
+        self.blocked_by_customer.get(c).map_or(0, |n| n[ch.index()])
     }
 }
 
@@ -187,14 +188,19 @@ impl Recorder for PolicyReport {
             Some(v) => {
                 row.blocked[blocked_index(v)] += 1;
                 row.cost_blocked += cost;
-                self.customers_blocked
-                    .entry((channel, week))
-                    .or_default()
-                    .insert(ev.customer.clone());
-                *self
-                    .blocked_by_customer
-                    .entry((ev.customer.clone(), channel))
-                    .or_default() += 1;
+                // The customer's id is copied only the first time it is seen.
+                let who = self.customers_blocked.entry((channel, week)).or_default();
+                if !who.contains(&ev.customer) {
+                    who.insert(ev.customer.clone());
+                }
+                match self.blocked_by_customer.get_mut(&ev.customer) {
+                    Some(n) => n[channel.index()] += 1,
+                    None => {
+                        let mut n = [0; 5];
+                        n[channel.index()] = 1;
+                        self.blocked_by_customer.insert(ev.customer.clone(), n);
+                    }
+                }
             }
         }
     }

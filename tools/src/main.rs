@@ -8,10 +8,10 @@ use clap::{Parser, Subcommand};
 use lapse::config::Config;
 use lapse_tools::{bench, sample, simulate};
 
-/// The same allocator as `lapse`: the benchmarks' producers and the simulator
-/// were measured with it.
+/// The same allocator as `lapse` (the benchmarks' producers and the simulator
+/// were measured with it), counting each thread's heap for the memory figures.
 #[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOC: bench::heap::Counting = bench::heap::Counting;
 
 #[derive(Parser)]
 #[command(

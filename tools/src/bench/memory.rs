@@ -158,34 +158,13 @@ pub async fn run(args: &MemoryArgs) -> anyhow::Result<MemoryReport> {
     let policies = lapse::domain::policy::Policies::new(&cfg.policy)
         .map_err(|(key, message)| anyhow::anyhow!("policy: {key}: {message}"))?;
 
-    let metrics = Metrics::new(&cfg.metrics);
-    let store = StateStore::connect(&cfg.redis, metrics)
-        .await
-        .with_context(|| format!("connecting to Redis at {}", cfg.redis.url))?;
-    let timers = TimerStore::new(
-        store.conn(),
-        cfg.redis.key_prefix.clone(),
-        cfg.timers.shards,
-    )
-    .await?;
-    let redis = RedisView::connect(&cfg).await?;
-    let redis_version = redis
-        .info("server")
-        .await?
-        .remove("redis_version")
-        .unwrap_or_else(|| "?".into());
+    let redis = RedisStore::connect(&cfg).await?;
     let machine = Machine::describe();
     println!("machine: {}", machine.one_line());
     println!(
-        "redis {redis_version}; {} customers per run, {} runs per history",
-        args.customers, args.runs
+        "redis {}; {} customers per run, {} runs per history",
+        redis.version, args.customers, args.runs
     );
-    let env = Env {
-        args,
-        store: &store,
-        timers: &timers,
-        redis: &redis,
-    };
     let mut histories = Vec::new();
     for history in &args.history {
         let template_customer = CustomerRef::new("clinic-1", "cust-0000000");
@@ -196,9 +175,9 @@ pub async fn run(args: &MemoryArgs) -> anyhow::Result<MemoryReport> {
                 irregular_history(&template_customer, args.rounds, 1, &params, policy)
             }
         };
-        histories.push(measure(&env, *history, &template).await?);
+        histories.push(measure(args, &redis, *history, &template).await?);
     }
-    redis.flush().await?;
+    redis.view.flush().await?;
     println!();
     for h in &histories {
         println!(
@@ -212,7 +191,7 @@ pub async fn run(args: &MemoryArgs) -> anyhow::Result<MemoryReport> {
     }
     let report = MemoryReport {
         machine,
-        redis_version,
+        redis_version: redis.version.clone(),
         histories,
         target_bytes: TARGET_BYTES,
     };
@@ -223,20 +202,119 @@ pub async fn run(args: &MemoryArgs) -> anyhow::Result<MemoryReport> {
     Ok(report)
 }
 
-struct Env<'a> {
-    args: &'a MemoryArgs,
-    store: &'a StateStore,
-    timers: &'a TimerStore,
-    redis: &'a RedisView,
+/// lapse's own store code on the benchmark's Redis: customers' states are
+/// written as `lapse run` writes them (state key by the CAS script, timer),
+/// so what Redis holds afterwards is what lapse would hold.
+pub(super) struct RedisStore {
+    store: StateStore,
+    timers: TimerStore,
+    pub(super) view: RedisView,
+    pub(super) version: String,
+}
+
+impl RedisStore {
+    /// Connects to `cfg`'s Redis (`redis.url`, `redis.key_prefix`, `timers.shards`).
+    pub(super) async fn connect(cfg: &Config) -> anyhow::Result<RedisStore> {
+        let metrics = Metrics::new(&cfg.metrics);
+        let store = StateStore::connect(&cfg.redis, metrics)
+            .await
+            .with_context(|| format!("connecting to Redis at {}", cfg.redis.url))?;
+        let timers = TimerStore::new(
+            store.conn(),
+            cfg.redis.key_prefix.clone(),
+            cfg.timers.shards,
+        )
+        .await?;
+        let view = RedisView::connect(cfg).await?;
+        let version = view
+            .info("server")
+            .await?
+            .remove("redis_version")
+            .unwrap_or_else(|| "?".into());
+        Ok(RedisStore {
+            store,
+            timers,
+            view,
+            version,
+        })
+    }
+
+    /// Empties the database and returns `used_memory` once the allocator has
+    /// settled: the baseline of a measurement.
+    pub(super) async fn empty(&self) -> anyhow::Result<f64> {
+        self.view.flush().await?;
+        // Let the allocator settle so the baseline is not mid-free.
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        self.used_memory().await
+    }
+
+    async fn used_memory(&self) -> anyhow::Result<f64> {
+        self.view
+            .num("memory", "used_memory")
+            .await
+            .context("INFO memory has no used_memory")
+    }
+
+    /// Writes new customers' states (revision 1) and schedules their timers.
+    pub(super) async fn write(
+        &self,
+        states: &[(&CustomerRef, &CustomerState)],
+    ) -> anyhow::Result<()> {
+        let writes: Vec<(&CustomerRef, u64, &CustomerState)> =
+            states.iter().map(|(c, s)| (*c, 0, *s)).collect();
+        let ok = self.store.save_many(&writes).await?;
+        anyhow::ensure!(
+            ok.iter().all(|b| *b),
+            "a fresh write conflicted: is the database shared?"
+        );
+        let due: Vec<(&CustomerRef, i64)> = states
+            .iter()
+            .filter_map(|(c, s)| Some((*c, s.timer_due?)))
+            .collect();
+        if !due.is_empty() {
+            self.timers.schedule(&due).await?;
+        }
+        Ok(())
+    }
+
+    /// Redis' memory for the customers written since [`RedisStore::empty`]
+    /// returned `before`: `used_memory` growth per customer, and `MEMORY
+    /// USAGE` of `sample` state keys picked at random (seeded) from `customers`.
+    pub(super) async fn measure(
+        &self,
+        before: f64,
+        customers: &[&CustomerRef],
+        sample: u64,
+        seed: u64,
+    ) -> anyhow::Result<(f64, Stats, u64)> {
+        let after = self.used_memory().await?;
+        let keys = self.view.dbsize().await?;
+        let mut conn = self.view.conn.clone();
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut usage = Vec::new();
+        for _ in 0..sample.min(customers.len() as u64) {
+            let c = customers[rng.random_range(0..customers.len())];
+            let bytes: Option<u64> = redis::cmd("MEMORY")
+                .arg("USAGE")
+                .arg(self.store.keys().state(c))
+                .arg("SAMPLES")
+                .arg(0)
+                .query_async(&mut conn)
+                .await?;
+            usage.push(bytes.context("a written state key is missing")? as f64);
+        }
+        let per_customer = (after - before) / customers.len().max(1) as f64;
+        Ok((per_customer, Stats::of(&usage), keys))
+    }
 }
 
 /// Writes `template` for `--customers` customers, `--runs` times, and measures.
 async fn measure(
-    env: &Env<'_>,
+    args: &MemoryArgs,
+    redis: &RedisStore,
     history: History,
     template: &CustomerState,
 ) -> anyhow::Result<HistoryReport> {
-    let (args, store, timers, redis) = (env.args, env.store, env.timers, env.redis);
     let blob_bytes = lapse::store::blob::encode(1, template).len();
     let parts = blob_parts(template);
     let codec = codec_micros(template);
@@ -255,56 +333,27 @@ async fn measure(
         "encoding / decoding that state: {:.2} / {:.2} µs (format 1, postcard: {:.2} / {:.2} µs)",
         codec.encode, codec.decode, codec.format1_encode, codec.format1_decode
     );
-    let used_memory = || async {
-        redis
-            .num("memory", "used_memory")
-            .await
-            .context("INFO memory has no used_memory")
-    };
-    let mut conn = redis.conn.clone();
+    let ids: Vec<CustomerRef> = (0..args.customers)
+        .map(|i| CustomerRef::new(format!("clinic-{}", i % 4 + 1), format!("cust-{i:07}")))
+        .collect();
+    let refs: Vec<&CustomerRef> = ids.iter().collect();
     let mut runs = Vec::new();
     for run in 1..=args.runs {
-        redis.flush().await?;
-        // Let the allocator settle so the baseline is not mid-free.
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-        let before = used_memory().await?;
+        let before = redis.empty().await?;
         let started = Instant::now();
-        let ids: Vec<CustomerRef> = (0..args.customers)
-            .map(|i| CustomerRef::new(format!("clinic-{}", i % 4 + 1), format!("cust-{i:07}")))
-            .collect();
-        for chunk in ids.chunks(1_000) {
-            let writes: Vec<(&CustomerRef, u64, &CustomerState)> =
-                chunk.iter().map(|c| (c, 0, template)).collect();
-            let ok = store.save_many(&writes).await?;
-            anyhow::ensure!(
-                ok.iter().all(|b| *b),
-                "a fresh write conflicted: is the database shared?"
-            );
-            if let Some(due) = template.timer_due {
-                let due: Vec<(&CustomerRef, i64)> = chunk.iter().map(|c| (c, due)).collect();
-                timers.schedule(&due).await?;
-            }
+        for chunk in refs.chunks(1_000) {
+            let states: Vec<(&CustomerRef, &CustomerState)> =
+                chunk.iter().map(|c| (*c, template)).collect();
+            redis.write(&states).await?;
         }
         let write_seconds = started.elapsed().as_secs_f64();
-        let after = used_memory().await?;
-        let keys = redis.dbsize().await?;
-        let mut rng = StdRng::seed_from_u64(run as u64);
-        let mut usage = Vec::new();
-        for _ in 0..args.sample.min(args.customers) {
-            let c = &ids[rng.random_range(0..ids.len())];
-            let bytes: Option<u64> = redis::cmd("MEMORY")
-                .arg("USAGE")
-                .arg(store.keys().state(c))
-                .arg("SAMPLES")
-                .arg(0)
-                .query_async(&mut conn)
-                .await?;
-            usage.push(bytes.context("a written state key is missing")? as f64);
-        }
+        let (per_customer, usage, keys) = redis
+            .measure(before, &refs, args.sample, run as u64)
+            .await?;
         let r = MemoryRun {
             customers: args.customers,
-            used_memory_per_customer: (after - before) / args.customers as f64,
-            memory_usage_state_key: Stats::of(&usage),
+            used_memory_per_customer: per_customer,
+            memory_usage_state_key: usage,
             keys,
             write_seconds,
         };
@@ -315,7 +364,7 @@ async fn measure(
             r.memory_usage_state_key.median,
             r.memory_usage_state_key.min,
             r.memory_usage_state_key.max,
-            usage.len(),
+            args.sample.min(args.customers),
             r.write_seconds
         );
         runs.push(r);

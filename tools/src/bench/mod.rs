@@ -4,9 +4,11 @@
 //! * `consume`: end-to-end throughput of `lapse run` over what is in the topics;
 //! * `latency`: send → throttle decision latency of `lapse run` under a fixed load;
 //! * `timers`: firing lag of a day of lapse timers in event-time mode;
-//! * `memory`: Redis bytes per customer with a full five-channel history.
+//! * `memory`: Redis bytes per customer with a full five-channel history;
+//! * `backtest`: replay speed of `lapse backtest`, and its memory per customer
+//!   beside what the same customers cost in Redis.
 //!
-//! `scripts/bench [throughput|latency|timers|memory|profile]` sets up Redis and
+//! `scripts/bench [throughput|latency|timers|memory|backtest|profile]` sets up Redis and
 //! the broker on loopback and runs one of them. They share the pieces here: the
 //! workload generator, the machine description, the `/metrics` reader, `median`
 //! and `Stats`.
@@ -14,6 +16,7 @@
 pub mod backtest;
 mod child;
 pub mod consume;
+pub mod heap;
 pub mod latency;
 pub mod machine;
 pub mod memory;
@@ -105,7 +108,7 @@ pub enum BenchCmd {
     Timers(timers::TimersArgs),
     /// Measure send → decision latency of `lapse run` under a fixed produce rate.
     Latency(latency::LatencyArgs),
-    /// Replay speed of `lapse backtest` (in memory, one thread; no servers).
+    /// Replay speed and memory of `lapse backtest` (in memory, one thread; Redis only with --redis).
     Backtest(backtest::BacktestArgs),
 }
 
@@ -121,7 +124,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         BenchCmd::Memory(a) => memory::run(&a).await.map(|_| ()),
         BenchCmd::Timers(a) => timers::run(&a).await.map(|_| ()),
         BenchCmd::Latency(a) => latency::run(&a).await.map(|_| ()),
-        BenchCmd::Backtest(a) => backtest::run(&a),
+        BenchCmd::Backtest(a) => backtest::run(&a).await,
     }
 }
 
