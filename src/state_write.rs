@@ -756,23 +756,29 @@ mod tests {
             .unwrap()
     }
 
-    #[tokio::test]
-    async fn a_publisher_overtaken_by_a_newer_decision_publishes_the_newest_again() {
-        let (_, sink, a) = setup();
-        let b = StateWriter {
-            metrics: Metrics::new(&MetricsConfig::default()),
-            ..a.clone()
-        };
-        let c1 = CustomerRef::new("brandA", "c1");
+    fn states(sent: &[(Option<CustomerRef>, Output)]) -> Vec<AllowanceState> {
+        sent.iter()
+            .map(|(_, o)| match o {
+                Output::Throttle(d) => d.state,
+                _ => unreachable!(),
+            })
+            .collect()
+    }
+
+    /// Writer `a` fills c1's SMS cap (CAPPED: written, not yet published);
+    /// writer `b` folds an unsubscribe reply onto a's record (SUPPRESSED) and
+    /// publishes both decisions. Returns what `a` stored, to publish late.
+    async fn overtake<'c>(
+        a: &StateWriter,
+        b: &StateWriter,
+        c1: &'c CustomerRef,
+    ) -> Vec<Stored<'c, CustomerState, ()>> {
         let day = 86_400_000;
-        // Writer a: two marketing SMS fill the cap (CAPPED), written, not yet published.
         let mut caps = Apply(vec![
             marketing_sms("s1", 10 * day),
             marketing_sms("s2", 10 * day + 1),
         ]);
-        let stored_a = a.write(vec![&c1], &mut caps).await.unwrap();
-        // Writer b folds an unsubscribe reply onto a's record (SUPPRESSED),
-        // and publishes both decisions before a's copy of the first lands.
+        let stored_a = a.write(vec![c1], &mut caps).await.unwrap();
         let mut stop = Apply(vec![sms(
             "r1",
             10 * day + 2,
@@ -782,8 +788,20 @@ mod tests {
                 class: ReplyClass::Unsubscribe,
             },
         )]);
-        let stored_b = b.write(vec![&c1], &mut stop).await.unwrap();
+        let stored_b = b.write(vec![c1], &mut stop).await.unwrap();
         b.publish(&stored_b).await.unwrap();
+        stored_a
+    }
+
+    #[tokio::test]
+    async fn a_publisher_overtaken_by_a_newer_decision_publishes_the_newest_again() {
+        let (_, sink, a) = setup();
+        let b = StateWriter {
+            metrics: Metrics::new(&MetricsConfig::default()),
+            ..a.clone()
+        };
+        let c1 = CustomerRef::new("brandA", "c1");
+        let stored_a = overtake(&a, &b, &c1).await;
         let newest = last_on_key(&sink.sent(), "brandA/c1/SMS");
         assert_eq!(newest.state, AllowanceState::Suppressed);
         assert_eq!(sink.sent().len(), 2);
@@ -791,15 +809,8 @@ mod tests {
         // a's copy lands last: without more, the key would end CAPPED.
         a.publish(&stored_a).await.unwrap();
         let sent = sink.sent();
-        let states: Vec<AllowanceState> = sent
-            .iter()
-            .map(|(_, o)| match o {
-                Output::Throttle(d) => d.state,
-                _ => unreachable!(),
-            })
-            .collect();
         use AllowanceState::{Capped, Suppressed};
-        assert_eq!(states, [Capped, Suppressed, Capped, Suppressed]);
+        assert_eq!(states(&sent), [Capped, Suppressed, Capped, Suppressed]);
         // The newest again, exactly as b published it (bar the unpublished
         // `previous`, which moves no gauge a second time).
         let again = last_on_key(&sent, "brandA/c1/SMS");
@@ -870,36 +881,15 @@ mod tests {
             ..b.clone()
         };
         let c1 = CustomerRef::new("brandA", "c1");
-        let day = 86_400_000;
-        let mut caps = Apply(vec![
-            marketing_sms("s1", 10 * day),
-            marketing_sms("s2", 10 * day + 1),
-        ]);
-        let stored_a = a.write(vec![&c1], &mut caps).await.unwrap();
-        let mut stop = Apply(vec![sms(
-            "r1",
-            10 * day + 2,
-            EventBody::Reply {
-                channel: Channel::Sms,
-                message_id: None,
-                class: ReplyClass::Unsubscribe,
-            },
-        )]);
-        let stored_b = b.write(vec![&c1], &mut stop).await.unwrap();
-        b.publish(&stored_b).await.unwrap();
+        let stored_a = overtake(&a, &b, &c1).await;
         // a's copy lands, then its producer reports an error: still an error
         // for the caller, and the newest is last on the key.
         assert!(a.publish(&stored_a).await.is_err());
-        let states: Vec<AllowanceState> = sink
-            .sent()
-            .iter()
-            .map(|(_, o)| match o {
-                Output::Throttle(d) => d.state,
-                _ => unreachable!(),
-            })
-            .collect();
         use AllowanceState::{Capped, Suppressed};
-        assert_eq!(states, [Capped, Suppressed, Capped, Suppressed]);
+        assert_eq!(
+            states(&sink.sent()),
+            [Capped, Suppressed, Capped, Suppressed]
+        );
         assert_eq!(a.metrics.decisions_republished.get(), 1);
     }
 }

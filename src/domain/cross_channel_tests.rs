@@ -4,19 +4,15 @@
 use chrono::TimeZone;
 use proptest::prelude::*;
 
-use super::allowance::{AllowanceState, ThrottleDecision, Violation};
+use super::allowance::{AllowanceState, Violation};
 use super::binding_rule::{binding_rule, BindingRule};
 use super::cross_channel::{
     CrossChannelPolicy, CAMPAIGN_ON_OTHER_CHANNEL, CROSS_CHANNEL_CAP, MAX_CAMPAIGN_TOUCHES,
 };
-use super::decide::{
-    allowance_at, allowance_before, campaign_allowance_at, on_event, release_due, Effects,
-};
+use super::decide::{allowance_at, campaign_allowance_at, release_due, Effects};
 use super::event::*;
-use super::output::Output;
 use super::policy::{Policy, PolicyConfig, TenantOverride};
 use super::span::Span;
-use super::state::{CustomerState, Source, StateParams};
 
 const H: i64 = 3_600_000;
 const DAY: i64 = 24 * H;
@@ -40,69 +36,7 @@ fn policy(limit: u32, lock_days: u64) -> Policy {
     cfg.resolve(None).unwrap()
 }
 
-/// A customer driven through `state.apply` and `decide::on_event` (shared with `platform_tests`).
-pub(super) struct Sim {
-    pub who: CustomerRef,
-    pub state: CustomerState,
-    pub policy: Policy,
-    pub sp: StateParams,
-    n: i64,
-}
-
-impl Sim {
-    pub fn new(policy: Policy) -> Sim {
-        Sim {
-            who: CustomerRef::new("brandA", "c1"),
-            state: CustomerState::default(),
-            policy,
-            sp: StateParams::default(),
-            n: 0,
-        }
-    }
-
-    pub fn apply(&mut self, body: EventBody, t: i64) -> Effects {
-        self.n += 1;
-        let ev = Event {
-            event_id: format!("e{}", self.n),
-            customer: self.who.clone(),
-            occurred_at: t,
-            body,
-        };
-        let src = Source {
-            kind: ev.kind(),
-            partition: 0,
-            offset: self.n,
-        };
-        let before = allowance_before(&self.state, &ev, &self.policy, &self.sp);
-        let (out, _) = self.state.apply(&ev, src, &self.sp);
-        assert_eq!(out, super::state::Outcome::Applied);
-        on_event(&mut self.state, &ev, before, &self.policy, &self.sp)
-    }
-
-    pub fn send(&mut self, c: Channel, campaign: &str, t: i64) -> Effects {
-        self.apply(
-            EventBody::Send {
-                channel: c,
-                message_id: format!("m{}", self.n),
-                campaign_id: (!campaign.is_empty()).then(|| campaign.to_string()),
-                purpose: Purpose::Marketing,
-                cost: None,
-            },
-            t,
-        )
-    }
-
-    pub fn throttles(&self) -> Vec<ThrottleDecision> {
-        self.state
-            .outbox
-            .iter()
-            .filter_map(|o| match o {
-                Output::Throttle(d) => Some((**d).clone()),
-                _ => None,
-            })
-            .collect()
-    }
-}
+pub(super) use super::decide_tests::Sim;
 
 /// One step of a table: a marketing send `(channel, campaign, at)` and the
 /// violation it must be (None: allowed).
@@ -194,7 +128,7 @@ fn sends_are_judged_by_the_cross_channel_rules() {
     for (name, policy, steps) in cases {
         let mut s = Sim::new(policy.clone());
         for (i, (c, campaign, at, want)) in steps.iter().enumerate() {
-            let fx = s.send(*c, campaign, *at);
+            let fx = s.send_campaign(*c, campaign, *at);
             let got = fx.violations.first().map(|(_, v)| *v);
             if got != *want {
                 wrong.push(format!("{name}: step {i}: want {want:?}, got {got:?}"));
@@ -208,10 +142,10 @@ fn sends_are_judged_by_the_cross_channel_rules() {
 fn a_filled_touch_cap_caps_every_channel_with_its_own_scope_and_releases_on_time() {
     let mut s = Sim::new(policy(3, 0));
     let t = sh(2, 10);
-    s.send(Channel::Wechat, "a", t);
-    s.send(Channel::Sms, "b", t + H);
+    s.send_campaign(Channel::Wechat, "a", t);
+    s.send_campaign(Channel::Sms, "b", t + H);
     assert!(s.throttles().is_empty(), "{:?}", s.throttles());
-    s.send(Channel::Email, "c", t + 2 * H);
+    s.send_campaign(Channel::Email, "c", t + 2 * H);
     let ds = s.throttles();
     // Every channel is told, each on its own key, that the cross-channel cap binds.
     assert_eq!(ds.len(), 5, "{ds:?}");
@@ -263,9 +197,9 @@ fn the_touch_cap_never_shortens_a_longer_restriction_and_never_lifts_an_unsubscr
         t - H,
     );
     // SMS fills its own 2 per 7 days: capped until t + 7d, beyond the touch cap's day.
-    s.send(Channel::Sms, "a", t);
-    s.send(Channel::Sms, "b", t + H);
-    s.send(Channel::Wechat, "c", t + 2 * H);
+    s.send_campaign(Channel::Sms, "a", t);
+    s.send_campaign(Channel::Sms, "b", t + H);
+    s.send_campaign(Channel::Wechat, "c", t + 2 * H);
     let at = t + 3 * H;
     let sms = allowance_at(&s.state, Channel::Sms, &s.policy, &s.sp, at);
     assert_eq!(
@@ -286,7 +220,7 @@ fn the_touch_cap_never_shortens_a_longer_restriction_and_never_lifts_an_unsubscr
 fn the_allowance_for_a_campaign_names_the_lock_and_when_it_ends() {
     let mut s = Sim::new(policy(0, 7));
     let t = sh(2, 10);
-    s.send(Channel::Wechat, "spring", t);
+    s.send_campaign(Channel::Wechat, "spring", t);
     let at = t + H;
     let sms = campaign_allowance_at(&s.state, Channel::Sms, "spring", &s.policy, &s.sp, at);
     assert_eq!(sms.state, AllowanceState::Capped);
@@ -317,19 +251,19 @@ fn campaign_memory_is_bounded_and_off_when_the_lock_is() {
     let mut s = Sim::new(policy(0, 30));
     let t = sh(2, 10);
     for i in 0..40 {
-        s.send(Channel::ALL[i % 5], &format!("c{i}"), t + i as i64 * H);
+        s.send_campaign(Channel::ALL[i % 5], &format!("c{i}"), t + i as i64 * H);
     }
     assert_eq!(s.state.campaign_touches.len(), MAX_CAMPAIGN_TOUCHES);
     // The newest are kept.
     let newest = s.state.campaign_touches.last().unwrap();
     assert_eq!(newest.at, t + 39 * H);
     let mut off = Sim::new(PolicyConfig::default().resolve(None).unwrap());
-    off.send(Channel::Wechat, "x", t);
+    off.send_campaign(Channel::Wechat, "x", t);
     assert!(off.state.campaign_touches.is_empty());
     // Touches older than the lock are forgotten.
     let mut s = Sim::new(policy(0, 1));
-    s.send(Channel::Wechat, "x", t);
-    s.send(Channel::Sms, "y", t + 2 * DAY);
+    s.send_campaign(Channel::Wechat, "x", t);
+    s.send_campaign(Channel::Sms, "y", t + 2 * DAY);
     assert_eq!(s.state.campaign_touches.len(), 1);
 }
 
@@ -402,7 +336,7 @@ proptest! {
             let name = format!("k{campaign}");
             let a = campaign_allowance_at(&s.state, c, &name, &s.policy, &s.sp, t);
             if a.state == AllowanceState::Open && a.allowed_from.is_some_and(|x| x <= t) {
-                let fx = s.send(c, &name, t);
+                let fx = s.send_campaign(c, &name, t);
                 prop_assert!(fx.violations.is_empty(), "an allowed send was a violation: {:?}", fx.violations);
                 sent.push((t, c, campaign));
             }

@@ -197,7 +197,14 @@ pub fn on_event(
             cross_channel::record_campaign_touch(&mut state.campaign_touches, k, *channel, p, t);
         }
     }
-    if let Some(c) = ev.channel() {
+    // The event's channel; and when a send filled the touch cap, every other
+    // channel too (the cap closes them all).
+    let touch_cap_filled =
+        marketing_send && cross_channel::touch_cap_free_at(&state.controls, p, t).is_some();
+    let others = Channel::ALL
+        .into_iter()
+        .filter(|c| touch_cap_filled && Some(*c) != ev.channel());
+    for c in ev.channel().into_iter().chain(others) {
         evaluate(
             state,
             &ev.customer,
@@ -208,24 +215,6 @@ pub fn on_event(
             Some(&ev.event_id),
             &mut fx,
         );
-    }
-    if marketing_send && cross_channel::touch_cap_free_at(&state.controls, p, t).is_some() {
-        // The send filled the touch cap: it closes every other channel too.
-        for c in Channel::ALL
-            .into_iter()
-            .filter(|c| Some(*c) != ev.channel())
-        {
-            evaluate(
-                state,
-                &ev.customer,
-                c,
-                p,
-                sp,
-                t,
-                Some(&ev.event_id),
-                &mut fx,
-            );
-        }
     }
     // Lazily release other channels whose restriction has run out by now.
     release_due(

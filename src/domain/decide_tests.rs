@@ -21,16 +21,18 @@ fn sh(y: i32, m: u32, d: u32, h: u32, min: u32) -> i64 {
         .timestamp_millis()
 }
 
-struct Sim {
-    who: CustomerRef,
-    state: CustomerState,
-    policy: Policy,
-    sp: StateParams,
+/// A customer driven through `state.apply` and `decide::on_event`, as the
+/// pipeline drives one (shared with `cross_channel_tests` and `platform_tests`).
+pub(super) struct Sim {
+    pub who: CustomerRef,
+    pub state: CustomerState,
+    pub policy: Policy,
+    pub sp: StateParams,
     n: i64,
 }
 
 impl Sim {
-    fn new(policy: Policy) -> Sim {
+    pub fn new(policy: Policy) -> Sim {
         Sim {
             who: CustomerRef::new("brandA", "c1"),
             state: CustomerState::default(),
@@ -44,7 +46,7 @@ impl Sim {
         Sim::new(PolicyConfig::default().resolve(None).unwrap())
     }
 
-    fn apply(&mut self, body: EventBody, t: i64) -> Effects {
+    pub fn apply(&mut self, body: EventBody, t: i64) -> Effects {
         self.n += 1;
         let ev = Event {
             event_id: format!("e{}", self.n),
@@ -68,11 +70,16 @@ impl Sim {
     }
 
     fn send(&mut self, c: Channel, t: i64) -> Effects {
+        self.send_campaign(c, "camp", t)
+    }
+
+    /// A marketing send of `campaign` (none when empty).
+    pub fn send_campaign(&mut self, c: Channel, campaign: &str, t: i64) -> Effects {
         self.apply(
             EventBody::Send {
                 channel: c,
                 message_id: format!("m{}", self.n),
-                campaign_id: Some("camp".into()),
+                campaign_id: (!campaign.is_empty()).then(|| campaign.to_string()),
                 purpose: Purpose::Marketing,
                 cost: None,
             },
@@ -126,7 +133,7 @@ impl Sim {
         )
     }
 
-    fn throttles(&self) -> Vec<super::allowance::ThrottleDecision> {
+    pub fn throttles(&self) -> Vec<super::allowance::ThrottleDecision> {
         self.state
             .outbox
             .iter()

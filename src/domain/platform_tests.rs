@@ -122,7 +122,7 @@ fn sends_are_judged_by_the_platform_rules() {
                 Reply(t) => reply(&mut s, t),
                 Send(t, want) => {
                     let got = s
-                        .send(Channel::Wechat, "", t)
+                        .send_campaign(Channel::Wechat, "", t)
                         .violations
                         .first()
                         .map(|x| x.1);
@@ -139,8 +139,8 @@ fn sends_are_judged_by_the_platform_rules() {
 #[test]
 fn the_binding_rule_is_named_published_and_released_at_the_next_period() {
     let mut s = Sim::new(policy(vec![rule(PlatformRuleKind::CalendarMonth, 2, None)]));
-    s.send(Channel::Wechat, "", sh(2, 10));
-    s.send(Channel::Wechat, "", sh(5, 10));
+    s.send_campaign(Channel::Wechat, "", sh(2, 10));
+    s.send_campaign(Channel::Wechat, "", sh(5, 10));
     let a = allowance_at(&s.state, Channel::Wechat, &s.policy, &s.sp, sh(6, 10));
     assert_eq!(
         (a.state, a.reason),
@@ -276,7 +276,7 @@ proptest! {
             }
             let a = allowance_at(&s.state, Channel::Wechat, &s.policy, &s.sp, t);
             if a.state == AllowanceState::Open && a.allowed_from.is_some_and(|x| x <= t) {
-                let fx = s.send(Channel::Wechat, "", t);
+                let fx = s.send_campaign(Channel::Wechat, "", t);
                 prop_assert!(fx.violations.is_empty(), "{:?}", fx.violations);
                 sent.push(t);
             }
