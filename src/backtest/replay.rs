@@ -17,11 +17,12 @@ use std::time::Instant;
 
 use crate::domain::allowance::{ThrottleDecision, Violation};
 use crate::domain::campaign::{campaign_of, CampaignSignal, CampaignState};
+use crate::domain::decide::Effects;
 use crate::domain::event::{Channel, CustomerRef, Event, EventBody, Purpose};
 use crate::domain::output::Output;
 use crate::domain::policy::{Policies, Policy};
 use crate::domain::recall::{RecallOutcome, RecallTrigger};
-use crate::domain::state::{CustomerState, Outcome, StateParams};
+use crate::domain::state::{CustomerState, Outcome, Source, StateParams};
 use crate::domain::step;
 use crate::store::compact;
 
@@ -154,26 +155,9 @@ impl<'p, 'h> Replay<'p, 'h> {
             let at = at as usize;
             self.fire(&mut state, customer, policy, clock, &mut pending, at, rec);
             let (ev, src, _) = &history.events[at];
-            let (out, _, fx) = step::on_record(&mut state, ev, *src, policy, &self.params);
-            let Some(fx) = fx else {
-                rec.skipped(ev, out);
+            let Some(fx) = record(&mut state, ev, *src, policy, &self.params, rec) else {
                 continue;
             };
-            if let EventBody::Send {
-                channel,
-                purpose: Purpose::Marketing,
-                cost,
-                ..
-            } = &ev.body
-            {
-                let blocked = fx
-                    .violations
-                    .iter()
-                    .find(|(c, _)| c == channel)
-                    .map(|(_, v)| *v);
-                let cost = cost.unwrap_or(policy.costs[channel.index()]);
-                rec.send(ev, *channel, cost, blocked);
-            }
             let due_before = state.timer_due;
             step::after_records(&mut state, policy);
             if state.timer_due != due_before {
@@ -281,6 +265,43 @@ fn by_customer(customers: &[u32]) -> (Vec<u32>, Vec<u32>) {
 }
 
 /// Hands a state's outbox to the recorder and clears it (what `publish` does live).
+/// Folds one record and reports it: a skip, or a marketing send (allowed, or
+/// blocked and why). `None` when it was skipped.
+fn record(
+    state: &mut CustomerState,
+    ev: &Event,
+    src: Source,
+    policy: &Policy,
+    params: &StateParams,
+    rec: &mut impl Recorder,
+) -> Option<Effects> {
+    let (out, _, fx) = step::on_record(state, ev, src, policy, params);
+    let Some(fx) = fx else {
+        rec.skipped(ev, out);
+        return None;
+    };
+    if let EventBody::Send {
+        channel,
+        purpose: Purpose::Marketing,
+        cost,
+        ..
+    } = &ev.body
+    {
+        let blocked = fx
+            .violations
+            .iter()
+            .find(|(c, _)| c == channel)
+            .map(|(_, v)| *v);
+        rec.send(
+            ev,
+            *channel,
+            cost.unwrap_or(policy.costs[channel.index()]),
+            blocked,
+        );
+    }
+    Some(fx)
+}
+
 fn drain(state: &mut CustomerState, costs: [i64; 5], rec: &mut impl Recorder) {
     for o in state.outbox.drain(..) {
         match o {
@@ -473,22 +494,9 @@ mod tests {
             }
             let state = &mut states[*who as usize];
             let policy = policies.of(&ev.customer.tenant);
-            let (out, _, fx) = step::on_record(state, ev, *src, policy, &params);
-            let Some(fx) = fx else {
-                rec.skipped(ev, out);
+            let Some(fx) = record(state, ev, *src, policy, &params, rec) else {
                 continue;
             };
-            if let EventBody::Send {
-                channel,
-                purpose: Purpose::Marketing,
-                cost,
-                ..
-            } = &ev.body
-            {
-                let blocked = fx.violations.iter().find(|(c, _)| c == channel);
-                let cost = cost.unwrap_or(policy.costs[channel.index()]);
-                rec.send(ev, *channel, cost, blocked.map(|(_, v)| *v));
-            }
             if let Some(due) = step::after_records(state, policy) {
                 timers.push(Reverse((due, *who)));
             }
