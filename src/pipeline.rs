@@ -515,14 +515,7 @@ fn campaign_signals(
         signals
             .entry((ev.customer.tenant.clone(), campaign.to_string()))
             .or_default()
-            .push(CampaignSignal {
-                kind: src.kind,
-                partition: src.partition,
-                offset: src.offset,
-                at: ev.occurred_at,
-                event_id: ev.event_id.clone(),
-                violation: tally.violating.contains(i),
-            });
+            .push(CampaignSignal::of(ev, src, tally.violating.contains(i)));
     }
     signals
 }

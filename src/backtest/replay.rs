@@ -221,14 +221,7 @@ impl<'p, 'h> Replay<'p, 'h> {
                 continue;
             };
             let policy = self.policies.of(&ev.customer.tenant);
-            let signal = CampaignSignal {
-                kind: src.kind,
-                partition: src.partition,
-                offset: src.offset,
-                at: ev.occurred_at,
-                event_id: ev.event_id.clone(),
-                violation: *mark == CampaignMark::Violation,
-            };
+            let signal = CampaignSignal::of(ev, src, *mark == CampaignMark::Violation);
             let tenant = &ev.customer.tenant;
             let st = campaigns
                 .entry(tenant)
@@ -502,14 +495,7 @@ mod tests {
             }
             drain(state, policy.costs, rec);
             if let Some(campaign) = campaign_of(ev) {
-                let signal = CampaignSignal {
-                    kind: src.kind,
-                    partition: src.partition,
-                    offset: src.offset,
-                    at: ev.occurred_at,
-                    event_id: ev.event_id.clone(),
-                    violation: !fx.violations.is_empty(),
-                };
+                let signal = CampaignSignal::of(ev, src, !fx.violations.is_empty());
                 let key = (ev.customer.tenant.clone(), campaign.to_string());
                 let st = campaigns.entry(key).or_default();
                 step::on_campaign_signals(st, &ev.customer.tenant, campaign, &[signal], policy);

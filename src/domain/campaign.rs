@@ -9,6 +9,7 @@ use super::allowance::{stable_id, AllowanceState, Published, ThrottleDecision};
 use super::engagement::decay;
 use super::event::{Event, EventBody, EventKind, Purpose};
 use super::policy::Policy;
+use super::state::Source;
 
 /// The campaign an event counts for: marketing sends and clicks naming one.
 pub fn campaign_of(ev: &Event) -> Option<&str> {
@@ -36,6 +37,20 @@ pub struct CampaignSignal {
     pub event_id: String,
     /// A marketing send made while the customer's channel was not allowed.
     pub violation: bool,
+}
+
+impl CampaignSignal {
+    /// The signal of record `ev` (read from `src`) of a campaign.
+    pub fn of(ev: &Event, src: &Source, violation: bool) -> CampaignSignal {
+        CampaignSignal {
+            kind: src.kind,
+            partition: src.partition,
+            offset: src.offset,
+            at: ev.occurred_at,
+            event_id: ev.event_id.clone(),
+            violation,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
