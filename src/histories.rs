@@ -6,12 +6,12 @@
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::domain::decide;
 use crate::domain::event::{
     Channel, CustomerRef, Event, EventBody, Purpose, ReplyClass, VisitType,
 };
 use crate::domain::policy::Policy;
 use crate::domain::state::{CustomerState, Source, StateParams};
+use crate::domain::{decide, step};
 
 /// A customer's state after `rounds` rounds of history on every channel, as the
 /// pipeline would have folded it (outbox published and cleared).
@@ -73,10 +73,7 @@ pub fn full_history(
                 partition: 0,
                 offset: off,
             };
-            let before = decide::allowance_before(&s, &ev, policy, params);
-            s.apply(&ev, src, params);
-            decide::on_event(&mut s, &ev, before, policy, params);
-            decide::recall_on_event(&mut s, &ev, policy);
+            step::on_record(&mut s, &ev, src, policy, params);
         }
         s.outbox.clear();
     }
@@ -167,10 +164,7 @@ pub fn irregular_history(
             partition: 3,
             offset: 1_000_000 + off as i64,
         };
-        let before = decide::allowance_before(&s, &ev, policy, params);
-        s.apply(&ev, src, params);
-        decide::on_event(&mut s, &ev, before, policy, params);
-        decide::recall_on_event(&mut s, &ev, policy);
+        step::on_record(&mut s, &ev, src, policy, params);
         s.outbox.clear();
     }
     s.timer_due = decide::next_timer(&s, policy);
