@@ -5,11 +5,12 @@ use chrono::TimeZone;
 use proptest::prelude::*;
 
 use super::allowance::{AllowanceState, Violation};
-use super::decide::{allowance_at, allowance_before, on_event, release_due, Effects};
+use super::decide::{allowance_at, release_due, Effects};
 use super::event::*;
 use super::output::Output;
 use super::policy::{Boost, Policy, PolicyConfig, TenantOverride};
 use super::state::{CustomerState, Source, StateParams};
+use super::step;
 
 const H: i64 = 3_600_000;
 const DAY: i64 = 24 * H;
@@ -21,8 +22,8 @@ fn sh(y: i32, m: u32, d: u32, h: u32, min: u32) -> i64 {
         .timestamp_millis()
 }
 
-/// A customer driven through `state.apply` and `decide::on_event`, as the
-/// pipeline drives one (shared with `cross_channel_tests` and `platform_tests`).
+/// A customer driven through `step::on_record`, as the pipeline drives one
+/// (shared with `cross_channel_tests` and `platform_tests`).
 pub(super) struct Sim {
     pub who: CustomerRef,
     pub state: CustomerState,
@@ -54,19 +55,14 @@ impl Sim {
             occurred_at: t,
             body,
         };
-        let kind = ev.kind();
-        let before = allowance_before(&self.state, &ev, &self.policy, &self.sp);
-        let (out, _) = self.state.apply(
-            &ev,
-            Source {
-                kind,
-                partition: 0,
-                offset: self.n,
-            },
-            &self.sp,
-        );
+        let src = Source {
+            kind: ev.kind(),
+            partition: 0,
+            offset: self.n,
+        };
+        let (out, _, fx) = step::on_record(&mut self.state, &ev, src, &self.policy, &self.sp);
         assert_eq!(out, super::state::Outcome::Applied);
-        on_event(&mut self.state, &ev, before, &self.policy, &self.sp)
+        fx.expect("applied")
     }
 
     fn send(&mut self, c: Channel, t: i64) -> Effects {
