@@ -199,11 +199,7 @@ impl StateWriter {
             // has landed or failed for good), after a newer decision another
             // writer published meanwhile: the same check as after a lost
             // clear, best effort (the error is what the caller acts on).
-            let ours: Vec<(&R::Id, Published)> = with_outbox
-                .iter()
-                .map(|s| (s.id, latest_per_key(&s.record.outbox())))
-                .filter(|(_, ours)| !ours.is_empty())
-                .collect();
+            let ours = published_by(with_outbox.iter().copied());
             if let Err(again) = self.republish_newest::<R>(ours).await {
                 debug!(error = %again, "re-publishing the newest decisions after a failed publish failed too");
             }
@@ -232,13 +228,13 @@ impl StateWriter {
         // A clear that did not land: another writer wrote the record after
         // this one, and may have published a newer decision before this
         // writer's older copy landed.
-        let overtaken: Vec<(&R::Id, Published)> = with_outbox
-            .iter()
-            .zip(landed)
-            .filter(|(_, landed)| !landed)
-            .map(|(s, _)| (s.id, latest_per_key(&s.record.outbox())))
-            .filter(|(_, ours)| !ours.is_empty())
-            .collect();
+        let overtaken = published_by(
+            with_outbox
+                .iter()
+                .zip(landed)
+                .filter(|(_, landed)| !landed)
+                .map(|(s, _)| *s),
+        );
         self.republish_newest::<R>(overtaken).await
     }
 
@@ -297,13 +293,25 @@ impl StateWriter {
 /// Decision id published last under each output key of a latest-wins topic.
 type Published = HashMap<String, String>;
 
-fn latest_per_key(outputs: &[Output]) -> Published {
-    outputs
-        .iter()
-        .filter_map(|o| match o {
-            Output::Throttle(d) => Some((d.key(), d.decision_id.clone())),
-            _ => None,
+/// Per record, what its outbox published last under each key (records
+/// whose outbox held no such decision left out).
+fn published_by<'a, 'b: 'a, R: Record, X: 'a>(
+    records: impl Iterator<Item = &'a Stored<'b, R, X>>,
+) -> Vec<(&'b R::Id, Published)> {
+    records
+        .map(|s| {
+            let ours: Published = s
+                .record
+                .outbox()
+                .iter()
+                .filter_map(|o| match o {
+                    Output::Throttle(d) => Some((d.key(), d.decision_id.clone())),
+                    _ => None,
+                })
+                .collect();
+            (s.id, ours)
         })
+        .filter(|(_, ours)| !ours.is_empty())
         .collect()
 }
 
