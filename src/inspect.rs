@@ -115,6 +115,13 @@ pub fn campaign_allowance_view(
     use crate::domain::decide::{allowance_at, campaign_allowance_at};
     let empty = CustomerState::default();
     let state = s.unwrap_or(&empty);
+    let good = policy.contact_hours.enabled.then(|| {
+        crate::domain::contact_hours::good_hours(
+            state.active_hours.as_ref(),
+            &policy.contact_hours,
+            now_ms,
+        )
+    });
     let mut channels = serde_json::Map::new();
     for ch in Channel::ALL {
         let a = match campaign {
@@ -123,6 +130,8 @@ pub fn campaign_allowance_view(
         };
         let allowed = a.state == crate::domain::allowance::AllowanceState::Open
             && a.allowed_from.is_some_and(|t| t <= now_ms);
+        // From the same allowance as `allowed_from` (the campaign's too).
+        let next_good = crate::domain::contact_hours::next_good_time_of(state, &a, policy, now_ms);
         channels.insert(
             ch.as_str().into(),
             json!({
@@ -136,6 +145,8 @@ pub fn campaign_allowance_view(
                 "allowed_now": allowed,
                 "allowed_from": ts(a.allowed_from),
                 "allowed_from_ms": a.allowed_from,
+                "next_good_time": ts(next_good),
+                "next_good_time_ms": next_good,
                 "cap": a.cap.limit,
                 "window": a.cap.window.to_string(),
                 "sends_in_window": a.sends_in_window,
@@ -150,6 +161,8 @@ pub fn campaign_allowance_view(
         "campaign_id": campaign,
         "known": s.is_some(),
         "evaluated_at": ts(Some(now_ms)),
+        "good_hours": good.map(|g| g.hours()),
+        "good_hours_source": good.map(|g| g.source.as_str()),
         "channels": channels,
     })
 }

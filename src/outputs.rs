@@ -112,6 +112,7 @@ pub fn trigger_value(t: &RecallTrigger) -> Value {
         ("arm", enm(t.arm.index(), t.arm.as_str())),
         ("due_at", Value::TimestampMillis(t.due_at)),
         ("fired_at", Value::TimestampMillis(t.fired_at)),
+        ("send_after", opt(t.send_after, Value::TimestampMillis)),
     ])
 }
 

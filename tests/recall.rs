@@ -50,7 +50,7 @@ fn num(r: &Rec, k: &str) -> f64 {
         Value::Double(d) => *d,
         Value::Union(_, b) => match b.as_ref() {
             Value::Int(i) => *i as f64,
-            Value::Long(i) => *i as f64,
+            Value::Long(i) | Value::TimestampMillis(i) => *i as f64,
             Value::Double(d) => *d,
             _ => f64::NAN,
         },
@@ -450,4 +450,84 @@ async fn sweep_timers_restores_the_timers_of_existing_states() {
     lapse.sigterm();
     assert!(lapse.wait_exit(Duration::from_secs(30)).await.success());
     s.sweep_restores_deleted_timers(&cfg, 60).await;
+}
+
+/// Issue 16, best contact hours: a customer who opens in the evening gets a
+/// trigger whose `send_after` is the next evening hour, not the firing time,
+/// and the backtest agrees (the allowance API's side: tests/throttle.rs).
+#[tokio::test]
+async fn a_trigger_says_when_to_send_from_the_customers_active_hours() {
+    use chrono::{TimeZone, Timelike};
+    let s = Stack::start().await;
+    s.broker.create_topic(TRIGGERS, 3).await;
+    s.broker.create_topic(OUTCOMES, 3).await;
+    let eve = cust("clinicE", "eve"); // opens WeChat at 20:15 every other evening
+    let pop = cust("clinicE", "pop"); // no engagement: the population's hours
+    let mut history = vec![
+        visit_with(&eve, "e1", day(0), 80_000, "SKIN_CARE"),
+        visit_with(&pop, "p1", day(0), 80_000, "SKIN_CARE"),
+    ];
+    for d in (24..=34).step_by(2) {
+        let at = day(d) + 8 * 3_600_000 + 15 * 60_000;
+        history.push((open(&eve, &format!("eo{d}"), at, Channel::Wechat), None));
+    }
+    let p = Producer::new(&s.broker.bootstrap());
+    produce_events(&p, &history, |_| Framing::SingleObject).await;
+    let cfg = s.config_with(
+        "hours",
+        "",
+        &format!("{EVENT_TIME}[policy.lapse]\nholdout_share = 0.0\n"),
+    );
+    let mut lapse = s.spawn("g-hours", &cfg);
+    s.wait_caught_up("g-hours", LONG).await;
+    let mut clock = Clock {
+        s: &s,
+        p: Producer::new(&s.broker.bootstrap()),
+        group: "g-hours".into(),
+    };
+    // SKIN_CARE, one visit: 30 d default, AT_RISK due on day 36 at noon.
+    clock.run_to(35, 37, 1).await;
+
+    let triggers: Vec<Rec> =
+        consume_up_to(&s.broker.bootstrap(), TRIGGERS, 100, Duration::from_secs(5))
+            .await
+            .iter()
+            .map(|r| decode(RECALL_TRIGGER, r.payload.as_deref().unwrap()))
+            .collect();
+    let local = |ms: i64| {
+        chrono_tz::Asia::Shanghai
+            .timestamp_millis_opt(ms)
+            .unwrap()
+            .naive_local()
+    };
+    let of = |c: &str| {
+        triggers
+            .iter()
+            .find(|t| txt(t, "customer_id") == c)
+            .unwrap_or_else(|| panic!("no trigger for {c}: {triggers:#?}"))
+    };
+    let t = of("eve");
+    assert_eq!(txt(t, "stage"), "AT_RISK");
+    assert_eq!(txt(t, "recommended_channel"), "WECHAT");
+    let fired = num(t, "fired_at") as i64;
+    let after = num(t, "send_after") as i64;
+    assert_eq!(local(fired).hour(), 12, "fired at the noon tick");
+    // Good hours 19–21 (opens at 20:xx, smoothed): 19:00 the same day.
+    assert_eq!(
+        local(after),
+        local(fired).date().and_hms_opt(19, 0, 0).unwrap(),
+        "{t:#?}"
+    );
+    // No engagement of their own: any waking hour (the default population), so at once.
+    let t = of("pop");
+    if txt(t, "recommended_channel") != "null" {
+        assert_eq!(num(t, "send_after") as i64, num(t, "fired_at") as i64);
+    } else {
+        assert_eq!(txt(t, "send_after"), "null");
+    }
+
+    lapse.sigterm();
+    assert!(lapse.wait_exit(Duration::from_secs(30)).await.success());
+    let (_, triggers, _) = s.backtest_matches_live(&cfg).await;
+    assert_eq!(triggers, 2, "the backtest decides the same send_after");
 }

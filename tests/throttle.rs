@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use apache_avro::types::Value;
-use chrono::TimeZone;
+use chrono::{Datelike, TimeZone, Timelike};
 use common::stack::*;
 use common::*;
 use lapse::codec::{Framing, SchemaSet, THROTTLE_EVENT};
@@ -138,6 +138,17 @@ async fn caps_suppression_and_the_allowance_api_end_to_end() {
         // Unsubscribe on SMS: SUPPRESSED on SMS only.
         (reply(&c, "r1", t1 + 5 * H, Channel::Sms), Some("退订")),
     ];
+    // A night owl: opens at 22:30 on each of the last six days.
+    let owl = cust("brandA", "owl");
+    let today = chrono::Utc::now()
+        .with_timezone(&chrono_tz::Asia::Shanghai)
+        .date_naive();
+    let mut events = events;
+    for k in 1..=6u64 {
+        let d = today - chrono::Days::new(k);
+        let at = shanghai(d.year(), d.month(), d.day(), 22) + 30 * 60_000;
+        events.push((open(&owl, &format!("owl{k}"), at, Channel::Email), None));
+    }
     produce_events(&p, &events, |_| Framing::SingleObject).await;
     let mut lapse = start(&s, "g-caps").await;
     s.wait_caught_up("g-caps", LONG).await;
@@ -204,6 +215,34 @@ async fn caps_suppression_and_the_allowance_api_end_to_end() {
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["known"], false);
     assert_eq!(v["channels"]["PHONE"]["state"], "OPEN");
+    assert_eq!(v["good_hours_source"], "population");
+    assert_eq!(
+        v["good_hours"],
+        serde_json::json!((8..22).collect::<Vec<_>>())
+    );
+
+    // Best contact hours (issue 16): the night owl's hours are 21-23, so each
+    // channel's next good time is the first of them outside its quiet hours.
+    let (_, body) = lapse.http_get("/v1/allowance/brandA/owl").await.unwrap();
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["good_hours"], serde_json::json!([21, 22, 23]), "{v:#}");
+    assert_eq!(v["good_hours_source"], "customer");
+    let hour = |ch: &str| {
+        let ms = v["channels"][ch]["next_good_time_ms"].as_i64()?;
+        let now = v["channels"][ch]["allowed_from_ms"].as_i64().unwrap();
+        assert!(ms >= now && ms < now + 24 * H, "{ch}: {v:#}");
+        Some(
+            chrono::Utc
+                .timestamp_millis_opt(ms)
+                .unwrap()
+                .with_timezone(&chrono_tz::Asia::Shanghai)
+                .hour(),
+        )
+    };
+    // WeChat is quiet from 22:00: 21:xx only. SMS from 21:00: never.
+    assert_eq!(hour("WECHAT"), Some(21), "{v:#}");
+    assert_eq!(hour("SMS"), None, "{v:#}");
+    assert!(matches!(hour("EMAIL"), Some(21..=23)), "{v:#}");
 
     // The fleet gauge: one customer suppressed on SMS (exported from Redis every 15 s).
     wait_until(

@@ -8,6 +8,7 @@ pub mod allowance;
 pub mod binding_rule;
 pub mod campaign;
 pub mod clock;
+pub mod contact_hours;
 pub mod cross_channel;
 pub mod decide;
 pub mod engagement;

@@ -13,6 +13,7 @@ use chrono_tz::Tz;
 use serde::{Deserialize, Serialize};
 
 use super::adaptive_cap::AdaptiveCap;
+use super::contact_hours::ContactHoursPolicy;
 use super::cross_channel::CrossChannelPolicy;
 use super::event::Channel;
 use super::platform::PlatformRule;
@@ -158,6 +159,8 @@ pub struct PolicyConfig {
     /// Engagement-adaptive caps per channel (EMAIL on by default; a channel
     /// left out keeps its default: turn EMAIL off with `enabled = false`).
     pub adaptive_caps: BTreeMap<Channel, AdaptiveCap>,
+    /// Best contact hours per customer (on by default: it restricts nothing).
+    pub contact_hours: ContactHoursPolicy,
     pub lapse: super::lapse::LapsePolicy,
     /// Cost of one marketing send per channel, minor currency units (used when a
     /// send carries no `cost`, and to break ties between channels).
@@ -180,6 +183,8 @@ pub struct TenantOverride {
     pub platform_rules: Option<Vec<PlatformRule>>,
     /// Per channel.
     pub adaptive_caps: BTreeMap<Channel, AdaptiveCap>,
+    /// Replaces the global section as a whole (e.g. the tenant's own population histogram).
+    pub contact_hours: Option<ContactHoursPolicy>,
     pub lapse: Option<super::lapse::LapsePolicy>,
     pub costs: BTreeMap<Channel, i64>,
 }
@@ -247,6 +252,7 @@ impl Default for PolicyConfig {
             cross_channel: CrossChannelPolicy::default(),
             platform_rules: Vec::new(),
             adaptive_caps: seed_adaptive_caps(),
+            contact_hours: ContactHoursPolicy::default(),
             lapse: Default::default(),
             costs: seed_costs(),
             tenants: BTreeMap::new(),
@@ -282,6 +288,7 @@ pub struct Policy {
     pub platform_rules: Vec<PlatformRule>,
     /// Enabled adaptive caps, indexed by `Channel::index()`.
     pub adaptive_caps: [Option<AdaptiveCap>; 5],
+    pub contact_hours: ContactHoursPolicy,
     pub lapse: super::lapse::LapsePolicy,
     /// Cost of one send per channel, minor units, indexed by `Channel::index()`.
     pub costs: [i64; 5],
@@ -466,6 +473,13 @@ impl PolicyConfig {
                 adaptive_caps[c.index()] = a.enabled.then_some(*a);
             }
         }
+        let contact_hours = o
+            .contact_hours
+            .clone()
+            .unwrap_or_else(|| self.contact_hours.clone());
+        contact_hours
+            .validate(&format!("{prefix}.contact_hours"))
+            .map_err(|(k, m)| bad(k, m))?;
         let lapse = o.lapse.clone().unwrap_or_else(|| self.lapse.clone());
         lapse
             .validate(&format!("{prefix}.lapse"))
@@ -479,6 +493,7 @@ impl PolicyConfig {
             cross_channel,
             platform_rules,
             adaptive_caps,
+            contact_hours,
             lapse,
             costs,
         })

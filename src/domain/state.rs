@@ -204,6 +204,10 @@ pub struct CustomerState {
     /// compact format only (format 1, postcard, predates it).
     #[serde(skip)]
     pub campaign_touches: Vec<super::cross_channel::CampaignTouch>,
+    /// Engagement by local hour, for best contact hours (`None` until the
+    /// first engagement, or with `policy.contact_hours` off). Compact format only.
+    #[serde(skip)]
+    pub active_hours: Option<super::contact_hours::ActiveHours>,
 }
 
 /// What folding one record did.

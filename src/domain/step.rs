@@ -5,6 +5,7 @@
 
 use super::allowance::AllowanceState;
 use super::campaign::{CampaignSignal, CampaignState};
+use super::contact_hours;
 use super::decide::{self, allowance_at, Effects};
 use super::event::{Channel, CustomerRef, Event};
 use super::policy::Policy;
@@ -25,6 +26,7 @@ pub fn on_record(
     if out != Outcome::Applied {
         return (out, notes, None);
     }
+    contact_hours::observe(state, ev, policy);
     let fx = decide::on_event(state, ev, before, policy, params);
     decide::recall_on_event(state, ev, policy);
     (out, notes, Some(fx))
@@ -79,7 +81,15 @@ pub fn on_timer(
         candidates: &cands,
         costs: &costs,
     };
-    let fired = recall::fire_due(&mut state.recall, now, &ctx);
+    let mut fired = recall::fire_due(&mut state.recall, now, &ctx);
+    for f in &mut fired {
+        if let Fired::Trigger(t) = f {
+            t.send_after = t.recommended_channel.and_then(|c| {
+                let a = allowance_at(&snapshot, c, policy, params, now);
+                contact_hours::next_good_time_of(&snapshot, &a, policy, now)
+            });
+        }
+    }
     for f in &fired {
         if let Some(o) = f.output() {
             state.outbox.push(o);

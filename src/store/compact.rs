@@ -38,11 +38,13 @@
 //! ```text
 //! body     := h0:u8 base:ivar unit:var presence:u16le [visits] channel* control*
 //!             watermark* seen [episode] [episode] [timer_due:T] [touches] [outbox] [last]
+//!             [send_after] [hours]
 //!             (with h0 bit 1, an extension byte h1 follows h0, before base)
 //! h0       := bit 0 seen (else: ring, as earlier versions wrote it); 1 h1 follows;
 //!             2 visits present; 3 timer_due; 4 recall.current; 5 recall.previous;
 //!             6 outbox; 7 last decisions' details (absent in states written before them)
-//! h1       := bit 0 campaign touches; bits 1-7 = 0 (for later sections); never 0
+//! h1       := bit 0 campaign touches; 1 active hours; 3 send_after of outbox
+//!             triggers; bit 2 and 4-7 = 0 (for later sections); never 0
 //!             (absent in states written before it: read as 0)
 //! unit     := (ms / 1000) << 1 | 1 when a whole number of seconds, else ms << 1
 //! presence := bits 0-4 channels, 5-9 controls, 10-14 watermarks (by index); 15 = 0
@@ -73,17 +75,23 @@
 //!   e0: bits 0-1 arm (none, treatment, holdout); 2 experiment.  s0: bits 0-1
 //!       stage; 2-3 segment; 4 skipped; 5-6 outcome (none, recalled, not, retracted)
 //! touches  := times:list n×(channel:u8 campaign:6 bytes)  (n ≥ 1, in the list's order)
-//! outbox   := n:var n bytes of postcard(Vec<Output>)
+//! outbox   := n:var n bytes of postcard(Vec<Output>)  (without send_after: see below)
 //! last     := l0:u8 (l1:u8 [reason:str] [cap:var window:ivar] [short:f64le
 //!             baseline:f64le] sends:ivar [cause:str])*   (one per bit of l0)
 //!   l0: bit i: channel i has one (only with a published decision); 5-7 = 0
 //!   l1: bits 0-3 reason code (index into REASONS; 15: the reason follows as a
 //!       string); 4 cap; 5 rates; 6 cause; 7 the window is in minutes (else ms)
+//! hours    := at:T mask:u24le (f32le per set bit, hour 0 first)
+//!   the engagement histogram by local hour; an hour whose weight is +0.0 is not set
+//! send_after := n:var n×(index:var at:T)
+//!   the outbox triggers' `send_after` (a field postcard(Vec<Output>) predates),
+//!   by ascending index into the outbox; n ≥ 1
 //! ```
 
 use crate::domain::allowance::{
     AllowanceState, ChannelControl, DecisionDetail, Published, ThrottleSpell, REASONS,
 };
+use crate::domain::contact_hours::ActiveHours;
 use crate::domain::cross_channel::{CampaignTouch, MAX_CAMPAIGN_TOUCHES};
 use crate::domain::engagement::{ChannelEngagement, Counts};
 use crate::domain::event::{Channel, VisitType};
@@ -95,8 +103,11 @@ use crate::domain::state::{
 };
 use crate::domain::visits::Visits;
 
+/// The h1 bits this version reads (bit 2 and 4-7 are reserved).
+const H1_KNOWN: u8 = 0b1011;
+
 /// Names of the sections, in the order [`encode_parts`] measures them.
-pub const SECTIONS: [&str; 7] = [
+pub const SECTIONS: [&str; 8] = [
     "header",
     "visits",
     "channels",
@@ -104,6 +115,7 @@ pub const SECTIONS: [&str; 7] = [
     "idempotence",
     "recall",
     "timer, outbox, last decisions",
+    "contact hours",
 ];
 
 /// Appends the format-2 body of `s` to `out`.
@@ -112,7 +124,7 @@ pub fn encode(s: &CustomerState, out: &mut Vec<u8>) {
 }
 
 /// Appends the body and returns the bytes each section took (see [`SECTIONS`]).
-pub fn encode_parts(s: &CustomerState, out: &mut Vec<u8>) -> [usize; 7] {
+pub fn encode_parts(s: &CustomerState, out: &mut Vec<u8>) -> [usize; 8] {
     let start = out.len();
     let base = pick_base(s);
     let mut e = Enc {
@@ -189,6 +201,14 @@ fn gcd(mut a: u64, mut b: u64) -> u64 {
 }
 
 /// Calls `f` with every time stored in `s` (all of them: the unit must divide each).
+/// The outbox's triggers that carry a `send_after`: (index, time).
+fn send_afters(outbox: &[Output]) -> impl Iterator<Item = (usize, i64)> + '_ {
+    outbox.iter().enumerate().filter_map(|(i, o)| match o {
+        Output::Trigger(t) => Some((i, t.send_after?)),
+        _ => None,
+    })
+}
+
 fn times(s: &CustomerState, f: &mut dyn FnMut(i64)) {
     let CustomerState {
         visits,
@@ -196,11 +216,14 @@ fn times(s: &CustomerState, f: &mut dyn FnMut(i64)) {
         applied: _,
         controls,
         recall,
-        outbox: _,
+        outbox,
         timer_due,
         campaign_touches,
+        active_hours,
     } = s;
     campaign_touches.iter().for_each(|x| f(x.at));
+    active_hours.iter().for_each(|h| f(h.at));
+    send_afters(outbox).for_each(|(_, t)| f(t));
     let Visits {
         count: _,
         first_at,
@@ -366,7 +389,7 @@ impl Enc<'_> {
         }
     }
 
-    fn state(&mut self, s: &CustomerState) -> [usize; 7] {
+    fn state(&mut self, s: &CustomerState) -> [usize; 8] {
         let CustomerState {
             visits,
             channels,
@@ -376,10 +399,15 @@ impl Enc<'_> {
             outbox,
             timer_due,
             campaign_touches,
+            active_hours,
         } = s;
         let RecallState { current, previous } = recall;
+        let send_after: Vec<(usize, i64)> = send_afters(outbox).collect();
+        let h1 = bit(!campaign_touches.is_empty(), 0)
+            | bit(active_hours.is_some(), 1)
+            | bit(!send_after.is_empty(), 3);
         let has_visits = *visits != Visits::default();
-        let mut marks = [self.out.len(); 8];
+        let mut marks = [self.out.len(); 9];
         let last: Vec<(usize, &DecisionDetail)> = controls
             .iter()
             .enumerate()
@@ -391,10 +419,10 @@ impl Enc<'_> {
             | bit(current.is_some(), 4)
             | bit(previous.is_some(), 5)
             | bit(!outbox.is_empty(), 6)
-            | bit(!campaign_touches.is_empty(), 1)
+            | bit(h1 != 0, 1)
             | bit(!last.is_empty(), 7));
-        if !campaign_touches.is_empty() {
-            self.u8(1);
+        if h1 != 0 {
+            self.u8(h1);
         }
         self.ivar(self.base);
         let unit = self.unit as u64;
@@ -444,8 +472,28 @@ impl Enc<'_> {
         if !last.is_empty() {
             self.last_decisions(&last);
         }
+        if !send_after.is_empty() {
+            self.var(send_after.len() as u64);
+            for (i, t) in send_after {
+                self.var(i as u64);
+                self.time(t);
+            }
+        }
         marks[7] = self.out.len();
+        if let Some(h) = active_hours {
+            self.active_hours(h);
+        }
+        marks[8] = self.out.len();
         std::array::from_fn(|i| marks[i + 1] - marks[i])
+    }
+
+    fn active_hours(&mut self, h: &ActiveHours) {
+        self.time(h.at);
+        let mask = (0..24).fold(0u32, |m, i| m | u32::from(h.weights[i].to_bits() != 0) << i);
+        self.out.extend_from_slice(&mask.to_le_bytes()[..3]);
+        for w in h.weights.iter().filter(|w| w.to_bits() != 0) {
+            self.out.extend_from_slice(&w.to_bits().to_le_bytes());
+        }
     }
 
     fn campaign_touches(&mut self, touches: &[CampaignTouch]) {
@@ -876,7 +924,7 @@ impl Dec<'_> {
     fn state(&mut self) -> Res<CustomerState> {
         let h0 = self.u8()?;
         let h1 = if h0 & 0x02 != 0 { self.u8()? } else { 0 };
-        if h0 & 0x02 != 0 && (h1 == 0 || h1 & 0xfe != 0) {
+        if h0 & 0x02 != 0 && (h1 == 0 || h1 & !H1_KNOWN != 0) {
             return Err("extension header: empty, or a reserved bit set".into());
         }
         self.base = self.ivar()?;
@@ -952,7 +1000,7 @@ impl Dec<'_> {
         } else {
             Vec::new()
         };
-        let outbox: Vec<Output> = if h0 & 64 != 0 {
+        let mut outbox: Vec<Output> = if h0 & 64 != 0 {
             let n = self.len(1, "outbox")?;
             let body = self.take(n)?;
             postcard::from_bytes(body).map_err(|e| format!("outbox: {e}"))?
@@ -962,6 +1010,14 @@ impl Dec<'_> {
         if h0 & 128 != 0 {
             self.last_decisions(&mut controls)?;
         }
+        if h1 & 8 != 0 {
+            self.send_after(&mut outbox)?;
+        }
+        let active_hours = if h1 & 2 != 0 {
+            Some(self.active_hours()?)
+        } else {
+            None
+        };
         Ok(CustomerState {
             visits,
             channels,
@@ -975,7 +1031,43 @@ impl Dec<'_> {
             outbox,
             timer_due,
             campaign_touches,
+            active_hours,
         })
+    }
+
+    fn send_after(&mut self, outbox: &mut [Output]) -> Res<()> {
+        let n = self.len(2, "send_after")?;
+        if n == 0 {
+            return Err("send_after: no entries".into());
+        }
+        let mut next = 0;
+        for _ in 0..n {
+            let i = usize::try_from(self.var()?).map_err(|_| "send_after: index")?;
+            let t = self.time()?;
+            match outbox.get_mut(i) {
+                Some(Output::Trigger(tr)) if i >= next => tr.send_after = Some(t),
+                _ => return Err(format!("send_after: index {i} is not a later trigger")),
+            }
+            next = i + 1;
+        }
+        Ok(())
+    }
+
+    fn active_hours(&mut self) -> Res<ActiveHours> {
+        let at = self.time()?;
+        let m = self.take(3)?;
+        let mask = u32::from_le_bytes([m[0], m[1], m[2], 0]);
+        let mut weights = [0f32; 24];
+        for (i, w) in weights.iter_mut().enumerate() {
+            if mask & (1 << i) != 0 {
+                let b = self.take(4)?;
+                *w = f32::from_bits(u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+                if w.to_bits() == 0 {
+                    return Err(format!("active hours: hour {i} is set but +0.0"));
+                }
+            }
+        }
+        Ok(ActiveHours { at, weights })
     }
 
     fn campaign_touches(&mut self) -> Res<Vec<CampaignTouch>> {
@@ -1552,7 +1644,50 @@ mod tests {
                 previous: None,
             })));
         }
+        if r.random_bool(0.15) {
+            for _ in 0..r.random_range(1..3) {
+                s.outbox
+                    .push(Output::Trigger(trigger(opt(r, |r| time(r, base, unit)))));
+            }
+        }
+        if r.random_bool(0.4) {
+            let mut h = ActiveHours {
+                at: time(r, base, unit),
+                weights: [0.0; 24],
+            };
+            let mut prev = 0.0;
+            for w in &mut h.weights {
+                *w = count(r, prev);
+                prev = *w;
+            }
+            s.active_hours = Some(h);
+        }
         s
+    }
+
+    fn trigger(send_after: Option<i64>) -> crate::domain::recall::RecallTrigger {
+        crate::domain::recall::RecallTrigger {
+            trigger_id: "tr".into(),
+            tenant_id: "t".into(),
+            customer_id: "c".into(),
+            episode_id: "e".into(),
+            stage: Stage::Lapsed,
+            attempt: 1,
+            segment: Segment::AtRisk,
+            days_since_last_visit: 200,
+            expected_interval_days: 120.0,
+            lifetime_value: 1,
+            currency: "CNY".into(),
+            last_treatment: None,
+            recommended_channel: Some(Channel::Wechat),
+            fallback_channels: vec![],
+            offer_tier: "STANDARD".into(),
+            experiment: "x".into(),
+            arm: Arm::Treatment,
+            due_at: 1,
+            fired_at: 2,
+            send_after,
+        }
     }
 
     #[test]
@@ -1615,7 +1750,7 @@ mod tests {
             .unwrap_err()
             .contains("reserved"));
         // The extension byte: never empty, no unknown section.
-        assert!(decode(&[0x03, 0x02, 0, 2, 0, 0, 0])
+        assert!(decode(&[0x03, 0x80, 0, 2, 0, 0, 0])
             .unwrap_err()
             .contains("reserved"));
         // Last decisions flagged with no control to belong to.

@@ -202,6 +202,7 @@ pub fn fire(st: &mut RecallState, due: &Due, now: i64, ctx: &FireCtx<'_>) -> Fir
         arm,
         due_at: due.due_at,
         fired_at: now,
+        send_after: None,
     };
     Fired::Trigger(t)
 }

@@ -98,6 +98,12 @@ pub struct RecallTrigger {
     pub arm: Arm,
     pub due_at: i64,
     pub fired_at: i64,
+    /// The earliest moment to send: the recommended channel's next good time
+    /// (the customer's active hours, outside quiet hours); `None` without a
+    /// recommended channel or with `policy.contact_hours` off. Kept out of the
+    /// postcard layout (the compact format stores it beside the outbox).
+    #[serde(skip)]
+    pub send_after: Option<i64>,
 }
 
 /// `lapse.v1.RecallOutcome` (schemas/recall_outcome.avsc), field for field.
