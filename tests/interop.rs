@@ -855,6 +855,16 @@ async fn end_to_end(wire: Wire) {
         assert_eq!(v["currency"], "CNY");
         let fired = i(&v["fired_at"]);
         assert!(fired >= i(&v["due_at"]) && fired <= day(TICK_DAY), "{v}");
+        // Too little engagement for hours of their own: the default population
+        // hours (08-22), outside the channel's quiet hours.
+        let after = i(&v["send_after"]);
+        let local =
+            chrono::TimeZone::timestamp_millis_opt(&chrono_tz::Asia::Shanghai, after).unwrap();
+        let hour = chrono::Timelike::hour(&local);
+        assert!(
+            after >= fired && after < fired + 24 * H && (8..22).contains(&hour),
+            "send_after: {v}"
+        );
     }
     let trigger_of = |key: &str, stage: &str| -> &Value {
         &triggers

@@ -74,6 +74,7 @@ pub fn decode_trigger(schema: &Schema, payload: &[u8]) -> Option<TriggerFeedback
         channel: text(&f, "recommended_channel").and_then(|c| Channel::parse(&c)),
         fired_at: millis(&f, "fired_at")?,
         holdout: text(&f, "arm").as_deref() == Some("HOLDOUT"),
+        send_after: millis(&f, "send_after"),
     })
 }
 

@@ -204,6 +204,50 @@ fn thousands(n: u64) -> String {
     out
 }
 
+/// Best contact hours, measured: recall messages sent at the trigger's
+/// `send_after` against those sent at a random allowed time (customers split
+/// at random by the simulator), with the two-proportion z of the click rates.
+struct RecallTiming<'a>(&'a [[u64; 4]; 2]);
+
+impl fmt::Display for RecallTiming<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let rate = |x: u64, n: u64| (n > 0).then(|| x as f64 / n as f64);
+        let pct = |r: Option<f64>| r.map_or("-".into(), |r| format!("{:.1}%", 100.0 * r));
+        let arm = |a: &[u64; 4]| {
+            format!(
+                "{} sends, opened {}, clicked {}, booked {}",
+                thousands(a[0]),
+                pct(rate(a[1], a[0])),
+                pct(rate(a[2], a[0])),
+                pct(rate(a[3], a[0]))
+            )
+        };
+        let [timed, random] = self.0;
+        write!(
+            f,
+            "recall timing: at send_after (good hours) {}; at a random allowed time {}",
+            arm(timed),
+            arm(random)
+        )?;
+        let gain = rate(timed[2], timed[0]).zip(rate(random[2], random[0]));
+        if let Some((a, b)) = gain {
+            let z = report::z_score(
+                timed[2] as f64,
+                timed[0] as f64,
+                random[2] as f64,
+                random[0] as f64,
+            );
+            write!(
+                f,
+                "; click-rate gain {:+.1} points{}",
+                100.0 * (a - b),
+                z.map_or(String::new(), |z| format!(" (z = {z:.1})"))
+            )?;
+        }
+        Ok(())
+    }
+}
+
 impl fmt::Display for Summary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let secs = self.elapsed.as_secs_f64().max(1e-3);
@@ -283,6 +327,7 @@ impl fmt::Display for Summary {
             s.recall_bookings,
             s.throttle_decisions
         )?;
+        write!(f, "\n  {}", RecallTiming(&s.recall_timing))?;
         if s.holdout_triggers > 0 || s.foreign_feedback > 0 {
             write!(
                 f,

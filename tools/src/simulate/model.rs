@@ -174,6 +174,21 @@ pub struct Params {
     pub response_median_days: f64,
     /// Log-sd of those days (clamped to 1–50).
     pub response_sigma: f64,
+    // --- active hours -----------------------------------------------------
+    /// Weights of the local hour a customer is most active at (their active
+    /// window is that hour ± 1): commutes, lunch breaks, evenings.
+    pub active_peak_mix: [f64; 24],
+    /// A message arriving inside the active window is clicked (and a recall
+    /// answered, by the square root) this many times as often ...
+    pub active_click_boost: f64,
+    /// ... and one arriving outside it this many times.
+    pub inactive_click_factor: f64,
+    /// Chance a message arriving outside the active window is opened at the
+    /// window's start (later the same day) rather than soon after arrival.
+    pub open_in_window_share: f64,
+    /// Share of customers whose recall messages go out at the trigger's
+    /// `send_after` (the rest: at a random allowed time, the comparison).
+    pub recall_at_send_after_share: f64,
 }
 
 impl Default for Params {
@@ -230,6 +245,24 @@ impl Default for Params {
             churned_response_factor: 0.4,
             response_median_days: 9.0,
             response_sigma: 0.6,
+            active_peak_mix: {
+                let mut m = [0.0; 24];
+                for (h, w) in [
+                    (8, 0.15),
+                    (12, 0.15),
+                    (13, 0.10),
+                    (19, 0.15),
+                    (20, 0.25),
+                    (21, 0.20),
+                ] {
+                    m[h] = w;
+                }
+                m
+            },
+            active_click_boost: 1.6,
+            inactive_click_factor: 0.75,
+            open_in_window_share: 0.6,
+            recall_at_send_after_share: 0.5,
         }
     }
 }
@@ -322,6 +355,8 @@ pub struct TriggerFeedback {
     pub channel: Option<Channel>,
     pub fired_at: i64,
     pub holdout: bool,
+    /// The trigger's `send_after`: when the customer is likeliest to engage.
+    pub send_after: Option<i64>,
 }
 
 /// A throttle decision (from `engagement.throttle`): customer×channel or campaign scope.
@@ -392,6 +427,7 @@ struct PendingRecall {
     stage: Stage,
     channel: Option<Channel>,
     fired_at: i64,
+    send_after: Option<i64>,
 }
 
 /// A customer: a fixed profile and a bounded state (no list grows).
@@ -421,6 +457,10 @@ struct Customer {
     /// The sender's own record of its last marketing sends per channel (i64::MIN: none).
     sent: [[i64; SENDER_CAP_MEMORY]; 5],
     pending: Option<PendingRecall>,
+    /// Local hour of peak activity; the active window is this hour ± 1.
+    peak: u8,
+    /// Recall messages go out at the trigger's `send_after` (else at a random allowed time).
+    recall_at_send_after: bool,
 }
 
 /// Counters of what the population did, for the summary.
@@ -449,6 +489,9 @@ pub struct Stats {
     pub holdout_triggers: u64,
     pub recall_sends: u64,
     pub recall_bookings: u64,
+    /// Recall messages by timing — [0] at the trigger's `send_after`, [1] at a
+    /// random allowed time — as [sends, opens, clicks, bookings].
+    pub recall_timing: [[u64; 4]; 2],
     pub throttle_decisions: u64,
     /// Feedback about customers this population does not have (another run's).
     pub foreign_feedback: u64,
@@ -653,6 +696,9 @@ impl Population {
         } else {
             r.f64() * p.cadence_days[treatment.index()] * cadence_factor
         };
+        // Drawn last, so the draws above (and the events they shape) stay as they were.
+        let peak = r.weighted(&p.active_peak_mix) as u8;
+        let recall_at_send_after = r.chance(p.recall_at_send_after_share);
         Customer {
             tenant,
             local,
@@ -676,6 +722,8 @@ impl Population {
             allowance: [OPEN; 5],
             sent: [[i64::MIN; SENDER_CAP_MEMORY]; 5],
             pending: None,
+            peak,
+            recall_at_send_after,
         }
     }
 
@@ -785,6 +833,7 @@ impl Population {
             stage: t.stage,
             channel: t.channel,
             fired_at: t.fired_at,
+            send_after: t.send_after,
         });
         self.stats.triggers[t.segment.index()] += 1;
         if t.channel.is_none() {
@@ -1019,10 +1068,20 @@ impl DayCtx<'_> {
         // (none recommended: nobody can be reached, nothing is sent).
         if let Some((r, ch)) = c.pending.take().and_then(|r| Some((r, r.channel?))) {
             let earliest = (r.fired_at + 30 * MINUTE).max(self.day.start);
-            let at = self
-                .hours(10, 18)
-                .max(earliest)
-                .min(self.day.end - 2 * HOUR);
+            let at = match r.send_after.filter(|_| c.recall_at_send_after) {
+                // The same good hour on the first day the sender can make it.
+                Some(after) => {
+                    let late = (earliest - after).max(0);
+                    Some(after + (late + DAY - 1) / DAY * DAY).filter(|t| *t < self.day.end)
+                }
+                // The comparison: any allowed hour (09-21 is outside every quiet hour).
+                None => Some(self.hours(9, 21).max(earliest).min(self.day.end - 2 * HOUR)),
+            };
+            let Some(at) = at else {
+                // Its good hour is on a later day.
+                c.pending = Some(r);
+                return self.send_all(c, planned);
+            };
             planned.push(Planned {
                 at,
                 channel: ch,
@@ -1035,10 +1094,21 @@ impl DayCtx<'_> {
                 recall: Some(r),
             });
         }
+        self.send_all(c, planned)
+    }
+
+    fn send_all(&mut self, c: &mut Customer, mut planned: Vec<Planned>) {
         planned.sort_by_key(|s| s.at);
         for s in planned {
             self.send(c, s);
         }
+    }
+
+    /// Whether `t` (today) falls in the customer's active window.
+    fn in_active_window(&self, c: &Customer, t: i64) -> bool {
+        let hour = ((t - self.day.start).clamp(0, DAY - 1) / HOUR) as i64;
+        let d = (hour - c.peak as i64).rem_euclid(24);
+        d <= 1 || d == 23
     }
 
     fn visit(&mut self, c: &mut Customer, kind: VisitType) {
@@ -1257,13 +1327,23 @@ impl DayCtx<'_> {
             return;
         }
 
+        // Seen when the customer is active, a message is clicked more.
+        let active = self.in_active_window(c, s.at);
+        let timing = if active {
+            p.active_click_boost
+        } else {
+            p.inactive_click_factor
+        };
+        let arm = usize::from(!c.recall_at_send_after);
         // A recall: does the customer book?
         let mut booked = false;
         if let Some(r) = s.recall {
             self.stats.recall_sends += 1;
+            self.stats.recall_timing[arm][0] += 1;
             let mut chance = p.response[r.segment.index()]
                 * (c.pref[i] as f64).sqrt().clamp(0.5, 1.6)
-                * fat.sqrt();
+                * fat.sqrt()
+                * timing.sqrt();
             if r.stage == Stage::FollowUp {
                 chance *= p.follow_up_response_factor;
             }
@@ -1285,19 +1365,28 @@ impl DayCtx<'_> {
                 c.recall_booked = true;
                 c.churned = false;
                 self.stats.recall_bookings += 1;
+                self.stats.recall_timing[arm][3] += 1;
             }
         }
 
         let service = if marketing { 1.0 } else { 1.3 };
         let pref = c.pref[i] as f64;
         let p_open = (p.open_rate[i] * pref.sqrt() * fat.sqrt() * service).min(0.95);
-        let p_click =
-            (p.click_rate[i] * pref * fat * if marketing { 1.0 } else { 0.5 }).min(p_open * 0.9);
+        let p_click = (p.click_rate[i] * pref * fat * timing * if marketing { 1.0 } else { 0.5 })
+            .min(p_open * 0.9);
         let opened = booked || self.rng.chance(p_open);
         let mut last = s.at;
         if opened {
             let delay = (self.rng.lognormal(25.0, 1.0) * MINUTE as f64) as i64;
             last = s.at + delay.clamp(MINUTE, 6 * HOUR);
+            // Outside the active window, often read when the window comes.
+            let window = self.day.start + (c.peak as i64 - 1) * HOUR;
+            if !active && window > s.at && self.rng.chance(p.open_in_window_share) {
+                last = window + self.rng.range(0, 3 * HOUR);
+            }
+            if s.recall.is_some() {
+                self.stats.recall_timing[arm][1] += 1;
+            }
             self.emit(
                 last,
                 EventBody::Open {
@@ -1313,6 +1402,9 @@ impl DayCtx<'_> {
                 p_open > 0.0 && self.rng.chance(p_click / p_open)
             };
             if clicks {
+                if s.recall.is_some() {
+                    self.stats.recall_timing[arm][2] += 1;
+                }
                 last += self.rng.range(30_000, 20 * MINUTE);
                 self.emit(
                     last,
@@ -1505,6 +1597,7 @@ mod tests {
                     channel: Some(Channel::Sms),
                     fired_at: b.day_info(9).start + 15 * HOUR,
                     holdout: false,
+                    send_after: None,
                 };
                 assert!(b.apply_trigger(&t));
                 assert!(!b.apply_trigger(&TriggerFeedback {
