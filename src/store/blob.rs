@@ -297,6 +297,18 @@ mod size {
         n
     }
 
+    /// Bytes of the engagement-by-hour histogram (best contact hours): at most
+    /// a time, a width byte, a 3-byte mask and 2 bytes per hour, 5 + 1 + 3 + 24 × 2.
+    fn contact_hours(s: &CustomerState) -> usize {
+        let n = crate::histories::blob_parts(s)
+            .iter()
+            .find(|(k, _)| k == "contact hours")
+            .unwrap()
+            .1;
+        assert!(n <= 57, "{n} bytes of contact hours, bound 57");
+        n
+    }
+
     fn idempotence(s: &CustomerState) -> usize {
         let parts = crate::histories::blob_parts(s);
         parts.iter().find(|(k, _)| k == "idempotence").unwrap().1
@@ -328,8 +340,13 @@ mod size {
             "{dedup} bytes of dedup memory, bound {bound}"
         );
         let last = last_decisions(&full);
+        let hours = contact_hours(&full);
         assert!(
-            b - dedup - last <= 300 - 5 * 6,
+            hours > 24 * 2 + 3,
+            "engagement at every hour fills the histogram"
+        );
+        assert!(
+            b - dedup - last - hours <= 300 - 5 * 6,
             "{b} bytes for a full five-channel history: {parts:?}"
         );
         const { assert!(300 < CLASS_320) };
@@ -357,7 +374,8 @@ mod size {
             assert_eq!(decode(&encode(1, &s)).unwrap().1, s);
             let dedup = idempotence(&s);
             assert!(dedup <= dedup_bound(&StateParams::default()));
-            assert!(n - dedup - last_decisions(&s) <= 660 - 5 * 6, "{n} bytes");
+            let rest = n - dedup - last_decisions(&s) - contact_hours(&s);
+            assert!(rest <= 660 - 5 * 6, "{n} bytes");
         }
     }
 }

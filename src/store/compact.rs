@@ -81,8 +81,11 @@
 //!   l0: bit i: channel i has one (only with a published decision); 5-7 = 0
 //!   l1: bits 0-3 reason code (index into REASONS; 15: the reason follows as a
 //!       string); 4 cap; 5 rates; 6 cause; 7 the window is in minutes (else ms)
-//! hours    := at:T mask:u24le (f32le per set bit, hour 0 first)
-//!   the engagement histogram by local hour; an hour whose weight is +0.0 is not set
+//! hours    := at:T width:u8 mask:u24le (weight per set bit, hour 0 first)
+//!   the engagement histogram by local hour; an hour whose weight is +0.0 is not
+//!   set. width 2: each weight is the high 16 bits of its f32 (the domain keeps
+//!   them at bfloat16 precision), little-endian; width 4: its f32le bits (only
+//!   for weights the domain did not round)
 //! send_after := n:var n×(index:var at:T)
 //!   the outbox triggers' `send_after` (a field postcard(Vec<Output>) predates),
 //!   by ascending index into the outbox; n ≥ 1
@@ -489,10 +492,14 @@ impl Enc<'_> {
 
     fn active_hours(&mut self, h: &ActiveHours) {
         self.time(h.at);
+        let narrow = h.weights.iter().all(|w| w.to_bits() & 0xffff == 0);
+        self.u8(if narrow { 2 } else { 4 });
         let mask = (0..24).fold(0u32, |m, i| m | u32::from(h.weights[i].to_bits() != 0) << i);
         self.out.extend_from_slice(&mask.to_le_bytes()[..3]);
         for w in h.weights.iter().filter(|w| w.to_bits() != 0) {
-            self.out.extend_from_slice(&w.to_bits().to_le_bytes());
+            let b = w.to_bits().to_le_bytes();
+            self.out
+                .extend_from_slice(if narrow { &b[2..] } else { &b[..] });
         }
     }
 
@@ -1055,13 +1062,22 @@ impl Dec<'_> {
 
     fn active_hours(&mut self) -> Res<ActiveHours> {
         let at = self.time()?;
+        let width = self.u8()?;
+        if width != 2 && width != 4 {
+            return Err(format!("active hours: width {width}"));
+        }
         let m = self.take(3)?;
         let mask = u32::from_le_bytes([m[0], m[1], m[2], 0]);
         let mut weights = [0f32; 24];
         for (i, w) in weights.iter_mut().enumerate() {
             if mask & (1 << i) != 0 {
-                let b = self.take(4)?;
-                *w = f32::from_bits(u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+                let b = self.take(width.into())?;
+                let bits = match *b {
+                    [b0, b1] => u32::from_le_bytes([0, 0, b0, b1]),
+                    [b0, b1, b2, b3] => u32::from_le_bytes([b0, b1, b2, b3]),
+                    _ => unreachable!("width is 2 or 4"),
+                };
+                *w = f32::from_bits(bits);
                 if w.to_bits() == 0 {
                     return Err(format!("active hours: hour {i} is set but +0.0"));
                 }
@@ -1656,8 +1672,12 @@ mod tests {
                 weights: [0.0; 24],
             };
             let mut prev = 0.0;
+            let narrow = r.random_bool(0.5);
             for w in &mut h.weights {
                 *w = count(r, prev);
+                if narrow {
+                    *w = f32::from_bits(w.to_bits() & 0xffff_0000);
+                }
                 prev = *w;
             }
             s.active_hours = Some(h);

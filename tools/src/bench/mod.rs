@@ -22,6 +22,7 @@ pub mod machine;
 pub mod memory;
 pub mod produce;
 pub mod prom;
+pub mod state_size;
 pub mod timers;
 pub mod workload;
 
@@ -110,6 +111,8 @@ pub enum BenchCmd {
     Latency(latency::LatencyArgs),
     /// Replay speed and memory of `lapse backtest` (in memory, one thread; Redis only with --redis).
     Backtest(backtest::BacktestArgs),
+    /// Stored bytes per customer over the simulator's population (domain only; no Redis).
+    StateSize(state_size::StateSizeArgs),
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -125,6 +128,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         BenchCmd::Timers(a) => timers::run(&a).await.map(|_| ()),
         BenchCmd::Latency(a) => latency::run(&a).await.map(|_| ()),
         BenchCmd::Backtest(a) => backtest::run(&a).await,
+        BenchCmd::StateSize(a) => state_size::run(&a),
     }
 }
 
