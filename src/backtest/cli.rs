@@ -124,6 +124,18 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
             }
         );
     }
+    // The tenants' own population histograms for best contact hours.
+    let hours = super::hours::engagement_by_hour(
+        history.events.iter().map(|(ev, _, _)| ev),
+        &candidates[0].policies,
+    );
+    for (tenant, counts) in &hours {
+        eprintln!(
+            "backtest: {tenant}: {} engagements by local hour; for [policy.tenants.{tenant}.contact_hours]: {}",
+            counts.iter().sum::<u64>(),
+            super::hours::population_line(counts)
+        );
+    }
     let stop = super::stop_on_ctrl_c();
     let mut reports = Vec::new();
     let mut interrupted = false;

@@ -17,6 +17,7 @@
 
 pub mod cli;
 pub mod clock;
+pub mod hours;
 pub mod replay;
 pub mod report;
 pub mod source;

@@ -1106,7 +1106,7 @@ impl DayCtx<'_> {
 
     /// Whether `t` (today) falls in the customer's active window.
     fn in_active_window(&self, c: &Customer, t: i64) -> bool {
-        let hour = ((t - self.day.start).clamp(0, DAY - 1) / HOUR) as i64;
+        let hour = (t - self.day.start).clamp(0, DAY - 1) / HOUR;
         let d = (hour - c.peak as i64).rem_euclid(24);
         d <= 1 || d == 23
     }
