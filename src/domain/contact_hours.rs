@@ -501,6 +501,59 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// Whatever the good hours, channel and start: the answer is the first
+        /// moment from `from` on that is in a good hour and outside quiet hours
+        /// (checked at `from` and at every local hour start before the answer).
+        #[test]
+        fn next_good_time_is_the_first_good_allowed_moment(
+            mask in 1u32..(1 << 24),
+            ch in 0usize..5,
+            from in 1_700_000_000_000i64..1_800_000_000_000,
+        ) {
+            let p = policy();
+            let c = Channel::ALL[ch];
+            let g = GoodHours { mask, source: HoursSource::Customer };
+            let ok = |t: i64| {
+                g.contains(local_hour(&p, t).unwrap()) && p.quiet_until(c, t).is_none()
+            };
+            let got = next_good_time(&g, c, &p, from);
+            let mut t = from;
+            let end = got.unwrap_or(from + 8 * DAY);
+            while t < end {
+                proptest::prop_assert!(!ok(t), "{t} was good already, got {got:?}");
+                t = (t / HOUR_MS + 1) * HOUR_MS;
+            }
+            if let Some(r) = got {
+                proptest::prop_assert!(r >= from && ok(r));
+            }
+        }
+
+        /// The fold of any engagement history, in any order, gives the same
+        /// histogram (to the bfloat16 rounding of each fold).
+        #[test]
+        fn the_histogram_does_not_depend_on_arrival_order(
+            evs in proptest::collection::vec((0usize..24, 0i64..(60 * DAY)), 1..40),
+        ) {
+            let p = policy();
+            let h = p.contact_hours.half_life.as_ms();
+            let fold = |evs: &mut dyn Iterator<Item = &(usize, i64)>| {
+                let mut a = ActiveHours::default();
+                for (hr, t) in evs {
+                    a.record(*hr, *t, h);
+                }
+                a
+            };
+            let a = fold(&mut evs.iter());
+            let b = fold(&mut evs.iter().rev());
+            let now = 61 * DAY;
+            let (wa, wb) = (a.weights_at(now, h), b.weights_at(now, h));
+            for hr in 0..24 {
+                proptest::prop_assert!((wa[hr] - wb[hr]).abs() <= 0.05 * wa[hr].max(1.0));
+            }
+        }
+    }
+
     #[test]
     fn bad_values_are_refused_with_the_key() {
         let mut c = ContactHoursPolicy {
