@@ -204,6 +204,11 @@ pub struct CustomerState {
     /// compact format only (format 1, postcard, predates it).
     #[serde(skip)]
     pub campaign_touches: Vec<super::cross_channel::CampaignTouch>,
+    /// Experiments whose arm changed a decision for this customer: which arm,
+    /// since when (at most `experiment::exposure::MAX_EXPOSURES`). Kept by the
+    /// compact format only.
+    #[serde(skip)]
+    pub exposures: Vec<super::experiment::Exposure>,
 }
 
 /// What folding one record did.

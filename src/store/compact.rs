@@ -37,13 +37,15 @@
 //!
 //! ```text
 //! body     := h0:u8 base:ivar unit:var presence:u16le [visits] channel* control*
-//!             watermark* seen [episode] [episode] [timer_due:T] [touches] [outbox] [last]
+//!             watermark* seen [episode] [episode] [timer_due:T] [touches] [exposures]
+//!             [outbox] [last]
 //!             (with h0 bit 1, an extension byte h1 follows h0, before base)
 //! h0       := bit 0 seen (else: ring, as earlier versions wrote it); 1 h1 follows;
 //!             2 visits present; 3 timer_due; 4 recall.current; 5 recall.previous;
 //!             6 outbox; 7 last decisions' details (absent in states written before them)
-//! h1       := bit 0 campaign touches; bits 1-7 = 0 (for later sections); never 0
-//!             (absent in states written before it: read as 0)
+//! h1       := bit 0 campaign touches; bit 1 reserved (contact-hours histogram, being
+//!             added); bit 2 experiment exposures; bits 3-7 = 0 (for later sections);
+//!             never 0 (absent in states written before it: read as 0)
 //! unit     := (ms / 1000) << 1 | 1 when a whole number of seconds, else ms << 1
 //! presence := bits 0-4 channels, 5-9 controls, 10-14 watermarks (by index); 15 = 0
 //! visits   := v0:u8 v1:u8 count:var spend:ivar recent [first_at:T] [last_at:T]
@@ -73,6 +75,7 @@
 //!   e0: bits 0-1 arm (none, treatment, holdout); 2 experiment.  s0: bits 0-1
 //!       stage; 2-3 segment; 4 skipped; 5-6 outcome (none, recalled, not, retracted)
 //! touches  := times:list n×(channel:u8 campaign:6 bytes)  (n ≥ 1, in the list's order)
+//! exposures:= n:var n×(at:T experiment:str arm:str)   (1 ≤ n ≤ MAX_EXPOSURES, in state order)
 //! outbox   := n:var n bytes of postcard(Vec<Output>)
 //! last     := l0:u8 (l1:u8 [reason:str] [cap:var window:ivar] [short:f64le
 //!             baseline:f64le] sends:ivar [cause:str])*   (one per bit of l0)
@@ -87,6 +90,7 @@ use crate::domain::allowance::{
 use crate::domain::cross_channel::{CampaignTouch, MAX_CAMPAIGN_TOUCHES};
 use crate::domain::engagement::{ChannelEngagement, Counts};
 use crate::domain::event::{Channel, VisitType};
+use crate::domain::experiment::exposure::{Exposure, MAX_EXPOSURES};
 use crate::domain::lapse::{Segment, Stage};
 use crate::domain::output::Output;
 use crate::domain::recall::{Arm, Episode, OutcomeKind, RecallState, StageRecord};
@@ -199,8 +203,10 @@ fn times(s: &CustomerState, f: &mut dyn FnMut(i64)) {
         outbox: _,
         timer_due,
         campaign_touches,
+        exposures,
     } = s;
     campaign_touches.iter().for_each(|x| f(x.at));
+    exposures.iter().for_each(|x| f(x.at));
     let Visits {
         count: _,
         first_at,
@@ -376,6 +382,7 @@ impl Enc<'_> {
             outbox,
             timer_due,
             campaign_touches,
+            exposures,
         } = s;
         let RecallState { current, previous } = recall;
         let has_visits = *visits != Visits::default();
@@ -391,10 +398,11 @@ impl Enc<'_> {
             | bit(current.is_some(), 4)
             | bit(previous.is_some(), 5)
             | bit(!outbox.is_empty(), 6)
-            | bit(!campaign_touches.is_empty(), 1)
+            | bit(!campaign_touches.is_empty() || !exposures.is_empty(), 1)
             | bit(!last.is_empty(), 7));
-        if !campaign_touches.is_empty() {
-            self.u8(1);
+        let h1 = bit(!campaign_touches.is_empty(), 0) | bit(!exposures.is_empty(), 2);
+        if h1 != 0 {
+            self.u8(h1);
         }
         self.ivar(self.base);
         let unit = self.unit as u64;
@@ -435,6 +443,9 @@ impl Enc<'_> {
         if !campaign_touches.is_empty() {
             self.campaign_touches(campaign_touches);
         }
+        if !exposures.is_empty() {
+            self.exposures(exposures);
+        }
         if !outbox.is_empty() {
             // postcard into a Vec cannot fail for these plain types.
             let body = postcard::to_allocvec(outbox).unwrap_or_default();
@@ -454,6 +465,15 @@ impl Enc<'_> {
         for x in touches {
             self.u8(x.channel.index() as u8);
             self.out.extend_from_slice(&x.campaign.to_bytes());
+        }
+    }
+
+    fn exposures(&mut self, exposures: &[Exposure]) {
+        self.var(exposures.len() as u64);
+        for x in exposures {
+            self.time(x.at);
+            self.str(&x.experiment);
+            self.str(&x.arm);
         }
     }
 
@@ -876,7 +896,7 @@ impl Dec<'_> {
     fn state(&mut self) -> Res<CustomerState> {
         let h0 = self.u8()?;
         let h1 = if h0 & 0x02 != 0 { self.u8()? } else { 0 };
-        if h0 & 0x02 != 0 && (h1 == 0 || h1 & 0xfe != 0) {
+        if h0 & 0x02 != 0 && (h1 == 0 || h1 & 0xfa != 0) {
             return Err("extension header: empty, or a reserved bit set".into());
         }
         self.base = self.ivar()?;
@@ -952,6 +972,11 @@ impl Dec<'_> {
         } else {
             Vec::new()
         };
+        let exposures = if h1 & 4 != 0 {
+            self.exposures()?
+        } else {
+            Vec::new()
+        };
         let outbox: Vec<Output> = if h0 & 64 != 0 {
             let n = self.len(1, "outbox")?;
             let body = self.take(n)?;
@@ -975,7 +1000,27 @@ impl Dec<'_> {
             outbox,
             timer_due,
             campaign_touches,
+            exposures,
         })
+    }
+
+    fn exposures(&mut self) -> Res<Vec<Exposure>> {
+        let n = self.len(3, "exposures")?;
+        if n == 0 || n > MAX_EXPOSURES {
+            return Err(format!("exposures: {n} entries"));
+        }
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            let at = self.time()?;
+            let experiment = self.str("exposure experiment")?;
+            let arm = self.str("exposure arm")?;
+            out.push(Exposure {
+                experiment,
+                arm,
+                at,
+            });
+        }
+        Ok(out)
     }
 
     fn campaign_touches(&mut self) -> Res<Vec<CampaignTouch>> {
@@ -1529,6 +1574,15 @@ mod tests {
                     campaign: IdHash::from(r.random::<u64>()),
                     channel: Channel::ALL[r.random_range(0..5)],
                     at,
+                })
+                .collect();
+        }
+        if r.random_bool(0.3) {
+            s.exposures = (0..r.random_range(1..=MAX_EXPOSURES))
+                .map(|i| Exposure {
+                    experiment: format!("wechat-cap-{i}"),
+                    arm: ["control", "one-a-day", "三"][r.random_range(0..3)].into(),
+                    at: time(r, base, unit),
                 })
                 .collect();
         }

@@ -12,12 +12,16 @@
 pub mod active;
 pub mod assign;
 pub mod config;
+pub mod exposure;
 pub mod guardrail;
 pub mod plan;
 pub mod stats;
 
 #[cfg(test)]
 mod aa_tests;
+#[cfg(test)]
+mod tests;
 
 pub use active::{policy_under, ArmTag, Assignment, Effective, Experiment, Experiments};
 pub use config::{ArmConfig, ExperimentConfig, PolicyKey};
+pub use exposure::{observe, Exposure};
