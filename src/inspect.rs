@@ -153,3 +153,48 @@ pub fn campaign_allowance_view(
         "channels": channels,
     })
 }
+
+/// Adds the customer's experiment arms to an [`allowance_view`]: per channel
+/// `policy_experiment` and `policy_arm` (the experiment that shapes that
+/// channel's decisions now, as on its throttle events), and `experiments`:
+/// every experiment running now with the customer's arm and when they were
+/// exposed (null: not yet).
+pub fn add_experiments(
+    v: &mut Value,
+    c: &CustomerRef,
+    s: Option<&CustomerState>,
+    x: &crate::domain::experiment::Experiments,
+    now_ms: i64,
+) {
+    if let Some(channels) = v.get_mut("channels").and_then(Value::as_object_mut) {
+        for ch in Channel::ALL {
+            let tag = x.tag_channel(c, ch, now_ms);
+            if let Some(o) = channels.get_mut(ch.as_str()).and_then(Value::as_object_mut) {
+                o.insert(
+                    "policy_experiment".into(),
+                    json!(tag.as_ref().map(|t| &t.experiment)),
+                );
+                o.insert("policy_arm".into(), json!(tag.as_ref().map(|t| &t.arm)));
+            }
+        }
+    }
+    let exposures = s.map_or(&[][..], |s| &s.exposures[..]);
+    let running: Vec<Value> = x
+        .assignments(c, now_ms)
+        .iter()
+        .map(|a| {
+            let exposed = exposures
+                .iter()
+                .find(|e| e.experiment == a.experiment.name)
+                .map(|e| e.at);
+            json!({
+                "experiment": a.experiment.name,
+                "arm": a.arm_name(),
+                "exposed_at": ts(exposed),
+            })
+        })
+        .collect();
+    if let Some(o) = v.as_object_mut() {
+        o.insert("experiments".into(), Value::Array(running));
+    }
+}
