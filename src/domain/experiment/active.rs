@@ -7,7 +7,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use super::assign;
-use super::config::{
+use super::spec::{
     valid_name, ArmConfig, ExperimentConfig, PolicyKey, CONTROL, MAX_ARMS, MAX_EXPERIMENTS,
     MAX_NAME_LEN,
 };
@@ -38,7 +38,7 @@ pub struct Experiment {
 pub struct Arm {
     pub name: String,
     pub share: f64,
-    config: ArmConfig,
+    spec: ArmConfig,
     quiet: Vec<(Channel, QuietSpan)>,
 }
 
@@ -100,20 +100,20 @@ impl Experiment {
     /// Writes arm `arm`'s overrides into `p`.
     pub fn apply(&self, arm: usize, p: &mut Policy) {
         let a = &self.arms[arm];
-        for (c, rule) in &a.config.caps {
+        for (c, rule) in &a.spec.caps {
             p.caps[c.index()] = *rule;
         }
         for (c, q) in &a.quiet {
             p.quiet[c.index()] = Some(*q);
         }
-        let t = &a.config.throttle;
+        let t = &a.spec.throttle;
         let th = &mut p.throttle;
         th.throttle_below = t.throttle_below.unwrap_or(th.throttle_below);
         th.floor = t.floor.unwrap_or(th.floor);
         th.release_above = t.release_above.unwrap_or(th.release_above);
         th.min_sends = t.min_sends.unwrap_or(th.min_sends);
         th.cooldown = t.cooldown.unwrap_or(th.cooldown);
-        let r = &a.config.recall;
+        let r = &a.spec.recall;
         let l = &mut p.lapse;
         l.at_risk_factor = r.at_risk_factor.unwrap_or(l.at_risk_factor);
         l.lapsed_factor = r.lapsed_factor.unwrap_or(l.lapsed_factor);
@@ -373,7 +373,7 @@ fn resolve(cfg: &ExperimentConfig, key: &str, tenant: &Policy) -> Result<Experim
         arms.push(Arm {
             name: a.name.clone(),
             share: a.share,
-            config: a.clone(),
+            spec: a.clone(),
             quiet,
         });
     }

@@ -20,7 +20,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::active::{policy_under, ArmTag, Effective, Experiment};
-use super::config::MAX_EXPERIMENTS;
+use super::spec::MAX_EXPERIMENTS;
 use crate::domain::allowance::rates;
 use crate::domain::decide::allowance_at;
 use crate::domain::event::Channel;

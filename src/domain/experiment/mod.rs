@@ -1,7 +1,7 @@
 //! Contact-policy experiments (issue 15): arms with policy overrides, sticky
 //! assignment, exposure, and the statistics that judge them.
 //!
-//! * `config`: `[[policy.experiments]]` as written;
+//! * `spec`: `[[policy.experiments]]` as written;
 //! * `active`: resolved and validated at start-up; a customer's arms and
 //!   policy at a time; the arm an output carries;
 //! * `assign`: the hash that draws the arm;
@@ -11,10 +11,10 @@
 
 pub mod active;
 pub mod assign;
-pub mod config;
 pub mod exposure;
 pub mod guardrail;
 pub mod plan;
+pub mod spec;
 pub mod stats;
 
 #[cfg(test)]
@@ -23,5 +23,5 @@ mod aa_tests;
 mod tests;
 
 pub use active::{policy_under, ArmTag, Assignment, Effective, Experiment, Experiments};
-pub use config::{ArmConfig, ExperimentConfig, PolicyKey};
 pub use exposure::{observe, Exposure};
+pub use spec::{ArmConfig, ExperimentConfig, PolicyKey};

@@ -94,7 +94,7 @@ fn names_are_unique_and_bounded() {
     let (key, _) = error(&WECHAT.replace("one-a-day", &"x".repeat(33)));
     assert_eq!(key, "policy.experiments.wechat-1-vs-2.arms");
     // A limit on the number of experiments (their names are metric labels).
-    let many: String = (0..=config::MAX_EXPERIMENTS)
+    let many: String = (0..=spec::MAX_EXPERIMENTS)
         .map(|i| {
             WECHAT
                 .replace("wechat-1-vs-2", &format!("e{i}"))
