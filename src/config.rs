@@ -1397,6 +1397,34 @@ mod tests {
         assert!(p.platform_rules.iter().all(|r| !r.source.is_empty()));
     }
 
+    /// The commented experiment at the end of the shipped config, uncommented,
+    /// loads; a mistake in it stops start-up naming the key.
+    #[test]
+    fn the_shipped_experiment_example_loads() {
+        let shipped = include_str!("../deploy/lapse.toml");
+        let (_, example) = shipped
+            .split_once("# [[policy.experiments]]")
+            .expect("the example");
+        let example: String = format!("# [[policy.experiments]]{example}")
+            .lines()
+            .map(|l| l.strip_prefix("# ").unwrap_or(l))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let c = Config::from_toml(&format!("{shipped}\n{example}")).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.policy.experiments.len(), 1);
+        assert_eq!(c.policy.experiments[0].arms.len(), 2);
+        let bad = example.replace("share = 0.5\ncaps", "share = 0.6\ncaps");
+        match Config::from_toml(&format!("{shipped}\n{bad}")).and_then(|c| c.validate()) {
+            Err(e) => assert!(
+                e.to_string()
+                    .contains("policy.experiments.wechat-1-vs-2.arms"),
+                "{e}"
+            ),
+            Ok(()) => panic!("shares of 1.1 accepted"),
+        }
+    }
+
     #[test]
     fn unknown_key_is_named() {
         let e = Config::from_toml("[batch]\nmax_recs = 3\n")

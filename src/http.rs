@@ -105,14 +105,19 @@ async fn allowance(
     }
     match api.store.load(&c).await {
         Ok(loaded) => {
-            let v = crate::inspect::campaign_allowance_view(
+            let now = api.clock.now_ms();
+            let state = loaded.as_ref().map(|l| &l.state);
+            // The customer's policy now: their arms' overrides included.
+            let eff = api.policies.effective(&c, now);
+            let mut v = crate::inspect::campaign_allowance_view(
                 &c,
-                loaded.as_ref().map(|l| &l.state),
-                api.policies.of(&c.tenant),
+                state,
+                &eff.policy,
                 &api.params,
-                api.clock.now_ms(),
+                now,
                 q.campaign.as_deref().filter(|k| !k.is_empty()),
             );
+            crate::inspect::add_experiments(&mut v, &c, state, api.policies.experiments(), now);
             Json(v).into_response()
         }
         Err(e) => {

@@ -166,3 +166,113 @@ pub fn campaign_allowance_view(
         "channels": channels,
     })
 }
+
+/// Adds the customer's experiment arms to an [`allowance_view`]: per channel
+/// `policy_experiment` and `policy_arm` (the experiment that shapes that
+/// channel's decisions now, as on its throttle events), and `experiments`:
+/// every experiment running now with the customer's arm and when they were
+/// exposed (null: not yet).
+pub fn add_experiments(
+    v: &mut Value,
+    c: &CustomerRef,
+    s: Option<&CustomerState>,
+    x: &crate::domain::experiment::Experiments,
+    now_ms: i64,
+) {
+    if let Some(channels) = v.get_mut("channels").and_then(Value::as_object_mut) {
+        for ch in Channel::ALL {
+            let tag = x.tag_channel(c, ch, now_ms);
+            if let Some(o) = channels.get_mut(ch.as_str()).and_then(Value::as_object_mut) {
+                o.insert(
+                    "policy_experiment".into(),
+                    json!(tag.as_ref().map(|t| &t.experiment)),
+                );
+                o.insert("policy_arm".into(), json!(tag.as_ref().map(|t| &t.arm)));
+            }
+        }
+    }
+    let exposures = s.map_or(&[][..], |s| &s.exposures[..]);
+    let running: Vec<Value> = x
+        .assignments(c, now_ms)
+        .iter()
+        .map(|a| {
+            let exposed = exposures
+                .iter()
+                .find(|e| e.experiment == a.experiment.name)
+                .map(|e| e.at);
+            json!({
+                "experiment": a.experiment.name,
+                "arm": a.arm_name(),
+                "exposed_at": ts(exposed),
+            })
+        })
+        .collect();
+    if let Some(o) = v.as_object_mut() {
+        o.insert("experiments".into(), Value::Array(running));
+    }
+}
+
+#[cfg(test)]
+mod experiment_view_tests {
+    use super::*;
+    use crate::domain::experiment::Exposure;
+    use crate::domain::policy::{Policies, PolicyConfig};
+    use crate::domain::state::StateParams;
+
+    #[test]
+    fn the_allowance_view_shows_the_arm_and_the_exposure() {
+        let cfg: PolicyConfig = toml::from_str(
+            r#"
+[[experiments]]
+name = "sms-weekly-1"
+tenant = "brandA"
+start = "2026-01-01T00:00"
+end = "2027-01-01T00:00"
+[[experiments.arms]]
+name = "control"
+share = 0.5
+[[experiments.arms]]
+name = "one"
+share = 0.5
+caps.SMS = { limit = 1, window = "7d" }
+"#,
+        )
+        .unwrap();
+        let p = Policies::new(&cfg).unwrap();
+        let c = CustomerRef::new("brandA", "c1");
+        let now = 1_780_000_000_000; // 2026-05-28
+        let e = p.experiments().all().next().unwrap();
+        let arm = e.arms[e.arm_of(&c)].name.clone();
+        let state = CustomerState {
+            exposures: vec![Exposure {
+                experiment: "sms-weekly-1".into(),
+                arm: arm.clone(),
+                at: now - 1000,
+            }],
+            ..Default::default()
+        };
+        let eff = p.effective(&c, now);
+        let mut v = allowance_view(&c, Some(&state), &eff.policy, &StateParams::default(), now);
+        add_experiments(&mut v, &c, Some(&state), p.experiments(), now);
+        assert_eq!(v["channels"]["SMS"]["policy_experiment"], "sms-weekly-1");
+        assert_eq!(v["channels"]["SMS"]["policy_arm"], arm.as_str());
+        assert!(v["channels"]["WECHAT"]["policy_experiment"].is_null());
+        let expected_cap = if arm == "one" { 1 } else { 2 };
+        assert_eq!(v["channels"]["SMS"]["cap"], expected_cap);
+        assert_eq!(v["experiments"][0]["experiment"], "sms-weekly-1");
+        assert_eq!(v["experiments"][0]["arm"], arm.as_str());
+        assert_eq!(v["experiments"][0]["exposed_at"], ts(Some(now - 1000)));
+        // After the experiment: nothing running, no tags.
+        let later = now + 400 * 86_400_000;
+        let mut v = allowance_view(
+            &c,
+            Some(&state),
+            p.of("brandA"),
+            &StateParams::default(),
+            later,
+        );
+        add_experiments(&mut v, &c, Some(&state), p.experiments(), later);
+        assert_eq!(v["experiments"], json!([]));
+        assert!(v["channels"]["SMS"]["policy_arm"].is_null());
+    }
+}

@@ -129,14 +129,23 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
                         &policies.of(&c.tenant).lapse,
                     ))?;
                     v["timer_due"] = serde_json::json!(l.state.timer_due);
-                    v["allowance"] = lapse::inspect::allowance_view(
+                    let eff = policies.effective(&c, now);
+                    let mut a = lapse::inspect::allowance_view(
                         &c,
                         Some(&l.state),
-                        policies.of(&c.tenant),
+                        &eff.policy,
                         &params,
                         now,
-                    )["channels"]
-                        .clone();
+                    );
+                    lapse::inspect::add_experiments(
+                        &mut a,
+                        &c,
+                        Some(&l.state),
+                        policies.experiments(),
+                        now,
+                    );
+                    v["allowance"] = a["channels"].clone();
+                    v["experiments"] = a["experiments"].clone();
                     println!("{}", serde_json::to_string_pretty(&v)?);
                     Ok(())
                 }

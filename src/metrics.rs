@@ -57,6 +57,7 @@ pub struct Metrics {
     pub cap_hits: IntCounterVec,
     pub cap_violations: IntCounterVec,
     pub throttle_transitions: IntCounterVec,
+    pub experiment_exposures: IntCounterVec,
     pub customers_restricted: IntGaugeVec,
     pub recall_stages: IntCounterVec,
     pub recall_triggers: IntCounterVec,
@@ -225,6 +226,12 @@ impl Metrics {
                 "lapse_throttle_transitions_total",
                 "Published allowance changes by channel, new state and reason.",
                 &["tenant", "channel", "state", "reason"],
+            ),
+            experiment_exposures: counter(
+                &r,
+                "lapse_experiment_exposures_total",
+                "Customers exposed to a contact-policy experiment (the arm first changed a decision for them; control customers when another arm would have), by experiment and arm. Labels are bounded: at most 16 experiments of at most 4 arms, from the configuration.",
+                &["experiment", "arm"],
             ),
             customers_restricted: gauge(
                 &r,

@@ -3,6 +3,8 @@
 //! producer step of the outbox. Every output carries its deterministic id as
 //! key-independent header `lapse.id`, so consumers can de-duplicate exact repeats.
 
+use std::sync::Arc;
+
 use apache_avro::types::Value;
 use futures::future::join_all;
 
@@ -13,7 +15,8 @@ use crate::codec::{
 use crate::config::{OutputFraming, TopicsConfig};
 use crate::domain::allowance::ThrottleDecision;
 use crate::domain::binding_rule::{binding_rule, BindingRule};
-use crate::domain::event::Channel;
+use crate::domain::event::{Channel, CustomerRef};
+use crate::domain::experiment::{ArmTag, Experiments};
 use crate::domain::output::Output;
 use crate::domain::recall::{RecallOutcome, RecallTrigger};
 use crate::error::KafkaError;
@@ -42,8 +45,17 @@ fn record(fields: Vec<(&str, Value)>) -> Value {
     Value::Record(fields.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())
 }
 
-/// `lapse.v1.ThrottleEvent` (schemas/throttle_event.avsc).
-pub fn throttle_value(d: &ThrottleDecision) -> Value {
+/// `policy_experiment` and `policy_arm`: the experiment arm an output carries.
+fn arm_fields(tag: Option<&ArmTag>) -> [(&'static str, Value); 2] {
+    [
+        ("policy_experiment", opt(tag, |t| string(&t.experiment))),
+        ("policy_arm", opt(tag, |t| string(&t.arm))),
+    ]
+}
+
+/// `lapse.v1.ThrottleEvent` (schemas/throttle_event.avsc); `tag`: the
+/// experiment arm that shaped the decision (see `Experiments::tag_channel`).
+pub fn throttle_value(d: &ThrottleDecision, tag: Option<&ArmTag>) -> Value {
     let scope = if d.customer_id.is_some() {
         enm(0, "CUSTOMER_CHANNEL")
     } else {
@@ -56,64 +68,75 @@ pub fn throttle_value(d: &ThrottleDecision) -> Value {
         // The campaign lock is never published: it answers `?campaign=` only.
         (Some(_), _) => enm(0, "CHANNEL"),
     };
-    record(vec![
-        ("decision_id", string(&d.decision_id)),
-        ("scope", scope),
-        ("tenant_id", string(&d.tenant_id)),
-        ("customer_id", opt_string(&d.customer_id)),
-        ("channel", opt(d.channel, |c| enm(c.index(), c.as_str()))),
-        ("campaign_id", opt_string(&d.campaign_id)),
-        ("state", enm(d.state.index(), d.state.as_str())),
-        ("reason", string(&d.reason)),
-        ("allowed_from", opt(d.allowed_from, Value::TimestampMillis)),
-        ("cap", opt(d.cap, |c| Value::Int(c as i32))),
-        ("window_ms", opt(d.window_ms, Value::Long)),
-        ("short_click_rate", opt(d.short_click_rate, Value::Double)),
-        (
-            "baseline_click_rate",
-            opt(d.baseline_click_rate, Value::Double),
-        ),
-        ("sends_in_window", Value::Long(d.sends_in_window)),
-        ("decided_at", Value::TimestampMillis(d.decided_at)),
-        ("cause_event_id", opt_string(&d.cause_event_id)),
-        ("rule_scope", rule_scope),
-    ])
+    record(
+        vec![
+            ("decision_id", string(&d.decision_id)),
+            ("scope", scope),
+            ("tenant_id", string(&d.tenant_id)),
+            ("customer_id", opt_string(&d.customer_id)),
+            ("channel", opt(d.channel, |c| enm(c.index(), c.as_str()))),
+            ("campaign_id", opt_string(&d.campaign_id)),
+            ("state", enm(d.state.index(), d.state.as_str())),
+            ("reason", string(&d.reason)),
+            ("allowed_from", opt(d.allowed_from, Value::TimestampMillis)),
+            ("cap", opt(d.cap, |c| Value::Int(c as i32))),
+            ("window_ms", opt(d.window_ms, Value::Long)),
+            ("short_click_rate", opt(d.short_click_rate, Value::Double)),
+            (
+                "baseline_click_rate",
+                opt(d.baseline_click_rate, Value::Double),
+            ),
+            ("sends_in_window", Value::Long(d.sends_in_window)),
+            ("decided_at", Value::TimestampMillis(d.decided_at)),
+            ("cause_event_id", opt_string(&d.cause_event_id)),
+            ("rule_scope", rule_scope),
+        ]
+        .into_iter()
+        .chain(arm_fields(tag))
+        .collect(),
+    )
 }
 
-/// `lapse.v1.RecallTrigger` (schemas/recall_trigger.avsc).
-pub fn trigger_value(t: &RecallTrigger) -> Value {
+/// `lapse.v1.RecallTrigger` (schemas/recall_trigger.avsc); `tag`: the
+/// experiment arm that shaped it (see `Experiments::tag_recall`).
+pub fn trigger_value(t: &RecallTrigger, tag: Option<&ArmTag>) -> Value {
     let ch = |c: Channel| enm(c.index(), c.as_str());
-    record(vec![
-        ("trigger_id", string(&t.trigger_id)),
-        ("tenant_id", string(&t.tenant_id)),
-        ("customer_id", string(&t.customer_id)),
-        ("episode_id", string(&t.episode_id)),
-        ("stage", enm(t.stage.index(), t.stage.as_str())),
-        ("attempt", Value::Int(t.attempt)),
-        ("segment", enm(t.segment.index(), t.segment.as_str())),
-        ("days_since_last_visit", Value::Int(t.days_since_last_visit)),
-        (
-            "expected_interval_days",
-            Value::Double(t.expected_interval_days),
-        ),
-        ("lifetime_value", Value::Long(t.lifetime_value)),
-        ("currency", string(&t.currency)),
-        ("last_treatment", opt_string(&t.last_treatment)),
-        (
-            "recommended_channel",
-            t.recommended_channel.map_or(Value::Null, ch),
-        ),
-        (
-            "fallback_channels",
-            Value::Array(t.fallback_channels.iter().map(|c| ch(*c)).collect()),
-        ),
-        ("offer_tier", string(&t.offer_tier)),
-        ("experiment", string(&t.experiment)),
-        ("arm", enm(t.arm.index(), t.arm.as_str())),
-        ("due_at", Value::TimestampMillis(t.due_at)),
-        ("fired_at", Value::TimestampMillis(t.fired_at)),
-        ("send_after", opt(t.send_after, Value::TimestampMillis)),
-    ])
+    record(
+        vec![
+            ("trigger_id", string(&t.trigger_id)),
+            ("tenant_id", string(&t.tenant_id)),
+            ("customer_id", string(&t.customer_id)),
+            ("episode_id", string(&t.episode_id)),
+            ("stage", enm(t.stage.index(), t.stage.as_str())),
+            ("attempt", Value::Int(t.attempt)),
+            ("segment", enm(t.segment.index(), t.segment.as_str())),
+            ("days_since_last_visit", Value::Int(t.days_since_last_visit)),
+            (
+                "expected_interval_days",
+                Value::Double(t.expected_interval_days),
+            ),
+            ("lifetime_value", Value::Long(t.lifetime_value)),
+            ("currency", string(&t.currency)),
+            ("last_treatment", opt_string(&t.last_treatment)),
+            (
+                "recommended_channel",
+                t.recommended_channel.map_or(Value::Null, ch),
+            ),
+            (
+                "fallback_channels",
+                Value::Array(t.fallback_channels.iter().map(|c| ch(*c)).collect()),
+            ),
+            ("offer_tier", string(&t.offer_tier)),
+            ("experiment", string(&t.experiment)),
+            ("arm", enm(t.arm.index(), t.arm.as_str())),
+            ("due_at", Value::TimestampMillis(t.due_at)),
+            ("fired_at", Value::TimestampMillis(t.fired_at)),
+            ("send_after", opt(t.send_after, Value::TimestampMillis)),
+        ]
+        .into_iter()
+        .chain(arm_fields(tag))
+        .collect(),
+    )
 }
 
 /// `lapse.v1.RecallOutcome` (schemas/recall_outcome.avsc).
@@ -139,6 +162,23 @@ pub fn outcome_value(o: &RecallOutcome) -> Value {
         ("cause_event_id", opt_string(&o.cause_event_id)),
         ("decided_at", Value::TimestampMillis(o.decided_at)),
     ])
+}
+
+/// The arm a customer×channel decision carries: the experiment running at
+/// `decided_at` that changes the channel's decisions.
+pub fn throttle_tag(x: &Experiments, d: &ThrottleDecision) -> Option<ArmTag> {
+    let (Some(customer), Some(channel)) = (&d.customer_id, d.channel) else {
+        return None;
+    };
+    let who = CustomerRef::new(d.tenant_id.clone(), customer.clone());
+    x.tag_channel(&who, channel, d.decided_at)
+}
+
+/// The arm a trigger carries: the experiment running at `fired_at` that
+/// changes recall stage offsets.
+pub fn trigger_tag(x: &Experiments, t: &RecallTrigger) -> Option<ArmTag> {
+    let who = CustomerRef::new(t.tenant_id.clone(), t.customer_id.clone());
+    x.tag_recall(&who, t.fired_at)
 }
 
 /// An encoded output, ready to produce.
@@ -210,6 +250,9 @@ pub struct OutputWriter {
     pub encoder: Encoder,
     pub topics: TopicsConfig,
     pub framings: OutputFramings,
+    /// Which experiment arm each output carries (a function of configuration,
+    /// customer and decision time, so a republished output is an exact repeat).
+    pub experiments: Arc<Experiments>,
 }
 
 impl OutputWriter {
@@ -222,7 +265,7 @@ impl OutputWriter {
                 kind: "throttle",
                 bytes: self.encoder.encode_value(
                     THROTTLE_EVENT,
-                    throttle_value(d),
+                    throttle_value(d, throttle_tag(&self.experiments, d).as_ref()),
                     self.framings.throttle,
                 )?,
             }),
@@ -233,7 +276,7 @@ impl OutputWriter {
                 kind: "trigger",
                 bytes: self.encoder.encode_value(
                     RECALL_TRIGGER,
-                    trigger_value(t),
+                    trigger_value(t, trigger_tag(&self.experiments, t).as_ref()),
                     self.framings.trigger,
                 )?,
             }),
@@ -328,16 +371,24 @@ mod tests {
         let enc = Encoder::new(&SchemaSet::builtin().unwrap());
         let (t, o) = trigger_and_outcome();
         assert!(t.recommended_channel.is_some() && t.last_treatment.is_some());
-        enc.encode_value(RECALL_TRIGGER, trigger_value(&t), Framing::SingleObject)
-            .unwrap();
+        enc.encode_value(
+            RECALL_TRIGGER,
+            trigger_value(&t, None),
+            Framing::SingleObject,
+        )
+        .unwrap();
         let t2 = RecallTrigger {
             recommended_channel: None,
             fallback_channels: vec![],
             last_treatment: None,
             ..t
         };
-        enc.encode_value(RECALL_TRIGGER, trigger_value(&t2), Framing::SingleObject)
-            .unwrap();
+        enc.encode_value(
+            RECALL_TRIGGER,
+            trigger_value(&t2, None),
+            Framing::SingleObject,
+        )
+        .unwrap();
         assert_eq!(o.kind, OutcomeKind::Recalled);
         enc.encode_value(RECALL_OUTCOME, outcome_value(&o), Framing::SingleObject)
             .unwrap();

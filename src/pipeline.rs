@@ -20,6 +20,7 @@ use crate::domain::clock::Clock;
 use crate::domain::clock::EventClock;
 use crate::domain::decide::Effects;
 use crate::domain::event::{CustomerRef, Event, EventBody, EventKind};
+use crate::domain::experiment::{self, ArmTag};
 use crate::domain::policy::Policies;
 use crate::domain::state::{CustomerState, Notes, Outcome, Source, StateParams};
 use crate::domain::step;
@@ -361,6 +362,7 @@ impl Pipeline {
             for s in &stored {
                 tally.written += s.written as usize;
                 tally.count(&s.extra.outcomes, &s.extra.effects, s.id);
+                tally.exposures.extend(s.extra.exposures.iter().cloned());
             }
             self.metrics.state_writes.inc_by(tally.written as u64);
             Ok::<_, BatchError>((tally, stored))
@@ -412,6 +414,8 @@ struct CustomerFolded {
     /// (index into the batch's valid events, what folding it did), in batch order.
     outcomes: Vec<(usize, (Outcome, Notes))>,
     effects: Vec<(usize, Effects)>,
+    /// Experiments the customer was first exposed to.
+    exposures: Vec<ArmTag>,
     /// A new due time, to schedule before the state write.
     schedule: Option<i64>,
 }
@@ -429,21 +433,31 @@ impl Fold<CustomerState> for CustomerFold<'_, '_> {
 
     fn fold(&mut self, c: &CustomerRef, state: &mut CustomerState) -> (bool, CustomerFolded) {
         let p = self.p;
-        let policy = p.policies.of(&c.tenant);
         let events = &self.groups[c];
         let mut outcomes = Vec::with_capacity(events.len());
         let mut effects = Vec::new();
+        let mut exposures = Vec::new();
+        // The policy in force at each event's time: the tenant's, with the
+        // customer's arms in the experiments running then.
+        let mut latest = None::<i64>;
         for &i in events {
             let (ev, src) = &self.valid[i];
-            let (out, notes, fx) = step::on_record(state, ev, *src, policy, &p.params);
+            let eff = p.policies.effective(c, ev.occurred_at);
+            let (out, notes, fx) = step::on_record(state, ev, *src, &eff.policy, &p.params);
             if let Some(fx) = fx {
                 effects.push((i, fx));
+                exposures.extend(experiment::observe(state, &eff, &p.params, ev.occurred_at));
+                latest = latest.max(Some(ev.occurred_at));
             }
             outcomes.push((i, (out, notes)));
         }
         let redelivered = outcomes
             .iter()
             .any(|(_, (out, _))| *out == Outcome::Redelivered);
+        let eff = latest.map(|t| p.policies.effective(c, t));
+        let policy = eff
+            .as_ref()
+            .map_or(p.policies.of(&c.tenant), |e| &*e.policy);
         let mut schedule = step::after_records(state, policy);
         if schedule.is_none() && redelivered {
             // A crash between this state's write and its timer's: the
@@ -458,6 +472,7 @@ impl Fold<CustomerState> for CustomerFold<'_, '_> {
             CustomerFolded {
                 outcomes,
                 effects,
+                exposures,
                 schedule,
             },
         )
@@ -533,6 +548,7 @@ struct Tally {
     effects: Vec<(String, Effects)>,
     /// Events (by index) that were marketing sends made while not allowed.
     violating: std::collections::HashSet<usize>,
+    exposures: Vec<ArmTag>,
 }
 
 impl Tally {
@@ -550,6 +566,7 @@ impl Tally {
             all.outcomes.extend(other.outcomes);
             all.effects.extend(other.effects);
             all.violating.extend(other.violating);
+            all.exposures.extend(other.exposures);
         }
         all.outcomes.sort_by_key(|(i, _, _)| *i);
         all
@@ -582,6 +599,11 @@ impl Tally {
 
     fn report(&self, p: &Pipeline, valid: &[(Event, Source)], now: i64) {
         let m = &p.metrics;
+        for x in &self.exposures {
+            m.experiment_exposures
+                .with_label_values(&[&x.experiment, &x.arm])
+                .inc();
+        }
         for (i, out, notes) in &self.outcomes {
             let ev = &valid[*i].0;
             match out {

@@ -287,6 +287,7 @@ async fn build(
         encoder: Encoder::new(decoder.schemas()),
         topics: cfg.kafka.topics.clone(),
         framings: connected.framings,
+        experiments: policies.experiments().clone(),
     };
     let gauges = AllowanceGauges::new(store.conn(), &cfg.redis.key_prefix);
     spawn_gauge_exporter(

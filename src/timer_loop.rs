@@ -14,6 +14,7 @@ use crate::config::{RetryConfig, TimersConfig};
 use crate::domain::clock::{Clock, EventClock};
 use crate::domain::decide::Effects;
 use crate::domain::event::{Channel, CustomerRef};
+use crate::domain::experiment::{self, ArmTag};
 use crate::domain::lapse::Stage;
 use crate::domain::policy::Policies;
 use crate::domain::recall::{Arm, Fired};
@@ -60,6 +61,8 @@ struct Fire<'a> {
     /// Allowance releases decided by time.
     effects: Effects,
     next: Option<i64>,
+    /// Experiments the customer was first exposed to.
+    exposures: Vec<ArmTag>,
 }
 
 /// The timer loop's fold of a customer: what is due at `now`.
@@ -234,15 +237,17 @@ impl TimerLoop {
         now: i64,
     ) -> (bool, Fire<'a>) {
         let who = &claimed.customer;
-        let policy = self.policies.of(&who.tenant);
-        let step = step::on_timer(state, who, policy, &self.params, now);
+        let eff = self.policies.effective(who, now);
+        let step = step::on_timer(state, who, &eff.policy, &self.params, now);
+        let exposures = experiment::observe(state, &eff, &self.params, now);
         (
-            step.changed,
+            step.changed || !exposures.is_empty(),
             Fire {
                 claimed,
                 fired: step.fired,
                 effects: step.effects,
                 next: step.next,
+                exposures,
             },
         )
     }
@@ -250,6 +255,11 @@ impl TimerLoop {
     fn count(&self, f: &Fire<'_>) {
         let m = &self.metrics;
         let tenant = m.tenant(&f.claimed.customer.tenant);
+        for x in &f.exposures {
+            m.experiment_exposures
+                .with_label_values(&[&x.experiment, &x.arm])
+                .inc();
+        }
         for (t, reason) in &f.effects.transitions {
             m.throttle_transitions
                 .with_label_values(&[&tenant, t.channel.label(), t.to.label(), reason])

@@ -32,7 +32,27 @@ const OUTCOMES: &str = "recall.outcomes";
 const DLQ: &str = "lapse.dlq";
 const OUTPUTS: [&str; 3] = [THROTTLE, TRIGGERS, OUTCOMES];
 const EVENT_TIME: &str = "[clock]\nmode = \"event\"\n[timers]\npoll_interval = \"20ms\"\n\
-                          [policy.lapse]\nholdout_share = 0.0\n";
+                          [policy.lapse]\nholdout_share = 0.0\n\
+                          [[policy.experiments]]\nname = \"interop-tag\"\ntenant = \"clinicA\"\n\
+                          start = \"2000-01-01T00:00\"\nend = \"2100-01-01T00:00\"\n\
+                          [[policy.experiments.arms]]\nname = \"control\"\nshare = 0.5\n\
+                          [[policy.experiments.arms]]\nname = \"same\"\nshare = 0.5\n\
+                          quiet_hours.WECHAT = { start = \"22:00\", end = \"08:00\" }\n\
+                          recall.at_risk_factor = 1.2\n";
+/// The experiment of [`EVENT_TIME`]: its arm overrides WeChat's quiet hours and
+/// the AT_RISK offset with their defaults, so it decides nothing differently,
+/// but WeChat throttle events and recall triggers carry its arm.
+const EXPERIMENT: &str = "interop-tag";
+
+/// The arm lapse draws for `customer` of clinicA in [`EXPERIMENT`].
+fn expected_arm(customer: &str) -> &'static str {
+    use lapse::domain::experiment::assign;
+    let arm = assign::arm_of(
+        assign::draw("clinicA", customer, EXPERIMENT),
+        &assign::bounds(&[0.5, 0.5]),
+    );
+    ["control", "same"][arm]
+}
 /// Filler customers (a realistic background population; a few events each).
 const POPULATION: usize = 48;
 /// The event-time tick that makes the recall stages fire (day 388), and hv's return.
@@ -783,6 +803,41 @@ async fn end_to_end(wire: Wire) {
             )
         );
     }
+    // The experiment arm, read by the independent client (optional fields
+    // policy_experiment / policy_arm): on clinicA's WeChat decisions only.
+    let in_experiment = |v: &Value| v["tenant_id"] == "clinicA";
+    for r in &throttle {
+        let v = &r["value"];
+        if in_experiment(v) && v["channel"] == "WECHAT" {
+            assert_eq!(v["policy_experiment"], EXPERIMENT, "{r}");
+            assert_eq!(v["policy_arm"], expected_arm(s(&v["customer_id"])), "{r}");
+        } else {
+            assert!(
+                v["policy_experiment"].is_null() && v["policy_arm"].is_null(),
+                "{r}"
+            );
+        }
+    }
+    assert!(
+        throttle
+            .iter()
+            .any(|r| in_experiment(&r["value"]) && r["value"]["channel"] == "WECHAT"),
+        "{brief:#?}"
+    );
+    let triggers = distinct(&summary, TRIGGERS, "trigger_id");
+    for r in &triggers {
+        let v = &r["value"];
+        if in_experiment(v) {
+            assert_eq!(v["policy_experiment"], EXPERIMENT, "{r}");
+            assert_eq!(v["policy_arm"], expected_arm(s(&v["customer_id"])), "{r}");
+        } else {
+            assert!(
+                v["policy_experiment"].is_null() && v["policy_arm"].is_null(),
+                "{r}"
+            );
+        }
+    }
+    assert!(triggers.iter().any(|r| in_experiment(&r["value"])));
     let of_key = |key: &str| -> Vec<&Value> {
         throttle
             .iter()

@@ -13,6 +13,7 @@ pub mod cross_channel;
 pub mod decide;
 pub mod engagement;
 pub mod event;
+pub mod experiment;
 pub mod lapse;
 pub mod output;
 pub mod platform;

@@ -15,7 +15,8 @@ use serde::{Deserialize, Serialize};
 use super::adaptive_cap::AdaptiveCap;
 use super::contact_hours::ContactHoursPolicy;
 use super::cross_channel::CrossChannelPolicy;
-use super::event::Channel;
+use super::event::{Channel, CustomerRef};
+use super::experiment::{Effective, Experiments};
 use super::platform::PlatformRule;
 use super::span::Span;
 
@@ -166,6 +167,8 @@ pub struct PolicyConfig {
     /// send carries no `cost`, and to break ties between channels).
     pub costs: BTreeMap<Channel, i64>,
     pub tenants: BTreeMap<String, TenantOverride>,
+    /// Contact-policy experiments (`[[policy.experiments]]`); none by default.
+    pub experiments: Vec<super::experiment::ExperimentConfig>,
 }
 
 /// Per-tenant overrides: every key replaces the global one; `caps`,
@@ -256,6 +259,7 @@ impl Default for PolicyConfig {
             lapse: Default::default(),
             costs: seed_costs(),
             tenants: BTreeMap::new(),
+            experiments: Vec::new(),
         }
     }
 }
@@ -294,12 +298,12 @@ pub struct Policy {
     pub costs: [i64; 5],
 }
 
-fn parse_hhmm(s: &str) -> Option<u32> {
+pub(crate) fn parse_hhmm(s: &str) -> Option<u32> {
     let t = NaiveTime::parse_from_str(s.trim(), "%H:%M").ok()?;
     Some(t.hour() * 60 + t.minute())
 }
 
-fn parse_local(tz: &Tz, s: &str) -> Option<i64> {
+pub(crate) fn parse_local(tz: &Tz, s: &str) -> Option<i64> {
     let naive = NaiveDateTime::parse_from_str(s.trim(), "%Y-%m-%dT%H:%M").ok()?;
     tz.from_local_datetime(&naive)
         .earliest()
@@ -499,13 +503,9 @@ impl PolicyConfig {
         })
     }
 
-    /// Validates the global policy and every tenant override.
+    /// Validates the global policy, every tenant override and the experiments.
     pub fn validate(&self) -> Result<(), Invalid> {
-        self.resolve(None)?;
-        for t in self.tenants.keys() {
-            self.resolve(Some(t))?;
-        }
-        Ok(())
+        Policies::new(self).map(|_| ())
     }
 }
 
@@ -681,11 +681,12 @@ mod tests {
     }
 }
 
-/// Every tenant's resolved policy, built once at start-up.
+/// Every tenant's resolved policy and the experiments, built once at start-up.
 #[derive(Debug, Clone)]
 pub struct Policies {
     default: std::sync::Arc<Policy>,
     tenants: std::collections::HashMap<String, std::sync::Arc<Policy>>,
+    experiments: std::sync::Arc<Experiments>,
 }
 
 impl Policies {
@@ -695,11 +696,29 @@ impl Policies {
         for t in cfg.tenants.keys() {
             tenants.insert(t.clone(), std::sync::Arc::new(cfg.resolve(Some(t))?));
         }
-        Ok(Policies { default, tenants })
+        let experiments = std::sync::Arc::new(Experiments::new(&cfg.experiments, |t| {
+            tenants.get(t).unwrap_or(&default)
+        })?);
+        Ok(Policies {
+            default,
+            tenants,
+            experiments,
+        })
     }
 
-    /// The policy of `tenant` (the global one when it has no overrides).
+    /// The policy of `tenant` (the global one when it has no overrides): the
+    /// control of its experiments.
     pub fn of(&self, tenant: &str) -> &Policy {
         self.tenants.get(tenant).unwrap_or(&self.default)
+    }
+
+    /// The policy of customer `c` at `t`: their tenant's, with the overrides
+    /// of their arms in the experiments active at `t`.
+    pub fn effective(&self, c: &CustomerRef, t: i64) -> Effective<'_> {
+        self.experiments.effective(self.of(&c.tenant), c, t)
+    }
+
+    pub fn experiments(&self) -> &std::sync::Arc<Experiments> {
+        &self.experiments
     }
 }

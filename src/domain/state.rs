@@ -208,6 +208,11 @@ pub struct CustomerState {
     /// first engagement, or with `policy.contact_hours` off). Compact format only.
     #[serde(skip)]
     pub active_hours: Option<super::contact_hours::ActiveHours>,
+    /// Experiments whose arm changed a decision for this customer: which arm,
+    /// since when (at most `experiment::exposure::MAX_EXPOSURES`). Kept by the
+    /// compact format only.
+    #[serde(skip)]
+    pub exposures: Vec<super::experiment::Exposure>,
 }
 
 /// What folding one record did.

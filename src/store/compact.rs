@@ -37,15 +37,15 @@
 //!
 //! ```text
 //! body     := h0:u8 base:ivar unit:var presence:u16le [visits] channel* control*
-//!             watermark* seen [episode] [episode] [timer_due:T] [touches] [outbox] [last]
-//!             [send_after] [hours]
+//!             watermark* seen [episode] [episode] [timer_due:T] [touches] [exposures]
+//!             [outbox] [last] [send_after] [hours]
 //!             (with h0 bit 1, an extension byte h1 follows h0, before base)
 //! h0       := bit 0 seen (else: ring, as earlier versions wrote it); 1 h1 follows;
 //!             2 visits present; 3 timer_due; 4 recall.current; 5 recall.previous;
 //!             6 outbox; 7 last decisions' details (absent in states written before them)
-//! h1       := bit 0 campaign touches; 1 active hours; 3 send_after of outbox
-//!             triggers; bit 2 and 4-7 = 0 (for later sections); never 0
-//!             (absent in states written before it: read as 0)
+//! h1       := bit 0 campaign touches; 1 active hours; 2 experiment exposures;
+//!             3 send_after of outbox triggers; bits 4-7 = 0 (for later sections);
+//!             never 0 (absent in states written before it: read as 0)
 //! unit     := (ms / 1000) << 1 | 1 when a whole number of seconds, else ms << 1
 //! presence := bits 0-4 channels, 5-9 controls, 10-14 watermarks (by index); 15 = 0
 //! visits   := v0:u8 v1:u8 count:var spend:ivar recent [first_at:T] [last_at:T]
@@ -75,6 +75,7 @@
 //!   e0: bits 0-1 arm (none, treatment, holdout); 2 experiment.  s0: bits 0-1
 //!       stage; 2-3 segment; 4 skipped; 5-6 outcome (none, recalled, not, retracted)
 //! touches  := times:list n×(channel:u8 campaign:6 bytes)  (n ≥ 1, in the list's order)
+//! exposures:= n:var n×(at:T experiment:str arm:str)   (1 ≤ n ≤ MAX_EXPOSURES, in state order)
 //! outbox   := n:var n bytes of postcard(Vec<Output>)  (without send_after: see below)
 //! last     := l0:u8 (l1:u8 [reason:str] [cap:var window:ivar] [short:f64le
 //!             baseline:f64le] sends:ivar [cause:str])*   (one per bit of l0)
@@ -98,6 +99,7 @@ use crate::domain::contact_hours::ActiveHours;
 use crate::domain::cross_channel::{CampaignTouch, MAX_CAMPAIGN_TOUCHES};
 use crate::domain::engagement::{ChannelEngagement, Counts};
 use crate::domain::event::{Channel, VisitType};
+use crate::domain::experiment::exposure::{Exposure, MAX_EXPOSURES};
 use crate::domain::lapse::{Segment, Stage};
 use crate::domain::output::Output;
 use crate::domain::recall::{Arm, Episode, OutcomeKind, RecallState, StageRecord};
@@ -106,8 +108,8 @@ use crate::domain::state::{
 };
 use crate::domain::visits::Visits;
 
-/// The h1 bits this version reads (bit 2 and 4-7 are reserved).
-const H1_KNOWN: u8 = 0b1011;
+/// The h1 bits this version reads (bits 4-7 are reserved).
+const H1_KNOWN: u8 = 0b1111;
 
 /// Names of the sections, in the order [`encode_parts`] measures them.
 pub const SECTIONS: [&str; 8] = [
@@ -223,8 +225,10 @@ fn times(s: &CustomerState, f: &mut dyn FnMut(i64)) {
         timer_due,
         campaign_touches,
         active_hours,
+        exposures,
     } = s;
     campaign_touches.iter().for_each(|x| f(x.at));
+    exposures.iter().for_each(|x| f(x.at));
     active_hours.iter().for_each(|h| f(h.at));
     send_afters(outbox).for_each(|(_, t)| f(t));
     let Visits {
@@ -403,11 +407,13 @@ impl Enc<'_> {
             timer_due,
             campaign_touches,
             active_hours,
+            exposures,
         } = s;
         let RecallState { current, previous } = recall;
         let send_after: Vec<(usize, i64)> = send_afters(outbox).collect();
         let h1 = bit(!campaign_touches.is_empty(), 0)
             | bit(active_hours.is_some(), 1)
+            | bit(!exposures.is_empty(), 2)
             | bit(!send_after.is_empty(), 3);
         let has_visits = *visits != Visits::default();
         let mut marks = [self.out.len(); 9];
@@ -466,6 +472,9 @@ impl Enc<'_> {
         if !campaign_touches.is_empty() {
             self.campaign_touches(campaign_touches);
         }
+        if !exposures.is_empty() {
+            self.exposures(exposures);
+        }
         if !outbox.is_empty() {
             // postcard into a Vec cannot fail for these plain types.
             let body = postcard::to_allocvec(outbox).unwrap_or_default();
@@ -509,6 +518,15 @@ impl Enc<'_> {
         for x in touches {
             self.u8(x.channel.index() as u8);
             self.out.extend_from_slice(&x.campaign.to_bytes());
+        }
+    }
+
+    fn exposures(&mut self, exposures: &[Exposure]) {
+        self.var(exposures.len() as u64);
+        for x in exposures {
+            self.time(x.at);
+            self.str(&x.experiment);
+            self.str(&x.arm);
         }
     }
 
@@ -1007,6 +1025,11 @@ impl Dec<'_> {
         } else {
             Vec::new()
         };
+        let exposures = if h1 & 4 != 0 {
+            self.exposures()?
+        } else {
+            Vec::new()
+        };
         let mut outbox: Vec<Output> = if h0 & 64 != 0 {
             let n = self.len(1, "outbox")?;
             let body = self.take(n)?;
@@ -1039,6 +1062,7 @@ impl Dec<'_> {
             timer_due,
             campaign_touches,
             active_hours,
+            exposures,
         })
     }
 
@@ -1084,6 +1108,25 @@ impl Dec<'_> {
             }
         }
         Ok(ActiveHours { at, weights })
+    }
+
+    fn exposures(&mut self) -> Res<Vec<Exposure>> {
+        let n = self.len(3, "exposures")?;
+        if n == 0 || n > MAX_EXPOSURES {
+            return Err(format!("exposures: {n} entries"));
+        }
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            let at = self.time()?;
+            let experiment = self.str("exposure experiment")?;
+            let arm = self.str("exposure arm")?;
+            out.push(Exposure {
+                experiment,
+                arm,
+                at,
+            });
+        }
+        Ok(out)
     }
 
     fn campaign_touches(&mut self) -> Res<Vec<CampaignTouch>> {
@@ -1637,6 +1680,15 @@ mod tests {
                     campaign: IdHash::from(r.random::<u64>()),
                     channel: Channel::ALL[r.random_range(0..5)],
                     at,
+                })
+                .collect();
+        }
+        if r.random_bool(0.3) {
+            s.exposures = (0..r.random_range(1..=MAX_EXPOSURES))
+                .map(|i| Exposure {
+                    experiment: format!("wechat-cap-{i}"),
+                    arm: ["control", "one-a-day", "三"][r.random_range(0..3)].into(),
+                    at: time(r, base, unit),
                 })
                 .collect();
         }

@@ -2014,7 +2014,7 @@ mod tests {
         let bytes = Encoder::new(&schemas)
             .encode_value(
                 THROTTLE_EVENT,
-                lapse::outputs::throttle_value(&d),
+                lapse::outputs::throttle_value(&d, None),
                 Framing::SingleObject,
             )
             .unwrap();

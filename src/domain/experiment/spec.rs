@@ -1,0 +1,168 @@
+//! `[[policy.experiments]]`: contact-policy experiments as configured (issue 15).
+//!
+//! An experiment runs for one tenant between `start` and `end` (local
+//! `YYYY-MM-DDTHH:MM` in the tenant's time zone, like boosts) and splits its
+//! customers into arms by `share`. One arm is named `control` and has no
+//! overrides (it is the tenant's policy); every other arm overrides some of the
+//! policy keys below. Experiment and arm names become metric labels and output
+//! fields, so they are short identifiers and their number is bounded.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use crate::domain::event::Channel;
+use crate::domain::policy::{CapRule, QuietHours};
+use crate::domain::span::Span;
+
+/// At most this many experiments in the whole configuration (labels stay bounded).
+pub const MAX_EXPERIMENTS: usize = 16;
+/// At most this many arms per experiment, `control` included.
+pub const MAX_ARMS: usize = 4;
+/// Longest experiment or arm name.
+pub const MAX_NAME_LEN: usize = 32;
+/// The arm every experiment has: the tenant's policy, unchanged.
+pub const CONTROL: &str = "control";
+
+/// One experiment.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExperimentConfig {
+    /// Unique, `[a-z0-9_-]`, 1 to 32 characters; part of the assignment hash
+    /// (renaming it re-draws the arms).
+    pub name: String,
+    /// The tenant whose customers take part.
+    pub tenant: String,
+    /// `YYYY-MM-DDTHH:MM` in the tenant's time zone, inclusive.
+    pub start: String,
+    /// `YYYY-MM-DDTHH:MM` in the tenant's time zone, exclusive.
+    pub end: String,
+    pub arms: Vec<ArmConfig>,
+}
+
+/// One arm: its traffic share and the policy keys it changes. Offer tier and
+/// channel preference per segment are not overridable yet.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ArmConfig {
+    /// `control`, or a name like `name` of the experiment.
+    pub name: String,
+    /// Share of the tenant's customers, in (0, 1]; the shares sum to 1.
+    pub share: f64,
+    /// Replace the channel's cap (limit and window).
+    pub caps: BTreeMap<Channel, CapRule>,
+    /// Replace (or add) the channel's quiet hours.
+    pub quiet_hours: BTreeMap<Channel, QuietHours>,
+    pub throttle: ThrottleOverride,
+    pub recall: RecallOverride,
+}
+
+/// Click-rate throttle thresholds an arm may change (the rest stays the tenant's).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ThrottleOverride {
+    pub throttle_below: Option<f64>,
+    pub floor: Option<f64>,
+    pub release_above: Option<f64>,
+    pub min_sends: Option<f64>,
+    pub cooldown: Option<Span>,
+}
+
+/// Recall stage offsets an arm may change (`policy.lapse` keys of the same names).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RecallOverride {
+    pub at_risk_factor: Option<f64>,
+    pub lapsed_factor: Option<f64>,
+    pub lapsed_min_days: Option<u32>,
+    pub follow_up_every_days: Option<u32>,
+    pub max_follow_ups: Option<u32>,
+}
+
+impl ThrottleOverride {
+    fn keys(&self) -> impl Iterator<Item = &'static str> {
+        [
+            ("throttle_below", self.throttle_below.is_some()),
+            ("floor", self.floor.is_some()),
+            ("release_above", self.release_above.is_some()),
+            ("min_sends", self.min_sends.is_some()),
+            ("cooldown", self.cooldown.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(k, set)| set.then_some(k))
+    }
+}
+
+impl RecallOverride {
+    fn keys(&self) -> impl Iterator<Item = &'static str> {
+        [
+            ("at_risk_factor", self.at_risk_factor.is_some()),
+            ("lapsed_factor", self.lapsed_factor.is_some()),
+            ("lapsed_min_days", self.lapsed_min_days.is_some()),
+            ("follow_up_every_days", self.follow_up_every_days.is_some()),
+            ("max_follow_ups", self.max_follow_ups.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(k, set)| set.then_some(k))
+    }
+}
+
+/// A policy key an arm changes, e.g. `caps.WECHAT`, `throttle.floor`, `recall.lapsed_factor`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum PolicyKey {
+    Cap(Channel),
+    QuietHours(Channel),
+    Throttle(&'static str),
+    Recall(&'static str),
+}
+
+impl PolicyKey {
+    /// Whether the key changes decisions on channel `c` (its allowance).
+    pub fn touches_channel(&self, c: Channel) -> bool {
+        match self {
+            PolicyKey::Cap(x) | PolicyKey::QuietHours(x) => *x == c,
+            PolicyKey::Throttle(_) => true,
+            PolicyKey::Recall(_) => false,
+        }
+    }
+
+    /// Whether the key changes recall decisions (stage due times).
+    pub fn touches_recall(&self) -> bool {
+        matches!(self, PolicyKey::Recall(_))
+    }
+}
+
+impl std::fmt::Display for PolicyKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PolicyKey::Cap(c) => write!(f, "caps.{c}"),
+            PolicyKey::QuietHours(c) => write!(f, "quiet_hours.{c}"),
+            PolicyKey::Throttle(k) => write!(f, "throttle.{k}"),
+            PolicyKey::Recall(k) => write!(f, "recall.{k}"),
+        }
+    }
+}
+
+impl ArmConfig {
+    /// The policy keys this arm changes.
+    pub fn keys(&self) -> BTreeSet<PolicyKey> {
+        let mut k = BTreeSet::new();
+        k.extend(self.caps.keys().map(|c| PolicyKey::Cap(*c)));
+        k.extend(self.quiet_hours.keys().map(|c| PolicyKey::QuietHours(*c)));
+        k.extend(self.throttle.keys().map(PolicyKey::Throttle));
+        k.extend(self.recall.keys().map(PolicyKey::Recall));
+        k
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys().is_empty()
+    }
+}
+
+/// Whether `s` may be an experiment or arm name (a bounded metric label).
+pub fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= MAX_NAME_LEN
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+}
