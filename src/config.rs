@@ -568,7 +568,16 @@ pub struct BatchConfig {
     /// A batch's customers are loaded, folded and written in this many
     /// concurrent chunks, so lapse folds one while Redis works on another.
     pub store_chunks: usize,
+    /// Batch processors over disjoint customers (by hash): each applies its
+    /// customers' part of every batch in order, while the others and the next
+    /// batches' decoding run beside it. 1 by default: on 2 cores shared with
+    /// Redis and the broker more cost CPU per event (smaller Redis calls) and
+    /// gained nothing measurable; raise it where lapse has idle cores.
+    pub processors: usize,
 }
+
+/// Most batch processors (`batch.processors`; also bounds the metric's processor label).
+pub const MAX_PROCESSORS: usize = 16;
 
 impl Default for BatchConfig {
     fn default() -> Self {
@@ -577,6 +586,7 @@ impl Default for BatchConfig {
             max_wait: Dur::ms(50),
             queue_depth: 32,
             store_chunks: 4,
+            processors: 1,
         }
     }
 }
@@ -1247,6 +1257,9 @@ impl BatchConfig {
         if !(1..=64).contains(&self.store_chunks) {
             return Err(bad("batch.store_chunks", "must be between 1 and 64"));
         }
+        if !(1..=MAX_PROCESSORS).contains(&self.processors) {
+            return Err(bad("batch.processors", "must be between 1 and 16"));
+        }
         Ok(())
     }
 }
@@ -1469,6 +1482,11 @@ mod tests {
                 "[batch]\nmax_wait = \"2m\"\n",
                 "batch.max_wait",
                 "must be between 1ms and 60s",
+            ),
+            (
+                "[batch]\nprocessors = 0\n",
+                "batch.processors",
+                "must be between 1 and 16",
             ),
             (
                 "[state]\nlong_half_life = \"1d\"\n",

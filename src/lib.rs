@@ -18,6 +18,7 @@ pub mod kafka;
 pub mod metrics;
 pub mod outputs;
 pub mod pipeline;
+pub mod processor;
 pub mod retry;
 pub mod secret;
 pub mod service;

@@ -3,7 +3,7 @@
 //! Never a customer, message or campaign id.
 
 use prometheus::{
-    exponential_buckets, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter,
+    exponential_buckets, CounterVec, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter,
     IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use std::collections::HashSet;
@@ -28,6 +28,8 @@ pub struct Metrics {
     pub currency_mismatch: IntCounter,
     pub batch_records: Histogram,
     pub batch_seconds: Histogram,
+    /// Seconds each batch processor (`batch.processors`, label `processor`) was applying a part.
+    pub processor_busy: CounterVec,
     pub processing_latency: Histogram,
     pub record_latency: Histogram,
     pub redis_call_seconds: HistogramVec,
@@ -176,6 +178,18 @@ impl Metrics {
             ),
             batch_records: histogram(&r, "lapse_batch_records", "Records per applied batch.", exponential_buckets(1.0, 2.0, 16).expect("buckets")),
             batch_seconds: histogram(&r, "lapse_batch_seconds", "Wall time to apply one batch, decode to durable.", exponential_buckets(0.0005, 2.0, 16).expect("buckets")),
+            processor_busy: {
+                let c = CounterVec::new(
+                    Opts::new(
+                        "lapse_batch_processor_busy_seconds_total",
+                        "Wall time each batch processor (batch.processors, labelled 0..n-1) spent applying its customers' part of batches: a rate near 1 for each means the processors are the limit.",
+                    ),
+                    &["processor"],
+                )
+                .expect("valid metric");
+                r.register(Box::new(c.clone())).expect("unique metric");
+                c
+            },
             processing_latency: histogram(
                 &r,
                 "lapse_processing_latency_seconds",

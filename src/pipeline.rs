@@ -33,7 +33,7 @@ use crate::store::durability::{Durability, Shortfall};
 use crate::store::event_time::SharedEventTime;
 use crate::store::fault;
 use crate::store::record::CampaignId;
-use crate::store::timers::TimerStore;
+use crate::store::timers::{self, TimerStore};
 
 /// The retried step a permanent Redis error is reported against (`/readyz`).
 const STATE_WRITE: &str = "state write";
@@ -78,35 +78,57 @@ pub struct Pipeline {
     pub durability: Durability,
 }
 
-/// What [`Pipeline::apply`] hands to the offset gate with a durable batch.
+/// What [`Pipeline::finish`] hands to the offset gate with a durable batch.
 #[derive(Debug, Clone, Copy)]
 pub struct Applied {
     pub summary: BatchSummary,
-    /// The Redis epoch the batch's (last, successful) writes began under.
+    /// The Redis epoch the batch's (last, successful) writes began under:
+    /// the oldest of its parts', so that a change during any of them counts.
     pub epoch: u64,
     /// When Redis had acknowledged every write of the batch.
     pub acked_at: Instant,
 }
 
+/// A batch's valid events, decoded, with how many were dead-lettered.
+pub struct Decoded {
+    pub valid: Vec<(Event, Source)>,
+    pub dead_letters: usize,
+}
+
+/// The events of one batch processor's customers (`batch.processors`), in batch order.
+#[derive(Default)]
+pub struct Part {
+    pub events: Vec<(Event, Source)>,
+    /// Each event's index among the batch's valid events: the campaign
+    /// signals of all parts are merged back into batch order.
+    pub index: Vec<usize>,
+}
+
+/// What a part did once its customers were durable and their decisions published.
+pub struct PartDone {
+    pub summary: BatchSummary,
+    pub epoch: u64,
+    pub acked_at: Instant,
+    /// (index in the batch, campaign, signal) of the part's campaign sends and clicks.
+    pub signals: Vec<(usize, CampaignId, CampaignSignal)>,
+    /// The newest event time of the part (event-time mode's clock).
+    pub newest: Option<i64>,
+}
+
 impl Pipeline {
-    /// Applies a batch until it is durable. Returns `GaveUp` only when `give_up` is raised.
-    pub async fn apply(
+    /// Counts, decodes and dead-letters a batch's records (the dead letters
+    /// acknowledged before this returns). Returns `GaveUp` only when `give_up` is raised.
+    pub async fn decode(
         &self,
         batch: &[InputRecord],
         give_up: &AtomicBool,
-    ) -> Result<Applied, GaveUp> {
-        let started = Instant::now();
-        let mut summary = BatchSummary {
-            records: batch.len(),
-            ..Default::default()
-        };
+    ) -> Result<Decoded, GaveUp> {
         for r in batch {
             self.metrics
                 .records
                 .with_label_values(&[&r.topic, r.kind.label()])
                 .inc();
         }
-
         let decoded = self.decode_all(batch, give_up).await?;
         let mut valid: Vec<(Event, Source)> = Vec::with_capacity(batch.len());
         let mut invalid: Vec<(&InputRecord, DecodeError)> = Vec::new();
@@ -123,24 +145,149 @@ impl Pipeline {
                 Err(e) => invalid.push((rec, e)),
             }
         }
-        summary.dead_letters = invalid.len();
         self.dead_letter_all(&invalid, give_up).await?;
+        Ok(Decoded {
+            dead_letters: invalid.len(),
+            valid,
+        })
+    }
 
+    /// Splits a batch's valid events into `parts` by customer: a customer is
+    /// always in the same part, so one processor applies its events in order.
+    pub fn split(valid: Vec<(Event, Source)>, parts: usize) -> Vec<Part> {
+        let mut out: Vec<Part> = (0..parts.max(1)).map(|_| Part::default()).collect();
+        let n = out.len() as u32;
+        for (i, (ev, src)) in valid.into_iter().enumerate() {
+            let part = &mut out[timers::shard_of(&ev.customer, n) as usize];
+            part.events.push((ev, src));
+            part.index.push(i);
+        }
+        out
+    }
+
+    /// Applies a part's customers until durable (state written, timers
+    /// scheduled, `redis.durability` confirmed, decisions published).
+    /// Returns `GaveUp` only when `give_up` is raised.
+    pub async fn apply_customers(
+        &self,
+        part: &Part,
+        give_up: &AtomicBool,
+    ) -> Result<PartDone, GaveUp> {
+        let (epoch, (acked_at, tally)) = self
+            .until_durable(give_up, |epoch| self.store_customers(&part.events, epoch))
+            .await?;
+        // Only now, with state and decisions durable, are the counts real.
+        tally.report(self, &part.events, self.clock.now_ms());
+        let signals = campaign_signals(&part.events, &tally)
+            .into_iter()
+            .map(|(i, id, sg)| (part.index[i], id, sg))
+            .collect();
+        Ok(PartDone {
+            summary: BatchSummary {
+                records: part.events.len(),
+                applied: tally.applied,
+                redelivered: tally.redelivered,
+                duplicate_ids: tally.dup_ids,
+                customers_written: tally.written,
+                decisions: tally.decisions,
+                ..Default::default()
+            },
+            epoch,
+            acked_at,
+            signals,
+            newest: part.events.iter().map(|(e, _)| e.occurred_at).max(),
+        })
+    }
+
+    /// Completes a batch whose parts are all durable: folds their campaign
+    /// signals in batch order (campaign watermarks are per partition, so they
+    /// must see each partition's offsets ascending), writes and publishes the
+    /// campaigns, moves the event clock. Batches must be finished in the
+    /// order they were read. Returns `GaveUp` only when `give_up` is raised.
+    pub async fn finish(
+        &self,
+        parts: Vec<PartDone>,
+        dead_letters: usize,
+        give_up: &AtomicBool,
+    ) -> Result<Applied, GaveUp> {
+        let mut summary = BatchSummary {
+            dead_letters,
+            records: dead_letters,
+            ..Default::default()
+        };
+        let mut epoch = None::<u64>;
+        let mut acked_at = None::<Instant>;
+        let mut newest = None::<i64>;
+        let mut signals = Vec::new();
+        for p in parts {
+            summary.records += p.summary.records;
+            summary.applied += p.summary.applied;
+            summary.redelivered += p.summary.redelivered;
+            summary.duplicate_ids += p.summary.duplicate_ids;
+            summary.customers_written += p.summary.customers_written;
+            summary.decisions += p.summary.decisions;
+            epoch = Some(epoch.map_or(p.epoch, |e| e.min(p.epoch)));
+            acked_at = Some(acked_at.map_or(p.acked_at, |a| a.max(p.acked_at)));
+            newest = newest.max(p.newest);
+            signals.extend(p.signals);
+        }
+        if !signals.is_empty() {
+            let by_campaign = in_batch_order(signals);
+            let (e, a) = self
+                .until_durable(give_up, |e| self.store_campaigns(&by_campaign, e))
+                .await?;
+            epoch = Some(epoch.map_or(e, |x| x.min(e)));
+            acked_at = Some(acked_at.map_or(a, |x| x.max(a)));
+        }
+        let epoch = epoch.unwrap_or_else(|| self.durability.epoch.current());
+        let acked_at = acked_at.unwrap_or_else(Instant::now);
+        if let (Some((clock, shared)), Some(t)) = (&self.event_clock, newest) {
+            clock.advance(t);
+            // Best effort: the next batch (or the timer loop) catches up after a failure.
+            match shared.advance(t).await {
+                Ok(w) => clock.advance(w),
+                Err(e) => {
+                    self.metrics
+                        .redis_errors
+                        .with_label_values(&["clock"])
+                        .inc();
+                    debug!(error = %e, "sharing the event-time watermark failed");
+                }
+            }
+        }
+        Ok(Applied {
+            summary,
+            epoch,
+            acked_at,
+        })
+    }
+
+    /// The one retry loop of the batch path's writes: runs `step` (with the
+    /// Redis epoch taken before it) until it succeeds, with the `retry.*`
+    /// back-off. Returns the epoch and what `step` returned; `GaveUp` only
+    /// when `give_up` is raised.
+    async fn until_durable<T, F, Fut>(
+        &self,
+        give_up: &AtomicBool,
+        step: F,
+    ) -> Result<(u64, T), GaveUp>
+    where
+        F: Fn(u64) -> Fut,
+        Fut: std::future::Future<Output = Result<T, BatchError>>,
+    {
         let mut backoff = Backoff::new(&self.retry);
-        let before = summary;
-        let (epoch, acked_at) = loop {
+        loop {
             let epoch = self.durability.epoch.current();
-            let cause = match self.fold_and_store(&valid, &mut summary, epoch).await {
-                Ok(acked_at) => {
+            let cause = match step(epoch).await {
+                Ok(t) => {
                     self.metrics.redis_fault.clear(STATE_WRITE);
                     self.metrics.redis_fault.clear(DURABILITY);
-                    break (epoch, acked_at);
+                    return Ok((epoch, t));
                 }
                 Err(BatchError::NotDurable(short)) => {
                     self.metrics.redis_fault.clear(STATE_WRITE);
-                    self.not_durable(&short);
                     // Re-applied whole: what landed is skipped as a redelivery.
-                    summary = before;
+                    self.not_durable(&short);
                     "durability"
                 }
                 Err(e) => {
@@ -154,38 +301,7 @@ impl Pipeline {
             if !backoff.wait(give_up).await {
                 return Err(GaveUp);
             }
-        };
-        if let Some((clock, shared)) = &self.event_clock {
-            if let Some(t) = valid.iter().map(|(e, _)| e.occurred_at).max() {
-                clock.advance(t);
-                // Best effort: the next batch (or the timer loop) catches up after a failure.
-                match shared.advance(t).await {
-                    Ok(w) => clock.advance(w),
-                    Err(e) => {
-                        self.metrics
-                            .redis_errors
-                            .with_label_values(&["clock"])
-                            .inc();
-                        debug!(error = %e, "sharing the event-time watermark failed");
-                    }
-                }
-            }
         }
-        self.metrics.batch_records.observe(batch.len() as f64);
-        for r in batch {
-            self.metrics
-                .record_latency
-                .observe(r.received.elapsed().as_secs_f64());
-        }
-        self.metrics
-            .batch_seconds
-            .observe(started.elapsed().as_secs_f64());
-        debug!(?summary, "batch durable");
-        Ok(Applied {
-            summary,
-            epoch,
-            acked_at,
-        })
     }
 
     /// Schedules the next due time of every customer whose state now
@@ -322,18 +438,17 @@ impl Pipeline {
         }
     }
 
-    /// Loads the batch's customers, folds their events and decides (pure domain),
-    /// writes back with CAS, then does the same for the campaigns the batch
-    /// touched, then publishes each customer's and each campaign's outbox.
-    /// Returns when Redis had acknowledged the writes (confirmed durable in
-    /// mode `replicas` before any decision is published: a decision derived
-    /// from a write a failover then lost could differ when derived again).
-    async fn fold_and_store(
+    /// Loads a part's customers, folds their events and decides (pure domain),
+    /// writes back with CAS, schedules their timers, then publishes each
+    /// customer's outbox. Returns when Redis had acknowledged the writes
+    /// (confirmed durable in mode `replicas` before any decision is
+    /// published: a decision derived from a write a failover then lost could
+    /// differ when derived again), with the part's tally.
+    async fn store_customers(
         &self,
         valid: &[(Event, Source)],
-        summary: &mut BatchSummary,
         epoch: u64,
-    ) -> Result<Instant, BatchError> {
+    ) -> Result<(Instant, Tally), BatchError> {
         // Group by customer, keeping each customer's events in arrival order.
         let mut order: Vec<&CustomerRef> = Vec::new();
         let mut groups: HashMap<&CustomerRef, Vec<usize>> = HashMap::new();
@@ -375,19 +490,6 @@ impl Pipeline {
         }
         let tally = Tally::merged(tallies);
 
-        // Campaigns: their own per-partition watermarks make the fold idempotent.
-        // Events the customer fold saw as duplicate event ids are left out; those
-        // it saw as redeliveries are offered again and skipped by the watermarks.
-        let signals = campaign_signals(valid, &tally);
-        let mut fold = CampaignFold {
-            policies: &self.policies,
-            signals: &signals,
-        };
-        let campaigns = self
-            .writer
-            .write(signals.keys().collect(), &mut fold)
-            .await?;
-
         let acked_at = Instant::now();
         self.durability.confirm(epoch).await?;
         let decisions_pending = customers.iter().any(|s| !s.record.outbox.is_empty());
@@ -396,15 +498,28 @@ impl Pipeline {
             std::process::abort();
         }
         self.writer.publish(&customers).await?;
+        Ok((acked_at, tally))
+    }
+
+    /// Folds a batch's campaign signals into their campaigns (their own
+    /// per-partition watermarks make the fold idempotent), writes them back
+    /// and publishes their decisions; returns when Redis had acknowledged.
+    async fn store_campaigns(
+        &self,
+        signals: &BTreeMap<CampaignId, Vec<CampaignSignal>>,
+        epoch: u64,
+    ) -> Result<Instant, BatchError> {
+        let mut fold = CampaignFold {
+            policies: &self.policies,
+            signals,
+        };
+        let campaigns = self
+            .writer
+            .write(signals.keys().collect(), &mut fold)
+            .await?;
+        let acked_at = Instant::now();
+        self.durability.confirm(epoch).await?;
         self.writer.publish(&campaigns).await?;
-        // Only now, with state and decisions durable, are the counts real.
-        let now = self.clock.now_ms();
-        tally.report(self, valid, now);
-        summary.applied += tally.applied;
-        summary.redelivered += tally.redelivered;
-        summary.duplicate_ids += tally.dup_ids;
-        summary.customers_written += tally.written;
-        summary.decisions += tally.decisions;
         Ok(acked_at)
     }
 }
@@ -510,14 +625,16 @@ fn crash_point(name: &str) -> bool {
         == Some(name)
 }
 
-/// The campaign signals of a batch (marketing sends and clicks naming a
-/// campaign, upstream duplicates left out), per (tenant, campaign), in batch
-/// order.
+/// The campaign signals of a part (marketing sends and clicks naming a
+/// campaign, upstream duplicates left out), as (index in `valid`, campaign,
+/// signal), in `valid`'s order. Events the customer fold saw as duplicate
+/// event ids are left out; those it saw as redeliveries are offered again and
+/// skipped by the campaigns' watermarks.
 fn campaign_signals(
     valid: &[(Event, Source)],
     tally: &Tally,
-) -> BTreeMap<CampaignId, Vec<CampaignSignal>> {
-    let mut signals: BTreeMap<CampaignId, Vec<CampaignSignal>> = BTreeMap::new();
+) -> Vec<(usize, CampaignId, CampaignSignal)> {
+    let mut signals = Vec::new();
     for (i, out, _) in &tally.outcomes {
         // Upstream copies were never applied to the customer: not to campaigns either.
         if matches!(out, Outcome::DuplicateEventId | Outcome::BeyondDedupHorizon) {
@@ -527,12 +644,27 @@ fn campaign_signals(
         let Some(campaign) = campaign_of(ev) else {
             continue;
         };
-        signals
-            .entry((ev.customer.tenant.clone(), campaign.to_string()))
-            .or_default()
-            .push(CampaignSignal::of(ev, src, tally.violating.contains(i)));
+        signals.push((
+            *i,
+            (ev.customer.tenant.clone(), campaign.to_string()),
+            CampaignSignal::of(ev, src, tally.violating.contains(i)),
+        ));
     }
     signals
+}
+
+/// The campaign signals of a batch's parts (finished in any order) per
+/// campaign, in batch order: campaign folds skip offsets at or below a
+/// partition's watermark, so they must see each partition's offsets ascending.
+fn in_batch_order(
+    mut signals: Vec<(usize, CampaignId, CampaignSignal)>,
+) -> BTreeMap<CampaignId, Vec<CampaignSignal>> {
+    signals.sort_by_key(|(i, _, _)| *i);
+    let mut by_campaign: BTreeMap<CampaignId, Vec<CampaignSignal>> = BTreeMap::new();
+    for (_, id, sg) in signals {
+        by_campaign.entry(id).or_default().push(sg);
+    }
+    by_campaign
 }
 
 /// Counts of one batch, reported to metrics only once everything is durable.
@@ -746,16 +878,40 @@ mod tests {
         let tally = Tally::merged(chunks);
         assert_eq!(tally.applied, 12);
         let signals = campaign_signals(&valid, &tally);
-        let spring = &signals[&("brandA".to_string(), "spring".to_string())];
-        let offsets: Vec<i64> = spring.iter().map(|s| s.offset).collect();
+        let offsets: Vec<i64> = signals.iter().map(|(_, _, s)| s.offset).collect();
         assert_eq!(offsets, (0..12).collect::<Vec<i64>>());
-        for p in 0..2 {
-            let of_p: Vec<i64> = spring
+    }
+
+    /// Parts (`batch.processors`) split a batch by customer and finish in
+    /// any order; the finisher's campaign fold still sees every partition's
+    /// offsets ascending.
+    #[test]
+    fn campaign_signals_of_parts_finished_in_any_order_are_folded_in_batch_order() {
+        let valid: Vec<(Event, Source)> = (0..40)
+            .map(|i| send(i, &format!("c{}", i % 7), (i % 3) as i32))
+            .collect();
+        let parts = Pipeline::split(valid, 3);
+        assert_eq!(parts.iter().map(|p| p.events.len()).sum::<usize>(), 40);
+        let mut signals = Vec::new();
+        for part in parts.iter().rev() {
+            let mut customers: Vec<String> = part
+                .events
                 .iter()
-                .filter(|s| s.partition == p)
-                .map(|s| s.offset)
+                .map(|(e, _)| e.customer.customer.clone())
                 .collect();
-            assert!(of_p.windows(2).all(|w| w[0] < w[1]), "{of_p:?}");
+            customers.sort();
+            customers.dedup();
+            let names: Vec<&str> = customers.iter().map(String::as_str).collect();
+            let tally = chunk_tally(&part.events, &names);
+            signals.extend(
+                campaign_signals(&part.events, &tally)
+                    .into_iter()
+                    .map(|(i, id, sg)| (part.index[i], id, sg)),
+            );
         }
+        let by_campaign = in_batch_order(signals);
+        let spring = &by_campaign[&("brandA".to_string(), "spring".to_string())];
+        let offsets: Vec<i64> = spring.iter().map(|s| s.offset).collect();
+        assert_eq!(offsets, (0..40).collect::<Vec<i64>>());
     }
 }

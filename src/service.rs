@@ -25,11 +25,12 @@ use crate::domain::state::{DedupParams, StateParams};
 use crate::http::{self, AllowanceApi, HttpState};
 use crate::kafka::admin;
 use crate::kafka::consumer::{self, Batch, PollLoop, Shared};
-use crate::kafka::offset_gate::{self, Held};
+use crate::kafka::offset_gate;
 use crate::kafka::producer::OutputProducer;
 use crate::metrics::Metrics;
 use crate::outputs::{OutputFramings, OutputWriter};
 use crate::pipeline::Pipeline;
+use crate::processor;
 use crate::retry::with_startup_retry;
 use crate::state_write::{OutputSink, StateWriter};
 use crate::store::durability::Durability;
@@ -461,37 +462,24 @@ fn consume(cfg: &Config, app: &App, shutdown: Arc<AtomicBool>) -> anyhow::Result
         .map(|(t, k)| (t.to_string(), k))
         .collect();
 
-    let (tx, mut rx) = mpsc::channel::<Batch>(cfg.batch.queue_depth);
+    let (tx, rx) = mpsc::channel::<Batch>(cfg.batch.queue_depth);
     let processor = {
-        let (shared, pipeline) = (shared.clone(), app.pipeline.clone());
-        let durability = &pipeline.durability;
+        let durability = &app.pipeline.durability;
         // Durable batches pass the offset gate (redis.durability) in order.
         let gate = offset_gate::spawn(
             durability.mode,
             durability.fsync_horizon,
             durability.epoch.clone(),
             shared.clone(),
-            pipeline.metrics.clone(),
+            app.pipeline.metrics.clone(),
         );
-        tokio::spawn(async move {
-            while let Some(batch) = rx.recv().await {
-                let abandon = shared.start_batch();
-                match pipeline.apply(&batch.records, &abandon).await {
-                    Ok(applied) => {
-                        let held = Held {
-                            done: batch.offsets(),
-                            epoch: applied.epoch,
-                            acked_at: applied.acked_at,
-                            abandon,
-                        };
-                        if let Err(lost) = gate.send(held) {
-                            shared.finish_batch(&lost.0.abandon);
-                        }
-                    }
-                    Err(_) => shared.finish_batch(&abandon),
-                }
-            }
-        })
+        processor::spawn(
+            app.pipeline.clone(),
+            shared.clone(),
+            rx,
+            cfg.batch.processors,
+            gate,
+        )
     };
     let timer_task = tokio::spawn(timer_loop(cfg, &app.pipeline, shutdown.clone()).run());
     let poll = PollLoop {

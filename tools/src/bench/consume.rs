@@ -554,7 +554,17 @@ async fn one_run(env: &RunEnv<'_>, run: usize) -> anyhow::Result<RunResult> {
         broker_cpu_seconds: diff(cpu_at_first.broker, cpu_at_end.broker),
         machine_busy: machine::busy_share(cpu_at_first.machine, cpu_at_end.machine),
         load_average_before,
-        processor_busy: s.sum("lapse_batch_seconds_sum") / durable_seconds.max(1e-9),
+        // Mean over the batch processors (`batch.processors`); lapse builds
+        // without that metric had one processor, busy while a batch ran.
+        processor_busy: {
+            let per = s.by("lapse_batch_processor_busy_seconds_total", "processor", &[]);
+            let busy: f64 = per.values().sum();
+            if per.is_empty() {
+                s.sum("lapse_batch_seconds_sum") / durable_seconds.max(1e-9)
+            } else {
+                busy / (per.len() as f64 * durable_seconds.max(1e-9))
+            }
+        },
         paused_share: f64::from(paused_scrapes) / f64::from(scrapes.max(1)),
         redis_commands,
         lapse_exit_ok,
@@ -806,10 +816,18 @@ fn print_run(r: &RunResult) {
             )
         })
         .collect();
+    let redis_usec = per_event(r.redis_commands.iter().map(|c| c.usec).sum());
     println!(
-        "  redis work per event ({:.2} µs in commands): {}",
-        per_event(r.redis_commands.iter().map(|c| c.usec).sum()),
+        "  redis work per event ({redis_usec:.2} µs in commands): {}",
         top.join(", ")
+    );
+    let us = |s: Option<f64>| opt(s.map(|s| per_event(s * 1e6)), 1);
+    println!(
+        "  budgets per event (issue 18: lapse CPU <= 8 µs, Redis work <= 3 µs): lapse CPU {} µs, \
+         Redis work {redis_usec:.2} µs in commands ({} µs of Redis CPU), broker CPU {} µs",
+        us(r.lapse_cpu_seconds),
+        us(r.redis_cpu_seconds),
+        us(r.broker_cpu_seconds),
     );
     println!(
         "  {} customers in Redis ({} keys; {} B of Redis memory per customer), {} state writes, {} conflicts, {} dead letters, \
@@ -886,7 +904,7 @@ fn print_summary(rep: &ConsumeReport) {
         rep.median_events_per_second, rep.median_seconds, rep.median_durable_events_per_second
     );
     println!(
-        "columns: proc = processor busy share, paused = share of time partitions were paused, \
+        "columns: proc = batch processors' mean busy share, paused = share of time partitions were paused, \
          cpu:lps/redis/broker = CPU seconds of each process during the run, \
          busy = whole-machine CPU use, load = 1-min load average before the run"
     );
