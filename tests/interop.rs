@@ -806,9 +806,10 @@ async fn end_to_end(wire: Wire) {
     // The experiment arm, read by the independent client (optional fields
     // policy_experiment / policy_arm): on clinicA's WeChat decisions only.
     let in_experiment = |v: &Value| v["tenant_id"] == "clinicA";
-    for r in &throttle {
+    // The arm when `tagged`, else no experiment fields at all.
+    let check_arm = |r: &Value, tagged: bool| {
         let v = &r["value"];
-        if in_experiment(v) && v["channel"] == "WECHAT" {
+        if tagged {
             assert_eq!(v["policy_experiment"], EXPERIMENT, "{r}");
             assert_eq!(v["policy_arm"], expected_arm(s(&v["customer_id"])), "{r}");
         } else {
@@ -817,6 +818,12 @@ async fn end_to_end(wire: Wire) {
                 "{r}"
             );
         }
+    };
+    for r in &throttle {
+        check_arm(
+            r,
+            in_experiment(&r["value"]) && r["value"]["channel"] == "WECHAT",
+        );
     }
     assert!(
         throttle
@@ -826,16 +833,7 @@ async fn end_to_end(wire: Wire) {
     );
     let triggers = distinct(&summary, TRIGGERS, "trigger_id");
     for r in &triggers {
-        let v = &r["value"];
-        if in_experiment(v) {
-            assert_eq!(v["policy_experiment"], EXPERIMENT, "{r}");
-            assert_eq!(v["policy_arm"], expected_arm(s(&v["customer_id"])), "{r}");
-        } else {
-            assert!(
-                v["policy_experiment"].is_null() && v["policy_arm"].is_null(),
-                "{r}"
-            );
-        }
+        check_arm(r, in_experiment(&r["value"]));
     }
     assert!(triggers.iter().any(|r| in_experiment(&r["value"])));
     let of_key = |key: &str| -> Vec<&Value> {
