@@ -115,13 +115,7 @@ pub fn campaign_allowance_view(
     use crate::domain::decide::{allowance_at, campaign_allowance_at};
     let empty = CustomerState::default();
     let state = s.unwrap_or(&empty);
-    let good = policy.contact_hours.enabled.then(|| {
-        crate::domain::contact_hours::good_hours(
-            state.active_hours.as_ref(),
-            &policy.contact_hours,
-            now_ms,
-        )
-    });
+    let good = crate::domain::contact_hours::customer_good_hours(state, policy, now_ms);
     let mut channels = serde_json::Map::new();
     for ch in Channel::ALL {
         let a = match campaign {
@@ -131,7 +125,8 @@ pub fn campaign_allowance_view(
         let allowed = a.state == crate::domain::allowance::AllowanceState::Open
             && a.allowed_from.is_some_and(|t| t <= now_ms);
         // From the same allowance as `allowed_from` (the campaign's too).
-        let next_good = crate::domain::contact_hours::next_good_time_of(state, &a, policy, now_ms);
+        let next_good = good
+            .and_then(|g| crate::domain::contact_hours::next_good_time_of(&g, &a, policy, now_ms));
         channels.insert(
             ch.as_str().into(),
             json!({

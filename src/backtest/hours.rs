@@ -5,8 +5,8 @@
 
 use std::collections::BTreeMap;
 
-use crate::domain::contact_hours::local_hour;
-use crate::domain::event::{Event, EventBody};
+use crate::domain::contact_hours::engagement_hour;
+use crate::domain::event::Event;
 use crate::domain::policy::Policies;
 
 /// Engagement events by tenant and local hour (in the tenant's time zone).
@@ -16,12 +16,7 @@ pub fn engagement_by_hour<'a>(
 ) -> BTreeMap<String, [u64; 24]> {
     let mut out: BTreeMap<String, [u64; 24]> = BTreeMap::new();
     for ev in events {
-        let engagement = matches!(
-            ev.body,
-            EventBody::Open { .. } | EventBody::Click { .. } | EventBody::Reply { .. }
-        );
-        let hour = local_hour(policies.of(&ev.customer.tenant), ev.occurred_at);
-        if let Some(h) = hour.filter(|_| engagement) {
+        if let Some(h) = engagement_hour(ev, policies.of(&ev.customer.tenant)) {
             match out.get_mut(&ev.customer.tenant) {
                 Some(counts) => counts[h] += 1,
                 None => {
@@ -48,7 +43,7 @@ pub fn population_line(counts: &[u64; 24]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::event::{Channel, CustomerRef};
+    use crate::domain::event::{Channel, CustomerRef, EventBody};
     use crate::domain::policy::PolicyConfig;
     use chrono::TimeZone;
 

@@ -160,18 +160,24 @@ pub fn local_hour(p: &Policy, t: i64) -> Option<usize> {
     Some(p.tz.timestamp_millis_opt(t).single()?.hour() as usize)
 }
 
-/// Folds an applied event into the customer's active hours: opens, clicks and
-/// replies are engagement (a send says when the sender acts, not the customer).
+/// The local hour of an engagement event: opens, clicks and replies (a send
+/// says when the sender acts, not the customer); `None` for other events.
+pub fn engagement_hour(ev: &Event, p: &Policy) -> Option<usize> {
+    match ev.body {
+        EventBody::Open { .. } | EventBody::Click { .. } | EventBody::Reply { .. } => {
+            local_hour(p, ev.occurred_at)
+        }
+        EventBody::Send { .. } | EventBody::Visit { .. } => None,
+    }
+}
+
+/// Folds an applied event into the customer's active hours.
 pub fn observe(state: &mut CustomerState, ev: &Event, p: &Policy) {
     let ch = &p.contact_hours;
     if !ch.enabled {
         return;
     }
-    let engagement = matches!(
-        ev.body,
-        EventBody::Open { .. } | EventBody::Click { .. } | EventBody::Reply { .. }
-    );
-    let Some(hour) = local_hour(p, ev.occurred_at).filter(|_| engagement) else {
+    let Some(hour) = engagement_hour(ev, p) else {
         return;
     };
     state
@@ -271,23 +277,20 @@ pub fn next_good_time(good: &GoodHours, c: Channel, p: &Policy, from: i64) -> Op
     None
 }
 
+/// The customer's good hours as of `now` (`None` with `policy.contact_hours` off).
+pub fn customer_good_hours(state: &CustomerState, p: &Policy, now: i64) -> Option<GoodHours> {
+    p.contact_hours
+        .enabled
+        .then(|| good_hours(state.active_hours.as_ref(), &p.contact_hours, now))
+}
+
 /// The first moment at or after `now` when the channel of allowance `a` is
-/// both allowed and inside one of the customer's good hours (`None`: not
-/// allowed, no good hour outside its quiet hours within 8 days, or
-/// `policy.contact_hours` off). What the allowance API's `next_good_time`
-/// and the recall trigger's `send_after` say.
-pub fn next_good_time_of(
-    state: &CustomerState,
-    a: &Allowance,
-    p: &Policy,
-    now: i64,
-) -> Option<i64> {
-    if !p.contact_hours.enabled {
-        return None;
-    }
+/// both allowed and inside one of the `good` hours (`None`: not allowed, or
+/// no good hour outside its quiet hours within 8 days). What the allowance
+/// API's `next_good_time` and the recall trigger's `send_after` say.
+pub fn next_good_time_of(good: &GoodHours, a: &Allowance, p: &Policy, now: i64) -> Option<i64> {
     let from = a.allowed_from?.max(now);
-    let good = good_hours(state.active_hours.as_ref(), &p.contact_hours, now);
-    next_good_time(&good, a.channel, p, from)
+    next_good_time(good, a.channel, p, from)
 }
 
 #[cfg(test)]

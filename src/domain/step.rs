@@ -82,11 +82,12 @@ pub fn on_timer(
         costs: &costs,
     };
     let mut fired = recall::fire_due(&mut state.recall, now, &ctx);
+    let good = contact_hours::customer_good_hours(&snapshot, policy, now);
     for f in &mut fired {
         if let Fired::Trigger(t) = f {
-            t.send_after = t.recommended_channel.and_then(|c| {
+            t.send_after = good.zip(t.recommended_channel).and_then(|(g, c)| {
                 let a = allowance_at(&snapshot, c, policy, params, now);
-                contact_hours::next_good_time_of(&snapshot, &a, policy, now)
+                contact_hours::next_good_time_of(&g, &a, policy, now)
             });
         }
     }
