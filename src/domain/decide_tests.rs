@@ -22,6 +22,22 @@ fn sh(y: i32, m: u32, d: u32, h: u32, min: u32) -> i64 {
         .timestamp_millis()
 }
 
+/// The `n`-th record of a test customer: event id `e{n}`, offset `n` of partition 0.
+pub(super) fn record(who: &CustomerRef, n: i64, body: EventBody, t: i64) -> (Event, Source) {
+    let ev = Event {
+        event_id: format!("e{n}"),
+        customer: who.clone(),
+        occurred_at: t,
+        body,
+    };
+    let src = Source {
+        kind: ev.kind(),
+        partition: 0,
+        offset: n,
+    };
+    (ev, src)
+}
+
 /// A customer driven through `step::on_record`, as the pipeline drives one
 /// (shared with `cross_channel_tests` and `platform_tests`).
 pub(super) struct Sim {
@@ -49,17 +65,7 @@ impl Sim {
 
     pub fn apply(&mut self, body: EventBody, t: i64) -> Effects {
         self.n += 1;
-        let ev = Event {
-            event_id: format!("e{}", self.n),
-            customer: self.who.clone(),
-            occurred_at: t,
-            body,
-        };
-        let src = Source {
-            kind: ev.kind(),
-            partition: 0,
-            offset: self.n,
-        };
+        let (ev, src) = record(&self.who, self.n, body, t);
         let (out, _, fx) = step::on_record(&mut self.state, &ev, src, &self.policy, &self.sp);
         assert_eq!(out, super::state::Outcome::Applied);
         fx.expect("applied")

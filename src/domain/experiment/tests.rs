@@ -8,7 +8,7 @@ use crate::domain::allowance::AllowanceState;
 use crate::domain::decide::allowance_at;
 use crate::domain::event::*;
 use crate::domain::policy::{Policies, PolicyConfig};
-use crate::domain::state::{CustomerState, Source, StateParams};
+use crate::domain::state::{CustomerState, StateParams};
 use crate::domain::step;
 
 const DAY: i64 = 86_400_000;
@@ -248,17 +248,7 @@ impl<'p> Driven<'p> {
 
     fn apply(&mut self, body: EventBody, t: i64) {
         self.n += 1;
-        let ev = Event {
-            event_id: format!("e{}", self.n),
-            customer: self.who.clone(),
-            occurred_at: t,
-            body,
-        };
-        let src = Source {
-            kind: ev.kind(),
-            partition: 0,
-            offset: self.n,
-        };
+        let (ev, src) = crate::domain::decide_tests::record(&self.who, self.n, body, t);
         let eff = self.p.effective(&self.who, t);
         step::on_record(&mut self.state, &ev, src, &eff.policy, &self.sp);
         self.exposed
