@@ -1077,27 +1077,22 @@ impl DayCtx<'_> {
                 // The comparison: any allowed hour (09-21 is outside every quiet hour).
                 None => Some(self.hours(9, 21).max(earliest).min(self.day.end - 2 * HOUR)),
             };
-            let Some(at) = at else {
+            match at {
+                Some(at) => planned.push(Planned {
+                    at,
+                    channel: ch,
+                    purpose: Purpose::Marketing,
+                    campaign: Some(format!(
+                        "{}-recall-{}",
+                        self.who.tenant,
+                        r.segment.label().replace('_', "-")
+                    )),
+                    recall: Some(r),
+                }),
                 // Its good hour is on a later day.
-                c.pending = Some(r);
-                return self.send_all(c, planned);
-            };
-            planned.push(Planned {
-                at,
-                channel: ch,
-                purpose: Purpose::Marketing,
-                campaign: Some(format!(
-                    "{}-recall-{}",
-                    self.who.tenant,
-                    r.segment.label().replace('_', "-")
-                )),
-                recall: Some(r),
-            });
+                None => c.pending = Some(r),
+            }
         }
-        self.send_all(c, planned)
-    }
-
-    fn send_all(&mut self, c: &mut Customer, mut planned: Vec<Planned>) {
         planned.sort_by_key(|s| s.at);
         for s in planned {
             self.send(c, s);
