@@ -79,6 +79,49 @@ pub struct Config {
     pub timers: TimersConfig,
     pub clock: ClockConfig,
     pub outputs: OutputsConfig,
+    pub experiments: ExperimentsConfig,
+}
+
+/// How the running service watches contact-policy experiments
+/// (`[[policy.experiments]]`); nothing runs without experiments.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ExperimentsConfig {
+    /// How often each instance reads every customer state to report the
+    /// experiments (the `lapse_experiment_*` gauges) and judge the guardrail
+    /// (an arm with `auto_stop` is stopped when flagged). One full read of
+    /// the store each time: keep it long on big stores. Default 15m.
+    pub report_every: Dur,
+    /// How often each instance reads the stop records (one small hash), so a
+    /// stop made by any instance applies everywhere within this. Default 10s.
+    pub stop_poll: Dur,
+}
+
+impl Default for ExperimentsConfig {
+    fn default() -> Self {
+        ExperimentsConfig {
+            report_every: Dur::secs(15 * 60),
+            stop_poll: Dur::secs(10),
+        }
+    }
+}
+
+impl ExperimentsConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.report_every < Dur::secs(1) {
+            return Err(ConfigError::Invalid {
+                key: "experiments.report_every".into(),
+                message: "must be at least 1s (each report reads every customer state)".into(),
+            });
+        }
+        if self.stop_poll < Dur::ms(100) {
+            return Err(ConfigError::Invalid {
+                key: "experiments.stop_poll".into(),
+                message: "must be at least 100ms".into(),
+            });
+        }
+        Ok(())
+    }
 }
 
 /// How throttle events, recall triggers and outcomes are framed on their topics.
@@ -862,6 +905,7 @@ impl Config {
         self.http.validate()?;
         self.metrics.validate()?;
         self.timers.validate()?;
+        self.experiments.validate()?;
         self.validate_policy()?;
         self.retry.validate()
     }

@@ -243,6 +243,7 @@ caps.SMS = { limit = 1, window = "7d" }
                 experiment: "sms-weekly-1".into(),
                 arm: arm.clone(),
                 at: now - 1000,
+                measures: Default::default(),
             }],
             ..Default::default()
         };

@@ -11,6 +11,8 @@ pub mod config;
 pub mod dead_letters;
 pub mod domain;
 pub mod error;
+pub mod experiment_monitor;
+pub mod experiment_report;
 pub mod histories;
 pub mod http;
 pub mod inspect;

@@ -52,12 +52,33 @@ enum Cmd {
     /// Replay a history through a proposed policy (and a baseline) in memory:
     /// what each would have blocked, throttled and triggered. Writes nothing.
     Backtest(lapse::backtest::cli::Args),
+    /// Contact-policy experiments (`[[policy.experiments]]`).
+    #[command(subcommand)]
+    Experiment(ExperimentCmd),
     /// Print one customer's state as JSON.
     Inspect {
         /// TENANT/CUSTOMER
         customer: String,
         #[arg(long, short)]
         config: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ExperimentCmd {
+    /// Per experiment, arm and measure: the difference to control with an
+    /// always-valid interval (safe to read every day), the sample size and
+    /// days still needed, the unsubscribe guardrail, and the winner or "not
+    /// yet". Reads every customer state; writes nothing.
+    Report {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Only this experiment.
+        #[arg(long)]
+        experiment: Option<String>,
+        /// JSON instead of text.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -105,6 +126,44 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
             v["dry_run"] = serde_json::json!(dry_run);
             v["timers_moved_between_shards"] = serde_json::json!(moved);
             println!("{}", serde_json::to_string_pretty(&v)?);
+            Ok(())
+        }
+        Cmd::Experiment(ExperimentCmd::Report {
+            config,
+            experiment,
+            json,
+        }) => {
+            let cfg = Config::load(config.as_deref())?;
+            let policies = lapse::domain::policy::Policies::new(&cfg.policy)
+                .map_err(|(k, m)| anyhow::anyhow!("config key `{k}`: {m}"))?;
+            let x = policies.experiments();
+            if let Some(name) = &experiment {
+                if !x.all().any(|e| &e.name == name) {
+                    anyhow::bail!(
+                        "no experiment `{name}` in [[policy.experiments]] of this config"
+                    );
+                }
+            }
+            let store = StateStore::connect(&cfg.redis, Metrics::new(&cfg.metrics)).await?;
+            let stops = lapse::store::experiment_stops::ExperimentStops::new(
+                store.conn(),
+                &cfg.redis.key_prefix,
+            );
+            stops.apply(x).await?;
+            let (tally, customers) = lapse::experiment_report::tally(&store).await?;
+            let now = WallClock.now_ms();
+            let reports = lapse::experiment_report::reports(x, &tally, now, experiment.as_deref());
+            if json {
+                let v = serde_json::json!({ "customers_read": customers, "experiments": reports });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else if reports.is_empty() {
+                println!("no experiments configured ([[policy.experiments]]); {customers} customer states read");
+            } else {
+                for r in &reports {
+                    println!("{}", lapse::experiment_report::render(r));
+                }
+                println!("{customers} customer states read");
+            }
             Ok(())
         }
         Cmd::Inspect { customer, config } => {

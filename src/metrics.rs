@@ -3,8 +3,8 @@
 //! Never a customer, message or campaign id.
 
 use prometheus::{
-    exponential_buckets, CounterVec, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter,
-    IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    exponential_buckets, CounterVec, Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec,
+    IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -60,6 +60,11 @@ pub struct Metrics {
     pub cap_violations: IntCounterVec,
     pub throttle_transitions: IntCounterVec,
     pub experiment_exposures: IntCounterVec,
+    pub experiment_customers: IntGaugeVec,
+    pub experiment_measure: GaugeVec,
+    pub experiment_difference: GaugeVec,
+    pub experiment_guardrail: IntGaugeVec,
+    pub experiment_stopped: IntGaugeVec,
     pub customers_restricted: IntGaugeVec,
     pub recall_stages: IntCounterVec,
     pub recall_triggers: IntCounterVec,
@@ -107,6 +112,12 @@ fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterV
 
 fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
     let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+    r.register(Box::new(g.clone())).expect("unique metric");
+    g
+}
+
+fn float_gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
+    let g = GaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
     r.register(Box::new(g.clone())).expect("unique metric");
     g
 }
@@ -245,6 +256,36 @@ impl Metrics {
                 &r,
                 "lapse_experiment_exposures_total",
                 "Customers exposed to a contact-policy experiment (the arm first changed a decision for them; control customers when another arm would have), by experiment and arm. Labels are bounded: at most 16 experiments of at most 4 arms, from the configuration.",
+                &["experiment", "arm"],
+            ),
+            experiment_customers: gauge(
+                &r,
+                "lapse_experiment_customers",
+                "Exposed customers of a contact-policy experiment by arm, as of the last experiment report (every experiments.report_every). Bounded labels as lapse_experiment_exposures_total.",
+                &["experiment", "arm"],
+            ),
+            experiment_measure: float_gauge(
+                &r,
+                "lapse_experiment_measure",
+                "Per-arm measure of a contact-policy experiment over its exposed customers (see `lapse experiment report`: rates per send, counts and money per customer, money in minor units), as of the last experiment report. measure is one of a fixed list of 15.",
+                &["experiment", "arm", "measure"],
+            ),
+            experiment_difference: float_gauge(
+                &r,
+                "lapse_experiment_difference",
+                "Arm minus control of a measure with its always-valid interval (bound = estimate, lower, upper), as of the last experiment report.",
+                &["experiment", "arm", "measure", "bound"],
+            ),
+            experiment_guardrail: gauge(
+                &r,
+                "lapse_experiment_guardrail",
+                "Unsubscribe guardrail of an arm as of the last experiment report: -1 too few customers to judge, 0 holds, 1 flagged (worse than control beyond the interval).",
+                &["experiment", "arm"],
+            ),
+            experiment_stopped: gauge(
+                &r,
+                "lapse_experiment_stopped",
+                "1 when the arm was stopped by the guardrail (auto_stop): its customers have the control's policy.",
                 &["experiment", "arm"],
             ),
             customers_restricted: gauge(

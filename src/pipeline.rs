@@ -20,7 +20,7 @@ use crate::domain::clock::Clock;
 use crate::domain::clock::EventClock;
 use crate::domain::decide::Effects;
 use crate::domain::event::{CustomerRef, Event, EventBody, EventKind};
-use crate::domain::experiment::{self, ArmTag};
+use crate::domain::experiment::ArmTag;
 use crate::domain::policy::Policies;
 use crate::domain::state::{CustomerState, Notes, Outcome, Source, StateParams};
 use crate::domain::step;
@@ -558,10 +558,10 @@ impl Fold<CustomerState> for CustomerFold<'_, '_> {
         for &i in events {
             let (ev, src) = &self.valid[i];
             let eff = p.policies.effective(c, ev.occurred_at);
-            let (out, notes, fx) = step::on_record(state, ev, *src, &eff.policy, &p.params);
+            let (out, notes, fx, exposed) = step::on_record_under(state, ev, *src, &eff, &p.params);
             if let Some(fx) = fx {
                 effects.push((i, fx));
-                exposures.extend(experiment::observe(state, &eff, &p.params, ev.occurred_at));
+                exposures.extend(exposed);
                 latest = latest.max(Some(ev.occurred_at));
             }
             outcomes.push((i, (out, notes)));

@@ -22,6 +22,7 @@ use crate::domain::engagement::Horizons;
 use crate::domain::event::EventKind;
 use crate::domain::policy::Policies;
 use crate::domain::state::{DedupParams, StateParams};
+use crate::experiment_monitor::ExperimentMonitor;
 use crate::http::{self, AllowanceApi, HttpState};
 use crate::kafka::admin;
 use crate::kafka::consumer::{self, Batch, PollLoop, Shared};
@@ -35,6 +36,7 @@ use crate::retry::with_startup_retry;
 use crate::state_write::{OutputSink, StateWriter};
 use crate::store::durability::Durability;
 use crate::store::event_time::SharedEventTime;
+use crate::store::experiment_stops::ExperimentStops;
 use crate::store::fault::Faults;
 use crate::store::gauges::AllowanceGauges;
 use crate::store::timers::TimerStore;
@@ -195,6 +197,21 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         params: app.pipeline.params,
         clock: app.pipeline.clock.clone(),
     });
+    if !app.pipeline.policies.experiments().is_empty() {
+        tokio::spawn(
+            ExperimentMonitor {
+                stops: ExperimentStops::new(store.conn(), &cfg.redis.key_prefix),
+                store: store.clone(),
+                experiments: app.pipeline.policies.experiments().clone(),
+                metrics: metrics.clone(),
+                clock: app.pipeline.clock.clone(),
+                report_every: cfg.experiments.report_every.0,
+                stop_poll: cfg.experiments.stop_poll.0,
+                shutdown: shutdown.clone(),
+            }
+            .run(),
+        );
+    }
     spawn_readiness_probe(
         store,
         app.producer.clone(),

@@ -14,7 +14,7 @@ use crate::config::{RetryConfig, TimersConfig};
 use crate::domain::clock::{Clock, EventClock};
 use crate::domain::decide::Effects;
 use crate::domain::event::{Channel, CustomerRef};
-use crate::domain::experiment::{self, ArmTag};
+use crate::domain::experiment::ArmTag;
 use crate::domain::lapse::Stage;
 use crate::domain::policy::Policies;
 use crate::domain::recall::{Arm, Fired};
@@ -238,10 +238,9 @@ impl TimerLoop {
     ) -> (bool, Fire<'a>) {
         let who = &claimed.customer;
         let eff = self.policies.effective(who, now);
-        let step = step::on_timer(state, who, &eff.policy, &self.params, now);
-        let exposures = experiment::observe(state, &eff, &self.params, now);
+        let (step, exposures) = step::on_timer_under(state, who, &eff, &self.params, now);
         (
-            step.changed || !exposures.is_empty(),
+            step.changed,
             Fire {
                 claimed,
                 fired: step.fired,

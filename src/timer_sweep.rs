@@ -9,7 +9,7 @@ use crate::domain::decide;
 use crate::domain::event::CustomerRef;
 use crate::domain::policy::Policies;
 use crate::error::StoreError;
-use crate::store::slots::KeyScan;
+use crate::store::scan::StateScan;
 use crate::store::timers::TimerStore;
 use crate::store::StateStore;
 
@@ -37,28 +37,16 @@ pub async fn sweep(
     dry_run: bool,
 ) -> Result<SweepReport, StoreError> {
     let mut report = SweepReport::default();
-    let keys = store.keys();
-    let mut scan = KeyScan::new(store.conn(), keys.state_pattern()).await?;
+    let mut scan = StateScan::new(store).await?;
     while let Some(page) = scan.next_page(PAGE).await? {
-        let customers: Vec<CustomerRef> = page
+        report.customers += page.len();
+        let due: Vec<(&CustomerRef, i64)> = page
             .iter()
-            .filter_map(|k| keys.customer_of_state(k))
+            .filter_map(|(c, s)| Some((c, decide::next_timer(s, policies.of(&c.tenant))?)))
             .collect();
-        report.skipped_keys += page.len() - customers.len();
-        let refs: Vec<&CustomerRef> = customers.iter().collect();
-        let loaded = store.load_many(&refs).await?;
-        let mut due = Vec::new();
-        for (c, l) in customers.iter().zip(&loaded) {
-            if l.rev == 0 {
-                continue; // deleted since the scan saw it
-            }
-            report.customers += 1;
-            if let Some(at) = decide::next_timer(&l.state, policies.of(&c.tenant)) {
-                due.push((c, at));
-            }
-        }
         report.with_due_time += due.len();
         report.without_timer += timers.schedule_missing(&due, dry_run).await?;
     }
+    report.skipped_keys = scan.skipped_keys;
     Ok(report)
 }

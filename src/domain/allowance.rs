@@ -452,12 +452,6 @@ pub fn publish_if_changed(
     if !changed {
         return None;
     }
-    let published = Published {
-        state: a.state,
-        allowed_from: a.allowed_from,
-        seq: prev.seq + 1,
-        decided_at: Some(decided_at),
-    };
     let reason = if a.state == AllowanceState::Open {
         reason_override.unwrap_or(match prev.state {
             AllowanceState::Capped => "cap_window_passed",
@@ -467,6 +461,31 @@ pub fn publish_if_changed(
         })
     } else {
         a.reason
+    };
+    publish(ctl, who, a, decided_at, cause, reason)
+}
+
+/// Publishes `a` whether or not it changed, with `reason` (a policy switch
+/// the sender must hear of, e.g. an experiment arm stopped).
+pub fn publish(
+    ctl: &mut ChannelControl,
+    who: &CustomerRef,
+    a: &Allowance,
+    decided_at: i64,
+    cause: Option<&str>,
+    reason: &str,
+) -> Option<ThrottleDecision> {
+    let prev = ctl.published.unwrap_or(Published {
+        state: AllowanceState::Open,
+        allowed_from: None,
+        seq: 0,
+        decided_at: None,
+    });
+    let published = Published {
+        state: a.state,
+        allowed_from: a.allowed_from,
+        seq: prev.seq + 1,
+        decided_at: Some(decided_at),
     };
     // The decision is built from what the state keeps of it, so that the
     // state can publish it again exactly (the two rates come as a pair).

@@ -101,11 +101,57 @@ fn evaluate(
 ) {
     // Never before the last decision: a late event must not publish an
     // allowance older than the one already published (see `Published::decided_at`).
-    let t = state.controls[c.index()]
+    let t = not_before_last_decision(state, c, t);
+    let (a, released) = allowance_now(state, c, p, sp, t);
+    let ctl = state.controls[c.index()].get_or_insert_with(ChannelControl::default);
+    let prev = published_state(ctl);
+    if let Some(d) = super::allowance::publish_if_changed(ctl, who, &a, t, cause, released) {
+        fx.published(state, prev, d);
+    }
+}
+
+/// Never before the last decision: a late event must not publish an
+/// allowance older than the one already published (see `Published::decided_at`).
+fn not_before_last_decision(state: &CustomerState, c: Channel, t: i64) -> i64 {
+    state.controls[c.index()]
         .as_ref()
         .and_then(|ctl| ctl.published)
         .and_then(|pb| pb.decided_at)
-        .map_or(t, |d| t.max(d));
+        .map_or(t, |d| t.max(d))
+}
+
+/// Publishes channel `c`'s allowance at `t` under `p` whether or not it
+/// changed, with `reason`: the customer's policy changed under them (an
+/// experiment arm stopped) and the sender must hear of it.
+#[allow(clippy::too_many_arguments)]
+pub fn announce(
+    state: &mut CustomerState,
+    who: &CustomerRef,
+    c: Channel,
+    p: &Policy,
+    sp: &StateParams,
+    t: i64,
+    reason: &str,
+    fx: &mut Effects,
+) {
+    let t = not_before_last_decision(state, c, t);
+    let (a, _) = allowance_now(state, c, p, sp, t);
+    let ctl = state.controls[c.index()].get_or_insert_with(ChannelControl::default);
+    let prev = published_state(ctl);
+    if let Some(d) = super::allowance::publish(ctl, who, &a, t, None, reason) {
+        fx.published(state, prev, d);
+    }
+}
+
+/// Channel `c`'s allowance at `t` (judging its rates, which may start or end
+/// a throttle spell: the released reason is returned).
+fn allowance_now(
+    state: &mut CustomerState,
+    c: Channel,
+    p: &Policy,
+    sp: &StateParams,
+    t: i64,
+) -> (Allowance, Option<&'static str>) {
     let e = state.channel(c).cloned().unwrap_or_default();
     let r = Some(rates(&e, c, p, t, sp.horizons));
     let suppressed = state.is_unsubscribed(c);
@@ -118,11 +164,7 @@ fn evaluate(
         platform_rule.as_ref(),
         p,
     );
-    let a = cross_channel::bind_touch_cap(own, touch_cap, p);
-    let prev = published_state(ctl);
-    if let Some(d) = super::allowance::publish_if_changed(ctl, who, &a, t, cause, released) {
-        fx.published(state, prev, d);
-    }
+    (cross_channel::bind_touch_cap(own, touch_cap, p), released)
 }
 
 /// What a sender asking just before `ev` was told: the allowance of a

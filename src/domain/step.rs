@@ -8,6 +8,7 @@ use super::campaign::{CampaignSignal, CampaignState};
 use super::contact_hours;
 use super::decide::{self, allowance_at, Effects};
 use super::event::{Channel, CustomerRef, Event};
+use super::experiment::{self, ArmTag, Effective};
 use super::policy::Policy;
 use super::recall::{self, FireCtx, Fired};
 use super::state::{CustomerState, Notes, Outcome, Source, StateParams};
@@ -30,6 +31,28 @@ pub fn on_record(
     let fx = decide::on_event(state, ev, before, policy, params);
     decide::recall_on_event(state, ev, policy);
     (out, notes, Some(fx))
+}
+
+/// [`on_record`] under the customer's experiment arms (`eff`): decides under
+/// `eff.policy`, then records the exposures the record brings (returned, to
+/// count) and counts it in the measures of the running experiments.
+pub fn on_record_under(
+    state: &mut CustomerState,
+    ev: &Event,
+    src: Source,
+    eff: &Effective<'_>,
+    params: &StateParams,
+) -> (Outcome, Notes, Option<Effects>, Vec<ArmTag>) {
+    let outbox_before = state.outbox.len();
+    let (out, notes, mut fx) = on_record(state, ev, src, &eff.policy, params);
+    let mut exposed = Vec::new();
+    if let Some(fx) = &mut fx {
+        let t = ev.occurred_at;
+        exposed = experiment::observe(state, eff, params, t);
+        experiment::measure::on_record(state, eff, ev, outbox_before);
+        experiment::switch::switch_stopped(state, &ev.customer, eff, params, t, fx);
+    }
+    (out, notes, fx, exposed)
 }
 
 /// After a customer's records: records its next due time. Returns the time to
@@ -107,6 +130,33 @@ pub fn on_timer(
         effects,
         next,
     }
+}
+
+/// [`on_timer`] under the customer's experiment arms (`eff`), with the
+/// exposures it brings (returned, to count) and the triggers it fired counted
+/// in the running experiments' measures.
+pub fn on_timer_under(
+    state: &mut CustomerState,
+    who: &CustomerRef,
+    eff: &Effective<'_>,
+    params: &StateParams,
+    now: i64,
+) -> (TimerStep, Vec<ArmTag>) {
+    let mut step = on_timer(state, who, &eff.policy, params, now);
+    let exposed = experiment::observe(state, eff, params, now);
+    experiment::measure::on_timer(state, eff, &step.fired, now);
+    let switched = |s: &CustomerState| {
+        let n = s
+            .exposures
+            .iter()
+            .filter(|x| x.measures.switched_at.is_some());
+        n.count()
+    };
+    let before = switched(state);
+    experiment::switch::switch_stopped(state, who, eff, params, now, &mut step.effects);
+    // (Measures change only with a fired stage, which changes the state anyway.)
+    step.changed |= !exposed.is_empty() || switched(state) != before;
+    (step, exposed)
 }
 
 /// Folds a campaign's new signals (in source order) and decides as of the

@@ -38,13 +38,14 @@
 //! ```text
 //! body     := h0:u8 base:ivar unit:var presence:u16le [visits] channel* control*
 //!             watermark* seen [episode] [episode] [timer_due:T] [touches] [exposures]
-//!             [outbox] [last] [send_after] [hours]
+//!             [measures] [outbox] [last] [send_after] [hours]
 //!             (with h0 bit 1, an extension byte h1 follows h0, before base)
 //! h0       := bit 0 seen (else: ring, as earlier versions wrote it); 1 h1 follows;
 //!             2 visits present; 3 timer_due; 4 recall.current; 5 recall.previous;
 //!             6 outbox; 7 last decisions' details (absent in states written before them)
 //! h1       := bit 0 campaign touches; 1 active hours; 2 experiment exposures;
-//!             3 send_after of outbox triggers; bits 4-7 = 0 (for later sections);
+//!             3 send_after of outbox triggers; 6 experiment measures (only with 2);
+//!             bits 4, 5, 7 = 0 (for later sections);
 //!             never 0 (absent in states written before it: read as 0)
 //! unit     := (ms / 1000) << 1 | 1 when a whole number of seconds, else ms << 1
 //! presence := bits 0-4 channels, 5-9 controls, 10-14 watermarks (by index); 15 = 0
@@ -76,6 +77,9 @@
 //!       stage; 2-3 segment; 4 skipped; 5-6 outcome (none, recalled, not, retracted)
 //! touches  := times:list n×(channel:u8 campaign:6 bytes)  (n ≥ 1, in the list's order)
 //! exposures:= n:var n×(at:T experiment:str arm:str)   (1 ≤ n ≤ MAX_EXPOSURES, in state order)
+//! measures := k:var n×(k×ivar)   (n: the exposures' count; each exposure's first k
+//!             `Measures` fields in `measure::Measures::to_fields` order, the rest 0;
+//!             1 ≤ k ≤ FIELDS, the smallest k that holds every non-zero field)
 //! outbox   := n:var n bytes of postcard(Vec<Output>)  (without send_after: see below)
 //! last     := l0:u8 (l1:u8 [reason:str] [cap:var window:ivar] [short:f64le
 //!             baseline:f64le] sends:ivar [cause:str])*   (one per bit of l0)
@@ -100,6 +104,7 @@ use crate::domain::cross_channel::{CampaignTouch, MAX_CAMPAIGN_TOUCHES};
 use crate::domain::engagement::{ChannelEngagement, Counts};
 use crate::domain::event::{Channel, VisitType};
 use crate::domain::experiment::exposure::{Exposure, MAX_EXPOSURES};
+use crate::domain::experiment::measure::{Measures, FIELDS};
 use crate::domain::lapse::{Segment, Stage};
 use crate::domain::output::Output;
 use crate::domain::recall::{Arm, Episode, OutcomeKind, RecallState, StageRecord};
@@ -108,8 +113,8 @@ use crate::domain::state::{
 };
 use crate::domain::visits::Visits;
 
-/// The h1 bits this version reads (bits 4-7 are reserved).
-const H1_KNOWN: u8 = 0b1111;
+/// The h1 bits this version reads (the others are reserved).
+const H1_KNOWN: u8 = 0b0100_1111;
 
 /// Names of the sections, in the order [`encode_parts`] measures them.
 pub const SECTIONS: [&str; 8] = [
@@ -119,7 +124,7 @@ pub const SECTIONS: [&str; 8] = [
     "allowance control",
     "idempotence",
     "recall",
-    "timer, outbox, last decisions",
+    "timer, experiments, outbox, last decisions",
     "contact hours",
 ];
 
@@ -206,6 +211,19 @@ fn gcd(mut a: u64, mut b: u64) -> u64 {
 }
 
 /// Calls `f` with every time stored in `s` (all of them: the unit must divide each).
+/// How many measure fields the measures section writes per exposure: up to
+/// the last one any exposure has non-zero (0: no section).
+fn measure_width(exposures: &[Exposure]) -> usize {
+    exposures
+        .iter()
+        .map(|x| {
+            let f = x.measures.to_fields();
+            f.iter().rposition(|v| *v != 0).map_or(0, |i| i + 1)
+        })
+        .max()
+        .unwrap_or(0)
+}
+
 /// The outbox's triggers that carry a `send_after`: (index, time).
 fn send_afters(outbox: &[Output]) -> impl Iterator<Item = (usize, i64)> + '_ {
     outbox.iter().enumerate().filter_map(|(i, o)| match o {
@@ -414,7 +432,8 @@ impl Enc<'_> {
         let h1 = bit(!campaign_touches.is_empty(), 0)
             | bit(active_hours.is_some(), 1)
             | bit(!exposures.is_empty(), 2)
-            | bit(!send_after.is_empty(), 3);
+            | bit(!send_after.is_empty(), 3)
+            | bit(measure_width(exposures) > 0, 6);
         let has_visits = *visits != Visits::default();
         let mut marks = [self.out.len(); 9];
         let last: Vec<(usize, &DecisionDetail)> = controls
@@ -474,6 +493,7 @@ impl Enc<'_> {
         }
         if !exposures.is_empty() {
             self.exposures(exposures);
+            self.measures(exposures);
         }
         if !outbox.is_empty() {
             // postcard into a Vec cannot fail for these plain types.
@@ -527,6 +547,20 @@ impl Enc<'_> {
             self.time(x.at);
             self.str(&x.experiment);
             self.str(&x.arm);
+        }
+    }
+
+    /// The measures section, when any exposure has a non-zero measure.
+    fn measures(&mut self, exposures: &[Exposure]) {
+        let k = measure_width(exposures);
+        if k == 0 {
+            return;
+        }
+        self.var(k as u64);
+        for x in exposures {
+            for v in &x.measures.to_fields()[..k] {
+                self.ivar(*v);
+            }
         }
     }
 
@@ -1025,11 +1059,14 @@ impl Dec<'_> {
         } else {
             Vec::new()
         };
-        let exposures = if h1 & 4 != 0 {
+        let mut exposures = if h1 & 4 != 0 {
             self.exposures()?
         } else {
             Vec::new()
         };
+        if h1 & 64 != 0 {
+            self.measures(&mut exposures)?;
+        }
         let mut outbox: Vec<Output> = if h0 & 64 != 0 {
             let n = self.len(1, "outbox")?;
             let body = self.take(n)?;
@@ -1124,9 +1161,31 @@ impl Dec<'_> {
                 experiment,
                 arm,
                 at,
+                measures: Measures::default(),
             });
         }
         Ok(out)
+    }
+
+    fn measures(&mut self, exposures: &mut [Exposure]) -> Res<()> {
+        if exposures.is_empty() {
+            return Err("measures without exposures".into());
+        }
+        let k = usize::try_from(self.var()?).unwrap_or(usize::MAX);
+        if k == 0 || k > FIELDS {
+            return Err(format!("measures: {k} fields, 1 to {FIELDS} known"));
+        }
+        for x in exposures.iter_mut() {
+            let mut f = [0i64; FIELDS];
+            for v in &mut f[..k] {
+                *v = self.ivar()?;
+            }
+            x.measures = Measures::from_fields(&f).ok_or("measures: a count out of range")?;
+        }
+        if measure_width(exposures) != k {
+            return Err(format!("measures: {k} fields written, fewer needed"));
+        }
+        Ok(())
     }
 
     fn campaign_touches(&mut self) -> Res<Vec<CampaignTouch>> {
@@ -1689,6 +1748,20 @@ mod tests {
                     experiment: format!("wechat-cap-{i}"),
                     arm: ["control", "one-a-day", "三"][r.random_range(0..3)].into(),
                     at: time(r, base, unit),
+                    measures: if r.random_bool(0.5) {
+                        Measures::default()
+                    } else {
+                        // Some fields zero (the width follows the last non-zero one).
+                        let mut f = [0i64; FIELDS];
+                        for v in f.iter_mut().take(r.random_range(1..=FIELDS)) {
+                            *v = match r.random_range(0..3) {
+                                0 => 0,
+                                1 => r.random_range(0..100),
+                                _ => i64::from(r.random::<u32>()),
+                            };
+                        }
+                        Measures::from_fields(&f).expect("counts in range")
+                    },
                 })
                 .collect();
         }

@@ -6,12 +6,14 @@ pub mod blob;
 pub mod compact;
 pub mod durability;
 pub mod event_time;
+pub mod experiment_stops;
 pub mod fault;
 pub mod gauges;
 pub mod keys;
 pub mod memory;
 pub mod record;
 pub mod redis;
+pub mod scan;
 pub mod slots;
 pub mod timers;
 

@@ -4,6 +4,7 @@
 
 use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
 use super::assign;
@@ -30,7 +31,22 @@ pub struct Experiment {
     pub control: usize,
     /// Every policy key one of its arms changes.
     pub keys: BTreeSet<PolicyKey>,
+    /// How the report judges it.
+    pub judging: Judging,
     bounds: Vec<u64>,
+    /// Per arm, when the guardrail stopped it (`i64::MAX`: running). Shared by
+    /// every clone; set from the store's stop records (`experiment_stops`).
+    stopped: Arc<[AtomicI64]>,
+}
+
+/// How an experiment is judged (see `ExperimentConfig` for each key).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Judging {
+    pub alpha: f64,
+    pub effect: f64,
+    pub primary: String,
+    pub guardrail_margin: f64,
+    pub auto_stop: bool,
 }
 
 /// An arm with its overrides resolved (quiet hours as minutes).
@@ -47,6 +63,9 @@ pub struct Arm {
 pub struct Assignment<'a> {
     pub experiment: &'a Experiment,
     pub arm: usize,
+    /// The arm was stopped by the guardrail by then: the customer gets the
+    /// control's policy (and is not exposed any more).
+    pub stopped: bool,
 }
 
 impl Assignment<'_> {
@@ -56,6 +75,15 @@ impl Assignment<'_> {
 
     pub fn is_control(&self) -> bool {
         self.arm == self.experiment.control
+    }
+
+    /// The arm whose policy applies: the drawn one, or the control once stopped.
+    pub fn arm_in_force(&self) -> usize {
+        if self.stopped {
+            self.experiment.control
+        } else {
+            self.arm
+        }
     }
 }
 
@@ -87,6 +115,32 @@ fn bad(key: String, msg: impl Into<String>) -> Invalid {
 impl Experiment {
     pub fn is_active(&self, t: i64) -> bool {
         self.start_ms <= t && t < self.end_ms
+    }
+
+    /// When arm `arm` was stopped, if it was.
+    pub fn stopped_at(&self, arm: usize) -> Option<i64> {
+        let at = self.stopped.get(arm)?.load(Ordering::Relaxed);
+        (at != i64::MAX).then_some(at)
+    }
+
+    /// Whether arm `arm` is stopped at `t`.
+    pub fn is_stopped(&self, arm: usize, t: i64) -> bool {
+        self.stopped_at(arm).is_some_and(|s| s <= t)
+    }
+
+    /// Records that arm `arm` was stopped at `at` (the earliest stop wins).
+    /// The control cannot be stopped.
+    pub fn stop(&self, arm: usize, at: i64) {
+        if arm != self.control {
+            if let Some(a) = self.stopped.get(arm) {
+                a.fetch_min(at, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Index of the arm named `name`.
+    pub fn arm_index(&self, name: &str) -> Option<usize> {
+        self.arms.iter().position(|a| a.name == name)
     }
 
     /// The arm of `c` (whether or not the experiment is active).
@@ -221,9 +275,13 @@ impl Experiments {
     /// The arms `c` is in at `t`.
     pub fn assignments(&self, c: &CustomerRef, t: i64) -> Vec<Assignment<'_>> {
         self.active(&c.tenant, t)
-            .map(|e| Assignment {
-                experiment: e,
-                arm: e.arm_of(c),
+            .map(|e| {
+                let arm = e.arm_of(c);
+                Assignment {
+                    experiment: e,
+                    arm,
+                    stopped: e.is_stopped(arm, t),
+                }
             })
             .collect()
     }
@@ -274,7 +332,7 @@ pub fn policy_under<'a>(
     for (i, a) in assignments.iter().enumerate() {
         let arm = match swap {
             Some((j, arm)) if j == i => arm,
-            _ => a.arm,
+            _ => a.arm_in_force(),
         };
         if arm != a.experiment.control {
             a.experiment.apply(arm, policy.to_mut());
@@ -391,7 +449,37 @@ fn resolve(cfg: &ExperimentConfig, key: &str, tenant: &Policy) -> Result<Experim
             ),
         )
     })?;
+    if !(cfg.alpha > 0.0 && cfg.alpha <= 0.5) {
+        return Err(bad(
+            format!("{key}.alpha"),
+            "must be in (0, 0.5], e.g. 0.05",
+        ));
+    }
+    if !(cfg.effect > 0.0 && cfg.effect <= 5.0) {
+        return Err(bad(
+            format!("{key}.effect"),
+            "must be in (0, 5] standard deviations, e.g. 0.1",
+        ));
+    }
+    if !super::report::METRICS.iter().any(|m| m.key == cfg.primary) {
+        let known: Vec<&str> = super::report::METRICS.iter().map(|m| m.key).collect();
+        return Err(bad(
+            format!("{key}.primary"),
+            format!(
+                "`{}` is not a measure; one of {}",
+                cfg.primary,
+                known.join(", ")
+            ),
+        ));
+    }
+    if !(0.0..1.0).contains(&cfg.guardrail_margin) {
+        return Err(bad(
+            format!("{key}.guardrail_margin"),
+            "must be in [0, 1): an absolute unsubscribe-rate increase, e.g. 0.002",
+        ));
+    }
     let bounds = assign::bounds(&arms.iter().map(|a| a.share).collect::<Vec<_>>());
+    let arms_len = arms.len();
     let e = Experiment {
         name: cfg.name.clone(),
         tenant: cfg.tenant.clone(),
@@ -400,6 +488,14 @@ fn resolve(cfg: &ExperimentConfig, key: &str, tenant: &Policy) -> Result<Experim
         arms,
         control,
         keys,
+        judging: Judging {
+            alpha: cfg.alpha,
+            effect: cfg.effect,
+            primary: cfg.primary.clone(),
+            guardrail_margin: cfg.guardrail_margin,
+            auto_stop: cfg.auto_stop,
+        },
+        stopped: e_stopped(arms_len),
         bounds,
     };
     for (i, a) in e.arms.iter().enumerate() {
@@ -408,6 +504,11 @@ fn resolve(cfg: &ExperimentConfig, key: &str, tenant: &Policy) -> Result<Experim
         check_arm_policy(&p, &format!("{key}.arms.{}", a.name))?;
     }
     Ok(e)
+}
+
+/// Every arm running.
+fn e_stopped(arms: usize) -> Arc<[AtomicI64]> {
+    (0..arms).map(|_| AtomicI64::new(i64::MAX)).collect()
 }
 
 /// The tenant's policy under an arm must still be a valid policy.

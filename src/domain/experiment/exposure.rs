@@ -20,6 +20,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::active::{policy_under, ArmTag, Effective, Experiment};
+use super::measure::Measures;
 use super::spec::MAX_EXPERIMENTS;
 use crate::domain::allowance::rates;
 use crate::domain::decide::allowance_at;
@@ -31,12 +32,15 @@ use crate::domain::state::{CustomerState, StateParams};
 /// At most this many exposures are kept per customer (the oldest go first).
 pub const MAX_EXPOSURES: usize = MAX_EXPERIMENTS;
 
-/// A recorded exposure: experiment, arm and when the arm first mattered.
+/// A recorded exposure: experiment, arm, when the arm first mattered, and
+/// what the customer did from then on while the experiment ran.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Exposure {
     pub experiment: String,
     pub arm: String,
     pub at: i64,
+    #[serde(default)]
+    pub measures: Measures,
 }
 
 /// Records the exposures that happen at `t` under `eff` in `state` and returns
@@ -50,11 +54,15 @@ pub fn observe(
     let mut new = Vec::new();
     for (i, a) in eff.assignments.iter().enumerate() {
         let e = a.experiment;
-        if state.exposures.iter().any(|x| x.experiment == e.name) {
+        // A stopped arm changes nothing any more: its customers are not
+        // exposed from then on, nor the control's by it.
+        if a.stopped || state.exposures.iter().any(|x| x.experiment == e.name) {
             continue;
         }
         let alternatives: Vec<usize> = if a.is_control() {
-            (0..e.arms.len()).filter(|k| *k != e.control).collect()
+            (0..e.arms.len())
+                .filter(|k| *k != e.control && !e.is_stopped(*k, t))
+                .collect()
         } else {
             vec![e.control]
         };
@@ -73,6 +81,7 @@ pub fn observe(
                 experiment: e.name.clone(),
                 arm: a.arm_name().to_string(),
                 at,
+                measures: Measures::default(),
             });
             new.push(ArmTag {
                 experiment: e.name.clone(),

@@ -4,7 +4,7 @@
 use super::stats::Sequence;
 
 /// The estimate for one comparison (arm vs control).
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
 pub struct Plan {
     /// Exposed customers needed in each of the two arms.
     pub per_arm: u64,

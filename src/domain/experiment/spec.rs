@@ -38,6 +38,41 @@ pub struct ExperimentConfig {
     /// `YYYY-MM-DDTHH:MM` in the tenant's time zone, exclusive.
     pub end: String,
     pub arms: Vec<ArmConfig>,
+    /// Error level of the report's always-valid intervals: the chance that an
+    /// interval *ever* misses the true difference, however often it is read.
+    /// Default 0.05.
+    #[serde(default = "default_alpha")]
+    pub alpha: f64,
+    /// The difference the experiment looks for, in standard deviations of one
+    /// customer's measure: the intervals' mixing scale (τ) and the effect the
+    /// sample-size estimate is for. Default 0.1.
+    #[serde(default = "default_effect")]
+    pub effect: f64,
+    /// The measure that names the winner (see `lapse experiment report`).
+    /// Default `clicks_per_customer`.
+    #[serde(default = "default_primary")]
+    pub primary: String,
+    /// Increase of the unsubscribe rate over the control's (absolute, e.g.
+    /// 0.002 = 0.2 points) tolerated before an arm is flagged. Default 0.
+    #[serde(default)]
+    pub guardrail_margin: f64,
+    /// Stop a flagged arm: from then on its customers get the control's policy,
+    /// and each gets a throttle event per channel the arm changed. Default false
+    /// (flag only).
+    #[serde(default)]
+    pub auto_stop: bool,
+}
+
+fn default_alpha() -> f64 {
+    0.05
+}
+
+fn default_effect() -> f64 {
+    0.1
+}
+
+fn default_primary() -> String {
+    "clicks_per_customer".into()
 }
 
 /// One arm: its traffic share and the policy keys it changes. Offer tier and

@@ -73,7 +73,7 @@ pub enum Measure {
 }
 
 /// The arm's difference to the control with its always-valid interval.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
 pub struct Interval {
     /// arm − control.
     pub estimate: f64,
@@ -130,6 +130,82 @@ impl Sequence {
     pub fn difference(&self, m: Measure, control: &Sample, arm: &Sample) -> Option<Interval> {
         let v = self.variance(m, control, arm)?;
         let d = arm.mean() - control.mean();
+        let h = self.half_width(v);
+        Some(Interval {
+            estimate: d,
+            lower: d - h,
+            upper: d + h,
+        })
+    }
+}
+
+/// Sufficient statistics of a ratio metric (e.g. clicks per send) over
+/// customers: each customer contributes a numerator `y` and a denominator `x`;
+/// the metric is Σy / Σx. Its variance comes from the delta method (the
+/// customer, not the send, is the unit the arms are drawn by, so sends of one
+/// customer are not independent). A mean per customer is the case x = 1.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Ratio {
+    pub n: u64,
+    pub sx: f64,
+    pub sy: f64,
+    pub sxx: f64,
+    pub syy: f64,
+    pub sxy: f64,
+}
+
+impl Ratio {
+    pub fn add(&mut self, x: f64, y: f64) {
+        self.n += 1;
+        self.sx += x;
+        self.sy += y;
+        self.sxx += x * x;
+        self.syy += y * y;
+        self.sxy += x * y;
+    }
+
+    /// Σy / Σx; `None` while Σx is 0.
+    pub fn value(&self) -> Option<f64> {
+        (self.sx > 0.0).then(|| self.sy / self.sx)
+    }
+
+    /// Variance of one customer's linearised contribution
+    /// (y − R x) / x̄: the delta method's per-unit variance. `None` below two
+    /// customers or while Σx is 0.
+    pub fn unit_variance(&self) -> Option<f64> {
+        if self.n < 2 {
+            return None;
+        }
+        let r = self.value()?;
+        let n = self.n as f64;
+        let mx = self.sx / n;
+        let cov = |sab: f64, sa: f64, sb: f64| (sab - sa * sb / n) / (n - 1.0);
+        let vx = cov(self.sxx, self.sx, self.sx);
+        let vy = cov(self.syy, self.sy, self.sy);
+        let vxy = cov(self.sxy, self.sx, self.sy);
+        Some(((vy - 2.0 * r * vxy + r * r * vx) / (mx * mx)).max(0.0))
+    }
+
+    /// Sum of two tallies.
+    pub fn merge(&mut self, o: &Ratio) {
+        self.n += o.n;
+        self.sx += o.sx;
+        self.sy += o.sy;
+        self.sxx += o.sxx;
+        self.syy += o.syy;
+        self.sxy += o.sxy;
+    }
+}
+
+impl Sequence {
+    /// The interval for arm − control of a ratio metric (delta method), or
+    /// `None` while either arm cannot say anything yet.
+    pub fn difference_of_ratios(&self, control: &Ratio, arm: &Ratio) -> Option<Interval> {
+        let v = control.unit_variance()? / control.n as f64 + arm.unit_variance()? / arm.n as f64;
+        if !(v > 0.0 && v.is_finite()) {
+            return None;
+        }
+        let d = arm.value()? - control.value()?;
         let h = self.half_width(v);
         Some(Interval {
             estimate: d,
@@ -202,6 +278,41 @@ mod tests {
         assert!((i.estimate - 2.0).abs() < 1e-12);
         assert!((i.half_width() - h).abs() < 1e-12);
         assert!(!i.excludes_zero(), "three customers prove nothing: {i:?}");
+    }
+
+    /// With x = 1 a ratio is a mean, and its interval is the means' interval.
+    #[test]
+    fn a_ratio_over_ones_is_a_mean() {
+        let (mut c, mut a) = (Ratio::default(), Ratio::default());
+        let (mut cs, mut as_) = (Sample::default(), Sample::default());
+        for (i, y) in [1.0, 2.0, 3.0, 7.0].into_iter().enumerate() {
+            c.add(1.0, y);
+            cs.add(y);
+            a.add(1.0, y * 2.0 + i as f64);
+            as_.add(y * 2.0 + i as f64);
+        }
+        let s = Sequence {
+            alpha: 0.05,
+            tau: 1.0,
+        };
+        let r = s.difference_of_ratios(&c, &a).unwrap();
+        let m = s.difference(Measure::Mean, &cs, &as_).unwrap();
+        assert!((r.estimate - m.estimate).abs() < 1e-12);
+        assert!((r.half_width() - m.half_width()).abs() < 1e-9);
+    }
+
+    /// Hand-computed delta method: customers (x sends, y clicks) = (2, 1),
+    /// (4, 1), (6, 4). R = 6/12 = 0.5; x̄ = 4; var x = 4, var y = 3,
+    /// cov = (2 + 4 + 24 − 12·6/3)/2 = 3; unit variance
+    /// = (3 − 2·0.5·3 + 0.25·4)/16 = 1/16.
+    #[test]
+    fn hand_computed_ratio_variance() {
+        let mut r = Ratio::default();
+        for (x, y) in [(2.0, 1.0), (4.0, 1.0), (6.0, 4.0)] {
+            r.add(x, y);
+        }
+        assert_eq!(r.value(), Some(0.5));
+        assert!((r.unit_variance().unwrap() - 1.0 / 16.0).abs() < 1e-12);
     }
 
     #[test]

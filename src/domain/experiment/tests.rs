@@ -1,8 +1,9 @@
 //! Experiments in config (validation), the policy under an arm, and exposure,
-//! through the same `step::on_record` the pipeline calls.
+//! through the same `step::on_record_under` the pipeline calls.
 
 use chrono::TimeZone;
 
+use super::measure::Measures;
 use super::*;
 use crate::domain::allowance::AllowanceState;
 use crate::domain::decide::allowance_at;
@@ -224,7 +225,7 @@ fn the_policy_under_an_arm_has_its_overrides_while_the_experiment_runs() {
 }
 
 /// A customer driven as the pipeline drives one: the effective policy at each
-/// event's time, `step::on_record`, then `observe`.
+/// event's time, `step::on_record_under`.
 struct Driven<'p> {
     p: &'p Policies,
     who: CustomerRef,
@@ -250,9 +251,8 @@ impl<'p> Driven<'p> {
         self.n += 1;
         let (ev, src) = crate::domain::decide_tests::record(&self.who, self.n, body, t);
         let eff = self.p.effective(&self.who, t);
-        step::on_record(&mut self.state, &ev, src, &eff.policy, &self.sp);
-        self.exposed
-            .extend(observe(&mut self.state, &eff, &self.sp, t));
+        let (.., exposed) = step::on_record_under(&mut self.state, &ev, src, &eff, &self.sp);
+        self.exposed.extend(exposed);
     }
 
     fn send(&mut self, c: Channel, t: i64) {
@@ -266,6 +266,41 @@ impl<'p> Driven<'p> {
             },
             t,
         );
+    }
+
+    fn open(&mut self, c: Channel, t: i64) {
+        let message_id = format!("m{}", self.n);
+        let campaign_id = None;
+        self.apply(
+            EventBody::Open {
+                channel: c,
+                message_id,
+                campaign_id,
+            },
+            t,
+        );
+    }
+
+    fn click(&mut self, c: Channel, t: i64) {
+        let message_id = format!("m{}", self.n);
+        let campaign_id = None;
+        self.apply(
+            EventBody::Click {
+                channel: c,
+                message_id,
+                campaign_id,
+            },
+            t,
+        );
+    }
+
+    fn reply(&mut self, c: Channel, class: ReplyClass, t: i64) {
+        let body = EventBody::Reply {
+            channel: c,
+            message_id: None,
+            class,
+        };
+        self.apply(body, t);
     }
 
     fn visit(&mut self, t: i64) {
@@ -300,22 +335,123 @@ fn a_customer_is_exposed_when_the_arm_first_changes_a_decision() {
             AllowanceState::Capped
         };
         assert_eq!(a.state, expected, "{arm}");
-        // Both arms are exposed at that moment (the control by the counterfactual).
+        // Both arms are exposed at that moment (the control by the
+        // counterfactual), and the exposing send is the first one measured
+        // (the SMS send before it is not).
+        let wechat_cost = p.of("brandA").costs[Channel::Wechat.index()];
         assert_eq!(
             d.state.exposures,
             vec![Exposure {
                 experiment: "wechat-1-vs-2".into(),
                 arm: arm.into(),
                 at: t + 60_000,
+                measures: Measures {
+                    sends: [1, 0, 0, 0, 0],
+                    marketing_cost: wechat_cost,
+                    ..Default::default()
+                },
             }]
         );
         assert_eq!(d.exposed.len(), 1);
-        // Once only.
+        // Once only; later sends are measured.
         d.send(Channel::Wechat, t + 2 * 60_000);
         d.send(Channel::Wechat, t + DAY);
         assert_eq!(d.state.exposures.len(), 1);
         assert_eq!(d.exposed.len(), 1);
+        assert_eq!(d.state.exposures[0].measures.sends, [3, 0, 0, 0, 0]);
     }
+}
+
+/// Measures count what an exposed customer does from the exposure to the
+/// experiment's end, each applied record once.
+#[test]
+fn measures_count_from_exposure_to_the_end() {
+    let p = policies(WECHAT);
+    let t = sh(2026, 12, 10, 12);
+    let mut d = Driven::new(&p, customer_in(&p, "wechat-1-vs-2", "one-a-day"));
+    d.open(Channel::Wechat, t - DAY); // before exposure: not counted
+    d.send(Channel::Wechat, t);
+    d.open(Channel::Wechat, t + 60_000);
+    d.click(Channel::Wechat, t + 120_000);
+    d.reply(Channel::Sms, ReplyClass::Unsubscribe, t + 180_000);
+    d.visit(t + DAY);
+    // A redelivered record is not applied again, so not counted again.
+    let n = d.n;
+    d.n = 0;
+    d.open(Channel::Wechat, t - DAY);
+    d.n = n;
+    d.visit(sh(2027, 1, 2, 12)); // after the end: not counted
+    let m = &d.state.exposures[0].measures;
+    assert_eq!(
+        *m,
+        Measures {
+            sends: [1, 0, 0, 0, 0],
+            opens: 1,
+            clicks: 1,
+            unsubscribes: 1,
+            visits: 1,
+            revenue: 100_000,
+            marketing_cost: p.of("brandA").costs[Channel::Wechat.index()],
+            ..Default::default()
+        }
+    );
+}
+
+/// A stopped arm: its exposed customer gets the control's policy from the
+/// stop on, announced once per channel the experiment changes; a customer of
+/// the arm not yet exposed is not exposed any more.
+#[test]
+fn a_stopped_arm_switches_its_customers_to_the_control() {
+    let p = policies(WECHAT);
+    let e = p.experiments().all().next().unwrap();
+    let t = sh(2026, 12, 10, 12);
+    let mut d = Driven::new(&p, customer_in(&p, "wechat-1-vs-2", "one-a-day"));
+    d.send(Channel::Wechat, t);
+    assert_eq!(d.state.exposures.len(), 1);
+    let capped = |d: &Driven, at| {
+        let eff = p.effective(&d.who, at);
+        allowance_at(&d.state, Channel::Wechat, &eff.policy, &d.sp, at).state
+    };
+    assert_eq!(capped(&d, t + 60_000), AllowanceState::Capped);
+
+    let stop = t + 3_600_000;
+    e.stop(e.arm_index("one-a-day").unwrap(), stop);
+    // Before the stop the arm still applies; from it on, the control's 2 a day.
+    assert_eq!(capped(&d, stop - 1), AllowanceState::Capped);
+    assert_eq!(capped(&d, stop), AllowanceState::Open);
+    let outbox = d.state.outbox.len();
+    d.open(Channel::Sms, stop + 60_000);
+    let announced: Vec<_> = d.state.outbox[outbox..]
+        .iter()
+        .filter_map(|o| match o {
+            crate::domain::output::Output::Throttle(t) => Some(t),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(announced.len(), 1, "{announced:?}");
+    assert_eq!(announced[0].channel, Some(Channel::Wechat));
+    assert_eq!(announced[0].state, AllowanceState::Open);
+    assert_eq!(announced[0].reason, super::switch::SWITCH_REASON);
+    assert_eq!(
+        d.state.exposures[0].measures.switched_at,
+        Some(stop + 60_000)
+    );
+    // Once.
+    let outbox = d.state.outbox.len();
+    d.open(Channel::Sms, stop + 120_000);
+    assert_eq!(d.state.outbox.len(), outbox);
+
+    // Another customer of the arm, never exposed before the stop, is not now.
+    let mut other = Driven::new(&p, {
+        let first = d.who.clone();
+        (0..)
+            .map(|i| CustomerRef::new("brandA", format!("x{i}")))
+            .find(|c| *c != first && e.arms[e.arm_of(c)].name == "one-a-day")
+            .unwrap()
+    });
+    other.send(Channel::Wechat, stop + DAY);
+    other.send(Channel::Wechat, stop + DAY + 60_000);
+    assert!(other.state.exposures.is_empty());
 }
 
 #[test]
