@@ -165,8 +165,9 @@ pub fn campaign_allowance_view(
 /// Adds the customer's experiment arms to an [`allowance_view`]: per channel
 /// `policy_experiment` and `policy_arm` (the experiment that shapes that
 /// channel's decisions now, as on its throttle events), and `experiments`:
-/// every experiment running now with the customer's arm and when they were
-/// exposed (null: not yet).
+/// every experiment running now with the customer's arm, when they were
+/// exposed (null: not yet) and when the guardrail stopped the arm (null:
+/// running; once stopped, the control's policy applies).
 pub fn add_experiments(
     v: &mut Value,
     c: &CustomerRef,
@@ -199,6 +200,8 @@ pub fn add_experiments(
                 "experiment": a.experiment.name,
                 "arm": a.arm_name(),
                 "exposed_at": ts(exposed),
+                // Stopped by the guardrail: the control's policy applies.
+                "stopped_at": ts(a.experiment.stopped_at(a.arm)),
             })
         })
         .collect();

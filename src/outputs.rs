@@ -139,29 +139,35 @@ pub fn trigger_value(t: &RecallTrigger, tag: Option<&ArmTag>) -> Value {
     )
 }
 
-/// `lapse.v1.RecallOutcome` (schemas/recall_outcome.avsc).
-pub fn outcome_value(o: &RecallOutcome) -> Value {
-    record(vec![
-        ("outcome_id", string(&o.outcome_id)),
-        ("trigger_id", string(&o.trigger_id)),
-        ("kind", enm(o.kind.index(), o.kind.as_str())),
-        ("tenant_id", string(&o.tenant_id)),
-        ("customer_id", string(&o.customer_id)),
-        ("episode_id", string(&o.episode_id)),
-        ("stage", enm(o.stage.index(), o.stage.as_str())),
-        ("segment", enm(o.segment.index(), o.segment.as_str())),
-        ("experiment", string(&o.experiment)),
-        ("arm", enm(o.arm.index(), o.arm.as_str())),
-        (
-            "days_to_return",
-            o.days_to_return.map_or(Value::Null, Value::Double),
-        ),
-        ("revenue", Value::Long(o.revenue)),
-        ("marketing_cost", Value::Long(o.marketing_cost)),
-        ("currency", string(&o.currency)),
-        ("cause_event_id", opt_string(&o.cause_event_id)),
-        ("decided_at", Value::TimestampMillis(o.decided_at)),
-    ])
+/// `lapse.v1.RecallOutcome` (schemas/recall_outcome.avsc), with the
+/// experiment arm it belongs to (see `Experiments::tag_outcome`).
+pub fn outcome_value(o: &RecallOutcome, tag: Option<&ArmTag>) -> Value {
+    record(
+        vec![
+            ("outcome_id", string(&o.outcome_id)),
+            ("trigger_id", string(&o.trigger_id)),
+            ("kind", enm(o.kind.index(), o.kind.as_str())),
+            ("tenant_id", string(&o.tenant_id)),
+            ("customer_id", string(&o.customer_id)),
+            ("episode_id", string(&o.episode_id)),
+            ("stage", enm(o.stage.index(), o.stage.as_str())),
+            ("segment", enm(o.segment.index(), o.segment.as_str())),
+            ("experiment", string(&o.experiment)),
+            ("arm", enm(o.arm.index(), o.arm.as_str())),
+            (
+                "days_to_return",
+                o.days_to_return.map_or(Value::Null, Value::Double),
+            ),
+            ("revenue", Value::Long(o.revenue)),
+            ("marketing_cost", Value::Long(o.marketing_cost)),
+            ("currency", string(&o.currency)),
+            ("cause_event_id", opt_string(&o.cause_event_id)),
+            ("decided_at", Value::TimestampMillis(o.decided_at)),
+        ]
+        .into_iter()
+        .chain(arm_fields(tag))
+        .collect(),
+    )
 }
 
 /// The arm a customer×channel decision carries: the experiment running at
@@ -179,6 +185,12 @@ pub fn throttle_tag(x: &Experiments, d: &ThrottleDecision) -> Option<ArmTag> {
 pub fn trigger_tag(x: &Experiments, t: &RecallTrigger) -> Option<ArmTag> {
     let who = CustomerRef::new(t.tenant_id.clone(), t.customer_id.clone());
     x.tag_recall(&who, t.fired_at)
+}
+
+/// The arm an outcome carries (see `Experiments::tag_outcome`).
+pub fn outcome_tag(x: &Experiments, o: &RecallOutcome) -> Option<ArmTag> {
+    let who = CustomerRef::new(o.tenant_id.clone(), o.customer_id.clone());
+    x.tag_outcome(&who, o.decided_at)
 }
 
 /// An encoded output, ready to produce.
@@ -287,7 +299,7 @@ impl OutputWriter {
                 kind: "outcome",
                 bytes: self.encoder.encode_value(
                     RECALL_OUTCOME,
-                    outcome_value(o),
+                    outcome_value(o, outcome_tag(&self.experiments, o).as_ref()),
                     self.framings.outcome,
                 )?,
             }),
@@ -390,15 +402,23 @@ mod tests {
         )
         .unwrap();
         assert_eq!(o.kind, OutcomeKind::Recalled);
-        enc.encode_value(RECALL_OUTCOME, outcome_value(&o), Framing::SingleObject)
-            .unwrap();
+        enc.encode_value(
+            RECALL_OUTCOME,
+            outcome_value(&o, None),
+            Framing::SingleObject,
+        )
+        .unwrap();
         let nr = RecallOutcome {
             days_to_return: None,
             cause_event_id: None,
             kind: OutcomeKind::NotRecalled,
             ..o
         };
-        enc.encode_value(RECALL_OUTCOME, outcome_value(&nr), Framing::SingleObject)
-            .unwrap();
+        enc.encode_value(
+            RECALL_OUTCOME,
+            outcome_value(&nr, None),
+            Framing::SingleObject,
+        )
+        .unwrap();
     }
 }

@@ -1,6 +1,6 @@
 //! The experiment arm on outputs (`policy_experiment`, `policy_arm`: optional,
 //! default null), read by an independent reader: fastavro (no lapse code)
-//! decodes lapse's single-object throttle events and recall triggers with the
+//! decodes lapse's single-object throttle events, recall triggers and outcomes with the
 //! shipped schemas (the new fields are there), with the schema of before
 //! these fields (a reader that has not upgraded: it skips them), and reads a
 //! record written with the earlier schema under the new one (null).
@@ -11,13 +11,13 @@ use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use lapse::codec::{Encoder, Framing, SchemaSet, RECALL_TRIGGER, THROTTLE_EVENT};
+use lapse::codec::{Encoder, Framing, SchemaSet, RECALL_OUTCOME, RECALL_TRIGGER, THROTTLE_EVENT};
 use lapse::domain::allowance::{AllowanceState, ThrottleDecision};
 use lapse::domain::event::Channel;
 use lapse::domain::experiment::ArmTag;
 use lapse::domain::lapse::{Segment, Stage};
-use lapse::domain::recall::{Arm, RecallTrigger};
-use lapse::outputs::{throttle_value, trigger_value};
+use lapse::domain::recall::{Arm, OutcomeKind, RecallOutcome, RecallTrigger};
+use lapse::outputs::{outcome_value, throttle_value, trigger_value};
 use serde_json::{json, Value};
 
 const READER: &str = r#"
@@ -121,6 +121,24 @@ fn fastavro_reads_the_experiment_arm_and_old_readers_skip_it() {
         fired_at: 1_799_990_000_000,
         send_after: Some(1_800_000_000_000),
     };
+    let o = RecallOutcome {
+        outcome_id: "o1".into(),
+        trigger_id: "t1".into(),
+        kind: OutcomeKind::Recalled,
+        tenant_id: "brandA".into(),
+        customer_id: "c1".into(),
+        episode_id: "ep".into(),
+        stage: Stage::AtRisk,
+        segment: Segment::AtRisk,
+        experiment: "recall-v1".into(),
+        arm: Arm::Treatment,
+        days_to_return: Some(3.5),
+        revenue: 120_000,
+        marketing_cost: 10,
+        currency: "CNY".into(),
+        cause_event_id: Some("v9".into()),
+        decided_at: 1_800_000_000_000,
+    };
     let case = |schema: &str, bytes: Vec<u8>| json!({"schema": root.join("schemas").join(schema), "hex": hex(&bytes)});
     let single = Framing::SingleObject;
     let cases = json!([
@@ -139,11 +157,16 @@ fn fastavro_reads_the_experiment_arm_and_old_readers_skip_it() {
             enc.encode_value(THROTTLE_EVENT, throttle_value(&d, None), single)
                 .unwrap()
         ),
+        case(
+            "recall_outcome.avsc",
+            enc.encode_value(RECALL_OUTCOME, outcome_value(&o, Some(&tag)), single)
+                .unwrap()
+        ),
     ]);
     let out = fastavro(&cases);
     let tagged = json!({"policy_experiment": "wechat-1-vs-2", "policy_arm": "one-a-day"});
     let none = json!({"policy_experiment": null, "policy_arm": null});
-    for (i, expected) in [&tagged, &tagged, &none].into_iter().enumerate() {
+    for (i, expected) in [&tagged, &tagged, &none, &tagged].into_iter().enumerate() {
         let r = &out[i];
         assert_eq!(r["header_ok"], true, "case {i}: {r}");
         assert_eq!(&r["new"], expected, "case {i}: {r}");

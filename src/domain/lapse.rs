@@ -29,6 +29,8 @@
 //!   and `DORMANT` are `HIGH_VALUE_LAPSED` or `LOW_VALUE_LAPSED` by tier.
 
 use serde::{Deserialize, Serialize};
+
+use crate::domain::event::Channel;
 use std::collections::BTreeMap;
 use std::fmt;
 
@@ -189,6 +191,45 @@ impl Offers {
             Segment::LowValueLapsed => &self.low_value_lapsed,
         }
     }
+
+    pub fn for_segment_mut(&mut self, s: Segment) -> &mut String {
+        match s {
+            Segment::HighValueLapsed => &mut self.high_value_lapsed,
+            Segment::AtRisk => &mut self.at_risk,
+            Segment::LowValueLapsed => &mut self.low_value_lapsed,
+        }
+    }
+}
+
+/// Channels a segment's triggers prefer, best first (`[policy.lapse.channel_preference]`):
+/// a listed channel that is available is recommended before any unlisted one,
+/// in the order listed; unlisted channels follow by engagement. Empty (the
+/// default): engagement alone decides. Never makes an unavailable channel
+/// (capped, quiet, unsubscribed, PHONE below high value) recommendable.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ChannelPreference {
+    pub high_value_lapsed: Vec<Channel>,
+    pub at_risk: Vec<Channel>,
+    pub low_value_lapsed: Vec<Channel>,
+}
+
+impl ChannelPreference {
+    pub fn for_segment(&self, s: Segment) -> &[Channel] {
+        match s {
+            Segment::HighValueLapsed => &self.high_value_lapsed,
+            Segment::AtRisk => &self.at_risk,
+            Segment::LowValueLapsed => &self.low_value_lapsed,
+        }
+    }
+
+    pub fn for_segment_mut(&mut self, s: Segment) -> &mut Vec<Channel> {
+        match s {
+            Segment::HighValueLapsed => &mut self.high_value_lapsed,
+            Segment::AtRisk => &mut self.at_risk,
+            Segment::LowValueLapsed => &mut self.low_value_lapsed,
+        }
+    }
 }
 
 /// Lapse and recall policy (`[policy.lapse]`, overridable per tenant).
@@ -240,6 +281,8 @@ pub struct LapsePolicy {
     pub experiment: String,
     /// Offer tier per segment.
     pub offers: Offers,
+    /// Preferred channels per segment (default none: by engagement).
+    pub channel_preference: ChannelPreference,
     /// Channel engagement prior: a channel with no history scores this rate... Default 0.2.
     pub engagement_prior_rate: f64,
     /// ...with the weight of this many sends. Default 5.
@@ -275,6 +318,7 @@ impl Default for LapsePolicy {
             holdout_share: 0.10,
             experiment: "recall-v1".into(),
             offers: Offers::default(),
+            channel_preference: ChannelPreference::default(),
             engagement_prior_rate: 0.2,
             engagement_prior_sends: 5.0,
         }
@@ -373,6 +417,13 @@ impl LapsePolicy {
                 return bad(
                     &format!("offers.{}", s.label()),
                     "must be 1 to 100 characters".into(),
+                );
+            }
+            let pref = self.channel_preference.for_segment(s);
+            if (1..pref.len()).any(|i| pref[..i].contains(&pref[i])) {
+                return bad(
+                    &format!("channel_preference.{}", s.label()),
+                    "lists a channel twice: list each at most once, best first".into(),
                 );
             }
         }
@@ -663,6 +714,10 @@ mod tests {
             (|p| p.min_interval_days = 800, "min_interval_days"),
             (|p| p.experiment = " ".into(), "experiment"),
             (|p| p.offers.at_risk = "".into(), "offers.at_risk"),
+            (
+                |p| p.channel_preference.at_risk = vec![Channel::Sms, Channel::Sms],
+                "channel_preference.at_risk",
+            ),
             (
                 |p| {
                     p.interval_days.insert("botox".into(), 10);

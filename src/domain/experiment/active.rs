@@ -26,6 +26,9 @@ pub struct Experiment {
     /// Active from `start_ms` (inclusive) to `end_ms` (exclusive).
     pub start_ms: i64,
     pub end_ms: i64,
+    /// Outcomes of triggers it shaped can be decided until this (the end plus
+    /// the tenant's longer of attribution window and dormant delay).
+    pub outcomes_until_ms: i64,
     pub arms: Vec<Arm>,
     /// Index of the `control` arm.
     pub control: usize,
@@ -174,6 +177,12 @@ impl Experiment {
         l.lapsed_min_days = r.lapsed_min_days.unwrap_or(l.lapsed_min_days);
         l.follow_up_every_days = r.follow_up_every_days.unwrap_or(l.follow_up_every_days);
         l.max_follow_ups = r.max_follow_ups.unwrap_or(l.max_follow_ups);
+        for (s, offer) in &r.offers {
+            *l.offers.for_segment_mut(*s) = offer.clone();
+        }
+        for (s, channels) in &r.channel_preference {
+            *l.channel_preference.for_segment_mut(*s) = channels.clone();
+        }
     }
 
     /// Whether this experiment's keys change decisions on channel `c`.
@@ -306,6 +315,19 @@ impl Experiments {
             .map(|e| tag(e, c))
     }
 
+    /// The experiment (and `c`'s arm in it) an outcome decided at `t`
+    /// belongs to: the first of the tenant's that changes recall decisions and
+    /// runs at `t` or ended less than its outcome tail before. (Approximate
+    /// for a trigger fired before the start; join on `trigger_id` to be exact.)
+    pub fn tag_outcome(&self, c: &CustomerRef, t: i64) -> Option<ArmTag> {
+        self.by_tenant
+            .get(&c.tenant)
+            .into_iter()
+            .flatten()
+            .find(|e| e.touches_recall() && e.start_ms <= t && t < e.outcomes_until_ms)
+            .map(|e| tag(e, c))
+    }
+
     /// The experiment (and `c`'s arm in it) shaping recall stages at `t`.
     pub fn tag_recall(&self, c: &CustomerRef, t: i64) -> Option<ArmTag> {
         self.active(&c.tenant, t)
@@ -404,7 +426,8 @@ fn resolve(cfg: &ExperimentConfig, key: &str, tenant: &Policy) -> Result<Experim
         } else if arm_keys.is_empty() {
             return Err(bad(
                 akey,
-                "changes nothing: give it caps, quiet_hours, throttle or recall overrides",
+                "changes nothing: give it caps, quiet_hours, throttle or recall overrides \
+                 (stage offsets, offers, channel_preference)",
             ));
         }
         let mut quiet = Vec::new();
@@ -485,6 +508,14 @@ fn resolve(cfg: &ExperimentConfig, key: &str, tenant: &Policy) -> Result<Experim
         tenant: cfg.tenant.clone(),
         start_ms,
         end_ms,
+        outcomes_until_ms: end_ms.saturating_add(
+            i64::from(
+                tenant
+                    .lapse
+                    .attribution_window_days
+                    .max(tenant.lapse.dormant_after_days),
+            ) * 86_400_000,
+        ),
         arms,
         control,
         keys,

@@ -21,12 +21,13 @@ use serde::{Deserialize, Serialize};
 
 use super::active::{policy_under, ArmTag, Effective, Experiment};
 use super::measure::Measures;
-use super::spec::MAX_EXPERIMENTS;
+use super::spec::{PolicyKey, MAX_EXPERIMENTS};
 use crate::domain::allowance::rates;
 use crate::domain::decide::allowance_at;
 use crate::domain::event::Channel;
+use crate::domain::lapse::Segment;
 use crate::domain::policy::Policy;
-use crate::domain::recall::next_due;
+use crate::domain::recall::{next_due, Arm};
 use crate::domain::state::{CustomerState, StateParams};
 
 /// At most this many exposures are kept per customer (the oldest go first).
@@ -109,6 +110,33 @@ fn first_difference(
         }
         if would_throttle(state, c, p, params, t) != would_throttle(state, c, q, params, t) {
             return Some(t);
+        }
+    }
+    // A segment's offer or channel preference: exposed when a trigger of an
+    // overridden segment fires in the experiment (to a contacted customer:
+    // a holdout trigger says nothing to anyone) and the two policies differ
+    // for its segment.
+    let shaped: Vec<Segment> = e
+        .keys
+        .iter()
+        .filter_map(PolicyKey::shapes_triggers)
+        .collect();
+    if let Some(ep) = state
+        .recall
+        .current
+        .as_ref()
+        .filter(|ep| ep.arm == Some(Arm::Treatment))
+    {
+        let fired = ep.stages.iter().rev().find(|s| !s.skipped);
+        if let Some(s) = fired.filter(|s| s.fired_at >= e.start_ms && s.fired_at <= t) {
+            let differs = |seg: Segment| {
+                p.lapse.offers.for_segment(seg) != q.lapse.offers.for_segment(seg)
+                    || p.lapse.channel_preference.for_segment(seg)
+                        != q.lapse.channel_preference.for_segment(seg)
+            };
+            if shaped.contains(&s.segment) && differs(s.segment) {
+                return Some(s.fired_at);
+            }
         }
     }
     if e.touches_recall() {

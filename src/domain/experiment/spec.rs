@@ -12,6 +12,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 
 use crate::domain::event::Channel;
+use crate::domain::lapse::Segment;
 use crate::domain::policy::{CapRule, QuietHours};
 use crate::domain::span::Span;
 
@@ -75,8 +76,7 @@ fn default_primary() -> String {
     "clicks_per_customer".into()
 }
 
-/// One arm: its traffic share and the policy keys it changes. Offer tier and
-/// channel preference per segment are not overridable yet.
+/// One arm: its traffic share and the policy keys it changes.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ArmConfig {
@@ -112,6 +112,11 @@ pub struct RecallOverride {
     pub lapsed_min_days: Option<u32>,
     pub follow_up_every_days: Option<u32>,
     pub max_follow_ups: Option<u32>,
+    /// Offer tier per segment (`policy.lapse.offers`), e.g.
+    /// `recall.offers.LOW_VALUE_LAPSED = "coupon-20pct"`.
+    pub offers: BTreeMap<Segment, String>,
+    /// Preferred channels per segment (`policy.lapse.channel_preference`).
+    pub channel_preference: BTreeMap<Segment, Vec<Channel>>,
 }
 
 impl ThrottleOverride {
@@ -129,7 +134,8 @@ impl ThrottleOverride {
 }
 
 impl RecallOverride {
-    fn keys(&self) -> impl Iterator<Item = &'static str> {
+    /// The stage offsets it changes (`recall.KEY`).
+    fn offset_keys(&self) -> impl Iterator<Item = &'static str> {
         [
             ("at_risk_factor", self.at_risk_factor.is_some()),
             ("lapsed_factor", self.lapsed_factor.is_some()),
@@ -149,6 +155,10 @@ pub enum PolicyKey {
     QuietHours(Channel),
     Throttle(&'static str),
     Recall(&'static str),
+    /// The offer tier of a segment's triggers.
+    Offer(Segment),
+    /// The channel preference of a segment's triggers.
+    ChannelPreference(Segment),
 }
 
 impl PolicyKey {
@@ -157,13 +167,25 @@ impl PolicyKey {
         match self {
             PolicyKey::Cap(x) | PolicyKey::QuietHours(x) => *x == c,
             PolicyKey::Throttle(_) => true,
-            PolicyKey::Recall(_) => false,
+            _ => false,
         }
     }
 
-    /// Whether the key changes recall decisions (stage due times).
+    /// Whether the key changes recall decisions (stage due times, or what a
+    /// trigger says).
     pub fn touches_recall(&self) -> bool {
-        matches!(self, PolicyKey::Recall(_))
+        matches!(
+            self,
+            PolicyKey::Recall(_) | PolicyKey::Offer(_) | PolicyKey::ChannelPreference(_)
+        )
+    }
+
+    /// Whether the key changes what a segment's trigger says (not when it fires).
+    pub fn shapes_triggers(&self) -> Option<Segment> {
+        match self {
+            PolicyKey::Offer(s) | PolicyKey::ChannelPreference(s) => Some(*s),
+            _ => None,
+        }
     }
 }
 
@@ -174,6 +196,10 @@ impl std::fmt::Display for PolicyKey {
             PolicyKey::QuietHours(c) => write!(f, "quiet_hours.{c}"),
             PolicyKey::Throttle(k) => write!(f, "throttle.{k}"),
             PolicyKey::Recall(k) => write!(f, "recall.{k}"),
+            PolicyKey::Offer(s) => write!(f, "recall.offers.{}", s.as_str()),
+            PolicyKey::ChannelPreference(s) => {
+                write!(f, "recall.channel_preference.{}", s.as_str())
+            }
         }
     }
 }
@@ -185,7 +211,14 @@ impl ArmConfig {
         k.extend(self.caps.keys().map(|c| PolicyKey::Cap(*c)));
         k.extend(self.quiet_hours.keys().map(|c| PolicyKey::QuietHours(*c)));
         k.extend(self.throttle.keys().map(PolicyKey::Throttle));
-        k.extend(self.recall.keys().map(PolicyKey::Recall));
+        k.extend(self.recall.offset_keys().map(PolicyKey::Recall));
+        k.extend(self.recall.offers.keys().map(|s| PolicyKey::Offer(*s)));
+        k.extend(
+            self.recall
+                .channel_preference
+                .keys()
+                .map(|s| PolicyKey::ChannelPreference(*s)),
+        );
         k
     }
 

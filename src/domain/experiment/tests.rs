@@ -255,6 +255,20 @@ impl<'p> Driven<'p> {
         self.exposed.extend(exposed);
     }
 
+    /// The customer's timer at `now`: the triggers it fired.
+    fn timer(&mut self, now: i64) -> Vec<crate::domain::recall::RecallTrigger> {
+        let eff = self.p.effective(&self.who, now);
+        let (step, exposed) = step::on_timer_under(&mut self.state, &self.who, &eff, &self.sp, now);
+        self.exposed.extend(exposed);
+        step.fired
+            .into_iter()
+            .filter_map(|f| match f {
+                crate::domain::recall::Fired::Trigger(t) => Some(t),
+                _ => None,
+            })
+            .collect()
+    }
+
     fn send(&mut self, c: Channel, t: i64) {
         self.apply(
             EventBody::Send {
@@ -500,4 +514,73 @@ fn recall_offsets_expose_at_the_earlier_due_time() {
     assert_eq!(d.state.exposures[0].arm, "early");
     let tag = p.experiments().tag_recall(&d.who, visit).unwrap();
     assert_eq!(tag.arm, "early");
+}
+
+const OFFERS: &str = r#"
+[lapse]
+holdout_share = 0.0
+[[experiments]]
+name = "richer-coupon"
+tenant = "brandA"
+start = "2026-01-01T00:00"
+end = "2028-01-01T00:00"
+[[experiments.arms]]
+name = "control"
+share = 0.5
+[[experiments.arms]]
+name = "coupon-20"
+share = 0.5
+recall.offers.AT_RISK = "coupon-20pct"
+recall.channel_preference.AT_RISK = ["EMAIL", "SMS"]
+"#;
+
+/// An arm's offer and channel preference for a segment: its triggers say
+/// them, and both arms are exposed when such a trigger fires (the control by
+/// the counterfactual), not before.
+#[test]
+fn an_offer_arm_shapes_its_segments_triggers_and_exposes_when_one_fires() {
+    let p = policies(OFFERS);
+    let visit = sh(2026, 3, 1, 10);
+    let due = visit + 144 * DAY; // BOTOX 120 days × 1.2: AT_RISK
+    for (arm, offer, channel) in [
+        ("coupon-20", "coupon-20pct", Channel::Email),
+        ("control", "reminder-coupon-5pct", Channel::Wechat),
+    ] {
+        let mut d = Driven::new(&p, customer_in(&p, "richer-coupon", arm));
+        d.visit(visit);
+        // WeChat is the best-engaged channel: an open there.
+        d.open(Channel::Wechat, visit + DAY);
+        assert!(d.state.exposures.is_empty(), "{arm}");
+        let fired = d.timer(due);
+        assert_eq!(fired.len(), 1, "{arm}");
+        let t = &fired[0];
+        assert_eq!(t.segment, crate::domain::lapse::Segment::AtRisk);
+        assert_eq!(t.offer_tier, offer, "{arm}");
+        assert_eq!(t.recommended_channel, Some(channel), "{arm}: {t:?}");
+        assert_eq!(d.state.exposures.len(), 1, "{arm}");
+        assert_eq!(d.state.exposures[0].at, due);
+        assert_eq!(d.state.exposures[0].arm, arm);
+        // The trigger is counted in the arm's measures.
+        assert_eq!(d.state.exposures[0].measures.triggers, 1);
+    }
+    // The preference only reorders: SMS second, the engaged WeChat after.
+    let mut d = Driven::new(&p, customer_in(&p, "richer-coupon", "coupon-20"));
+    d.visit(visit);
+    d.open(Channel::Wechat, visit + DAY);
+    let t = d.timer(due).remove(0);
+    assert_eq!(t.fallback_channels[0], Channel::Sms, "{t:?}");
+}
+
+/// An outcome belongs to a recall experiment while it runs and for its
+/// outcome tail after (the longer of attribution window and dormant delay).
+#[test]
+fn outcomes_carry_the_recall_experiment_until_its_tail_ends() {
+    let p = policies(RECALL);
+    let x = p.experiments();
+    let who = customer_in(&p, "early-at-risk", "early");
+    let end = sh(2028, 1, 1, 0);
+    assert_eq!(x.tag_outcome(&who, sh(2025, 12, 31, 12)), None);
+    assert_eq!(x.tag_outcome(&who, end - 1).unwrap().arm, "early");
+    assert_eq!(x.tag_outcome(&who, end + 59 * DAY).unwrap().arm, "early");
+    assert_eq!(x.tag_outcome(&who, end + 60 * DAY), None);
 }

@@ -55,6 +55,30 @@ pub fn recommend(
     (best, it.collect())
 }
 
+/// Reorders a recommendation (`best` and ranked `fallbacks`, from
+/// [`recommend`]) so the channels of `preferred` come first, in its order;
+/// the others keep their order after them. Only reorders: a channel that was
+/// not recommendable stays out.
+pub fn prefer(
+    (best, fallbacks): (Option<Channel>, Vec<Channel>),
+    preferred: &[Channel],
+) -> (Option<Channel>, Vec<Channel>) {
+    if preferred.is_empty() {
+        return (best, fallbacks);
+    }
+    let mut all: Vec<Channel> = best.into_iter().chain(fallbacks).collect();
+    let rank = |c: &Channel| {
+        preferred
+            .iter()
+            .position(|p| p == c)
+            .unwrap_or(preferred.len())
+    };
+    all.sort_by_key(rank); // stable: unlisted channels keep the engagement order
+    let mut it = all.into_iter();
+    let best = it.next();
+    (best, it.collect())
+}
+
 /// Engagement score of a channel from its long-horizon decayed counts at `now`:
 /// `(opens + clicks + replies + prior_rate·prior_sends) / (sends + prior_sends)`.
 /// The prior keeps a channel with one lucky send from beating an established

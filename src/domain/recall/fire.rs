@@ -3,7 +3,7 @@
 use serde::Serialize;
 
 use super::attribution::outcome;
-use super::channel::{recommend, ChannelCandidate};
+use super::channel::{prefer, recommend, ChannelCandidate};
 use super::episode::{RecallState, StageRecord};
 use super::holdout::arm_for;
 use super::ids::{episode_id, trigger_id};
@@ -180,7 +180,10 @@ pub fn fire(st: &mut RecallState, due: &Due, now: i64, ctx: &FireCtx<'_>) -> Fir
     let last = ep.stages.last_mut().expect("just pushed");
     last.skipped = false;
 
-    let (recommended, fallbacks) = recommend(ctx.candidates, tier == ValueTier::High, ctx.costs);
+    let (recommended, fallbacks) = prefer(
+        recommend(ctx.candidates, tier == ValueTier::High, ctx.costs),
+        p.channel_preference.for_segment(segment),
+    );
     let t = RecallTrigger {
         trigger_id: trigger_id(c, due.episode_start, due.stage, due.attempt),
         tenant_id: c.tenant.clone(),

@@ -61,7 +61,9 @@ mod records;
 mod view;
 
 pub use attribution::{on_visit, VisitInfo};
-pub use channel::{candidates, engagement_score, recommend, ChannelCandidate, ENGAGEMENT_TIE_STEP};
+pub use channel::{
+    candidates, engagement_score, prefer, recommend, ChannelCandidate, ENGAGEMENT_TIE_STEP,
+};
 pub use episode::{Episode, RecallState, StageRecord};
 pub use fire::{fire, fire_due, next_due, Due, FireCtx, Fired};
 pub use holdout::{arm_for, is_holdout};
