@@ -102,6 +102,9 @@ impl ExperimentMonitor {
             m.experiment_customers
                 .with_label_values(&[e, &a.arm])
                 .set(a.exposed as i64);
+            m.experiment_stopped
+                .with_label_values(&[e, &a.arm])
+                .set(i64::from(a.stopped_at.is_some()));
             for (metric, v) in METRICS.iter().zip(&a.values) {
                 if let Some(v) = v {
                     m.experiment_measure

@@ -120,6 +120,16 @@ fn walk_datasources(v: &Value, path: &str, uid: &str, bad: &mut Vec<String>) {
     }
 }
 
+/// `YYYY-MM-DDTHH:MM` in Shanghai (an experiment's start or end).
+fn shanghai_local(ms: i64) -> String {
+    use chrono::TimeZone;
+    chrono_tz::Asia::Shanghai
+        .timestamp_millis_opt(ms)
+        .unwrap()
+        .format("%Y-%m-%dT%H:%M")
+        .to_string()
+}
+
 /// Parses and checks the dashboards; returns their panels and variables.
 fn dashboards(datasource_uid: &str) -> (Vec<Panel>, Vec<Variable>) {
     let mut panels = Vec::new();
@@ -906,7 +916,15 @@ async fn every_dashboard_panel_and_alert_rule_works_against_live_data() {
         &format!(
             "{EVENT_TIME}[policy.lapse]\nholdout_share = 0.0\n\
              [policy.tenants.clinicH.lapse]\nholdout_share = 1.0\n\
-             [policy.tenants.brandT.throttle]\nfloor = 0.5\nmin_sends = 2.0\n"
+             [policy.tenants.brandT.throttle]\nfloor = 0.5\nmin_sends = 2.0\n\
+             [experiments]\nreport_every = \"1s\"\nstop_poll = \"500ms\"\n\
+             [[policy.experiments]]\nname = \"wechat-1-vs-2\"\ntenant = \"brandX\"\n\
+             start = \"{}\"\nend = \"{}\"\n\
+             [[policy.experiments.arms]]\nname = \"control\"\nshare = 0.5\n\
+             [[policy.experiments.arms]]\nname = \"one-a-day\"\nshare = 0.5\n\
+             caps.WECHAT = {{ limit = 1, window = \"1d\" }}\n",
+            shanghai_local(day(-1)),
+            shanghai_local(day(400)),
         ),
     );
     let mut lapse = s.spawn(group, &cfg);
@@ -1050,6 +1068,16 @@ async fn every_dashboard_panel_and_alert_rule_works_against_live_data() {
             ),
             None,
         ));
+    }
+    // A contact-policy experiment's customers (brandX): one or two WeChat
+    // sends each, so both arms have exposed customers and a spread of sends.
+    for i in 0..16 {
+        let c = cust("brandX", &format!("x{i}"));
+        for k in 0..=(i % 2) {
+            let at = t1 + k * H;
+            let id = format!("x{i}-w{k}");
+            wave.push((send(&c, &id, at, Channel::Wechat, Purpose::Marketing), None));
+        }
     }
     let wave: Vec<(Event, Option<&str>)> = wave
         .into_iter()
