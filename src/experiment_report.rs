@@ -144,11 +144,19 @@ pub fn render(r: &Report) -> String {
                 Call::Lower => "lower",
                 Call::NotYet => "not yet",
             };
-            let plan = match c.plan {
+            // The estimate is the same for every measure (the effect is in
+            // standard deviations): shown on the primary measure only.
+            let plan = match c.plan.filter(|_| m.key == r.primary) {
                 None => String::new(),
                 Some(p) => match p.days {
-                    Some(d) => format!("; ~{} per arm, ~{d} days", p.per_arm),
-                    None => format!("; ~{} per arm", p.per_arm),
+                    Some(d) => format!(
+                        "; to show {} SD with 80 % power: ~{} exposed per arm, ~{d} days in all at the rate so far",
+                        r.effect, p.per_arm
+                    ),
+                    None => format!(
+                        "; to show {} SD with 80 % power: ~{} exposed per arm",
+                        r.effect, p.per_arm
+                    ),
                 },
             };
             let _ = writeln!(o, "{:<30}  {} − control: {diff} {call}{plan}", "", c.arm);

@@ -596,7 +596,7 @@ fn population(
             .get(&ch)
             .map_or((0, 0), |r| (r.limit, r.window.as_ms()));
     }
-    Population::new(
+    let pop = Population::new(
         params,
         args.seed,
         args.customers,
@@ -605,7 +605,13 @@ fn population(
         tz,
         first_day,
         cfg.policy.lapse.high_value_threshold,
-    )
+    );
+    // With experiments, each customer's caps are their arm's (the config was
+    // validated by `Config::load`).
+    match lapse::domain::policy::Policies::new(&cfg.policy) {
+        Ok(p) if !p.experiments().is_empty() => pop.with_policies(std::sync::Arc::new(p)),
+        _ => pop,
+    }
 }
 
 /// The reader of lapse's decisions (triggers, and throttle events unless

@@ -23,6 +23,7 @@
 //! trigger or decision arrives depends on lapse's timing.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use chrono::{Datelike, NaiveDate, TimeZone};
 use chrono_tz::Tz;
@@ -33,6 +34,7 @@ use lapse::domain::event::{
     Channel, CustomerRef, Event, EventBody, EventKind, Purpose, ReplyClass, VisitType,
 };
 use lapse::domain::lapse::{Segment, Stage};
+use lapse::domain::policy::Policies;
 
 pub const DAY: i64 = 86_400_000;
 pub const HOUR: i64 = 3_600_000;
@@ -558,6 +560,10 @@ pub struct Population {
     /// the number of campaigns, a few per tenant and day.
     campaign_throttles: HashMap<String, Allow>,
     high_value_threshold: i64,
+    /// lapse's policies: the obeying sender keeps each customer's caps under
+    /// their experiment arms (as a sender asking `/v1/allowance` would); none:
+    /// `Params::sender_caps` for everyone.
+    policies: Option<Arc<Policies>>,
     pub stats: Stats,
 }
 
@@ -604,6 +610,7 @@ impl Population {
             customers: Vec::with_capacity(customers as usize),
             campaign_throttles: HashMap::new(),
             high_value_threshold,
+            policies: None,
             stats: Stats::default(),
         };
         pop.start_ms = pop.local_midnight(start_date);
@@ -727,6 +734,13 @@ impl Population {
         }
     }
 
+    /// The obeying sender keeps the caps of `policies` (the tenant's, under the
+    /// customer's experiment arms) instead of `Params::sender_caps`.
+    pub fn with_policies(mut self, policies: Arc<Policies>) -> Population {
+        self.policies = Some(policies);
+        self
+    }
+
     /// The tenant's campaigns of a day: a weekly WeChat push and a weekly
     /// content push to a part of the followers, a monthly member
     /// day (two WeChat pushes — the daily cap — and an SMS), a weekly
@@ -788,6 +802,7 @@ impl Population {
                 day: &day,
                 campaigns: &campaigns[c.tenant as usize],
                 campaign_throttles: &self.campaign_throttles,
+                policies: self.policies.as_deref(),
                 stats: &mut self.stats,
                 rng: SimRng::keyed(&[self.seed, c.tenant as u64, c.local as u64, d as u64]),
                 out,
@@ -905,6 +920,7 @@ struct DayCtx<'a> {
     day: &'a DayInfo,
     campaigns: &'a [Campaign],
     campaign_throttles: &'a HashMap<String, Allow>,
+    policies: Option<&'a Policies>,
     stats: &'a mut Stats,
     rng: SimRng,
     out: &'a mut Vec<SimEvent>,
@@ -1252,7 +1268,13 @@ impl DayCtx<'_> {
 
     /// Whether the sender's own record already holds a full cap window at `at`.
     fn own_cap_full(&self, c: &Customer, ch: Channel, at: i64) -> bool {
-        let (limit, window) = self.p.sender_caps[ch.index()];
+        let (limit, window) = match self.policies {
+            Some(p) => {
+                let rule = p.effective(&self.who, at).policy.caps[ch.index()];
+                (rule.limit, rule.window.as_ms())
+            }
+            None => self.p.sender_caps[ch.index()],
+        };
         if limit == 0 || limit as usize > SENDER_CAP_MEMORY {
             return false;
         }
@@ -1700,6 +1722,66 @@ mod tests {
         assert!(pop.stats.skipped[AllowanceState::Capped.index()] > 0);
         assert!(over > 0, "rogue sends show up as violations");
         assert_eq!(over, pop.stats.rogue, "every over-cap send is a rogue one");
+    }
+
+    /// With lapse's policies, the sender keeps each customer's caps under
+    /// their experiment arm: WeChat once a week for one arm, twice a day (the
+    /// tenant's) for the control.
+    #[test]
+    fn the_sender_keeps_the_caps_of_the_customers_experiment_arm() {
+        let begin = start();
+        let end = begin + chrono::Days::new(60);
+        let cfg: lapse::domain::policy::PolicyConfig = toml::from_str(&format!(
+            "[[experiments]]\nname = \"wechat-weekly\"\ntenant = \"meiyan\"\n\
+             start = \"{begin}T00:00\"\nend = \"{end}T00:00\"\n\
+             [[experiments.arms]]\nname = \"control\"\nshare = 0.5\n\
+             [[experiments.arms]]\nname = \"once-a-week\"\nshare = 0.5\n\
+             caps.WECHAT = {{ limit = 1, window = \"7d\" }}\n"
+        ))
+        .unwrap();
+        let policies = Arc::new(Policies::new(&cfg).unwrap());
+        let e = policies.experiments().all().next().unwrap().clone();
+        let mut pop = Population::new(
+            Params {
+                rogue_share: 0.0,
+                ..Params::default()
+            },
+            7,
+            600,
+            3,
+            60,
+            chrono_tz::Asia::Shanghai,
+            begin,
+            2_000_000,
+        )
+        .with_policies(policies);
+        let ev = run(&mut pop, 60);
+        let mut wechat: std::collections::BTreeMap<CustomerRef, Vec<i64>> = Default::default();
+        for x in &ev {
+            if let EventBody::Send {
+                channel: Channel::Wechat,
+                purpose: Purpose::Marketing,
+                ..
+            } = &x.event.body
+            {
+                let c = x.event.customer.clone();
+                wechat.entry(c).or_default().push(x.event.occurred_at);
+            }
+        }
+        let within_a_week = |ts: &Vec<i64>| ts.windows(2).filter(|w| w[1] - w[0] < 7 * DAY).count();
+        let (mut weekly, mut control) = (0, 0);
+        for (c, ts) in &wechat {
+            if c.tenant != "meiyan" {
+                continue;
+            }
+            if e.arms[e.arm_of(c)].name == "once-a-week" {
+                weekly += ts.len();
+                assert_eq!(within_a_week(ts), 0, "{c}: {ts:?}");
+            } else {
+                control += within_a_week(ts);
+            }
+        }
+        assert!(weekly > 0 && control > 0, "{weekly} {control}");
     }
 
     #[test]
