@@ -607,4 +607,57 @@ caps.WECHAT = { limit = 1, window = "1d" }
         assert!(p.per_arm > 0);
         assert_eq!(p.days, Some((p.per_arm as f64 / 150.0).ceil() as u64));
     }
+
+    /// Repeated A/A experiments through the report itself (measures per
+    /// customer, the delta method for rates, τ from the data): 1,000
+    /// experiments of 60 days, 50 new exposed customers per arm a day, the
+    /// report read every day. A false positive is an interval excluding 0 on
+    /// any day; its rate must stay at or below α = 5 % for each measure.
+    #[test]
+    fn a_a_experiments_read_daily_stay_within_alpha() {
+        use super::super::aa_tests::Rng;
+        let e = experiment();
+        let mut rng = Rng(20_261_207);
+        let watched = [
+            "click_rate",
+            "clicks_per_customer",
+            "unsubscribe_rate",
+            "sends_per_customer",
+        ];
+        let mut hits = [0u32; 4];
+        const RUNS: u32 = 1_000;
+        for _ in 0..RUNS {
+            let mut arms = [ArmTally::default(), ArmTally::default()];
+            let mut seen = [false; 4];
+            for day in 0..60 {
+                for arm in &mut arms {
+                    for _ in 0..50 {
+                        let sends = 1 + (rng.unit() * 6.0) as u32;
+                        let clicks = (0..sends).filter(|_| rng.unit() < 0.08).count() as u32;
+                        let unsub = rng.unit() < 0.03;
+                        arm.add(&exposed("x", e.start_ms, customer(sends, clicks, unsub)));
+                    }
+                }
+                let mut tally = Tally::default();
+                for (name, t) in ["control", "one-a-day"].iter().zip(&arms) {
+                    tally
+                        .arms
+                        .insert(("wechat-1-vs-2".into(), name.to_string()), t.clone());
+                }
+                let r = report(&e, &tally, e.start_ms + (day + 1) * DAY_MS);
+                for (k, key) in watched.iter().enumerate() {
+                    let c = find(&r, key);
+                    seen[k] |= c.difference.is_some_and(|d| d.excludes_zero());
+                }
+            }
+            for k in 0..4 {
+                hits[k] += u32::from(seen[k]);
+            }
+        }
+        for (k, key) in watched.iter().enumerate() {
+            let rate = f64::from(hits[k]) / f64::from(RUNS);
+            eprintln!("A/A through the report, {key}: false-positive rate {rate}");
+            assert!(rate <= 0.05, "{key}: false-positive rate {rate}");
+        }
+    }
 }
