@@ -121,7 +121,9 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
             let moved = timers.migrate_orphans().await?;
             let policies = lapse::domain::policy::Policies::new(&cfg.policy)
                 .map_err(|(k, m)| anyhow::anyhow!("config key `{k}`: {m}"))?;
-            let report = lapse::timer_sweep::sweep(&store, &timers, &policies, dry_run).await?;
+            let report =
+                lapse::timer_sweep::sweep(&store, &timers, &policies, dry_run, WallClock.now_ms())
+                    .await?;
             let mut v = serde_json::to_value(&report)?;
             v["dry_run"] = serde_json::json!(dry_run);
             v["timers_moved_between_shards"] = serde_json::json!(moved);

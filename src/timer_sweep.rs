@@ -35,6 +35,7 @@ pub async fn sweep(
     timers: &TimerStore,
     policies: &Policies,
     dry_run: bool,
+    now: i64,
 ) -> Result<SweepReport, StoreError> {
     let mut report = SweepReport::default();
     let mut scan = StateScan::new(store).await?;
@@ -42,7 +43,14 @@ pub async fn sweep(
         report.customers += page.len();
         let due: Vec<(&CustomerRef, i64)> = page
             .iter()
-            .filter_map(|(c, s)| Some((c, decide::next_timer(s, policies.of(&c.tenant))?)))
+            // Under the customer's experiment arms now (as live, where the
+            // due time is recorded under the arms of the latest record).
+            .filter_map(|(c, s)| {
+                Some((
+                    c,
+                    decide::next_timer(s, &policies.effective(c, now).policy)?,
+                ))
+            })
             .collect();
         report.with_due_time += due.len();
         report.without_timer += timers.schedule_missing(&due, dry_run).await?;

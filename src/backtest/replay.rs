@@ -19,6 +19,7 @@ use crate::domain::allowance::{ThrottleDecision, Violation};
 use crate::domain::campaign::{campaign_of, CampaignSignal, CampaignState};
 use crate::domain::decide::Effects;
 use crate::domain::event::{Channel, CustomerRef, Event, EventBody, Purpose};
+use crate::domain::experiment::Effective;
 use crate::domain::output::Output;
 use crate::domain::policy::{Policies, Policy};
 use crate::domain::recall::{RecallOutcome, RecallTrigger};
@@ -155,11 +156,13 @@ impl<'p, 'h> Replay<'p, 'h> {
             let at = at as usize;
             self.fire(&mut state, customer, policy, clock, &mut pending, at, rec);
             let (ev, src, _) = &history.events[at];
-            let Some(fx) = record(&mut state, ev, *src, policy, &self.params, rec) else {
+            // Under the customer's experiment arms at the record's time, as live.
+            let eff = self.policies.effective(customer, ev.occurred_at);
+            let Some(fx) = record(&mut state, ev, *src, &eff, &self.params, rec) else {
                 continue;
             };
             let due_before = state.timer_due;
-            step::after_records(&mut state, policy);
+            step::after_records(&mut state, &eff.policy);
             if state.timer_due != due_before {
                 pending = state.timer_due.and_then(|due| clock.firing(at + 1, due));
             }
@@ -203,7 +206,8 @@ impl<'p, 'h> Replay<'p, 'h> {
                 break;
             }
             // Sets `state.timer_due` to the next due time, which may fire before the same record.
-            step::on_timer(state, customer, policy, &self.params, f.now);
+            let eff = self.policies.effective(customer, f.now);
+            step::on_timer_under(state, customer, &eff, &self.params, f.now);
             drain(state, policy.costs, rec);
             *pending = state.timer_due.and_then(|due| clock.firing(f.before, due));
         }
@@ -264,11 +268,12 @@ fn record(
     state: &mut CustomerState,
     ev: &Event,
     src: Source,
-    policy: &Policy,
+    eff: &Effective<'_>,
     params: &StateParams,
     rec: &mut impl Recorder,
 ) -> Option<Effects> {
-    let (out, _, fx) = step::on_record(state, ev, src, policy, params);
+    let policy = eff.control;
+    let (out, _, fx, _) = step::on_record_under(state, ev, src, eff, params);
     let Some(fx) = fx else {
         rec.skipped(ev, out);
         return None;
@@ -459,9 +464,9 @@ mod tests {
                     continue;
                 }
                 let c = refs[who as usize];
-                let policy = policies.of(&c.tenant);
-                let fired = step::on_timer(state, c, policy, params, due.max(*now));
-                drain(state, policy.costs, rec);
+                let eff = policies.effective(c, due.max(*now));
+                let (fired, _) = step::on_timer_under(state, c, &eff, params, due.max(*now));
+                drain(state, eff.control.costs, rec);
                 if let Some(next) = fired.next {
                     timers.push(Reverse((next, who)));
                 }
@@ -487,10 +492,11 @@ mod tests {
             }
             let state = &mut states[*who as usize];
             let policy = policies.of(&ev.customer.tenant);
-            let Some(fx) = record(state, ev, *src, policy, &params, rec) else {
+            let eff = policies.effective(&ev.customer, ev.occurred_at);
+            let Some(fx) = record(state, ev, *src, &eff, &params, rec) else {
                 continue;
             };
-            if let Some(due) = step::after_records(state, policy) {
+            if let Some(due) = step::after_records(state, &eff.policy) {
                 timers.push(Reverse((due, *who)));
             }
             drain(state, policy.costs, rec);
