@@ -18,7 +18,7 @@ use std::time::Instant;
 use crate::domain::allowance::{ThrottleDecision, Violation};
 use crate::domain::campaign::{campaign_of, CampaignSignal, CampaignState};
 use crate::domain::decide::Effects;
-use crate::domain::event::{Channel, CustomerRef, Event, EventBody, Purpose};
+use crate::domain::event::{Channel, CustomerRef, Event};
 use crate::domain::experiment::Effective;
 use crate::domain::output::Output;
 use crate::domain::policy::{Policies, Policy};
@@ -278,24 +278,13 @@ fn record(
         rec.skipped(ev, out);
         return None;
     };
-    if let EventBody::Send {
-        channel,
-        purpose: Purpose::Marketing,
-        cost,
-        ..
-    } = &ev.body
-    {
+    if let Some((channel, cost)) = ev.marketing_send(&policy.costs) {
         let blocked = fx
             .violations
             .iter()
-            .find(|(c, _)| c == channel)
+            .find(|(c, _)| *c == channel)
             .map(|(_, v)| *v);
-        rec.send(
-            ev,
-            *channel,
-            cost.unwrap_or(policy.costs[channel.index()]),
-            blocked,
-        );
+        rec.send(ev, channel, cost, blocked);
     }
     Some(fx)
 }
@@ -320,7 +309,7 @@ mod tests {
 
     use super::super::report::PolicyReport;
     use super::*;
-    use crate::domain::event::{EventKind, ReplyClass, VisitType};
+    use crate::domain::event::{EventBody, EventKind, Purpose, ReplyClass, VisitType};
     use crate::domain::policy::PolicyConfig;
     use crate::domain::state::Source;
 

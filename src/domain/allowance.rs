@@ -427,6 +427,16 @@ pub fn stable_id(parts: &[&str]) -> String {
         .collect()
 }
 
+/// The last published allowance (OPEN, never published, before the first).
+fn last_published(ctl: &ChannelControl) -> Published {
+    ctl.published.unwrap_or(Published {
+        state: AllowanceState::Open,
+        allowed_from: None,
+        seq: 0,
+        decided_at: None,
+    })
+}
+
 /// Publishes the allowance if it changed: the state differs from the last
 /// published one, or the same restriction now lasts longer.
 pub fn publish_if_changed(
@@ -437,12 +447,7 @@ pub fn publish_if_changed(
     cause: Option<&str>,
     reason_override: Option<&'static str>,
 ) -> Option<ThrottleDecision> {
-    let prev = ctl.published.unwrap_or(Published {
-        state: AllowanceState::Open,
-        allowed_from: None,
-        seq: 0,
-        decided_at: None,
-    });
+    let prev = last_published(ctl);
     let changed = if a.state != prev.state {
         true
     } else {
@@ -475,12 +480,7 @@ pub fn publish(
     cause: Option<&str>,
     reason: &str,
 ) -> Option<ThrottleDecision> {
-    let prev = ctl.published.unwrap_or(Published {
-        state: AllowanceState::Open,
-        allowed_from: None,
-        seq: 0,
-        decided_at: None,
-    });
+    let prev = last_published(ctl);
     let published = Published {
         state: a.state,
         allowed_from: a.allowed_from,

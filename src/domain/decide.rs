@@ -99,25 +99,40 @@ fn evaluate(
     cause: Option<&str>,
     fx: &mut Effects,
 ) {
-    // Never before the last decision: a late event must not publish an
-    // allowance older than the one already published (see `Published::decided_at`).
-    let t = not_before_last_decision(state, c, t);
-    let (a, released) = allowance_now(state, c, p, sp, t);
-    let ctl = state.controls[c.index()].get_or_insert_with(ChannelControl::default);
-    let prev = published_state(ctl);
-    if let Some(d) = super::allowance::publish_if_changed(ctl, who, &a, t, cause, released) {
-        fx.published(state, prev, d);
-    }
+    publish_channel(state, who, c, p, sp, t, cause, None, fx);
 }
 
-/// Never before the last decision: a late event must not publish an
-/// allowance older than the one already published (see `Published::decided_at`).
-fn not_before_last_decision(state: &CustomerState, c: Channel, t: i64) -> i64 {
-    state.controls[c.index()]
+/// Channel `c`'s allowance at `t` under `p`, published if it changed, or
+/// whatever it is with `announce` as the reason.
+#[allow(clippy::too_many_arguments)]
+fn publish_channel(
+    state: &mut CustomerState,
+    who: &CustomerRef,
+    c: Channel,
+    p: &Policy,
+    sp: &StateParams,
+    t: i64,
+    cause: Option<&str>,
+    announce: Option<&str>,
+    fx: &mut Effects,
+) {
+    // Never before the last decision: a late event must not publish an
+    // allowance older than the one already published (see `Published::decided_at`).
+    let t = state.controls[c.index()]
         .as_ref()
         .and_then(|ctl| ctl.published)
         .and_then(|pb| pb.decided_at)
-        .map_or(t, |d| t.max(d))
+        .map_or(t, |d| t.max(d));
+    let (a, released) = allowance_now(state, c, p, sp, t);
+    let ctl = state.controls[c.index()].get_or_insert_with(ChannelControl::default);
+    let prev = published_state(ctl);
+    let d = match announce {
+        None => super::allowance::publish_if_changed(ctl, who, &a, t, cause, released),
+        Some(reason) => super::allowance::publish(ctl, who, &a, t, cause, reason),
+    };
+    if let Some(d) = d {
+        fx.published(state, prev, d);
+    }
 }
 
 /// Publishes channel `c`'s allowance at `t` under `p` whether or not it
@@ -134,13 +149,7 @@ pub fn announce(
     reason: &str,
     fx: &mut Effects,
 ) {
-    let t = not_before_last_decision(state, c, t);
-    let (a, _) = allowance_now(state, c, p, sp, t);
-    let ctl = state.controls[c.index()].get_or_insert_with(ChannelControl::default);
-    let prev = published_state(ctl);
-    if let Some(d) = super::allowance::publish(ctl, who, &a, t, None, reason) {
-        fx.published(state, prev, d);
-    }
+    publish_channel(state, who, c, p, sp, t, None, Some(reason), fx);
 }
 
 /// Channel `c`'s allowance at `t` (judging its rates, which may start or end
@@ -316,30 +325,22 @@ pub fn next_release(state: &CustomerState) -> Option<i64> {
 /// Recall bookkeeping of one applied event: marketing cost since a trigger, and
 /// the outcomes a visit decides (recalled, retracted, not recalled).
 pub fn recall_on_event(state: &mut CustomerState, ev: &Event, p: &Policy) {
-    match &ev.body {
-        EventBody::Send {
-            channel,
-            purpose: Purpose::Marketing,
-            cost,
-            ..
-        } => {
-            let cost = cost.unwrap_or(p.costs[channel.index()]);
-            state.recall.on_marketing_send(ev.occurred_at, cost);
+    if let Some((_, cost)) = ev.marketing_send(&p.costs) {
+        state.recall.on_marketing_send(ev.occurred_at, cost);
+    }
+    if let EventBody::Visit {
+        amount, currency, ..
+    } = &ev.body
+    {
+        let info = super::recall::VisitInfo {
+            at: ev.occurred_at,
+            revenue: *amount,
+            currency: currency.clone(),
+            event_id: ev.event_id.clone(),
+        };
+        for o in super::recall::on_visit(&mut state.recall, &info, &ev.customer, &p.lapse) {
+            state.outbox.push(super::recall::outcome_output(o));
         }
-        EventBody::Visit {
-            amount, currency, ..
-        } => {
-            let info = super::recall::VisitInfo {
-                at: ev.occurred_at,
-                revenue: *amount,
-                currency: currency.clone(),
-                event_id: ev.event_id.clone(),
-            };
-            for o in super::recall::on_visit(&mut state.recall, &info, &ev.customer, &p.lapse) {
-                state.outbox.push(super::recall::outcome_output(o));
-            }
-        }
-        _ => {}
     }
 }
 

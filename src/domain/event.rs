@@ -267,6 +267,20 @@ impl Event {
         }
     }
 
+    /// A marketing send's channel and cost: its own, or the channel's
+    /// configured cost (`costs`, by `Channel::index`). `None` for anything else.
+    pub fn marketing_send(&self, costs: &[i64; 5]) -> Option<(Channel, i64)> {
+        match &self.body {
+            EventBody::Send {
+                channel,
+                purpose: Purpose::Marketing,
+                cost,
+                ..
+            } => Some((*channel, cost.unwrap_or(costs[channel.index()]))),
+            _ => None,
+        }
+    }
+
     pub fn channel(&self) -> Option<Channel> {
         match &self.body {
             EventBody::Send { channel, .. }

@@ -15,7 +15,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::active::Effective;
-use crate::domain::event::{Event, EventBody, Purpose, ReplyClass};
+use crate::domain::event::{Event, EventBody, ReplyClass};
 use crate::domain::output::Output;
 use crate::domain::recall::{Fired, OutcomeKind};
 use crate::domain::state::CustomerState;
@@ -93,17 +93,11 @@ impl Measures {
 
     fn event(&mut self, ev: &Event, channel_cost: &[i64; 5]) {
         let inc = |v: &mut u32| *v = v.saturating_add(1);
+        if let Some((channel, cost)) = ev.marketing_send(channel_cost) {
+            inc(&mut self.sends[channel.index()]);
+            self.marketing_cost = self.marketing_cost.saturating_add(cost.max(0));
+        }
         match &ev.body {
-            EventBody::Send {
-                channel,
-                purpose: Purpose::Marketing,
-                cost,
-                ..
-            } => {
-                inc(&mut self.sends[channel.index()]);
-                let cost = cost.unwrap_or(channel_cost[channel.index()]).max(0);
-                self.marketing_cost = self.marketing_cost.saturating_add(cost);
-            }
             EventBody::Send { .. } => {}
             EventBody::Open { .. } => inc(&mut self.opens),
             EventBody::Click { .. } => inc(&mut self.clicks),
