@@ -13,7 +13,7 @@ use apache_avro::types::Value;
 use chrono::TimeZone;
 use common::stack::*;
 use common::*;
-use lapse::codec::{SchemaSet, THROTTLE_EVENT};
+use lapse::codec::THROTTLE_EVENT;
 use lapse::domain::event::*;
 use lapse::domain::policy::{Policies, PolicyConfig};
 
@@ -153,8 +153,6 @@ async fn the_guardrail_stops_an_arm_and_the_report_shows_it() {
         |_| lapse::codec::Framing::SingleObject,
     )
     .await;
-    let schemas = SchemaSet::load(std::path::Path::new(&schemas_dir())).unwrap();
-    let schema = schemas.by_name(THROTTLE_EVENT).unwrap().clone();
     let key = format!("{who}/WECHAT");
     let announced = wait_for(
         Duration::from_secs(60),
@@ -170,16 +168,7 @@ async fn the_guardrail_stops_an_arm_and_the_report_shows_it() {
             .await
             .into_iter()
             .filter(|r| r.key_str() == Some(key.as_str()))
-            .map(|r| {
-                let payload = r.payload.unwrap();
-                let frame = lapse::codec::parse_frame(&payload).unwrap();
-                let Value::Record(f) =
-                    apache_avro::from_avro_datum(&schema, &mut frame.body(), None).unwrap()
-                else {
-                    panic!("not a record")
-                };
-                f.into_iter().collect::<BTreeMap<_, _>>()
-            })
+            .map(|r| decode(THROTTLE_EVENT, &r.payload.unwrap()))
             .find(|d| field(d, "reason") == "experiment_stopped")
         },
     )
@@ -264,11 +253,6 @@ async fn recall_arms_decide_live_as_the_backtest_replays_them() {
     let mut lapse = s.spawn("g-exp-recall", &config);
     s.advance_event_time(&p, "g-exp-recall", now).await;
 
-    let schemas = SchemaSet::load(std::path::Path::new(&schemas_dir())).unwrap();
-    let schema = schemas
-        .by_name(lapse::codec::RECALL_TRIGGER)
-        .unwrap()
-        .clone();
     let triggers: Vec<BTreeMap<String, Value>> = consume_up_to(
         &s.broker.bootstrap(),
         "recall.triggers",
@@ -277,16 +261,7 @@ async fn recall_arms_decide_live_as_the_backtest_replays_them() {
     )
     .await
     .into_iter()
-    .map(|r| {
-        let payload = r.payload.unwrap();
-        let frame = lapse::codec::parse_frame(&payload).unwrap();
-        let Value::Record(f) =
-            apache_avro::from_avro_datum(&schema, &mut frame.body(), None).unwrap()
-        else {
-            panic!("not a record")
-        };
-        f.into_iter().collect()
-    })
+    .map(|r| decode(lapse::codec::RECALL_TRIGGER, &r.payload.unwrap()))
     .collect();
     let early: Vec<_> = triggers
         .iter()
