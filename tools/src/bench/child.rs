@@ -115,6 +115,74 @@ impl LapseChild {
     }
 }
 
+/// The lapse instances of one run, all in one consumer group (`bench consume
+/// --instances`): they share the partitions; their metrics are read together.
+pub(super) struct Fleet {
+    pub children: Vec<LapseChild>,
+}
+
+impl Fleet {
+    /// `n` instances of `bin run --config CONFIG` in `group`; instance `i`
+    /// logs to `log_of(i)`.
+    pub fn spawn(
+        bin: &Path,
+        config: &Path,
+        group: &str,
+        n: usize,
+        log_of: impl Fn(usize) -> PathBuf,
+    ) -> anyhow::Result<Fleet> {
+        let children = (0..n.max(1))
+            .map(|i| LapseChild::spawn(bin, config, group, log_of(i)))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(Fleet { children })
+    }
+
+    /// When the first instance was started.
+    pub fn spawned(&self) -> Instant {
+        self.children[0].spawned
+    }
+
+    pub fn pids(&self) -> Vec<u32> {
+        self.children.iter().map(|c| c.pid).collect()
+    }
+
+    /// Every instance's `/metrics` as one scrape (the samples of all of them:
+    /// sums and histogram buckets add up); `None` if one cannot be read.
+    pub async fn metrics(&self) -> Option<Scrape> {
+        let mut all = Scrape {
+            samples: Vec::new(),
+        };
+        for c in &self.children {
+            all.samples.extend(c.metrics().await?.samples);
+        }
+        Some(all)
+    }
+
+    /// The exit status of the first instance found exited.
+    pub fn exited(&mut self) -> anyhow::Result<Option<ExitStatus>> {
+        for c in &mut self.children {
+            if let Some(st) = c.exited()? {
+                return Ok(Some(st));
+            }
+        }
+        Ok(None)
+    }
+
+    /// An error saying `what`, with the tail of the first instance's log.
+    pub fn fail(&self, what: String) -> anyhow::Error {
+        self.children[0].fail(what)
+    }
+
+    /// Stops every instance (see [`LapseChild::stop`]); whether all exited 0.
+    pub async fn stop(self, run: usize) -> bool {
+        let mut ok = true;
+        for c in self.children {
+            ok &= c.stop(run).await;
+        }
+        ok
+    }
+}
+
 fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?

@@ -29,7 +29,7 @@ use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 
-use super::child::LapseChild;
+use super::child::Fleet;
 use super::machine::{self, Machine};
 use super::CpuCounters;
 use super::{median, opt, pct, Stats};
@@ -49,6 +49,10 @@ pub struct ConsumeArgs {
     /// How often /metrics is read, in milliseconds (the timing resolution).
     #[arg(long, default_value_t = 50)]
     pub scrape_interval_ms: u64,
+    /// lapse instances per run, in one consumer group (they share the
+    /// partitions; CPU and metrics are summed over them): the scaling figure.
+    #[arg(long, default_value_t = 1)]
+    pub instances: usize,
     #[command(flatten)]
     pub child: super::ChildArgs,
 }
@@ -122,6 +126,8 @@ pub struct ConsumeReport {
     pub redis_persistence: String,
     pub partitions: usize,
     pub records: u64,
+    /// lapse instances per run (one consumer group).
+    pub instances: usize,
     pub config_overrides: Vec<String>,
     pub runs: Vec<RunResult>,
     pub median_events_per_second: f64,
@@ -483,13 +489,17 @@ async fn one_run(env: &RunEnv<'_>, run: usize) -> anyhow::Result<RunResult> {
         std::process::id(),
         chrono::Utc::now().timestamp_millis()
     );
-    let log_path = env.work_dir.join(format!("lapse-run-{run}.log"));
-    let mut lapse = LapseChild::spawn(env.bin, env.config_path, &group, log_path)?;
-    let deadline = lapse.spawned + Duration::from_secs(env.args.timeout_secs);
+    let log_of = |i: usize| match env.args.instances {
+        1 => env.work_dir.join(format!("lapse-run-{run}.log")),
+        _ => env.work_dir.join(format!("lapse-run-{run}-{i}.log")),
+    };
+    let mut lapse = Fleet::spawn(env.bin, env.config_path, &group, env.args.instances, log_of)?;
+    let deadline = lapse.spawned() + Duration::from_secs(env.args.timeout_secs);
 
     let progress = wait_durable(env, &mut lapse, run, deadline).await?;
     let committed_at = wait_committed(env, &mut lapse, run, &group, deadline).await?;
-    let cpu_at_end = CpuCounters::now(lapse.pid, env.redis, env.args.child.broker_pid).await;
+    let pids = lapse.pids();
+    let cpu_at_end = CpuCounters::now(&pids, env.redis, env.args.child.broker_pid).await;
 
     let s = lapse
         .metrics()
@@ -502,7 +512,7 @@ async fn one_run(env: &RunEnv<'_>, run: usize) -> anyhow::Result<RunResult> {
         .await?;
     let mem_after = env.redis.num("memory", "used_memory").await;
     let redis_commands = env.redis.command_stats().await.unwrap_or_default();
-    let spawned = lapse.spawned;
+    let spawned = lapse.spawned();
     let lapse_exit_ok = lapse.stop(run).await;
 
     let Progress {
@@ -562,7 +572,9 @@ async fn one_run(env: &RunEnv<'_>, run: usize) -> anyhow::Result<RunResult> {
             if per.is_empty() {
                 s.sum("lapse_batch_seconds_sum") / durable_seconds.max(1e-9)
             } else {
-                busy / (per.len() as f64 * durable_seconds.max(1e-9))
+                // (The instances' processors share labels: their times add up.)
+                let instances = env.args.instances.max(1) as f64;
+                busy / (per.len() as f64 * instances * durable_seconds.max(1e-9))
             }
         },
         paused_share: f64::from(paused_scrapes) / f64::from(scrapes.max(1)),
@@ -586,7 +598,7 @@ struct Progress {
 /// Phase 1: waits for the first record, then for every batch to be durable.
 async fn wait_durable(
     env: &RunEnv<'_>,
-    lapse: &mut LapseChild,
+    lapse: &mut Fleet,
     run: usize,
     deadline: Instant,
 ) -> anyhow::Result<Progress> {
@@ -611,7 +623,8 @@ async fn wait_durable(
             let now = Instant::now();
             if first.is_none() && s.sum("lapse_records_total") > 0.0 {
                 first = Some(now);
-                cpu_at_first = CpuCounters::now(lapse.pid, env.redis, args.child.broker_pid).await;
+                let pids = lapse.pids();
+                cpu_at_first = CpuCounters::now(&pids, env.redis, args.child.broker_pid).await;
             }
             if first.is_some() {
                 scrapes += 1;
@@ -644,7 +657,7 @@ async fn wait_durable(
 /// partition; returns when they did.
 async fn wait_committed(
     env: &RunEnv<'_>,
-    lapse: &mut LapseChild,
+    lapse: &mut Fleet,
     run: usize,
     group: &str,
     deadline: Instant,
@@ -705,11 +718,14 @@ pub async fn run(args: &ConsumeArgs) -> anyhow::Result<ConsumeReport> {
     println!("machine: {}", machine.one_line());
     println!("redis {redis_version}: persistence {redis_persistence}");
     println!(
-        "input: {records} records in {} partitions of {} topics; lapse: {} run --config {}",
+        "input: {records} records in {} partitions of {} topics; lapse: {} run --config {} \
+         ({} instance{} in one group)",
         kafka.partitions.len(),
         inputs.len(),
         bin.display(),
-        config_path.display()
+        config_path.display(),
+        args.instances.max(1),
+        if args.instances > 1 { "s" } else { "" }
     );
     if !args.child.set.is_empty() {
         println!("config overrides: {}", args.child.set.join("  "));
@@ -747,6 +763,7 @@ pub async fn run(args: &ConsumeArgs) -> anyhow::Result<ConsumeReport> {
         redis_persistence,
         partitions: kafka.partitions.len(),
         records,
+        instances: args.instances.max(1),
         config_overrides: args.child.set.clone(),
         median_events_per_second: median(&eps),
         median_seconds: median(&runs.iter().map(|r| r.seconds).collect::<Vec<_>>()),

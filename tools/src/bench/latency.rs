@@ -1267,7 +1267,7 @@ async fn observe(
             if at_start.is_none() {
                 at_start = Some((
                     s.clone(),
-                    CpuCounters::now(lapse.pid, env.redis, args.child.broker_pid).await,
+                    CpuCounters::now(&[lapse.pid], env.redis, args.child.broker_pid).await,
                 ));
             }
             samples.push((now.duration_since(window_start).as_secs_f64(), backlog));
@@ -1280,7 +1280,7 @@ async fn observe(
         if now >= window_end {
             break (
                 s,
-                CpuCounters::now(lapse.pid, env.redis, args.child.broker_pid).await,
+                CpuCounters::now(&[lapse.pid], env.redis, args.child.broker_pid).await,
                 backlog,
             );
         }

@@ -144,13 +144,17 @@ struct CpuCounters {
 }
 
 impl CpuCounters {
+    /// `lapse_pids`: every lapse instance of the run (their CPU is summed).
     async fn now(
-        lapse_pid: u32,
+        lapse_pids: &[u32],
         redis: &consume::RedisView,
         broker_pid: Option<u32>,
     ) -> CpuCounters {
         CpuCounters {
-            lapse: machine::process_cpu_seconds(lapse_pid),
+            lapse: lapse_pids
+                .iter()
+                .map(|p| machine::process_cpu_seconds(*p))
+                .sum::<Option<f64>>(),
             redis: redis.cpu_seconds().await,
             broker: broker_pid.and_then(machine::process_cpu_seconds),
             bench: machine::process_cpu_seconds(std::process::id()),

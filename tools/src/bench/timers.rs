@@ -954,7 +954,7 @@ async fn one_run(env: &Env<'_>, run: usize) -> anyhow::Result<TimersRun> {
             points
         })
     };
-    let cpu_at_start = CpuCounters::now(lapse.pid, env.redis, args.child.broker_pid).await;
+    let cpu_at_start = CpuCounters::now(&[lapse.pid], env.redis, args.child.broker_pid).await;
 
     // Drive the watermark across the day.
     let mut log = WatermarkLog::default();
@@ -966,7 +966,7 @@ async fn one_run(env: &Env<'_>, run: usize) -> anyhow::Result<TimersRun> {
     // Drain: wait for the rest, until nothing new comes for --drain-secs.
     let want = env.expected.iter().filter(|x| **x).count() as u64;
     drain(env, &mut lapse, run, &reader, want).await?;
-    let cpu_at_end = CpuCounters::now(lapse.pid, env.redis, args.child.broker_pid).await;
+    let cpu_at_end = CpuCounters::now(&[lapse.pid], env.redis, args.child.broker_pid).await;
     scraping.store(false, Ordering::SeqCst);
     let timeline = scraper.await?;
     let s = lapse
