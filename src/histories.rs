@@ -58,6 +58,8 @@ pub fn full_history(
                 treatment: Some("BOTOX".into()),
                 amount: 100_000,
                 currency: "CNY".into(),
+                offer_code: None,
+                discount: None,
             },
         ];
         for body in bodies {
@@ -146,6 +148,8 @@ pub fn irregular_history(
                 treatment: Some("BOTOX".into()),
                 amount: r.random_range(50_000..300_000),
                 currency: "CNY".into(),
+                offer_code: None,
+                discount: None,
             };
             bodies.push((later(&mut r), visit));
         }

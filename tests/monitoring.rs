@@ -986,6 +986,8 @@ async fn every_dashboard_panel_and_alert_rule_works_against_live_data() {
                     treatment: None,
                     amount: 5_000,
                     currency: "USD".into(),
+                    offer_code: None,
+                    discount: None,
                 },
             },
             None,

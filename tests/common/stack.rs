@@ -775,6 +775,8 @@ pub fn visit(c: &CustomerRef, id: &str, at: i64, amount: i64, treatment: Option<
             treatment: treatment.map(str::to_string),
             amount,
             currency: "CNY".into(),
+            offer_code: None,
+            discount: None,
         },
     }
 }

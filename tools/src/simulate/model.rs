@@ -1143,6 +1143,8 @@ impl DayCtx<'_> {
                 treatment,
                 amount,
                 currency: "CNY".into(),
+                offer_code: None,
+                discount: None,
             },
             None,
         );
