@@ -781,6 +781,20 @@ pub fn visit(c: &CustomerRef, id: &str, at: i64, amount: i64, treatment: Option<
     }
 }
 
+/// `e` (a visit) redeeming the offer `code`, with `discount` if given.
+pub fn redeeming(mut e: Event, code: &str, discount: Option<i64>) -> Event {
+    if let EventBody::Visit {
+        offer_code,
+        discount: d,
+        ..
+    } = &mut e.body
+    {
+        *offer_code = Some(code.into());
+        *d = discount;
+    }
+    e
+}
+
 pub async fn state(store: &StateStore, c: &CustomerRef) -> CustomerState {
     store
         .load(c)
