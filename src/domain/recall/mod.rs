@@ -83,7 +83,7 @@ pub use ids::{episode_id, outcome_id, trigger_id};
 pub use incentive::{incentive, incentive_cost, Incentive, IncentiveSource};
 pub use records::{outcome_output, Arm, OutcomeKind, RecallOutcome, RecallTrigger};
 pub use repurchase::RepurchaseWatch;
-pub use view::{view, RecallView, StageView};
+pub use view::{view, RecallView, RepurchaseView, StageView};
 
 #[cfg(test)]
 mod tests;

@@ -5,6 +5,7 @@ use crate::domain::lapse::{LapsePolicy, Segment, Stage, DAY_MS};
 use crate::domain::output::Output;
 use crate::domain::state::CustomerState;
 use crate::domain::visits::Visits;
+use serde_json::json;
 
 const D: i64 = DAY_MS;
 const COSTS: [i64; 5] = [1, 5, 300, 1, 0]; // WECHAT SMS PHONE EMAIL SOCIAL
@@ -701,6 +702,14 @@ fn inspect_view() {
     let json = serde_json::to_value(&v).unwrap();
     assert_eq!(json["expected_interval"]["source"], "treatment_default");
     assert_eq!(json["stages"][0]["stage"], "AT_RISK");
+    assert!(json["repurchase"].is_null());
+    // Recalled: the trigger waits for its repurchase until 1.5 × 120 days on.
+    let out = w.visit(150 * D, 1, "v150");
+    let v = serde_json::to_value(view(&w.st, &w.v, &w.c, &w.p)).unwrap();
+    assert_eq!(v["repurchase"]["trigger_id"], json!(out[0].trigger_id));
+    assert_eq!(v["repurchase"]["recalled_at"], 150 * D);
+    assert_eq!(v["repurchase"]["window_ends_at"], 330 * D);
+    assert_eq!(v["repurchase"]["arm"], "TREATMENT");
 }
 
 /// A visit redeeming `offer_code` / `discount`.
