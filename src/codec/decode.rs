@@ -1290,6 +1290,8 @@ mod tests {
             ("treatment".into(), Value::Union(1, Box::new(s("BOTOX")))),
             ("amount".into(), Value::Long(380_000)),
             ("currency".into(), s("CNY")),
+            ("offer_code".into(), Value::Union(0, Box::new(Value::Null))),
+            ("discount".into(), Value::Union(0, Box::new(Value::Null))),
         ]
     }
 
