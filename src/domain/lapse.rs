@@ -252,7 +252,7 @@ pub struct LapsePolicy {
     /// replaces this one as a whole; a tier missing from it costs 0 and is
     /// counted (`lapse_offer_codes_unknown_total`).
     pub offer_costs: BTreeMap<String, i64>,
-    /// A visit after a `RECALLED` within this × the customer's expected
+    /// A paid visit after a `RECALLED` within this × the customer's expected
     /// interval (as of the recalling visit) of the recalling visit is a
     /// repurchase (one `REPURCHASED` outcome). Default 1.5 (the `LAPSED` factor:
     /// later than that, the customer would be lapsing again).

@@ -42,7 +42,7 @@
 //! An offer redeemed on a visit that recalls nothing counts nowhere (it is no
 //! cost of a recall).
 //!
-//! After a `RECALLED`, the customer's next visit within `repurchase_factor ×`
+//! After a `RECALLED`, the customer's next paid visit within `repurchase_factor ×`
 //! the expected interval of the recalling visit is a `REPURCHASED` of the same
 //! trigger, with that visit's revenue and the days since the recalling visit
 //! (`repurchase.rs`; its marketing and incentive cost are 0: they belong to

@@ -1,7 +1,8 @@
-//! Repurchase (复购): after a `RECALLED`, the customer's next visit within
-//! `repurchase_factor ×` their expected interval of the recalling visit is one
-//! `REPURCHASED` outcome of the same trigger (both arms, like `RECALLED`, so
-//! the repurchase rates of treatment and holdout compare).
+//! Repurchase (复购): after a `RECALLED`, the customer's next paid visit
+//! (spend > 0: a free follow-up check buys nothing) within `repurchase_factor ×`
+//! their expected interval of the recalling visit is one `REPURCHASED` outcome
+//! of the same trigger (both arms, like `RECALLED`, so the repurchase rates of
+//! treatment and holdout compare).
 //!
 //! What is remembered is one [`RepurchaseWatch`] per customer: the latest
 //! recalled trigger (enough to rebuild its ids), the recalling visit's time and
@@ -71,14 +72,14 @@ impl RepurchaseWatch {
     }
 }
 
-/// The `REPURCHASED` outcome `visit` decides, if it falls into the watch's
-/// window (the watch then ends: one per trigger).
+/// The `REPURCHASED` outcome `visit` decides, if it is paid and falls into
+/// the watch's window (the watch then ends: one per trigger).
 pub(super) fn on_visit(
     watch: &mut Option<RepurchaseWatch>,
     visit: &VisitInfo,
     c: &CustomerRef,
 ) -> Option<RecallOutcome> {
-    let w = watch.take_if(|w| w.covers(visit.at))?;
+    let w = watch.take_if(|w| visit.revenue > 0 && w.covers(visit.at))?;
     // The recalling visit stands in for the fired trigger: days and revenue
     // are counted from it; the messaging cost was the RECALLED's.
     let rec = StageRecord {

@@ -800,6 +800,20 @@ fn repurchase_table() {
 }
 
 #[test]
+fn a_free_visit_is_no_repurchase_and_leaves_the_watch() {
+    let (mut w, recalled) = recalled_at_200(Arm::Treatment);
+    // A free follow-up check: nothing bought.
+    assert!(w.visit(215 * D, 0, "check").is_empty());
+    let out = w.visit(260 * D, 90_000, "paid");
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert_eq!(
+        (out[0].kind, &out[0].trigger_id),
+        (OutcomeKind::Repurchased, &recalled.trigger_id)
+    );
+    assert_eq!(out[0].days_to_return, Some(60.0));
+}
+
+#[test]
 fn the_repurchase_window_follows_the_expected_interval_and_factor() {
     let (mut w, _) = recalled_at_200(Arm::Treatment);
     w.p.repurchase_factor = 1.0;
