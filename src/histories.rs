@@ -58,6 +58,8 @@ pub fn full_history(
                 treatment: Some("BOTOX".into()),
                 amount: 100_000,
                 currency: "CNY".into(),
+                offer_code: None,
+                discount: None,
             },
         ];
         for body in bodies {
@@ -77,8 +79,29 @@ pub fn full_history(
         }
         s.outbox.clear();
     }
+    watch_last_visit(&mut s, customer, policy);
     s.timer_due = decide::next_timer(&s, policy);
     s
+}
+
+/// The repurchase watch of a customer whose last visit recalled them (the
+/// bounded part a visit every hour never leaves in place: the next visit is the
+/// repurchase). Set, not folded: a recall needs weeks without a visit, which
+/// would move every other time of this history away from its base.
+fn watch_last_visit(s: &mut CustomerState, customer: &CustomerRef, policy: &Policy) {
+    let Some(at) = s.visits.last_at else {
+        return;
+    };
+    s.recall.repurchase = Some(crate::domain::recall::RepurchaseWatch {
+        episode_start: s.visits.first_at.unwrap_or(at),
+        stage: crate::domain::lapse::Stage::FollowUp,
+        attempt: policy.lapse.max_follow_ups,
+        segment: crate::domain::lapse::Segment::HighValueLapsed,
+        experiment: policy.lapse.experiment.clone(),
+        arm: crate::domain::recall::arm_for(customer, &policy.lapse),
+        recalled_at: at,
+        window_ms: 1_095 * crate::domain::lapse::DAY_MS,
+    });
 }
 
 /// The benchmark's history is regular: whole hours apart, and a channel's
@@ -146,6 +169,8 @@ pub fn irregular_history(
                 treatment: Some("BOTOX".into()),
                 amount: r.random_range(50_000..300_000),
                 currency: "CNY".into(),
+                offer_code: None,
+                discount: None,
             };
             bodies.push((later(&mut r), visit));
         }

@@ -10,6 +10,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
 use crate::config::MetricsConfig;
+use crate::domain::recall::OutcomeKind;
 use crate::store::fault::RedisFault;
 
 #[derive(Clone)]
@@ -71,6 +72,8 @@ pub struct Metrics {
     pub recall_outcomes: IntCounterVec,
     pub recalled_revenue: IntCounterVec,
     pub recall_cost: IntCounterVec,
+    pub recall_incentive_cost: IntCounterVec,
+    pub offer_codes_unknown: IntCounterVec,
     pub time_to_return: HistogramVec,
     pub timers_pending: IntGauge,
     pub timers_overdue: IntGauge,
@@ -309,7 +312,7 @@ impl Metrics {
             recall_outcomes: counter(
                 &r,
                 "lapse_recall_outcomes_total",
-                "Recall outcomes by kind (recalled, not_recalled, retracted), segment and arm.",
+                "Recall outcomes by kind (recalled, not_recalled, retracted, repurchased), segment and arm; repurchase rate = repurchased / recalled.",
                 &["tenant", "kind", "segment", "arm"],
             ),
             recalled_revenue: counter(
@@ -323,6 +326,18 @@ impl Metrics {
                 "lapse_recall_marketing_cost_total",
                 "Marketing cost between a trigger and its outcome (recalled or not), minor units, by arm and currency.",
                 &["tenant", "arm", "currency"],
+            ),
+            recall_incentive_cost: counter(
+                &r,
+                "lapse_recall_incentive_cost_total",
+                "Incentive cost of recalling visits (the redeemed offer: the visit's discount, else its tier's configured cost), minor units, by arm and currency. Cost per recall = (marketing + incentive) / recalled.",
+                &["tenant", "arm", "currency"],
+            ),
+            offer_codes_unknown: counter(
+                &r,
+                "lapse_offer_codes_unknown_total",
+                "Recalling visits whose offer_code has no configured cost (policy.lapse.offer_costs) and no discount: counted as incentive 0. Add the tier's cost to the config.",
+                &["tenant"],
             ),
             time_to_return: {
                 let h = HistogramVec::new(
@@ -367,6 +382,11 @@ impl Metrics {
                     .observe(d);
             }
         }
+        if o.kind == crate::domain::recall::OutcomeKind::Recalled {
+            self.recall_incentive_cost
+                .with_label_values(&[&tenant, arm, &o.currency])
+                .inc_by(o.incentive_cost.max(0) as u64);
+        }
         if o.kind != crate::domain::recall::OutcomeKind::Retracted {
             self.recall_cost
                 .with_label_values(&[&tenant, arm, &o.currency])
@@ -379,7 +399,7 @@ impl Metrics {
         let (label, new) = self.tenants.label(tenant);
         if new {
             // Series at 0 from the start, so rate() and increase() see the first event.
-            for kind in ["recalled", "not_recalled", "retracted"] {
+            for kind in OutcomeKind::ALL.map(OutcomeKind::label) {
                 for seg in ["high_value_lapsed", "at_risk", "low_value_lapsed"] {
                     for arm in ["treatment", "holdout"] {
                         self.recall_outcomes

@@ -160,6 +160,7 @@ pub fn outcome_value(o: &RecallOutcome, tag: Option<&ArmTag>) -> Value {
             ),
             ("revenue", Value::Long(o.revenue)),
             ("marketing_cost", Value::Long(o.marketing_cost)),
+            ("incentive_cost", Value::Long(o.incentive_cost)),
             ("currency", string(&o.currency)),
             ("cause_event_id", opt_string(&o.cause_event_id)),
             ("decided_at", Value::TimestampMillis(o.decided_at)),
@@ -340,6 +341,9 @@ mod tests {
             revenue,
             currency: "CNY".into(),
             event_id: id.into(),
+            offer_code: Some("reminder-coupon-5pct".into()),
+            discount: None,
+            expected_interval_days: 120.0,
         };
         let v = Visits {
             count: 1,
@@ -402,6 +406,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(o.kind, OutcomeKind::Recalled);
+        assert_eq!(o.incentive_cost, 15_000, "the tier's configured cost");
         enc.encode_value(
             RECALL_OUTCOME,
             outcome_value(&o, None),
@@ -412,11 +417,22 @@ mod tests {
             days_to_return: None,
             cause_event_id: None,
             kind: OutcomeKind::NotRecalled,
-            ..o
+            incentive_cost: 0,
+            ..o.clone()
         };
         enc.encode_value(
             RECALL_OUTCOME,
             outcome_value(&nr, None),
+            Framing::SingleObject,
+        )
+        .unwrap();
+        let rp = RecallOutcome {
+            kind: OutcomeKind::Repurchased,
+            ..o
+        };
+        enc.encode_value(
+            RECALL_OUTCOME,
+            outcome_value(&rp, None),
             Framing::SingleObject,
         )
         .unwrap();

@@ -723,7 +723,11 @@ impl Tally {
                 self.violating.insert(*i);
             }
             self.decisions += fx.transitions.len();
-            if !fx.transitions.is_empty() || !fx.violations.is_empty() || !fx.cap_hits.is_empty() {
+            if !fx.transitions.is_empty()
+                || !fx.violations.is_empty()
+                || !fx.cap_hits.is_empty()
+                || fx.unknown_offer_codes > 0
+            {
                 self.effects.push((c.tenant.clone(), fx.clone()));
             }
         }
@@ -773,6 +777,11 @@ impl Tally {
                 m.throttle_transitions
                     .with_label_values(&[&tenant, t.channel.label(), t.to.label(), reason])
                     .inc();
+            }
+            if fx.unknown_offer_codes > 0 {
+                m.offer_codes_unknown
+                    .with_label_values(&[&tenant])
+                    .inc_by(u64::from(fx.unknown_offer_codes));
             }
         }
     }

@@ -135,6 +135,7 @@ fn fastavro_reads_the_experiment_arm_and_old_readers_skip_it() {
         days_to_return: Some(3.5),
         revenue: 120_000,
         marketing_cost: 10,
+        incentive_cost: 30_000,
         currency: "CNY".into(),
         cause_event_id: Some("v9".into()),
         decided_at: 1_800_000_000_000,

@@ -7,7 +7,6 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -19,33 +18,6 @@ use lapse::domain::event::{Channel, EventBody, EventKind, Purpose};
 
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// Runs one of tests/interop/java/*.java with Debian's Avro jars; its stdout.
-fn java(program: &str, args: &[&str]) -> String {
-    let classpath = Command::new(root().join("scripts/java-classpath"))
-        .output()
-        .expect("run scripts/java-classpath");
-    assert!(
-        classpath.status.success(),
-        "scripts/java-classpath: {} (run scripts/install-deps)",
-        String::from_utf8_lossy(&classpath.stderr)
-    );
-    let classpath = String::from_utf8(classpath.stdout).unwrap();
-    let out = Command::new("java")
-        .arg("-cp")
-        .arg(classpath.trim())
-        .arg(common::interop_dir().join("java").join(program))
-        .args(args)
-        .current_dir(root())
-        .output()
-        .expect("run java (scripts/install-deps installs a JRE)");
-    assert!(
-        out.status.success(),
-        "java {program} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
 }
 
 fn schema_files() -> Vec<PathBuf> {
@@ -70,7 +42,7 @@ fn every_schema_fingerprint_equals_javas() {
     let files = schema_files();
     assert_eq!(files.len(), 8);
     let args: Vec<&str> = files.iter().map(|p| p.to_str().unwrap()).collect();
-    let out = java("Fingerprints.java", &args);
+    let out = common::java("Fingerprints.java", &args);
     let set = SchemaSet::load(&root().join("schemas")).unwrap();
     let mut seen = 0;
     for line in out.lines() {
@@ -139,7 +111,7 @@ fn sample_output(name: &str) -> apache_avro::types::Value {
 #[tokio::test]
 async fn a_record_from_javas_binary_message_encoder_is_applied_as_written() {
     let occurred_at = 1_767_225_600_000i64; // 2026-01-01T00:00:00Z
-    let out = java(
+    let out = common::java(
         "ProduceSend.java",
         &["schemas/send.avsc", &occurred_at.to_string()],
     );

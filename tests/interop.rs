@@ -155,6 +155,13 @@ fn visit(
     )
 }
 
+/// A visit that redeemed an offer (the optional `offer_code` / `discount`).
+fn with_offer(mut e: Value, code: &str, discount: Option<i64>) -> Value {
+    e["value"]["offer_code"] = code.into();
+    e["value"]["discount"] = discount.into();
+    e
+}
+
 fn corrupt(mut e: Value, how: &str) -> Value {
     e["corrupt"] = how.into();
     e
@@ -713,15 +720,34 @@ async fn end_to_end(wire: Wire) {
     );
     produced.extend(client.produce(&[tick]).await);
     st.wait_applied_and_fired(&group, day(TICK_DAY)).await;
-    let back = visit(
-        HV,
-        "hv-v4",
-        at(RETURN_DAY, 0, 0),
-        "TREATMENT",
-        Some("BOTOX"),
-        1_600_000,
+    // hv redeems the AT_RISK offer (no discount given: the tier's configured
+    // cost), and comes back again six hours later with a coupon of its own: a
+    // repurchase (its offer is no cost of the recall).
+    let back = with_offer(
+        visit(
+            HV,
+            "hv-v4",
+            at(RETURN_DAY, 0, 0),
+            "TREATMENT",
+            Some("BOTOX"),
+            1_600_000,
+        ),
+        "reminder-coupon-5pct",
+        None,
     );
-    produced.extend(client.produce(&[back]).await);
+    let again = with_offer(
+        visit(
+            HV,
+            "hv-v5",
+            at(RETURN_DAY, 6, 0),
+            "FOLLOW_UP",
+            None,
+            300_000,
+        ),
+        "coupon-10pct",
+        Some(30_000),
+    );
+    produced.extend(client.produce(&[back, again]).await);
     st.wait_caught_up(&group, LONG).await;
 
     // 3. Read everything back with the independent client, once the expected
@@ -735,7 +761,7 @@ async fn end_to_end(wire: Wire) {
             let done = !failures(&summary).is_empty()
                 || (distinct(&summary, THROTTLE, "decision_id").len() >= 6
                     && distinct(&summary, TRIGGERS, "trigger_id").len() >= 3
-                    && !distinct(&summary, OUTCOMES, "outcome_id").is_empty());
+                    && distinct(&summary, OUTCOMES, "outcome_id").len() >= 2);
             done.then_some(summary)
         },
     )
@@ -951,13 +977,23 @@ async fn end_to_end(wire: Wire) {
         assert_eq!(t["last_treatment"], "LASER");
     }
 
-    // Recall outcome: hv came back after its trigger.
+    // Recall outcomes: hv came back after its trigger, and again.
     let outcomes = distinct(&summary, OUTCOMES, "outcome_id");
-    assert_eq!(outcomes.len(), 1, "{outcomes:#?}");
-    assert_eq!(outcomes[0]["schema"], "lapse.v1.RecallOutcome");
-    assert_eq!(outcomes[0]["key"], HV);
-    let o = &outcomes[0]["value"];
-    assert_eq!(o["kind"], "RECALLED");
+    assert_eq!(outcomes.len(), 2, "{outcomes:#?}");
+    for o in &outcomes {
+        assert_eq!(o["schema"], "lapse.v1.RecallOutcome");
+        assert_eq!(o["key"], HV);
+    }
+    let of_kind = |kind: &str| {
+        let o = outcomes.iter().find(|o| o["value"]["kind"] == kind);
+        &o.unwrap_or_else(|| panic!("no {kind}: {outcomes:#?}"))["value"]
+    };
+    let o = of_kind("RECALLED");
+    assert_eq!(hv_t["offer_tier"], "reminder-coupon-5pct");
+    assert_eq!(
+        o["incentive_cost"], 15_000,
+        "the tier's configured cost: {o}"
+    );
     assert_eq!(o["trigger_id"], hv_t["trigger_id"]);
     assert_eq!(o["episode_id"], hv_t["episode_id"]);
     assert_eq!(o["stage"], "AT_RISK");
@@ -968,6 +1004,24 @@ async fn end_to_end(wire: Wire) {
     assert_eq!(i(&o["decided_at"]), day(RETURN_DAY));
     let ttr = o["days_to_return"].as_f64().expect("days_to_return");
     assert!(ttr > 0.0 && ttr <= (RETURN_DAY - 384) as f64, "{o}");
+    let r = of_kind("REPURCHASED");
+    assert_eq!(r["trigger_id"], hv_t["trigger_id"]);
+    assert_eq!(r["episode_id"], hv_t["episode_id"]);
+    assert_eq!(
+        (&r["stage"], &r["segment"], &r["arm"]),
+        (&o["stage"], &o["segment"], &o["arm"])
+    );
+    assert_eq!(r["revenue"], 300_000);
+    assert_eq!(
+        (&r["marketing_cost"], &r["incentive_cost"]),
+        (&json!(0), &json!(0))
+    );
+    assert_eq!(
+        r["days_to_return"], 0.25,
+        "days since the recalling visit: {r}"
+    );
+    assert_eq!(r["cause_event_id"], "hv-v5");
+    assert_eq!(i(&r["decided_at"]), at(RETURN_DAY, 6, 0));
 
     // 4. The state, as `lapse inspect` shows it.
     let amy = inspect(&st, &config, AMY).await.expect("inspect amy");
@@ -997,8 +1051,8 @@ async fn end_to_end(wire: Wire) {
         "amy's eight good events applied, none of her three bad ones: {amy:#}"
     );
     let hv = inspect(&st, &config, HV).await.expect("inspect hv");
-    assert_eq!(hv["visits"]["count"], 4, "{hv:#}");
-    assert_eq!(hv["visits"]["lifetime_spend"], 6_100_000);
+    assert_eq!(hv["visits"]["count"], 5, "{hv:#}");
+    assert_eq!(hv["visits"]["lifetime_spend"], 6_400_000);
     assert_eq!(hv["visits"]["last_treatment"], "BOTOX");
     let bob = inspect(&st, &config, BOB).await.expect("inspect bob");
     assert_eq!(bob["visits"]["count"], 1, "{bob:#}");

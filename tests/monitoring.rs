@@ -1004,6 +1004,8 @@ async fn every_dashboard_panel_and_alert_rule_works_against_live_data() {
                     treatment: None,
                     amount: 5_000,
                     currency: "USD".into(),
+                    offer_code: None,
+                    discount: None,
                 },
             },
             None,
@@ -1132,8 +1134,18 @@ async fn every_dashboard_panel_and_alert_rule_works_against_live_data() {
             ),
             None,
         ));
+        // x redeems the AT_RISK offer (incentive cost), and comes back two
+        // days later (REPURCHASED, both arms).
         back.push((
-            visit(&x, &format!("{tenant}-x2"), day(39), 80_000, Some("LASER")),
+            redeeming(
+                visit(&x, &format!("{tenant}-x2"), day(39), 80_000, Some("LASER")),
+                "reminder-coupon-5pct",
+                None,
+            ),
+            None,
+        ));
+        back.push((
+            visit(&x, &format!("{tenant}-x3"), day(41), 20_000, Some("LASER")),
             None,
         ));
     }
@@ -1284,6 +1296,18 @@ async fn every_dashboard_panel_and_alert_rule_works_against_live_data() {
         (
             "lapse_recall_outcomes_total",
             vec![("kind", "not_recalled"), ("arm", "holdout")],
+        ),
+        (
+            "lapse_recall_outcomes_total",
+            vec![("kind", "repurchased"), ("arm", "treatment")],
+        ),
+        (
+            "lapse_recall_outcomes_total",
+            vec![("kind", "repurchased"), ("arm", "holdout")],
+        ),
+        (
+            "lapse_recall_incentive_cost_total",
+            vec![("arm", "treatment")],
         ),
         ("lapse_replies_total", vec![("class", "unsubscribe")]),
         ("lapse_replies_total", vec![("class", "positive")]),

@@ -358,6 +358,8 @@ mod tests {
                     treatment: Some("LASER".into()),
                     amount: rng.random_range(10_000..900_000),
                     currency: "CNY".into(),
+                    offer_code: None,
+                    discount: None,
                 },
             };
             let ev = Event {

@@ -28,6 +28,7 @@ const MAX_CUSTOMER_ID: usize = 128;
 const MAX_MESSAGE_ID: usize = 256;
 const MAX_CAMPAIGN_ID: usize = 128;
 const MAX_TREATMENT: usize = 64;
+use crate::domain::lapse::MAX_OFFER_CODE;
 
 /// Per-record limits; invalid config is the caller's to reject.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -454,6 +455,11 @@ impl Fields {
         }
     }
 
+    /// A field a reader schema of an earlier version lacks: null then.
+    fn take_or_null(&mut self, name: &str) -> Value {
+        self.take(name).unwrap_or(Value::Null)
+    }
+
     fn opt_string(&mut self, name: &str) -> Result<Option<String>, DecodeError> {
         match unwrap_union(self.take(name)?) {
             Value::String(s) => Ok(Some(s)),
@@ -755,11 +761,14 @@ fn build_event(
             }
             // After the currency: a decimal amount needs its minor unit.
             let amount = f.amount(&currency)?;
+            let (offer_code, discount) = redeemed_offer(&mut f)?;
             EventBody::Visit {
                 visit_type,
                 treatment,
                 amount,
                 currency,
+                offer_code,
+                discount,
             }
         }
     };
@@ -769,6 +778,31 @@ fn build_event(
         occurred_at,
         body,
     })
+}
+
+/// A visit's `offer_code` (trimmed, bounded; empty is none) and `discount` (not
+/// negative). Both optional: absent from records of an earlier writer schema.
+fn redeemed_offer(f: &mut Fields) -> Result<(Option<String>, Option<i64>), DecodeError> {
+    let code = match unwrap_union(f.take_or_null("offer_code")) {
+        Value::String(c) => {
+            let c = c.trim();
+            check_len("offer_code", c, MAX_OFFER_CODE)?;
+            check_no_control("offer_code", c)?;
+            (!c.is_empty()).then(|| c.to_owned())
+        }
+        Value::Null => None,
+        _ => return Err(wrong_type("offer_code")),
+    };
+    let discount = match unwrap_union(f.take_or_null("discount")) {
+        Value::Long(n) => Some(n),
+        Value::Int(n) => Some(i64::from(n)),
+        Value::Null => None,
+        _ => return Err(wrong_type("discount")),
+    };
+    if discount.is_some_and(|d| d < 0) {
+        return Err(DecodeError::invalid("discount", "is negative"));
+    }
+    Ok((code, discount))
 }
 
 fn message_id(f: &mut Fields) -> Result<String, DecodeError> {
@@ -946,6 +980,8 @@ mod tests {
                     treatment: Some("BOTOX".into()),
                     amount: 380_000,
                     currency: "CNY".into(),
+                    offer_code: None,
+                    discount: None,
                 }),
                 None,
             ),
@@ -955,6 +991,8 @@ mod tests {
                     treatment: None,
                     amount: 0,
                     currency: "CNY".into(),
+                    offer_code: None,
+                    discount: None,
                 }),
                 None,
             ),
@@ -1252,6 +1290,8 @@ mod tests {
             ("treatment".into(), Value::Union(1, Box::new(s("BOTOX")))),
             ("amount".into(), Value::Long(380_000)),
             ("currency".into(), s("CNY")),
+            ("offer_code".into(), Value::Union(0, Box::new(Value::Null))),
+            ("discount".into(), Value::Union(0, Box::new(Value::Null))),
         ]
     }
 
@@ -2029,6 +2069,8 @@ mod tests {
                 treatment: treatment.map(str::to_owned),
                 amount,
                 currency: currency.into(),
+                offer_code: None,
+                discount: None,
             })
         };
         let decoded = encode_and_decode(

@@ -173,6 +173,8 @@ pub fn event_value(event: &Event, text_for_reply: Option<&str>) -> Value {
             treatment,
             amount,
             currency,
+            offer_code,
+            discount,
         } => {
             let (i, sym) = match visit_type {
                 VisitType::Consultation => (0, "CONSULTATION"),
@@ -183,6 +185,8 @@ pub fn event_value(event: &Event, text_for_reply: Option<&str>) -> Value {
             put("treatment", opt_string(treatment));
             put("amount", Value::Long(*amount));
             put("currency", Value::String(currency.clone()));
+            put("offer_code", opt_string(offer_code));
+            put("discount", discount.map_or(Value::Null, Value::Long));
         }
     }
     Value::Record(f)

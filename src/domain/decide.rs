@@ -6,9 +6,11 @@ use super::allowance::{
 };
 use super::cross_channel;
 use super::event::{Channel, CustomerRef, Event, EventBody, Purpose};
+use super::lapse::expected_interval;
 use super::output::Output;
 use super::platform;
 use super::policy::Policy;
+use super::recall;
 use super::state::{CustomerState, StateParams};
 
 /// A published change of one customer×channel's allowance (for metrics and gauges).
@@ -26,6 +28,8 @@ pub struct Effects {
     /// Marketing sends that filled the window (the channel became CAPPED).
     pub cap_hits: Vec<Channel>,
     pub transitions: Vec<(Transition, String)>,
+    /// Recalling visits whose `offer_code` has no configured cost (incentive 0).
+    pub unknown_offer_codes: u32,
 }
 
 impl Effects {
@@ -323,23 +327,39 @@ pub fn next_release(state: &CustomerState) -> Option<i64> {
 }
 
 /// Recall bookkeeping of one applied event: marketing cost since a trigger, and
-/// the outcomes a visit decides (recalled, retracted, not recalled).
-pub fn recall_on_event(state: &mut CustomerState, ev: &Event, p: &Policy) {
+/// the outcomes a visit decides (recalled, retracted, not recalled, repurchased).
+/// A recalling visit whose offer code has no configured cost is noted in `fx`.
+pub fn recall_on_event(state: &mut CustomerState, ev: &Event, p: &Policy, fx: &mut Effects) {
     if let Some((_, cost)) = ev.marketing_send(&p.costs) {
         state.recall.on_marketing_send(ev.occurred_at, cost);
     }
     if let EventBody::Visit {
-        amount, currency, ..
+        amount,
+        currency,
+        offer_code,
+        discount,
+        ..
     } = &ev.body
     {
-        let info = super::recall::VisitInfo {
+        let info = recall::VisitInfo {
             at: ev.occurred_at,
             revenue: *amount,
             currency: currency.clone(),
             event_id: ev.event_id.clone(),
+            offer_code: offer_code.clone(),
+            discount: *discount,
+            expected_interval_days: expected_interval(&state.visits, &p.lapse).days,
         };
-        for o in super::recall::on_visit(&mut state.recall, &info, &ev.customer, &p.lapse) {
-            state.outbox.push(super::recall::outcome_output(o));
+        let outcomes = recall::on_visit(&mut state.recall, &info, &ev.customer, &p.lapse);
+        if outcomes
+            .iter()
+            .any(|o| o.kind == recall::OutcomeKind::Recalled)
+            && recall::incentive(&info, &p.lapse).source == recall::IncentiveSource::UnknownCode
+        {
+            fx.unknown_offer_codes += 1;
+        }
+        for o in outcomes {
+            state.outbox.push(recall::outcome_output(o));
         }
     }
 }

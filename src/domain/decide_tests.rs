@@ -644,3 +644,76 @@ proptest! {
         }
     }
 }
+
+/// Through the step the pipeline runs: a recalling visit's offer is costed
+/// (an unknown code is counted in the effects, at 0), the repurchase window
+/// follows the customer's expected interval as of the recalling visit, and a
+/// repurchase visit's own offer costs nothing and is not counted.
+#[test]
+fn offers_and_repurchase_through_the_step() {
+    use super::recall::{OutcomeKind, RecallOutcome};
+    let mut sim = Sim::default();
+    sim.policy.lapse.holdout_share = 0.0;
+    let visit = |offer_code: Option<&str>, discount: Option<i64>| EventBody::Visit {
+        visit_type: VisitType::Treatment,
+        treatment: Some("BOTOX".into()),
+        amount: 300_000,
+        currency: "CNY".into(),
+        offer_code: offer_code.map(str::to_string),
+        discount,
+    };
+    let t0 = sh(2026, 1, 5, 11, 0);
+    let fx = sim.apply(visit(Some("coupon-10pct"), Some(9)), t0);
+    assert_eq!(fx.unknown_offer_codes, 0, "no recall, nothing counted");
+    assert!(sim.state.outbox.is_empty());
+    let fired = step::on_timer(
+        &mut sim.state,
+        &sim.who.clone(),
+        &sim.policy,
+        &sim.sp,
+        t0 + 144 * DAY,
+    );
+    assert_eq!(fired.fired.len(), 1);
+    sim.state.outbox.clear();
+    let outcomes = |s: &mut Sim| -> Vec<RecallOutcome> {
+        s.state
+            .outbox
+            .drain(..)
+            .filter_map(|o| match o {
+                Output::Outcome(o) => Some(o),
+                _ => None,
+            })
+            .collect()
+    };
+    let fx = sim.apply(visit(Some("spring-sale"), None), t0 + 150 * DAY);
+    assert_eq!(fx.unknown_offer_codes, 1);
+    let out = outcomes(&mut sim);
+    assert_eq!(out.len(), 1);
+    assert_eq!(
+        (out[0].kind, out[0].incentive_cost),
+        (OutcomeKind::Recalled, 0)
+    );
+    // One gap (150 d) is too few to learn from: BOTOX's 120 d × 1.5.
+    let watch = sim.state.recall.repurchase.clone().expect("watched");
+    assert_eq!(
+        (watch.recalled_at, watch.window_ms),
+        (t0 + 150 * DAY, 180 * DAY)
+    );
+    let fx = sim.apply(visit(Some("spring-sale"), Some(5_000)), t0 + 200 * DAY);
+    assert_eq!(fx.unknown_offer_codes, 0);
+    let out = outcomes(&mut sim);
+    assert_eq!(out.len(), 1);
+    assert_eq!(
+        (out[0].kind, out[0].incentive_cost),
+        (OutcomeKind::Repurchased, 0)
+    );
+    assert_eq!(out[0].days_to_return, Some(50.0));
+    assert!(sim.state.recall.repurchase.is_none());
+    // The lapse episode goes on from the repurchase visit.
+    assert_eq!(
+        super::recall::next_due(&sim.state.recall, &sim.state.visits, &sim.policy.lapse)
+            .unwrap()
+            .episode_start,
+        t0 + 200 * DAY
+    );
+}

@@ -243,6 +243,10 @@ pub enum EventBody {
         /// Spend in minor currency units.
         amount: i64,
         currency: String,
+        /// The offer tier redeemed on this visit (as a trigger's `offer_tier`).
+        offer_code: Option<String>,
+        /// What the redeemed offer took off, minor units of `currency`.
+        discount: Option<i64>,
     },
 }
 

@@ -50,6 +50,9 @@ pub const MIN_GAP_MS: i64 = DAY_MS;
 /// Upper bound of `max_follow_ups` (keeps the per-episode state bounded).
 pub const MAX_FOLLOW_UPS_LIMIT: u32 = 10;
 
+/// Longest offer tier (in `offers`, `offer_costs`) and `Visit.offer_code`, bytes.
+pub const MAX_OFFER_CODE: usize = 100;
+
 /// Stage of a lapse episode, as in the Avro enum `lapse.v1.RecallStage`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
@@ -283,6 +286,20 @@ pub struct LapsePolicy {
     pub offers: Offers,
     /// Preferred channels per segment (default none: by engagement).
     pub channel_preference: ChannelPreference,
+    /// What redeeming an offer tier costs the clinic, minor units: the
+    /// incentive of a recalling visit whose `offer_code` names the tier and
+    /// that carries no `discount` of its own. Defaults (assumptions, the
+    /// articles name no amounts): `vip-care-call` 5_000 (staff time of a care
+    /// call), `reminder-coupon-5pct` 15_000 and `coupon-10pct` 30_000 (5 % and
+    /// 10 % of a typical 3,000 CNY treatment). A table given in the config
+    /// replaces this one as a whole; a tier missing from it costs 0 and is
+    /// counted (`lapse_offer_codes_unknown_total`).
+    pub offer_costs: BTreeMap<String, i64>,
+    /// A paid visit after a `RECALLED` within this × the customer's expected
+    /// interval (as of the recalling visit) of the recalling visit is a
+    /// repurchase (one `REPURCHASED` outcome). Default 1.5 (the `LAPSED` factor:
+    /// later than that, the customer would be lapsing again).
+    pub repurchase_factor: f64,
     /// Channel engagement prior: a channel with no history scores this rate... Default 0.2.
     pub engagement_prior_rate: f64,
     /// ...with the weight of this many sends. Default 5.
@@ -319,6 +336,15 @@ impl Default for LapsePolicy {
             experiment: "recall-v1".into(),
             offers: Offers::default(),
             channel_preference: ChannelPreference::default(),
+            offer_costs: [
+                ("vip-care-call", 5_000),
+                ("reminder-coupon-5pct", 15_000),
+                ("coupon-10pct", 30_000),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
+            repurchase_factor: 1.5,
             engagement_prior_rate: 0.2,
             engagement_prior_sends: 5.0,
         }
@@ -413,7 +439,7 @@ impl LapsePolicy {
         }
         for s in Segment::ALL {
             let offer = self.offers.for_segment(s);
-            if offer.trim().is_empty() || offer.len() > 100 {
+            if offer.trim().is_empty() || offer.len() > MAX_OFFER_CODE {
                 return bad(
                     &format!("offers.{}", s.label()),
                     "must be 1 to 100 characters".into(),
@@ -426,6 +452,24 @@ impl LapsePolicy {
                     "lists a channel twice: list each at most once, best first".into(),
                 );
             }
+        }
+        for (tier, cost) in &self.offer_costs {
+            let key = format!("offer_costs.{tier}");
+            if tier.trim().is_empty() || tier.len() > MAX_OFFER_CODE {
+                return bad(
+                    &key,
+                    format!("offer tiers must be 1 to {MAX_OFFER_CODE} characters"),
+                );
+            }
+            if *cost < 0 {
+                return bad(&key, "must be zero or more (minor currency units)".into());
+            }
+        }
+        if !(self.repurchase_factor.is_finite() && (0.1..=10.0).contains(&self.repurchase_factor)) {
+            return bad(
+                "repurchase_factor",
+                "must be between 0.1 and 10.0 (× the expected interval)".into(),
+            );
         }
         if !(self.engagement_prior_rate.is_finite()
             && (0.0..=10.0).contains(&self.engagement_prior_rate))
@@ -734,6 +778,20 @@ mod tests {
             (|p| p.high_value_threshold = -1, "high_value_threshold"),
             (|p| p.gap_half_life = 0.0, "gap_half_life"),
             (|p| p.engagement_prior_sends = 0.0, "engagement_prior_sends"),
+            (
+                |p| {
+                    p.offer_costs.insert("coupon-10pct".into(), -1);
+                },
+                "offer_costs.coupon-10pct",
+            ),
+            (
+                |p| {
+                    p.offer_costs.insert(" ".into(), 1);
+                },
+                "offer_costs. ",
+            ),
+            (|p| p.repurchase_factor = 0.0, "repurchase_factor"),
+            (|p| p.repurchase_factor = f64::INFINITY, "repurchase_factor"),
         ];
         for (edit, key) in cases {
             let mut p = LapsePolicy::default();

@@ -358,6 +358,7 @@ impl CustomerState {
                 treatment,
                 amount,
                 currency,
+                ..
             } => {
                 notes.currency_mismatch = self.visits.record(
                     t,
@@ -434,6 +435,8 @@ mod tests {
                 treatment: tr.map(str::to_string),
                 amount,
                 currency: "CNY".into(),
+                offer_code: None,
+                discount: None,
             },
         }
     }

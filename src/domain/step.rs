@@ -28,8 +28,8 @@ pub fn on_record(
         return (out, notes, None);
     }
     contact_hours::observe(state, ev, policy);
-    let fx = decide::on_event(state, ev, before, policy, params);
-    decide::recall_on_event(state, ev, policy);
+    let mut fx = decide::on_event(state, ev, before, policy, params);
+    decide::recall_on_event(state, ev, policy, &mut fx);
     (out, notes, Some(fx))
 }
 

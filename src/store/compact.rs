@@ -38,14 +38,15 @@
 //! ```text
 //! body     := h0:u8 base:ivar unit:var presence:u16le [visits] channel* control*
 //!             watermark* seen [episode] [episode] [timer_due:T] [touches] [exposures]
-//!             [measures] [outbox] [last] [send_after] [hours]
+//!             [measures] [outbox] [last] [send_after] [hours] [offers]
 //!             (with h0 bit 1, an extension byte h1 follows h0, before base)
 //! h0       := bit 0 seen (else: ring, as earlier versions wrote it); 1 h1 follows;
 //!             2 visits present; 3 timer_due; 4 recall.current; 5 recall.previous;
 //!             6 outbox; 7 last decisions' details (absent in states written before them)
 //! h1       := bit 0 campaign touches; 1 active hours; 2 experiment exposures;
-//!             3 send_after of outbox triggers; 6 experiment measures (only with 2);
-//!             bits 4, 5, 7 = 0 (for later sections);
+//!             3 send_after of outbox triggers; 5 offers (incentive costs of
+//!             outbox outcomes, repurchase watch); 6 experiment measures (only
+//!             with 2); bits 4, 7 = 0 (for later sections);
 //!             never 0 (absent in states written before it: read as 0)
 //! unit     := (ms / 1000) << 1 | 1 when a whole number of seconds, else ms << 1
 //! presence := bits 0-4 channels, 5-9 controls, 10-14 watermarks (by index); 15 = 0
@@ -94,6 +95,13 @@
 //! send_after := n:var n×(index:var at:T)
 //!   the outbox triggers' `send_after` (a field postcard(Vec<Output>) predates),
 //!   by ascending index into the outbox; n ≥ 1
+//! offers   := o0:u8 [n:var n×(index:var cost:ivar)] [watch]
+//!   o0: bit 0 the outbox outcomes' `incentive_cost` (a field postcard(Vec<Output>)
+//!   predates; by ascending index, n ≥ 1, only the non-zero ones); 1 the
+//!   repurchase watch; the rest 0, never 0
+//! watch    := w0:u8 attempt:var start:T experiment:str recalled_at:T window:var
+//!   w0: bits 0-1 stage; 2-3 segment; 4 arm is HOLDOUT (else TREATMENT); 5 the
+//!   window is in minutes (else ms); the rest 0
 //! ```
 
 use crate::domain::allowance::{
@@ -107,17 +115,17 @@ use crate::domain::experiment::exposure::{Exposure, MAX_EXPOSURES};
 use crate::domain::experiment::measure::{Measures, FIELDS};
 use crate::domain::lapse::{Segment, Stage};
 use crate::domain::output::Output;
-use crate::domain::recall::{Arm, Episode, OutcomeKind, RecallState, StageRecord};
+use crate::domain::recall::{Arm, Episode, OutcomeKind, RecallState, RepurchaseWatch, StageRecord};
 use crate::domain::state::{
     Applied, CustomerState, IdHash, SeenId, SeenIds, Watermark, SEEN_AT_UNIT_MS,
 };
 use crate::domain::visits::Visits;
 
 /// The h1 bits this version reads (the others are reserved).
-const H1_KNOWN: u8 = 0b0100_1111;
+const H1_KNOWN: u8 = 0b0110_1111;
 
 /// Names of the sections, in the order [`encode_parts`] measures them.
-pub const SECTIONS: [&str; 8] = [
+pub const SECTIONS: [&str; 9] = [
     "header",
     "visits",
     "channels",
@@ -126,6 +134,7 @@ pub const SECTIONS: [&str; 8] = [
     "recall",
     "timer, experiments, outbox, last decisions",
     "contact hours",
+    "offers, repurchase",
 ];
 
 /// Appends the format-2 body of `s` to `out`.
@@ -134,7 +143,7 @@ pub fn encode(s: &CustomerState, out: &mut Vec<u8>) {
 }
 
 /// Appends the body and returns the bytes each section took (see [`SECTIONS`]).
-pub fn encode_parts(s: &CustomerState, out: &mut Vec<u8>) -> [usize; 8] {
+pub fn encode_parts(s: &CustomerState, out: &mut Vec<u8>) -> [usize; SECTIONS.len()] {
     let start = out.len();
     let base = pick_base(s);
     let mut e = Enc {
@@ -232,6 +241,14 @@ fn send_afters(outbox: &[Output]) -> impl Iterator<Item = (usize, i64)> + '_ {
     })
 }
 
+/// The outbox's outcomes with a non-zero `incentive_cost`: (index, cost).
+fn incentives(outbox: &[Output]) -> impl Iterator<Item = (usize, i64)> + '_ {
+    outbox.iter().enumerate().filter_map(|(i, o)| match o {
+        Output::Outcome(x) if x.incentive_cost != 0 => Some((i, x.incentive_cost)),
+        _ => None,
+    })
+}
+
 fn times(s: &CustomerState, f: &mut dyn FnMut(i64)) {
     let CustomerState {
         visits,
@@ -249,6 +266,10 @@ fn times(s: &CustomerState, f: &mut dyn FnMut(i64)) {
     exposures.iter().for_each(|x| f(x.at));
     active_hours.iter().for_each(|h| f(h.at));
     send_afters(outbox).for_each(|(_, t)| f(t));
+    if let Some(w) = &recall.repurchase {
+        f(w.episode_start);
+        f(w.recalled_at);
+    }
     let Visits {
         count: _,
         first_at,
@@ -414,7 +435,7 @@ impl Enc<'_> {
         }
     }
 
-    fn state(&mut self, s: &CustomerState) -> [usize; 8] {
+    fn state(&mut self, s: &CustomerState) -> [usize; SECTIONS.len()] {
         let CustomerState {
             visits,
             channels,
@@ -427,15 +448,21 @@ impl Enc<'_> {
             active_hours,
             exposures,
         } = s;
-        let RecallState { current, previous } = recall;
+        let RecallState {
+            current,
+            previous,
+            repurchase,
+        } = recall;
         let send_after: Vec<(usize, i64)> = send_afters(outbox).collect();
+        let incentives: Vec<(usize, i64)> = incentives(outbox).collect();
         let h1 = bit(!campaign_touches.is_empty(), 0)
             | bit(active_hours.is_some(), 1)
             | bit(!exposures.is_empty(), 2)
             | bit(!send_after.is_empty(), 3)
+            | bit(!incentives.is_empty() || repurchase.is_some(), 5)
             | bit(measure_width(exposures) > 0, 6);
         let has_visits = *visits != Visits::default();
-        let mut marks = [self.out.len(); 9];
+        let mut marks = [self.out.len(); SECTIONS.len() + 1];
         let last: Vec<(usize, &DecisionDetail)> = controls
             .iter()
             .enumerate()
@@ -516,7 +543,38 @@ impl Enc<'_> {
             self.active_hours(h);
         }
         marks[8] = self.out.len();
+        if h1 & 32 != 0 {
+            self.offers(&incentives, repurchase.as_ref());
+        }
+        marks[9] = self.out.len();
         std::array::from_fn(|i| marks[i + 1] - marks[i])
+    }
+
+    fn offers(&mut self, incentives: &[(usize, i64)], watch: Option<&RepurchaseWatch>) {
+        self.u8(bit(!incentives.is_empty(), 0) | bit(watch.is_some(), 1));
+        if !incentives.is_empty() {
+            self.var(incentives.len() as u64);
+            for (i, cost) in incentives {
+                self.var(*i as u64);
+                self.ivar(*cost);
+            }
+        }
+        if let Some(w) = watch {
+            let minutes = w.window_ms % 60_000 == 0;
+            self.u8(w.stage.index() as u8
+                | (w.segment.index() as u8) << 2
+                | bit(w.arm == Arm::Holdout, 4)
+                | bit(minutes, 5));
+            self.var(u64::from(w.attempt));
+            self.time(w.episode_start);
+            self.str(&w.experiment);
+            self.time(w.recalled_at);
+            self.ivar(if minutes {
+                w.window_ms / 60_000
+            } else {
+                w.window_ms
+            });
+        }
     }
 
     fn active_hours(&mut self, h: &ActiveHours) {
@@ -836,6 +894,9 @@ impl Enc<'_> {
                 Some(OutcomeKind::Recalled) => 1,
                 Some(OutcomeKind::NotRecalled) => 2,
                 Some(OutcomeKind::Retracted) => 3,
+                // A stage's strongest outcome is never REPURCHASED (the
+                // repurchase watch holds it); were it, RECALLED is implied.
+                Some(OutcomeKind::Repurchased) => 1,
             };
             self.u8(stage.index() as u8
                 | (segment.index() as u8) << 2
@@ -1085,6 +1146,11 @@ impl Dec<'_> {
         } else {
             None
         };
+        let repurchase = if h1 & 32 != 0 {
+            self.offers(&mut outbox)?
+        } else {
+            None
+        };
         Ok(CustomerState {
             visits,
             channels,
@@ -1094,7 +1160,11 @@ impl Dec<'_> {
                 legacy_ids,
             },
             controls,
-            recall: RecallState { current, previous },
+            recall: RecallState {
+                current,
+                previous,
+                repurchase,
+            },
             outbox,
             timer_due,
             campaign_touches,
@@ -1119,6 +1189,71 @@ impl Dec<'_> {
             next = i + 1;
         }
         Ok(())
+    }
+
+    /// The offers section: sets the outbox outcomes' incentive costs, returns
+    /// the repurchase watch.
+    fn offers(&mut self, outbox: &mut [Output]) -> Res<Option<RepurchaseWatch>> {
+        let o0 = self.u8()?;
+        if o0 == 0 || o0 & !3 != 0 {
+            return Err(format!("offers: flags {o0}"));
+        }
+        if o0 & 1 != 0 {
+            let n = self.len(2, "incentive costs")?;
+            if n == 0 {
+                return Err("incentive costs: no entries".into());
+            }
+            let mut next = 0;
+            for _ in 0..n {
+                let i = usize::try_from(self.var()?).map_err(|_| "incentive costs: index")?;
+                let cost = self.ivar()?;
+                match outbox.get_mut(i) {
+                    Some(Output::Outcome(o)) if i >= next && cost != 0 => o.incentive_cost = cost,
+                    _ => {
+                        return Err(format!(
+                            "incentive costs: index {i} is not a later outcome, or cost 0"
+                        ))
+                    }
+                }
+                next = i + 1;
+            }
+        }
+        if o0 & 2 == 0 {
+            return Ok(None);
+        }
+        let w0 = self.u8()?;
+        if w0 & 0xc0 != 0 {
+            return Err(format!("repurchase watch: flags {w0}"));
+        }
+        let segment = *Segment::ALL
+            .get(usize::from(w0 >> 2 & 3))
+            .ok_or("repurchase watch: segment code 3")?;
+        let attempt = self.u32("repurchase attempt")?;
+        let episode_start = self.time()?;
+        let experiment = self.str("repurchase experiment")?;
+        let recalled_at = self.time()?;
+        let window = self.ivar()?;
+        let window_ms = if w0 & 32 != 0 {
+            window
+                .checked_mul(60_000)
+                .ok_or("repurchase window out of range")?
+        } else {
+            window
+        };
+        Ok(Some(RepurchaseWatch {
+            episode_start,
+            stage: Stage::ALL[usize::from(w0 & 3)],
+            attempt,
+            segment,
+            experiment,
+            arm: if w0 & 16 != 0 {
+                Arm::Holdout
+            } else {
+                Arm::Treatment
+            },
+            recalled_at,
+            window_ms,
+        }))
     }
 
     fn active_hours(&mut self) -> Res<ActiveHours> {
@@ -1807,7 +1942,49 @@ mod tests {
             }
             s.active_hours = Some(h);
         }
+        if r.random_bool(0.2) {
+            for _ in 0..r.random_range(1..4) {
+                let cost = [0, 15_000, r.random()][r.random_range(0..3)];
+                s.outbox.push(Output::Outcome(outcome(cost)));
+            }
+        }
+        if r.random_bool(0.3) {
+            let window_ms =
+                [180 * 86_400_000, 7, r.random::<i64>() / 60_000 * 60_000, 0][r.random_range(0..4)];
+            s.recall.repurchase = Some(RepurchaseWatch {
+                episode_start: time(r, base, unit),
+                stage: Stage::ALL[r.random_range(0..4)],
+                attempt: r.random(),
+                segment: Segment::ALL[r.random_range(0..3)],
+                experiment: ["recall-v1", "", "三"][r.random_range(0..3)].into(),
+                arm: [Arm::Treatment, Arm::Holdout][r.random_range(0..2)],
+                recalled_at: time(r, base, unit),
+                window_ms,
+            });
+        }
         s
+    }
+
+    fn outcome(incentive_cost: i64) -> crate::domain::recall::RecallOutcome {
+        crate::domain::recall::RecallOutcome {
+            outcome_id: "o".into(),
+            trigger_id: "tr".into(),
+            kind: OutcomeKind::Recalled,
+            tenant_id: "t".into(),
+            customer_id: "c".into(),
+            episode_id: "e".into(),
+            stage: Stage::Lapsed,
+            segment: Segment::AtRisk,
+            experiment: "x".into(),
+            arm: Arm::Treatment,
+            days_to_return: Some(3.5),
+            revenue: 100,
+            marketing_cost: 7,
+            currency: "CNY".into(),
+            cause_event_id: Some("v".into()),
+            decided_at: 1,
+            incentive_cost,
+        }
     }
 
     fn trigger(send_after: Option<i64>) -> crate::domain::recall::RecallTrigger {
@@ -1898,6 +2075,29 @@ mod tests {
         assert!(decode(&[0x03, 0x80, 0, 2, 0, 0, 0])
             .unwrap_err()
             .contains("reserved"));
+        // The offers section (h1 bit 5): flags never 0, no reserved flag;
+        // an incentive cost only on an outcome, never 0.
+        for (body, what) in [
+            (&[0u8][..], "offers: flags 0"),
+            (&[4], "offers: flags 4"),
+            (&[1, 1, 0, 2], "not a later outcome"),
+        ] {
+            let b = [&[0x03, 0x20, 0, 2, 0, 0, 0][..], body].concat();
+            assert!(decode(&b).unwrap_err().contains(what), "{what}");
+        }
+        let mut s = CustomerState::default();
+        s.outbox.push(Output::Outcome(outcome(15_000)));
+        let b = encoded(&s);
+        assert_eq!(
+            decode(&b).unwrap(),
+            s,
+            "the incentive cost survives the outbox"
+        );
+        let zero = b.len() - 1; // the cost's ivar (15_000 → 3 bytes): make it 0
+        let mut d = b.clone();
+        d.truncate(zero - 2);
+        d.push(0);
+        assert!(decode(&d).unwrap_err().contains("cost 0"));
         // Last decisions flagged with no control to belong to.
         let e = decode(&[0x81, 0, 2, 0, 0, 0, 1, 0, 0]).unwrap_err();
         assert!(e.contains("without its decision"), "{e}");

@@ -257,6 +257,34 @@ pub fn interop_dir() -> PathBuf {
     repo_root().join("tests/interop")
 }
 
+/// Runs one of tests/interop/java/*.java with Debian's Avro jars (the Avro
+/// project's own library, installed by scripts/install-deps); its stdout.
+pub fn java(program: &str, args: &[&str]) -> String {
+    let classpath = std::process::Command::new(repo_root().join("scripts/java-classpath"))
+        .output()
+        .expect("run scripts/java-classpath");
+    assert!(
+        classpath.status.success(),
+        "scripts/java-classpath: {} (run scripts/install-deps)",
+        String::from_utf8_lossy(&classpath.stderr)
+    );
+    let classpath = String::from_utf8(classpath.stdout).unwrap();
+    let out = std::process::Command::new("java")
+        .arg("-cp")
+        .arg(classpath.trim())
+        .arg(interop_dir().join("java").join(program))
+        .args(args)
+        .current_dir(repo_root())
+        .output()
+        .expect("run java (scripts/install-deps installs a JRE)");
+    assert!(
+        out.status.success(),
+        "java {program} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
 /// The redis-server binary: `$LAPSE_REDIS_SERVER_BIN` or `redis-server` on `PATH`.
 pub fn redis_server_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("LAPSE_REDIS_SERVER_BIN").filter(|p| !p.is_empty()) {

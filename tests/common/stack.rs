@@ -775,8 +775,24 @@ pub fn visit(c: &CustomerRef, id: &str, at: i64, amount: i64, treatment: Option<
             treatment: treatment.map(str::to_string),
             amount,
             currency: "CNY".into(),
+            offer_code: None,
+            discount: None,
         },
     }
+}
+
+/// `e` (a visit) redeeming the offer `code`, with `discount` if given.
+pub fn redeeming(mut e: Event, code: &str, discount: Option<i64>) -> Event {
+    if let EventBody::Visit {
+        offer_code,
+        discount: d,
+        ..
+    } = &mut e.body
+    {
+        *offer_code = Some(code.into());
+        *d = discount;
+    }
+    e
 }
 
 pub async fn state(store: &StateStore, c: &CustomerRef) -> CustomerState {

@@ -75,6 +75,8 @@ pub fn generate(args: &SampleArgs, now_ms: i64) -> Vec<Sample> {
                             treatment: Some(treatment.into()),
                             amount: rng.random_range(50_000..800_000),
                             currency: "CNY".into(),
+                            offer_code: None,
+                            discount: None,
                         },
                     },
                     text: None,

@@ -324,6 +324,8 @@ impl<'p> Driven<'p> {
                 treatment: Some("BOTOX".into()),
                 amount: 100_000,
                 currency: "CNY".into(),
+                offer_code: None,
+                discount: None,
             },
             t,
         );

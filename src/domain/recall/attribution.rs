@@ -1,14 +1,16 @@
 //! Attribution: a visit ends the episode and decides the outcomes of its
-//! triggers (recalled, not recalled, retracted).
+//! triggers (recalled, not recalled, retracted; repurchased: `repurchase.rs`).
 
 use super::episode::{Episode, RecallState, StageRecord};
 use super::ids::{episode_id, outcome_id, trigger_id};
+use super::incentive::incentive_cost;
 use super::records::{Arm, OutcomeKind, RecallOutcome};
+use super::repurchase::{self, RepurchaseWatch};
 use crate::domain::event::CustomerRef;
 use crate::domain::lapse::{LapsePolicy, DAY_MS};
 
 /// An applied visit, as [`on_visit`] needs it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct VisitInfo {
     /// Event time of the visit, ms.
     pub at: i64,
@@ -16,14 +18,22 @@ pub struct VisitInfo {
     pub revenue: i64,
     pub currency: String,
     pub event_id: String,
+    /// The offer redeemed on the visit, if any (its tier, and what it took off).
+    pub offer_code: Option<String>,
+    pub discount: Option<i64>,
+    /// The customer's expected revisit interval as of this visit (the visit
+    /// applied), days: the repurchase window after a recall is this ×
+    /// `repurchase_factor`.
+    pub expected_interval_days: f64,
 }
 
 /// A visit: ends the current episode (a new one starts at the visit) and decides
-/// the outcomes of the ended episode's triggers (see the module docs). A visit
-/// older than the current episode's start is matched against the previous
-/// episode instead. Publish every outcome ([`outcome_output`](super::outcome_output)). Call once per
-/// applied visit (never for a redelivered or duplicate one); order relative to
-/// `CustomerState::apply` does not matter.
+/// the outcomes of the ended episode's triggers (see the module docs), and the
+/// repurchase of an earlier recall. A visit older than the current episode's
+/// start is matched against the previous episode instead. Publish every outcome
+/// ([`outcome_output`](super::outcome_output)). Call once per applied visit
+/// (never for a redelivered or duplicate one), after `CustomerState::apply`
+/// (`expected_interval_days` is the interval with the visit).
 pub fn on_visit(
     st: &mut RecallState,
     visit: &VisitInfo,
@@ -31,10 +41,11 @@ pub fn on_visit(
     p: &LapsePolicy,
 ) -> Vec<RecallOutcome> {
     let t = visit.at;
-    let out = match st.current.as_ref().map(|e| e.start) {
+    let repurchased = repurchase::on_visit(&mut st.repurchase, visit, c);
+    let (mut out, recalled) = match st.current.as_ref().map(|e| e.start) {
         None => {
             st.current = Some(Episode::new(t));
-            vec![]
+            (vec![], None)
         }
         Some(s) if t > s => {
             let mut ended = st.current.take().expect("checked");
@@ -43,12 +54,14 @@ pub fn on_visit(
             st.current = Some(Episode::new(t));
             out
         }
-        Some(s) if t == s => vec![],
+        Some(s) if t == s => (vec![], None),
         Some(_) => match st.previous.as_mut() {
             Some(prev) if t > prev.start => close_by_visit(prev, visit, c, p),
-            _ => vec![],
+            _ => (vec![], None),
         },
     };
+    repurchase::after_outcomes(&mut st.repurchase, &out, recalled, c);
+    out.extend(repurchased);
     out
 }
 
@@ -57,9 +70,9 @@ fn close_by_visit(
     visit: &VisitInfo,
     c: &CustomerRef,
     p: &LapsePolicy,
-) -> Vec<RecallOutcome> {
+) -> (Vec<RecallOutcome>, Option<RepurchaseWatch>) {
     let (Some(arm), Some(experiment)) = (ep.arm, ep.experiment.clone()) else {
-        return vec![];
+        return (vec![], None);
     };
     let t = visit.at;
     let start = ep.start;
@@ -84,6 +97,7 @@ fn close_by_visit(
         }
     }
     let window = p.attribution_window_ms();
+    let mut recalled = None;
     if let Some(r) = ep
         .stages
         .iter_mut()
@@ -92,8 +106,18 @@ fn close_by_visit(
     {
         match r.outcome {
             None | Some(OutcomeKind::NotRecalled) if t - r.fired_at <= window => {
-                out.push(mk(r, OutcomeKind::Recalled, t, true));
+                let mut o = mk(r, OutcomeKind::Recalled, t, true);
+                o.incentive_cost = incentive_cost(visit, p);
+                out.push(o);
                 r.outcome = Some(OutcomeKind::Recalled);
+                recalled = Some(RepurchaseWatch::of(
+                    start,
+                    &experiment,
+                    arm,
+                    r,
+                    visit,
+                    p.repurchase_factor,
+                ));
             }
             None => {
                 let end = r.fired_at.saturating_add(window);
@@ -103,7 +127,7 @@ fn close_by_visit(
             _ => {}
         }
     }
-    out
+    (out, recalled)
 }
 
 /// The outcome `kind` of the trigger `rec` of the episode starting at
@@ -121,7 +145,8 @@ pub(super) fn outcome(
     currency: String,
 ) -> RecallOutcome {
     let tid = trigger_id(c, episode_start, rec.stage, rec.attempt);
-    let recalled = kind == OutcomeKind::Recalled;
+    // Days and revenue of the visit that recalled, or repurchased.
+    let recalled = matches!(kind, OutcomeKind::Recalled | OutcomeKind::Repurchased);
     RecallOutcome {
         outcome_id: outcome_id(&tid, kind),
         trigger_id: tid,
@@ -141,5 +166,6 @@ pub(super) fn outcome(
         currency,
         cause_event_id: visit.map(|v| v.event_id.clone()),
         decided_at,
+        incentive_cost: 0,
     }
 }

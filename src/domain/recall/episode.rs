@@ -61,13 +61,18 @@ impl Episode {
 }
 
 /// Everything recall keeps about one customer (stored in `CustomerState`).
-/// Bounded: two episodes of at most `3 + max_follow_ups` records each.
+/// Bounded: two episodes of at most `3 + max_follow_ups` records each, and
+/// one repurchase watch.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct RecallState {
     /// The episode running since the last visit.
     pub current: Option<Episode>,
     /// The one before, kept so a late visit can still be attributed or retract.
     pub previous: Option<Episode>,
+    /// The latest `RECALLED` trigger still waiting for its repurchase. Kept by
+    /// the compact format only (format 1, postcard, predates it).
+    #[serde(skip)]
+    pub repurchase: Option<super::repurchase::RepurchaseWatch>,
 }
 
 impl RecallState {

@@ -37,11 +37,23 @@
 //! * `NOT_RECALLED` (decided at the end of that trigger's window) if the visit
 //!   comes after the window and `DORMANT` has not been processed yet.
 //!
+//! A `RECALLED` carries the visit's `incentive_cost` (the redeemed offer:
+//! [`incentive_cost`]); cost per recall = `marketing_cost + incentive_cost`.
+//! An offer redeemed on a visit that recalls nothing counts nowhere (it is no
+//! cost of a recall).
+//!
+//! After a `RECALLED`, the customer's next paid visit within `repurchase_factor ×`
+//! the expected interval of the recalling visit is a `REPURCHASED` of the same
+//! trigger, with that visit's revenue and the days since the recalling visit
+//! (`repurchase.rs`; its marketing and incentive cost are 0: they belong to
+//! the recall).
+//!
 //! Each trigger gets at most one outcome of each kind (the outcome id is derived
 //! from trigger id + kind, so a repeat is an exact repeat). Precedence for
 //! consumers, when one trigger has several: `RETRACTED` > `RECALLED` >
 //! `NOT_RECALLED` (a late visit can turn a `NOT_RECALLED` into `RECALLED`, or
-//! retract a trigger that already had an outcome).
+//! retract a trigger that already had an outcome); `REPURCHASED` comes on top
+//! of a `RECALLED` and means nothing once the trigger is `RETRACTED`.
 //!
 //! # Publishing
 //!
@@ -57,7 +69,9 @@ mod episode;
 mod fire;
 mod holdout;
 mod ids;
+mod incentive;
 mod records;
+mod repurchase;
 mod view;
 
 pub use attribution::{on_visit, VisitInfo};
@@ -68,8 +82,10 @@ pub use episode::{Episode, RecallState, StageRecord};
 pub use fire::{fire, fire_due, next_due, Due, FireCtx, Fired};
 pub use holdout::{arm_for, is_holdout};
 pub use ids::{episode_id, outcome_id, trigger_id};
+pub use incentive::{incentive, incentive_cost, Incentive, IncentiveSource};
 pub use records::{outcome_output, Arm, OutcomeKind, RecallOutcome, RecallTrigger};
-pub use view::{view, RecallView, StageView};
+pub use repurchase::RepurchaseWatch;
+pub use view::{view, RecallView, RepurchaseView, StageView};
 
 #[cfg(test)]
 mod tests;

@@ -48,14 +48,24 @@ pub enum OutcomeKind {
     Recalled,
     NotRecalled,
     Retracted,
+    /// The customer came back again after a `RECALLED` (last in the enum: the
+    /// outbox's postcard layout numbers variants in order).
+    Repurchased,
 }
 
 impl OutcomeKind {
+    pub const ALL: [OutcomeKind; 4] = [
+        OutcomeKind::Recalled,
+        OutcomeKind::NotRecalled,
+        OutcomeKind::Retracted,
+        OutcomeKind::Repurchased,
+    ];
     pub fn as_str(self) -> &'static str {
         match self {
             OutcomeKind::Recalled => "RECALLED",
             OutcomeKind::NotRecalled => "NOT_RECALLED",
             OutcomeKind::Retracted => "RETRACTED",
+            OutcomeKind::Repurchased => "REPURCHASED",
         }
     }
     pub fn index(self) -> usize {
@@ -66,6 +76,7 @@ impl OutcomeKind {
             OutcomeKind::Recalled => "recalled",
             OutcomeKind::NotRecalled => "not_recalled",
             OutcomeKind::Retracted => "retracted",
+            OutcomeKind::Repurchased => "repurchased",
         }
     }
 }
@@ -125,6 +136,12 @@ pub struct RecallOutcome {
     pub currency: String,
     pub cause_event_id: Option<String>,
     pub decided_at: i64,
+    /// The offer redeemed on the recalling visit, minor units (`RECALLED` only;
+    /// 0 otherwise): cost per recall = `marketing_cost + incentive_cost`. Kept
+    /// out of the postcard layout (the compact format stores it beside the
+    /// outbox, h1 bit 5).
+    #[serde(skip)]
+    pub incentive_cost: i64,
 }
 
 impl RecallTrigger {

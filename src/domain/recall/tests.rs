@@ -5,6 +5,7 @@ use crate::domain::lapse::{LapsePolicy, Segment, Stage, DAY_MS};
 use crate::domain::output::Output;
 use crate::domain::state::CustomerState;
 use crate::domain::visits::Visits;
+use serde_json::json;
 
 const D: i64 = DAY_MS;
 const COSTS: [i64; 5] = [1, 5, 300, 1, 0]; // WECHAT SMS PHONE EMAIL SOCIAL
@@ -106,6 +107,9 @@ fn visit(at: i64, revenue: i64, id: &str) -> VisitInfo {
         revenue,
         currency: "CNY".into(),
         event_id: id.into(),
+        offer_code: None,
+        discount: None,
+        expected_interval_days: 120.0,
     }
 }
 
@@ -698,4 +702,212 @@ fn inspect_view() {
     let json = serde_json::to_value(&v).unwrap();
     assert_eq!(json["expected_interval"]["source"], "treatment_default");
     assert_eq!(json["stages"][0]["stage"], "AT_RISK");
+    assert!(json["repurchase"].is_null());
+    // Recalled: the trigger waits for its repurchase until 1.5 × 120 days on.
+    let out = w.visit(150 * D, 1, "v150");
+    let v = serde_json::to_value(view(&w.st, &w.v, &w.c, &w.p)).unwrap();
+    assert_eq!(v["repurchase"]["trigger_id"], json!(out[0].trigger_id));
+    assert_eq!(v["repurchase"]["recalled_at"], 150 * D);
+    assert_eq!(v["repurchase"]["window_ends_at"], 330 * D);
+    assert_eq!(v["repurchase"]["arm"], "TREATMENT");
+}
+
+/// A visit redeeming `offer_code` / `discount`.
+fn visit_with(
+    at: i64,
+    revenue: i64,
+    id: &str,
+    code: Option<&str>,
+    discount: Option<i64>,
+) -> VisitInfo {
+    VisitInfo {
+        offer_code: code.map(str::to_string),
+        discount,
+        ..visit(at, revenue, id)
+    }
+}
+
+/// A BOTOX customer (120 d) of `arm` with AT_RISK fired at 144 and LAPSED at
+/// 180, recalled (by LAPSED) by a visit at day 200.
+fn recalled_at_200(arm: Arm) -> (World, RecallOutcome) {
+    let mut w = World::new(cust_in(arm), 0, 10_000);
+    w.fire_due(144 * D);
+    w.fire_due(180 * D);
+    let out = w.visit(200 * D, 50_000, "v200");
+    assert_eq!(out.len(), 1);
+    assert_eq!(
+        (out[0].kind, out[0].stage),
+        (OutcomeKind::Recalled, Stage::Lapsed)
+    );
+    (w, out[0].clone())
+}
+
+#[test]
+fn repurchase_table() {
+    // Recalled at 200 with an expected interval of 120 d: the window is 1.5 ×
+    // 120 = 180 d, to day 380. (next visit day, days since the recall visit)
+    let rows: [(i64, Option<f64>); 6] = [
+        (201, Some(1.0)),
+        (250, Some(50.0)),
+        (380, Some(180.0)),
+        (381, None),
+        // The recalling visit's time again (another visit id): not a repurchase.
+        (200, None),
+        // Older than the recall (a late visit): not a repurchase either.
+        (190, None),
+    ];
+    for arm in [Arm::Treatment, Arm::Holdout] {
+        for (day, days) in rows {
+            let (mut w, recalled) = recalled_at_200(arm);
+            let out = w.visit(day * D, 70_000, "v2");
+            let rep: Vec<&RecallOutcome> = out
+                .iter()
+                .filter(|o| o.kind == OutcomeKind::Repurchased)
+                .collect();
+            let Some(want) = days else {
+                assert!(rep.is_empty(), "day {day}: {out:?}");
+                continue;
+            };
+            assert_eq!(rep.len(), 1, "day {day}: {out:?}");
+            let o = rep[0];
+            assert_eq!(o.trigger_id, recalled.trigger_id);
+            assert_eq!(o.episode_id, recalled.episode_id);
+            assert_eq!(
+                o.outcome_id,
+                outcome_id(&recalled.trigger_id, OutcomeKind::Repurchased)
+            );
+            assert_eq!(
+                (o.stage, o.segment, o.arm),
+                (recalled.stage, recalled.segment, arm)
+            );
+            assert_eq!(o.days_to_return, Some(want));
+            assert_eq!(
+                (o.revenue, o.marketing_cost, o.incentive_cost),
+                (70_000, 0, 0)
+            );
+            assert_eq!(o.cause_event_id.as_deref(), Some("v2"));
+            assert_eq!(o.decided_at, day * D);
+            // One per trigger: a later visit inside the window adds nothing.
+            let again = w.visit(day * D + D / 2, 1, "v3");
+            assert!(
+                again.iter().all(|o| o.kind != OutcomeKind::Repurchased),
+                "{again:?}"
+            );
+            // The lapse episode goes on as before: a new one at the visit.
+            assert_eq!(w.next().unwrap().episode_start, day * D + D / 2);
+        }
+    }
+}
+
+#[test]
+fn a_free_visit_is_no_repurchase_and_leaves_the_watch() {
+    let (mut w, recalled) = recalled_at_200(Arm::Treatment);
+    // A free follow-up check: nothing bought.
+    assert!(w.visit(215 * D, 0, "check").is_empty());
+    let out = w.visit(260 * D, 90_000, "paid");
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert_eq!(
+        (out[0].kind, &out[0].trigger_id),
+        (OutcomeKind::Repurchased, &recalled.trigger_id)
+    );
+    assert_eq!(out[0].days_to_return, Some(60.0));
+}
+
+#[test]
+fn the_repurchase_window_follows_the_expected_interval_and_factor() {
+    let (mut w, _) = recalled_at_200(Arm::Treatment);
+    w.p.repurchase_factor = 1.0;
+    // The factor is read when the recall is decided: 1.5 here.
+    assert_eq!(w.st.repurchase.as_ref().unwrap().window_ms, 180 * D);
+    let mut w = World::new(cust_in(Arm::Treatment), 0, 10_000);
+    w.p.repurchase_factor = 0.5;
+    w.fire_due(144 * D);
+    let mut v = visit(150 * D, 1, "v150");
+    v.expected_interval_days = 30.0;
+    on_visit(&mut w.st, &v, &w.c, &w.p);
+    let watch = w.st.repurchase.clone().unwrap();
+    assert_eq!((watch.recalled_at, watch.window_ms), (150 * D, 15 * D));
+    assert!(w.visit(166 * D, 1, "late-for-it").is_empty());
+}
+
+#[test]
+fn a_late_repurchase_still_counts_and_a_retracted_recall_is_not_watched() {
+    // A visit past the window, then a late one inside it: the late one counts.
+    let (mut w, recalled) = recalled_at_200(Arm::Treatment);
+    assert!(w.visit(400 * D, 1, "v400").is_empty());
+    let out = w.visit(300 * D, 2, "v300");
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert_eq!(
+        (out[0].kind, &out[0].trigger_id),
+        (OutcomeKind::Repurchased, &recalled.trigger_id)
+    );
+    assert_eq!(out[0].days_to_return, Some(100.0));
+
+    // A late visit at 170 retracts LAPSED (the watched trigger) and recalls
+    // AT_RISK instead: the repurchase is now AT_RISK's, from day 170.
+    let (mut w, _) = recalled_at_200(Arm::Treatment);
+    let out = w.visit(170 * D, 3, "v170");
+    let kinds: Vec<_> = out.iter().map(|o| (o.kind, o.stage)).collect();
+    assert_eq!(
+        kinds,
+        [
+            (OutcomeKind::Retracted, Stage::Lapsed),
+            (OutcomeKind::Recalled, Stage::AtRisk)
+        ]
+    );
+    let out = w.visit(260 * D, 4, "v260");
+    let rep: Vec<_> = out
+        .iter()
+        .filter(|o| o.kind == OutcomeKind::Repurchased)
+        .collect();
+    assert_eq!(rep.len(), 1, "{out:?}");
+    assert_eq!(
+        (rep[0].stage, rep[0].days_to_return),
+        (Stage::AtRisk, Some(90.0))
+    );
+}
+
+#[test]
+fn a_recalling_visit_carries_its_incentive_and_other_visits_none() {
+    // (offer_code, discount, incentive_cost on the RECALLED)
+    let rows = [
+        (None, None, 0),
+        (Some("reminder-coupon-5pct"), None, 15_000),
+        (Some("reminder-coupon-5pct"), Some(4_200), 4_200),
+        (Some("not-a-tier"), None, 0),
+    ];
+    for (code, discount, cost) in rows {
+        let mut w = World::new(cust_in(Arm::Treatment), 0, 10_000);
+        w.fire_due(144 * D);
+        let out = on_visit(
+            &mut w.st,
+            &visit_with(150 * D, 380_000, "v", code, discount),
+            &w.c,
+            &w.p,
+        );
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].kind, OutcomeKind::Recalled);
+        assert_eq!(out[0].incentive_cost, cost, "{code:?} {discount:?}");
+        // The repurchasing visit's own offer is no cost of the recall.
+        let out = on_visit(
+            &mut w.st,
+            &visit_with(170 * D, 1, "v2", code, Some(999)),
+            &w.c,
+            &w.p,
+        );
+        assert_eq!(out.len(), 1);
+        assert_eq!(
+            (out[0].kind, out[0].incentive_cost),
+            (OutcomeKind::Repurchased, 0)
+        );
+    }
+    // An offer redeemed on a visit that recalls nothing: no outcome at all.
+    let mut w = World::new(cust_in(Arm::Treatment), 0, 10_000);
+    let out = on_visit(
+        &mut w.st,
+        &visit_with(50 * D, 1, "v", Some("coupon-10pct"), Some(5)),
+        &w.c,
+        &w.p,
+    );
+    assert!(out.is_empty());
 }

@@ -42,6 +42,20 @@ pub struct RecallView {
     pub next_due: Option<Due>,
     /// The full schedule of the current episode, assuming on-time firing.
     pub schedule: Vec<StageDue>,
+    /// The recalled trigger waiting for a repurchase, if any.
+    pub repurchase: Option<RepurchaseView>,
+}
+
+/// A recalled trigger waiting for the customer's repurchase, for `lapse inspect`.
+#[derive(Debug, Clone, Serialize)]
+pub struct RepurchaseView {
+    pub trigger_id: String,
+    pub segment: Segment,
+    pub arm: Arm,
+    /// The recalling visit, ms.
+    pub recalled_at: i64,
+    /// A visit after `recalled_at` and at or before this is a repurchase, ms.
+    pub window_ends_at: i64,
 }
 
 /// Builds the inspect view.
@@ -83,5 +97,12 @@ pub fn view(st: &RecallState, v: &Visits, c: &CustomerRef, p: &LapsePolicy) -> R
             _ => vec![],
         },
         expected_interval: interval,
+        repurchase: st.repurchase.as_ref().map(|w| RepurchaseView {
+            trigger_id: w.trigger_id(c),
+            segment: w.segment,
+            arm: w.arm,
+            recalled_at: w.recalled_at,
+            window_ends_at: w.recalled_at.saturating_add(w.window_ms),
+        }),
     }
 }

@@ -169,6 +169,8 @@ fn fold_visits(
                 treatment: Some(TREATMENT.into()),
                 amount,
                 currency: "CNY".into(),
+                offer_code: None,
+                discount: None,
             },
         };
         let src = Source {

@@ -164,6 +164,8 @@ impl Iterator for Workload {
                         _ => self.rng.random_range(0..20_000),
                     },
                     currency: "CNY".into(),
+                    offer_code: None,
+                    discount: None,
                 }
             }
         };

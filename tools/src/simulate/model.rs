@@ -33,7 +33,7 @@ use lapse::domain::allowance::AllowanceState;
 use lapse::domain::event::{
     Channel, CustomerRef, Event, EventBody, EventKind, Purpose, ReplyClass, VisitType,
 };
-use lapse::domain::lapse::{Segment, Stage};
+use lapse::domain::lapse::{Offers, Segment, Stage};
 use lapse::domain::policy::Policies;
 
 pub const DAY: i64 = 86_400_000;
@@ -191,6 +191,14 @@ pub struct Params {
     /// Share of customers whose recall messages go out at the trigger's
     /// `send_after` (the rest: at a random allowed time, the comparison).
     pub recall_at_send_after_share: f64,
+    /// Discount (percent of the visit's spend) of the offer a recall visit
+    /// redeems, by segment (its trigger's offer tier: a care call gives none,
+    /// the coupons 5 % and 10 %).
+    pub offer_discount_pct: [i64; 3],
+    /// Chance a recalled customer comes back again within `repurchase_days`
+    /// (复购), sooner than their cadence.
+    pub repurchase_share: f64,
+    pub repurchase_days: (i64, i64),
 }
 
 impl Default for Params {
@@ -243,6 +251,9 @@ impl Default for Params {
             phone_min_spend_fen: 1_000_000,
             phone_daily_chance: 0.04,
             response: [0.35, 0.25, 0.18],
+            offer_discount_pct: [0, 5, 10],
+            repurchase_share: 0.35,
+            repurchase_days: (14, 60),
             follow_up_response_factor: 0.5,
             churned_response_factor: 0.4,
             response_median_days: 9.0,
@@ -447,6 +458,8 @@ struct Customer {
     unsubscribed: u8,
     churned: bool,
     recall_booked: bool,
+    /// The segment of the recall booked (its trigger's offer is redeemed).
+    recall_offer: Option<Segment>,
     next_visit: Option<u32>,
     next_is_consultation: bool,
     follow_up: Option<u32>,
@@ -718,6 +731,7 @@ impl Population {
             unsubscribed: 0,
             churned: false,
             recall_booked: false,
+            recall_offer: None,
             next_visit: Some(first.floor().min(u32::MAX as f64) as u32),
             next_is_consultation: prospect,
             follow_up: None,
@@ -1017,8 +1031,17 @@ impl DayCtx<'_> {
             } else {
                 VisitType::Treatment
             };
+            let recalled = c.recall_booked;
             self.visit(c, kind);
             self.schedule_after(c, kind);
+            let p = self.p;
+            if recalled && !c.churned && self.rng.chance(p.repurchase_share) {
+                let again = d + self.rng.range(p.repurchase_days.0, p.repurchase_days.1) as u32;
+                if c.next_visit.is_none_or(|n| n > again) {
+                    c.next_visit = Some(again);
+                    c.next_is_consultation = false;
+                }
+            }
         }
 
         // Sends of the day, planned then made in time order.
@@ -1152,6 +1175,15 @@ impl DayCtx<'_> {
             VisitType::Consultation => None,
             _ => Some(t.as_str().to_string()),
         };
+        // A recall visit redeems its trigger's offer (the default tiers).
+        let offer = match kind {
+            VisitType::FollowUp => None,
+            _ => c.recall_offer.take(),
+        };
+        let offer_code = offer.map(|s| Offers::default().for_segment(s).to_string());
+        let discount = offer
+            .map(|s| amount * p.offer_discount_pct[s.index()] / 100)
+            .filter(|d| *d > 0);
         self.emit(
             at,
             EventBody::Visit {
@@ -1159,6 +1191,8 @@ impl DayCtx<'_> {
                 treatment,
                 amount,
                 currency: "CNY".into(),
+                offer_code,
+                discount,
             },
             None,
         );
@@ -1380,6 +1414,7 @@ impl DayCtx<'_> {
                     c.next_is_consultation = false;
                 }
                 c.recall_booked = true;
+                c.recall_offer = Some(r.segment);
                 c.churned = false;
                 self.stats.recall_bookings += 1;
                 self.stats.recall_timing[arm][3] += 1;
@@ -1476,8 +1511,12 @@ mod tests {
     }
 
     fn population(seed: u64, customers: u32, days: u32) -> Population {
+        population_with(Params::default(), seed, customers, days)
+    }
+
+    fn population_with(params: Params, seed: u64, customers: u32, days: u32) -> Population {
         Population::new(
-            Params::default(),
+            params,
             seed,
             customers,
             3,
@@ -1643,6 +1682,79 @@ mod tests {
             && (day10.start..day10.end).contains(&e.event.occurred_at)));
         assert_eq!(b.stats.triggers[Segment::AtRisk.index()], 1);
         assert_eq!(b.stats.foreign_feedback, 2);
+    }
+
+    /// Every customer of the first tenant triggered (LOW_VALUE_LAPSED) on day
+    /// 5 of 120: (recall visits, customers with another visit within 60 days
+    /// of theirs). Checks every redeemed offer on the way.
+    fn recall_and_again(repurchase_share: f64) -> (usize, usize) {
+        let params = Params {
+            repurchase_share,
+            ..Params::default()
+        };
+        let mut p = population_with(params, 5, 300, 120);
+        let mut ev = Vec::new();
+        for d in 0..120 {
+            if d == 5 {
+                let (tenant, size) = (p.tenants[0].clone(), p.sizes[0]);
+                for local in 1..=size {
+                    p.apply_trigger(&TriggerFeedback {
+                        tenant: tenant.clone(),
+                        customer: customer_name(local),
+                        segment: Segment::LowValueLapsed,
+                        stage: Stage::Lapsed,
+                        channel: Some(Channel::Wechat),
+                        fired_at: p.day_info(4).start + 15 * HOUR,
+                        holdout: false,
+                        send_after: None,
+                    });
+                }
+            }
+            p.day(d, &mut ev);
+        }
+        let mut redeemed: HashMap<String, i64> = HashMap::new();
+        let mut again = std::collections::HashSet::new();
+        for e in &ev {
+            let EventBody::Visit {
+                amount,
+                offer_code,
+                discount,
+                visit_type,
+                ..
+            } = &e.event.body
+            else {
+                continue;
+            };
+            let key = e.event.customer.key();
+            if let Some(code) = offer_code {
+                assert_eq!(code, "coupon-10pct");
+                assert_eq!(*discount, Some(amount / 10).filter(|d| *d > 0));
+                assert!(key.starts_with(&format!("{}/", p.tenants[0])), "{key}");
+                assert!(redeemed.insert(key.clone(), e.event.occurred_at).is_none());
+            } else if let Some(at) = redeemed.get(&key) {
+                let t = e.event.occurred_at;
+                if *visit_type != VisitType::FollowUp && t > *at && t - at <= 60 * DAY {
+                    again.insert(key);
+                }
+            }
+        }
+        (redeemed.len(), again.len())
+    }
+
+    #[test]
+    fn recall_visits_redeem_the_triggers_offer_and_some_come_back_again() {
+        let (recalled, natural) = recall_and_again(0.0);
+        assert!(recalled >= 10, "{recalled} recall visits");
+        let (recalled_too, again) = recall_and_again(1.0);
+        assert!(recalled_too >= 10, "{recalled_too} recall visits");
+        let (a, b) = (
+            natural as f64 / recalled as f64,
+            again as f64 / recalled_too as f64,
+        );
+        assert!(
+            b > a + 0.2,
+            "came back within 60 days: {b} (repurchase) vs {a} (cadence only)"
+        );
     }
 
     #[test]

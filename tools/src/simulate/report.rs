@@ -13,10 +13,12 @@
 //! * **rate** = recalled / triggered; **uplift** = treatment rate − holdout
 //!   rate (points) and their ratio. Triggers of the last attribution window
 //!   have not had their full window yet: rates are lower bounds, for both arms alike;
-//! * **cost per recalled customer**: marketing cost between trigger and outcome
-//!   (`marketing_cost`, of every decided treatment outcome) / treatment recalls;
-//!   **per extra recall**: the difference in cost per decided episode between
-//!   the arms over the difference in rates;
+//! * **repurchase rate** (复购率) = `REPURCHASED` / recalled (per trigger);
+//! * **cost per recalled customer**: messaging (`marketing_cost` between trigger
+//!   and outcome, of every decided treatment outcome) plus incentive
+//!   (`incentive_cost` of the recalling visits' redeemed offers) / treatment
+//!   recalls, shown split; **per extra recall**: the difference in cost per
+//!   decided episode between the arms over the difference in rates;
 //! * **time to return**: `days_to_return` of the RECALLED outcomes (mean, median);
 //! * **cap violations**: `lapse_cap_violations_total` by channel and kind.
 
@@ -94,6 +96,7 @@ pub struct Outcome {
     pub days_to_return: Option<f64>,
     pub revenue: i64,
     pub marketing_cost: i64,
+    pub incentive_cost: i64,
     pub currency: String,
 }
 
@@ -136,6 +139,7 @@ pub fn decode_outcome(schema: &apache_avro::Schema, payload: &[u8]) -> Option<Ou
         },
         revenue: long(&f, "revenue"),
         marketing_cost: long(&f, "marketing_cost"),
+        incentive_cost: long(&f, "incentive_cost"),
         currency: s(&f, "currency"),
     })
 }
@@ -214,7 +218,11 @@ pub struct Cell {
     pub triggered: f64,
     pub recalled: u64,
     pub not_recalled: u64,
+    /// Recalled triggers with a `REPURCHASED` too.
+    pub repurchased: u64,
+    /// Messaging (`marketing_cost`) and incentive (`incentive_cost`), minor units.
     pub cost: i64,
+    pub incentive: i64,
     pub revenue: i64,
 }
 
@@ -222,11 +230,20 @@ impl Cell {
     pub fn rate(&self) -> Option<f64> {
         (self.triggered > 0.0).then(|| self.recalled as f64 / self.triggered)
     }
+    pub fn repurchase_rate(&self) -> Option<f64> {
+        (self.recalled > 0).then(|| self.repurchased as f64 / self.recalled as f64)
+    }
+    /// Messaging and incentive.
+    pub fn total_cost(&self) -> i64 {
+        self.cost + self.incentive
+    }
     fn add(&mut self, o: &Cell) {
         self.triggered += o.triggered;
         self.recalled += o.recalled;
         self.not_recalled += o.not_recalled;
+        self.repurchased += o.repurchased;
         self.cost += o.cost;
+        self.incentive += o.incentive;
         self.revenue += o.revenue;
     }
 }
@@ -244,15 +261,21 @@ pub struct Kpis {
 
 /// Combines the outcomes with the trigger counts of a scrape.
 pub fn kpis(outcomes: &[Outcome], m: &Scrape) -> Kpis {
-    // Final kind per trigger: RETRACTED > RECALLED > NOT_RECALLED.
+    // Final kind per trigger: RETRACTED > RECALLED > NOT_RECALLED; a
+    // REPURCHASED comes on top of its RECALLED.
     let rank = |k: &str| match k {
         "RETRACTED" => 3,
         "RECALLED" => 2,
         "NOT_RECALLED" => 1,
         _ => 0,
     };
+    let repurchased: BTreeSet<&str> = outcomes
+        .iter()
+        .filter(|o| o.kind == "REPURCHASED")
+        .map(|o| o.trigger_id.as_str())
+        .collect();
     let mut by_trigger: BTreeMap<&str, &Outcome> = BTreeMap::new();
-    for o in outcomes {
+    for o in outcomes.iter().filter(|o| o.kind != "REPURCHASED") {
         let e = by_trigger.entry(&o.trigger_id).or_insert(o);
         if rank(&o.kind) > rank(&e.kind) {
             *e = o;
@@ -297,6 +320,8 @@ pub fn kpis(outcomes: &[Outcome], m: &Scrape) -> Kpis {
         cell.cost += o.marketing_cost;
         if o.kind == "RECALLED" {
             cell.recalled += 1;
+            cell.repurchased += u64::from(repurchased.contains(o.trigger_id.as_str()));
+            cell.incentive += o.incentive_cost;
             cell.revenue += o.revenue;
             if let Some(d) = o.days_to_return {
                 k.days_to_return.entry(o.arm.clone()).or_default().push(d);
@@ -370,8 +395,8 @@ pub fn render_kpis(k: &Kpis, m: &Scrape) -> String {
     let cur = &k.currency;
     s.push_str("Recall, treatment vs holdout (holdout customers are never contacted)\n");
     s.push_str(&format!(
-        "  {:<19} {:<10} {:>10} {:>9} {:>8}   {}\n",
-        "segment", "arm", "triggered", "recalled", "rate", "uplift"
+        "  {:<19} {:<10} {:>10} {:>9} {:>8} {:>9}   {}\n",
+        "segment", "arm", "triggered", "recalled", "rate", "repurch.", "uplift"
     ));
     for seg in SEGMENTS.iter().copied().chain(["all"]) {
         let t = &k.cells[&(seg.to_string(), "treatment".to_string())];
@@ -397,36 +422,43 @@ pub fn render_kpis(k: &Kpis, m: &Scrape) -> String {
             _ => "-".into(),
         };
         s.push_str(&format!(
-            "  {:<19} {:<10} {:>10} {:>9} {:>8}   {}\n",
+            "  {:<19} {:<10} {:>10} {:>9} {:>8} {:>9}   {}\n",
             seg,
             "treatment",
             num(t.triggered),
             num(t.recalled as f64),
             pct(t.rate()),
+            pct(t.repurchase_rate()),
             uplift
         ));
         s.push_str(&format!(
-            "  {:<19} {:<10} {:>10} {:>9} {:>8}\n",
+            "  {:<19} {:<10} {:>10} {:>9} {:>8} {:>9}\n",
             "",
             "holdout",
             num(h.triggered),
             num(h.recalled as f64),
-            pct(h.rate())
+            pct(h.rate()),
+            pct(h.repurchase_rate())
         ));
     }
     s.push_str(
         "  (rate = recalled / triggered; triggers of the last attribution window are still\n   \
-         open, so rates are lower bounds, for both arms alike; z: two-proportion z-test,\n   \
-         * = significant at 95%)\n",
+         open, so rates are lower bounds, for both arms alike; repurch. = recalled customers\n   \
+         who came back again within the repurchase window (复购率); z: two-proportion\n   \
+         z-test, * = significant at 95%)\n",
     );
     let t = &k.cells[&("all".to_string(), "treatment".to_string())];
     let h = &k.cells[&("all".to_string(), "holdout".to_string())];
     s.push('\n');
     if t.recalled > 0 {
+        let per = |c: i64| money(c as f64 / t.recalled as f64, cur);
         s.push_str(&format!(
-            "Cost per recalled customer (treatment): {}  (marketing cost {} of {} decided episodes / {} recalled)\n",
-            money(t.cost as f64 / t.recalled as f64, cur),
+            "Cost per recalled customer (treatment): {} = messaging {} + incentive {}  (costs {} + {} of {} decided episodes / {} recalled)\n",
+            per(t.total_cost()),
+            per(t.cost),
+            per(t.incentive),
             money(t.cost as f64, cur),
+            money(t.incentive as f64, cur),
             num((t.recalled + t.not_recalled) as f64),
             num(t.recalled as f64)
         ));
@@ -436,12 +468,20 @@ pub fn render_kpis(k: &Kpis, m: &Scrape) -> String {
     let decided = |c: &Cell| (c.recalled + c.not_recalled) as f64;
     match (t.rate(), h.rate()) {
         (Some(a), Some(b)) if a > b && decided(t) > 0.0 && decided(h) > 0.0 => {
-            let extra = t.cost as f64 / decided(t) - h.cost as f64 / decided(h);
+            // Per decided episode, over the uplift; messaging and incentive alike.
+            let extra = |c: fn(&Cell) -> i64| {
+                money(
+                    (c(t) as f64 / decided(t) - c(h) as f64 / decided(h)) / (a - b),
+                    cur,
+                )
+            };
             s.push_str(&format!(
-                "Cost per extra recall vs holdout: {}  (cost per decided episode {} vs {}, over {:+.1} pts)\n",
-                money(extra / (a - b), cur),
-                money(t.cost as f64 / decided(t), cur),
-                money(h.cost as f64 / decided(h), cur),
+                "Cost per extra recall vs holdout: {} = messaging {} + incentive {}  (cost per decided episode {} vs {}, over {:+.1} pts)\n",
+                extra(Cell::total_cost),
+                extra(|c| c.cost),
+                extra(|c| c.incentive),
+                money(t.total_cost() as f64 / decided(t), cur),
+                money(h.total_cost() as f64 / decided(h), cur),
                 (a - b) * 100.0
             ));
         }
@@ -725,6 +765,7 @@ lapse_clock_now_ms 1700000000000
             days_to_return: days,
             revenue: if days.is_some() { 100_000 } else { 0 },
             marketing_cost: 10,
+            incentive_cost: if kind == "RECALLED" { 500 } else { 0 },
             currency: "CNY".into(),
         }
     }
@@ -763,13 +804,20 @@ lapse_clock_now_ms 1700000000000
             outcome("t3", "RETRACTED", "at_risk", "treatment", Some(1.0)),
             outcome("t4", "RECALLED", "at_risk", "holdout", Some(20.0)),
             outcome("t5", "NOT_RECALLED", "at_risk", "holdout", None),
+            outcome("t2", "REPURCHASED", "at_risk", "treatment", Some(30.0)),
+            outcome("t2", "REPURCHASED", "at_risk", "treatment", Some(30.0)), // repeat
+            outcome("t3", "REPURCHASED", "at_risk", "treatment", Some(3.0)),  // retracted
+            outcome("t4", "REPURCHASED", "at_risk", "holdout", Some(9.0)),
         ];
         let k = kpis(&outcomes, &m);
         let t = &k.cells[&("at_risk".to_string(), "treatment".to_string())];
         assert_eq!((t.triggered, t.recalled, t.not_recalled), (100.0, 2, 0));
         assert_eq!(t.rate(), Some(0.02));
+        assert_eq!((t.repurchased, t.repurchase_rate()), (1, Some(0.5)));
+        assert_eq!((t.cost, t.incentive), (20, 1_000));
         let h = &k.cells[&("at_risk".to_string(), "holdout".to_string())];
         assert_eq!((h.triggered, h.recalled, h.not_recalled), (20.0, 1, 1));
+        assert_eq!(h.repurchase_rate(), Some(1.0));
         assert_eq!(k.retracted, 1);
         assert_eq!(k.days_to_return["treatment"], vec![4.0, 10.0]);
         // Follow-up triggers are not in the denominator of a segment.
@@ -779,6 +827,12 @@ lapse_clock_now_ms 1700000000000
         assert!(text.contains("at_risk"), "{text}");
         assert!(text.contains("2.0%"), "{text}");
         assert!(text.contains("-3.0 pts"), "{text}");
+        assert!(text.contains("50.0%") && text.contains("100.0%"), "{text}");
+        // (20 + 1,000) / 2 recalled = CNY 5.10: messaging 0.10 + incentive 5.00.
+        assert!(
+            text.contains("CNY 5.10 = messaging CNY 0.10 + incentive CNY 5.00"),
+            "{text}"
+        );
         let z = z_score(60.0, 100.0, 40.0, 100.0).unwrap();
         assert!((z - 2.828).abs() < 0.01, "{z}");
         assert_eq!(z_score(1.0, 0.0, 1.0, 2.0), None);
