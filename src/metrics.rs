@@ -25,6 +25,10 @@ pub struct Metrics {
     pub engagement: IntCounterVec,
     pub replies: IntCounterVec,
     pub visits: IntCounterVec,
+    /// Applied feedback by tenant, kind and class (promoter, passive, detractor).
+    pub feedback: IntCounterVec,
+    /// Feedback scores by kind, the customer's segment and recall arm (no tenant: bounded).
+    pub feedback_scores: HistogramVec,
     pub currency_mismatch: IntCounter,
     pub batch_records: Histogram,
     pub batch_seconds: Histogram,
@@ -172,6 +176,25 @@ impl Metrics {
             ),
             replies: counter(&r, "lapse_replies_total", "Applied replies by tenant, channel and class (unsubscribe, resubscribe, positive, neutral).", &["tenant", "channel", "class"]),
             visits: counter(&r, "lapse_visits_total", "Applied clinic visits by tenant and visit type.", &["tenant", "visit_type"]),
+            feedback: counter(
+                &r,
+                "lapse_feedback_total",
+                "Applied satisfaction feedback by tenant, kind (nps, csat) and class (promoter, passive, detractor: policy.feedback thresholds).",
+                &["tenant", "kind", "class"],
+            ),
+            feedback_scores: {
+                let h = HistogramVec::new(
+                    HistogramOpts::new(
+                        "lapse_feedback_scores",
+                        "Applied feedback scores (NPS 0-10, CSAT 1-5) by kind, the customer's win-back segment (active: no stage fired since the last visit) and recall arm (recalled: came back after a treatment trigger; holdout; none), of the current episode, else the previous one.",
+                    )
+                    .buckets((0..=10).map(f64::from).collect()),
+                    &["kind", "segment", "recall_arm"],
+                )
+                .expect("valid metric");
+                r.register(Box::new(h.clone())).expect("unique metric");
+                h
+            },
             currency_mismatch: single(
                 "lapse_visit_currency_mismatch_total",
                 "Visits whose currency differs from the customer's first visit: counted as visits, not as spend.",

@@ -135,6 +135,10 @@ pub fn trigger_value(t: &RecallTrigger, tag: Option<&ArmTag>) -> Value {
         ]
         .into_iter()
         .chain(arm_fields(tag))
+        .chain([("purpose", {
+            let p = t.purpose();
+            enm(p as usize, p.as_str())
+        })])
         .collect(),
     )
 }

@@ -19,9 +19,12 @@ use crate::domain::campaign::{campaign_of, CampaignSignal, CampaignState};
 use crate::domain::clock::Clock;
 use crate::domain::clock::EventClock;
 use crate::domain::decide::Effects;
-use crate::domain::event::{CustomerRef, Event, EventBody, EventKind};
+use crate::domain::event::{Channel, CustomerRef, Event, EventBody, EventKind};
 use crate::domain::experiment::{self, ArmTag};
+use crate::domain::feedback::{self, FeedbackNote};
+use crate::domain::lapse::Stage;
 use crate::domain::policy::Policies;
+use crate::domain::recall::Arm;
 use crate::domain::state::{CustomerState, Notes, Outcome, Source, StateParams};
 use crate::domain::step;
 use crate::error::BatchError;
@@ -723,7 +726,11 @@ impl Tally {
                 self.violating.insert(*i);
             }
             self.decisions += fx.transitions.len();
-            if !fx.transitions.is_empty() || !fx.violations.is_empty() || !fx.cap_hits.is_empty() {
+            if !fx.transitions.is_empty()
+                || !fx.violations.is_empty()
+                || !fx.cap_hits.is_empty()
+                || fx.care_call.is_some()
+            {
                 self.effects.push((c.tenant.clone(), fx.clone()));
             }
         }
@@ -739,7 +746,12 @@ impl Tally {
         for (i, out, notes) in &self.outcomes {
             let ev = &valid[*i].0;
             match out {
-                Outcome::Applied => count_applied(m, ev, now, notes.currency_mismatch),
+                Outcome::Applied => {
+                    count_applied(m, ev, now, notes.currency_mismatch);
+                    if let Some(f) = notes.feedback {
+                        count_feedback(m, &p.policies, ev, &f);
+                    }
+                }
                 Outcome::Redelivered => m
                     .duplicates
                     .with_label_values(&[ev.kind().label(), "redelivery"])
@@ -774,8 +786,32 @@ impl Tally {
                     .with_label_values(&[&tenant, t.channel.label(), t.to.label(), reason])
                     .inc();
             }
+            if let Some((segment, channel)) = fx.care_call {
+                let ch = channel.map_or("none", Channel::label);
+                m.recall_triggers
+                    .with_label_values(&[
+                        &tenant,
+                        segment.label(),
+                        Stage::CareCall.label(),
+                        ch,
+                        Arm::Treatment.label(),
+                    ])
+                    .inc();
+            }
         }
     }
+}
+
+fn count_feedback(m: &Metrics, policies: &Policies, ev: &Event, f: &FeedbackNote) {
+    let tenant = m.tenant(&ev.customer.tenant);
+    let p = &policies.of(&ev.customer.tenant).feedback;
+    let class = feedback::class(f.kind, f.score, p);
+    m.feedback
+        .with_label_values(&[&tenant, f.kind.label(), class.label()])
+        .inc();
+    m.feedback_scores
+        .with_label_values(&[f.kind.label(), f.segment, f.recall_arm.label()])
+        .observe(f64::from(f.score));
 }
 
 fn count_applied(m: &Metrics, ev: &Event, now: i64, currency_mismatch: bool) {
@@ -809,6 +845,8 @@ fn count_applied(m: &Metrics, ev: &Event, now: i64, currency_mismatch: bool) {
             };
             m.visits.with_label_values(&[&tenant, vt]).inc();
         }
+        // Counted with its class and arm by `count_feedback`.
+        EventBody::Feedback { .. } => {}
     }
     if currency_mismatch {
         m.currency_mismatch.inc();

@@ -14,6 +14,7 @@ pub mod decide;
 pub mod engagement;
 pub mod event;
 pub mod experiment;
+pub mod feedback;
 pub mod lapse;
 pub mod output;
 pub mod platform;

@@ -27,8 +27,15 @@ pub fn on_record(
         return (out, notes, None);
     }
     contact_hours::observe(state, ev, policy);
-    let fx = decide::on_event(state, ev, before, policy, params);
+    let mut fx = decide::on_event(state, ev, before, policy, params);
     decide::recall_on_event(state, ev, policy);
+    fx.care_call = decide::care_call_on_event(
+        state,
+        ev,
+        notes.feedback.is_some_and(|f| f.latest),
+        policy,
+        params,
+    );
     (out, notes, Some(fx))
 }
 

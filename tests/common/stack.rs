@@ -32,12 +32,13 @@ pub fn day(days: i64) -> i64 {
         .timestamp_millis()
         + days * DAY
 }
-pub const INPUTS: [&str; 5] = [
+pub const INPUTS: [&str; 6] = [
     "engagement.sends",
     "engagement.opens",
     "engagement.clicks",
     "engagement.replies",
     "clinic.visits",
+    "clinic.feedback",
 ];
 pub const PARTITIONS: i32 = 3;
 pub const LONG: Duration = Duration::from_secs(90);

@@ -2,6 +2,7 @@
 //! Avro single-object encoded, for the demo and for trying lapse by hand.
 //! (The full population simulator is `lapse-tools simulate`.)
 
+use lapse::domain::event::INPUT_KINDS;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -171,7 +172,7 @@ pub async fn produce(cfg: &Config, args: &SampleArgs) -> anyhow::Result<()> {
     let now = chrono::Utc::now().timestamp_millis();
     let samples = generate(args, now);
     let topics = cfg.kafka.topics.inputs();
-    let mut per_kind = [0usize; 5];
+    let mut per_kind = [0usize; INPUT_KINDS];
     for chunk in samples.chunks(1000) {
         let mut encoded = Vec::with_capacity(chunk.len());
         for s in chunk {

@@ -22,6 +22,7 @@
 //! on the same days gives the same events again, but in a live run the day a
 //! trigger or decision arrives depends on lapse's timing.
 
+use lapse::domain::event::INPUT_KINDS;
 use std::collections::HashMap;
 
 use chrono::{Datelike, NaiveDate, TimeZone};
@@ -467,7 +468,7 @@ struct Customer {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Stats {
     /// Events generated, by [`EventKind::index`].
-    pub events: [u64; 5],
+    pub events: [u64; INPUT_KINDS],
     /// Sends by channel and purpose (0 marketing, 1 service).
     pub sends: [[u64; 2]; 5],
     /// Marketing sends the obeying sender skipped, by [`AllowanceState::index`].
