@@ -31,4 +31,6 @@ mod cross_channel_tests;
 #[cfg(test)]
 mod decide_tests;
 #[cfg(test)]
+mod feedback_tests;
+#[cfg(test)]
 mod platform_tests;

@@ -1860,6 +1860,25 @@ mod tests {
             }
             s.active_hours = Some(h);
         }
+        if r.random_bool(0.3) {
+            let kind = [FeedbackKind::Nps, FeedbackKind::Csat][r.random_range(0..2)];
+            s.feedback = Some(LatestFeedback {
+                at: time(r, base, unit),
+                kind,
+                score: r.random_range(kind.range()) as u8,
+            });
+        }
+        // The feedback topic's watermark lives in the feedback section.
+        s.applied.watermarks[FEEDBACK.index()] = opt(r, |r| Watermark {
+            partition: r.random_range(0..12),
+            offset: r.random(),
+        });
+        if r.random_bool(0.1) {
+            // A care call: a stage appended to the enum, through postcard.
+            let mut t = trigger(opt(r, |r| time(r, base, unit)));
+            t.stage = Stage::CareCall;
+            s.outbox.push(Output::Trigger(t));
+        }
         s
     }
 
@@ -1951,6 +1970,24 @@ mod tests {
         assert!(decode(&[0x03, 0x80, 0, 2, 0, 0, 0])
             .unwrap_err()
             .contains("reserved"));
+        // The feedback section (h1 bit 4): never empty, no reserved bit, a kind
+        // only with a score, a score in its kind's range.
+        let with_feedback = |f: &[u8]| [&[0x03u8, 0x10, 0, 2, 0, 0, 0][..], f].concat();
+        for (f, what) in [
+            (&[0u8][..], "empty"),
+            (&[0x20], "reserved"),
+            (&[0x02], "reserved"),
+            (&[0x01, 0, 11], "out of range"),
+            (&[0x03, 0, 0], "out of range"),
+        ] {
+            let e = decode(&with_feedback(f)).unwrap_err();
+            assert!(e.contains(what), "{f:?}: {e}");
+        }
+        let ok = decode(&with_feedback(&[0x03, 0, 5])).unwrap();
+        assert_eq!(
+            ok.feedback.map(|f| (f.kind, f.score)),
+            Some((FeedbackKind::Csat, 5))
+        );
         // Last decisions flagged with no control to belong to.
         let e = decode(&[0x81, 0, 2, 0, 0, 0, 1, 0, 0]).unwrap_err();
         assert!(e.contains("without its decision"), "{e}");
