@@ -10,6 +10,8 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
 use crate::config::MetricsConfig;
+use crate::domain::event::FeedbackKind;
+use crate::domain::feedback::FeedbackClass;
 use crate::store::fault::RedisFault;
 
 #[derive(Clone)]
@@ -367,6 +369,12 @@ impl Metrics {
                         self.recall_outcomes
                             .with_label_values(&[&label, kind, seg, arm]);
                     }
+                }
+            }
+            for kind in FeedbackKind::ALL {
+                for class in FeedbackClass::ALL {
+                    self.feedback
+                        .with_label_values(&[&label, kind.label(), class.label()]);
                 }
             }
         }

@@ -49,7 +49,7 @@ pub fn schemas_dir() -> String {
 
 /// The schema file as written (with docs and logical types), as a producer would register it.
 pub fn schema_file(kind: EventKind) -> String {
-    let name = ["send", "open", "click", "reply", "visit"][kind.index()];
+    let name = kind.label(); // the file stem of every input schema
     std::fs::read_to_string(format!("{}/{name}.avsc", schemas_dir())).expect("schema file")
 }
 

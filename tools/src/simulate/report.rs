@@ -537,7 +537,7 @@ pub fn render_screen(m: &Scrape, url: &str, rate: Option<f64>, sim_line: Option<
     let by_type = m.by("lapse_records_total", "event_type", &[]);
     s.push_str(&format!(
         "  by type: {}\n\n",
-        ["send", "open", "click", "reply", "visit"]
+        ["send", "open", "click", "reply", "visit", "feedback"]
             .iter()
             .map(|t| format!("{t} {}", num(by_type.get(*t).copied().unwrap_or(0.0))))
             .collect::<Vec<_>>()
