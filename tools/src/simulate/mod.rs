@@ -46,6 +46,7 @@ pub mod feedback;
 pub mod model;
 pub mod report;
 pub mod rng;
+pub mod satisfaction;
 
 use lapse::domain::event::INPUT_KINDS;
 use std::collections::BTreeMap;
@@ -329,6 +330,7 @@ impl fmt::Display for Summary {
             s.throttle_decisions
         )?;
         write!(f, "\n  {}", RecallTiming(&s.recall_timing))?;
+        write!(f, "\n  {}", s.satisfaction)?;
         if s.holdout_triggers > 0 || s.foreign_feedback > 0 {
             write!(
                 f,

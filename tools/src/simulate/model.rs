@@ -22,7 +22,6 @@
 //! on the same days gives the same events again, but in a live run the day a
 //! trigger or decision arrives depends on lapse's timing.
 
-use lapse::domain::event::INPUT_KINDS;
 use std::collections::HashMap;
 
 use chrono::{Datelike, NaiveDate, TimeZone};
@@ -31,7 +30,7 @@ use chrono_tz::Tz;
 use super::rng::SimRng;
 use lapse::domain::allowance::AllowanceState;
 use lapse::domain::event::{
-    Channel, CustomerRef, Event, EventBody, EventKind, Purpose, ReplyClass, VisitType,
+    Channel, CustomerRef, Event, EventBody, EventKind, Purpose, ReplyClass, VisitType, INPUT_KINDS,
 };
 use lapse::domain::lapse::{Segment, Stage};
 
@@ -496,6 +495,8 @@ pub struct Stats {
     pub throttle_decisions: u64,
     /// Feedback about customers this population does not have (another run's).
     pub foreign_feedback: u64,
+    /// Survey answers and care calls (`satisfaction`).
+    pub satisfaction: super::satisfaction::Satisfaction,
 }
 
 impl Stats {
@@ -821,6 +822,11 @@ impl Population {
     /// on the next simulated day and may book a visit. Returns false (and
     /// counts it) when the customer is not in this population.
     pub fn apply_trigger(&mut self, t: &TriggerFeedback) -> bool {
+        if t.stage == Stage::CareCall {
+            // A service call about a bad experience, not a win-back message.
+            self.stats.satisfaction.care_calls += 1;
+            return true;
+        }
         if t.holdout {
             self.stats.holdout_triggers += 1;
             return true;
@@ -1137,7 +1143,7 @@ impl DayCtx<'_> {
             VisitType::Consultation => None,
             _ => Some(t.as_str().to_string()),
         };
-        self.emit(
+        let visit_id = self.emit(
             at,
             EventBody::Visit {
                 visit_type: kind,
@@ -1149,6 +1155,20 @@ impl DayCtx<'_> {
         );
         c.lifetime += amount;
         c.visits += 1;
+        if kind == VisitType::Treatment && self.rng.chance(super::satisfaction::ANSWER_SHARE) {
+            let answered = at + self.rng.range(HOUR, 4 * HOUR);
+            let fatigue = self.total_fatigue(c, answered);
+            let (kind, score) = super::satisfaction::answer(&mut self.rng, fatigue);
+            self.stats.satisfaction.record(kind, score);
+            let visit_event_id = Some(visit_id);
+            let body = EventBody::Feedback {
+                kind,
+                score,
+                visit_event_id,
+                channel: Some(Channel::Wechat),
+            };
+            self.emit(answered, body, None);
+        }
         if kind != VisitType::FollowUp {
             if c.recall_booked {
                 self.stats.visits_after_recall += 1;
