@@ -179,8 +179,11 @@ pub fn throttle_tag(x: &Experiments, d: &ThrottleDecision) -> Option<ArmTag> {
 }
 
 /// The arm a trigger carries: the experiment running at `fired_at` that
-/// changes recall stage offsets.
+/// changes recall stage offsets. None for a care call: no stage offset shapes it.
 pub fn trigger_tag(x: &Experiments, t: &RecallTrigger) -> Option<ArmTag> {
+    if t.stage == crate::domain::lapse::Stage::CareCall {
+        return None;
+    }
     let who = CustomerRef::new(t.tenant_id.clone(), t.customer_id.clone());
     x.tag_recall(&who, t.fired_at)
 }

@@ -861,6 +861,7 @@ fn fresh_topic_sets(cfg: &Config, tag: &str) -> Vec<String> {
         ("clicks", &t.clicks),
         ("replies", &t.replies),
         ("visits", &t.visits),
+        ("feedback", &t.feedback),
         ("dlq", &t.dlq),
         ("throttle", &t.throttle),
         ("triggers", &t.triggers),
