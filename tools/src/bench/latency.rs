@@ -2090,13 +2090,14 @@ mod tests {
         crate::run_from_repo_root();
         let cfg = Config::default();
         let sets = fresh_topic_sets(&cfg, "12r1t5");
-        assert_eq!(sets.len(), 9);
+        assert_eq!(sets.len(), 10);
         assert!(sets.contains(&r#"kafka.topics.sends = "engagement.sends.lat-12r1t5""#.to_string()));
         assert!(sets
             .contains(&r#"kafka.topics.throttle = "engagement.throttle.lat-12r1t5""#.to_string()));
         let dir = tempfile::tempdir().unwrap();
         let (_, c) = effective_config(None, &sets, dir.path()).unwrap();
         assert_eq!(c.kafka.topics.visits, "clinic.visits.lat-12r1t5");
+        assert_eq!(c.kafka.topics.feedback, "clinic.feedback.lat-12r1t5");
     }
 
     #[test]
