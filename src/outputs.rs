@@ -373,6 +373,48 @@ mod tests {
         (t, out[0].clone())
     }
 
+    /// A recall experiment tags the win-back stages, never a care call (no
+    /// stage offset shapes it).
+    #[test]
+    fn a_care_call_carries_no_policy_experiment_arm() {
+        let cfg: crate::domain::policy::PolicyConfig = toml::from_str(
+            r#"
+[[experiments]]
+name = "early-at-risk"
+tenant = "brandA"
+start = "2026-01-01T00:00"
+end = "2028-01-01T00:00"
+[[experiments.arms]]
+name = "control"
+share = 0.5
+[[experiments.arms]]
+name = "early"
+share = 0.5
+recall.at_risk_factor = 1.1
+"#,
+        )
+        .unwrap();
+        let p = crate::domain::policy::Policies::new(&cfg).unwrap();
+        let (t, _) = trigger_and_outcome();
+        let t = RecallTrigger {
+            fired_at: 1_800_000_000_000, // 2027
+            ..t
+        };
+        assert!(trigger_tag(p.experiments(), &t).is_some());
+        let care = RecallTrigger {
+            stage: crate::domain::lapse::Stage::CareCall,
+            ..t
+        };
+        assert_eq!(trigger_tag(p.experiments(), &care), None);
+        let enc = Encoder::new(&SchemaSet::builtin().unwrap());
+        enc.encode_value(
+            RECALL_TRIGGER,
+            trigger_value(&care, None),
+            Framing::SingleObject,
+        )
+        .unwrap();
+    }
+
     #[test]
     fn outputs_encode_with_the_avro_schemas() {
         let enc = Encoder::new(&SchemaSet::builtin().unwrap());
