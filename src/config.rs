@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::domain::event::INPUT_KINDS;
 use crate::domain::span::Span;
 use crate::error::ConfigError;
 use crate::secret::Secret;
@@ -415,6 +416,8 @@ pub struct TopicsConfig {
     pub clicks: String,
     pub replies: String,
     pub visits: String,
+    /// Satisfaction feedback (`lapse.v1.Feedback`).
+    pub feedback: String,
     pub dlq: String,
     pub throttle: String,
     pub triggers: String,
@@ -429,6 +432,7 @@ impl Default for TopicsConfig {
             clicks: "engagement.clicks".into(),
             replies: "engagement.replies".into(),
             visits: "clinic.visits".into(),
+            feedback: "clinic.feedback".into(),
             dlq: "lapse.dlq".into(),
             throttle: "engagement.throttle".into(),
             triggers: "recall.triggers".into(),
@@ -439,13 +443,14 @@ impl Default for TopicsConfig {
 
 impl TopicsConfig {
     /// Input topics in `EventKind` order.
-    pub fn inputs(&self) -> [&str; 5] {
+    pub fn inputs(&self) -> [&str; INPUT_KINDS] {
         [
             &self.sends,
             &self.opens,
             &self.clicks,
             &self.replies,
             &self.visits,
+            &self.feedback,
         ]
     }
 }
@@ -1051,6 +1056,7 @@ impl KafkaConfig {
             ("kafka.topics.clicks", &t.clicks),
             ("kafka.topics.replies", &t.replies),
             ("kafka.topics.visits", &t.visits),
+            ("kafka.topics.feedback", &t.feedback),
             ("kafka.topics.dlq", &t.dlq),
             ("kafka.topics.throttle", &t.throttle),
             ("kafka.topics.triggers", &t.triggers),

@@ -73,6 +73,13 @@ pub fn view(c: &CustomerRef, rev: u64, s: &CustomerState, p: &StateParams, now_m
             "gaps": v.gap_stats(),
         },
         "channels": channels,
+        // The latest score only (the state keeps no more); the class is the
+        // policy's and is not stored.
+        "feedback": s.feedback.map(|f| json!({
+            "kind": f.kind.as_str(),
+            "score": f.score,
+            "at": ts(Some(f.at)),
+        })),
         "idempotence": {
             "watermarks": watermarks,
             "remembered_event_ids": crate::domain::event::EventKind::ALL

@@ -10,6 +10,8 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
 use crate::config::MetricsConfig;
+use crate::domain::event::FeedbackKind;
+use crate::domain::feedback::FeedbackClass;
 use crate::domain::recall::OutcomeKind;
 use crate::store::fault::RedisFault;
 
@@ -26,6 +28,10 @@ pub struct Metrics {
     pub engagement: IntCounterVec,
     pub replies: IntCounterVec,
     pub visits: IntCounterVec,
+    /// Applied feedback by tenant, kind and class (promoter, passive, detractor).
+    pub feedback: IntCounterVec,
+    /// Feedback scores by kind, the customer's segment and recall arm (no tenant: bounded).
+    pub feedback_scores: HistogramVec,
     pub currency_mismatch: IntCounter,
     pub batch_records: Histogram,
     pub batch_seconds: Histogram,
@@ -186,6 +192,25 @@ impl Metrics {
             ),
             replies: counter(&r, "lapse_replies_total", "Applied replies by tenant, channel and class (unsubscribe, resubscribe, positive, neutral).", &["tenant", "channel", "class"]),
             visits: counter(&r, "lapse_visits_total", "Applied clinic visits by tenant and visit type.", &["tenant", "visit_type"]),
+            feedback: counter(
+                &r,
+                "lapse_feedback_total",
+                "Applied satisfaction feedback by tenant, kind (nps, csat) and class (promoter, passive, detractor: policy.feedback thresholds).",
+                &["tenant", "kind", "class"],
+            ),
+            feedback_scores: {
+                let h = HistogramVec::new(
+                    HistogramOpts::new(
+                        "lapse_feedback_scores",
+                        "Applied feedback scores (NPS 0-10, CSAT 1-5) by kind, the customer's win-back segment (active: no stage fired since the last visit) and recall arm (recalled: came back after a treatment trigger; holdout; none), of the current episode, else the previous one.",
+                    )
+                    .buckets((0..=10).map(f64::from).collect()),
+                    &["kind", "segment", "recall_arm"],
+                )
+                .expect("valid metric");
+                r.register(Box::new(h.clone())).expect("unique metric");
+                h
+            },
             currency_mismatch: single(
                 "lapse_visit_currency_mismatch_total",
                 "Visits whose currency differs from the customer's first visit: counted as visits, not as spend.",
@@ -270,7 +295,7 @@ impl Metrics {
             experiment_measure: float_gauge(
                 &r,
                 "lapse_experiment_measure",
-                "Per-arm measure of a contact-policy experiment over its exposed customers (see `lapse experiment report`: rates per send, counts and money per customer, money in minor units), as of the last experiment report. measure is one of a fixed list of 15.",
+                "Per-arm measure of a contact-policy experiment over its exposed customers (see `lapse experiment report`: rates per send, counts and money per customer, money in minor units), as of the last experiment report. measure is one of a fixed list of 20.",
                 &["experiment", "arm", "measure"],
             ),
             experiment_difference: float_gauge(
@@ -405,6 +430,12 @@ impl Metrics {
                         self.recall_outcomes
                             .with_label_values(&[&label, kind, seg, arm]);
                     }
+                }
+            }
+            for kind in FeedbackKind::ALL {
+                for class in FeedbackClass::ALL {
+                    self.feedback
+                        .with_label_values(&[&label, kind.label(), class.label()]);
                 }
             }
         }

@@ -135,6 +135,10 @@ pub fn trigger_value(t: &RecallTrigger, tag: Option<&ArmTag>) -> Value {
         ]
         .into_iter()
         .chain(arm_fields(tag))
+        .chain([("purpose", {
+            let p = t.purpose();
+            enm(p as usize, p.as_str())
+        })])
         .collect(),
     )
 }
@@ -182,8 +186,11 @@ pub fn throttle_tag(x: &Experiments, d: &ThrottleDecision) -> Option<ArmTag> {
 }
 
 /// The arm a trigger carries: the experiment running at `fired_at` that
-/// changes recall stage offsets.
+/// changes recall stage offsets. None for a care call: no stage offset shapes it.
 pub fn trigger_tag(x: &Experiments, t: &RecallTrigger) -> Option<ArmTag> {
+    if t.stage == crate::domain::lapse::Stage::CareCall {
+        return None;
+    }
     let who = CustomerRef::new(t.tenant_id.clone(), t.customer_id.clone());
     x.tag_recall(&who, t.fired_at)
 }
@@ -380,6 +387,48 @@ mod tests {
         let t = t.clone();
         let out = recall::on_visit(&mut st, &visit(150 * D, 1, "v"), &c, &p);
         (t, out[0].clone())
+    }
+
+    /// A recall experiment tags the win-back stages, never a care call (no
+    /// stage offset shapes it).
+    #[test]
+    fn a_care_call_carries_no_policy_experiment_arm() {
+        let cfg: crate::domain::policy::PolicyConfig = toml::from_str(
+            r#"
+[[experiments]]
+name = "early-at-risk"
+tenant = "brandA"
+start = "2026-01-01T00:00"
+end = "2028-01-01T00:00"
+[[experiments.arms]]
+name = "control"
+share = 0.5
+[[experiments.arms]]
+name = "early"
+share = 0.5
+recall.at_risk_factor = 1.1
+"#,
+        )
+        .unwrap();
+        let p = crate::domain::policy::Policies::new(&cfg).unwrap();
+        let (t, _) = trigger_and_outcome();
+        let t = RecallTrigger {
+            fired_at: 1_800_000_000_000, // 2027
+            ..t
+        };
+        assert!(trigger_tag(p.experiments(), &t).is_some());
+        let care = RecallTrigger {
+            stage: crate::domain::lapse::Stage::CareCall,
+            ..t
+        };
+        assert_eq!(trigger_tag(p.experiments(), &care), None);
+        let enc = Encoder::new(&SchemaSet::builtin().unwrap());
+        enc.encode_value(
+            RECALL_TRIGGER,
+            trigger_value(&care, None),
+            Framing::SingleObject,
+        )
+        .unwrap();
     }
 
     #[test]

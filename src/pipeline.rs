@@ -19,9 +19,12 @@ use crate::domain::campaign::{campaign_of, CampaignSignal, CampaignState};
 use crate::domain::clock::Clock;
 use crate::domain::clock::EventClock;
 use crate::domain::decide::Effects;
-use crate::domain::event::{CustomerRef, Event, EventBody, EventKind};
+use crate::domain::event::{Channel, CustomerRef, Event, EventBody, EventKind};
 use crate::domain::experiment::ArmTag;
+use crate::domain::feedback::{self, FeedbackNote};
+use crate::domain::lapse::Stage;
 use crate::domain::policy::Policies;
+use crate::domain::recall::Arm;
 use crate::domain::state::{CustomerState, Notes, Outcome, Source, StateParams};
 use crate::domain::step;
 use crate::error::BatchError;
@@ -727,6 +730,7 @@ impl Tally {
                 || !fx.violations.is_empty()
                 || !fx.cap_hits.is_empty()
                 || fx.unknown_offer_codes > 0
+                || fx.care_call.is_some()
             {
                 self.effects.push((c.tenant.clone(), fx.clone()));
             }
@@ -743,7 +747,12 @@ impl Tally {
         for (i, out, notes) in &self.outcomes {
             let ev = &valid[*i].0;
             match out {
-                Outcome::Applied => count_applied(m, ev, now, notes.currency_mismatch),
+                Outcome::Applied => {
+                    count_applied(m, ev, now, notes.currency_mismatch);
+                    if let Some(f) = notes.feedback {
+                        count_feedback(m, &p.policies, ev, &f);
+                    }
+                }
                 Outcome::Redelivered => m
                     .duplicates
                     .with_label_values(&[ev.kind().label(), "redelivery"])
@@ -783,8 +792,32 @@ impl Tally {
                     .with_label_values(&[&tenant])
                     .inc_by(u64::from(fx.unknown_offer_codes));
             }
+            if let Some((segment, channel)) = fx.care_call {
+                let ch = channel.map_or("none", Channel::label);
+                m.recall_triggers
+                    .with_label_values(&[
+                        &tenant,
+                        segment.label(),
+                        Stage::CareCall.label(),
+                        ch,
+                        Arm::Treatment.label(),
+                    ])
+                    .inc();
+            }
         }
     }
+}
+
+fn count_feedback(m: &Metrics, policies: &Policies, ev: &Event, f: &FeedbackNote) {
+    let tenant = m.tenant(&ev.customer.tenant);
+    let p = &policies.of(&ev.customer.tenant).feedback;
+    let class = feedback::class(f.kind, f.score, p);
+    m.feedback
+        .with_label_values(&[&tenant, f.kind.label(), class.label()])
+        .inc();
+    m.feedback_scores
+        .with_label_values(&[f.kind.label(), f.segment, f.recall_arm.label()])
+        .observe(f64::from(f.score));
 }
 
 fn count_applied(m: &Metrics, ev: &Event, now: i64, currency_mismatch: bool) {
@@ -818,6 +851,8 @@ fn count_applied(m: &Metrics, ev: &Event, now: i64, currency_mismatch: bool) {
             };
             m.visits.with_label_values(&[&tenant, vt]).inc();
         }
+        // Counted with its class and arm by `count_feedback`.
+        EventBody::Feedback { .. } => {}
     }
     if currency_mismatch {
         m.currency_mismatch.inc();

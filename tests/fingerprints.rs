@@ -6,7 +6,10 @@
 
 mod common;
 
+use common::java;
+
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -40,7 +43,7 @@ fn decoder() -> Decoder {
 #[test]
 fn every_schema_fingerprint_equals_javas() {
     let files = schema_files();
-    assert_eq!(files.len(), 8);
+    assert_eq!(files.len(), 9);
     let args: Vec<&str> = files.iter().map(|p| p.to_str().unwrap()).collect();
     let out = common::java("Fingerprints.java", &args);
     let set = SchemaSet::load(&root().join("schemas")).unwrap();
@@ -65,7 +68,7 @@ fn every_schema_fingerprint_equals_javas() {
         assert!(set.writer(java_fp).is_some(), "{file}");
         seen += 1;
     }
-    assert_eq!(seen, 8);
+    assert_eq!(seen, 9);
     // Outputs are framed with the same standard values.
     let enc = Encoder::new(&set);
     for name in OUTPUT_SCHEMAS {
@@ -249,4 +252,65 @@ fn the_readme_shows_the_tested_examples() {
             "README.md's example differs from {file} (between README-BEGIN and README-END)"
         );
     }
+}
+
+/// What adding CARE_CALL to `RecallStage` (with a default) and the optional
+/// `purpose` to the trigger means for readers, as the Avro project's Java
+/// library (the check a Confluent Schema Registry runs) and fastavro say:
+/// BACKWARD compatible (this version reads triggers and outcomes written
+/// before), not FORWARD (a reader still on the version before cannot read a
+/// CARE_CALL: such consumers upgrade first, and a registry subject set to
+/// FORWARD or FULL refuses the new version); readers of this version read a
+/// stage added later as the enum's default.
+#[test]
+fn the_care_call_stage_is_backward_compatible_and_later_stages_read_as_the_default() {
+    let fixtures = root().join("tests/fixtures/avro");
+    for name in ["recall_trigger", "recall_outcome"] {
+        let new = root().join(format!("schemas/{name}.avsc"));
+        let old = fixtures.join(format!("{name}.before-care-call.avsc"));
+        let (new, old) = (new.to_str().unwrap(), old.to_str().unwrap());
+        let backward = java("Compatibility.java", &[new, old]);
+        assert!(
+            backward.trim_end().ends_with("\tCOMPATIBLE"),
+            "{name}: {backward}"
+        );
+        let forward = java("Compatibility.java", &[old, new]);
+        assert!(
+            forward.trim_end().ends_with("\tINCOMPATIBLE"),
+            "{name}: {forward}"
+        );
+        assert!(forward.contains("CARE_CALL"), "{name}: {forward}");
+    }
+    // fastavro (enum defaults: Avro 1.9+) reads a trigger written by a later
+    // version with one more stage as FOLLOW_UP.
+    let script = r#"
+import io, json, sys
+import fastavro
+reader = json.load(open(sys.argv[1]))
+writer = json.loads(json.dumps(reader))
+stage = next(f for f in writer["fields"] if f["name"] == "stage")
+stage["type"]["symbols"].append("LATER_STAGE")
+parsed = fastavro.parse_schema(writer)
+record = {f["name"]: None for f in writer["fields"]}
+record.update(trigger_id="t", tenant_id="t", customer_id="c", episode_id="e",
+              stage="LATER_STAGE", attempt=1, segment="AT_RISK", days_since_last_visit=1,
+              expected_interval_days=1.0, lifetime_value=0, currency="CNY",
+              fallback_channels=[], offer_tier="o", experiment="x", arm="TREATMENT",
+              due_at=0, fired_at=0)
+buf = io.BytesIO()
+fastavro.schemaless_writer(buf, parsed, record)
+buf.seek(0)
+print(fastavro.schemaless_reader(buf, parsed, fastavro.parse_schema(reader))["stage"])
+"#;
+    let out = Command::new(common::interop_python())
+        .args(["-c", script])
+        .arg(root().join("schemas/recall_trigger.avsc"))
+        .output()
+        .expect("run the interop Python");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "FOLLOW_UP");
 }

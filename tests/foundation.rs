@@ -871,7 +871,7 @@ async fn two_instances_share_the_partitions_and_hand_over_on_leave() {
         + metric(&b, "lapse_partitions_assigned", &[]).await;
     assert_eq!(
         total as i32,
-        PARTITIONS * 5,
+        PARTITIONS * INPUTS.len() as i32,
         "the group splits every input partition between the two"
     );
     produce_events(&p, &population("p1", 60, 1), |_| Framing::SingleObject).await;
@@ -889,7 +889,10 @@ async fn two_instances_share_the_partitions_and_hand_over_on_leave() {
         LONG,
         Duration::from_millis(200),
         "the survivor to own every partition",
-        async || metric(&b, "lapse_partitions_assigned", &[]).await as i32 == PARTITIONS * 5,
+        async || {
+            metric(&b, "lapse_partitions_assigned", &[]).await as i32
+                == PARTITIONS * INPUTS.len() as i32
+        },
     )
     .await;
     produce_events(&p, &population("p2", 60, 2), |_| Framing::SingleObject).await;

@@ -1354,3 +1354,281 @@ async fn the_readme_python_example_is_applied() {
     .await;
     assert!(dlq(&summary).is_empty(), "dead-lettered: {summary:#}");
 }
+
+fn feedback(key: &str, id: &str, t: i64, kind: &str, score: i64, visit: Option<&str>) -> Value {
+    event(
+        "feedback",
+        key,
+        json!({ "event_id": id, "occurred_at": t, "kind": kind, "score": score,
+                "visit_event_id": visit, "channel": "WECHAT" }),
+    )
+}
+
+/// Written by a producer on another version of `feedback.avsc` (schema
+/// evolution): "older" has no `visit_event_id` and `channel`, "newer" one more
+/// optional field.
+fn feedback_by(writer: &str, key: &str, id: &str, t: i64, kind: &str, score: i64) -> Value {
+    let mut e = feedback(key, id, t, kind, score, None);
+    let v = e["value"].as_object_mut().unwrap();
+    match writer {
+        "older" => {
+            v.remove("visit_event_id");
+            v.remove("channel");
+        }
+        _ => {
+            v.insert("survey_id".into(), json!("q3-survey"));
+        }
+    }
+    e["writer"] = writer.into();
+    e
+}
+
+/// Satisfaction feedback from the independent Python producer (Confluent
+/// framing, the registry stub) through the real pipeline: a detractor's score
+/// starts exactly one CARE_CALL trigger (also when the producer re-sends it),
+/// read back by the independent consumer with the registry's schema; a
+/// promoter's none; scores from an older and a newer writer schema are
+/// applied; out-of-range scores are dead-lettered; a visit after a care call
+/// is no recall.
+#[tokio::test]
+async fn feedback_from_an_independent_producer_starts_one_care_call() {
+    let st = Stack::start().await;
+    st.broker.create_compacted_topic(THROTTLE, PARTITIONS).await;
+    st.broker.create_topic(TRIGGERS, PARTITIONS).await;
+    st.broker.create_topic(OUTCOMES, PARTITIONS).await;
+    let group = unique_name("g-feedback");
+    let config = st.config_with(
+        "feedback",
+        "",
+        "[clock]\nmode = \"event\"\n[timers]\npoll_interval = \"20ms\"\n\
+         [policy.lapse]\nholdout_share = 0.0\n",
+    );
+    let mut lapse = st.spawn(&group, &config);
+    lapse.wait_ready(LONG).await;
+    let client = Client {
+        s: &st,
+        wire: Wire::Confluent,
+        registry: Some(st.registry.url()),
+    };
+    const FAY: &str = "clinicA/fay";
+    const GUS: &str = "clinicA/gus";
+    const HAL: &str = "brandB/hal";
+    const IVY: &str = "brandB/ivy";
+    // `day(d)` is noon local time: at(d, 14, 0) is 02:00 the next night.
+    let fay_nps = feedback(FAY, "fay-f1", at(100, 14, 0), "NPS", 3, Some("fay-v1"));
+    let events = vec![
+        // fay: a treatment, WeChat engagement, SMS opt-out, then an NPS of 3
+        // (a detractor) in the middle of the night, re-sent by the producer.
+        visit(
+            FAY,
+            "fay-v1",
+            at(99, 0, 0),
+            "TREATMENT",
+            Some("BOTOX"),
+            500_000,
+        ),
+        send(FAY, "fay-s1", at(99, 1, 0), "WECHAT", "MARKETING", None),
+        open(FAY, "fay-o1", at(99, 2, 0), "WECHAT", "m-fay-s1"),
+        reply(FAY, "fay-r1", at(99, 3, 0), "SMS", "TD"),
+        fay_nps.clone(),
+        fay_nps,
+        // gus: a promoter: no care call.
+        visit(
+            GUS,
+            "gus-v1",
+            at(99, 0, 0),
+            "TREATMENT",
+            Some("LASER"),
+            80_000,
+        ),
+        feedback(GUS, "gus-f1", at(100, 0, 0), "NPS", 9, Some("gus-v1")),
+        // hal: CSAT 2 (a detractor) from a producer on an older schema, no visit ever.
+        feedback_by("older", HAL, "hal-f1", at(100, 13, 0), "CSAT", 2),
+        // ivy: CSAT 5 from a producer on a newer schema.
+        feedback_by("newer", IVY, "ivy-f1", at(100, 1, 0), "CSAT", 5),
+        // Out of range for their scale: dead-lettered.
+        feedback(IVY, "ivy-bad-nps", at(100, 2, 0), "NPS", 11, None),
+        feedback(IVY, "ivy-bad-csat", at(100, 2, 0), "CSAT", 0, None),
+    ];
+    let bad = [(10, "invalid_field"), (11, "invalid_field")];
+    let mut produced = client.produce(&events).await;
+    st.wait_caught_up(&group, LONG).await;
+    // fay comes back after her care call (read after it): not a recall.
+    let back = visit(
+        FAY,
+        "fay-v2",
+        at(104, 0, 0),
+        "TREATMENT",
+        Some("BOTOX"),
+        500_000,
+    );
+    produced.extend(client.produce(&[back]).await);
+    // Three writer versions of lapse.v1.Feedback, each registered by the serializer.
+    assert_eq!(
+        st.registry.subject_ids("clinic.feedback-value").len(),
+        3,
+        "{produced:#?}"
+    );
+    st.wait_caught_up(&group, LONG).await;
+
+    let summary = wait_for(
+        LONG,
+        Duration::from_millis(500),
+        "two care calls",
+        async || {
+            let summary = client.consume().await;
+            let care_calls = records(&summary, TRIGGERS)
+                .iter()
+                .filter(|r| r["value"]["stage"] == "CARE_CALL")
+                .count();
+            (!failures(&summary).is_empty() || care_calls >= 2).then_some(summary)
+        },
+    )
+    .await;
+    assert!(
+        failures(&summary).is_empty(),
+        "every output decodes with the registry's schema: {:#}",
+        json!(failures(&summary))
+    );
+    assert_dlq_holds_exactly_the_bad_records(&summary, &produced, &bad);
+    let messages: Vec<&str> = dlq(&summary)
+        .iter()
+        .filter_map(|r| r["headers"]["lapse.error.message"].as_str())
+        .collect();
+    assert!(
+        messages
+            .iter()
+            .any(|m| m.contains("11 is outside the NPS scale (0-10)")),
+        "{messages:?}"
+    );
+    assert!(
+        messages
+            .iter()
+            .any(|m| m.contains("0 is outside the CSAT scale (1-5)")),
+        "{messages:?}"
+    );
+
+    let all = records(&summary, TRIGGERS);
+    let triggers = distinct(&summary, TRIGGERS, "trigger_id");
+    assert_eq!(triggers.len(), 2, "{triggers:#?}");
+    let care_call = |key: &str| -> &Value {
+        &triggers
+            .iter()
+            .find(|r| r["key"] == key)
+            .unwrap_or_else(|| panic!("no care call for {key}: {triggers:#?}"))["value"]
+    };
+    for (key, feedback_id, at_) in [
+        (FAY, "fay-f1", at(100, 14, 0)),
+        (HAL, "hal-f1", at(100, 13, 0)),
+    ] {
+        let t = care_call(key);
+        let (tenant, customer) = key.split_once('/').unwrap();
+        let id = lapse::domain::recall::care_call_id(
+            &lapse::domain::event::CustomerRef::new(tenant, customer),
+            feedback_id,
+        );
+        assert_eq!(t["trigger_id"], id.as_str(), "{t}");
+        assert_eq!(
+            all.iter()
+                .filter(|r| r["value"]["trigger_id"] == id.as_str())
+                .count(),
+            1,
+            "exactly one record, the re-sent feedback included"
+        );
+        assert_eq!(t["stage"], "CARE_CALL", "{t}");
+        assert_eq!(t["purpose"], "SERVICE", "{t}");
+        assert_eq!(t["arm"], "TREATMENT", "service is never held out: {t}");
+        assert_eq!(t["segment"], "AT_RISK", "{t}");
+        assert_eq!(t["offer_tier"], "CARE_CALL", "{t}");
+        assert_eq!(i(&t["fired_at"]), at_, "{t}");
+        assert_eq!(i(&t["due_at"]), at_, "{t}");
+        // Quiet hours (02:00 and 01:00 local are inside every default quiet
+        // period) are kept by timing: sent after them, in a good hour.
+        let after = i(&t["send_after"]);
+        let local =
+            chrono::TimeZone::timestamp_millis_opt(&chrono_tz::Asia::Shanghai, after).unwrap();
+        assert!(
+            after > at_
+                && after < at_ + 24 * H
+                && (8..22).contains(&chrono::Timelike::hour(&local)),
+            "send_after: {t}"
+        );
+    }
+    let fay = care_call(FAY);
+    let fay_channels: Vec<&Value> = std::iter::once(&fay["recommended_channel"])
+        .chain(fay["fallback_channels"].as_array().unwrap())
+        .collect();
+    assert_eq!(
+        fay["recommended_channel"], "WECHAT",
+        "her engaged channel: {fay}"
+    );
+    assert!(!fay_channels.contains(&&json!("SMS")), "opted out: {fay}");
+    assert_eq!(fay["last_treatment"], "BOTOX");
+    assert_eq!(fay["lifetime_value"], 500_000);
+    assert_eq!(fay["days_since_last_visit"], 1);
+    let hal = care_call(HAL);
+    assert!(
+        hal["fallback_channels"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("PHONE")),
+        "a care call may go by phone whatever the value tier: {hal}"
+    );
+    assert_eq!(hal["lifetime_value"], 0);
+    assert!(
+        records(&summary, OUTCOMES).is_empty(),
+        "fay's visit after her care call is no recall: {:#?}",
+        records(&summary, OUTCOMES)
+    );
+
+    // The state keeps the latest score; lapse counted every class once.
+    let ivy = inspect(&st, &config, IVY).await.expect("inspect ivy");
+    assert_eq!(ivy["feedback"]["kind"], "CSAT", "{ivy:#}");
+    assert_eq!(
+        ivy["feedback"]["score"], 5,
+        "the newer writer's record: {ivy:#}"
+    );
+    let hal = inspect(&st, &config, HAL).await.expect("inspect hal");
+    assert_eq!(
+        hal["feedback"]["score"], 2,
+        "the older writer's record: {hal:#}"
+    );
+    let fay = inspect(&st, &config, FAY).await.expect("inspect fay");
+    assert_eq!(fay["feedback"]["score"], 3, "{fay:#}");
+    assert_eq!(fay["idempotence"]["remembered_event_ids"]["feedback"], 1);
+    for (tenant, kind, class) in [
+        ("clinicA", "nps", "detractor"),
+        ("clinicA", "nps", "promoter"),
+        ("brandB", "csat", "detractor"),
+        ("brandB", "csat", "promoter"),
+    ] {
+        let labels = [("tenant", tenant), ("kind", kind), ("class", class)];
+        let n = metric(&lapse, "lapse_feedback_total", &labels).await;
+        assert_eq!(n, 1.0, "{labels:?}");
+    }
+    assert_eq!(
+        metric(
+            &lapse,
+            "lapse_duplicates_skipped_total",
+            &[("event_type", "feedback")]
+        )
+        .await,
+        1.0,
+        "the re-sent feedback"
+    );
+    assert_eq!(
+        metric(
+            &lapse,
+            "lapse_feedback_scores_count",
+            &[
+                ("kind", "nps"),
+                ("segment", "active"),
+                ("recall_arm", "none")
+            ]
+        )
+        .await,
+        2.0
+    );
+    lapse.sigterm();
+    assert!(lapse.wait_exit(Duration::from_secs(30)).await.success());
+}

@@ -819,6 +819,20 @@ fn substitute(expr: &str, tenant: &str, channel: &str) -> String {
 // Traffic
 // ---------------------------------------------------------------------------
 
+fn feedback(c: &CustomerRef, id: &str, t: i64, kind: FeedbackKind, score: u8) -> Event {
+    Event {
+        event_id: id.into(),
+        customer: c.clone(),
+        occurred_at: t,
+        body: EventBody::Feedback {
+            kind,
+            score,
+            visit_event_id: None,
+            channel: Some(Channel::Wechat),
+        },
+    }
+}
+
 fn with_campaign(mut e: Event, campaign: &str) -> Event {
     match &mut e.body {
         EventBody::Send { campaign_id, .. } | EventBody::Click { campaign_id, .. } => {
@@ -991,6 +1005,15 @@ async fn every_dashboard_panel_and_alert_rule_works_against_live_data() {
         (
             reply(&bob, "b-r1", t1 + 3 * H, Channel::Wechat),
             Some("我考虑一下"),
+        ),
+        // Satisfaction: a detractor (a care call) and a satisfied customer.
+        (
+            feedback(&amy, "a-f1", t1 + 6 * H, FeedbackKind::Nps, 2),
+            None,
+        ),
+        (
+            feedback(&bob, "b-f1", t1 + 6 * H, FeedbackKind::Csat, 5),
+            None,
         ),
         // A visit in another currency than the customer's first.
         (visit(&bob, "b-v1", t1, 30_000, Some("SKIN_CARE")), None),
@@ -1179,6 +1202,20 @@ async fn every_dashboard_panel_and_alert_rule_works_against_live_data() {
         ));
         back.push((
             visit(&y, &format!("{tenant}-y2"), day(43), 90_000, Some("LASER")),
+            None,
+        ));
+        // x, recalled (clinicA) or held out and back (clinicH), rates the visit:
+        // satisfaction by recall arm, after the first scores were scraped.
+        let score = if tenant == "clinicA" { 9 } else { 4 };
+        let x = cust(tenant, "x");
+        back.push((
+            feedback(
+                &x,
+                &format!("{tenant}-x-f"),
+                day(43),
+                FeedbackKind::Nps,
+                score,
+            ),
             None,
         ));
     }

@@ -377,7 +377,7 @@ mod tests {
     fn lapse_schemas_match_independent_implementations() {
         let fixture: Value = serde_json::from_str(&fixture("lapse-fingerprints.json")).unwrap();
         let schemas = fixture["schemas"].as_object().unwrap();
-        assert_eq!(schemas.len(), 8);
+        assert_eq!(schemas.len(), 9);
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas");
         for (file, expected) in schemas {
             let text = std::fs::read_to_string(dir.join(file)).unwrap();

@@ -10,7 +10,9 @@ use super::prescan::check_datum;
 use super::registry::RegistryClient;
 use super::resolve::{resolve_written, FieldError, Problem, Resolved, WriterSchema};
 use super::schemas::{reader_accepts, record_fullname, SchemaSet};
-use crate::domain::event::{Channel, CustomerRef, Event, EventBody, EventKind, Purpose, VisitType};
+use crate::domain::event::{
+    Channel, CustomerRef, Event, EventBody, EventKind, FeedbackKind, Purpose, VisitType,
+};
 use crate::domain::replies;
 use apache_avro::headers::HeaderBuilder;
 use apache_avro::schema::{Name, ResolvedSchema};
@@ -515,6 +517,14 @@ impl Fields {
         }
     }
 
+    fn opt_symbol(&mut self, name: &str) -> Result<Option<String>, DecodeError> {
+        match unwrap_union(self.take(name)?) {
+            Value::Enum(_, s) | Value::String(s) => Ok(Some(s)),
+            Value::Null => Ok(None),
+            _ => Err(wrong_type(name)),
+        }
+    }
+
     fn channel(&mut self) -> Result<Channel, DecodeError> {
         let s = self.symbol("channel")?;
         Channel::parse(&s).ok_or_else(|| bad_enum("channel", &s))
@@ -769,6 +779,40 @@ fn build_event(
                 currency,
                 offer_code,
                 discount,
+            }
+        }
+        EventKind::Feedback => {
+            let kind = f.symbol("kind")?;
+            let kind = FeedbackKind::parse(&kind).ok_or_else(|| bad_enum("kind", &kind))?;
+            let score = f.long("score")?;
+            let range = kind.range();
+            let score = u8::try_from(score)
+                .ok()
+                .filter(|s| range.contains(&i32::from(*s)))
+                .ok_or_else(|| {
+                    DecodeError::invalid(
+                        "score",
+                        format!(
+                            "{score} is outside the {} scale ({}-{})",
+                            kind.as_str(),
+                            range.start(),
+                            range.end()
+                        ),
+                    )
+                })?;
+            let visit_event_id = f.opt_string("visit_event_id")?.filter(|v| !v.is_empty());
+            if let Some(v) = &visit_event_id {
+                check_len("visit_event_id", v, MAX_EVENT_ID)?;
+            }
+            let channel = match f.opt_symbol("channel")? {
+                None => None,
+                Some(c) => Some(Channel::parse(&c).ok_or_else(|| bad_enum("channel", &c))?),
+            };
+            EventBody::Feedback {
+                kind,
+                score,
+                visit_event_id,
+                channel,
             }
         }
     };

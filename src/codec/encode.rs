@@ -188,6 +188,20 @@ pub fn event_value(event: &Event, text_for_reply: Option<&str>) -> Value {
             put("offer_code", opt_string(offer_code));
             put("discount", discount.map_or(Value::Null, Value::Long));
         }
+        EventBody::Feedback {
+            kind,
+            score,
+            visit_event_id,
+            channel,
+        } => {
+            put("kind", enum_value(kind.index(), kind.as_str()));
+            put("score", Value::Int(i32::from(*score)));
+            put("visit_event_id", opt_string(visit_event_id));
+            put(
+                "channel",
+                channel.map_or(Value::Null, |c| enum_value(c.index(), c.as_str())),
+            );
+        }
     }
     Value::Record(f)
 }

@@ -25,12 +25,13 @@ pub const OUTPUT_SCHEMAS: [&str; 3] = [THROTTLE_EVENT, RECALL_TRIGGER, RECALL_OU
 const MAX_DIR_DEPTH: usize = 8;
 
 /// The schemas compiled into the binary, identical to `schemas/*.avsc` of this release.
-const BUILTIN: [(&str, &str); 8] = [
+const BUILTIN: [(&str, &str); 9] = [
     ("send.avsc", include_str!("../../schemas/send.avsc")),
     ("open.avsc", include_str!("../../schemas/open.avsc")),
     ("click.avsc", include_str!("../../schemas/click.avsc")),
     ("reply.avsc", include_str!("../../schemas/reply.avsc")),
     ("visit.avsc", include_str!("../../schemas/visit.avsc")),
+    ("feedback.avsc", include_str!("../../schemas/feedback.avsc")),
     (
         "throttle_event.avsc",
         include_str!("../../schemas/throttle_event.avsc"),
@@ -87,6 +88,16 @@ pub(crate) fn reader_fields(kind: EventKind) -> &'static [&'static str] {
             "treatment",
             "amount",
             "currency",
+        ],
+        EventKind::Feedback => &[
+            "event_id",
+            "tenant_id",
+            "customer_id",
+            "occurred_at",
+            "kind",
+            "score",
+            "visit_event_id",
+            "channel",
         ],
     }
 }
@@ -450,7 +461,7 @@ pub(crate) mod tests {
         let old_fp = fingerprint(&Schema::parse_str(old).unwrap());
         assert!(set.writer(old_fp).is_some());
         assert_ne!(set.fingerprint_of("lapse.v1.Open"), Some(old_fp));
-        assert_eq!(set.writer_count(), 9);
+        assert_eq!(set.writer_count(), 10);
     }
 
     #[test]

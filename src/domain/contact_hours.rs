@@ -167,7 +167,7 @@ pub fn engagement_hour(ev: &Event, p: &Policy) -> Option<usize> {
         EventBody::Open { .. } | EventBody::Click { .. } | EventBody::Reply { .. } => {
             local_hour(p, ev.occurred_at)
         }
-        EventBody::Send { .. } | EventBody::Visit { .. } => None,
+        EventBody::Send { .. } | EventBody::Visit { .. } | EventBody::Feedback { .. } => None,
     }
 }
 

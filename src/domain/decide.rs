@@ -6,7 +6,9 @@ use super::allowance::{
 };
 use super::cross_channel;
 use super::event::{Channel, CustomerRef, Event, EventBody, Purpose};
+use super::feedback::{self, FeedbackClass};
 use super::lapse::expected_interval;
+use super::lapse::Segment;
 use super::output::Output;
 use super::platform;
 use super::policy::Policy;
@@ -30,6 +32,8 @@ pub struct Effects {
     pub transitions: Vec<(Transition, String)>,
     /// Recalling visits whose `offer_code` has no configured cost (incentive 0).
     pub unknown_offer_codes: u32,
+    /// The care call a detractor's feedback started: its segment and channel.
+    pub care_call: Option<(Segment, Option<Channel>)>,
 }
 
 impl Effects {
@@ -362,6 +366,48 @@ pub fn recall_on_event(state: &mut CustomerState, ev: &Event, p: &Policy, fx: &m
             state.outbox.push(recall::outcome_output(o));
         }
     }
+}
+
+/// The care call of an applied feedback event, into the outbox: when the
+/// feedback is a detractor's, is the customer's latest (`latest`: a late,
+/// superseded score calls nobody) and `policy.feedback.care_call` is on.
+/// Decided at the feedback's event time. Returns its segment and channel.
+pub fn care_call_on_event(
+    state: &mut CustomerState,
+    ev: &Event,
+    latest: bool,
+    p: &Policy,
+    sp: &StateParams,
+) -> Option<(Segment, Option<Channel>)> {
+    let EventBody::Feedback { kind, score, .. } = &ev.body else {
+        return None;
+    };
+    let detractor = feedback::class(*kind, *score, &p.feedback) == FeedbackClass::Detractor;
+    if !latest || !detractor || !p.feedback.care_call {
+        return None;
+    }
+    let at = ev.occurred_at;
+    // Service ignores caps and throttles: only opt-outs rule a channel out.
+    let cands = super::recall::candidates(state, at, sp.horizons, &p.lapse, |_| true);
+    let ctx = super::recall::CareCallCtx {
+        customer: &ev.customer,
+        visits: &state.visits,
+        policy: &p.lapse,
+        candidates: &cands,
+        costs: &p.costs,
+        offer: &p.feedback.care_call_offer,
+    };
+    let mut t = super::recall::care_call(&state.recall, &ev.event_id, at, &ctx);
+    // Quiet hours are kept by timing: the first good hour outside them, or
+    // (contact hours off) the end of the quiet period it fell in.
+    let good = super::contact_hours::customer_good_hours(state, p, at);
+    t.send_after = t.recommended_channel.and_then(|c| match &good {
+        Some(g) => super::contact_hours::next_good_time(g, c, p, at),
+        None => p.quiet_until(c, at),
+    });
+    let counted = (t.segment, t.recommended_channel);
+    state.outbox.push(Output::Trigger(t));
+    Some(counted)
 }
 
 /// When this customer's timer must next fire: the next recall stage or the

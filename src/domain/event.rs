@@ -78,11 +78,68 @@ impl Purpose {
             _ => None,
         }
     }
+    /// Symbol as written in the Avro enum `lapse.v1.Purpose`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Purpose::Marketing => "MARKETING",
+            Purpose::Service => "SERVICE",
+        }
+    }
+
     pub fn label(self) -> &'static str {
         match self {
             Purpose::Marketing => "marketing",
             Purpose::Service => "service",
         }
+    }
+}
+
+/// Satisfaction scale of a feedback score, as in the Avro enum `lapse.v1.FeedbackKind`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum FeedbackKind {
+    /// Net Promoter Score: 0–10.
+    Nps,
+    /// Customer satisfaction: 1–5.
+    Csat,
+}
+
+impl FeedbackKind {
+    pub const ALL: [FeedbackKind; 2] = [FeedbackKind::Nps, FeedbackKind::Csat];
+
+    pub fn parse(symbol: &str) -> Option<FeedbackKind> {
+        match symbol {
+            "NPS" => Some(FeedbackKind::Nps),
+            "CSAT" => Some(FeedbackKind::Csat),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FeedbackKind::Nps => "NPS",
+            FeedbackKind::Csat => "CSAT",
+        }
+    }
+
+    /// Metric label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            FeedbackKind::Nps => "nps",
+            FeedbackKind::Csat => "csat",
+        }
+    }
+
+    /// The valid scores, inclusive.
+    pub fn range(self) -> std::ops::RangeInclusive<i32> {
+        match self {
+            FeedbackKind::Nps => 0..=10,
+            FeedbackKind::Csat => 1..=5,
+        }
+    }
+
+    pub fn index(self) -> usize {
+        self as usize
     }
 }
 
@@ -130,7 +187,7 @@ impl ReplyClass {
     }
 }
 
-/// The five input kinds; also the `event_type` metric label.
+/// The six input kinds; also the `event_type` metric label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum EventKind {
@@ -139,15 +196,20 @@ pub enum EventKind {
     Click,
     Reply,
     Visit,
+    Feedback,
 }
 
+/// How many input kinds (and input topics) there are.
+pub const INPUT_KINDS: usize = 6;
+
 impl EventKind {
-    pub const ALL: [EventKind; 5] = [
+    pub const ALL: [EventKind; INPUT_KINDS] = [
         EventKind::Send,
         EventKind::Open,
         EventKind::Click,
         EventKind::Reply,
         EventKind::Visit,
+        EventKind::Feedback,
     ];
 
     pub fn label(self) -> &'static str {
@@ -157,6 +219,7 @@ impl EventKind {
             EventKind::Click => "click",
             EventKind::Reply => "reply",
             EventKind::Visit => "visit",
+            EventKind::Feedback => "feedback",
         }
     }
 
@@ -168,6 +231,7 @@ impl EventKind {
             EventKind::Click => "lapse.v1.Click",
             EventKind::Reply => "lapse.v1.Reply",
             EventKind::Visit => "lapse.v1.Visit",
+            EventKind::Feedback => "lapse.v1.Feedback",
         }
     }
 
@@ -248,6 +312,15 @@ pub enum EventBody {
         /// What the redeemed offer took off, minor units of `currency`.
         discount: Option<i64>,
     },
+    Feedback {
+        kind: FeedbackKind,
+        /// In [`FeedbackKind::range`] (checked on decoding).
+        score: u8,
+        /// The visit the feedback is about, if the producer knows it.
+        visit_event_id: Option<String>,
+        /// Where the feedback was given.
+        channel: Option<Channel>,
+    },
 }
 
 /// A validated input event.
@@ -268,6 +341,7 @@ impl Event {
             EventBody::Click { .. } => EventKind::Click,
             EventBody::Reply { .. } => EventKind::Reply,
             EventBody::Visit { .. } => EventKind::Visit,
+            EventBody::Feedback { .. } => EventKind::Feedback,
         }
     }
 
@@ -291,7 +365,9 @@ impl Event {
             | EventBody::Open { channel, .. }
             | EventBody::Click { channel, .. }
             | EventBody::Reply { channel, .. } => Some(*channel),
-            EventBody::Visit { .. } => None,
+            // Feedback is no engagement with a message: its channel moves no
+            // allowance and no engagement count.
+            EventBody::Visit { .. } | EventBody::Feedback { .. } => None,
         }
     }
 }

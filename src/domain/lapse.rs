@@ -53,7 +53,10 @@ pub const MAX_FOLLOW_UPS_LIMIT: u32 = 10;
 /// Longest offer tier (in `offers`, `offer_costs`) and `Visit.offer_code`, bytes.
 pub const MAX_OFFER_CODE: usize = 100;
 
-/// Stage of a lapse episode, as in the Avro enum `lapse.v1.RecallStage`.
+/// Stage of a trigger, as in the Avro enum `lapse.v1.RecallStage`: the four
+/// stages of a lapse episode, and `CareCall`, a service follow-up of a
+/// detractor's feedback that is no part of any episode (`domain::feedback`).
+/// Appended last: postcard stores the variant index in outboxes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum Stage {
@@ -61,14 +64,16 @@ pub enum Stage {
     Lapsed,
     FollowUp,
     Dormant,
+    CareCall,
 }
 
 impl Stage {
-    pub const ALL: [Stage; 4] = [
+    pub const ALL: [Stage; 5] = [
         Stage::AtRisk,
         Stage::Lapsed,
         Stage::FollowUp,
         Stage::Dormant,
+        Stage::CareCall,
     ];
 
     /// Symbol as written in the Avro enum (also part of the stable trigger id).
@@ -78,6 +83,7 @@ impl Stage {
             Stage::Lapsed => "LAPSED",
             Stage::FollowUp => "FOLLOW_UP",
             Stage::Dormant => "DORMANT",
+            Stage::CareCall => "CARE_CALL",
         }
     }
 
@@ -93,6 +99,7 @@ impl Stage {
             Stage::Lapsed => "lapsed",
             Stage::FollowUp => "follow_up",
             Stage::Dormant => "dormant",
+            Stage::CareCall => "care_call",
         }
     }
 
@@ -694,6 +701,8 @@ pub fn scheduled_due(
             let after = p.dormant_after_days.max(p.attribution_window_days) as i64 * DAY_MS;
             last_touch.saturating_add(after)
         }
+        // Not scheduled: fired by a detractor's feedback.
+        Stage::CareCall => return None,
     })
 }
 

@@ -14,6 +14,7 @@ pub mod decide;
 pub mod engagement;
 pub mod event;
 pub mod experiment;
+pub mod feedback;
 pub mod lapse;
 pub mod output;
 pub mod platform;
@@ -29,5 +30,7 @@ pub mod visits;
 mod cross_channel_tests;
 #[cfg(test)]
 mod decide_tests;
+#[cfg(test)]
+mod feedback_tests;
 #[cfg(test)]
 mod platform_tests;

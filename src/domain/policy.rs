@@ -163,6 +163,8 @@ pub struct PolicyConfig {
     /// Best contact hours per customer (on by default: it restricts nothing).
     pub contact_hours: ContactHoursPolicy,
     pub lapse: super::lapse::LapsePolicy,
+    /// Satisfaction feedback: detractor thresholds and the care call.
+    pub feedback: super::feedback::FeedbackPolicy,
     /// Cost of one marketing send per channel, minor currency units (used when a
     /// send carries no `cost`, and to break ties between channels).
     pub costs: BTreeMap<Channel, i64>,
@@ -189,6 +191,8 @@ pub struct TenantOverride {
     /// Replaces the global section as a whole (e.g. the tenant's own population histogram).
     pub contact_hours: Option<ContactHoursPolicy>,
     pub lapse: Option<super::lapse::LapsePolicy>,
+    /// Replaces the global section as a whole.
+    pub feedback: Option<super::feedback::FeedbackPolicy>,
     pub costs: BTreeMap<Channel, i64>,
 }
 
@@ -257,6 +261,7 @@ impl Default for PolicyConfig {
             adaptive_caps: seed_adaptive_caps(),
             contact_hours: ContactHoursPolicy::default(),
             lapse: Default::default(),
+            feedback: Default::default(),
             costs: seed_costs(),
             tenants: BTreeMap::new(),
             experiments: Vec::new(),
@@ -294,6 +299,7 @@ pub struct Policy {
     pub adaptive_caps: [Option<AdaptiveCap>; 5],
     pub contact_hours: ContactHoursPolicy,
     pub lapse: super::lapse::LapsePolicy,
+    pub feedback: super::feedback::FeedbackPolicy,
     /// Cost of one send per channel, minor units, indexed by `Channel::index()`.
     pub costs: [i64; 5],
 }
@@ -488,6 +494,10 @@ impl PolicyConfig {
         lapse
             .validate(&format!("{prefix}.lapse"))
             .map_err(|(k, m)| bad(k, m))?;
+        let feedback = o.feedback.clone().unwrap_or_else(|| self.feedback.clone());
+        feedback
+            .validate(&format!("{prefix}.feedback"))
+            .map_err(|(k, m)| bad(k, m))?;
         Ok(Policy {
             tz,
             caps,
@@ -499,6 +509,7 @@ impl PolicyConfig {
             adaptive_caps,
             contact_hours,
             lapse,
+            feedback,
             costs,
         })
     }

@@ -22,7 +22,10 @@ use serde::{Deserialize, Serialize};
 
 use super::allowance::{ChannelControl, ThrottleDecision};
 use super::engagement::{ChannelEngagement, Horizons, Signal};
-use super::event::{Channel, CustomerRef, Event, EventBody, EventKind, Purpose, ReplyClass};
+use super::event::{
+    Channel, CustomerRef, Event, EventBody, EventKind, Purpose, ReplyClass, INPUT_KINDS,
+};
+use super::feedback::{FeedbackNote, LatestFeedback};
 use super::output::Output;
 use super::recall::RecallState;
 use super::visits::Visits;
@@ -88,9 +91,9 @@ pub struct Watermark {
 #[serde(from = "AppliedV1", into = "AppliedV1")]
 pub struct Applied {
     /// Highest applied offset per input topic, indexed by `EventKind`.
-    pub watermarks: [Option<Watermark>; 5],
+    pub watermarks: [Option<Watermark>; INPUT_KINDS],
     /// Remembered event ids per input topic, indexed by `EventKind`.
-    pub seen: [SeenIds; 5],
+    pub seen: [SeenIds; INPUT_KINDS],
     /// Ids remembered by earlier versions (a ring of hashes without times, all topics
     /// mixed): still consulted, never added to, at most 1024.
     pub legacy_ids: Vec<IdHash>,
@@ -107,8 +110,10 @@ struct AppliedV1 {
 
 impl From<AppliedV1> for Applied {
     fn from(v: AppliedV1) -> Applied {
+        let mut watermarks = [None; INPUT_KINDS];
+        watermarks[..5].copy_from_slice(&v.watermarks);
         Applied {
-            watermarks: v.watermarks,
+            watermarks,
             seen: Default::default(),
             legacy_ids: v.recent_ids.into(),
         }
@@ -118,8 +123,11 @@ impl From<AppliedV1> for Applied {
 impl From<Applied> for AppliedV1 {
     fn from(a: Applied) -> AppliedV1 {
         let seen = a.seen.iter().flat_map(|t| t.ids.iter().map(|x| x.id));
+        // Format 1 predates the feedback topic (benchmarks only write it).
+        let mut watermarks = [None; 5];
+        watermarks.copy_from_slice(&a.watermarks[..5]);
         AppliedV1 {
-            watermarks: a.watermarks,
+            watermarks,
             recent_ids: a.legacy_ids.iter().copied().chain(seen).collect(),
         }
     }
@@ -213,6 +221,9 @@ pub struct CustomerState {
     /// compact format only.
     #[serde(skip)]
     pub exposures: Vec<super::experiment::Exposure>,
+    /// The latest satisfaction feedback (`None` until the first). Compact format only.
+    #[serde(skip)]
+    pub feedback: Option<LatestFeedback>,
 }
 
 /// What folding one record did.
@@ -237,6 +248,8 @@ pub struct Notes {
     pub currency_mismatch: bool,
     /// Ids still inside the dedup window that the per-topic bound pushed out.
     pub evicted_ids: u32,
+    /// An applied feedback event, with what its satisfaction is measured under.
+    pub feedback: Option<FeedbackNote>,
 }
 
 /// The low 48 bits of an event id's hash, stored as 6 bytes. A new event is a
@@ -369,6 +382,20 @@ impl CustomerState {
                     p.visit_history,
                 );
             }
+            EventBody::Feedback { kind, score, .. } => {
+                let f = LatestFeedback {
+                    at: t,
+                    kind: *kind,
+                    score: *score,
+                };
+                notes.feedback = Some(FeedbackNote {
+                    kind: *kind,
+                    score: *score,
+                    latest: LatestFeedback::observe(&mut self.feedback, f),
+                    segment: super::feedback::segment_label(&self.recall),
+                    recall_arm: super::feedback::recall_arm(&self.recall),
+                });
+            }
         }
         let keep_from = window
             .zip(self.latest(kind))
@@ -394,6 +421,7 @@ impl CustomerState {
             EventKind::Click => channels.filter_map(|c| c.last_click).max(),
             EventKind::Reply => channels.filter_map(|c| c.last_reply).max(),
             EventKind::Visit => self.visits.last_at,
+            EventKind::Feedback => self.feedback.map(|f| f.at),
         }
     }
 

@@ -30,6 +30,13 @@ pub fn on_record(
     contact_hours::observe(state, ev, policy);
     let mut fx = decide::on_event(state, ev, before, policy, params);
     decide::recall_on_event(state, ev, policy, &mut fx);
+    fx.care_call = decide::care_call_on_event(
+        state,
+        ev,
+        notes.feedback.is_some_and(|f| f.latest),
+        policy,
+        params,
+    );
     (out, notes, Some(fx))
 }
 

@@ -89,16 +89,11 @@ pub async fn check_broker(cfg: &KafkaConfig) -> Result<(), KafkaError> {
 pub async fn ensure_topics(cfg: &KafkaConfig) -> Result<(), KafkaError> {
     let admin = admin_client(cfg)?;
     let t = &cfg.topics;
-    let plain: Vec<&str> = vec![
-        &t.sends,
-        &t.opens,
-        &t.clicks,
-        &t.replies,
-        &t.visits,
-        &t.dlq,
-        &t.triggers,
-        &t.outcomes,
-    ];
+    let plain: Vec<&str> = t
+        .inputs()
+        .into_iter()
+        .chain([t.dlq.as_str(), &t.triggers, &t.outcomes])
+        .collect();
     let mut topics: Vec<NewTopic<'_>> = plain
         .iter()
         .map(|n| NewTopic::new(n, cfg.topic_partitions, TopicReplication::Fixed(-1)))

@@ -38,15 +38,15 @@
 //! ```text
 //! body     := h0:u8 base:ivar unit:var presence:u16le [visits] channel* control*
 //!             watermark* seen [episode] [episode] [timer_due:T] [touches] [exposures]
-//!             [measures] [outbox] [last] [send_after] [hours] [offers]
+//!             [measures] [outbox] [last] [send_after] [hours] [feedback] [offers]
 //!             (with h0 bit 1, an extension byte h1 follows h0, before base)
 //! h0       := bit 0 seen (else: ring, as earlier versions wrote it); 1 h1 follows;
 //!             2 visits present; 3 timer_due; 4 recall.current; 5 recall.previous;
 //!             6 outbox; 7 last decisions' details (absent in states written before them)
 //! h1       := bit 0 campaign touches; 1 active hours; 2 experiment exposures;
-//!             3 send_after of outbox triggers; 5 offers (incentive costs of
-//!             outbox outcomes, repurchase watch); 6 experiment measures (only
-//!             with 2); bits 4, 7 = 0 (for later sections);
+//!             3 send_after of outbox triggers; 4 feedback; 5 offers (incentive
+//!             costs of outbox outcomes, repurchase watch); 6 experiment
+//!             measures (only with 2); bit 7 = 0 (for later sections);
 //!             never 0 (absent in states written before it: read as 0)
 //! unit     := (ms / 1000) << 1 | 1 when a whole number of seconds, else ms << 1
 //! presence := bits 0-4 channels, 5-9 controls, 10-14 watermarks (by index); 15 = 0
@@ -95,6 +95,12 @@
 //! send_after := n:var n×(index:var at:T)
 //!   the outbox triggers' `send_after` (a field postcard(Vec<Output>) predates),
 //!   by ascending index into the outbox; n ≥ 1
+//! feedback := f0:u8 [at:T score:u8] [partition:ivar offset:ivar]
+//!             [ids: n:var latest:ivar (n-1)×gap:var n×6 bytes] [evicted_until:ivar]
+//!   the latest feedback and the feedback topic's idempotence (a topic the
+//!   presence and seen bits predate; its times in minutes, as in `seen`).
+//!   f0: bit 0 latest feedback; 1 its kind is CSAT (else NPS; only with bit 0);
+//!   2 watermark; 3 remembered ids (n ≥ 1); 4 evicted_until; 5-7 = 0; never 0
 //! offers   := o0:u8 [n:var n×(index:var cost:ivar)] [watch]
 //!   o0: bit 0 the outbox outcomes' `incentive_cost` (a field postcard(Vec<Output>)
 //!   predates; by ascending index, n ≥ 1, only the non-zero ones); 1 the
@@ -110,9 +116,10 @@ use crate::domain::allowance::{
 use crate::domain::contact_hours::ActiveHours;
 use crate::domain::cross_channel::{CampaignTouch, MAX_CAMPAIGN_TOUCHES};
 use crate::domain::engagement::{ChannelEngagement, Counts};
-use crate::domain::event::{Channel, VisitType};
+use crate::domain::event::{Channel, EventKind, FeedbackKind, VisitType, INPUT_KINDS};
 use crate::domain::experiment::exposure::{Exposure, MAX_EXPOSURES};
 use crate::domain::experiment::measure::{Measures, FIELDS};
+use crate::domain::feedback::LatestFeedback;
 use crate::domain::lapse::{Segment, Stage};
 use crate::domain::output::Output;
 use crate::domain::recall::{Arm, Episode, OutcomeKind, RecallState, RepurchaseWatch, StageRecord};
@@ -122,7 +129,14 @@ use crate::domain::state::{
 use crate::domain::visits::Visits;
 
 /// The h1 bits this version reads (the others are reserved).
-const H1_KNOWN: u8 = 0b0110_1111;
+const H1_KNOWN: u8 = 0b0111_1111;
+
+/// The input topics whose watermarks and remembered ids the header's presence
+/// and seen bits cover (sends to visits); the feedback topic, added later,
+/// keeps its own in the feedback section.
+const HEADER_TOPICS: usize = 5;
+/// The input topic kept in the feedback section.
+const FEEDBACK: EventKind = EventKind::Feedback;
 
 /// Names of the sections, in the order [`encode_parts`] measures them.
 pub const SECTIONS: [&str; 9] = [
@@ -261,8 +275,10 @@ fn times(s: &CustomerState, f: &mut dyn FnMut(i64)) {
         campaign_touches,
         active_hours,
         exposures,
+        feedback,
     } = s;
     campaign_touches.iter().for_each(|x| f(x.at));
+    feedback.iter().for_each(|x| f(x.at));
     exposures.iter().for_each(|x| f(x.at));
     active_hours.iter().for_each(|h| f(h.at));
     send_afters(outbox).for_each(|(_, t)| f(t));
@@ -447,6 +463,7 @@ impl Enc<'_> {
             campaign_touches,
             active_hours,
             exposures,
+            feedback,
         } = s;
         let RecallState {
             current,
@@ -455,10 +472,18 @@ impl Enc<'_> {
         } = recall;
         let send_after: Vec<(usize, i64)> = send_afters(outbox).collect();
         let incentives: Vec<(usize, i64)> = incentives(outbox).collect();
+        let fb = FEEDBACK.index();
+        let feedback_topic = (
+            applied.watermarks[fb],
+            &applied.seen[fb].ids,
+            applied.seen[fb].evicted_until,
+        );
+        let has_feedback = feedback.is_some() || feedback_topic != (None, &Vec::new(), None);
         let h1 = bit(!campaign_touches.is_empty(), 0)
             | bit(active_hours.is_some(), 1)
             | bit(!exposures.is_empty(), 2)
             | bit(!send_after.is_empty(), 3)
+            | bit(has_feedback, 4)
             | bit(!incentives.is_empty() || repurchase.is_some(), 5)
             | bit(measure_width(exposures) > 0, 6);
         let has_visits = *visits != Visits::default();
@@ -487,7 +512,7 @@ impl Enc<'_> {
             unit << 1
         });
         let mut presence = 0u16;
-        for i in 0..5 {
+        for i in 0..HEADER_TOPICS {
             presence |= (channels[i].is_some() as u16) << i;
             presence |= (controls[i].is_some() as u16) << (5 + i);
             presence |= (applied.watermarks[i].is_some() as u16) << (10 + i);
@@ -542,6 +567,9 @@ impl Enc<'_> {
         if let Some(h) = active_hours {
             self.active_hours(h);
         }
+        if has_feedback {
+            self.feedback(*feedback, feedback_topic);
+        }
         marks[8] = self.out.len();
         if h1 & 32 != 0 {
             self.offers(&incentives, repurchase.as_ref());
@@ -574,6 +602,32 @@ impl Enc<'_> {
             } else {
                 w.window_ms
             });
+        }
+    }
+
+    fn feedback(
+        &mut self,
+        latest: Option<LatestFeedback>,
+        (watermark, ids, evicted_until): (Option<Watermark>, &Vec<SeenId>, Option<i64>),
+    ) {
+        self.u8(bit(latest.is_some(), 0)
+            | bit(latest.is_some_and(|f| f.kind == FeedbackKind::Csat), 1)
+            | bit(watermark.is_some(), 2)
+            | bit(!ids.is_empty(), 3)
+            | bit(evicted_until.is_some(), 4));
+        if let Some(f) = latest {
+            self.time(f.at);
+            self.u8(f.score);
+        }
+        if let Some(w) = watermark {
+            self.ivar(i64::from(w.partition));
+            self.ivar(w.offset);
+        }
+        if !ids.is_empty() {
+            self.seen_ids(ids);
+        }
+        if let Some(e) = evicted_until {
+            self.ivar(self.seen_minutes(e));
         }
     }
 
@@ -819,37 +873,49 @@ impl Enc<'_> {
         for Watermark {
             partition: p,
             offset: o,
-        } in watermarks.iter().flatten()
+        } in watermarks[..HEADER_TOPICS].iter().flatten()
         {
             self.ivar(i64::from(*p) - partition);
             self.ivar(o.wrapping_sub(offset));
             (partition, offset) = (i64::from(*p), *o);
         }
+        let seen = &seen[..HEADER_TOPICS];
         let mut sp = (!legacy_ids.is_empty() as u16) << 10;
         for (i, t) in seen.iter().enumerate() {
             sp |= (!t.ids.is_empty() as u16) << i;
             sp |= (t.evicted_until.is_some() as u16) << (5 + i);
         }
         self.var(u64::from(sp));
-        // Whole minutes (`SeenId::new`), so in their own unit: 1–2 bytes a gap.
-        let base = self.base.div_euclid(SEEN_AT_UNIT_MS);
-        let minutes = |t: i64| t.div_euclid(SEEN_AT_UNIT_MS).wrapping_sub(base);
         for t in seen.iter().filter(|t| !t.ids.is_empty()) {
-            self.var(t.ids.len() as u64);
-            let latest = t.ids[t.ids.len() - 1].at;
-            self.ivar(minutes(latest));
-            for w in t.ids.windows(2).rev() {
-                self.var(minutes(w[1].at).wrapping_sub(minutes(w[0].at)) as u64);
-            }
-            for x in &t.ids {
-                self.out.extend_from_slice(&x.id.to_bytes());
-            }
+            self.seen_ids(&t.ids);
         }
         for e in seen.iter().filter_map(|t| t.evicted_until) {
-            self.ivar(minutes(e));
+            self.ivar(self.seen_minutes(e));
         }
         if !legacy_ids.is_empty() {
             self.ring(legacy_ids);
+        }
+    }
+
+    /// A remembered id's time in whole minutes (`SeenId::new`) from the base:
+    /// in their own unit, 1–2 bytes a gap.
+    fn seen_minutes(&self, t: i64) -> i64 {
+        let base = self.base.div_euclid(SEEN_AT_UNIT_MS);
+        t.div_euclid(SEEN_AT_UNIT_MS).wrapping_sub(base)
+    }
+
+    /// One topic's remembered ids (at least one): their times, then hashes.
+    fn seen_ids(&mut self, ids: &[SeenId]) {
+        self.var(ids.len() as u64);
+        self.ivar(self.seen_minutes(ids[ids.len() - 1].at));
+        for w in ids.windows(2).rev() {
+            let gap = self
+                .seen_minutes(w[1].at)
+                .wrapping_sub(self.seen_minutes(w[0].at));
+            self.var(gap as u64);
+        }
+        for x in ids {
+            self.out.extend_from_slice(&x.id.to_bytes());
         }
     }
 
@@ -898,6 +964,8 @@ impl Enc<'_> {
                 // repurchase watch holds it); were it, RECALLED is implied.
                 Some(OutcomeKind::Repurchased) => 1,
             };
+            // Two bits: an episode holds its four stages, never a CARE_CALL.
+            debug_assert!(stage.index() < 4, "{stage} in an episode");
             self.u8(stage.index() as u8
                 | (segment.index() as u8) << 2
                 | bit(*skipped, 4)
@@ -1080,9 +1148,9 @@ impl Dec<'_> {
                 *slot = Some(self.control()?);
             }
         }
-        let mut watermarks = [None; 5];
+        let mut watermarks = [None; INPUT_KINDS];
         let (mut partition, mut offset) = (0i64, 0i64);
-        for (i, slot) in watermarks.iter_mut().enumerate() {
+        for (i, slot) in watermarks[..HEADER_TOPICS].iter_mut().enumerate() {
             if has(10 + i) {
                 partition = partition
                     .checked_add(self.ivar()?)
@@ -1095,7 +1163,7 @@ impl Dec<'_> {
                 });
             }
         }
-        let (seen, legacy_ids) = if h0 & 1 != 0 {
+        let (mut seen, legacy_ids) = if h0 & 1 != 0 {
             self.seen()?
         } else {
             (Default::default(), self.ring()?)
@@ -1146,6 +1214,12 @@ impl Dec<'_> {
         } else {
             None
         };
+        let feedback = if h1 & 16 != 0 {
+            let fb = FEEDBACK.index();
+            self.feedback(&mut watermarks[fb], &mut seen[fb])?
+        } else {
+            None
+        };
         let repurchase = if h1 & 32 != 0 {
             self.offers(&mut outbox)?
         } else {
@@ -1170,7 +1244,50 @@ impl Dec<'_> {
             campaign_touches,
             active_hours,
             exposures,
+            feedback,
         })
+    }
+
+    fn feedback(
+        &mut self,
+        watermark: &mut Option<Watermark>,
+        seen: &mut SeenIds,
+    ) -> Res<Option<LatestFeedback>> {
+        let f0 = self.u8()?;
+        if f0 == 0 || f0 >> 5 != 0 || (f0 & 1 == 0 && f0 & 2 != 0) {
+            return Err("feedback: empty, or a reserved bit set".into());
+        }
+        let latest = if f0 & 1 != 0 {
+            let at = self.time()?;
+            let kind = if f0 & 2 != 0 {
+                FeedbackKind::Csat
+            } else {
+                FeedbackKind::Nps
+            };
+            let score = self.u8()?;
+            if !kind.range().contains(&i32::from(score)) {
+                return Err(format!("feedback: {kind:?} score {score} out of range"));
+            }
+            Some(LatestFeedback { at, kind, score })
+        } else {
+            None
+        };
+        if f0 & 4 != 0 {
+            let partition = i32::try_from(self.ivar()?)
+                .map_err(|_| "feedback watermark partition out of range")?;
+            *watermark = Some(Watermark {
+                partition,
+                offset: self.ivar()?,
+            });
+        }
+        if f0 & 8 != 0 {
+            seen.ids = self.seen_ids()?;
+        }
+        if f0 & 16 != 0 {
+            let m = self.ivar()?;
+            seen.evicted_until = Some(self.seen_at(m)?);
+        }
+        Ok(latest)
     }
 
     fn send_after(&mut self, outbox: &mut [Output]) -> Res<()> {
@@ -1358,43 +1475,51 @@ impl Dec<'_> {
         Ok(IdHash::from_bytes([b[0], b[1], b[2], b[3], b[4], b[5]]))
     }
 
-    fn seen(&mut self) -> Res<([SeenIds; 5], Vec<IdHash>)> {
+    /// A remembered id's time from its minutes to the base.
+    fn seen_at(&self, m: i64) -> Res<i64> {
+        self.base
+            .div_euclid(SEEN_AT_UNIT_MS)
+            .checked_add(m)
+            .and_then(|m| m.checked_mul(SEEN_AT_UNIT_MS))
+            .ok_or_else(|| "seen ids: time out of range".to_string())
+    }
+
+    /// One topic's remembered ids (see `Enc::seen_ids`).
+    fn seen_ids(&mut self) -> Res<Vec<SeenId>> {
+        // Each id is at least its 6 hash bytes and a gap byte.
+        let n = self.len(7, "seen ids")?;
+        if n == 0 {
+            return Err("seen ids: a present topic with none".into());
+        }
+        let mut m = vec![self.ivar()?; n];
+        for j in (0..n - 1).rev() {
+            m[j] = m[j + 1].wrapping_sub(self.var()? as i64);
+        }
+        m.into_iter()
+            .map(|m| {
+                Ok(SeenId {
+                    at: self.seen_at(m)?,
+                    id: self.id_hash()?,
+                })
+            })
+            .collect()
+    }
+
+    fn seen(&mut self) -> Res<([SeenIds; INPUT_KINDS], Vec<IdHash>)> {
         let sp = self.var()?;
         if sp >> 11 != 0 {
             return Err("seen ids: reserved bit set".into());
         }
-        let base = self.base.div_euclid(SEEN_AT_UNIT_MS);
-        let at = |m: i64| {
-            base.checked_add(m)
-                .and_then(|m| m.checked_mul(SEEN_AT_UNIT_MS))
-                .ok_or_else(|| "seen ids: time out of range".to_string())
-        };
-        let mut seen: [SeenIds; 5] = Default::default();
-        for (i, t) in seen.iter_mut().enumerate() {
+        let mut seen: [SeenIds; INPUT_KINDS] = Default::default();
+        for (i, t) in seen[..HEADER_TOPICS].iter_mut().enumerate() {
             if sp & (1 << i) != 0 {
-                // Each id is at least its 6 hash bytes and a gap byte.
-                let n = self.len(7, "seen ids")?;
-                if n == 0 {
-                    return Err("seen ids: a present topic with none".into());
-                }
-                let mut m = vec![self.ivar()?; n];
-                for j in (0..n - 1).rev() {
-                    m[j] = m[j + 1].wrapping_sub(self.var()? as i64);
-                }
-                t.ids = m
-                    .into_iter()
-                    .map(|m| {
-                        Ok(SeenId {
-                            at: at(m)?,
-                            id: self.id_hash()?,
-                        })
-                    })
-                    .collect::<Res<_>>()?;
+                t.ids = self.seen_ids()?;
             }
         }
-        for (i, t) in seen.iter_mut().enumerate() {
+        for (i, t) in seen[..HEADER_TOPICS].iter_mut().enumerate() {
             if sp & (1 << (5 + i)) != 0 {
-                t.evicted_until = Some(at(self.ivar()?)?);
+                let m = self.ivar()?;
+                t.evicted_until = Some(self.seen_at(m)?);
             }
         }
         let legacy = if sp & (1 << 10) != 0 {
@@ -1962,6 +2087,25 @@ mod tests {
                 window_ms,
             });
         }
+        if r.random_bool(0.3) {
+            let kind = [FeedbackKind::Nps, FeedbackKind::Csat][r.random_range(0..2)];
+            s.feedback = Some(LatestFeedback {
+                at: time(r, base, unit),
+                kind,
+                score: r.random_range(kind.range()) as u8,
+            });
+        }
+        // The feedback topic's watermark lives in the feedback section.
+        s.applied.watermarks[FEEDBACK.index()] = opt(r, |r| Watermark {
+            partition: r.random_range(0..12),
+            offset: r.random(),
+        });
+        if r.random_bool(0.1) {
+            // A care call: a stage appended to the enum, through postcard.
+            let mut t = trigger(opt(r, |r| time(r, base, unit)));
+            t.stage = Stage::CareCall;
+            s.outbox.push(Output::Trigger(t));
+        }
         s
     }
 
@@ -2098,6 +2242,24 @@ mod tests {
         d.truncate(zero - 2);
         d.push(0);
         assert!(decode(&d).unwrap_err().contains("cost 0"));
+        // The feedback section (h1 bit 4): never empty, no reserved bit, a kind
+        // only with a score, a score in its kind's range.
+        let with_feedback = |f: &[u8]| [&[0x03u8, 0x10, 0, 2, 0, 0, 0][..], f].concat();
+        for (f, what) in [
+            (&[0u8][..], "empty"),
+            (&[0x20], "reserved"),
+            (&[0x02], "reserved"),
+            (&[0x01, 0, 11], "out of range"),
+            (&[0x03, 0, 0], "out of range"),
+        ] {
+            let e = decode(&with_feedback(f)).unwrap_err();
+            assert!(e.contains(what), "{f:?}: {e}");
+        }
+        let ok = decode(&with_feedback(&[0x03, 0, 5])).unwrap();
+        assert_eq!(
+            ok.feedback.map(|f| (f.kind, f.score)),
+            Some((FeedbackKind::Csat, 5))
+        );
         // Last decisions flagged with no control to belong to.
         let e = decode(&[0x81, 0, 2, 0, 0, 0, 1, 0, 0]).unwrap_err();
         assert!(e.contains("without its decision"), "{e}");

@@ -32,12 +32,13 @@ pub fn day(days: i64) -> i64 {
         .timestamp_millis()
         + days * DAY
 }
-pub const INPUTS: [&str; 5] = [
+pub const INPUTS: [&str; 6] = [
     "engagement.sends",
     "engagement.opens",
     "engagement.clicks",
     "engagement.replies",
     "clinic.visits",
+    "clinic.feedback",
 ];
 pub const PARTITIONS: i32 = 3;
 pub const LONG: Duration = Duration::from_secs(90);
@@ -48,7 +49,7 @@ pub fn schemas_dir() -> String {
 
 /// The schema file as written (with docs and logical types), as a producer would register it.
 pub fn schema_file(kind: EventKind) -> String {
-    let name = ["send", "open", "click", "reply", "visit"][kind.index()];
+    let name = kind.label(); // the file stem of every input schema
     std::fs::read_to_string(format!("{}/{name}.avsc", schemas_dir())).expect("schema file")
 }
 

@@ -8,10 +8,15 @@ Two subcommands:
 
   produce  Encode input events and produce them to lapse's input topics.
            Events come from a JSON file: a list of
-             {"kind": "send|open|click|reply|visit", "key": "TENANT/CUSTOMER",
+             {"kind": "send|open|click|reply|visit|feedback", "key": "TENANT/CUSTOMER",
               "value": {...Avro record as JSON: enums as strings, nulls as null,
                         timestamps as epoch milliseconds...},
-              "corrupt": null | "garbage" | "empty" | "unknown_schema"}
+              "corrupt": null | "garbage" | "empty" | "unknown_schema",
+              "writer": null | "older" | "newer"}
+           `writer` encodes a good record with another version of the schema
+           file (schema evolution): "older" without the file's optional
+           (null-defaulted) fields, "newer" with one more optional field,
+           `survey_id`; the record's value must match that version.
            `corrupt` makes a deliberately bad record (for the dead-letter topic):
            "garbage" is bytes that are not Avro in any framing, "empty" an empty
            value, "unknown_schema" a valid record written with a schema lapse
@@ -63,6 +68,7 @@ INPUT_TOPICS = {
     "click": "engagement.clicks",
     "reply": "engagement.replies",
     "visit": "clinic.visits",
+    "feedback": "clinic.feedback",
 }
 SINGLE_OBJECT_MAGIC = b"\xc3\x01"
 CONFLUENT_MAGIC = 0
@@ -112,6 +118,29 @@ def newer_writer_schema(schema_json):
     return schema
 
 
+def older_writer_schema(schema_json):
+    """The schema without its optional (null-defaulted) fields: a producer
+    still on a version from before they were added."""
+    schema = json.loads(schema_json)
+    schema["fields"] = [f for f in schema["fields"] if not ("default" in f and f["default"] is None)]
+    return schema
+
+
+def writer_version(schema, writer):
+    """The schema entry (text, parsed, fingerprint) of writer version `writer`."""
+    if writer is None:
+        return schema
+    if writer == "older":
+        doc = older_writer_schema(schema["text"])
+    elif writer == "newer":
+        doc = json.loads(schema["text"])
+        doc["fields"].append({"name": "survey_id", "type": ["null", "string"], "default": None})
+    else:
+        sys.exit(f"unknown writer version {writer!r}")
+    parsed = fastavro.parse_schema(doc)
+    return {"text": json.dumps(doc), "parsed": parsed, "fingerprint": single_object_fingerprint(parsed)}
+
+
 def to_json(value):
     """JSON for decoded Avro values (fastavro returns timestamp-millis as datetime)."""
     if isinstance(value, datetime.datetime):
@@ -126,13 +155,16 @@ def to_json(value):
 def encode(event, framing, schemas, serializers):
     """(value bytes, framing used) of one event from the events file."""
     kind, record, corrupt = event["kind"], event.get("value"), event.get("corrupt")
-    schema = schemas[kind]
+    writer = event.get("writer")
+    schema = writer_version(schemas[kind], writer)
     if corrupt is None and framing == "single-object":
         return single_object(schema["parsed"], schema["fingerprint"], record), framing
     if corrupt is None:
         # AvroSerializer: 00 + schema id (registered under `<topic>-value`) + body.
         ctx = SerializationContext(INPUT_TOPICS[kind], MessageField.VALUE)
-        return serializers[kind](record, ctx), framing
+        if (kind, writer) not in serializers:
+            serializers[(kind, writer)] = AvroSerializer(serializers["registry"], schema["text"])
+        return serializers[(kind, writer)](record, ctx), framing
     if corrupt == "garbage":
         return "not Avro in any framing".encode(), "none"
     if corrupt == "empty":
@@ -158,9 +190,10 @@ def produce(args):
         if not args.registry:
             sys.exit("--framing confluent needs --registry")
         registry = SchemaRegistryClient({"url": args.registry})
+        serializers["registry"] = registry
         for kind, s in schemas.items():
             # Registers the schema under `<topic>-value` (TopicNameStrategy) on first use.
-            serializers[kind] = AvroSerializer(registry, s["text"])
+            serializers[(kind, None)] = AvroSerializer(registry, s["text"])
 
     events = json.loads(pathlib.Path(args.events).read_text(encoding="utf-8"))
     config = {"bootstrap.servers": args.bootstrap, "linger.ms": 5, "message.timeout.ms": 30000}

@@ -1,4 +1,4 @@
-//! `lapse-tools produce-sample`: a small, deterministic set of events of all five kinds,
+//! `lapse-tools produce-sample`: a small, deterministic set of events of all six kinds,
 //! Avro single-object encoded, for the demo and for trying lapse by hand.
 //! (The full population simulator is `lapse-tools simulate`.)
 
@@ -14,7 +14,10 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 
 use lapse::codec::{Encoder, Framing, SchemaSet};
 use lapse::config::Config;
-use lapse::domain::event::{Channel, CustomerRef, Event, EventBody, EventKind, Purpose, VisitType};
+use lapse::domain::event::{
+    Channel, CustomerRef, Event, EventBody, EventKind, FeedbackKind, Purpose, VisitType,
+    INPUT_KINDS,
+};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct SampleArgs {
@@ -45,6 +48,7 @@ pub struct Sample {
 /// Deterministic sample events for `args`, in time order.
 pub fn generate(args: &SampleArgs, now_ms: i64) -> Vec<Sample> {
     let mut rng = StdRng::seed_from_u64(args.seed);
+    let mut satisfaction = StdRng::seed_from_u64(args.seed ^ 0xfeed_bacc);
     let day = 86_400_000i64;
     let start = now_ms - args.days * day;
     let mut out = Vec::new();
@@ -65,9 +69,28 @@ pub fn generate(args: &SampleArgs, now_ms: i64) -> Vec<Sample> {
             } * day;
             let mut at = start + rng.random_range(0..cadence.min(args.days * day).max(1));
             while at < now_ms - day {
+                let visit_id = id("visit");
+                // Its own random stream, so the other events stay as they were.
+                if satisfaction.random_bool(0.4) {
+                    let score = satisfaction.random_range(0..=10);
+                    out.push(Sample {
+                        event: Event {
+                            event_id: format!("{visit_id}-feedback"),
+                            customer: customer.clone(),
+                            occurred_at: at + 2 * 3_600_000,
+                            body: EventBody::Feedback {
+                                kind: FeedbackKind::Nps,
+                                score,
+                                visit_event_id: Some(visit_id.clone()),
+                                channel: Some(Channel::Wechat),
+                            },
+                        },
+                        text: None,
+                    });
+                }
                 out.push(Sample {
                     event: Event {
-                        event_id: id("visit"),
+                        event_id: visit_id,
                         customer: customer.clone(),
                         occurred_at: at,
                         body: EventBody::Visit {
@@ -173,7 +196,7 @@ pub async fn produce(cfg: &Config, args: &SampleArgs) -> anyhow::Result<()> {
     let now = chrono::Utc::now().timestamp_millis();
     let samples = generate(args, now);
     let topics = cfg.kafka.topics.inputs();
-    let mut per_kind = [0usize; 5];
+    let mut per_kind = [0usize; INPUT_KINDS];
     for chunk in samples.chunks(1000) {
         let mut encoded = Vec::with_capacity(chunk.len());
         for s in chunk {

@@ -10,13 +10,17 @@
 //! * marketing sends by channel and their cost (the send's, or the channel's
 //!   configured cost), opens, clicks, replies, unsubscribe replies;
 //! * visits and their spend;
-//! * recall triggers fired (both recall arms), RECALLED outcomes.
+//! * recall triggers fired (both recall arms), RECALLED outcomes and their
+//!   incentive cost, REPURCHASED outcomes;
+//! * satisfaction answers, their scores and the detractors among them.
 
 use serde::{Deserialize, Serialize};
 
 use super::active::Effective;
 use crate::domain::event::{Event, EventBody, ReplyClass};
+use crate::domain::feedback::{self, FeedbackClass};
 use crate::domain::output::Output;
+use crate::domain::policy::Policy;
 use crate::domain::recall::{Fired, OutcomeKind};
 use crate::domain::state::CustomerState;
 
@@ -44,6 +48,16 @@ pub struct Measures {
     /// When the customer's arm was stopped by the guardrail and they were
     /// switched to the control's policy (announced by throttle events).
     pub switched_at: Option<i64>,
+    /// Incentive cost of the RECALLED outcomes (the redeemed offers), minor units.
+    pub incentive_cost: i64,
+    /// REPURCHASED outcomes.
+    pub repurchased: u32,
+    /// Satisfaction answers (NPS or CSAT).
+    pub feedback: u32,
+    /// Their scores on a common 0–100 scale (`feedback::normalized` × 100), summed.
+    pub satisfaction: u32,
+    /// Of them, detractors (`policy.feedback` thresholds).
+    pub detractors: u32,
 }
 
 impl Measures {
@@ -66,6 +80,11 @@ impl Measures {
             s(self.recalled),
             self.marketing_cost,
             self.switched_at.unwrap_or(0),
+            self.incentive_cost,
+            s(self.repurchased),
+            s(self.feedback),
+            s(self.satisfaction),
+            s(self.detractors),
         ]
     }
 
@@ -84,6 +103,11 @@ impl Measures {
             recalled: c(f[12])?,
             marketing_cost: f[13],
             switched_at: (f[14] != 0).then_some(f[14]),
+            incentive_cost: f[15],
+            repurchased: c(f[16])?,
+            feedback: c(f[17])?,
+            satisfaction: c(f[18])?,
+            detractors: c(f[19])?,
         })
     }
 
@@ -91,9 +115,9 @@ impl Measures {
         self.sends.iter().fold(0u32, |a, b| a.saturating_add(*b))
     }
 
-    fn event(&mut self, ev: &Event, channel_cost: &[i64; 5]) {
+    fn event(&mut self, ev: &Event, p: &Policy) {
         let inc = |v: &mut u32| *v = v.saturating_add(1);
-        if let Some((channel, cost)) = ev.marketing_send(channel_cost) {
+        if let Some((channel, cost)) = ev.marketing_send(&p.costs) {
             inc(&mut self.sends[channel.index()]);
             self.marketing_cost = self.marketing_cost.saturating_add(cost.max(0));
         }
@@ -111,19 +135,34 @@ impl Measures {
                 inc(&mut self.visits);
                 self.revenue = self.revenue.saturating_add((*amount).max(0));
             }
+            EventBody::Feedback { kind, score, .. } => {
+                inc(&mut self.feedback);
+                let points = (feedback::normalized(*kind, *score) * 100.0).round() as u32;
+                self.satisfaction = self.satisfaction.saturating_add(points);
+                if feedback::class(*kind, *score, &p.feedback) == FeedbackClass::Detractor {
+                    inc(&mut self.detractors);
+                }
+            }
         }
     }
 
     fn output(&mut self, o: &Output) {
         if let Output::Outcome(o) = o {
-            if o.kind == OutcomeKind::Recalled {
-                self.recalled = self.recalled.saturating_add(1);
+            match o.kind {
+                OutcomeKind::Recalled => {
+                    self.recalled = self.recalled.saturating_add(1);
+                    self.incentive_cost = self.incentive_cost.saturating_add(o.incentive_cost);
+                }
+                OutcomeKind::Repurchased => self.repurchased = self.repurchased.saturating_add(1),
+                _ => {}
             }
         }
     }
 
     fn add_outcomes(&mut self, o: &Measures) {
         self.recalled = self.recalled.saturating_add(o.recalled);
+        self.incentive_cost = self.incentive_cost.saturating_add(o.incentive_cost);
+        self.repurchased = self.repurchased.saturating_add(o.repurchased);
     }
 
     fn fired(&mut self, f: &Fired) {
@@ -134,7 +173,7 @@ impl Measures {
 }
 
 /// The number of fields of [`Measures`] (in the compact format).
-pub const FIELDS: usize = 15;
+pub const FIELDS: usize = 20;
 
 /// Applies `count` to every exposure of `state` whose experiment is running
 /// under `eff` and that happened at or before `t`.
@@ -165,9 +204,9 @@ pub fn on_record(state: &mut CustomerState, eff: &Effective<'_>, ev: &Event, out
     for o in state.outbox.get(outbox_before..).unwrap_or(&[]) {
         outcomes.output(o);
     }
-    let costs = eff.policy.costs;
+    let policy = &eff.policy;
     each_running(state, eff, ev.occurred_at, |m| {
-        m.event(ev, &costs);
+        m.event(ev, policy);
         m.add_outcomes(&outcomes);
     });
 }

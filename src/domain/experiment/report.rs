@@ -68,7 +68,7 @@ const fn ratio(key: &'static str, label: &'static str, better: Better) -> Metric
 }
 
 /// Every measure, in report order.
-pub const METRICS: [Metric; 15] = [
+pub const METRICS: [Metric; 20] = [
     metric(
         "sends_per_customer",
         "marketing sends / customer",
@@ -99,8 +99,35 @@ pub const METRICS: [Metric; 15] = [
     ratio("recall_rate", "recall rate (per trigger)", Better::Higher),
     Metric {
         money: true,
-        ..ratio("cost_per_recall", "messaging cost / recall", Better::Lower)
+        ..ratio(
+            "messaging_cost_per_recall",
+            "messaging cost / recall",
+            Better::Lower,
+        )
     },
+    Metric {
+        money: true,
+        ..ratio(
+            "incentive_cost_per_recall",
+            "incentive cost / recall",
+            Better::Lower,
+        )
+    },
+    Metric {
+        money: true,
+        ..ratio("cost_per_recall", "cost / recall (both)", Better::Lower)
+    },
+    ratio(
+        "repurchase_rate",
+        "repurchase rate (per recall)",
+        Better::Higher,
+    ),
+    ratio(
+        "satisfaction",
+        "satisfaction (0-1, per answer)",
+        Better::Higher,
+    ),
+    ratio("detractor_share", "detractors (per answer)", Better::Lower),
 ];
 
 /// Index of the guardrail measure in [`METRICS`].
@@ -124,14 +151,23 @@ impl Metric {
             "visits_per_customer" => f(m.visits),
             "revenue_per_customer" => m.revenue as f64,
             "recall_rate" => f(m.recalled),
-            "cost_per_recall" => m.marketing_cost as f64,
+            "messaging_cost_per_recall" => m.marketing_cost as f64,
+            "incentive_cost_per_recall" => m.incentive_cost as f64,
+            "cost_per_recall" => m.marketing_cost.saturating_add(m.incentive_cost) as f64,
+            "repurchase_rate" => f(m.repurchased),
+            "satisfaction" => f(m.satisfaction) / 100.0,
+            "detractor_share" => f(m.detractors),
             _ => 0.0,
         };
         let x = match self.key {
             _ if self.per_customer => 1.0,
             "open_rate" | "click_rate" | "reply_rate" => f(m.marketing_sends()),
             "recall_rate" => f(m.triggers),
-            "cost_per_recall" => f(m.recalled),
+            "messaging_cost_per_recall"
+            | "incentive_cost_per_recall"
+            | "cost_per_recall"
+            | "repurchase_rate" => f(m.recalled),
+            "satisfaction" | "detractor_share" => f(m.feedback),
             _ => 0.0,
         };
         (x, y)

@@ -391,6 +391,16 @@ fn measures_count_from_exposure_to_the_end() {
     d.click(Channel::Wechat, t + 120_000);
     d.reply(Channel::Sms, ReplyClass::Unsubscribe, t + 180_000);
     d.visit(t + DAY);
+    // A detractor's answer: NPS 3 is 30 points of 100.
+    d.apply(
+        EventBody::Feedback {
+            kind: FeedbackKind::Nps,
+            score: 3,
+            visit_event_id: None,
+            channel: None,
+        },
+        t + 2 * DAY,
+    );
     // A redelivered record is not applied again, so not counted again.
     let n = d.n;
     d.n = 0;
@@ -408,6 +418,9 @@ fn measures_count_from_exposure_to_the_end() {
             visits: 1,
             revenue: 100_000,
             marketing_cost: p.of("brandA").costs[Channel::Wechat.index()],
+            feedback: 1,
+            satisfaction: 30,
+            detractors: 1,
             ..Default::default()
         }
     );
@@ -571,6 +584,21 @@ fn an_offer_arm_shapes_its_segments_triggers_and_exposes_when_one_fires() {
     d.open(Channel::Wechat, visit + DAY);
     let t = d.timer(due).remove(0);
     assert_eq!(t.fallback_channels[0], Channel::Sms, "{t:?}");
+    // The customer comes back with the coupon (RECALLED, its incentive), then
+    // again, paying (REPURCHASED): both in the arm's measures.
+    let redeem = |at, discount| EventBody::Visit {
+        visit_type: VisitType::Treatment,
+        treatment: Some("BOTOX".into()),
+        amount: 100_000,
+        currency: "CNY".into(),
+        offer_code: Some("coupon-20pct".into()),
+        discount,
+    };
+    d.apply(redeem(due + 3 * DAY, Some(20_000)), due + 3 * DAY);
+    d.apply(redeem(due + 60 * DAY, None), due + 60 * DAY);
+    let m = &d.state.exposures[0].measures;
+    assert_eq!((m.recalled, m.incentive_cost, m.repurchased), (1, 20_000, 1));
+    assert_eq!((m.visits, m.revenue), (2, 200_000));
 }
 
 /// An outcome belongs to a recall experiment while it runs and for its

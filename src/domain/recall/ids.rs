@@ -59,3 +59,15 @@ pub fn outcome_id(trigger_id: &str, kind: OutcomeKind) -> String {
         kind.as_str().as_bytes(),
     ]))
 }
+
+/// Id of the care call a feedback event started: tenant, customer and the
+/// feedback's event id (one care call per feedback event, however often it
+/// is re-sent or re-read).
+pub fn care_call_id(c: &CustomerRef, feedback_event_id: &str) -> String {
+    hex128(&digest(&[
+        b"lapse.care_call.v1",
+        c.tenant.as_bytes(),
+        c.customer.as_bytes(),
+        feedback_event_id.as_bytes(),
+    ]))
+}

@@ -64,6 +64,7 @@
 //! [`outcome_output`]); the outbox is published after the write is durable.
 
 mod attribution;
+mod care_call;
 mod channel;
 mod episode;
 mod fire;
@@ -75,13 +76,14 @@ mod repurchase;
 mod view;
 
 pub use attribution::{on_visit, VisitInfo};
+pub use care_call::{care_call, CareCallCtx};
 pub use channel::{
     candidates, engagement_score, prefer, recommend, ChannelCandidate, ENGAGEMENT_TIE_STEP,
 };
 pub use episode::{Episode, RecallState, StageRecord};
 pub use fire::{fire, fire_due, next_due, Due, FireCtx, Fired};
 pub use holdout::{arm_for, is_holdout};
-pub use ids::{episode_id, outcome_id, trigger_id};
+pub use ids::{care_call_id, episode_id, outcome_id, trigger_id};
 pub use incentive::{incentive, incentive_cost, Incentive, IncentiveSource};
 pub use records::{outcome_output, Arm, OutcomeKind, RecallOutcome, RecallTrigger};
 pub use repurchase::RepurchaseWatch;

@@ -5,7 +5,7 @@
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
-use crate::domain::event::Channel;
+use crate::domain::event::{Channel, Purpose};
 use crate::domain::lapse::{Segment, Stage};
 use crate::domain::output::Output;
 
@@ -148,6 +148,16 @@ impl RecallTrigger {
     /// The Kafka key, `TENANT/CUSTOMER`.
     pub fn key(&self) -> String {
         format!("{}/{}", self.tenant_id, self.customer_id)
+    }
+
+    /// Why the sender contacts the customer: SERVICE for a care call (never
+    /// capped, never held out), MARKETING for the win-back stages. Derived
+    /// from the stage, so the stored outbox layout needs no field for it.
+    pub fn purpose(&self) -> Purpose {
+        match self.stage {
+            Stage::CareCall => Purpose::Service,
+            _ => Purpose::Marketing,
+        }
     }
 }
 

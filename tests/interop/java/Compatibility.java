@@ -3,7 +3,7 @@
 // Avro project's SchemaCompatibility decides (what a Confluent Schema Registry
 // checks: BACKWARD = new reader, old writer; FORWARD = old reader, new writer):
 //
-//     <reader> TAB <writer> TAB COMPATIBLE|INCOMPATIBLE
+//     <reader> TAB <writer> TAB <description> TAB COMPATIBLE|INCOMPATIBLE
 //
 // Run with Debian's libavro-java on the class path (scripts/install-deps):
 //     java -cp "$(scripts/java-classpath)" tests/interop/java/Compatibility.java R W [R W ...]
@@ -18,7 +18,8 @@ public class Compatibility {
             Schema writer = new Schema.Parser().parse(new File(args[i + 1]));
             SchemaCompatibility.SchemaPairCompatibility c =
                     SchemaCompatibility.checkReaderWriterCompatibility(reader, writer);
-            System.out.println(args[i] + "\t" + args[i + 1] + "\t" + c.getType());
+            String why = c.getDescription().replace('\n', ' ').replace('\t', ' ');
+            System.out.println(args[i] + "\t" + args[i + 1] + "\t" + why + "\t" + c.getType());
         }
     }
 }

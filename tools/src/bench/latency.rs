@@ -47,6 +47,7 @@
 //! each fetch, so the broker's CPU grows with the batches stored (hence the
 //! batched background producer and `--fresh-topics`).
 
+use lapse::domain::event::INPUT_KINDS;
 use std::collections::{BTreeMap, VecDeque};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -499,7 +500,7 @@ struct LoadPlan {
     end: Instant,
     tag: String,
     tenants: u64,
-    topics: [String; 5],
+    topics: [String; INPUT_KINDS],
 }
 
 /// A probe's second send.
@@ -512,7 +513,7 @@ struct ProbeSend {
 struct LoadOutcome {
     sent: u64,
     sent_in_window: u64,
-    per_kind: [u64; 5],
+    per_kind: [u64; INPUT_KINDS],
     pairs_started: u64,
     /// Second sends by probe index (`None`: the load stopped before it was due).
     probes: Vec<Option<ProbeSend>>,
@@ -577,7 +578,7 @@ fn run_load(
     let mut out = LoadOutcome {
         sent: 0,
         sent_in_window: 0,
-        per_kind: [0; 5],
+        per_kind: [0; INPUT_KINDS],
         pairs_started: 0,
         probes: Vec::new(),
         queue_full_waits: 0,
@@ -781,7 +782,7 @@ pub struct RunResult {
     /// Events enqueued during the measured window / its length.
     pub achieved_rate: f64,
     pub events_produced: u64,
-    pub events_per_kind: [u64; 5],
+    pub events_per_kind: [u64; INPUT_KINDS],
     pub failed_deliveries: u64,
     pub producer_queue_full_waits: u64,
     pub generator_behind_ms_max: f64,
@@ -860,6 +861,7 @@ fn fresh_topic_sets(cfg: &Config, tag: &str) -> Vec<String> {
         ("clicks", &t.clicks),
         ("replies", &t.replies),
         ("visits", &t.visits),
+        ("feedback", &t.feedback),
         ("dlq", &t.dlq),
         ("throttle", &t.throttle),
         ("triggers", &t.triggers),
@@ -2088,13 +2090,14 @@ mod tests {
         crate::run_from_repo_root();
         let cfg = Config::default();
         let sets = fresh_topic_sets(&cfg, "12r1t5");
-        assert_eq!(sets.len(), 9);
+        assert_eq!(sets.len(), 10);
         assert!(sets.contains(&r#"kafka.topics.sends = "engagement.sends.lat-12r1t5""#.to_string()));
         assert!(sets
             .contains(&r#"kafka.topics.throttle = "engagement.throttle.lat-12r1t5""#.to_string()));
         let dir = tempfile::tempdir().unwrap();
         let (_, c) = effective_config(None, &sets, dir.path()).unwrap();
         assert_eq!(c.kafka.topics.visits, "clinic.visits.lat-12r1t5");
+        assert_eq!(c.kafka.topics.feedback, "clinic.feedback.lat-12r1t5");
     }
 
     #[test]

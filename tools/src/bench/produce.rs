@@ -5,6 +5,7 @@
 //! bounded channel; the async side enqueues into librdkafka (batched, lz4) and
 //! keeps at most `--max-in-flight` delivery reports outstanding.
 
+use lapse::domain::event::INPUT_KINDS;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -51,7 +52,7 @@ pub struct ProduceArgs {
 #[derive(Debug, Clone, Serialize)]
 pub struct ProduceReport {
     pub events: u64,
-    pub per_kind: [u64; 5],
+    pub per_kind: [u64; INPUT_KINDS],
     pub payload_bytes: u64,
     pub seconds: f64,
     pub events_per_second: f64,
@@ -166,7 +167,7 @@ pub async fn run(args: &ProduceArgs) -> anyhow::Result<ProduceReport> {
         })
         .context("spawning the encoder thread")?;
 
-    let mut per_kind = [0u64; 5];
+    let mut per_kind = [0u64; INPUT_KINDS];
     let mut bytes = 0u64;
     let mut inflight: FuturesUnordered<DeliveryFuture> = FuturesUnordered::new();
     let mut started: Option<Instant> = None;
@@ -244,7 +245,7 @@ async fn settle_one(inflight: &mut FuturesUnordered<DeliveryFuture>) -> anyhow::
     }
 }
 
-pub fn print(report: &ProduceReport, topics: &[&str; 5]) {
+pub fn print(report: &ProduceReport, topics: &[&str; INPUT_KINDS]) {
     for k in EventKind::ALL {
         println!(
             "  {:>9} {:<6} -> {}",

@@ -109,7 +109,7 @@ fn sizes(cfg: &Config, a: &StateSizeArgs, contact_hours: bool) -> anyhow::Result
         cfg.policy.lapse.high_value_threshold,
     );
     let mut states: HashMap<String, (CustomerRef, CustomerState)> = HashMap::new();
-    let mut offsets = [0i64; 5];
+    let mut offsets = [0i64; lapse::domain::event::INPUT_KINDS];
     let mut events: Vec<SimEvent> = Vec::new();
     for d in 0..a.days {
         events.clear();

@@ -12,12 +12,14 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use lapse::domain::event::{
-    Channel, CustomerRef, Event, EventBody, EventKind, Purpose, ReplyClass, VisitType,
+    Channel, CustomerRef, Event, EventBody, EventKind, FeedbackKind, Purpose, ReplyClass,
+    VisitType, INPUT_KINDS,
 };
 
 /// Share of each kind, in per mille, in `EventKind::ALL` order
-/// (send, open, click, reply, visit).
-pub const MIX_PER_MILLE: [u32; 5] = [450, 250, 110, 40, 150];
+/// (send, open, click, reply, visit, feedback: none, so the figures stay
+/// comparable with those measured before the feedback input).
+pub const MIX_PER_MILLE: [u32; INPUT_KINDS] = [450, 250, 110, 40, 150, 0];
 
 const TREATMENTS: &[&str] = &["BOTOX", "FILLER", "LASER", "SKIN_CARE", "HYDRAFACIAL"];
 /// Reply texts: positive, neutral, unsubscribe and re-subscribe wordings.
@@ -149,6 +151,12 @@ impl Iterator for Workload {
                     class: ReplyClass::Neutral,
                 }
             }
+            EventKind::Feedback => EventBody::Feedback {
+                kind: FeedbackKind::Nps,
+                score: self.rng.random_range(0..=10),
+                visit_event_id: None,
+                channel: None,
+            },
             EventKind::Visit => {
                 let visit_type = match self.rng.random_range(0..100) {
                     0..20 => VisitType::Consultation,
@@ -214,7 +222,7 @@ mod tests {
         let ids: HashSet<_> = a.iter().map(|g| &g.event.event_id).collect();
         assert_eq!(ids.len(), a.len(), "event ids are unique");
         assert!(a.iter().all(|g| g.event.occurred_at < 1_750_000_000_000));
-        let mut per_kind = [0u32; 5];
+        let mut per_kind = [0u32; INPUT_KINDS];
         for g in &a {
             per_kind[g.event.kind().index()] += 1;
             assert_eq!(g.text.is_some(), g.event.kind() == EventKind::Reply);

@@ -46,7 +46,9 @@ pub mod feedback;
 pub mod model;
 pub mod report;
 pub mod rng;
+pub mod satisfaction;
 
+use lapse::domain::event::INPUT_KINDS;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::future::Future;
@@ -173,7 +175,7 @@ pub struct Summary {
     pub last_day: chrono::NaiveDate,
     pub elapsed: Duration,
     /// Events produced (and acknowledged), by [`EventKind::index`].
-    pub produced: [u64; 5],
+    pub produced: [u64; INPUT_KINDS],
     /// Live mode: events of the first day before the start, not produced.
     pub skipped_past: u64,
     pub stats: Stats,
@@ -328,6 +330,7 @@ impl fmt::Display for Summary {
             s.throttle_decisions
         )?;
         write!(f, "\n  {}", RecallTiming(&s.recall_timing))?;
+        write!(f, "\n  {}", s.satisfaction)?;
         if s.holdout_triggers > 0 || s.foreign_feedback > 0 {
             write!(
                 f,
@@ -378,12 +381,12 @@ type InFlight = Pin<
 struct Out {
     /// None in a dry run: events are counted, not produced.
     producer: Option<FutureProducer>,
-    topics: [String; 5],
+    topics: [String; INPUT_KINDS],
     in_flight: FuturesUnordered<InFlight>,
     max_in_flight: usize,
     /// (kind index, partition) → offset after the last acknowledged record.
     produced_offsets: BTreeMap<(usize, i32), i64>,
-    produced: [u64; 5],
+    produced: [u64; INPUT_KINDS],
 }
 
 impl Out {
@@ -443,7 +446,7 @@ impl Out {
 struct Pacer {
     consumer: Arc<BaseConsumer>,
     group: String,
-    topics: [String; 5],
+    topics: [String; INPUT_KINDS],
     timeout: Duration,
     enabled: bool,
 }
@@ -643,7 +646,11 @@ fn feedback_reader(
 }
 
 /// The idempotent producer to the input topics (none with `--dry-run`).
-fn output(cfg: &Config, args: &SimulateArgs, topics: &[String; 5]) -> anyhow::Result<Out> {
+fn output(
+    cfg: &Config,
+    args: &SimulateArgs,
+    topics: &[String; INPUT_KINDS],
+) -> anyhow::Result<Out> {
     let mut pc = ClientConfig::new();
     pc.set("bootstrap.servers", &cfg.kafka.brokers)
         .set("client.id", "lapse-simulate")
@@ -670,13 +677,17 @@ fn output(cfg: &Config, args: &SimulateArgs, topics: &[String; 5]) -> anyhow::Re
         in_flight: FuturesUnordered::new(),
         max_in_flight: args.max_in_flight,
         produced_offsets: BTreeMap::new(),
-        produced: [0; 5],
+        produced: [0; INPUT_KINDS],
     })
 }
 
 /// The pacer that keeps the simulation at most `--ahead-days` ahead of lapse's
 /// consumer group (compressed mode, unless `--no-pace` or `--dry-run`).
-fn pacer(cfg: &Config, args: &SimulateArgs, topics: &[String; 5]) -> anyhow::Result<Option<Pacer>> {
+fn pacer(
+    cfg: &Config,
+    args: &SimulateArgs,
+    topics: &[String; INPUT_KINDS],
+) -> anyhow::Result<Option<Pacer>> {
     let group = args
         .group
         .clone()

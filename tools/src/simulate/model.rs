@@ -31,7 +31,7 @@ use chrono_tz::Tz;
 use super::rng::SimRng;
 use lapse::domain::allowance::AllowanceState;
 use lapse::domain::event::{
-    Channel, CustomerRef, Event, EventBody, EventKind, Purpose, ReplyClass, VisitType,
+    Channel, CustomerRef, Event, EventBody, EventKind, Purpose, ReplyClass, VisitType, INPUT_KINDS,
 };
 use lapse::domain::lapse::{Offers, Segment, Stage};
 use lapse::domain::policy::Policies;
@@ -482,7 +482,7 @@ struct Customer {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Stats {
     /// Events generated, by [`EventKind::index`].
-    pub events: [u64; 5],
+    pub events: [u64; INPUT_KINDS],
     /// Sends by channel and purpose (0 marketing, 1 service).
     pub sends: [[u64; 2]; 5],
     /// Marketing sends the obeying sender skipped, by [`AllowanceState::index`].
@@ -510,6 +510,8 @@ pub struct Stats {
     pub throttle_decisions: u64,
     /// Feedback about customers this population does not have (another run's).
     pub foreign_feedback: u64,
+    /// Survey answers and care calls (`satisfaction`).
+    pub satisfaction: super::satisfaction::Satisfaction,
 }
 
 impl Stats {
@@ -849,6 +851,11 @@ impl Population {
     /// on the next simulated day and may book a visit. Returns false (and
     /// counts it) when the customer is not in this population.
     pub fn apply_trigger(&mut self, t: &TriggerFeedback) -> bool {
+        if t.stage == Stage::CareCall {
+            // A service call about a bad experience, not a win-back message.
+            self.stats.satisfaction.care_calls += 1;
+            return true;
+        }
         if t.holdout {
             self.stats.holdout_triggers += 1;
             return true;
@@ -1184,7 +1191,7 @@ impl DayCtx<'_> {
         let discount = offer
             .map(|s| amount * p.offer_discount_pct[s.index()] / 100)
             .filter(|d| *d > 0);
-        self.emit(
+        let visit_id = self.emit(
             at,
             EventBody::Visit {
                 visit_type: kind,
@@ -1198,6 +1205,20 @@ impl DayCtx<'_> {
         );
         c.lifetime += amount;
         c.visits += 1;
+        if kind == VisitType::Treatment && self.rng.chance(super::satisfaction::ANSWER_SHARE) {
+            let answered = at + self.rng.range(HOUR, 4 * HOUR);
+            let fatigue = self.total_fatigue(c, answered);
+            let (kind, score) = super::satisfaction::answer(&mut self.rng, fatigue);
+            self.stats.satisfaction.record(kind, score);
+            let visit_event_id = Some(visit_id);
+            let body = EventBody::Feedback {
+                kind,
+                score,
+                visit_event_id,
+                channel: Some(Channel::Wechat),
+            };
+            self.emit(answered, body, None);
+        }
         if kind != VisitType::FollowUp {
             if c.recall_booked {
                 self.stats.visits_after_recall += 1;

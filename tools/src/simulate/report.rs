@@ -511,6 +511,7 @@ pub fn render_kpis(k: &Kpis, m: &Scrape) -> String {
         num(decided(t)),
         num(decided(h))
     ));
+    s.push_str(&satisfaction(m));
     s.push('\n');
     s.push_str("Cap violations (marketing sends made while not allowed), by channel:\n");
     let kinds = ["cap", "throttled", "suppressed", "quiet_hours"];
@@ -551,6 +552,32 @@ pub fn render_kpis(k: &Kpis, m: &Scrape) -> String {
     s
 }
 
+/// Satisfaction as lapse counted it: NPS and detractor share, the mean score
+/// by recall arm (recalled vs holdout), and the care calls fired.
+fn satisfaction(m: &Scrape) -> String {
+    let nps = m.by("lapse_feedback_total", "class", &[("kind", "nps")]);
+    let n: f64 = nps.values().sum();
+    let share = |c: &str| nps.get(c).copied().unwrap_or(0.0) / n.max(1.0);
+    let mut s = format!(
+        "Satisfaction: {} NPS answers, NPS {:+.0}, detractors {}; care calls fired {}\n",
+        num(n),
+        (share("promoter") - share("detractor")) * 100.0,
+        pct((n > 0.0).then(|| share("detractor"))),
+        num(m.sum_where("lapse_recall_triggers_total", &[("stage", "care_call")]))
+    );
+    for arm in ["recalled", "holdout", "none"] {
+        let f = [("kind", "nps"), ("recall_arm", arm)];
+        let count = m.sum_where("lapse_feedback_scores_count", &f);
+        let mean = (count > 0.0).then(|| m.sum_where("lapse_feedback_scores_sum", &f) / count);
+        s.push_str(&format!(
+            "  mean NPS score, {arm:<9} {:>5}  (n = {})\n",
+            mean.map_or("-".into(), |x| format!("{x:.1}")),
+            num(count)
+        ));
+    }
+    s
+}
+
 /// The live screen.
 pub fn render_screen(m: &Scrape, url: &str, rate: Option<f64>, sim_line: Option<&str>) -> String {
     let mut s = String::new();
@@ -577,7 +604,7 @@ pub fn render_screen(m: &Scrape, url: &str, rate: Option<f64>, sim_line: Option<
     let by_type = m.by("lapse_records_total", "event_type", &[]);
     s.push_str(&format!(
         "  by type: {}\n\n",
-        ["send", "open", "click", "reply", "visit"]
+        ["send", "open", "click", "reply", "visit", "feedback"]
             .iter()
             .map(|t| format!("{t} {}", num(by_type.get(*t).copied().unwrap_or(0.0))))
             .collect::<Vec<_>>()
@@ -790,6 +817,31 @@ lapse_clock_now_ms 1700000000000
         let s = &escaped.samples[0];
         assert_eq!(s.labels["a"], "q\"uote");
         assert_eq!(s.labels["b"], "2");
+    }
+
+    #[test]
+    fn satisfaction_is_read_from_lapses_feedback_metrics() {
+        let m = Scrape::parse(
+            r#"lapse_feedback_total{tenant="a",kind="nps",class="promoter"} 6
+lapse_feedback_total{tenant="b",kind="nps",class="promoter"} 1
+lapse_feedback_total{tenant="a",kind="nps",class="passive"} 1
+lapse_feedback_total{tenant="a",kind="nps",class="detractor"} 2
+lapse_feedback_total{tenant="a",kind="csat",class="detractor"} 9
+lapse_feedback_scores_sum{kind="nps",segment="active",recall_arm="recalled"} 27
+lapse_feedback_scores_count{kind="nps",segment="active",recall_arm="recalled"} 3
+lapse_feedback_scores_sum{kind="nps",segment="at_risk",recall_arm="recalled"} 5
+lapse_feedback_scores_count{kind="nps",segment="at_risk",recall_arm="recalled"} 1
+lapse_recall_triggers_total{tenant="a",segment="at_risk",stage="care_call",channel="phone",arm="treatment"} 4
+lapse_recall_triggers_total{tenant="a",segment="at_risk",stage="at_risk",channel="sms",arm="treatment"} 50
+"#,
+        );
+        let s = satisfaction(&m);
+        assert!(
+            s.contains("10 NPS answers, NPS +50, detractors 20.0%; care calls fired 4"),
+            "{s}"
+        );
+        assert!(s.contains("recalled    8.0  (n = 4)"), "{s}");
+        assert!(s.contains("holdout       -  (n = 0)"), "{s}");
     }
 
     #[test]
