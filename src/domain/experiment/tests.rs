@@ -597,7 +597,10 @@ fn an_offer_arm_shapes_its_segments_triggers_and_exposes_when_one_fires() {
     d.apply(redeem(due + 3 * DAY, Some(20_000)), due + 3 * DAY);
     d.apply(redeem(due + 60 * DAY, None), due + 60 * DAY);
     let m = &d.state.exposures[0].measures;
-    assert_eq!((m.recalled, m.incentive_cost, m.repurchased), (1, 20_000, 1));
+    assert_eq!(
+        (m.recalled, m.incentive_cost, m.repurchased),
+        (1, 20_000, 1)
+    );
     assert_eq!((m.visits, m.revenue), (2, 200_000));
 }
 
