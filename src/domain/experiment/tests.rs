@@ -586,7 +586,7 @@ fn an_offer_arm_shapes_its_segments_triggers_and_exposes_when_one_fires() {
     assert_eq!(t.fallback_channels[0], Channel::Sms, "{t:?}");
     // The customer comes back with the coupon (RECALLED, its incentive), then
     // again, paying (REPURCHASED): both in the arm's measures.
-    let redeem = |at, discount| EventBody::Visit {
+    let redeem = |discount| EventBody::Visit {
         visit_type: VisitType::Treatment,
         treatment: Some("BOTOX".into()),
         amount: 100_000,
@@ -594,8 +594,8 @@ fn an_offer_arm_shapes_its_segments_triggers_and_exposes_when_one_fires() {
         offer_code: Some("coupon-20pct".into()),
         discount,
     };
-    d.apply(redeem(due + 3 * DAY, Some(20_000)), due + 3 * DAY);
-    d.apply(redeem(due + 60 * DAY, None), due + 60 * DAY);
+    d.apply(redeem(Some(20_000)), due + 3 * DAY);
+    d.apply(redeem(None), due + 60 * DAY);
     let m = &d.state.exposures[0].measures;
     assert_eq!(
         (m.recalled, m.incentive_cost, m.repurchased),
