@@ -7,9 +7,9 @@
 
 mod common;
 
-use std::io::Write;
+use common::hex;
+
 use std::path::Path;
-use std::process::{Command, Stdio};
 
 use lapse::codec::{Encoder, Framing, SchemaSet, RECALL_OUTCOME, RECALL_TRIGGER, THROTTLE_EVENT};
 use lapse::domain::allowance::{AllowanceState, ThrottleDecision};
@@ -52,25 +52,7 @@ json.dump(out, sys.stdout)
 "#;
 
 fn fastavro(cases: &Value) -> Value {
-    let mut child = Command::new(common::interop_python())
-        .args(["-c", READER])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("start the interop Python");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(cases.to_string().as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "fastavro reader failed");
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    common::python_json(READER, cases)
 }
 
 #[test]

@@ -13,9 +13,9 @@
 
 mod common;
 
-use std::io::Write;
+use common::hex;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
 use lapse::codec::{DecodeLimits, Decoder, Encoder, Framing, SchemaSet, RECALL_OUTCOME};
 use lapse::domain::event::{EventBody, EventKind};
@@ -69,25 +69,7 @@ fn path(p: &str) -> PathBuf {
 }
 
 fn fastavro(req: &Value) -> Value {
-    let mut child = Command::new(common::interop_python())
-        .args(["-c", PY])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("start the interop Python");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(req.to_string().as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "fastavro failed");
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    common::python_json(PY, req)
 }
 
 fn unhex(s: &str) -> Vec<u8> {

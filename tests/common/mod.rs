@@ -252,6 +252,32 @@ pub fn interop_python() -> PathBuf {
     venv
 }
 
+/// Runs `script` on the interop Python (fastavro, confluent-kafka) with
+/// `input` as JSON on stdin and parses its stdout as JSON.
+pub fn python_json(script: &str, input: &serde_json::Value) -> serde_json::Value {
+    use std::io::Write;
+    let mut child = Command::new(interop_python())
+        .args(["-c", script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the interop Python");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.to_string().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "the interop Python script failed");
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Lower-case hex of `b`.
+pub fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
 /// The interop client scripts' directory (`tests/interop/`).
 pub fn interop_dir() -> PathBuf {
     repo_root().join("tests/interop")
