@@ -82,6 +82,12 @@ enum ExperimentCmd {
     },
 }
 
+/// The config's policies (tenants, experiments), or which key is wrong.
+fn policies(cfg: &Config) -> anyhow::Result<lapse::domain::policy::Policies> {
+    lapse::domain::policy::Policies::new(&cfg.policy)
+        .map_err(|(k, m)| anyhow::anyhow!("config key `{k}`: {m}"))
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     lapse::cli::main(dispatch(cli.cmd))
@@ -119,8 +125,7 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
             )
             .await?;
             let moved = timers.migrate_orphans().await?;
-            let policies = lapse::domain::policy::Policies::new(&cfg.policy)
-                .map_err(|(k, m)| anyhow::anyhow!("config key `{k}`: {m}"))?;
+            let policies = policies(&cfg)?;
             let report =
                 lapse::timer_sweep::sweep(&store, &timers, &policies, dry_run, WallClock.now_ms())
                     .await?;
@@ -136,8 +141,7 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
             json,
         }) => {
             let cfg = Config::load(config.as_deref())?;
-            let policies = lapse::domain::policy::Policies::new(&cfg.policy)
-                .map_err(|(k, m)| anyhow::anyhow!("config key `{k}`: {m}"))?;
+            let policies = policies(&cfg)?;
             let x = policies.experiments();
             if let Some(name) = &experiment {
                 if !x.all().any(|e| &e.name == name) {
@@ -181,8 +185,7 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
                     let params = lapse::service::state_params(&cfg);
                     let now = WallClock.now_ms();
                     let mut v = lapse::inspect::view(&c, l.rev, &l.state, &params, now);
-                    let policies = lapse::domain::policy::Policies::new(&cfg.policy)
-                        .map_err(|(k, m)| anyhow::anyhow!("config key `{k}`: {m}"))?;
+                    let policies = policies(&cfg)?;
                     v["recall"] = serde_json::to_value(lapse::domain::recall::view(
                         &l.state.recall,
                         &l.state.visits,
