@@ -1416,9 +1416,12 @@ async fn feedback_from_an_independent_producer_starts_one_care_call() {
     const IVY: &str = "brandB/ivy";
     // `day(d)` is noon local time: at(d, 14, 0) is 02:00 the next night.
     let fay_nps = feedback(FAY, "fay-f1", at(100, 14, 0), "NPS", 3, Some("fay-v1"));
-    let events = vec![
-        // fay: a treatment, WeChat engagement, SMS opt-out, then an NPS of 3
-        // (a detractor) in the middle of the night, re-sent by the producer.
+    // The history first, applied before any feedback is read: a care call is
+    // decided from what the state holds when its feedback is applied, and
+    // the inputs are separate topics read in no fixed order.
+    let history = vec![
+        // fay: a treatment, WeChat engagement, SMS opt-out (then an NPS of 3,
+        // a detractor, in the middle of the night, re-sent by the producer).
         visit(
             FAY,
             "fay-v1",
@@ -1430,9 +1433,7 @@ async fn feedback_from_an_independent_producer_starts_one_care_call() {
         send(FAY, "fay-s1", at(99, 1, 0), "WECHAT", "MARKETING", None),
         open(FAY, "fay-o1", at(99, 2, 0), "WECHAT", "m-fay-s1"),
         reply(FAY, "fay-r1", at(99, 3, 0), "SMS", "TD"),
-        fay_nps.clone(),
-        fay_nps,
-        // gus: a promoter: no care call.
+        // gus (a promoter below: no care call).
         visit(
             GUS,
             "gus-v1",
@@ -1441,6 +1442,10 @@ async fn feedback_from_an_independent_producer_starts_one_care_call() {
             Some("LASER"),
             80_000,
         ),
+    ];
+    let events = vec![
+        fay_nps.clone(),
+        fay_nps,
         feedback(GUS, "gus-f1", at(100, 0, 0), "NPS", 9, Some("gus-v1")),
         // hal: CSAT 2 (a detractor) from a producer on an older schema, no visit ever.
         feedback_by("older", HAL, "hal-f1", at(100, 13, 0), "CSAT", 2),
@@ -1450,8 +1455,11 @@ async fn feedback_from_an_independent_producer_starts_one_care_call() {
         feedback(IVY, "ivy-bad-nps", at(100, 2, 0), "NPS", 11, None),
         feedback(IVY, "ivy-bad-csat", at(100, 2, 0), "CSAT", 0, None),
     ];
+    // Positions in `produced`: the 5 history records, then the feedback.
     let bad = [(10, "invalid_field"), (11, "invalid_field")];
-    let mut produced = client.produce(&events).await;
+    let mut produced = client.produce(&history).await;
+    st.wait_caught_up(&group, LONG).await;
+    produced.extend(client.produce(&events).await);
     st.wait_caught_up(&group, LONG).await;
     // fay comes back after her care call (read after it): not a recall.
     let back = visit(
