@@ -31,6 +31,10 @@ use lapse::domain::event::Event;
 /// while an fsync is slow).
 const UNSYNCED: Duration = Duration::from_secs(2);
 
+/// At most this many chunks of events (one every 300 ms) while waiting for a
+/// failover: beyond the test's own time-outs.
+const MAX_CHUNKS: usize = 400;
+
 /// The AOF file Redis 7 appends to (`appendonlydir/*.incr.aof`, the newest).
 fn incr_aof(data_dir: &Path) -> PathBuf {
     let dir = data_dir.join("appendonlydir");
@@ -296,18 +300,27 @@ async fn cluster_master_failover_mid_stream_loses_no_event() {
         .values()
         .sum();
 
-    let chunks: Vec<Vec<(Event, Option<&'static str>)>> = (0..10)
-        .map(|j| population(&format!("tb{j}"), 6, 10 + j))
-        .collect();
-    events.extend(chunks.iter().flatten().cloned());
+    // Chunks keep coming until the failover has been seen (bounded), so
+    // writes reach the promoted master however long the failover takes
+    // on a loaded machine: a fixed number of chunks could all be applied
+    // before it, leaving no write to find the replica missing.
+    let failover_seen = Arc::new(AtomicBool::new(false));
     let producing = {
         let bootstrap = bootstrap.clone();
+        let failover_seen = failover_seen.clone();
         tokio::spawn(async move {
             let p = Producer::new(&bootstrap);
-            for chunk in chunks {
+            let mut produced = Vec::new();
+            for j in 0..MAX_CHUNKS {
+                let chunk = population(&format!("tb{j}"), 6, 10 + j as i64);
                 produce_events(&p, &chunk, |_| Framing::SingleObject).await;
+                produced.extend(chunk);
+                if j >= 10 && failover_seen.load(Ordering::SeqCst) {
+                    break;
+                }
                 tokio::time::sleep(Duration::from_millis(300)).await;
             }
+            produced
         })
     };
     wait_until(
@@ -337,11 +350,12 @@ async fn cluster_master_failover_mid_stream_loses_no_event() {
         },
     )
     .await;
+    failover_seen.store(true, Ordering::SeqCst);
     assert!(body.contains("durability: only 0 of"), "{body}");
     let cluster = s.cluster.as_mut().unwrap();
     cluster.restart_node(victim).await;
     cluster.wait_healthy(LONG).await;
-    producing.await.unwrap();
+    events.extend(producing.await.unwrap());
     s.wait_caught_up(group, LONG).await;
     lapse.wait_ready(LONG).await;
     let shortfalls = metric(
