@@ -608,7 +608,9 @@ impl Default for SchemaConfig {
 pub struct BatchConfig {
     /// Upper bound of records per batch.
     pub max_records: usize,
-    /// A partial batch is dispatched after this long.
+    /// A partial batch is dispatched after this long at the latest; at once
+    /// when no batch is being applied (so at a light load a record waits for
+    /// no timer, and under load batches grow while earlier ones apply).
     pub max_wait: Dur,
     /// Batches queued behind the one being applied; beyond it (and one more batch
     /// buffered) partitions are paused.

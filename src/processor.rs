@@ -31,7 +31,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tracing::debug;
 
-use crate::kafka::consumer::{Batch, Done, Shared};
+use crate::kafka::consumer::{Applying, Batch, Done, Shared};
 use crate::kafka::offset_gate::Held;
 use crate::pipeline::{GaveUp, Part, PartDone, Pipeline};
 
@@ -55,6 +55,8 @@ struct Ticket {
     received: Vec<Instant>,
     dead_letters: usize,
     parts: Vec<oneshot::Receiver<Result<PartDone, GaveUp>>>,
+    /// Dropped once the batch is applied or given up (the poll thread batches by it).
+    applying: Option<Applying>,
 }
 
 /// Starts the dispatcher, `processors` processors and the finisher; the
@@ -123,6 +125,7 @@ pub fn spawn(
                 received: batch.records.iter().map(|r| r.received).collect(),
                 dead_letters: decoded.dead_letters,
                 parts,
+                applying: batch.applying,
             };
             if let Err(lost) = to_finisher.send(ticket).await {
                 shared.finish_batch(&lost.0.abandon);
@@ -186,6 +189,7 @@ async fn finish(
             m.record_latency.observe(r.elapsed().as_secs_f64());
         }
         m.batch_seconds.observe(t.started.elapsed().as_secs_f64());
+        drop(t.applying);
         debug!(summary = ?applied.summary, "batch durable");
         let held = Held {
             done: t.done,

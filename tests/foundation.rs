@@ -13,6 +13,7 @@
 //! | Redis outage | `redis_outage_pauses_then_resumes_without_loss` |
 //! | broker outage | `broker_outage_pauses_then_resumes_without_loss` |
 //! | rebalance | `two_instances_share_the_partitions_and_hand_over_on_leave` |
+//! | a record waits for no batch timer while nothing is being applied | `a_lone_record_is_applied_at_once_not_after_max_wait` |
 
 mod common;
 
@@ -262,6 +263,38 @@ async fn duplicate_event_id_at_a_new_offset_is_ignored_and_counted() {
     produce_events(&p, &[(v2, None)], |_| Framing::SingleObject).await;
     s.wait_caught_up("g-dupe", LONG).await;
     assert_eq!(state(&s.store().await, &c).await.visits.count, 2);
+    lapse.sigterm();
+    assert!(lapse.wait_exit(Duration::from_secs(30)).await.success());
+}
+
+/// `batch.max_wait` bounds how long a partial batch waits, but while no batch
+/// is being applied a record goes at once. With `max_wait` at its largest
+/// (60 s), each of two lone records, produced while lapse is idle, is applied
+/// well before it: the wait gives up at 30 s.
+#[tokio::test]
+async fn a_lone_record_is_applied_at_once_not_after_max_wait() {
+    let s = Stack::start().await;
+    let cfg = s.config("idle", "");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let slow = text.replace("max_wait = \"20ms\"", "max_wait = \"60s\"");
+    assert_ne!(text, slow, "the harness config sets batch.max_wait");
+    std::fs::write(&cfg, slow).unwrap();
+    let mut lapse = s.spawn("g-idle", &cfg);
+    lapse.wait_ready(LONG).await;
+    let p = Producer::new(&s.broker.bootstrap());
+    let store = s.store().await;
+    for i in 0..2 {
+        let c = cust("t1", &format!("lone{i}"));
+        let v = visit(&c, &format!("lone-v{i}"), now_ms() - DAY, 10_000, None);
+        produce_events(&p, &[(v, None)], |_| Framing::SingleObject).await;
+        wait_until(
+            Duration::from_secs(30),
+            Duration::from_millis(20),
+            "a lone record applied before batch.max_wait (60 s)",
+            async || store.load(&c).await.ok().flatten().is_some(),
+        )
+        .await;
+    }
     lapse.sigterm();
     assert!(lapse.wait_exit(Duration::from_secs(30)).await.success());
 }

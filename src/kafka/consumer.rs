@@ -14,7 +14,7 @@
 //!   committed: state updates are idempotent, so the next owner re-applies safely.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -40,6 +40,20 @@ type Tp = (String, i32);
 pub struct Batch {
     pub generation: u64,
     pub records: Vec<InputRecord>,
+    /// Counts the batch as being applied from its dispatch until this is
+    /// dropped (the finisher drops it once the batch is applied or given up).
+    pub applying: Option<Applying>,
+}
+
+/// One batch dispatched and not yet applied: while none is, the poll thread
+/// dispatches what it has at once instead of waiting for a full batch or
+/// `batch.max_wait` (see [`Consumer::run`]).
+pub struct Applying(Arc<AtomicUsize>);
+
+impl Drop for Applying {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Batch {
@@ -81,6 +95,8 @@ pub struct Shared {
     owned: Mutex<Ownership>,
     /// Batches dispatched and not yet finished.
     inflight: Mutex<usize>,
+    /// Batches dispatched and not yet applied (see [`Applying`]).
+    applying: Arc<AtomicUsize>,
     idle: Condvar,
     /// Abandon flags of the batches in flight (raised when a drain times out).
     abandon: Mutex<Vec<Arc<AtomicBool>>>,
@@ -100,6 +116,7 @@ impl Shared {
         Arc::new(Shared {
             owned: Mutex::new(Ownership::default()),
             inflight: Mutex::new(0),
+            applying: Arc::default(),
             idle: Condvar::new(),
             abandon: Mutex::new(Vec::new()),
             done: Mutex::new(HashMap::new()),
@@ -166,6 +183,17 @@ impl Shared {
 
     fn dispatched(&self) {
         *Self::lock(&self.inflight) += 1;
+    }
+
+    /// A batch about to be dispatched is being applied until the guard drops.
+    fn applying(&self) -> Applying {
+        self.applying.fetch_add(1, Ordering::SeqCst);
+        Applying(self.applying.clone())
+    }
+
+    /// Whether no dispatched batch is still being applied.
+    fn nothing_applying(&self) -> bool {
+        self.applying.load(Ordering::SeqCst) == 0
     }
 
     fn undispatched(&self) {
@@ -458,12 +486,14 @@ impl PollLoop {
     }
 
     /// Tries to hand a batch over; gives it back when the queue is full.
-    fn dispatch(&self, batch: Batch) -> Result<Option<Batch>, ()> {
+    fn dispatch(&self, mut batch: Batch) -> Result<Option<Batch>, ()> {
         self.shared.dispatched();
+        batch.applying = Some(self.shared.applying());
         match self.tx.try_send(batch) {
             Ok(()) => Ok(None),
-            Err(mpsc::error::TrySendError::Full(b)) => {
+            Err(mpsc::error::TrySendError::Full(mut b)) => {
                 self.shared.undispatched();
+                b.applying = None;
                 Ok(Some(b))
             }
             Err(mpsc::error::TrySendError::Closed(_)) => {
@@ -498,6 +528,7 @@ impl PollLoop {
         Batch {
             generation,
             records,
+            applying: None,
         }
     }
 
@@ -537,14 +568,22 @@ impl PollLoop {
             } else if held.is_none() && buf.len() < max {
                 self.set_paused(false);
             }
+            // Nothing being applied: what is buffered goes now (below), so
+            // poll only for what is already fetched.
+            let idle = held.is_none() && self.shared.nothing_applying();
             let wait = if held.is_some() {
                 Duration::from_millis(20)
+            } else if idle && !buf.is_empty() {
+                Duration::ZERO
             } else {
                 buf_since.map_or(self.batch.max_wait.0, |s| {
                     self.batch.max_wait.0.saturating_sub(s.elapsed())
                 })
             };
-            match self.consumer.poll(wait.max(Duration::from_millis(1))) {
+            // At most 100 ms per poll, so a shutdown or rewind is seen soon
+            // whatever `batch.max_wait` is (up to 60 s).
+            let wait = wait.clamp(Duration::from_millis(1), Duration::from_millis(100));
+            match self.consumer.poll(wait) {
                 Some(Ok(m)) => {
                     if let Some(kind) = self.topics.get(m.topic()) {
                         let headers = m
@@ -583,8 +622,13 @@ impl PollLoop {
                 }
                 None => {}
             }
-            let due =
-                buf.len() >= max || buf_since.is_some_and(|s| s.elapsed() >= self.batch.max_wait.0);
+            // A batch is due when full, after `batch.max_wait`, or as soon as
+            // no batch is being applied: at a light load records go on at
+            // once in small batches; under load batches grow while the ones
+            // before are applied (latency stays near one batch's apply time).
+            let due = buf.len() >= max
+                || buf_since.is_some_and(|s| s.elapsed() >= self.batch.max_wait.0)
+                || (idle && !buf.is_empty());
             if held.is_none() && due && !buf.is_empty() {
                 let take = buf.len().min(max);
                 let b = self.owned_only(buf.drain(..take).collect());

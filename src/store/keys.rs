@@ -22,7 +22,13 @@ impl Keys {
 
     /// The customer's state blob: `PREFIX:{tenant/customer}:state`.
     pub fn state(&self, c: &CustomerRef) -> String {
-        format!("{}:{}:state", self.prefix, Self::tag(c))
+        // Built in one allocation: this runs for every customer of every batch.
+        let mut k =
+            String::with_capacity(self.prefix.len() + c.tenant.len() + c.customer.len() + 10);
+        for part in [&self.prefix, ":{", &c.tenant, "/", &c.customer, "}:state"] {
+            k.push_str(part);
+        }
+        k
     }
 
     /// Pattern matching every customer's state key (for the timer sweep).

@@ -828,6 +828,13 @@ pub struct RunResult {
     pub output_produce_ms_p50: Option<f64>,
     pub output_produce_ms_p99: Option<f64>,
     pub partitions_paused_share: f64,
+    /// Share of the window the batch processor(s) spent applying a part
+    /// (mean over `batch.processors`).
+    #[serde(default)]
+    pub processor_busy: Option<f64>,
+    /// Redis round-trip time per batch in the window (ms): loads, writes, all calls.
+    #[serde(default)]
+    pub redis_ms_per_batch: Option<[f64; 3]>,
     pub throttle_records_read: u64,
     pub lapse_cpu_seconds: Option<f64>,
     pub redis_cpu_seconds: Option<f64>,
@@ -1145,6 +1152,23 @@ async fn one_run(env: &RunEnv<'_>, run: usize) -> anyhow::Result<RunResult> {
         ),
         partitions_paused_share: f64::from(w.paused_scrapes)
             / f64::from(w.scrapes_in_window.max(1)),
+        processor_busy: {
+            let name = "lapse_batch_processor_busy_seconds_total";
+            let processors = end_scrape.by(name, "processor", &[]).len();
+            (processors > 0).then(|| d(name) / (processors as f64 * window_secs.max(1e-9)))
+        },
+        redis_ms_per_batch: (batches > 0).then(|| {
+            let per_batch = |filter: &[(&str, &str)]| {
+                let name = "lapse_redis_call_seconds_sum";
+                1000.0 * (end_scrape.sum_where(name, filter) - start_scrape.sum_where(name, filter))
+                    / batches as f64
+            };
+            [
+                per_batch(&[("op", "load")]),
+                per_batch(&[("op", "save")]),
+                per_batch(&[]),
+            ]
+        }),
         throttle_records_read: reader_shared.records.load(Ordering::Relaxed),
         lapse_cpu_seconds: diff(w.cpu_start.lapse, w.cpu_end.lapse),
         redis_cpu_seconds: diff(w.cpu_start.redis, w.cpu_end.redis),
@@ -1774,7 +1798,7 @@ fn print_run(r: &RunResult) {
         "  lapse: backlog at window end {:.0} events (max {:.0}, trend {:+.0} events/s), drained {} after the load; \
          lapse_consumer_lag {:.0}; {} batches (mean {:.0} records), batch ms p50 {} p99 {} mean {}; \
          event time -> durable ms p50 {} p99 {}; decision produce+ack ms p50 {} p99 {}; \
-         partitions paused in {:.0}% of scrapes",
+         partitions paused in {:.0}% of scrapes; processor busy {}; redis round trips per batch: {}",
         r.backlog_end,
         r.backlog_max,
         r.backlog_growth_per_second,
@@ -1791,6 +1815,12 @@ fn print_run(r: &RunResult) {
         opt(r.output_produce_ms_p50, 1),
         opt(r.output_produce_ms_p99, 1),
         r.partitions_paused_share * 100.0,
+        r.processor_busy
+            .map_or_else(|| "n/a".into(), |b| format!("{:.0}%", b * 100.0)),
+        r.redis_ms_per_batch.map_or_else(
+            || "n/a".into(),
+            |[l, s, a]| format!("load {l:.1} ms, save {s:.1} ms, all calls {a:.1} ms")
+        ),
     );
     println!(
         "  cpu seconds in the window: lapse {} redis {} broker {} bench {}; machine busy {}; \
