@@ -43,6 +43,31 @@ async fn redis_keeps_data_across_stop_and_kill() {
     assert_eq!(n, 0);
 }
 
+/// `end_offsets` counts every record of a batching producer: tansu's high
+/// watermark is the first offset of the last record batch + 1, so a check
+/// of "caught up" against it passed while records were still unapplied.
+#[tokio::test]
+async fn end_offsets_count_every_record_of_a_batching_producer() {
+    let broker = Broker::start().await;
+    let bootstrap = broker.bootstrap();
+    broker.create_topic("selftest.batched", 1).await;
+    let producer = Producer::new(&bootstrap);
+    // Sent together, so the producer puts them in few record batches.
+    let sends = (0..300).map(|i| {
+        let payload = format!("payload-{i}");
+        let producer = &producer;
+        async move {
+            producer
+                .send("selftest.batched", "k", payload, &[])
+                .await
+                .expect("delivered")
+        }
+    });
+    futures::future::join_all(sends).await;
+    let ends = end_offsets(&bootstrap, &["selftest.batched"]).await;
+    assert_eq!(ends.get(&("selftest.batched".to_string(), 0)), Some(&300));
+}
+
 #[tokio::test]
 async fn broker_round_trip_on_three_partitions() {
     let broker = Broker::start().await;

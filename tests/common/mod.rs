@@ -1420,21 +1420,65 @@ pub async fn committed_offsets(
     .await
 }
 
-/// High watermarks: (topic, partition) -> offset of the next record to be written.
+/// End offsets: (topic, partition) -> offset of the next record to be written.
+///
+/// Not simply the high watermark: tansu 0.6 reports it as the first offset of
+/// the partition's last record batch + 1, which under-counts a batching
+/// producer's records (and made "caught up" true while a lapse that had just
+/// committed that offset still had the rest of the batch to apply). So the
+/// tail is read from `high - 1` to the end of the partition.
 pub async fn end_offsets(bootstrap: &str, topics: &[&str]) -> BTreeMap<(String, i32), i64> {
     let parts = topic_partitions(bootstrap, topics).await;
     let cfg = client_config(bootstrap);
+    let mut reader_cfg = client_config(bootstrap);
     blocking(move || {
         let c: BaseConsumer = cfg.create().expect("create consumer");
-        parts
-            .into_iter()
-            .map(|(t, p)| {
-                let (_, high) = c
-                    .fetch_watermarks(&t, p, Duration::from_secs(10))
-                    .unwrap_or_else(|e| panic!("watermarks {t}/{p}: {e}"));
-                ((t, p), high)
-            })
-            .collect()
+        let mut ends = BTreeMap::new();
+        let mut tail = TopicPartitionList::new();
+        for (t, p) in parts {
+            let (low, high) = c
+                .fetch_watermarks(&t, p, Duration::from_secs(10))
+                .unwrap_or_else(|e| panic!("watermarks {t}/{p}: {e}"));
+            if high > low {
+                tail.add_partition_offset(&t, p, Offset::Offset(high - 1))
+                    .expect("a tail offset");
+            }
+            ends.insert((t, p), high);
+        }
+        let want = tail.count();
+        if want == 0 {
+            return ends;
+        }
+        // A fetch returns whole record batches: once a partition's first tail
+        // record is here, the rest of its last batch is in the local queue.
+        let reader: BaseConsumer = reader_cfg
+            .set("group.id", "lapse-test-tail")
+            .set("enable.auto.commit", "false")
+            .set("fetch.wait.max.ms", "10")
+            .create()
+            .expect("create tail reader");
+        reader.assign(&tail).expect("assign the tails");
+        let mut seen = std::collections::HashSet::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let wait = if seen.len() < want { 50 } else { 0 };
+            match reader.poll(Duration::from_millis(wait)) {
+                Some(Ok(m)) => {
+                    let tp = (m.topic().to_string(), m.partition());
+                    let e = ends.entry(tp.clone()).or_insert(0);
+                    *e = (*e).max(m.offset() + 1);
+                    seen.insert(tp);
+                }
+                Some(Err(e)) => panic!("reading the tails of the partitions: {e}"),
+                None if seen.len() == want => break,
+                None => assert!(
+                    Instant::now() < deadline,
+                    "reading the tails of {want} partitions: {} answered in 20 s",
+                    seen.len()
+                ),
+            }
+        }
+        ends
     })
     .await
 }

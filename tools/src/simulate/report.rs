@@ -188,7 +188,14 @@ pub fn read_outcomes(
     let mut out = Vec::new();
     let mut done: BTreeSet<i32> = BTreeSet::new();
     let deadline = Instant::now() + timeout;
-    while done.len() < ends.len() && Instant::now() < deadline {
+    // tansu reports a partition's high watermark as the first offset of its
+    // last record batch + 1: past it, the rest of that batch came in the same
+    // fetch, so reading goes on until nothing more is waiting.
+    loop {
+        let reached = done.len() >= ends.len();
+        if !reached && Instant::now() >= deadline {
+            break;
+        }
         match c.poll(Duration::from_millis(200)) {
             Some(Ok(m)) => {
                 if let Some(o) = m.payload().and_then(|p| decode_outcome(schema, p)) {
@@ -199,6 +206,7 @@ pub fn read_outcomes(
                 }
             }
             Some(Err(e)) => anyhow::bail!("reading {topic}: {e}"),
+            None if reached => break,
             None => {}
         }
     }
