@@ -72,6 +72,27 @@ fn millis(d: &Decision, k: &str) -> Option<i64> {
 /// Distinct throttle decisions (by decision id, in first-seen order), once at
 /// least `at_least` of them are on the topic. The contract allows a decision to
 /// be published more than once only as an exact repeat: checked here.
+/// The latest instant at or before `at` between 10:00 and 14:00 in the
+/// tenants' time zone (Asia/Shanghai, UTC+8, no daylight saving), to the
+/// second: at least 4 hours of quiet-hours-free day before and after it for
+/// every channel, and at most 20 hours back, so a one-day cap from it is
+/// still in force. (`now - 2h` made a test's decisions depend on the time of
+/// day it ran: a cap's allowed_from inside PHONE's quiet hours is moved past
+/// them, and a later touch then moves nothing.)
+fn midday_before(at: i64) -> i64 {
+    const DAY: i64 = 24 * H;
+    let local = at + 8 * H;
+    let of_day = local.rem_euclid(DAY);
+    let t = if of_day < 10 * H {
+        at - of_day - 10 * H - 1000
+    } else if of_day >= 14 * H {
+        at - (of_day - 14 * H) - 1000
+    } else {
+        at
+    };
+    t / 1000 * 1000
+}
+
 async fn throttle_events(s: &Stack, at_least: usize) -> Vec<(String, Decision)> {
     let bootstrap = s.broker.bootstrap();
     wait_for(
@@ -324,7 +345,7 @@ async fn the_cross_channel_touch_cap_and_the_campaign_lock_end_to_end() {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_millis() as i64;
-    let t0 = (now - 2 * H) / 1000 * 1000;
+    let t0 = midday_before(now - 5 * 60_000);
     const M: i64 = 60_000;
     // EMAIL and SOCIAL have no quiet hours: their allowed_from is exact.
     let events: Vec<(Event, Option<&str>)> = vec![
