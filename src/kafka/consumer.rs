@@ -569,12 +569,12 @@ impl PollLoop {
                 self.set_paused(false);
             }
             // Nothing being applied: what is buffered goes now (below), so
-            // poll only for what is already fetched.
+            // poll only for what is already fetched (the 1 ms floor below).
             let idle = held.is_none() && self.shared.nothing_applying();
             let wait = if held.is_some() {
                 Duration::from_millis(20)
             } else if idle && !buf.is_empty() {
-                Duration::ZERO
+                Duration::from_millis(1)
             } else {
                 buf_since.map_or(self.batch.max_wait.0, |s| {
                     self.batch.max_wait.0.saturating_sub(s.elapsed())

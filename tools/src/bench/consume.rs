@@ -31,6 +31,7 @@ use serde::Serialize;
 
 use super::child::Fleet;
 use super::machine::{self, Machine};
+use super::prom;
 use super::CpuCounters;
 use super::{median, opt, pct, Stats};
 use lapse::config::Config;
@@ -527,9 +528,8 @@ async fn one_run(env: &RunEnv<'_>, run: usize) -> anyhow::Result<RunResult> {
     let durable_seconds = durable.duration_since(first).as_secs_f64();
     let ms = |v: Option<f64>| v.map(|x| x * 1000.0);
     let batches = s.sum("lapse_batch_records_count") as u64;
-    let per_batch = |filter: &[(&str, &str)]| {
-        1000.0 * s.sum_where("lapse_redis_call_seconds_sum", filter) / (batches.max(1) as f64)
-    };
+    let [redis_load, redis_save, redis_all] =
+        prom::redis_ms_per_batch(&prom::Scrape::default(), &s, batches);
     Ok(RunResult {
         run,
         records: env.records,
@@ -544,9 +544,9 @@ async fn one_run(env: &RunEnv<'_>, run: usize) -> anyhow::Result<RunResult> {
         batch_ms_p90: ms(s.quantile("lapse_batch_seconds", &[], 0.9)),
         batch_ms_p99: ms(s.quantile("lapse_batch_seconds", &[], 0.99)),
         batch_ms_mean: ms(s.mean("lapse_batch_seconds", &[])),
-        redis_load_ms_per_batch: per_batch(&[("op", "load")]),
-        redis_save_ms_per_batch: per_batch(&[("op", "save")]),
-        redis_all_ms_per_batch: per_batch(&[]),
+        redis_load_ms_per_batch: redis_load,
+        redis_save_ms_per_batch: redis_save,
+        redis_all_ms_per_batch: redis_all,
         state_writes: s.sum("lapse_state_writes_total") as u64,
         cas_conflicts: s.sum("lapse_state_write_conflicts_total") as u64,
         dead_letters: s.sum("lapse_records_invalid_total") as u64,
@@ -798,7 +798,7 @@ fn print_run(r: &RunResult) {
     println!(
         "  processor busy {} of the time, partitions paused in {} of scrapes; \
          {} batches (mean {:.0} records), batch ms p50 {} p90 {} p99 {} mean {}; \
-         redis round trips per batch: load {:.1} ms, save {:.1} ms, all calls {:.1} ms",
+         redis round trips per batch: {}",
         pct(Some(r.processor_busy)),
         pct(Some(r.paused_share)),
         r.batches,
@@ -807,9 +807,11 @@ fn print_run(r: &RunResult) {
         opt(r.batch_ms_p90, 1),
         opt(r.batch_ms_p99, 1),
         opt(r.batch_ms_mean, 1),
-        r.redis_load_ms_per_batch,
-        r.redis_save_ms_per_batch,
-        r.redis_all_ms_per_batch,
+        prom::show_redis_ms_per_batch([
+            r.redis_load_ms_per_batch,
+            r.redis_save_ms_per_batch,
+            r.redis_all_ms_per_batch,
+        ]),
     );
     println!(
         "  cpu seconds: lapse {} redis {} broker {}; machine busy {} (1-min load before: {})",

@@ -1157,18 +1157,8 @@ async fn one_run(env: &RunEnv<'_>, run: usize) -> anyhow::Result<RunResult> {
             let processors = end_scrape.by(name, "processor", &[]).len();
             (processors > 0).then(|| d(name) / (processors as f64 * window_secs.max(1e-9)))
         },
-        redis_ms_per_batch: (batches > 0).then(|| {
-            let per_batch = |filter: &[(&str, &str)]| {
-                let name = "lapse_redis_call_seconds_sum";
-                1000.0 * (end_scrape.sum_where(name, filter) - start_scrape.sum_where(name, filter))
-                    / batches as f64
-            };
-            [
-                per_batch(&[("op", "load")]),
-                per_batch(&[("op", "save")]),
-                per_batch(&[]),
-            ]
-        }),
+        redis_ms_per_batch: (batches > 0)
+            .then(|| prom::redis_ms_per_batch(start_scrape, end_scrape, batches)),
         throttle_records_read: reader_shared.records.load(Ordering::Relaxed),
         lapse_cpu_seconds: diff(w.cpu_start.lapse, w.cpu_end.lapse),
         redis_cpu_seconds: diff(w.cpu_start.redis, w.cpu_end.redis),
@@ -1817,10 +1807,8 @@ fn print_run(r: &RunResult) {
         r.partitions_paused_share * 100.0,
         r.processor_busy
             .map_or_else(|| "n/a".into(), |b| format!("{:.0}%", b * 100.0)),
-        r.redis_ms_per_batch.map_or_else(
-            || "n/a".into(),
-            |[l, s, a]| format!("load {l:.1} ms, save {s:.1} ms, all calls {a:.1} ms")
-        ),
+        r.redis_ms_per_batch
+            .map_or_else(|| "n/a".into(), prom::show_redis_ms_per_batch),
     );
     println!(
         "  cpu seconds in the window: lapse {} redis {} broker {} bench {}; machine busy {}; \

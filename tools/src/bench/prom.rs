@@ -12,6 +12,27 @@ pub struct Sample {
     pub value: f64,
 }
 
+/// Redis round-trip time per batch in ms (`lapse_redis_call_seconds_sum` /
+/// batches) between two scrapes of one lapse process (`before` empty: since it
+/// started): loads, saves, all calls.
+pub fn redis_ms_per_batch(before: &Scrape, after: &Scrape, batches: u64) -> [f64; 3] {
+    let name = "lapse_redis_call_seconds_sum";
+    let per_batch = |filter: &[(&str, &str)]| {
+        1000.0 * (after.sum_where(name, filter) - before.sum_where(name, filter))
+            / batches.max(1) as f64
+    };
+    [
+        per_batch(&[("op", "load")]),
+        per_batch(&[("op", "save")]),
+        per_batch(&[]),
+    ]
+}
+
+/// The three figures of [`redis_ms_per_batch`], as the benchmarks print them.
+pub fn show_redis_ms_per_batch([load, save, all]: [f64; 3]) -> String {
+    format!("load {load:.1} ms, save {save:.1} ms, all calls {all:.1} ms")
+}
+
 /// A parsed `/metrics` page.
 #[derive(Debug, Clone, Default)]
 pub struct Scrape {
@@ -242,5 +263,18 @@ weird{a="x\"y,z}",b="2"} 1.5 1700000000000
             Some(0.5)
         );
         assert_eq!(s.quantile("absent", &[], 0.5), None);
+    }
+
+    #[test]
+    fn redis_time_per_batch_since_start_or_over_a_window() {
+        let after = Scrape::parse(PAGE);
+        let since_start = redis_ms_per_batch(&Scrape::default(), &after, 4);
+        assert_eq!(since_start, [500.0, 0.0, 500.0]);
+        let before = Scrape::parse("lapse_redis_call_seconds_sum{op=\"load\"} 1\n");
+        assert_eq!(redis_ms_per_batch(&before, &after, 2), [500.0, 0.0, 500.0]);
+        assert_eq!(
+            show_redis_ms_per_batch(since_start),
+            "load 500.0 ms, save 0.0 ms, all calls 500.0 ms"
+        );
     }
 }
