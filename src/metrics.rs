@@ -37,6 +37,10 @@ pub struct Metrics {
     pub batch_seconds: Histogram,
     /// Seconds each batch processor (`batch.processors`, label `processor`) was applying a part.
     pub processor_busy: CounterVec,
+    /// Seconds each stage of the batch path (label `stage`: dispatcher,
+    /// processors, publishers, finisher) spent working, and (`activity`)
+    /// waiting for room in the next stage's queue.
+    pub stage_seconds: CounterVec,
     pub processing_latency: Histogram,
     pub record_latency: Histogram,
     pub redis_call_seconds: HistogramVec,
@@ -224,6 +228,18 @@ impl Metrics {
                         "Wall time each batch processor (batch.processors, labelled 0..n-1) spent applying its customers' part of batches: a rate near 1 for each means the processors are the limit.",
                     ),
                     &["processor"],
+                )
+                .expect("valid metric");
+                r.register(Box::new(c.clone())).expect("unique metric");
+                c
+            },
+            stage_seconds: {
+                let c = CounterVec::new(
+                    Opts::new(
+                        "lapse_batch_stage_seconds_total",
+                        "Seconds the stages of the batch path (stage: dispatcher = decode and split, processors = state writes, publishers = decisions produced and outboxes cleared, finisher = campaigns and hand-over to the offset gate; summed over a stage's tasks) spent working (activity=\"working\") and blocked on the next stage's full queue (activity=\"blocked\"). The stage whose working rate is near its task count is the limit.",
+                    ),
+                    &["stage", "activity"],
                 )
                 .expect("valid metric");
                 r.register(Box::new(c.clone())).expect("unique metric");

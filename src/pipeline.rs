@@ -30,6 +30,7 @@ use crate::domain::step;
 use crate::error::BatchError;
 use crate::kafka::record::InputRecord;
 use crate::metrics::Metrics;
+use crate::processor::Unpublished;
 use crate::retry::Backoff;
 use crate::state_write::{Fold, StateWriter, Stored};
 use crate::store::durability::{Durability, Shortfall};
@@ -118,6 +119,30 @@ pub struct PartDone {
     pub newest: Option<i64>,
 }
 
+/// A customer's state as step A wrote it, with an outbox to publish.
+pub struct Outboxed {
+    pub customer: CustomerRef,
+    pub rev: u64,
+    pub state: Box<CustomerState>,
+}
+
+/// What step A of a part ([`Pipeline::write_part`]) hands to step B
+/// ([`Pipeline::publish_part`]).
+pub struct Written {
+    epoch: u64,
+    acked_at: Instant,
+    tally: Tally,
+    /// The outboxes to publish, then clear.
+    outboxes: Vec<Outboxed>,
+}
+
+impl Written {
+    /// The customers whose outbox step B publishes.
+    pub fn outbox_customers(&self) -> impl Iterator<Item = &CustomerRef> {
+        self.outboxes.iter().map(|o| &o.customer)
+    }
+}
+
 impl Pipeline {
     /// Counts, decodes and dead-letters a batch's records (the dead letters
     /// acknowledged before this returns). Returns `GaveUp` only when `give_up` is raised.
@@ -168,17 +193,69 @@ impl Pipeline {
         out
     }
 
-    /// Applies a part's customers until durable (state written, timers
-    /// scheduled, `redis.durability` confirmed, decisions published).
+    /// Step A of a part: its customers' states written, their timers
+    /// scheduled and `redis.durability` confirmed, retried until done.
+    /// Customers `unpublished` still holds (an earlier part's outbox, not yet
+    /// published) are written only once it has been: see [`Unpublished`].
     /// Returns `GaveUp` only when `give_up` is raised.
-    pub async fn apply_customers(
+    pub async fn write_part(
         &self,
         part: &Part,
+        unpublished: &Unpublished,
+        give_up: &AtomicBool,
+    ) -> Result<Written, GaveUp> {
+        let (epoch, (acked_at, tally, outboxes)) = self
+            .until_durable(give_up, |epoch| {
+                self.store_customers(&part.events, unpublished, epoch)
+            })
+            .await?;
+        Ok(Written {
+            epoch,
+            acked_at,
+            tally,
+            outboxes,
+        })
+    }
+
+    /// Step B of a part: publishes the outboxes step A wrote (then clears
+    /// them), retried until done, and counts the part. Parts of one processor
+    /// are published in the order written. Returns `GaveUp` only when
+    /// `give_up` is raised.
+    pub async fn publish_part(
+        &self,
+        part: &Part,
+        written: Written,
         give_up: &AtomicBool,
     ) -> Result<PartDone, GaveUp> {
-        let (epoch, (acked_at, tally)) = self
-            .until_durable(give_up, |epoch| self.store_customers(&part.events, epoch))
-            .await?;
+        let Written {
+            epoch,
+            acked_at,
+            tally,
+            outboxes,
+        } = written;
+        if !outboxes.is_empty() && crash_point("after_state_write") {
+            // Test hook: die between the state write and the produce, like a kill -9 there.
+            std::process::abort();
+        }
+        let (ids, states): (Vec<CustomerRef>, Vec<_>) = outboxes
+            .into_iter()
+            .map(|o| (o.customer, (o.rev, o.state)))
+            .unzip();
+        let stored: Vec<Stored<'_, CustomerState, ()>> = ids
+            .iter()
+            .zip(states)
+            .map(|(id, (rev, record))| Stored {
+                id,
+                rev,
+                record,
+                written: true,
+                extra: (),
+            })
+            .collect();
+        if !stored.is_empty() {
+            self.until_durable(give_up, |_| self.writer.publish(&stored))
+                .await?;
+        }
         // Only now, with state and decisions durable, are the counts real.
         tally.report(self, &part.events, self.clock.now_ms());
         let signals = campaign_signals(&part.events, &tally)
@@ -442,18 +519,22 @@ impl Pipeline {
     }
 
     /// Loads a part's customers, folds their events and decides (pure domain),
-    /// writes back with CAS, schedules their timers, then publishes each
-    /// customer's outbox. Returns when Redis had acknowledged the writes
-    /// (confirmed durable in mode `replicas` before any decision is
-    /// published: a decision derived from a write a failover then lost could
-    /// differ when derived again), with the part's tally.
-    async fn store_customers(
+    /// writes back with CAS and schedules their timers. Returns when Redis had
+    /// acknowledged the writes (confirmed durable in mode `replicas`: a
+    /// decision derived from a write a failover then lost could differ when
+    /// derived again, so none is published before), with the part's tally and
+    /// the outboxes to publish. Customers `unpublished` holds wait, in a chunk
+    /// of their own, until their earlier outbox is published: loaded before,
+    /// it would be published twice and its clear would find the record
+    /// overtaken.
+    async fn store_customers<'v>(
         &self,
-        valid: &[(Event, Source)],
+        valid: &'v [(Event, Source)],
+        unpublished: &Unpublished,
         epoch: u64,
-    ) -> Result<(Instant, Tally), BatchError> {
+    ) -> Result<(Instant, Tally, Vec<Outboxed>), BatchError> {
         // Group by customer, keeping each customer's events in arrival order.
-        let mut order: Vec<&CustomerRef> = Vec::new();
+        let mut order: Vec<&'v CustomerRef> = Vec::new();
         let mut groups: HashMap<&CustomerRef, Vec<usize>> = HashMap::new();
         for (i, (ev, _)) in valid.iter().enumerate() {
             groups
@@ -464,17 +545,21 @@ impl Pipeline {
                 })
                 .push(i);
         }
+        let (held, order, wait_for) = unpublished.split(order);
         // Customers are disjoint between chunks, so the chunks' Redis round trips
         // overlap with each other's folding instead of lapse and Redis taking turns.
         let size = order.len().div_ceil(self.store_chunks.max(1)).max(1);
         let groups = &groups;
-        let chunks = order.chunks(size).map(|chunk| async move {
+        let chunk = |customers: Vec<&'v CustomerRef>, after: Option<u64>| async move {
+            if let Some(seq) = after {
+                unpublished.published_through(seq).await;
+            }
             let mut fold = CustomerFold {
                 p: self,
                 valid,
                 groups,
             };
-            let stored = self.writer.write(chunk.to_vec(), &mut fold).await?;
+            let stored = self.writer.write(customers, &mut fold).await?;
             self.schedule_timers(&stored).await?;
             let mut tally = Tally::default();
             for s in &stored {
@@ -484,24 +569,33 @@ impl Pipeline {
             }
             self.metrics.state_writes.inc_by(tally.written as u64);
             Ok::<_, BatchError>((tally, stored))
-        });
+        };
+        let mut chunks: Vec<_> = order
+            .chunks(size)
+            .map(|c| chunk(c.to_vec(), None))
+            .collect();
+        if !held.is_empty() {
+            chunks.push(chunk(held, wait_for));
+        }
         let mut tallies = Vec::new();
-        let mut customers = Vec::new();
-        for (t, s) in futures::future::try_join_all(chunks).await? {
+        let mut outboxes = Vec::new();
+        for (t, stored) in futures::future::try_join_all(chunks).await? {
             tallies.push(t);
-            customers.extend(s);
+            outboxes.extend(
+                stored
+                    .into_iter()
+                    .filter(|s| !s.record.outbox.is_empty())
+                    .map(|s| Outboxed {
+                        customer: s.id.clone(),
+                        rev: s.rev,
+                        state: s.record,
+                    }),
+            );
         }
         let tally = Tally::merged(tallies);
-
         let acked_at = Instant::now();
         self.durability.confirm(epoch).await?;
-        let decisions_pending = customers.iter().any(|s| !s.record.outbox.is_empty());
-        if decisions_pending && crash_point("after_state_write") {
-            // Test hook: die between the state write and the produce, like a kill -9 there.
-            std::process::abort();
-        }
-        self.writer.publish(&customers).await?;
-        Ok((acked_at, tally))
+        Ok((acked_at, tally, outboxes))
     }
 
     /// Folds a batch's campaign signals into their campaigns (their own

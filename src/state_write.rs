@@ -129,8 +129,7 @@ impl StateWriter {
             let folded: Vec<Folded<'a, R, F::Extra>> = pending
                 .iter()
                 .zip(loaded)
-                .map(|(&id, (rev, record))| {
-                    let mut record = Box::new(record);
+                .map(|(&id, (rev, mut record))| {
                     let (changed, extra) = fold.fold(id, &mut record);
                     Folded {
                         id,

@@ -107,3 +107,49 @@ async fn writes_survive_a_lost_script_cache_and_campaigns_use_the_same_cas() {
     let loaded = s.load_campaigns(&ids).await.unwrap();
     assert_eq!(loaded[0].0, 1);
 }
+
+/// The script's revision check is a byte comparison of the stored head with
+/// `"<rev>:"`; it must agree with `stored_revision` (the memory backend's
+/// check and the documented format) on every kind of head, odd ones included.
+#[tokio::test]
+async fn the_script_reads_revisions_exactly_as_stored_revision_does() {
+    let redis = RedisServer::start().await;
+    let s = store(&redis).await;
+    let mut conn = redis.client().await;
+    let heads: [Option<&[u8]>; 10] = [
+        None,
+        Some(b""),
+        Some(b"junk"),
+        Some(b"0:x"),
+        Some(b"012:x"),
+        Some(b"12"),
+        Some(b"12:x"),
+        Some(b"123:x"),
+        Some(b"1:"),
+        Some(b"18446744073709551614:x"),
+    ];
+    let mut checked = 0;
+    for (h, head) in heads.iter().enumerate() {
+        for expected in [0u64, 1, 12, 123, u64::MAX - 1] {
+            let c = CustomerRef::new("brandA", format!("h{h}-{expected}"));
+            if let Some(v) = head {
+                redis::cmd("SET")
+                    .arg(s.keys().state(&c))
+                    .arg(*v)
+                    .query_async::<()>(&mut conn)
+                    .await
+                    .unwrap();
+            }
+            let model = head.map_or(0, lapse::store::record::stored_revision) == expected;
+            let landed = s.save_many(&[(&c, expected, &state(1))]).await.unwrap();
+            assert_eq!(
+                landed,
+                [model],
+                "head {head:?}, expected revision {expected}"
+            );
+            checked += usize::from(model);
+        }
+    }
+    // The table holds writes that land and writes that conflict.
+    assert!(checked >= 5, "{checked}");
+}

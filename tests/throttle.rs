@@ -914,3 +914,62 @@ async fn an_engaged_customers_e_mail_cap_is_raised_end_to_end() {
     lapse.sigterm();
     assert!(lapse.wait_exit(Duration::from_secs(30)).await.success());
 }
+
+/// A processor writes the next part while its publisher still publishes the
+/// last one. A customer whose decision is still unpublished must wait: loaded
+/// before the decision was published and cleared, it would carry it into its
+/// own outbox and publish it twice (and make the clear conflict). One record
+/// per batch, one customer, a decision on nearly every record: each batch
+/// meets the previous one's unpublished outbox.
+#[tokio::test]
+async fn consecutive_batches_of_one_customer_publish_each_decision_once() {
+    let s = Stack::start().await;
+    let p = Producer::new(&s.broker.bootstrap());
+    let c = cust("brandA", "busy");
+    // Recent sends, so that no cap expires (and no timer publishes) during the test.
+    let t0 = midday_before(chrono::Utc::now().timestamp_millis() - 2 * H) - 30 * 60_000;
+    let sends = 30;
+    let events: Vec<(Event, Option<&str>)> = (0..sends)
+        .map(|k| {
+            let at = t0 + k * 60_000;
+            (
+                send(
+                    &c,
+                    &format!("s{k}"),
+                    at,
+                    Channel::Wechat,
+                    Purpose::Marketing,
+                ),
+                None,
+            )
+        })
+        .collect();
+    produce_events(&p, &events, |_| Framing::SingleObject).await;
+    s.broker.create_compacted_topic(THROTTLE, 3).await;
+    let cfg = s.config("one-per-batch", "max_records = 1");
+    let mut lapse = s.spawn("g-one-per-batch", &cfg);
+    s.wait_caught_up("g-one-per-batch", LONG).await;
+
+    // The second send caps WeChat; every later one is a violation that moves
+    // allowed_from, so nearly every batch publishes a decision.
+    let distinct = throttle_events(&s, (sends - 1) as usize).await;
+    assert_eq!(distinct.len(), (sends - 1) as usize, "{distinct:?}");
+    let raw = consume_up_to(
+        &s.broker.bootstrap(),
+        THROTTLE,
+        10_000,
+        Duration::from_secs(3),
+    )
+    .await;
+    assert_eq!(
+        raw.len(),
+        distinct.len(),
+        "every decision published exactly once, none carried into the next batch's outbox"
+    );
+    assert_eq!(
+        metric(&lapse, "lapse_decisions_republished_total", &[]).await,
+        0.0
+    );
+    lapse.sigterm();
+    assert!(lapse.wait_exit(Duration::from_secs(30)).await.success());
+}

@@ -62,16 +62,23 @@ fn unknown(v: u8) -> String {
 
 /// Decodes a stored customer state: format 2, or format 1 (migrated on read).
 pub fn decode(bytes: &[u8]) -> Result<(u64, CustomerState), String> {
+    let mut state = CustomerState::default();
+    let rev = decode_into(bytes, &mut state)?;
+    Ok((rev, state))
+}
+
+/// [`decode`] into `out` (every field written); returns the revision.
+pub fn decode_into(bytes: &[u8], out: &mut CustomerState) -> Result<u64, String> {
     let (rev, rest) = split(bytes)?;
     match rest.first() {
-        Some(&FORMAT_V2) => Ok((rev, compact::decode(&rest[1..])?)),
+        Some(&FORMAT_V2) => compact::decode_into(&rest[1..], out)?,
         Some(&FORMAT_V1) => {
-            let state = postcard::from_bytes(&rest[1..]).map_err(|e| format!("postcard: {e}"))?;
-            Ok((rev, state))
+            *out = postcard::from_bytes(&rest[1..]).map_err(|e| format!("postcard: {e}"))?;
         }
-        Some(v) => Err(unknown(*v)),
-        None => Err("empty state".into()),
+        Some(v) => return Err(unknown(*v)),
+        None => return Err("empty state".into()),
     }
+    Ok(rev)
 }
 
 /// Decodes any other stored record written by `encode_any` (format 1).

@@ -185,16 +185,24 @@ pub fn encode_parts(s: &CustomerState, out: &mut Vec<u8>) -> [usize; SECTIONS.le
 
 /// Decodes a format-2 body.
 pub fn decode(bytes: &[u8]) -> Result<CustomerState, String> {
+    let mut s = CustomerState::default();
+    decode_into(bytes, &mut s)?;
+    Ok(s)
+}
+
+/// Decodes a format-2 body into `out` (every field written), so that a
+/// caller holding a boxed state moves no 2.7 KB struct around.
+pub fn decode_into(bytes: &[u8], out: &mut CustomerState) -> Result<(), String> {
     let mut r = Dec {
         b: bytes,
         base: 0,
         unit: 1,
     };
-    let s = r.state().map_err(|e| format!("format 2: {e}"))?;
+    r.state(out).map_err(|e| format!("format 2: {e}"))?;
     if !r.b.is_empty() {
         return Err(format!("format 2: {} trailing bytes", r.b.len()));
     }
-    Ok(s)
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------
@@ -1109,7 +1117,8 @@ impl Dec<'_> {
         Ok(out)
     }
 
-    fn state(&mut self) -> Res<CustomerState> {
+    /// Reads a state into `s`, field by field (see [`decode_into`]).
+    fn state(&mut self, s: &mut CustomerState) -> Res<()> {
         let h0 = self.u8()?;
         let h1 = if h0 & 0x02 != 0 { self.u8()? } else { 0 };
         if h0 & 0x02 != 0 && (h1 == 0 || h1 & !H1_KNOWN != 0) {
@@ -1225,27 +1234,26 @@ impl Dec<'_> {
         } else {
             None
         };
-        Ok(CustomerState {
-            visits,
-            channels,
-            applied: Applied {
-                watermarks,
-                seen,
-                legacy_ids,
-            },
-            controls,
-            recall: RecallState {
-                current,
-                previous,
-                repurchase,
-            },
-            outbox,
-            timer_due,
-            campaign_touches,
-            active_hours,
-            exposures,
-            feedback,
-        })
+        s.visits = visits;
+        s.channels = channels;
+        s.applied = Applied {
+            watermarks,
+            seen,
+            legacy_ids,
+        };
+        s.controls = controls;
+        s.recall = RecallState {
+            current,
+            previous,
+            repurchase,
+        };
+        s.outbox = outbox;
+        s.timer_due = timer_due;
+        s.campaign_touches = campaign_touches;
+        s.active_hours = active_hours;
+        s.exposures = exposures;
+        s.feedback = feedback;
+        Ok(())
     }
 
     fn feedback(

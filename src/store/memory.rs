@@ -135,17 +135,17 @@ mod tests {
             [false, true, false, true, false]
         );
         let refs: Vec<&CustomerRef> = cs.iter().collect();
-        let loaded: Vec<(u64, CustomerState)> = record::load(&b, &refs).await.unwrap();
+        let loaded: Vec<(u64, Box<CustomerState>)> = record::load(&b, &refs).await.unwrap();
         for (i, (rev, st)) in loaded.into_iter().enumerate() {
             if i % 2 == 0 {
-                assert_eq!((rev, st), (1, first[i].clone()));
+                assert_eq!((rev, *st), (1, first[i].clone()));
             } else {
-                assert_eq!((rev, st), (2, second[i].clone()));
+                assert_eq!((rev, *st), (2, second[i].clone()));
             }
         }
         let absent = CustomerRef::new("brandA", "nobody");
-        let loaded: Vec<(u64, CustomerState)> = record::load(&b, &[&absent]).await.unwrap();
-        assert_eq!(loaded, [(0, CustomerState::default())]);
+        let loaded: Vec<(u64, Box<CustomerState>)> = record::load(&b, &[&absent]).await.unwrap();
+        assert_eq!(loaded, [(0, Box::default())]);
         assert_eq!(b.put(&cs[0], &state(9)), 2);
         assert_eq!(b.get::<CustomerState>(&cs[0]), Some((2, state(9))));
     }

@@ -34,6 +34,12 @@ pub trait Record: Clone + Default + Send + Sync + 'static {
     fn encode(&self, rev: u64) -> Vec<u8>;
     /// Revision and record from a stored value.
     fn decode(bytes: &[u8]) -> Result<(u64, Self), String>;
+    /// [`Record::decode`] into `out`, which it overwrites; returns the revision.
+    fn decode_into(bytes: &[u8], out: &mut Self) -> Result<u64, String> {
+        let (rev, r) = Self::decode(bytes)?;
+        *out = r;
+        Ok(rev)
+    }
     fn outbox_is_empty(&self) -> bool;
     /// The outbox as output records.
     fn outbox(&self) -> Cow<'_, [Output]>;
@@ -59,6 +65,9 @@ impl Record for CustomerState {
     }
     fn decode(bytes: &[u8]) -> Result<(u64, Self), String> {
         blob::decode(bytes)
+    }
+    fn decode_into(bytes: &[u8], out: &mut Self) -> Result<u64, String> {
+        blob::decode_into(bytes, out)
     }
     fn outbox_is_empty(&self) -> bool {
         self.outbox.is_empty()
@@ -155,23 +164,28 @@ pub trait Backend: Send + Sync {
 }
 
 /// Loads records (absent: the default record at revision 0) in one call.
+/// Boxed, and decoded in place: a customer state is ~2.7 KB, and moving it
+/// from the decoder to the caller's box was a tenth of lapse's CPU.
 pub async fn load<R: Record, B: Backend + ?Sized>(
     backend: &B,
     ids: &[&R::Id],
-) -> Result<Vec<(u64, R)>, StoreError> {
+) -> Result<Vec<(u64, Box<R>)>, StoreError> {
     if ids.is_empty() {
         return Ok(vec![]);
     }
     let keys: Vec<String> = ids.iter().map(|id| R::key(backend.keys(), id)).collect();
     let values = backend.get_many(R::LOAD_OP, &keys).await?;
-    values
-        .into_iter()
-        .zip(keys)
-        .map(|(v, key)| match v {
-            None => Ok((0, R::default())),
-            Some(bytes) => R::decode(&bytes).map_err(|reason| StoreError::Corrupt { key, reason }),
-        })
-        .collect()
+    let mut out = Vec::with_capacity(values.len());
+    for (v, key) in values.into_iter().zip(keys) {
+        let mut record = Box::<R>::default();
+        let rev = match v {
+            None => 0,
+            Some(bytes) => R::decode_into(&bytes, &mut record)
+                .map_err(|reason| StoreError::Corrupt { key, reason })?,
+        };
+        out.push((rev, record));
+    }
+    Ok(out)
 }
 
 /// Compare-and-set writes of `(id, revision loaded, record)`; per write,
@@ -213,6 +227,8 @@ mod tests {
         assert_eq!(stored_revision(b":x"), 0);
         assert_eq!(stored_revision(b"1a:x"), 0);
         assert_eq!(stored_revision(b""), 0);
+        assert_eq!(stored_revision(b"012:x"), 12);
+        assert_eq!(stored_revision(b"0:x"), 0);
     }
 
     #[test]

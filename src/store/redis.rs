@@ -235,7 +235,7 @@ impl StateStore {
         let loaded = record::load::<CustomerState, _>(self, customers).await?;
         Ok(loaded
             .into_iter()
-            .map(|(rev, state)| Loaded { rev, state })
+            .map(|(rev, state)| Loaded { rev, state: *state })
             .collect())
     }
 
@@ -258,7 +258,8 @@ impl StateStore {
             .map(|(t, c)| (t.to_string(), c.to_string()))
             .collect();
         let refs: Vec<&CampaignId> = ids.iter().collect();
-        record::load(self, &refs).await
+        let loaded = record::load(self, &refs).await?;
+        Ok(loaded.into_iter().map(|(rev, c)| (rev, *c)).collect())
     }
 
     /// Compare-and-set writes of campaign states; true where the write landed.

@@ -91,6 +91,15 @@ pub struct RunResult {
     pub redis_load_ms_per_batch: f64,
     pub redis_save_ms_per_batch: f64,
     pub redis_all_ms_per_batch: f64,
+    /// Producing decisions and waiting for every acknowledgement
+    /// (`lapse_output_produce_seconds_sum` / batches), and the produce calls per batch.
+    pub publish_ms_per_batch: f64,
+    pub publishes_per_batch: f64,
+    /// A processor's time per batch part (`lapse_batch_processor_busy_seconds_total` / batches).
+    pub processor_ms_per_batch: f64,
+    /// Per stage of lapse's batch path (`lapse_batch_stage_seconds_total`):
+    /// ms per batch working and blocked on the next stage's full queue.
+    pub stage_ms_per_batch: Vec<StageTime>,
     pub state_writes: u64,
     pub cas_conflicts: u64,
     pub dead_letters: u64,
@@ -547,6 +556,12 @@ async fn one_run(env: &RunEnv<'_>, run: usize) -> anyhow::Result<RunResult> {
         redis_load_ms_per_batch: redis_load,
         redis_save_ms_per_batch: redis_save,
         redis_all_ms_per_batch: redis_all,
+        publish_ms_per_batch: 1000.0 * s.sum("lapse_output_produce_seconds_sum")
+            / batches.max(1) as f64,
+        publishes_per_batch: s.sum("lapse_output_produce_seconds_count") / batches.max(1) as f64,
+        processor_ms_per_batch: 1000.0 * s.sum("lapse_batch_processor_busy_seconds_total")
+            / batches.max(1) as f64,
+        stage_ms_per_batch: stage_times(&s, batches),
         state_writes: s.sum("lapse_state_writes_total") as u64,
         cas_conflicts: s.sum("lapse_state_write_conflicts_total") as u64,
         dead_letters: s.sum("lapse_records_invalid_total") as u64,
@@ -785,6 +800,35 @@ pub async fn run(args: &ConsumeArgs) -> anyhow::Result<ConsumeReport> {
     Ok(report)
 }
 
+/// One stage of the batch path, per batch.
+#[derive(Debug, Clone, Serialize)]
+pub struct StageTime {
+    pub stage: String,
+    pub working_ms: f64,
+    pub blocked_ms: f64,
+}
+
+const STAGES: [&str; 4] = ["dispatcher", "processors", "publishers", "finisher"];
+
+fn stage_times(s: &prom::Scrape, batches: u64) -> Vec<StageTime> {
+    let name = "lapse_batch_stage_seconds_total";
+    let per_batch = |stage: &str, activity: &str| {
+        // (+ 0.0: an empty sum is -0.0.)
+        1000.0 * s.sum_where(name, &[("stage", stage), ("activity", activity)])
+            / batches.max(1) as f64
+            + 0.0
+    };
+    STAGES
+        .iter()
+        .filter(|st| s.matching(name, &[("stage", st)]).next().is_some())
+        .map(|st| StageTime {
+            stage: st.to_string(),
+            working_ms: per_batch(st, "working"),
+            blocked_ms: per_batch(st, "blocked"),
+        })
+        .collect()
+}
+
 fn print_run(r: &RunResult) {
     println!(
         "run {}: {:.0} events/s committed ({:.2} s), {:.0} events/s durable ({:.2} s); start-up {:.1} s",
@@ -798,7 +842,8 @@ fn print_run(r: &RunResult) {
     println!(
         "  processor busy {} of the time, partitions paused in {} of scrapes; \
          {} batches (mean {:.0} records), batch ms p50 {} p90 {} p99 {} mean {}; \
-         redis round trips per batch: {}",
+         redis round trips per batch: {}; processors {:.1} ms per batch, of which \
+         publishing decisions (produce + acks) {:.1} ms in {:.2} calls",
         pct(Some(r.processor_busy)),
         pct(Some(r.paused_share)),
         r.batches,
@@ -812,7 +857,26 @@ fn print_run(r: &RunResult) {
             r.redis_save_ms_per_batch,
             r.redis_all_ms_per_batch,
         ]),
+        r.processor_ms_per_batch,
+        r.publish_ms_per_batch,
+        r.publishes_per_batch,
     );
+    if !r.stage_ms_per_batch.is_empty() {
+        let stages: Vec<String> = r
+            .stage_ms_per_batch
+            .iter()
+            .map(|t| {
+                format!(
+                    "{} {:.1} working, {:.1} blocked",
+                    t.stage, t.working_ms, t.blocked_ms
+                )
+            })
+            .collect();
+        println!(
+            "  stages, ms per batch (summed over a stage's tasks): {}",
+            stages.join("; ")
+        );
+    }
     println!(
         "  cpu seconds: lapse {} redis {} broker {}; machine busy {} (1-min load before: {})",
         opt(r.lapse_cpu_seconds, 1),

@@ -58,7 +58,7 @@ impl Scrape {
         self.matching(name, filter).map(|s| s.value).sum()
     }
 
-    fn matching<'a>(
+    pub fn matching<'a>(
         &'a self,
         name: &'a str,
         filter: &'a [(&str, &str)],
