@@ -21,12 +21,12 @@
 //!   of every batch before it is durable: the gate's semantics are those of
 //!   one processor.
 //!
-//! Between the stages at most [`PARTS_QUEUED`] parts per processor (and per
-//! publisher) and
-//! [`BATCHES_IN_FLIGHT`] batches wait (bounded, besides the queue). A batch
-//! read before the last rebalance or rewind is dropped undone: its offsets
-//! could never be recorded, and applying it after an abandoned batch (a
-//! drain that timed out) would move watermarks past records never applied.
+//! Between the stages at most [`PARTS_QUEUED`] parts per processor, as many
+//! per publisher, and [`BATCHES_IN_FLIGHT`] batches wait (bounded, besides the
+//! queue). A batch read before the last rebalance or rewind is dropped
+//! undone: its offsets could never be recorded, and applying it after an
+//! abandoned batch (a drain that timed out) would move watermarks past
+//! records never applied.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -43,7 +43,7 @@ use crate::kafka::consumer::{Applying, Batch, Done, Shared};
 use crate::kafka::offset_gate::Held;
 use crate::pipeline::{GaveUp, Part, PartDone, Pipeline, Written};
 
-/// Parts queued per processor behind the one it applies.
+/// Parts queued per processor behind the one it writes (and per publisher).
 const PARTS_QUEUED: usize = 4;
 /// Batches decoded and not yet finished (the finisher's queue).
 const BATCHES_IN_FLIGHT: usize = 4;
@@ -156,7 +156,7 @@ pub fn spawn(
 ) -> JoinHandle<()> {
     let n = processors.max(1);
     let mut to_processors = Vec::with_capacity(n);
-    let mut tasks = Vec::with_capacity(n + 1);
+    let mut tasks = Vec::with_capacity(2 * n + 1);
     for i in 0..n {
         let (tx, jobs) = mpsc::channel::<Job>(PARTS_QUEUED);
         let (to_publisher, written) = mpsc::channel::<Publish>(PARTS_QUEUED);
