@@ -271,8 +271,9 @@ async fn process(
         let written = pipeline
             .write_part(&job.part, &unpublished, &job.abandon)
             .await;
-        busy.inc_by(t.elapsed().as_secs_f64());
-        working.inc_by(t.elapsed().as_secs_f64());
+        let took = t.elapsed().as_secs_f64();
+        busy.inc_by(took);
+        working.inc_by(took);
         match written {
             Err(gave_up) => {
                 let _ = job.reply.send(Err(gave_up));

@@ -108,9 +108,10 @@ async fn writes_survive_a_lost_script_cache_and_campaigns_use_the_same_cas() {
     assert_eq!(loaded[0].0, 1);
 }
 
-/// The script's revision check is a byte comparison of the stored head with
-/// `"<rev>:"`; it must agree with `stored_revision` (the memory backend's
-/// check and the documented format) on every kind of head, odd ones included.
+/// The script reads the stored revision (the digits before `:` in the first
+/// 21 bytes) in Lua; it must agree with `stored_revision` (the memory
+/// backend's check and the documented format) on every kind of head, odd
+/// ones included.
 #[tokio::test]
 async fn the_script_reads_revisions_exactly_as_stored_revision_does() {
     let redis = RedisServer::start().await;

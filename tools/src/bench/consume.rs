@@ -95,8 +95,6 @@ pub struct RunResult {
     /// (`lapse_output_produce_seconds_sum` / batches), and the produce calls per batch.
     pub publish_ms_per_batch: f64,
     pub publishes_per_batch: f64,
-    /// A processor's time per batch part (`lapse_batch_processor_busy_seconds_total` / batches).
-    pub processor_ms_per_batch: f64,
     /// Per stage of lapse's batch path (`lapse_batch_stage_seconds_total`):
     /// ms per batch working and blocked on the next stage's full queue.
     pub stage_ms_per_batch: Vec<StageTime>,
@@ -559,8 +557,6 @@ async fn one_run(env: &RunEnv<'_>, run: usize) -> anyhow::Result<RunResult> {
         publish_ms_per_batch: 1000.0 * s.sum("lapse_output_produce_seconds_sum")
             / batches.max(1) as f64,
         publishes_per_batch: s.sum("lapse_output_produce_seconds_count") / batches.max(1) as f64,
-        processor_ms_per_batch: 1000.0 * s.sum("lapse_batch_processor_busy_seconds_total")
-            / batches.max(1) as f64,
         stage_ms_per_batch: stage_times(&s, batches),
         state_writes: s.sum("lapse_state_writes_total") as u64,
         cas_conflicts: s.sum("lapse_state_write_conflicts_total") as u64,
@@ -842,8 +838,8 @@ fn print_run(r: &RunResult) {
     println!(
         "  processor busy {} of the time, partitions paused in {} of scrapes; \
          {} batches (mean {:.0} records), batch ms p50 {} p90 {} p99 {} mean {}; \
-         redis round trips per batch: {}; processors {:.1} ms per batch, of which \
-         publishing decisions (produce + acks) {:.1} ms in {:.2} calls",
+         redis round trips per batch: {}; publishing decisions (produce + acks) \
+         {:.1} ms per batch in {:.2} calls",
         pct(Some(r.processor_busy)),
         pct(Some(r.paused_share)),
         r.batches,
@@ -857,7 +853,6 @@ fn print_run(r: &RunResult) {
             r.redis_save_ms_per_batch,
             r.redis_all_ms_per_batch,
         ]),
-        r.processor_ms_per_batch,
         r.publish_ms_per_batch,
         r.publishes_per_batch,
     );
