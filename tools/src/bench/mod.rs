@@ -6,7 +6,9 @@
 //! * `timers`: firing lag of a day of lapse timers in event-time mode;
 //! * `memory`: Redis bytes per customer with a full five-channel history;
 //! * `backtest`: replay speed of `lapse backtest`, and its memory per customer
-//!   beside what the same customers cost in Redis.
+//!   beside what the same customers cost in Redis;
+//! * `ceiling`: what a consumer that only reads and commits reaches on the same
+//!   events (the machine's bound, not lapse).
 //!
 //! `scripts/bench [throughput|latency|timers|memory|backtest|profile]` sets up Redis and
 //! the broker on loopback and runs one of them. They share the pieces here: the
@@ -14,6 +16,7 @@
 //! and `Stats`.
 
 pub mod backtest;
+pub mod ceiling;
 mod child;
 pub mod consume;
 pub mod heap;
@@ -113,6 +116,8 @@ pub enum BenchCmd {
     Backtest(backtest::BacktestArgs),
     /// Stored bytes per customer over the simulator's population (domain only; no Redis).
     StateSize(state_size::StateSizeArgs),
+    /// The most any consumer can show here: read the input topics and commit, nothing else.
+    Ceiling(ceiling::CeilingArgs),
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -129,6 +134,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         BenchCmd::Latency(a) => latency::run(&a).await.map(|_| ()),
         BenchCmd::Backtest(a) => backtest::run(&a).await,
         BenchCmd::StateSize(a) => state_size::run(&a),
+        BenchCmd::Ceiling(a) => ceiling::run(&a).map(|_| ()),
     }
 }
 
