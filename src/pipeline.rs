@@ -151,11 +151,13 @@ impl Pipeline {
         batch: &[InputRecord],
         give_up: &AtomicBool,
     ) -> Result<Decoded, GaveUp> {
-        for r in batch {
+        // Counted per run of one topic (a batch holds long runs): a labelled
+        // lookup per record hashed both labels each time.
+        for (first, n) in topic_runs(batch) {
             self.metrics
                 .records
-                .with_label_values(&[&r.topic, r.kind.label()])
-                .inc();
+                .with_label_values(&[&first.topic, first.kind.label()])
+                .inc_by(n);
         }
         let decoded = self.decode_all(batch, give_up).await?;
         let mut valid: Vec<(Event, Source)> = Vec::with_capacity(batch.len());
@@ -957,10 +959,49 @@ fn count_applied(m: &Metrics, ev: &Event, now: i64, currency_mismatch: bool) {
     }
 }
 
+/// The runs of consecutive records of one topic: each run's first record and length.
+fn topic_runs(batch: &[InputRecord]) -> Vec<(&InputRecord, u64)> {
+    let mut runs: Vec<(&InputRecord, u64)> = Vec::new();
+    for r in batch {
+        match runs.last_mut() {
+            Some((first, n)) if first.topic == r.topic => *n += 1,
+            _ => runs.push((r, 1)),
+        }
+    }
+    runs
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::domain::event::{Channel, Purpose};
+
+    #[test]
+    fn records_are_counted_per_run_of_one_topic() {
+        let rec = |kind: EventKind, topic: &str| InputRecord {
+            kind,
+            topic: topic.into(),
+            partition: 0,
+            offset: 0,
+            key: None,
+            payload: None,
+            headers: vec![],
+            timestamp_ms: None,
+            received: std::time::Instant::now(),
+        };
+        let batch = [
+            rec(EventKind::Send, "s"),
+            rec(EventKind::Send, "s"),
+            rec(EventKind::Open, "o"),
+            rec(EventKind::Send, "s"),
+        ];
+        let runs: Vec<(&str, u64)> = topic_runs(&batch)
+            .into_iter()
+            .map(|(r, n)| (&*r.topic, n))
+            .collect();
+        assert_eq!(runs, [("s", 2), ("o", 1), ("s", 1)]);
+        assert!(topic_runs(&[]).is_empty());
+    }
 
     fn send(i: i64, customer: &str, partition: i32) -> (Event, Source) {
         (

@@ -473,10 +473,10 @@ fn consume(cfg: &Config, app: &App, shutdown: Arc<AtomicBool>) -> anyhow::Result
     consumer
         .subscribe(&inputs)
         .context("subscribing to the input topics (kafka.topics.*)")?;
-    let topics: HashMap<String, EventKind> = inputs
+    let topics: HashMap<String, (EventKind, std::sync::Arc<str>)> = inputs
         .iter()
         .zip(EventKind::ALL)
-        .map(|(t, k)| (t.to_string(), k))
+        .map(|(t, k)| (t.to_string(), (k, std::sync::Arc::from(*t))))
         .collect();
 
     let (tx, rx) = mpsc::channel::<Batch>(cfg.batch.queue_depth);

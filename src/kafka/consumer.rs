@@ -64,10 +64,10 @@ impl Batch {
         for r in &self.records {
             match next
                 .iter_mut()
-                .find(|((t, p), _)| *p == r.partition && *t == r.topic)
+                .find(|((t, p), _)| *p == r.partition && **t == *r.topic)
             {
                 Some((_, n)) => *n = (*n).max(r.offset + 1),
-                None => next.push(((r.topic.clone(), r.partition), r.offset + 1)),
+                None => next.push(((r.topic.to_string(), r.partition), r.offset + 1)),
             }
         }
         Done {
@@ -451,7 +451,8 @@ pub fn build(
 pub struct PollLoop {
     pub consumer: BaseConsumer<LapseContext>,
     pub shared: Arc<Shared>,
-    pub topics: HashMap<String, EventKind>,
+    /// Input topics: their kind, and the name every record of them shares.
+    pub topics: HashMap<String, (EventKind, Arc<str>)>,
     pub batch: BatchConfig,
     pub commit_interval: Duration,
     pub shutdown_drain_timeout: Duration,
@@ -515,10 +516,13 @@ impl PollLoop {
                 if *g != generation {
                     return false;
                 }
-                if let Some(k) = known.iter().find(|k| k.1 == r.partition && k.0 == r.topic) {
+                if let Some(k) = known
+                    .iter()
+                    .find(|k| k.1 == r.partition && *k.0 == *r.topic)
+                {
                     return k.2;
                 }
-                let tp = (r.topic.clone(), r.partition);
+                let tp = (r.topic.to_string(), r.partition);
                 let ok = owned.partitions.contains(&tp);
                 known.push((tp.0, tp.1, ok));
                 ok
@@ -585,7 +589,7 @@ impl PollLoop {
             let wait = wait.clamp(Duration::from_millis(1), Duration::from_millis(100));
             match self.consumer.poll(wait) {
                 Some(Ok(m)) => {
-                    if let Some(kind) = self.topics.get(m.topic()) {
+                    if let Some((kind, topic)) = self.topics.get(m.topic()) {
                         let headers = m
                             .headers()
                             .map(|hs| {
@@ -599,7 +603,7 @@ impl PollLoop {
                             .unwrap_or_default();
                         let rec = InputRecord {
                             kind: *kind,
-                            topic: m.topic().to_string(),
+                            topic: topic.clone(),
                             partition: m.partition(),
                             offset: m.offset(),
                             key: m.key().map(<[u8]>::to_vec),

@@ -7,7 +7,7 @@ use crate::domain::event::EventKind;
 #[derive(Debug, Clone)]
 pub struct InputRecord {
     pub kind: EventKind,
-    pub topic: String,
+    pub topic: std::sync::Arc<str>,
     pub partition: i32,
     pub offset: i64,
     pub key: Option<Vec<u8>>,

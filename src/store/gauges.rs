@@ -84,7 +84,7 @@ impl AllowanceGauges {
             }
             cmds.push(set_cmd("SADD", self.tenants_key(), &c.tenant));
         }
-        slots::pipelined::<redis::Value>(&self.conn, &cmds).await?;
+        slots::pipelined::<_, redis::Value>(&self.conn, cmds).await?;
         Ok(())
     }
 
@@ -117,7 +117,7 @@ impl AllowanceGauges {
         if keys.is_empty() {
             return Ok(BTreeMap::new());
         }
-        let cards: Vec<u64> = slots::pipelined(&self.conn, &cmds).await?;
+        let cards: Vec<u64> = slots::pipelined(&self.conn, cmds).await?;
         let mut out = BTreeMap::new();
         for (k, n) in keys.into_iter().zip(cards) {
             *out.entry(k).or_insert(0) += n;

@@ -288,12 +288,16 @@ impl StateStore {
         if keys.is_empty() {
             return Ok(vec![]);
         }
-        let cmds: Vec<(String, Cmd)> = keys
+        let cmds: Vec<(&str, Cmd)> = keys
             .iter()
-            .map(|k| (k.clone(), redis::cmd("GET").arg(k).clone()))
+            .map(|k| {
+                let mut get = redis::cmd("GET");
+                get.arg(k);
+                (k.as_str(), get)
+            })
             .collect();
         let started = Instant::now();
-        let r = slots::pipelined(&self.conn, &cmds).await;
+        let r = slots::pipelined(&self.conn, cmds).await;
         self.observe(op, started, &r);
         Ok(r?)
     }
@@ -306,10 +310,11 @@ impl StateStore {
         if items.is_empty() {
             return Ok(vec![]);
         }
-        let (calls, order) = self.cas_calls(items);
         for attempt in 0..2 {
+            // Built again for the rare second attempt: the calls move into the pipeline.
+            let (calls, order) = self.cas_calls(items);
             let started = Instant::now();
-            let r: Result<Vec<Vec<i64>>, _> = slots::pipelined(&self.conn, &calls).await;
+            let r: Result<Vec<Vec<i64>>, _> = slots::pipelined(&self.conn, calls).await;
             self.observe(op, started, &r);
             match r {
                 Ok(v) => {
@@ -333,7 +338,7 @@ impl StateStore {
     /// order: up to [`CAS_KEYS_PER_CALL`] keys per call, all of one slot group
     /// ([`slots::groups`]: everything on a single node, one hash slot on a
     /// Cluster, where a script's keys must share a slot).
-    fn cas_calls(&self, items: &[CasWrite]) -> (Vec<(String, Cmd)>, Vec<usize>) {
+    fn cas_calls<'i>(&self, items: &'i [CasWrite]) -> (Vec<(&'i str, Cmd)>, Vec<usize>) {
         let keys: Vec<&str> = items.iter().map(|(k, _, _)| k.as_str()).collect();
         let mut calls = Vec::new();
         let mut order = Vec::with_capacity(items.len());
@@ -347,7 +352,7 @@ impl StateStore {
                 for &i in chunk {
                     cmd.arg(items[i].1).arg(&items[i].2);
                 }
-                calls.push((items[chunk[0]].0.clone(), cmd));
+                calls.push((items[chunk[0]].0.as_str(), cmd));
                 order.extend_from_slice(chunk);
             }
         }

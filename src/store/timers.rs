@@ -198,7 +198,7 @@ where
                 (key, cmd)
             })
             .collect();
-        Ok(slots::pipelined(&self.conn, &cmds).await?)
+        Ok(slots::pipelined(&self.conn, cmds).await?)
     }
 
     /// Removes the timers of these customers (absent ones are fine).
@@ -216,7 +216,7 @@ where
             .filter(|(_, members)| !members.is_empty())
             .map(|(shard, members)| self.zrem(shard as u32, members))
             .collect();
-        slots::pipelined::<redis::Value>(&self.conn, &cmds).await?;
+        slots::pipelined::<_, redis::Value>(&self.conn, cmds).await?;
         Ok(())
     }
 
@@ -300,7 +300,7 @@ where
                 .iter()
                 .map(|(shard, members)| self.zrem(*shard, members))
                 .collect();
-            slots::pipelined::<redis::Value>(&self.conn, &cmds).await?;
+            slots::pipelined::<_, redis::Value>(&self.conn, cmds).await?;
         }
         if !misplaced.is_empty() {
             // Into the right shard first, then out of the wrong one while it
@@ -337,7 +337,7 @@ where
                 (key.clone(), redis::cmd("ZCARD").arg(&key).clone())
             })
             .collect();
-        let sizes: Vec<usize> = slots::pipelined(&self.conn, &cmds).await?;
+        let sizes: Vec<usize> = slots::pipelined(&self.conn, cmds).await?;
         let mut moved = 0;
         for (shard, _) in orphans.iter().zip(sizes).filter(|(_, n)| *n > 0) {
             let key = self.key(*shard);
@@ -397,7 +397,7 @@ where
                 )
             })
             .collect();
-        let scores: Vec<Option<f64>> = slots::pipelined(&self.conn, &cmds).await?;
+        let scores: Vec<Option<f64>> = slots::pipelined(&self.conn, cmds).await?;
         Ok(scores.iter().filter(|s| s.is_none()).count())
     }
 
@@ -442,10 +442,10 @@ where
         &self,
         cmds: &[(String, Cmd)],
     ) -> Result<Vec<T>, StoreError> {
-        match slots::pipelined(&self.conn, cmds).await {
+        match slots::pipelined(&self.conn, cmds.to_vec()).await {
             Err(e) if e.kind() == ErrorKind::NoScriptError => {
                 self.load_scripts().await?;
-                Ok(slots::pipelined(&self.conn, cmds).await?)
+                Ok(slots::pipelined(&self.conn, cmds.to_vec()).await?)
             }
             r => Ok(r?),
         }
@@ -526,7 +526,7 @@ where
                 .clone();
             cmds.push((key, zcount));
         }
-        let v: Vec<usize> = slots::pipelined(&self.conn, &cmds).await?;
+        let v: Vec<usize> = slots::pipelined(&self.conn, cmds).await?;
         let pending = v.iter().step_by(2).sum();
         let due = v.iter().skip(1).step_by(2).sum();
         Ok((pending, due))
