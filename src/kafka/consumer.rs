@@ -416,6 +416,17 @@ pub fn build(
     cfg: &KafkaConfig,
     shared: Arc<Shared>,
 ) -> Result<BaseConsumer<LapseContext>, KafkaError> {
+    let ctx = LapseContext {
+        shared,
+        drain_timeout: cfg.rebalance_drain_timeout.0,
+    };
+    Ok(client_config(cfg).create_with_context(ctx)?)
+}
+
+/// lapse's consumer settings: the group's, offsets stored and committed by
+/// lapse only, security, then `kafka.consumer_properties` (also what
+/// `lapse-tools bench ceiling` reads with).
+pub fn client_config(cfg: &KafkaConfig) -> ClientConfig {
     let mut cc = ClientConfig::new();
     cc.set("bootstrap.servers", &cfg.brokers)
         .set("group.id", &cfg.group_id)
@@ -441,11 +452,7 @@ pub fn build(
     for (k, v) in &cfg.consumer_properties {
         cc.set(k, v);
     }
-    let ctx = LapseContext {
-        shared,
-        drain_timeout: cfg.rebalance_drain_timeout.0,
-    };
-    Ok(cc.create_with_context(ctx)?)
+    cc
 }
 
 pub struct PollLoop {

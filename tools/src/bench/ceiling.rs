@@ -59,27 +59,12 @@ pub struct CeilingReport {
     pub median_events_per_second: f64,
 }
 
-/// lapse's consumer settings (`kafka::consumer::build`) with a group of the
-/// run's own, so each run reads everything from the start.
+/// lapse's consumer settings with a group of the run's own, so each run
+/// reads everything from the start.
 fn consumer_config(cfg: &Config, group: &str) -> ClientConfig {
-    let mut cc = ClientConfig::new();
-    cc.set("bootstrap.servers", &cfg.kafka.brokers)
-        .set("group.id", group)
-        .set("client.id", "lapse-bench-ceiling")
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("partition.assignment.strategy", "range")
-        .set(
-            "session.timeout.ms",
-            cfg.kafka.session_timeout.0.as_millis().to_string(),
-        )
-        .set("queued.max.messages.kbytes", "16384")
-        .set("enable.partition.eof", "false");
-    lapse::kafka::client::apply_security(&mut cc, &cfg.kafka);
-    for (k, v) in &cfg.kafka.consumer_properties {
-        cc.set(k, v);
-    }
+    let mut cc = lapse::kafka::consumer::client_config(&cfg.kafka);
+    cc.set("group.id", group)
+        .set("client.id", "lapse-bench-ceiling");
     cc
 }
 
