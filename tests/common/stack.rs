@@ -250,9 +250,12 @@ impl Stack {
             .expect("connect to redis")
     }
 
-    /// Waits until `group` has committed every input partition up to its end.
+    /// Waits until `group` has committed every input partition up to its end,
+    /// seen at two polls in a row with the same ends: one read of the ends
+    /// that lags the broker (or a partition read as empty) cannot pass alone.
     pub async fn wait_caught_up(&self, group: &str, timeout: Duration) {
         let bootstrap = self.broker.bootstrap();
+        let mut caught_up_at: Option<BTreeMap<(String, i32), i64>> = None;
         wait_until(
             timeout,
             Duration::from_millis(200),
@@ -260,8 +263,16 @@ impl Stack {
             async || {
                 let end = end_offsets(&bootstrap, &INPUTS).await;
                 let committed = committed_offsets(&bootstrap, group, &INPUTS).await;
-                end.iter()
-                    .all(|(tp, e)| *e == 0 || committed.get(tp) == Some(e))
+                let now = end
+                    .iter()
+                    .all(|(tp, e)| *e == 0 || committed.get(tp) == Some(e));
+                let before = caught_up_at.take();
+                if !now {
+                    return false;
+                }
+                let twice = before.as_ref() == Some(&end);
+                caught_up_at = Some(end);
+                twice
             },
         )
         .await;
