@@ -147,23 +147,29 @@ async fn a_population_with_known_histories_yields_exactly_the_expected_triggers_
     .await;
     clock.run_to(572, 620, 6).await;
 
-    let triggers: Vec<Rec> = consume_up_to(
-        &s.broker.bootstrap(),
-        TRIGGERS,
-        1000,
-        Duration::from_secs(5),
+    let triggers: Vec<Rec> = distinct_by_id(
+        consume_up_to(
+            &s.broker.bootstrap(),
+            TRIGGERS,
+            1000,
+            Duration::from_secs(5),
+        )
+        .await,
+        |p| txt(&decode(RECALL_TRIGGER, p), "trigger_id"),
     )
-    .await
     .iter()
     .map(|r| decode(RECALL_TRIGGER, r.payload.as_deref().unwrap()))
     .collect();
-    let outcomes: Vec<Rec> = consume_up_to(
-        &s.broker.bootstrap(),
-        OUTCOMES,
-        1000,
-        Duration::from_secs(5),
+    let outcomes: Vec<Rec> = distinct_by_id(
+        consume_up_to(
+            &s.broker.bootstrap(),
+            OUTCOMES,
+            1000,
+            Duration::from_secs(5),
+        )
+        .await,
+        |p| txt(&decode(RECALL_OUTCOME, p), "outcome_id"),
     )
-    .await
     .iter()
     .map(|r| decode(RECALL_OUTCOME, r.payload.as_deref().unwrap()))
     .collect();

@@ -359,3 +359,64 @@ proptest! {
         }
     }
 }
+
+/// Sends and replies come from different topics, so an opt-out may be applied
+/// before sends that happened earlier: the decisions in between differ, but
+/// every channel ends on the same published allowance.
+#[test]
+fn an_opt_out_applied_before_earlier_sends_ends_on_the_same_allowances() {
+    const M: i64 = 60_000;
+    let last_per_channel = |reply_first: bool| {
+        let mut s = Sim::new(policy(3, 7));
+        let t = sh(2, 12);
+        let opt_out = |s: &mut Sim| {
+            s.apply(
+                EventBody::Reply {
+                    channel: Channel::Sms,
+                    message_id: None,
+                    class: ReplyClass::Unsubscribe,
+                },
+                t + 4 * M,
+            );
+        };
+        if reply_first {
+            opt_out(&mut s);
+        }
+        s.send_campaign(Channel::Email, "spring", t);
+        s.send_campaign(Channel::Social, "summer", t + M);
+        s.send_campaign(Channel::Wechat, "autumn", t + 2 * M);
+        s.send_campaign(Channel::Social, "winter", t + 3 * M);
+        if !reply_first {
+            opt_out(&mut s);
+        }
+        let ds = s.throttles();
+        let last: std::collections::BTreeMap<_, _> = ds
+            .iter()
+            .map(|d| (d.channel, (d.state, d.reason.clone(), d.allowed_from)))
+            .collect();
+        (ds.len(), last)
+    };
+    let (in_order, a) = last_per_channel(false);
+    let (reply_first, b) = last_per_channel(true);
+    // In order: 5 capped, 5 moved later, SMS suppressed. Reply first: SMS is
+    // suppressed already, so the cap is news to 4 channels, twice.
+    assert_eq!((in_order, reply_first), (11, 9));
+    assert_eq!(a, b);
+    assert_eq!(a.len(), 5);
+    assert_eq!(
+        a[&Some(Channel::Sms)],
+        (
+            AllowanceState::Suppressed,
+            "unsubscribe_reply".to_string(),
+            None
+        )
+    );
+    assert_eq!(
+        a[&Some(Channel::Email)],
+        (
+            AllowanceState::Capped,
+            CROSS_CHANNEL_CAP.to_string(),
+            Some(sh(2, 12) + M + DAY)
+        )
+    );
+}

@@ -1375,6 +1375,29 @@ pub async fn consume_up_to(
     out
 }
 
+/// The distinct records of `got` by the id `id_of` reads from a payload,
+/// first seen first: an output may repeat a record, but only exactly (its
+/// contract), so a repeated id with other bytes fails the test.
+pub fn distinct_by_id(got: Vec<Consumed>, id_of: impl Fn(&[u8]) -> String) -> Vec<Consumed> {
+    let mut seen: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    let mut out = Vec::new();
+    for r in got {
+        let payload = r.payload.clone().expect("an output record has a value");
+        let id = id_of(&payload);
+        match seen.get(&id) {
+            Some(first) => assert_eq!(
+                first, &payload,
+                "a repeated id {id} must be an exact repeat"
+            ),
+            None => {
+                seen.insert(id, payload);
+                out.push(r);
+            }
+        }
+    }
+    out
+}
+
 /// All partitions of `topics` as a list (for offset queries).
 async fn topic_partitions(bootstrap: &str, topics: &[&str]) -> Vec<(String, i32)> {
     let mut all = Vec::new();
