@@ -7,6 +7,7 @@
 //! | single node, AOF `everysec`, kill -9 losing the unsynced tail (`fsync_horizon`, the default): state equals an uninterrupted run | `single_node_crash_losing_the_unsynced_aof_tail_loses_no_event` |
 //! | the same crash with `durability = "ack"`: committed events are lost (why the contract exists) | `with_ack_only_the_same_crash_loses_committed_events` |
 //! | Cluster, kill -9 of a master mid-stream, its replica takes over (`replicas`): no event lost, `/readyz` 503 while a master has no replica | `cluster_master_failover_mid_stream_loses_no_event` |
+//! | Cluster, kill -9 of the master lapse was given as its only seed, while records stream in: lapse's Redis calls answer again within seconds (not time out for minutes), then it catches up | `after_the_seed_master_dies_lapse_reaches_the_cluster_again` |
 //!
 //! A kill -9 of redis-server alone loses nothing Redis wrote to its AOF
 //! (the kernel keeps the page cache); what `everysec` loses is what was not
@@ -384,5 +385,85 @@ async fn cluster_master_failover_mid_stream_loses_no_event() {
         "failover: {} events, {} customers, 1 master killed, {shortfalls} WAIT shortfalls, 0 events lost",
         events.len(),
         customers.len()
+    );
+}
+
+/// The master lapse knows the cluster by (its only seed) is killed while
+/// records stream in. redis-rs 0.32 could then stay stuck for minutes with
+/// every call timing out (its slot recovery never ended, and it would fall
+/// back only to the dead seed); lapse replaces such a connection from every
+/// node it has seen (`store/cluster.rs`). Before that, this test saw `/readyz`
+/// say "timed out" for the whole minute after the kill, 3 runs of 3.
+#[tokio::test]
+async fn after_the_seed_master_dies_lapse_reaches_the_cluster_again() {
+    let mut s = Stack::start_cluster().await;
+    let group = "g-seed";
+    let cfg = s.config_redis(
+        "seed",
+        "max_records = 50",
+        "durability = \"replicas\"\nreplicas = 1\nwait_timeout = \"500ms\"",
+        "",
+    );
+    let bootstrap = s.broker.bootstrap();
+    let p = Producer::new(&bootstrap);
+    let mut lapse = s.spawn(group, &cfg);
+    let seed = s.redis_url();
+    let cluster = s.cluster.as_mut().unwrap();
+    let victim = cluster
+        .urls()
+        .iter()
+        .position(|u| *u == seed)
+        .expect("the seed is a node");
+    assert!(
+        cluster.master_indices().await.contains(&victim),
+        "the seed starts as a master"
+    );
+
+    let mut events = Vec::new();
+    let chunk = |j: usize| population(&format!("sd{j}"), 6, 10 + j as i64);
+    // Records flow for a few seconds, then the seed dies mid-stream.
+    for j in 0..15 {
+        let c = chunk(j);
+        produce_events(&p, &c, |_| Framing::SingleObject).await;
+        events.extend(c);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let cluster = s.cluster.as_mut().unwrap();
+    cluster.kill_node(victim);
+    let killed = Instant::now();
+    // Redis answers again once lapse's calls succeed: WAIT then reports the
+    // promoted replica alone, instead of every call timing out.
+    let mut j = 15;
+    let body = loop {
+        let c = chunk(j);
+        produce_events(&p, &c, |_| Framing::SingleObject).await;
+        events.extend(c);
+        j += 1;
+        let (_, body) = lapse.http_get("/readyz").await.unwrap_or_default();
+        if body.contains("durability: only 0 of") {
+            break body;
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(45),
+            "45 s after the seed master died lapse still cannot use the cluster: {body}\n{}",
+            lapse.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    eprintln!(
+        "lapse used the cluster again {:.1} s after the kill: {body}",
+        killed.elapsed().as_secs_f64()
+    );
+    let cluster = s.cluster.as_mut().unwrap();
+    cluster.restart_node(victim).await;
+    cluster.wait_healthy(LONG).await;
+    s.wait_caught_up(group, LONG).await;
+    lapse.wait_ready(LONG).await;
+    let reconnects = metric(&lapse, "lapse_redis_cluster_reconnects_total", &[]).await;
+    lapse.sigterm();
+    assert!(lapse.wait_exit(Duration::from_secs(30)).await.success());
+    eprintln!(
+        "seed failover: {} events, all committed; cluster connection replaced {reconnects} times",
+        events.len()
     );
 }

@@ -3,6 +3,7 @@
 //! `keys.rs`, `blob.rs` and `compact.rs`.
 
 pub mod blob;
+pub mod cluster;
 pub mod compact;
 pub mod durability;
 pub mod event_time;

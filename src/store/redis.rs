@@ -3,13 +3,13 @@
 //! through a compare-and-set script.
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
-use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisFuture, Value};
 use std::time::Instant;
 
 use futures::future::BoxFuture;
 
 use super::blob;
+use super::cluster::ClusterLink;
 use super::keys::Keys;
 use super::record::{self, Backend, CampaignId, CasWrite};
 use super::slots;
@@ -74,18 +74,26 @@ fn tls_certificates(cfg: &RedisConfig) -> Result<Option<redis::TlsCertificates>,
     }))
 }
 
-/// A single node (auto-reconnecting) or a Redis Cluster.
+/// A single node (auto-reconnecting) or a Redis Cluster (replaced when it
+/// stops answering, see `cluster.rs`).
 #[derive(Clone)]
 pub enum Conn {
     Single(ConnectionManager),
-    Cluster(ClusterConnection),
+    Cluster(ClusterLink),
 }
 
 impl ConnectionLike for Conn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
             Conn::Single(c) => c.req_packed_command(cmd),
-            Conn::Cluster(c) => c.req_packed_command(cmd),
+            Conn::Cluster(link) => {
+                let link = link.clone();
+                Box::pin(async move {
+                    let r = link.connection().req_packed_command(cmd).await;
+                    link.observe(&r);
+                    r
+                })
+            }
         }
     }
     fn req_packed_commands<'a>(
@@ -96,13 +104,23 @@ impl ConnectionLike for Conn {
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
             Conn::Single(c) => c.req_packed_commands(cmd, offset, count),
-            Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Cluster(link) => {
+                let link = link.clone();
+                Box::pin(async move {
+                    let r = link
+                        .connection()
+                        .req_packed_commands(cmd, offset, count)
+                        .await;
+                    link.observe(&r);
+                    r
+                })
+            }
         }
     }
     fn get_db(&self) -> i64 {
         match self {
             Conn::Single(c) => c.get_db(),
-            Conn::Cluster(c) => c.get_db(),
+            Conn::Cluster(link) => link.connection().get_db(),
         }
     }
 }
@@ -126,22 +144,7 @@ impl StateStore {
     pub async fn connect(cfg: &RedisConfig, metrics: Metrics) -> Result<StateStore, StoreError> {
         let tls = tls_certificates(cfg)?;
         let conn = if cfg.cluster || !cfg.cluster_nodes.is_empty() {
-            let mut nodes = vec![cfg.url.clone()];
-            nodes.extend(cfg.cluster_nodes.iter().cloned());
-            let mut b = redis::cluster::ClusterClientBuilder::new(nodes)
-                .connection_timeout(cfg.connect_timeout.0)
-                .response_timeout(cfg.response_timeout.0);
-            if let Some(u) = &cfg.username {
-                b = b.username(u.clone());
-            }
-            if let Some(p) = &cfg.password {
-                b = b.password(p.expose().to_owned());
-            }
-            if let Some(certs) = tls {
-                b = b.certs(certs);
-            }
-            let client = b.build()?;
-            Conn::Cluster(client.get_async_connection().await?)
+            Conn::Cluster(ClusterLink::connect(cfg, tls, metrics.clone()).await?)
         } else {
             let mut info = redis::IntoConnectionInfo::into_connection_info(cfg.url.as_str())?;
             if cfg.username.is_some() {

@@ -158,7 +158,7 @@ impl KeyScan {
     pub async fn new(conn: Conn, pattern: impl Into<String>) -> RedisResult<KeyScan> {
         let masters = match &conn {
             Conn::Single(_) => None,
-            Conn::Cluster(c) => Some(masters(&mut c.clone()).await?),
+            Conn::Cluster(link) => Some(masters(&mut link.connection()).await?),
         };
         Ok(KeyScan {
             conn,
@@ -181,13 +181,15 @@ impl KeyScan {
             .arg("COUNT")
             .arg(count);
         let (cursor, keys): (u64, Vec<String>) = match (&mut self.conn, &mut self.masters) {
-            (Conn::Cluster(c), Some(masters)) => {
+            (Conn::Cluster(link), Some(masters)) => {
                 let Some((host, port)) = masters.last().cloned() else {
                     self.done = true;
                     return Ok(None);
                 };
                 let to = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress { host, port });
-                let v = c.route_command(&cmd, to).await?;
+                let r = link.connection().route_command(&cmd, to).await;
+                link.observe(&r);
+                let v = r?;
                 FromRedisValue::from_owned_redis_value(v)?
             }
             (c, _) => cmd.query_async(c).await?,
@@ -214,23 +216,7 @@ async fn masters(
     let v = c
         .route_command(redis::cmd("CLUSTER").arg("SLOTS"), any)
         .await?;
-    let ranges: Vec<Vec<Value>> = FromRedisValue::from_owned_redis_value(v)?;
-    let mut out = Vec::new();
-    for r in ranges {
-        if let Some(master) = r.into_iter().nth(2) {
-            let node: Vec<Value> = FromRedisValue::from_owned_redis_value(master)?;
-            let mut it = node.into_iter();
-            let (Some(host), Some(port)) = (it.next(), it.next()) else {
-                continue;
-            };
-            let host: String = FromRedisValue::from_owned_redis_value(host)?;
-            let port: u16 = FromRedisValue::from_owned_redis_value(port)?;
-            if !out.contains(&(host.clone(), port)) {
-                out.push((host, port));
-            }
-        }
-    }
-    Ok(out)
+    super::cluster::cluster_nodes(v, super::cluster::Nodes::Masters)
 }
 
 #[cfg(test)]
