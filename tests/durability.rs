@@ -7,7 +7,8 @@
 //! | single node, AOF `everysec`, kill -9 losing the unsynced tail (`fsync_horizon`, the default): state equals an uninterrupted run | `single_node_crash_losing_the_unsynced_aof_tail_loses_no_event` |
 //! | the same crash with `durability = "ack"`: committed events are lost (why the contract exists) | `with_ack_only_the_same_crash_loses_committed_events` |
 //! | Cluster, kill -9 of a master mid-stream, its replica takes over (`replicas`): no event lost, `/readyz` 503 while a master has no replica | `cluster_master_failover_mid_stream_loses_no_event` |
-//! | Cluster, kill -9 of the master lapse was given as its only seed, while records stream in: lapse's Redis calls answer again within seconds (not time out for minutes), then it catches up | `after_the_seed_master_dies_lapse_reaches_the_cluster_again` |
+//! | Redis keeps no AOF (`appendonly no`) under `fsync_horizon`, which relies on it: said at start-up (a warning, `lapse_redis_masters_without_aof` 1), and nothing said once Redis keeps one | `fsync_horizon_says_so_when_redis_keeps_no_aof` |
+//! | Cluster, kill -9 of the master lapse was given as its only seed, while records stream in: lapse's Redis calls answer again within seconds (not time out for minutes), then it catches up, every state equal to an uninterrupted run's | `after_the_seed_master_dies_lapse_reaches_the_cluster_again` |
 //!
 //! A kill -9 of redis-server alone loses nothing Redis wrote to its AOF
 //! (the kernel keeps the page cache); what `everysec` loses is what was not
@@ -462,8 +463,63 @@ async fn after_the_seed_master_dies_lapse_reaches_the_cluster_again() {
     let reconnects = metric(&lapse, "lapse_redis_cluster_reconnects_total", &[]).await;
     lapse.sigterm();
     assert!(lapse.wait_exit(Duration::from_secs(30)).await.success());
+
+    // Nothing was lost across the replaced connection: every state equals
+    // an uninterrupted run's.
+    let reference = s.reference_run("g-seed-ref").await;
+    let store = s.store().await;
+    let mut customers: Vec<_> = events.iter().map(|(e, _)| e.customer.clone()).collect();
+    customers.sort_by_key(|c| c.key());
+    customers.dedup();
+    for c in &customers {
+        assert_same_state(
+            c,
+            &state(&store, c).await,
+            &state(&reference.store, c).await,
+        );
+    }
     eprintln!(
-        "seed failover: {} events, all committed; cluster connection replaced {reconnects} times",
-        events.len()
+        "seed failover: {} events, {} customers, 0 lost; cluster connection replaced {reconnects} times",
+        events.len(),
+        customers.len()
     );
+}
+
+/// `fsync_horizon` waits for Redis to fsync its AOF; with `appendonly no`
+/// there is no AOF and a Redis crash loses acknowledged writes for good, so
+/// lapse says so at start-up. Once Redis keeps an AOF it says nothing.
+#[tokio::test]
+async fn fsync_horizon_says_so_when_redis_keeps_no_aof() {
+    let redis = RedisServer::start_with_options(&["--appendonly", "no"]).await;
+    let s = Stack::start_with_redis(Broker::start().await, redis).await;
+    let cfg = s.config_redis("no-aof", "", "durability = \"fsync_horizon\"", "");
+    const SAID: &str = "a master has appendonly no";
+
+    let mut lapse = s.spawn("g-no-aof", &cfg);
+    lapse.wait_ready(LONG).await;
+    assert_eq!(
+        metric(&lapse, "lapse_redis_masters_without_aof", &[]).await,
+        1.0
+    );
+    assert!(lapse.stderr().contains(SAID), "{}", lapse.stderr());
+    lapse.sigterm();
+    assert!(lapse.wait_exit(Duration::from_secs(30)).await.success());
+
+    let mut c = s.redis.client().await;
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("appendonly")
+        .arg("yes")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let mut lapse = s.spawn("g-aof", &cfg);
+    lapse.wait_ready(LONG).await;
+    assert_eq!(
+        metric(&lapse, "lapse_redis_masters_without_aof", &[]).await,
+        0.0
+    );
+    assert!(!lapse.stderr().contains(SAID), "{}", lapse.stderr());
+    lapse.sigterm();
+    assert!(lapse.wait_exit(Duration::from_secs(30)).await.success());
 }

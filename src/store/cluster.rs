@@ -9,6 +9,7 @@
 //! built from the configured seeds plus every node seen in the cluster, and
 //! replaces the old one for all stores at once (they share this link).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -39,6 +40,8 @@ struct Inner {
     cfg: RedisConfig,
     tls: Option<redis::TlsCertificates>,
     conn: RwLock<ClusterConnection>,
+    /// Connections replaced so far (see [`ClusterLink::generation`]).
+    generation: AtomicU64,
     /// Seed URLs for a rebuild: the configured ones, then every node seen.
     seeds: Mutex<Vec<String>>,
     health: Mutex<Health>,
@@ -64,6 +67,7 @@ impl ClusterLink {
                 cfg: cfg.clone(),
                 tls,
                 conn: RwLock::new(conn),
+                generation: AtomicU64::new(0),
                 seeds: Mutex::new(seeds),
                 health: Mutex::new(Health::default()),
                 metrics,
@@ -80,6 +84,14 @@ impl ClusterLink {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// How many times the connection was replaced. `WAIT` counts only the
+    /// writes of the connection it is sent on, so the durability epoch moves
+    /// with this: writes made before a replacement are never confirmed by a
+    /// `WAIT` sent after it.
+    pub fn generation(&self) -> u64 {
+        self.inner.generation.load(Ordering::SeqCst)
     }
 
     /// Notes how a call ended; starts a rebuild once calls have failed for
@@ -115,6 +127,7 @@ impl ClusterLink {
         match opened {
             Ok(Ok(conn)) => {
                 *self.inner.conn.write().unwrap_or_else(|p| p.into_inner()) = conn;
+                self.inner.generation.fetch_add(1, Ordering::SeqCst);
                 self.inner.metrics.redis_cluster_reconnects.inc();
                 warn!(
                     failing_for_s = failing_for.as_secs(),

@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 use redis::Value;
 use tracing::{error, info, warn};
 
+use super::cluster::ClusterLink;
 use super::redis::Conn;
 use crate::config::{Durability as Mode, RedisConfig};
 use crate::error::StoreError;
@@ -45,6 +46,10 @@ struct Seen {
 #[derive(Clone)]
 pub struct RedisEpoch {
     epoch: Arc<AtomicU64>,
+    /// On a Cluster: its connection, replaced when stuck; a replacement
+    /// moves the epoch too (a `WAIT` on the new connection would not cover
+    /// the old one's writes).
+    link: Option<ClusterLink>,
     seen: Arc<Mutex<Seen>>,
     /// The last `INFO` was refused with an error waiting does not cure.
     refused: Arc<AtomicBool>,
@@ -70,6 +75,10 @@ impl RedisEpoch {
     pub async fn start(conn: Conn, metrics: Metrics) -> RedisEpoch {
         let e = RedisEpoch {
             epoch: Arc::new(AtomicU64::new(0)),
+            link: match &conn {
+                Conn::Cluster(link) => Some(link.clone()),
+                Conn::Single(_) => None,
+            },
             seen: Arc::new(Mutex::new(Seen::default())),
             refused: Arc::default(),
         };
@@ -86,7 +95,7 @@ impl RedisEpoch {
 
     /// The current epoch: take it before a batch's first write.
     pub fn current(&self) -> u64 {
-        self.epoch.load(Ordering::SeqCst)
+        self.epoch.load(Ordering::SeqCst) + self.link.as_ref().map_or(0, ClusterLink::generation)
     }
 
     /// Whether the masters of epoch `epoch` were still the masters at `at`.
@@ -152,24 +161,66 @@ impl RedisEpoch {
 /// The sorted `run_id`s in an `INFO server` reply: one text on a single node,
 /// a map of node address → text on a Cluster (the client asks every master).
 fn run_ids(v: &Value) -> Option<Vec<String>> {
-    fn one(text: &[u8]) -> Option<String> {
-        let text = std::str::from_utf8(text).ok()?;
-        text.lines()
-            .find_map(|l| l.strip_prefix("run_id:"))
-            .map(|s| s.trim().to_string())
-    }
-    let mut ids = match v {
-        Value::BulkString(b) => vec![one(b)?],
-        Value::VerbatimString { text, .. } => vec![one(text.as_bytes())?],
-        Value::SimpleString(s) => vec![one(s.as_bytes())?],
-        Value::Map(pairs) => pairs
-            .iter()
-            .map(|(_, v)| run_ids(v).and_then(|mut v| v.pop()))
-            .collect::<Option<Vec<_>>>()?,
-        _ => return None,
-    };
+    let mut ids = info_field(v, "run_id")?;
     ids.sort();
     Some(ids)
+}
+
+/// The value of `field` in an `INFO` reply, per node: one text on a single
+/// node, a map of node address → text on a Cluster. None if a node lacks it.
+fn info_field(v: &Value, field: &str) -> Option<Vec<String>> {
+    fn one(text: &[u8], field: &str) -> Option<String> {
+        let text = std::str::from_utf8(text).ok()?;
+        text.lines()
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+            .map(|s| s.trim().to_string())
+    }
+    match v {
+        Value::BulkString(b) => Some(vec![one(b, field)?]),
+        Value::VerbatimString { text, .. } => Some(vec![one(text.as_bytes(), field)?]),
+        Value::SimpleString(s) => Some(vec![one(s.as_bytes(), field)?]),
+        Value::Map(pairs) => pairs
+            .iter()
+            .map(|(_, v)| info_field(v, field).and_then(|mut v| v.pop()))
+            .collect(),
+        _ => None,
+    }
+}
+
+/// Mode `fsync_horizon` holds offsets for the time Redis takes to fsync its
+/// AOF; a master without an AOF (`appendonly no`) loses, on a crash, every
+/// write since its last snapshot, and nothing re-reads those records. Checked
+/// once at start-up (`INFO persistence`, which the ACL already allows): a
+/// warning and `lapse_redis_masters_without_aof`.
+async fn check_aof(cfg: &RedisConfig, conn: &Conn, metrics: &Metrics) {
+    if cfg.durability != Mode::FsyncHorizon {
+        return;
+    }
+    let mut c = conn.clone();
+    let r: Result<Value, _> = redis::cmd("INFO")
+        .arg("persistence")
+        .query_async(&mut c)
+        .await;
+    let enabled = match r.map(|v| info_field(&v, "aof_enabled")) {
+        Ok(Some(enabled)) => enabled,
+        Ok(None) => {
+            warn!("INFO persistence carried no aof_enabled: cannot tell whether Redis keeps an AOF, which redis.durability = \"fsync_horizon\" relies on");
+            return;
+        }
+        Err(e) => {
+            warn!(error = %e, "INFO persistence failed: cannot tell whether Redis keeps an AOF, which redis.durability = \"fsync_horizon\" relies on");
+            return;
+        }
+    };
+    let without = enabled.iter().filter(|v| v.as_str() != "1").count();
+    metrics.redis_masters_without_aof.set(without as i64);
+    if without > 0 {
+        warn!(
+            masters = enabled.len(),
+            without_aof = without,
+            "redis.durability = \"fsync_horizon\" relies on Redis appending every write to its AOF, but a master has appendonly no: a Redis crash there loses the writes since its last snapshot, and their records are not read again. Set appendonly yes with appendfsync everysec on every master, or use redis.durability = \"replicas\" on a Cluster with replicas"
+        );
+    }
 }
 
 /// Why a batch's writes are not (yet) known to be durable.
@@ -213,6 +264,7 @@ pub struct Durability {
 impl Durability {
     pub async fn new(cfg: &RedisConfig, conn: Conn, metrics: Metrics) -> Durability {
         let epoch = RedisEpoch::start(conn.clone(), metrics.clone()).await;
+        check_aof(cfg, &conn, &metrics).await;
         info!(
             mode = cfg.durability.label(),
             "offsets are committed once a batch is durable in Redis by redis.durability"
@@ -282,9 +334,27 @@ mod tests {
     }
 
     #[test]
+    fn info_fields_are_read_per_node_by_their_whole_name() {
+        let on =
+            Value::BulkString(b"# Persistence\r\naof_enabled:1\r\naof_enabled_x:0\r\n".to_vec());
+        let off = Value::BulkString(b"aof_rewrite_in_progress:0\r\naof_enabled:0\r\n".to_vec());
+        assert_eq!(info_field(&on, "aof_enabled"), Some(vec!["1".to_string()]));
+        let m = Value::Map(vec![
+            (Value::BulkString(b"n1".to_vec()), on),
+            (Value::BulkString(b"n2".to_vec()), off),
+        ]);
+        assert_eq!(
+            info_field(&m, "aof_enabled"),
+            Some(vec!["1".to_string(), "0".to_string()])
+        );
+        assert_eq!(info_field(&m, "aof"), None, "a prefix is not the field");
+    }
+
+    #[test]
     fn a_verdict_needs_a_read_after_the_instant_and_the_same_epoch() {
         let e = RedisEpoch {
             epoch: Arc::new(AtomicU64::new(3)),
+            link: None,
             seen: Arc::new(Mutex::new(Seen::default())),
             refused: Arc::default(),
         };
