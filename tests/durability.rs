@@ -103,6 +103,28 @@ impl Drop for AofSizes {
     }
 }
 
+/// Every customer of `events` has the state an uninterrupted run over the
+/// same inputs (group `reference_group`) leaves. Returns how many customers.
+async fn assert_states_equal_an_uninterrupted_run(
+    s: &Stack,
+    reference_group: &str,
+    events: &[(Event, Option<&'static str>)],
+) -> usize {
+    let reference = s.reference_run(reference_group).await;
+    let store = s.store().await;
+    let mut customers: Vec<_> = events.iter().map(|(e, _)| e.customer.clone()).collect();
+    customers.sort_by_key(|c| c.key());
+    customers.dedup();
+    for c in &customers {
+        assert_same_state(
+            c,
+            &state(&store, c).await,
+            &state(&reference.store, c).await,
+        );
+    }
+    customers.len()
+}
+
 /// kill -9 of Redis, its AOF cut back to its size [`UNSYNCED`] before (what
 /// an OS crash leaves of an `everysec` AOF), restart. Returns the bytes lost.
 async fn crash_losing_unsynced_tail(redis: &mut RedisServer, aof: &AofSizes) -> u64 {
@@ -370,22 +392,10 @@ async fn cluster_master_failover_mid_stream_loses_no_event() {
     lapse.sigterm();
     assert!(lapse.wait_exit(Duration::from_secs(30)).await.success());
 
-    let reference = s.reference_run("g-ref").await;
-    let store = s.store().await;
-    let mut customers: Vec<_> = events.iter().map(|(e, _)| e.customer.clone()).collect();
-    customers.sort_by_key(|c| c.key());
-    customers.dedup();
-    for c in &customers {
-        assert_same_state(
-            c,
-            &state(&store, c).await,
-            &state(&reference.store, c).await,
-        );
-    }
+    let customers = assert_states_equal_an_uninterrupted_run(&s, "g-ref", &events).await;
     eprintln!(
-        "failover: {} events, {} customers, 1 master killed, {shortfalls} WAIT shortfalls, 0 events lost",
+        "failover: {} events, {customers} customers, 1 master killed, {shortfalls} WAIT shortfalls, 0 events lost",
         events.len(),
-        customers.len()
     );
 }
 
@@ -466,22 +476,10 @@ async fn after_the_seed_master_dies_lapse_reaches_the_cluster_again() {
 
     // Nothing was lost across the replaced connection: every state equals
     // an uninterrupted run's.
-    let reference = s.reference_run("g-seed-ref").await;
-    let store = s.store().await;
-    let mut customers: Vec<_> = events.iter().map(|(e, _)| e.customer.clone()).collect();
-    customers.sort_by_key(|c| c.key());
-    customers.dedup();
-    for c in &customers {
-        assert_same_state(
-            c,
-            &state(&store, c).await,
-            &state(&reference.store, c).await,
-        );
-    }
+    let customers = assert_states_equal_an_uninterrupted_run(&s, "g-seed-ref", &events).await;
     eprintln!(
-        "seed failover: {} events, {} customers, 0 lost; cluster connection replaced {reconnects} times",
+        "seed failover: {} events, {customers} customers, 0 lost; cluster connection replaced {reconnects} times",
         events.len(),
-        customers.len()
     );
 }
 
