@@ -150,17 +150,23 @@ impl ClusterLink {
         h.failing_since = None;
     }
 
+    /// The cluster's nodes (`CLUSTER SLOTS` of any node): its masters, or
+    /// every master and replica.
+    pub async fn nodes(&self, which: Nodes) -> RedisResult<Vec<(String, u16)>> {
+        let any = RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random);
+        let r = self
+            .connection()
+            .route_command(redis::cmd("CLUSTER").arg("SLOTS"), any)
+            .await;
+        self.observe(&r);
+        cluster_nodes(r?, which)
+    }
+
     /// Adds every node of the cluster (masters and replicas, `CLUSTER SLOTS`)
     /// to the seeds of a rebuild: a replica promoted after its master died is
     /// then a seed too.
     async fn learn_nodes(&self) {
-        let mut c = self.connection();
-        let any = RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random);
-        let r = c
-            .route_command(redis::cmd("CLUSTER").arg("SLOTS"), any)
-            .await
-            .and_then(|v| cluster_nodes(v, Nodes::All));
-        match r {
+        match self.nodes(Nodes::All).await {
             Ok(nodes) => {
                 let scheme = scheme(&self.inner.cfg.url);
                 let mut seeds = self.inner.seeds.lock().unwrap_or_else(|p| p.into_inner());
@@ -229,12 +235,12 @@ pub enum Nodes {
 /// of appearance: per slot range, the master then its replicas.
 pub fn cluster_nodes(v: Value, which: Nodes) -> RedisResult<Vec<(String, u16)>> {
     let ranges: Vec<Vec<Value>> = FromRedisValue::from_owned_redis_value(v)?;
+    let per_range = match which {
+        Nodes::Masters => 1,
+        Nodes::All => usize::MAX,
+    };
     let mut out: Vec<(String, u16)> = Vec::new();
     for r in ranges {
-        let per_range = match which {
-            Nodes::Masters => 1,
-            Nodes::All => usize::MAX,
-        };
         for node in r.into_iter().skip(2).take(per_range) {
             let node: Vec<Value> = FromRedisValue::from_owned_redis_value(node)?;
             let mut it = node.into_iter();

@@ -8,6 +8,7 @@ use redis::aio::{ConnectionLike, ConnectionManager, MultiplexedConnection};
 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 use redis::{Cmd, FromRedisValue, RedisResult, Value};
 
+use super::cluster::Nodes;
 use super::redis::Conn;
 
 /// Whether a connection talks to a Redis Cluster (commands grouped per slot)
@@ -158,7 +159,7 @@ impl KeyScan {
     pub async fn new(conn: Conn, pattern: impl Into<String>) -> RedisResult<KeyScan> {
         let masters = match &conn {
             Conn::Single(_) => None,
-            Conn::Cluster(link) => Some(masters(&mut link.connection()).await?),
+            Conn::Cluster(link) => Some(link.nodes(Nodes::Masters).await?),
         };
         Ok(KeyScan {
             conn,
@@ -206,17 +207,6 @@ impl KeyScan {
         }
         Ok(Some(keys))
     }
-}
-
-/// The masters of a Cluster (`CLUSTER SLOTS`: per slot range, the master first).
-async fn masters(
-    c: &mut redis::cluster_async::ClusterConnection,
-) -> RedisResult<Vec<(String, u16)>> {
-    let any = RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random);
-    let v = c
-        .route_command(redis::cmd("CLUSTER").arg("SLOTS"), any)
-        .await?;
-    super::cluster::cluster_nodes(v, super::cluster::Nodes::Masters)
 }
 
 #[cfg(test)]
