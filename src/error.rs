@@ -27,6 +27,11 @@ pub enum StoreError {
     /// load and compare-and-set, for `state_write::MAX_CAS_ROUNDS` rounds.
     #[error("{records} records kept changing under concurrent writers; retried with back-off")]
     Contended { records: usize },
+    /// A write through a [`crate::store::redis::WriteToken`] found Redis
+    /// without lapse's copy of the write script: Redis restarted, failed over
+    /// or flushed its scripts, and may have lost acknowledged writes.
+    #[error("Redis no longer holds lapse's write script (it restarted, failed over or ran SCRIPT FLUSH): nothing was written; lapse re-reads what Redis may have lost before it writes again")]
+    ScriptsLost,
     /// The key is kept for debug logs only: it contains a customer id.
     #[error("a stored customer state is unreadable ({reason}); run with RUST_LOG=lapse=debug to see its key, inspect it with `lapse inspect`, then delete it to rebuild from a replay")]
     Corrupt { key: String, reason: String },

@@ -29,3 +29,4 @@ pub mod store;
 pub mod timer_loop;
 pub mod timer_sweep;
 pub mod wall_clock;
+pub mod write_fence;

@@ -38,6 +38,7 @@ use crate::store::event_time::SharedEventTime;
 use crate::store::fault;
 use crate::store::record::CampaignId;
 use crate::store::timers::{self, TimerStore};
+use crate::write_fence::{ReadIn, WriteFence};
 
 /// The retried step a permanent Redis error is reported against (`/readyz`).
 const STATE_WRITE: &str = "state write";
@@ -80,6 +81,8 @@ pub struct Pipeline {
     /// `redis.durability`: what must hold, beyond Redis' acknowledgement,
     /// before the batch counts as durable.
     pub durability: Durability,
+    /// Gives each write attempt of a part or a batch's campaigns its writer.
+    pub fence: WriteFence,
 }
 
 /// What [`Pipeline::finish`] hands to the offset gate with a durable batch.
@@ -205,10 +208,11 @@ impl Pipeline {
         part: &Part,
         unpublished: &Unpublished,
         give_up: &AtomicBool,
+        read: &ReadIn,
     ) -> Result<Written, GaveUp> {
         let (epoch, (acked_at, tally, outboxes)) = self
-            .until_durable(give_up, |epoch| {
-                self.store_customers(&part.events, unpublished, epoch)
+            .until_durable(give_up, Some(read), |epoch, writer| {
+                self.store_customers(&part.events, unpublished, epoch, writer)
             })
             .await?;
         Ok(Written {
@@ -255,8 +259,11 @@ impl Pipeline {
             })
             .collect();
         if !stored.is_empty() {
-            self.until_durable(give_up, |_| self.writer.publish(&stored))
-                .await?;
+            let stored = &stored;
+            self.until_durable(give_up, None, |_, writer| async move {
+                writer.publish(stored).await
+            })
+            .await?;
         }
         // Only now, with state and decisions durable, are the counts real.
         tally.report(self, &part.events, self.clock.now_ms());
@@ -291,6 +298,7 @@ impl Pipeline {
         parts: Vec<PartDone>,
         dead_letters: usize,
         give_up: &AtomicBool,
+        read: &ReadIn,
     ) -> Result<Applied, GaveUp> {
         let mut summary = BatchSummary {
             dead_letters,
@@ -316,7 +324,9 @@ impl Pipeline {
         if !signals.is_empty() {
             let by_campaign = in_batch_order(signals);
             let (e, a) = self
-                .until_durable(give_up, |e| self.store_campaigns(&by_campaign, e))
+                .until_durable(give_up, Some(read), |e, writer| {
+                    self.store_campaigns(&by_campaign, e, writer)
+                })
                 .await?;
             epoch = Some(epoch.map_or(e, |x| x.min(e)));
             acked_at = Some(acked_at.map_or(a, |x| x.max(a)));
@@ -345,22 +355,34 @@ impl Pipeline {
     }
 
     /// The one retry loop of the batch path's writes: runs `step` (with the
-    /// Redis epoch taken before it) until it succeeds, with the `retry.*`
-    /// back-off. Returns the epoch and what `step` returned; `GaveUp` only
-    /// when `give_up` is raised.
+    /// Redis epoch taken before it, and the writer to write with) until it
+    /// succeeds, with the `retry.*` back-off. A step writing states of a
+    /// batch `read` passes the write fence first (its writer); a step that
+    /// only clears outboxes (`None`) uses the shared one. Returns the epoch
+    /// and what `step` returned; `GaveUp` when `give_up` is raised or the
+    /// fence refused the batch (it is read again).
     async fn until_durable<T, F, Fut>(
         &self,
         give_up: &AtomicBool,
+        read: Option<&ReadIn>,
         step: F,
     ) -> Result<(u64, T), GaveUp>
     where
-        F: Fn(u64) -> Fut,
+        F: Fn(u64, StateWriter) -> Fut,
         Fut: std::future::Future<Output = Result<T, BatchError>>,
     {
         let mut backoff = Backoff::new(&self.retry);
         loop {
             let epoch = self.durability.epoch.current();
-            let cause = match step(epoch).await {
+            let writer = match read {
+                None => Ok(self.writer.clone()),
+                Some(read) => match self.fence.admit(read, epoch).await {
+                    Ok(Some(w)) => Ok(w),
+                    Ok(None) => return Err(GaveUp),
+                    Err(e) => Err(BatchError::Store(e)),
+                },
+            };
+            let cause = match async { step(epoch, writer?).await }.await {
                 Ok(t) => {
                     self.metrics.redis_fault.clear(STATE_WRITE);
                     self.metrics.redis_fault.clear(DURABILITY);
@@ -534,6 +556,7 @@ impl Pipeline {
         valid: &'v [(Event, Source)],
         unpublished: &Unpublished,
         epoch: u64,
+        writer: StateWriter,
     ) -> Result<(Instant, Tally, Vec<Outboxed>), BatchError> {
         // Group by customer, keeping each customer's events in arrival order.
         let mut order: Vec<&'v CustomerRef> = Vec::new();
@@ -551,7 +574,7 @@ impl Pipeline {
         // Customers are disjoint between chunks, so the chunks' Redis round trips
         // overlap with each other's folding instead of lapse and Redis taking turns.
         let size = order.len().div_ceil(self.store_chunks.max(1)).max(1);
-        let groups = &groups;
+        let (groups, writer) = (&groups, &writer);
         let chunk = |customers: Vec<&'v CustomerRef>, after: Option<u64>| async move {
             if let Some(seq) = after {
                 unpublished.published_through(seq).await;
@@ -561,7 +584,7 @@ impl Pipeline {
                 valid,
                 groups,
             };
-            let stored = self.writer.write(customers, &mut fold).await?;
+            let stored = writer.write(customers, &mut fold).await?;
             self.schedule_timers(&stored).await?;
             let mut tally = Tally::default();
             for s in &stored {
@@ -607,15 +630,13 @@ impl Pipeline {
         &self,
         signals: &BTreeMap<CampaignId, Vec<CampaignSignal>>,
         epoch: u64,
+        writer: StateWriter,
     ) -> Result<Instant, BatchError> {
         let mut fold = CampaignFold {
             policies: &self.policies,
             signals,
         };
-        let campaigns = self
-            .writer
-            .write(signals.keys().collect(), &mut fold)
-            .await?;
+        let campaigns = writer.write(signals.keys().collect(), &mut fold).await?;
         let acked_at = Instant::now();
         self.durability.confirm(epoch).await?;
         self.writer.publish(&campaigns).await?;

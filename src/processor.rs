@@ -42,6 +42,7 @@ use crate::domain::event::CustomerRef;
 use crate::kafka::consumer::{Applying, Batch, Done, Shared};
 use crate::kafka::offset_gate::Held;
 use crate::pipeline::{GaveUp, Part, PartDone, Pipeline, Written};
+use crate::write_fence::ReadIn;
 
 /// Parts queued per processor behind the one it writes (and per publisher).
 const PARTS_QUEUED: usize = 4;
@@ -50,6 +51,7 @@ const BATCHES_IN_FLIGHT: usize = 4;
 
 struct Job {
     part: Part,
+    read: ReadIn,
     abandon: Arc<AtomicBool>,
     reply: oneshot::Sender<Result<PartDone, GaveUp>>,
 }
@@ -135,6 +137,7 @@ impl Unpublished {
 /// A dispatched batch, as the finisher sees it.
 struct Ticket {
     done: Done,
+    read: ReadIn,
     abandon: Arc<AtomicBool>,
     started: Instant,
     /// When each record arrived (`lapse_record_latency_seconds`).
@@ -204,6 +207,10 @@ pub fn spawn(
                 }
             };
             let mut parts = Vec::with_capacity(n);
+            let read = ReadIn {
+                generation: batch.generation,
+                shared: shared.clone(),
+            };
             let split = Pipeline::split(decoded.valid, n);
             working.inc_by(started.elapsed().as_secs_f64());
             let sending = Instant::now();
@@ -216,6 +223,7 @@ pub fn spawn(
                 let _ = tx
                     .send(Job {
                         part,
+                        read: read.clone(),
                         abandon: abandon.clone(),
                         reply,
                     })
@@ -224,6 +232,7 @@ pub fn spawn(
             }
             let ticket = Ticket {
                 done: batch.offsets(),
+                read,
                 abandon,
                 started,
                 received: batch.records.iter().map(|r| r.received).collect(),
@@ -269,7 +278,7 @@ async fn process(
         }
         let t = Instant::now();
         let written = pipeline
-            .write_part(&job.part, &unpublished, &job.abandon)
+            .write_part(&job.part, &unpublished, &job.abandon, &job.read)
             .await;
         let took = t.elapsed().as_secs_f64();
         busy.inc_by(took);
@@ -335,7 +344,9 @@ async fn finish(
         let applied = if gave_up {
             Err(GaveUp)
         } else {
-            pipeline.finish(parts, t.dead_letters, &t.abandon).await
+            pipeline
+                .finish(parts, t.dead_letters, &t.abandon, &t.read)
+                .await
         };
         working.inc_by(working_since.elapsed().as_secs_f64());
         let Ok(applied) = applied else {

@@ -43,6 +43,7 @@ use crate::store::timers::TimerStore;
 use crate::store::StateStore;
 use crate::timer_loop::TimerLoop;
 use crate::wall_clock::WallClock;
+use crate::write_fence::WriteFence;
 
 pub fn state_params(cfg: &Config) -> StateParams {
     StateParams {
@@ -335,8 +336,15 @@ async fn build(
         )),
         ClockMode::Wall => None,
     };
+    let fence = WriteFence::new(
+        cfg.redis.durability,
+        store.clone(),
+        writer.clone(),
+        metrics.clone(),
+    );
     let pipeline = Arc::new(Pipeline {
         policies,
+        fence,
         writer,
         timers,
         event_clock,
@@ -347,7 +355,13 @@ async fn build(
         clock: Arc::new(WallClock),
         retry: cfg.retry.clone(),
         store_chunks: cfg.batch.store_chunks,
-        durability: Durability::new(&cfg.redis, store.conn(), metrics.clone()).await,
+        durability: Durability::new(
+            &cfg.redis,
+            store.conn(),
+            store.scripts_lost(),
+            metrics.clone(),
+        )
+        .await,
     });
     Ok(App { producer, pipeline })
 }

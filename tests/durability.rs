@@ -26,12 +26,17 @@ use std::time::{Duration, Instant};
 use common::stack::*;
 use common::*;
 use lapse::codec::Framing;
-use lapse::domain::event::Event;
+use lapse::domain::event::{Channel, Event, Purpose};
 
 /// The writes a crash loses with `appendfsync everysec`: those of the last
 /// 2 s (Redis fsyncs every second and postpones a write by at most 2 s
 /// while an fsync is slow).
 const UNSYNCED: Duration = Duration::from_secs(2);
+
+/// How long the crashed Redis stays down: lapse's batches meanwhile wait in
+/// their retries and write the moment it answers again, before a poll of
+/// the masters' identities could have seen the restart.
+const DOWN: Duration = Duration::from_millis(1500);
 
 /// At most this many chunks of events (one every 300 ms) while waiting for a
 /// failover: beyond the test's own time-outs.
@@ -60,6 +65,7 @@ fn incr_aof(data_dir: &Path) -> PathBuf {
 /// Samples the AOF's size every 10 ms, so a crash can cut it back to what
 /// was on disk some time before.
 struct AofSizes {
+    /// (an instant taken just before reading the size, the size read).
     samples: Arc<Mutex<Vec<(Instant, u64)>>>,
     stop: Arc<AtomicBool>,
     file: PathBuf,
@@ -72,8 +78,9 @@ impl AofSizes {
         let (s, st, f) = (samples.clone(), stop.clone(), file.clone());
         std::thread::spawn(move || {
             while !st.load(Ordering::SeqCst) {
+                let t = Instant::now();
                 if let Ok(m) = std::fs::metadata(&f) {
-                    s.lock().unwrap().push((Instant::now(), m.len()));
+                    s.lock().unwrap().push((t, m.len()));
                 }
                 std::thread::sleep(Duration::from_millis(10));
             }
@@ -85,15 +92,15 @@ impl AofSizes {
         }
     }
 
-    /// The size at the last sample taken at or before `at`.
+    /// At least the size the file had at `at`: the first sample taken after
+    /// it (the file only grows), else the size now. Never less, so a stalled
+    /// sampler cannot make the crash lose more than [`UNSYNCED`] of writes.
     fn size_at(&self, at: Instant) -> u64 {
         let s = self.samples.lock().unwrap();
         s.iter()
-            .take_while(|(t, _)| *t <= at)
-            .last()
-            .or(s.first())
+            .find(|(t, _)| *t >= at)
             .map(|(_, n)| *n)
-            .expect("a sample")
+            .unwrap_or_else(|| std::fs::metadata(&self.file).expect("the AOF").len())
     }
 }
 
@@ -126,10 +133,13 @@ async fn assert_states_equal_an_uninterrupted_run(
 }
 
 /// kill -9 of Redis, its AOF cut back to its size [`UNSYNCED`] before (what
-/// an OS crash leaves of an `everysec` AOF), restart. Returns the bytes lost.
+/// an OS crash leaves of an `everysec` AOF), restart after [`DOWN`]. Returns
+/// the bytes lost.
 async fn crash_losing_unsynced_tail(redis: &mut RedisServer, aof: &AofSizes) -> u64 {
-    let killed_at = Instant::now();
     redis.kill();
+    // Taken once Redis is dead: a test thread slow to send the signal must
+    // not make the cut reach back further than UNSYNCED.
+    let killed_at = Instant::now();
     let keep = aof.size_at(killed_at - UNSYNCED);
     let had = std::fs::metadata(&aof.file).unwrap().len();
     let f = std::fs::OpenOptions::new()
@@ -138,6 +148,7 @@ async fn crash_losing_unsynced_tail(redis: &mut RedisServer, aof: &AofSizes) -> 
         .unwrap();
     f.set_len(keep).unwrap();
     drop(f);
+    tokio::time::sleep(DOWN).await;
     redis.start_again().await;
     had - keep
 }
@@ -198,6 +209,39 @@ async fn crash_run(mode: &str) -> Crash {
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
     });
+    // One customer's sends all along, across the crash: a batch applied
+    // before it (its write lost) and one applied after it hold events of the
+    // same customer, so a write reaching the restarted Redis before lapse
+    // re-read what was lost would move that customer's watermark past them.
+    let steady_stop = Arc::new(AtomicBool::new(false));
+    let steady = {
+        let (bootstrap, stop) = (s.broker.bootstrap(), steady_stop.clone());
+        tokio::spawn(async move {
+            let p = Producer::new(&bootstrap);
+            let c = cust("ts", "steady");
+            let t0 = now_ms() - 30 * DAY;
+            let mut sent = Vec::new();
+            for k in 0.. {
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                let ev = (
+                    send(
+                        &c,
+                        &format!("steady-{k}"),
+                        t0 + k * 60_000,
+                        Channel::ALL[0],
+                        Purpose::Marketing,
+                    ),
+                    None,
+                );
+                produce_events(&p, std::slice::from_ref(&ev), |_| Framing::SingleObject).await;
+                sent.push(ev);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            sent
+        })
+    };
     let bootstrap = s.broker.bootstrap();
     wait_until(
         LONG,
@@ -215,10 +259,14 @@ async fn crash_run(mode: &str) -> Crash {
     let stream_to_kill = started.elapsed();
     let lost_bytes = crash_losing_unsynced_tail(&mut s.redis, &aof).await;
     producing.await.unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    steady_stop.store(true, Ordering::SeqCst);
+    let steady = steady.await.unwrap();
     s.wait_caught_up(group, LONG).await;
 
     let mut events = before;
     events.extend(streamed);
+    events.extend(steady);
     let mut customers: Vec<_> = events.iter().map(|(e, _)| e.customer.clone()).collect();
     customers.sort_by_key(|c| c.key());
     customers.dedup();
@@ -247,6 +295,11 @@ async fn single_node_crash_losing_the_unsynced_aof_tail_loses_no_event() {
         metric(&lapse, "lapse_offset_rewinds_total", &[]).await >= 1.0,
         "lapse saw Redis restart and re-read from its last durable offsets"
     );
+    // Batches read before the rewind were waiting to write when Redis came
+    // back: the write fence refused them (else they could move a steady
+    // customer's watermark past its lost records).
+    let fenced = metric(&lapse, "lapse_fenced_writes_total", &[]).await;
+    assert!(fenced >= 1.0, "no write was fenced: {fenced}");
     lapse.sigterm();
     assert!(lapse.wait_exit(Duration::from_secs(30)).await.success());
 
@@ -260,7 +313,7 @@ async fn single_node_crash_losing_the_unsynced_aof_tail_loses_no_event() {
         );
     }
     eprintln!(
-        "fsync_horizon: {} events, {} customers, {lost_bytes} AOF bytes lost by the crash, 0 events lost",
+        "fsync_horizon: {} events, {} customers, {lost_bytes} AOF bytes lost by the crash, {fenced} writes fenced, 0 events lost",
         events.len(),
         customers.len()
     );

@@ -14,7 +14,7 @@
 //!   committed: state updates are idempotent, so the next owner re-applies safely.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -108,6 +108,8 @@ pub struct Shared {
     /// whose offsets were not committed: the poll thread re-reads every
     /// assigned partition from its last durable offset, then lowers it.
     rewind: AtomicBool,
+    /// The generation the last rewind began (0: none yet).
+    rewound: AtomicU64,
     metrics: Metrics,
 }
 
@@ -123,6 +125,7 @@ impl Shared {
             committed: Mutex::new(HashMap::new()),
             paused: AtomicBool::new(false),
             rewind: AtomicBool::new(false),
+            rewound: AtomicU64::new(0),
             metrics,
         })
     }
@@ -164,6 +167,12 @@ impl Shared {
     /// Whether a requested rewind has not happened yet.
     pub fn rewind_pending(&self) -> bool {
         self.rewind.load(Ordering::SeqCst)
+    }
+
+    /// The generation the last rewind began: batches of an earlier one were
+    /// read before it, and what they would write may follow records Redis lost.
+    pub fn rewound_generation(&self) -> u64 {
+        self.rewound.load(Ordering::SeqCst)
     }
 
     /// Registers a running batch's abandon flag.
@@ -671,6 +680,9 @@ impl PollLoop {
         *held = None;
         let mut owned = Shared::lock(&self.shared.owned);
         owned.generation += 1;
+        self.shared
+            .rewound
+            .store(owned.generation, Ordering::SeqCst);
         let partitions: Vec<Tp> = owned.partitions.iter().cloned().collect();
         drop(owned);
         if partitions.is_empty() {

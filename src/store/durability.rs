@@ -50,6 +50,9 @@ pub struct RedisEpoch {
     /// moves the epoch too (a `WAIT` on the new connection would not cover
     /// the old one's writes).
     link: Option<ClusterLink>,
+    /// How often a write found Redis without lapse's script
+    /// (`StateStore::scripts_lost`): seen before any poll could see a restart.
+    scripts_lost: Arc<AtomicU64>,
     seen: Arc<Mutex<Seen>>,
     /// The last `INFO` was refused with an error waiting does not cure.
     refused: Arc<AtomicBool>,
@@ -72,13 +75,14 @@ pub enum Verdict {
 impl RedisEpoch {
     /// Reads the masters' identities once (so the first batches have an
     /// epoch to compare with), then every [`EPOCH_POLL`] in a task.
-    pub async fn start(conn: Conn, metrics: Metrics) -> RedisEpoch {
+    pub async fn start(conn: Conn, scripts_lost: Arc<AtomicU64>, metrics: Metrics) -> RedisEpoch {
         let e = RedisEpoch {
             epoch: Arc::new(AtomicU64::new(0)),
             link: match &conn {
                 Conn::Cluster(link) => Some(link.clone()),
                 Conn::Single(_) => None,
             },
+            scripts_lost,
             seen: Arc::new(Mutex::new(Seen::default())),
             refused: Arc::default(),
         };
@@ -95,7 +99,9 @@ impl RedisEpoch {
 
     /// The current epoch: take it before a batch's first write.
     pub fn current(&self) -> u64 {
-        self.epoch.load(Ordering::SeqCst) + self.link.as_ref().map_or(0, ClusterLink::generation)
+        self.epoch.load(Ordering::SeqCst)
+            + self.scripts_lost.load(Ordering::SeqCst)
+            + self.link.as_ref().map_or(0, ClusterLink::generation)
     }
 
     /// Whether the masters of epoch `epoch` were still the masters at `at`.
@@ -262,8 +268,13 @@ pub struct Durability {
 }
 
 impl Durability {
-    pub async fn new(cfg: &RedisConfig, conn: Conn, metrics: Metrics) -> Durability {
-        let epoch = RedisEpoch::start(conn.clone(), metrics.clone()).await;
+    pub async fn new(
+        cfg: &RedisConfig,
+        conn: Conn,
+        scripts_lost: Arc<AtomicU64>,
+        metrics: Metrics,
+    ) -> Durability {
+        let epoch = RedisEpoch::start(conn.clone(), scripts_lost, metrics.clone()).await;
         check_aof(cfg, &conn, &metrics).await;
         info!(
             mode = cfg.durability.label(),
@@ -355,6 +366,7 @@ mod tests {
         let e = RedisEpoch {
             epoch: Arc::new(AtomicU64::new(3)),
             link: None,
+            scripts_lost: Arc::default(),
             seen: Arc::new(Mutex::new(Seen::default())),
             refused: Arc::default(),
         };
@@ -364,5 +376,9 @@ mod tests {
         assert_eq!(e.verdict(3, t), Verdict::Same);
         assert_eq!(e.verdict(2, t), Verdict::Changed);
         assert_eq!(e.verdict(3, t + Duration::from_secs(1)), Verdict::Unknown);
+        // A write that found Redis without lapse's script moves the epoch.
+        e.scripts_lost.fetch_add(1, Ordering::SeqCst);
+        assert_eq!(e.verdict(3, t), Verdict::Changed);
+        assert_eq!(e.current(), 4);
     }
 }

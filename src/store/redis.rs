@@ -4,6 +4,8 @@
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::{Cmd, Pipeline, RedisFuture, Value};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use futures::future::BoxFuture;
@@ -136,8 +138,36 @@ pub struct Loaded {
 pub struct StateStore {
     conn: Conn,
     keys: Keys,
+    /// The shared copy of the CAS script (the same text for every lapse).
     cas_sha: String,
+    scripts: Arc<Scripts>,
     metrics: Metrics,
+}
+
+/// This process's copies of the CAS script ([`WriteToken`]s) and how often
+/// Redis was found without a script.
+struct Scripts {
+    /// Random per process: no other lapse loads this process's copies.
+    instance: u64,
+    issued: AtomicU64,
+    lost: Arc<AtomicU64>,
+}
+
+/// A copy of the CAS script of this process's own (its text carries a
+/// process-unique comment), loaded once and never again. Redis keeps scripts
+/// in memory only, so after a restart or a failover its first call answers
+/// `NOSCRIPT` and writes nothing: writes made through a token can never land
+/// on a Redis that lost acknowledged writes before lapse knows
+/// ([`StoreError::ScriptsLost`]), whoever else reloaded their scripts.
+#[derive(Clone, Debug)]
+pub struct WriteToken {
+    sha: Arc<str>,
+}
+
+/// A [`StateStore`] whose compare-and-set writes go through a [`WriteToken`].
+pub struct Tokened {
+    store: StateStore,
+    token: WriteToken,
 }
 
 impl StateStore {
@@ -167,6 +197,11 @@ impl StateStore {
             conn,
             keys: Keys::new(cfg.key_prefix.clone()),
             cas_sha: redis::Script::new(CAS_SCRIPT).get_hash().to_string(),
+            scripts: Arc::new(Scripts {
+                instance: rand::random(),
+                issued: AtomicU64::new(0),
+                lost: Arc::default(),
+            }),
             metrics,
         };
         store.load_scripts().await?;
@@ -180,6 +215,36 @@ impl StateStore {
 
     pub fn keys(&self) -> &Keys {
         &self.keys
+    }
+
+    /// How many times Redis answered `NOSCRIPT` (it restarted, failed over
+    /// or flushed its scripts): a move of the durability epoch.
+    pub fn scripts_lost(&self) -> Arc<AtomicU64> {
+        self.scripts.lost.clone()
+    }
+
+    /// Loads a new [`WriteToken`].
+    pub async fn write_token(&self) -> Result<WriteToken, StoreError> {
+        let n = self.scripts.issued.fetch_add(1, Ordering::SeqCst);
+        let text = format!(
+            "{CAS_SCRIPT}-- write token {:016x}.{n}\n",
+            self.scripts.instance
+        );
+        let mut c = self.conn.clone();
+        let sha: String = redis::cmd("SCRIPT")
+            .arg("LOAD")
+            .arg(text)
+            .query_async(&mut c)
+            .await?;
+        Ok(WriteToken { sha: sha.into() })
+    }
+
+    /// This store, its writes through `token`.
+    pub fn with_token(&self, token: WriteToken) -> Tokened {
+        Tokened {
+            store: self.clone(),
+            token,
+        }
     }
 
     /// Loads the scripts (again after a Redis restart lost them).
@@ -306,16 +371,23 @@ impl StateStore {
     }
 
     /// Compare-and-set writes through the script, in one pipelined round trip
-    /// per slot group (see [`StateStore::cas_calls`]); reloads the script once
-    /// if Redis lost it (restart, SCRIPT FLUSH, failover: the CAS makes a retry
-    /// safe).
-    async fn cas(&self, op: &'static str, items: &[CasWrite]) -> Result<Vec<bool>, StoreError> {
+    /// per slot group (see [`StateStore::cas_calls`]). If Redis lost the
+    /// script (restart, SCRIPT FLUSH, failover) nothing was written: the
+    /// shared copy is reloaded and the writes retried once (the CAS makes it
+    /// safe), a token's copy fails with [`StoreError::ScriptsLost`].
+    async fn cas(
+        &self,
+        op: &'static str,
+        items: &[CasWrite],
+        token: Option<&WriteToken>,
+    ) -> Result<Vec<bool>, StoreError> {
         if items.is_empty() {
             return Ok(vec![]);
         }
+        let sha = token.map_or(self.cas_sha.as_str(), |t| &t.sha);
         for attempt in 0..2 {
             // Built again for the rare second attempt: the calls move into the pipeline.
-            let (calls, order) = self.cas_calls(items);
+            let (calls, order) = self.cas_calls(sha, items);
             let started = Instant::now();
             let r: Result<Vec<Vec<i64>>, _> = slots::pipelined(&self.conn, calls).await;
             self.observe(op, started, &r);
@@ -327,7 +399,14 @@ impl StateStore {
                     }
                     return Ok(out);
                 }
-                Err(e) if e.kind() == redis::ErrorKind::NoScriptError && attempt == 0 => {
+                Err(e) if e.kind() == redis::ErrorKind::NoScriptError => {
+                    self.scripts.lost.fetch_add(1, Ordering::SeqCst);
+                    if token.is_some() {
+                        return Err(StoreError::ScriptsLost);
+                    }
+                    if attempt > 0 {
+                        return Err(e.into());
+                    }
                     self.load_scripts().await?;
                 }
                 Err(e) => return Err(e.into()),
@@ -341,14 +420,14 @@ impl StateStore {
     /// order: up to [`CAS_KEYS_PER_CALL`] keys per call, all of one slot group
     /// ([`slots::groups`]: everything on a single node, one hash slot on a
     /// Cluster, where a script's keys must share a slot).
-    fn cas_calls<'i>(&self, items: &'i [CasWrite]) -> (Vec<(&'i str, Cmd)>, Vec<usize>) {
+    fn cas_calls<'i>(&self, sha: &str, items: &'i [CasWrite]) -> (Vec<(&'i str, Cmd)>, Vec<usize>) {
         let keys: Vec<&str> = items.iter().map(|(k, _, _)| k.as_str()).collect();
         let mut calls = Vec::new();
         let mut order = Vec::with_capacity(items.len());
         for group in slots::groups(&self.conn, &keys) {
             for chunk in group.chunks(CAS_KEYS_PER_CALL) {
                 let mut cmd = redis::cmd("EVALSHA");
-                cmd.arg(&self.cas_sha).arg(chunk.len());
+                cmd.arg(sha).arg(chunk.len());
                 for &i in chunk {
                     cmd.arg(&items[i].0);
                 }
@@ -391,6 +470,28 @@ impl Backend for StateStore {
         op: &'static str,
         writes: &'s [CasWrite],
     ) -> BoxFuture<'s, Result<Vec<bool>, StoreError>> {
-        Box::pin(self.cas(op, writes))
+        Box::pin(self.cas(op, writes, None))
+    }
+}
+
+impl Backend for Tokened {
+    fn keys(&self) -> &Keys {
+        &self.store.keys
+    }
+
+    fn get_many<'s>(
+        &'s self,
+        op: &'static str,
+        keys: &'s [String],
+    ) -> BoxFuture<'s, Result<Vec<Option<Vec<u8>>>, StoreError>> {
+        Box::pin(self.store.get_values(op, keys))
+    }
+
+    fn cas_many<'s>(
+        &'s self,
+        op: &'static str,
+        writes: &'s [CasWrite],
+    ) -> BoxFuture<'s, Result<Vec<bool>, StoreError>> {
+        Box::pin(self.store.cas(op, writes, Some(&self.token)))
     }
 }
