@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use futures::future::join_all;
-use tracing::{debug, warn};
+use tracing::debug;
 
 use crate::codec::{DecodeError, Decoder};
 use crate::config::RetryConfig;
@@ -31,7 +31,7 @@ use crate::error::BatchError;
 use crate::kafka::record::InputRecord;
 use crate::metrics::Metrics;
 use crate::processor::Unpublished;
-use crate::retry::Backoff;
+use crate::retry::{Backoff, RetryLog};
 use crate::state_write::{Fold, StateWriter, Stored};
 use crate::store::durability::{Durability, Shortfall};
 use crate::store::event_time::SharedEventTime;
@@ -83,6 +83,8 @@ pub struct Pipeline {
     pub durability: Durability,
     /// Gives each write attempt of a part or a batch's campaigns its writer.
     pub fence: WriteFence,
+    /// The retry loops' warnings, limited.
+    pub retry_log: RetryLog,
 }
 
 /// What [`Pipeline::finish`] hands to the offset gate with a durable batch.
@@ -396,7 +398,7 @@ impl Pipeline {
                 }
                 Err(e) => {
                     if !fault::report(&self.metrics, STATE_WRITE, &e) {
-                        warn!(error = %e, "state write failed; retrying the batch");
+                        self.retry_log.warn("state write failed", &e);
                     }
                     "redis"
                 }
@@ -439,15 +441,12 @@ impl Pipeline {
             .durability_shortfalls
             .with_label_values(&[short.kind()])
             .inc();
-        match short {
-            Shortfall::Replicas { .. } => {
-                self.metrics
-                    .redis_fault
-                    .set("redis", DURABILITY, short.to_string());
-                warn!(error = %short, "batch not confirmed durable; retrying it with back-off");
-            }
-            _ => warn!(error = %short, "batch not confirmed durable; retrying it"),
+        if let Shortfall::Replicas { .. } = short {
+            self.metrics
+                .redis_fault
+                .set("redis", DURABILITY, short.to_string());
         }
+        self.retry_log.warn("batch not confirmed durable", short);
     }
 
     /// Decodes every record; registry outages are retried, never dead-lettered.
@@ -483,7 +482,7 @@ impl Pipeline {
                         .collect())
                 }
                 Some(e) => {
-                    warn!(error = %e, "schema registry unavailable; retrying");
+                    self.retry_log.warn("schema registry unavailable", &e);
                     self.metrics.retries.with_label_values(&["registry"]).inc();
                     if !backoff.wait(give_up).await {
                         return Err(GaveUp);
@@ -526,7 +525,7 @@ impl Pipeline {
                         debug!(topic = %rec.topic, partition = rec.partition, offset = rec.offset, reason = err.reason(), "dead-lettered");
                     }
                     Err(e) => {
-                        warn!(error = %e, "dead-letter write failed; retrying");
+                        self.retry_log.warn("dead-letter write failed", &e);
                         failed.push(i);
                     }
                 }

@@ -88,6 +88,32 @@ impl LogLimiter {
 /// How often an unchanged start-up or connection error is logged again.
 pub const REPEAT_LOG_EVERY: Duration = Duration::from_secs(60);
 
+/// The warnings of the retry loops that last as long as an outage does (the
+/// batch path's writes, decodes and dead letters, the timer loop): per
+/// retrying step, the first failure, one whose error differs from the last
+/// logged, then one per [`REPEAT_LOG_EVERY`] saying how many were left out.
+/// A retry a second for an hour's outage is noise; the metrics
+/// (`lapse_retries_total`, `/readyz`) count every one.
+#[derive(Default)]
+pub struct RetryLog(std::sync::Mutex<std::collections::HashMap<&'static str, LogLimiter>>);
+
+impl RetryLog {
+    /// Warns that `step` failed with `error` and is retried, unless limited.
+    pub fn warn(&self, step: &'static str, error: &dyn std::fmt::Display) {
+        let text = error.to_string();
+        let admitted = self
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(step)
+            .or_insert_with(|| LogLimiter::new(REPEAT_LOG_EVERY))
+            .admit(&text);
+        if let Some(suppressed) = admitted {
+            warn!(error = %text, suppressed, "{step}; retrying");
+        }
+    }
+}
+
 /// Retries a start-up step with back-off until it succeeds, so lapse can start
 /// before its dependencies and waits (not ready, HTTP up) while one of them
 /// refuses it. Every failure is passed to `failed` (for `/readyz`); the first

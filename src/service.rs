@@ -32,7 +32,7 @@ use crate::metrics::Metrics;
 use crate::outputs::{OutputFramings, OutputWriter};
 use crate::pipeline::Pipeline;
 use crate::processor;
-use crate::retry::with_startup_retry;
+use crate::retry::{with_startup_retry, RetryLog};
 use crate::state_write::{OutputSink, StateWriter};
 use crate::store::durability::Durability;
 use crate::store::event_time::SharedEventTime;
@@ -345,6 +345,7 @@ async fn build(
     let pipeline = Arc::new(Pipeline {
         policies,
         fence,
+        retry_log: RetryLog::default(),
         writer,
         timers,
         event_clock,

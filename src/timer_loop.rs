@@ -8,8 +8,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tracing::warn;
-
 use crate::config::{RetryConfig, TimersConfig};
 use crate::domain::clock::{Clock, EventClock};
 use crate::domain::decide::Effects;
@@ -22,7 +20,7 @@ use crate::domain::state::{CustomerState, StateParams};
 use crate::domain::step;
 use crate::error::{BatchError, StoreError};
 use crate::metrics::Metrics;
-use crate::retry::Backoff;
+use crate::retry::{Backoff, RetryLog};
 use crate::state_write::{Fold, StateWriter};
 use crate::store::durability::Durability;
 use crate::store::event_time::SharedEventTime;
@@ -85,6 +83,7 @@ impl TimerLoop {
     /// when idle, backs off (`retry.*`) after a failure.
     pub async fn run(self) {
         let mut backoff = Backoff::new(&self.retry);
+        let retry_log = RetryLog::default();
         let mut last_gauges = std::time::Instant::now() - Duration::from_secs(60);
         let shards: Vec<u32> = (0..self.timers.shards()).collect();
         // A changed timers.shards leaves timers in shards nobody polls any
@@ -134,7 +133,7 @@ impl TimerLoop {
                             .inc();
                     }
                     if !fault::report(&self.metrics, FIRING, &e) {
-                        warn!(error = %e, "firing timers failed; retrying");
+                        retry_log.warn("firing timers failed", &e);
                     }
                     self.metrics.retries.with_label_values(&["timers"]).inc();
                     (false, true)

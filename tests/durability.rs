@@ -4,7 +4,7 @@
 //!
 //! | Redis loses acknowledged writes | test |
 //! |---|---|
-//! | single node, AOF `everysec`, kill -9 losing the unsynced tail (`fsync_horizon`, the default): state equals an uninterrupted run | `single_node_crash_losing_the_unsynced_aof_tail_loses_no_event` |
+//! | single node, AOF `everysec`, kill -9 losing the unsynced tail, down 1.5 s while one customer's events keep coming (`fsync_horizon`, the default): batches read before the restart are fenced off (`lapse_fenced_writes_total`), state equals an uninterrupted run | `single_node_crash_losing_the_unsynced_aof_tail_loses_no_event` |
 //! | the same crash with `durability = "ack"`: committed events are lost (why the contract exists) | `with_ack_only_the_same_crash_loses_committed_events` |
 //! | Cluster, kill -9 of a master mid-stream, its replica takes over (`replicas`): no event lost, `/readyz` 503 while a master has no replica | `cluster_master_failover_mid_stream_loses_no_event` |
 //! | Redis keeps no AOF (`appendonly no`) under `fsync_horizon`, which relies on it: said at start-up (a warning, `lapse_redis_masters_without_aof` 1), and nothing said once Redis keeps one | `fsync_horizon_says_so_when_redis_keeps_no_aof` |

@@ -131,12 +131,15 @@ async fn a_population_with_known_histories_yields_exactly_the_expected_triggers_
     // late: SKIN_CARE, one visit → 30 d default; AT_RISK at day 276. Let it fire,
     // then report a visit from day 260 (before the trigger): RETRACTED.
     clock.run_to(244, 280, 6).await;
+    // Each late visit is applied before the next tick: ticks are sends, on
+    // another topic, and a tick applied first could fire a later stage.
     produce_events(
         &p,
         &[visit_with(&late, "l2", day(260), 10_000, "SKIN_CARE")],
         |_| Framing::SingleObject,
     )
     .await;
+    s.wait_caught_up("g-recall", LONG).await;
     // back: FILLER default 270 d → AT_RISK at day 230 + 324 = 554; visits on day 570.
     clock.run_to(286, 566, 6).await;
     produce_events(
@@ -145,29 +148,18 @@ async fn a_population_with_known_histories_yields_exactly_the_expected_triggers_
         |_| Framing::SingleObject,
     )
     .await;
+    s.wait_caught_up("g-recall", LONG).await;
     clock.run_to(572, 620, 6).await;
 
     let triggers: Vec<Rec> = distinct_by_id(
-        consume_up_to(
-            &s.broker.bootstrap(),
-            TRIGGERS,
-            1000,
-            Duration::from_secs(5),
-        )
-        .await,
+        consume_to_end(&s.broker.bootstrap(), TRIGGERS, LONG).await,
         |p| txt(&decode(RECALL_TRIGGER, p), "trigger_id"),
     )
     .iter()
     .map(|r| decode(RECALL_TRIGGER, r.payload.as_deref().unwrap()))
     .collect();
     let outcomes: Vec<Rec> = distinct_by_id(
-        consume_up_to(
-            &s.broker.bootstrap(),
-            OUTCOMES,
-            1000,
-            Duration::from_secs(5),
-        )
-        .await,
+        consume_to_end(&s.broker.bootstrap(), OUTCOMES, LONG).await,
         |p| txt(&decode(RECALL_OUTCOME, p), "outcome_id"),
     )
     .iter()

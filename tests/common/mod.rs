@@ -1322,6 +1322,42 @@ pub async fn consume_up_to(
     max_count: usize,
     timeout: Duration,
 ) -> Vec<Consumed> {
+    read_topic(bootstrap, topic, timeout, |got| got.len() >= max_count).await
+}
+
+/// Every record of `topic` up to the end offsets it has as the call begins
+/// ([`end_offsets`]), from the beginning of every partition. Returns as soon
+/// as they are all read; panics saying how many are missing if they are not
+/// within `timeout` (a fixed wait, as [`consume_up_to`] has, can end before a
+/// slow reader got them all). Sorted by (partition, offset).
+pub async fn consume_to_end(bootstrap: &str, topic: &str, timeout: Duration) -> Vec<Consumed> {
+    let ends = end_offsets(bootstrap, &[topic]).await;
+    let reached = |got: &[Consumed]| {
+        ends.iter().all(|((_, p), end)| {
+            *end == 0
+                || got
+                    .iter()
+                    .any(|c| c.partition == *p && c.offset + 1 >= *end)
+        })
+    };
+    let got = read_topic(bootstrap, topic, timeout, reached).await;
+    assert!(
+        reached(&got),
+        "{topic}: read {} records in {timeout:?}, not up to its end offsets {ends:?}",
+        got.len()
+    );
+    got
+}
+
+/// Reads `topic` from the beginning of every partition (a fresh group id,
+/// manual assignment, nothing committed) until `enough` says so or `timeout`
+/// passes. Sorted by (partition, offset).
+async fn read_topic(
+    bootstrap: &str,
+    topic: &str,
+    timeout: Duration,
+    enough: impl Fn(&[Consumed]) -> bool,
+) -> Vec<Consumed> {
     let deadline = Instant::now() + timeout;
     let partitions = wait_for(
         timeout,
@@ -1341,7 +1377,7 @@ pub async fn consume_up_to(
     consumer.assign(&tpl).expect("assign partitions");
 
     let mut out = Vec::new();
-    while out.len() < max_count {
+    while !enough(&out) {
         let remaining = deadline.saturating_duration_since(Instant::now());
         if remaining.is_zero() {
             break;

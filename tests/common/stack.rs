@@ -295,7 +295,10 @@ impl Stack {
     }
 
     /// Waits until `group` applied everything produced and every timer due by
-    /// `at` has fired.
+    /// `at` has fired: none is due, and none is still claimed by a timer loop
+    /// whose clock read `at` (a claim moves the timer to the clock plus
+    /// `timers.lease`, and it is completed only once its decisions are
+    /// published; an event produced before that could overtake the firing).
     pub async fn wait_applied_and_fired(&self, group: &str, at: i64) {
         self.wait_caught_up(group, LONG).await;
         let mut nodes = self.nodes().await;
@@ -303,7 +306,10 @@ impl Stack {
             LONG,
             Duration::from_millis(20),
             "timers due by the tick to fire",
-            async || timers_due_by(&mut nodes, at).await == Some(0),
+            async || {
+                timers_due_by(&mut nodes, at).await == Some(0)
+                    && timers_scored(&mut nodes, at + TIMER_LEASE_MS).await == Some(0)
+            },
         )
         .await;
     }
@@ -444,13 +450,7 @@ impl Stack {
         let schemas = SchemaSet::load(std::path::Path::new(&schemas_dir())).expect("schemas");
         let live_ids = async |topic: &str, schema: &str, field: &str| {
             let schema = schemas.by_name(schema).expect("output schema");
-            let records = consume_up_to(
-                &self.broker.bootstrap(),
-                topic,
-                1_000_000,
-                Duration::from_secs(3),
-            )
-            .await;
+            let records = consume_to_end(&self.broker.bootstrap(), topic, LONG).await;
             records
                 .iter()
                 .map(|r| {
@@ -582,21 +582,37 @@ async fn timer_keys(c: &mut redis::aio::MultiplexedConnection) -> redis::RedisRe
 
 /// Timers due by `at` over every shard of every node (`None` if a node failed
 /// to answer: not known to be zero).
+/// `timers.lease` as the harness leaves it (the default).
+const TIMER_LEASE_MS: i64 = 30_000;
+
 async fn timers_due_by(nodes: &mut [redis::aio::MultiplexedConnection], at: i64) -> Option<u64> {
-    let mut due = 0u64;
+    timers_between(nodes, "-inf", at).await
+}
+
+/// Timers whose score is exactly `score` (a claim's lease).
+async fn timers_scored(nodes: &mut [redis::aio::MultiplexedConnection], score: i64) -> Option<u64> {
+    timers_between(nodes, &score.to_string(), score).await
+}
+
+async fn timers_between(
+    nodes: &mut [redis::aio::MultiplexedConnection],
+    from: &str,
+    to: i64,
+) -> Option<u64> {
+    let mut n = 0u64;
     for c in nodes.iter_mut() {
         for k in timer_keys(c).await.ok()? {
-            let n: u64 = redis::cmd("ZCOUNT")
+            let count: u64 = redis::cmd("ZCOUNT")
                 .arg(&k)
-                .arg("-inf")
-                .arg(at)
+                .arg(from)
+                .arg(to)
                 .query_async(c)
                 .await
                 .ok()?;
-            due += n;
+            n += count;
         }
     }
-    Some(due)
+    Some(n)
 }
 
 /// The harness's Redis fsyncs every write (`appendfsync always`), where
