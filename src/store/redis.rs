@@ -230,12 +230,7 @@ impl StateStore {
             "{CAS_SCRIPT}-- write token {:016x}.{n}\n",
             self.scripts.instance
         );
-        let mut c = self.conn.clone();
-        let sha: String = redis::cmd("SCRIPT")
-            .arg("LOAD")
-            .arg(text)
-            .query_async(&mut c)
-            .await?;
+        let sha = self.load_script(&text).await?;
         Ok(WriteToken { sha: sha.into() })
     }
 
@@ -247,16 +242,21 @@ impl StateStore {
         }
     }
 
-    /// Loads the scripts (again after a Redis restart lost them).
+    /// Loads the shared copy of the script (again after a Redis restart lost it).
     async fn load_scripts(&self) -> Result<(), StoreError> {
-        let mut c = self.conn.clone();
-        let sha: String = redis::cmd("SCRIPT")
-            .arg("LOAD")
-            .arg(CAS_SCRIPT)
-            .query_async(&mut c)
-            .await?;
+        let sha = self.load_script(CAS_SCRIPT).await?;
         debug_assert_eq!(sha, self.cas_sha);
         Ok(())
+    }
+
+    /// `SCRIPT LOAD` of `text` (on a Cluster, every node); returns its SHA.
+    async fn load_script(&self, text: &str) -> Result<String, StoreError> {
+        let mut c = self.conn.clone();
+        Ok(redis::cmd("SCRIPT")
+            .arg("LOAD")
+            .arg(text)
+            .query_async(&mut c)
+            .await?)
     }
 
     pub async fn ping(&self) -> Result<(), StoreError> {
